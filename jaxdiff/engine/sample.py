@@ -1,0 +1,41 @@
+"""What flows between the pipeline and the engine: one Sample in, one Rendered out."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+MODES = ("txt2img", "img2img", "inpaint", "outpaint", "sketch")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """One image to render. Fields left None take the run's defaults."""
+
+    id: str
+    prompt: str
+    negative_prompt: str = ""
+    seed: int | None = None            # None: derived from the run seed and the id
+    guidance: float | None = None
+    steps: int | None = None
+    width: int | None = None
+    height: int | None = None
+    mode: str = "txt2img"
+    init_image: np.ndarray | None = None   # uint8 (H, W, 3), img2img / inpaint / sketch / outpaint
+    mask: np.ndarray | None = None         # uint8 (H, W), 255 = repaint
+    strength: float | None = None
+    outpaint: tuple[int, int, int, int] | None = None  # pixels added (left, top, right, bottom)
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Rendered:
+    """The outcome of one Sample: an image, or the reason there is none."""
+
+    id: str
+    image: np.ndarray | None               # uint8 (H, W, 3)
+    metadata: dict[str, Any]
+    base_image: np.ndarray | None = None   # the base stage's image, when kept
+    error: str | None = None               # e.g. "non-finite values in output"

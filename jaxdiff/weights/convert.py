@@ -1,0 +1,99 @@
+"""PyTorch (diffusers / transformers) tensor names and layouts -> NNX state.
+
+Convention that makes this generic: every jaxdiff module mirrors the attribute names of
+the PyTorch module it reproduces (lists are `nnx.List`), so a checkpoint key
+`down_blocks.0.resnets.1.conv1.weight` addresses `('down_blocks', 0, 'resnets', 1,
+'conv1', <leaf>)`. Only the leaf name and the layout differ:
+
+| PyTorch leaf | NNX leaf    | layout change                           |
+| weight (2-d) | kernel      | (out, in) -> (in, out)                  |
+| weight (4-d) | kernel      | OIHW -> HWIO; a 1x1 conv into a Linear is squeezed |
+| weight (1-d) | scale       | none (norms)                            |
+| weight       | embedding   | none (nn.Embedding)                     |
+| bias         | bias        | none                                    |
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not fit the model it is loaded into."""
+
+
+_WEIGHT_LEAVES = ("kernel", "scale", "embedding")
+
+
+def _nnx_path(torch_key: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else p for p in torch_key.split("."))
+
+
+def to_nnx_layout(leaf: str, array: np.ndarray, target_shape: tuple) -> np.ndarray:
+    """Reorders one PyTorch tensor into the layout of the NNX leaf `leaf`."""
+    if leaf == "kernel":
+        if array.ndim == 4 and len(target_shape) == 2:  # 1x1 conv stored for a Linear
+            array = array[:, :, 0, 0]
+        if array.ndim == 2:
+            array = array.T
+        elif array.ndim == 4:
+            array = array.transpose(2, 3, 1, 0)
+        elif array.ndim == 3:  # Conv1d: (O, I, W) -> (W, I, O)
+            array = array.transpose(2, 1, 0)
+    elif leaf == "scale" and array.ndim == 4:  # legacy norms stored as (C, 1, 1, 1)
+        array = array.reshape(-1)
+    return array
+
+
+def load_state_dict(model: nnx.Module, tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]],
+                    *, dtype=None, source: str = "checkpoint",
+                    ignore: Iterable[str] = ()) -> nnx.Module:
+    """Fills `model` (concrete or from `nnx.eval_shape`) with PyTorch-named tensors.
+
+    Strict: an unknown key, a wrong shape, or a parameter left without a value raises
+    CheckpointError naming `source` and the key. `tensors` may be a mapping or a lazy
+    iterable of (key, array), so a loader can stream one tensor at a time. Keys whose
+    name ends with one of `ignore` (buffers such as `position_ids`) are skipped.
+    """
+    graphdef, state = nnx.split(model)
+    flat = dict(nnx.to_flat_state(state))
+    filled: set[tuple] = set()
+    ignore = tuple(ignore)
+    items = tensors.items() if isinstance(tensors, Mapping) else tensors
+    for key, array in items:
+        if ignore and key.endswith(ignore):
+            continue
+        path = _nnx_path(key)
+        leaf = path[-1]
+        if leaf == "weight":
+            candidates = [path[:-1] + (name,) for name in _WEIGHT_LEAVES]
+        else:
+            candidates = [path]
+        found = [p for p in candidates if p in flat]
+        if not found:
+            raise CheckpointError(
+                f"{source}: unexpected key {key!r} (no such parameter in the model; "
+                f"is the config.json from the same checkpoint?)")
+        target = found[0]
+        variable = flat[target]
+        want = tuple(variable.get_value().shape)
+        array = np.asarray(array)
+        value = to_nnx_layout(target[-1], array, want)
+        if tuple(value.shape) != want:
+            raise CheckpointError(
+                f"{source}: key {key!r} has shape {tuple(array.shape)}, the model expects "
+                f"{want} (in PyTorch layout) from its config.json")
+        target_dtype = dtype or variable.get_value().dtype
+        variable.set_value(jnp.asarray(value, dtype=target_dtype))
+        filled.add(target)
+    missing = [".".join(map(str, p)) for p in flat if p not in filled
+               and isinstance(flat[p], nnx.Param)]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"{source}: missing keys for {shown}")
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
