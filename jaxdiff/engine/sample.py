@@ -39,3 +39,15 @@ class Rendered:
     metadata: dict[str, Any]
     base_image: np.ndarray | None = None   # the base stage's image, when kept
     error: str | None = None               # e.g. "non-finite values in output"
+
+
+def derive_seed(run_seed: int, sample_id: str) -> int:
+    """A sample's seed when the manifest names none: a stable 31-bit hash of (run seed, id).
+
+    Stable across processes and Python versions (unlike `hash`), so a rerun, a retry or
+    another worker draws the same noise for the same id.
+    """
+    import hashlib
+
+    digest = hashlib.sha256(f"{run_seed}:{sample_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
