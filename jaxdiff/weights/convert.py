@@ -50,15 +50,26 @@ def to_nnx_layout(leaf: str, array: np.ndarray, target_shape: tuple) -> np.ndarr
     return array
 
 
+def _place(key: str, value: np.ndarray, dtype, sharding) -> jax.Array:
+    if sharding is None:
+        return jnp.asarray(value, dtype=dtype)
+    if callable(sharding) and not isinstance(sharding, jax.sharding.Sharding):
+        sharding = sharding(key, value.shape)
+    return jax.device_put(np.asarray(value, dtype=dtype), sharding)
+
+
 def load_state_dict(model: nnx.Module, tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]],
                     *, dtype=None, source: str = "checkpoint",
-                    ignore: Iterable[str] = ()) -> nnx.Module:
+                    ignore: Iterable[str] = (), sharding=None) -> nnx.Module:
     """Fills `model` (concrete or from `nnx.eval_shape`) with PyTorch-named tensors.
 
     Strict: an unknown key, a wrong shape, or a parameter left without a value raises
     CheckpointError naming `source` and the key. `tensors` may be a mapping or a lazy
     iterable of (key, array), so a loader can stream one tensor at a time. Keys whose
     name ends with one of `ignore` (buffers such as `position_ids`) are skipped.
+    `sharding` places each value: None puts it on the default device, a
+    `jax.sharding.Sharding` is used for every value, a callable `(key, shape) -> Sharding`
+    chooses per parameter.
     """
     graphdef, state = nnx.split(model)
     flat = dict(nnx.to_flat_state(state))
@@ -89,7 +100,7 @@ def load_state_dict(model: nnx.Module, tensors: Mapping[str, np.ndarray] | Itera
                 f"{source}: key {key!r} has shape {tuple(array.shape)}, the model expects "
                 f"{want} (in PyTorch layout) from its config.json")
         target_dtype = dtype or variable.get_value().dtype
-        variable.set_value(jnp.asarray(value, dtype=target_dtype))
+        variable.set_value(_place(key, value, target_dtype, sharding))
         filled.add(target)
     missing = [".".join(map(str, p)) for p in flat if p not in filled
                and isinstance(flat[p], nnx.Param)]

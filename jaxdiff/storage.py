@@ -1,0 +1,170 @@
+"""Reading files from a local path or a `gs://bucket/object` URL with one small API.
+
+Checkpoints are read by byte range (one tensor at a time), so both backends expose
+`open_reader(path)` with `.size` and `.read(start, length)`. With STORAGE_EMULATOR_HOST
+set (tests, local emulators) the GCS client uses anonymous credentials and a fixed
+project, so nothing ever looks for credentials or probes a metadata server.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import posixpath
+from typing import BinaryIO, Protocol
+
+GCS_PREFIX = "gs://"
+
+
+def is_gcs(path: str) -> bool:
+    return str(path).startswith(GCS_PREFIX)
+
+
+def join(base: str, *parts: str) -> str:
+    """Joins path parts with "/" for gs:// URLs and os.path.join for local paths."""
+    base = str(base)
+    if is_gcs(base):
+        return posixpath.join(base.rstrip("/"), *parts)
+    return os.path.join(base, *parts)
+
+
+def _split_gcs(url: str) -> tuple[str, str]:
+    rest = url[len(GCS_PREFIX):]
+    bucket, _, name = rest.partition("/")
+    if not bucket:
+        raise ValueError(f"{url!r} is not a gs://bucket/object URL")
+    return bucket, name
+
+
+@functools.lru_cache(maxsize=4)
+def _client(emulator_host: str | None):
+    from google.cloud import storage
+
+    if emulator_host:
+        from google.auth.credentials import AnonymousCredentials
+
+        return storage.Client(project="jaxdiff-emulator", credentials=AnonymousCredentials())
+    return storage.Client()
+
+
+def gcs_client():
+    """The process-wide google-cloud-storage client (one per emulator endpoint)."""
+    return _client(os.environ.get("STORAGE_EMULATOR_HOST") or None)
+
+
+def _blob(url: str):
+    bucket, name = _split_gcs(url)
+    return gcs_client().bucket(bucket).blob(name)
+
+
+def exists(path: str) -> bool:
+    path = str(path)
+    if is_gcs(path):
+        bucket, name = _split_gcs(path)
+        if gcs_client().bucket(bucket).blob(name).exists():
+            return True
+        # A "directory" exists on GCS when any object lies below it.
+        prefix = name.rstrip("/") + "/"
+        return any(True for _ in gcs_client().list_blobs(bucket, prefix=prefix, max_results=1))
+    return os.path.exists(path)
+
+
+def list_dir(path: str) -> list[str]:
+    """Names (files and sub-folders) directly inside the folder `path`, sorted."""
+    path = str(path)
+    if is_gcs(path):
+        bucket, name = _split_gcs(path)
+        prefix = name.rstrip("/") + "/" if name else ""
+        blobs = gcs_client().list_blobs(bucket, prefix=prefix, delimiter="/")
+        names = [b.name[len(prefix):] for b in blobs]
+        names += [p[len(prefix):].rstrip("/") for p in blobs.prefixes]
+        return sorted(n for n in names if n)
+    return sorted(os.listdir(path))
+
+
+def read_bytes(path: str) -> bytes:
+    path = str(path)
+    if is_gcs(path):
+        return _blob(path).download_as_bytes()
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def read_text(path: str) -> str:
+    return read_bytes(path).decode("utf-8")
+
+
+def download(path: str, local_path: str) -> None:
+    """Copies one file (local or gs://) to `local_path`."""
+    if is_gcs(path):
+        _blob(path).download_to_filename(local_path)
+    else:
+        import shutil
+
+        shutil.copyfile(path, local_path)
+
+
+class RangeReader(Protocol):
+    path: str
+    size: int
+
+    def read(self, start: int, length: int) -> bytes | bytearray: ...
+
+    def close(self) -> None: ...
+
+
+class _LocalReader:
+    def __init__(self, path: str):
+        self.path = path
+        self._file: BinaryIO = open(path, "rb")
+        self.size = os.fstat(self._file.fileno()).st_size
+
+    def read(self, start: int, length: int) -> bytearray:
+        buffer = bytearray(length)
+        got = os.preadv(self._file.fileno(), [buffer], start) if length else 0
+        while 0 < got < length:  # pread may return short reads on some filesystems
+            more = os.preadv(self._file.fileno(), [memoryview(buffer)[got:]], start + got)
+            if more == 0:
+                break
+            got += more
+        if got != length:
+            raise EOFError(f"{self.path}: wanted bytes {start}..{start + length}, file has {self.size}")
+        return buffer
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class _GcsReader:
+    def __init__(self, url: str):
+        self.path = url
+        blob = _blob(url)
+        blob.reload()  # fetches the size; raises NotFound for a missing object
+        self._blob = blob
+        self.size = int(blob.size)
+
+    def read(self, start: int, length: int) -> bytes:
+        if length == 0:
+            return b""
+        # `end` is inclusive in google-cloud-storage. Ranged reads skip the whole-object
+        # checksum; callers that need integrity hash the bytes themselves.
+        data = self._blob.download_as_bytes(start=start, end=start + length - 1, checksum=None)
+        if len(data) != length:
+            raise EOFError(f"{self.path}: wanted bytes {start}..{start + length}, object has {self.size}")
+        return data
+
+    def close(self) -> None:
+        pass
+
+
+def open_reader(path: str) -> RangeReader:
+    """A reader of byte ranges of one file; raises FileNotFoundError if it does not exist."""
+    path = str(path)
+    if is_gcs(path):
+        from google.api_core.exceptions import NotFound
+
+        try:
+            return _GcsReader(path)
+        except NotFound as e:
+            raise FileNotFoundError(f"{path} does not exist") from e
+    return _LocalReader(path)
