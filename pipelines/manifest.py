@@ -1,0 +1,401 @@
+"""Prompt manifests: records -> validated Samples, or Failures that say what to fix.
+
+The reading side (finding files, planning shards, reading a shard) lives in
+`pipelines.manifest_reader` and is re-exported here, so the pipeline imports one module.
+
+Record fields (anything else passes through into Sample.metadata):
+  id               letters, digits, '.', '_', '-' (at most 128). When absent, derived from
+                   the file's base name, the record number and the prompt, so it is stable
+                   across runs; give files distinct base names or explicit ids.
+  prompt           required, non-empty text
+  negative_prompt, seed (0..2**32-1), guidance, steps, width, height, strength (0 < s <= 1)
+  num_images       variants of the record. Variant 0 keeps the record's id and variant k > 0
+                   is `{id}_{k}`, so raising num_images later keeps the images already made.
+                   Each variant has its own seed: seed + k when the record names a seed,
+                   else derive_seed(run seed, variant id).
+  mode             txt2img (default), img2img, sketch (need init_image), inpaint (needs
+                   init_image and mask), outpaint (needs init_image and outpaint pixels)
+  init_image, mask local paths or gs:// URLs; a relative path is relative to the manifest
+                   file's folder. PNG, JPEG or WebP.
+  outpaint         pixels added at [left, top, right, bottom]: a list, an object with those
+                   keys, or "l,t,r,b" text (CSV)
+  sampler          one of RenderDefaults.samplers; kept in Sample.metadata["sampler"] since
+                   the sampler fixes the compiled program and is chosen per batch group
+
+Fields the record leaves out take the run's RenderDefaults, filled in here, so every
+Sample says exactly what it will render (strength only for the modes that use it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import posixpath
+import re
+from typing import Any
+
+import numpy as np
+
+from jaxdiff import storage
+from jaxdiff.engine.sample import MODES, Sample, derive_seed
+from pipelines.manifest_reader import (
+    ManifestError,
+    RawRecord,
+    ShardSpec,
+    expand_patterns,
+    file_format,
+    manifest_fingerprint,
+    plan_shards,
+    read_shard,
+)
+
+__all__ = [
+    "Failure", "InputImageError", "ManifestError", "RawRecord", "RenderDefaults", "ShardSpec",
+    "STAGES", "expand_patterns", "file_format", "load_image", "load_mask", "manifest_fingerprint",
+    "plan_shards", "read_shard", "to_samples",
+]
+
+STAGES = ("manifest", "input-image", "render", "write")
+IMAGE_MODES = ("img2img", "sketch", "inpaint", "outpaint")
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+MAX_SEED = 2**32 - 1
+KNOWN_FIELDS = frozenset({
+    "id", "prompt", "negative_prompt", "seed", "guidance", "steps", "width", "height",
+    "num_images", "mode", "init_image", "mask", "strength", "outpaint", "sampler",
+})
+_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}\Z")
+_URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+@dataclasses.dataclass(frozen=True)
+class RenderDefaults:
+    """The run's settings for every field a record leaves out, and the limits records must keep."""
+
+    width: int = 512
+    height: int = 512
+    steps: int = 25
+    guidance: float = 7.5
+    sampler: str = "dpmpp"
+    seed: int = 0                      # the run seed
+    negative_prompt: str = ""
+    num_images: int = 1
+    strength: float = 0.75
+    size_multiple: int = 64
+    max_side: int = 2048
+    max_steps: int = 1000
+    max_guidance: float = 50.0
+    max_num_images: int = 64
+    max_image_side: int = 8192         # init images / masks larger than this are refused
+    samplers: tuple[str, ...] = ("ddim", "dpmpp", "euler")
+
+    def __post_init__(self):
+        def bad(name, rule):
+            raise ValueError(f"RenderDefaults.{name}={getattr(self, name)!r}: {rule}")
+
+        for name in ("size_multiple", "max_side", "max_steps", "max_num_images", "max_image_side"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                bad(name, "use a positive integer")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if not _is_int(value) or value % self.size_multiple or not 0 < value <= self.max_side:
+                bad(name, f"use a multiple of {self.size_multiple} up to {self.max_side}")
+        if not _is_int(self.steps) or not 1 <= self.steps <= self.max_steps:
+            bad("steps", f"use 1 to {self.max_steps}")
+        if not _is_number(self.guidance) or not 0 <= self.guidance <= self.max_guidance:
+            bad("guidance", f"use a number from 0 to {self.max_guidance}")
+        if not _is_number(self.strength) or not 0 < self.strength <= 1:
+            bad("strength", "use a number in (0, 1]")
+        if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
+            bad("seed", f"use an integer from 0 to {MAX_SEED}")
+        if not _is_int(self.num_images) or not 1 <= self.num_images <= self.max_num_images:
+            bad("num_images", f"use 1 to {self.max_num_images}")
+        if self.sampler not in self.samplers:
+            bad("sampler", f"use one of {', '.join(self.samplers)}")
+        if not isinstance(self.negative_prompt, str):
+            bad("negative_prompt", "use text")
+
+
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    """A record that produced no image, and why. Every input id ends in a shard or here."""
+
+    id: str
+    source: str
+    line: int
+    reason: str
+    stage: str                         # one of STAGES
+    record: str | dict[str, Any] | None = None  # the raw line, or the parsed fields
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (values JSON cannot hold, e.g. bytes, become text)."""
+        record = self.record
+        if isinstance(record, dict):
+            record = json.loads(json.dumps(record, default=str))
+        return {"id": self.id, "source": self.source, "line": self.line, "reason": self.reason,
+                "stage": self.stage, "record": record}
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> Failure:
+        return cls(value["id"], value["source"], value["line"], value["reason"], value["stage"],
+                   value.get("record"))
+
+
+class InputImageError(ValueError):
+    """An init image or mask that cannot be read or decoded."""
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def _decode_image(uri: str, max_side: int):
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        data = storage.read_bytes(uri)
+    except FileNotFoundError as e:
+        raise InputImageError(f"image {uri} does not exist") from e
+    except Exception as e:  # gs:// NotFound, permissions, network
+        raise InputImageError(f"cannot read image {uri}: {e}") from e
+    try:
+        image = Image.open(io.BytesIO(data))
+        if image.format not in IMAGE_FORMATS:
+            raise InputImageError(f"image {uri} is {image.format}: use PNG, JPEG or WebP")
+        if max(image.size) > max_side:
+            raise InputImageError(f"image {uri} is {image.size[0]}x{image.size[1]}: "
+                                  f"use at most {max_side} pixels a side")
+        image.load()  # decodes now, so a truncated or corrupt file fails here
+        return ImageOps.exif_transpose(image)  # camera JPEGs store their rotation in EXIF
+    except InputImageError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise InputImageError(f"cannot decode image {uri}: {e}") from e
+
+
+def load_image(uri: str, *, max_side: int = 8192) -> np.ndarray:
+    """A PNG / JPEG / WebP image (local path or gs://) as uint8 (H, W, 3) RGB."""
+    image = np.asarray(_decode_image(uri, max_side).convert("RGB"), dtype=np.uint8)
+    image.setflags(write=False)  # shared by all variants of a record
+    return image
+
+
+def load_mask(uri: str, *, max_side: int = 8192) -> np.ndarray:
+    """A mask image as uint8 (H, W) grey levels, 255 = repaint."""
+    mask = np.asarray(_decode_image(uri, max_side).convert("L"), dtype=np.uint8)
+    mask.setflags(write=False)
+    return mask
+
+
+# ----------------------------------------------------------------------------- field checks
+
+
+class _Invalid(ValueError):
+    """A record field breaks a rule; the message names the field and the fix."""
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_number(value) -> bool:
+    return (_is_int(value) or isinstance(value, (float, np.floating))) and math.isfinite(value)
+
+
+def _integer(name: str, value) -> int:
+    """An int from an int, an integral float, or integer text (CSV); never from a bool."""
+    if _is_int(value):
+        return int(value)
+    if isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
+        return int(value)
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+        return int(value)
+    raise _Invalid(f"{name} {value!r} is not an integer: write a whole number, e.g. {name}: 42")
+
+
+def _number(name: str, value) -> float:
+    if _is_number(value):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+        else:
+            if math.isfinite(number):
+                return number
+    raise _Invalid(f"{name} {value!r} is not a finite number: write a number, e.g. {name}: 7.5")
+
+
+def _text(name: str, value) -> str:
+    if not isinstance(value, str):
+        raise _Invalid(f"{name} must be text, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _record_id(raw: RawRecord, fields: dict[str, Any] | None) -> str:
+    """The record's id, or its derived one: sha1 of base name, record number and prompt."""
+    value = (fields or {}).get("id")
+    if value is None:
+        prompt = (fields or {}).get("prompt")
+        prompt = prompt if isinstance(prompt, str) else ""
+        name = posixpath.basename(raw.source) if storage.is_gcs(raw.source) else os.path.basename(raw.source)
+        return hashlib.sha1(f"{name}\n{raw.index}\n{prompt}".encode()).hexdigest()[:20]
+    if _is_int(value):
+        value = str(value)
+    if not isinstance(value, str) or not _ID.match(value):
+        raise _Invalid(f"id {value!r} is not usable: use up to 128 letters, digits, '.', '_' or '-' "
+                       f"(not starting with '.' or '-'), or leave id out to derive one")
+    return value
+
+
+def _size(fields: dict[str, Any], defaults: RenderDefaults) -> tuple[int, int]:
+    width = _integer("width", fields["width"]) if "width" in fields else defaults.width
+    height = _integer("height", fields["height"]) if "height" in fields else defaults.height
+    m, top = defaults.size_multiple, defaults.max_side
+    if width % m or height % m or not (m <= width <= top and m <= height <= top):
+        raise _Invalid(f"unsupported size {width}x{height}: use multiples of {m} up to {top}")
+    return width, height
+
+
+def _outpaint(value) -> tuple[int, int, int, int]:
+    sides = ("left", "top", "right", "bottom")
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - set(sides))
+        if unknown:
+            raise _Invalid(f"outpaint has unknown keys {unknown}: use left, top, right, bottom")
+        value = [value.get(side, 0) for side in sides]
+    elif isinstance(value, str):
+        value = [part for part in re.split(r"[,\s]+", value.strip()) if part]
+    if not isinstance(value, (list, tuple)) or len(value) != 4:
+        raise _Invalid(f"outpaint {value!r} is not four pixel counts: write [left, top, right, bottom]")
+    pads = tuple(_integer("outpaint", v) for v in value)
+    if min(pads) < 0 or max(pads) == 0:
+        raise _Invalid(f"outpaint {list(pads)}: pixel counts must be >= 0 and at least one > 0")
+    return pads
+
+
+def _image_uri(name: str, value, source: str) -> str:
+    uri = _text(name, value).strip()
+    if not uri:
+        raise _Invalid(f"{name} is empty: give a local path or a gs:// URL")
+    if storage.is_gcs(uri) or os.path.isabs(uri):
+        return uri
+    if _URL_SCHEME.match(uri):
+        raise _Invalid(f"{name} {uri!r}: only local paths and gs:// URLs are supported")
+    # Relative to the manifest's folder, so a manifest travels with its images.
+    if storage.is_gcs(source):
+        return posixpath.join(posixpath.dirname(source), uri)
+    return os.path.join(os.path.dirname(source), uri)
+
+
+def _options(fields: dict[str, Any], defaults: RenderDefaults, source: str) -> dict[str, Any]:
+    """Validated Sample fields, with the run's defaults filled in, plus num_images and image URIs."""
+    if "prompt" not in fields:
+        raise _Invalid("missing prompt: every record needs a non-empty 'prompt'")
+    prompt = _text("prompt", fields["prompt"])
+    if not prompt.strip():
+        raise _Invalid("empty prompt: every record needs a non-empty 'prompt'")
+    negative = _text("negative_prompt", fields.get("negative_prompt", defaults.negative_prompt))
+
+    seed = None
+    if "seed" in fields:
+        seed = _integer("seed", fields["seed"])
+        if not 0 <= seed <= MAX_SEED:
+            raise _Invalid(f"seed {seed} is out of range: use 0 to {MAX_SEED}")
+    steps = _integer("steps", fields["steps"]) if "steps" in fields else defaults.steps
+    if not 1 <= steps <= defaults.max_steps:
+        raise _Invalid(f"steps {steps} is out of range: use 1 to {defaults.max_steps}")
+    guidance = _number("guidance", fields["guidance"]) if "guidance" in fields else defaults.guidance
+    if not 0 <= guidance <= defaults.max_guidance:
+        raise _Invalid(f"guidance {guidance} is out of range: use 0 to {defaults.max_guidance}")
+    width, height = _size(fields, defaults)
+    num_images = _integer("num_images", fields["num_images"]) if "num_images" in fields else defaults.num_images
+    if not 1 <= num_images <= defaults.max_num_images:
+        raise _Invalid(f"num_images {num_images} is out of range: use 1 to {defaults.max_num_images}")
+
+    mode = _text("mode", fields.get("mode", "txt2img")).strip().lower()
+    if mode not in MODES:
+        raise _Invalid(f"unknown mode {fields['mode']!r}: use one of {', '.join(MODES)}")
+    strength = None
+    if mode in IMAGE_MODES:
+        strength = _number("strength", fields["strength"]) if "strength" in fields else defaults.strength
+        if not 0 < strength <= 1:
+            raise _Invalid(f"strength {strength} is out of range: use a number in (0, 1]")
+    elif "strength" in fields:
+        _number("strength", fields["strength"])  # still a typo check; txt2img does not use it
+
+    init_uri = _image_uri("init_image", fields["init_image"], source) if "init_image" in fields else None
+    mask_uri = _image_uri("mask", fields["mask"], source) if "mask" in fields else None
+    if mode in IMAGE_MODES and init_uri is None:
+        raise _Invalid(f"mode {mode} needs an init_image: add its path or gs:// URL")
+    if mode == "txt2img" and init_uri is not None:
+        raise _Invalid(f"init_image given but mode is txt2img: set mode to one of {', '.join(IMAGE_MODES)}")
+    if mode == "inpaint" and mask_uri is None:
+        raise _Invalid("mode inpaint needs a mask (white = repaint): add its path or gs:// URL")
+    if mask_uri is not None and mode != "inpaint":
+        raise _Invalid(f"mask given but mode is {mode}: masks are for mode inpaint")
+    outpaint = _outpaint(fields["outpaint"]) if "outpaint" in fields else None
+    if mode == "outpaint" and outpaint is None:
+        raise _Invalid("mode outpaint needs outpaint pixels: add outpaint [left, top, right, bottom]")
+    if outpaint is not None and mode != "outpaint":
+        raise _Invalid(f"outpaint given but mode is {mode}: set mode to outpaint")
+
+    metadata = {k: v for k, v in fields.items() if k not in KNOWN_FIELDS}
+    if "sampler" in fields:
+        sampler = _text("sampler", fields["sampler"]).strip().lower()
+        if sampler not in defaults.samplers:
+            raise _Invalid(f"unknown sampler {fields['sampler']!r}: use one of {', '.join(defaults.samplers)}")
+        metadata["sampler"] = sampler
+
+    return dict(prompt=prompt, negative_prompt=negative, seed=seed, guidance=guidance, steps=steps,
+                width=width, height=height, mode=mode, strength=strength, outpaint=outpaint,
+                metadata=metadata, num_images=num_images, init_uri=init_uri, mask_uri=mask_uri)
+
+
+# ----------------------------------------------------------------------------- records -> samples
+
+
+def to_samples(raw: RawRecord, defaults: RenderDefaults) -> list[Sample] | Failure:
+    """The record's Samples (one per variant), or a Failure naming the record, its line and the fix."""
+    record = raw.text if raw.text is not None else raw.fields
+
+    def failure(sample_id: str, reason: str, stage: str = "manifest") -> Failure:
+        return Failure(sample_id, raw.source, raw.line, reason, stage, record)
+
+    if raw.fields is None:
+        return failure(_record_id(raw, None), raw.error or "unreadable record")
+    try:
+        sample_id = _record_id(raw, raw.fields)
+    except _Invalid as e:
+        return failure(_record_id(raw, {"prompt": raw.fields.get("prompt")}), str(e))
+    try:
+        options = _options(raw.fields, defaults, raw.source)
+    except _Invalid as e:
+        return failure(sample_id, str(e))
+
+    init_image = mask = None
+    try:
+        if options["init_uri"] is not None:
+            init_image = load_image(options["init_uri"], max_side=defaults.max_image_side)
+        if options["mask_uri"] is not None:
+            mask = load_mask(options["mask_uri"], max_side=defaults.max_image_side)
+    except InputImageError as e:
+        return failure(sample_id, str(e), "input-image")
+    if mask is not None and mask.shape != init_image.shape[:2]:
+        return failure(sample_id, f"mask is {mask.shape[1]}x{mask.shape[0]} but init_image is "
+                                  f"{init_image.shape[1]}x{init_image.shape[0]}: make them the same size",
+                       "input-image")
+
+    seed, num_images = options["seed"], options["num_images"]
+    kept = {k: options[k] for k in ("prompt", "negative_prompt", "guidance", "steps", "width", "height",
+                                    "mode", "strength", "outpaint")}
+    samples = []
+    for k in range(num_images):
+        variant_id = sample_id if k == 0 else f"{sample_id}_{k}"
+        variant_seed = (seed + k) % (MAX_SEED + 1) if seed is not None else derive_seed(defaults.seed, variant_id)
+        samples.append(Sample(id=variant_id, seed=variant_seed, init_image=init_image, mask=mask,
+                              metadata=dict(options["metadata"]), **kept))
+    return samples

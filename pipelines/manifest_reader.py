@@ -1,0 +1,539 @@
+"""Manifest files -> raw records: finding the files, planning shards, reading one shard.
+
+A manifest is one or more files of prompt records, local or gs://, in one of these
+formats (chosen by extension, case-insensitive):
+
+  .jsonl / .json   JSON Lines: one JSON object a line; blank lines skipped
+  .csv             a header row naming the fields, then one record a row
+  .txt             one prompt a line; blank lines skipped
+  .parquet         one record a row, columns named as the fields
+
+The text formats may be gzip-compressed (`.jsonl.gz`, `.csv.gz`, `.txt.gz`).
+
+A shard is a contiguous record range of ONE file. Planning makes one streaming pass
+over each text file and keeps only the byte offset of every `shard_size`-th record, so
+memory grows with the number of shards, not of records; a worker then reads just its
+byte slice. Parquet needs no pass: its footer gives the row count, and a worker reads
+only the row groups its rows fall in. For gzip files the offsets are positions in the
+decompressed stream, so each worker decompresses from the start of the file up to its
+slice: fine for manifests of modest size, slow for huge ones (use plain text or Parquet).
+
+Record numbers (`index`) count records from 0 in each file and ignore blank lines;
+`line` is the 1-based physical line a record starts on (the row number for Parquet).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import glob
+import gzip
+import hashlib
+import io
+import json
+import os
+import posixpath
+import re
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+from jaxdiff import storage
+
+# Extension -> format name. Order matters only for readability.
+_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".txt": "txt", ".parquet": "parquet"}
+_GZIP_FORMATS = ("jsonl", "csv", "txt")
+_READ_BUFFER = 1 << 20
+_BOM = b"\xef\xbb\xbf"
+
+
+class ManifestError(ValueError):
+    """A whole-run problem: a pattern matching nothing, an unreadable file, an unknown format."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardSpec:
+    """Records [first_record, end_record) of one manifest file.
+
+    byte_start / byte_end bound the slice in the (decompressed) file for the text formats;
+    they are None for Parquet, whose slice is the row range itself. first_line is the
+    physical line the slice's first record starts on, so failures can name their line.
+    """
+
+    index: int
+    name: str
+    file: str
+    format: str
+    first_record: int
+    end_record: int
+    byte_start: int | None
+    byte_end: int | None
+    first_line: int = 1
+
+    @property
+    def num_records(self) -> int:
+        return self.end_record - self.first_record
+
+
+@dataclasses.dataclass(frozen=True)
+class RawRecord:
+    """One record as read, before validation: its fields, or why they could not be parsed."""
+
+    source: str                      # the manifest file
+    line: int                        # 1-based physical line (Parquet: row number)
+    index: int                       # 0-based record number within the file
+    fields: dict[str, Any] | None    # None when the record could not be parsed
+    error: str | None = None         # the parse error, when fields is None
+    text: str | None = None          # the raw line(s) for text formats
+
+
+def file_format(path: str) -> tuple[str, bool]:
+    """(format, gzipped) for a manifest path, or ManifestError naming the path."""
+    name = path.lower()
+    gzipped = name.endswith(".gz")
+    if gzipped:
+        name = name[:-3]
+    fmt = _FORMATS.get(os.path.splitext(name)[1])
+    if fmt is None or (gzipped and fmt not in _GZIP_FORMATS):
+        raise ManifestError(
+            f"{path}: unknown manifest format; use .jsonl, .json (JSON lines), .csv, .txt "
+            f"(each optionally .gz) or .parquet")
+    return fmt, gzipped
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _glob_regex(pattern: str) -> re.Pattern:
+    """Glob -> regex on object names: `*` and `?` stay within one folder, `**` crosses folders."""
+    out, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[":
+            close = pattern.find("]", i + 1)
+            if close < 0:
+                out.append(re.escape(c))
+            else:
+                body = pattern[i + 1:close]
+                if body.startswith("!"):
+                    body = "^" + body[1:]
+                out.append("[" + body.replace("\\", "\\\\") + "]")
+                i = close
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+def _has_wildcard(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
+
+
+def _expand_gcs(pattern: str) -> list[str]:
+    bucket, _, name = pattern[len(storage.GCS_PREFIX):].partition("/")
+    if not bucket or not name:
+        raise ManifestError(f"{pattern!r} is not a gs://bucket/object pattern")
+    client = storage.gcs_client()
+    if not _has_wildcard(name):
+        return [pattern] if client.bucket(bucket).blob(name).exists() else []
+    literal = re.split(r"[*?\[]", name, maxsplit=1)[0]
+    regex = _glob_regex(name)
+    return [f"gs://{bucket}/{blob.name}" for blob in client.list_blobs(bucket, prefix=literal)
+            if not blob.name.endswith("/") and regex.match(blob.name)]
+
+
+def _expand_local(pattern: str) -> list[str]:
+    if not _has_wildcard(pattern):
+        if os.path.isdir(pattern):
+            raise ManifestError(f"{pattern} is a folder: name its files, e.g. {os.path.join(pattern, '*.jsonl')}")
+        return [pattern] if os.path.isfile(pattern) else []
+    return [p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)]
+
+
+def expand_patterns(patterns: list[str]) -> list[str]:
+    """Every manifest file the patterns name (paths or globs, local or gs://), sorted, once each.
+
+    Raises ManifestError for a pattern that matches nothing and for a file of unknown format.
+    """
+    if isinstance(patterns, (str, os.PathLike)):
+        patterns = [patterns]
+    if not patterns:
+        raise ManifestError("no manifest given: name at least one file or glob pattern")
+    files: set[str] = set()
+    for pattern in map(str, patterns):
+        try:
+            matched = _expand_gcs(pattern) if storage.is_gcs(pattern) else _expand_local(pattern)
+        except ManifestError:
+            raise
+        except Exception as e:  # listing failed: permissions, network, bad bucket name
+            raise ManifestError(f"cannot list manifest pattern {pattern!r}: {e}") from e
+        if not matched:
+            raise ManifestError(f"manifest pattern {pattern!r} matches no file: check the path and the glob")
+        for path in matched:
+            file_format(path)
+            files.add(path)
+    return sorted(files)
+
+
+class _RangeFile(io.RawIOBase):
+    """A seekable binary file over storage's byte-range reader (local or gs://)."""
+
+    def __init__(self, path: str):
+        self._reader = storage.open_reader(path)
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._reader.size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        n = max(0, min(len(buffer), self._reader.size - self._pos))
+        if n:
+            buffer[:n] = self._reader.read(self._pos, n)
+            self._pos += n
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            self._reader.close()
+        super().close()
+
+
+def _open(path: str, gzipped: bool = False):
+    """A buffered binary stream of the file (decompressed for gzip); ManifestError if unreadable."""
+    try:
+        stream = io.BufferedReader(_RangeFile(path), buffer_size=_READ_BUFFER)
+    except FileNotFoundError as e:
+        raise ManifestError(f"manifest file {path} does not exist") from e
+    except Exception as e:
+        raise ManifestError(f"cannot open manifest file {path}: {e}") from e
+    return gzip.GzipFile(fileobj=stream, mode="rb") if gzipped else stream
+
+
+# ----------------------------------------------------------------------------- text formats
+
+
+def _lines(stream, offset: int, line: int) -> Iterator[tuple[int, int, int, bytes]]:
+    """(start offset, end offset, line number, bytes) for each physical line from the stream's position."""
+    for raw in stream:
+        end = offset + len(raw)
+        if offset == 0 and raw.startswith(_BOM):
+            raw = raw[len(_BOM):]  # a UTF-8 byte-order mark is not part of the first record
+        yield offset, end, line, raw
+        offset, line = end, line + 1
+
+
+def _line_records(fmt: str, source: str, stream, offset: int, line: int, index: int
+                  ) -> Iterator[tuple[int, RawRecord]]:
+    """(start offset, record) for JSON-lines and plain-text files; blank lines are not records."""
+    for start, _, number, raw in _lines(stream, offset, line):
+        if not raw.strip():
+            continue
+        try:
+            text = raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as e:
+            yield start, RawRecord(source, number, index, None, f"line is not valid UTF-8: {e}",
+                                   raw.decode("utf-8", "replace").rstrip("\r\n"))
+            index += 1
+            continue
+        if fmt == "txt":
+            yield start, RawRecord(source, number, index, {"prompt": text.strip()}, None, text)
+        else:
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as e:
+                yield start, RawRecord(source, number, index, None, f"malformed JSON: {e}", text)
+            else:
+                if isinstance(value, dict):
+                    yield start, RawRecord(source, number, index, value, None, text)
+                else:
+                    yield start, RawRecord(source, number, index, None,
+                                           f"line is JSON {type(value).__name__}, not an object: "
+                                           f'write one object a line, e.g. {{"prompt": "..."}}', text)
+        index += 1
+
+
+class _CsvLines:
+    """Feeds decoded lines to csv.reader while remembering where the rows start and end."""
+
+    def __init__(self, stream, offset: int, line: int):
+        self._lines = _lines(stream, offset, line)
+        self.end = offset          # byte offset just past the last line handed out
+        self.next_line = line      # line number of the next line to hand out
+        self.bad_utf8 = False
+        self.texts: list[str] = []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        _, self.end, number, raw = next(self._lines)
+        self.next_line = number + 1
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self.bad_utf8 = True
+            text = raw.decode("utf-8", "replace")
+        self.texts.append(text)
+        return text
+
+
+class _CsvRow(NamedTuple):
+    start: int             # byte offset where the previous row ended
+    end: int               # byte offset just past this row
+    line: int              # line the row begins on
+    next_line: int         # line just past this row
+    text: str              # the row's raw text
+    cells: list[str] | None
+    error: str | None
+
+
+def _csv_rows(stream, offset: int, line: int) -> Iterator[_CsvRow]:
+    """Each non-blank CSV row from the stream's position.
+
+    A row starts where the previous one ended, so a slice that begins there parses
+    exactly as the whole file does.
+    """
+    feed = _CsvLines(stream, offset, line)
+    reader = csv.reader(feed)
+    while True:
+        start, number = feed.end, feed.next_line
+        feed.bad_utf8, feed.texts = False, []
+        try:
+            cells = next(reader)
+            error = "row is not valid UTF-8" if feed.bad_utf8 else None
+        except StopIteration:
+            return
+        except csv.Error as e:
+            cells, error = None, f"malformed CSV: {e}"
+        if cells is not None and not error and not any(cell.strip() for cell in cells):
+            continue  # a blank line
+        # The row begins on the first non-blank line the reader took.
+        skipped = next((i for i, t in enumerate(feed.texts) if t.strip()), 0)
+        text = "".join(feed.texts[skipped:]).rstrip("\r\n")
+        yield _CsvRow(start, feed.end, number + skipped, feed.next_line, text,
+                      None if error else cells, error)
+
+
+def _csv_header(source: str, stream) -> tuple[list[str], int, int]:
+    """(column names, byte offset just past the header row, line just past it)."""
+    for row in _csv_rows(stream, 0, 1):
+        if row.error:
+            raise ManifestError(f"{source} line {row.line}: cannot read the CSV header row: {row.error}")
+        columns = [c.strip() for c in row.cells]
+        if "prompt" not in columns:
+            raise ManifestError(
+                f"{source}: the CSV header row has no 'prompt' column (columns: {', '.join(columns)}); "
+                f"the first row must name the fields, e.g. id,prompt,seed")
+        duplicated = sorted({c for c in columns if columns.count(c) > 1})
+        if duplicated:
+            raise ManifestError(f"{source}: the CSV header names {', '.join(duplicated)} more than once")
+        return columns, row.end, row.next_line
+    raise ManifestError(f"{source}: the CSV file is empty; it needs a header row naming the fields")
+
+
+def _csv_records(source: str, stream, columns: list[str], offset: int, line: int, index: int
+                 ) -> Iterator[tuple[int, RawRecord]]:
+    """(start offset, record) for the data rows of a CSV file."""
+    for row in _csv_rows(stream, offset, line):
+        error = row.error
+        if row.cells is not None and len(row.cells) != len(columns):
+            error = (f"row has {len(row.cells)} fields but the header names {len(columns)}: "
+                     f"quote fields that contain commas")
+        if error:
+            yield row.start, RawRecord(source, row.line, index, None, error, row.text)
+        else:
+            # CSV has no null: an empty cell means the field is absent.
+            fields = {c: v for c, v in zip(columns, row.cells) if v != ""}
+            yield row.start, RawRecord(source, row.line, index, fields, None, row.text)
+        index += 1
+
+
+def _text_records(fmt: str, source: str, stream, offset: int, line: int, index: int,
+                  columns: list[str] | None) -> Iterator[tuple[int, RawRecord]]:
+    if fmt == "csv":
+        return _csv_records(source, stream, columns, offset, line, index)
+    return _line_records(fmt, source, stream, offset, line, index)
+
+
+def _refuse_json_array(path: str, stream) -> None:
+    """A .json file holding one array is a common mix-up with JSON Lines: say so up front."""
+    head = stream.peek(64)[:64] if hasattr(stream, "peek") else b""
+    if head.lstrip(_BOM + b" \t\r\n").startswith(b"["):
+        raise ManifestError(f"{path} holds a JSON array; write one JSON object a line (JSON Lines)")
+
+
+# ----------------------------------------------------------------------------- Parquet
+
+
+def _parquet_file(path: str):
+    import pyarrow.parquet as pq
+
+    stream = _open(path)
+    try:
+        parquet = pq.ParquetFile(stream)
+    except Exception as e:
+        stream.close()
+        raise ManifestError(f"cannot read Parquet file {path}: {e}") from e
+    if "prompt" not in parquet.schema_arrow.names:
+        stream.close()
+        raise ManifestError(f"{path}: the Parquet file has no 'prompt' column "
+                            f"(columns: {', '.join(parquet.schema_arrow.names)})")
+    return parquet, stream
+
+
+def _parquet_records(spec: ShardSpec) -> Iterator[RawRecord]:
+    """The rows of a shard, reading only the row groups they fall in, a batch at a time."""
+    parquet, stream = _parquet_file(spec.file)
+    with stream:
+        metadata = parquet.metadata
+        groups, group_start = [], 0
+        for g in range(metadata.num_row_groups):
+            rows = metadata.row_group(g).num_rows
+            if group_start < spec.end_record and group_start + rows > spec.first_record:
+                groups.append(g)
+            group_start += rows
+        row = sum(metadata.row_group(g).num_rows for g in range(groups[0])) if groups else 0
+        for batch in parquet.iter_batches(batch_size=1024, row_groups=groups):
+            for fields in batch.to_pylist():
+                if spec.first_record <= row < spec.end_record:
+                    # Parquet has nulls: a null field is absent.
+                    present = {k: v for k, v in fields.items() if v is not None}
+                    yield RawRecord(spec.file, row + 1, row, present)
+                row += 1
+                if row >= spec.end_record:
+                    return
+
+
+# ----------------------------------------------------------------------------- plan and read
+
+
+def _shard_name(index: int) -> str:
+    return f"shard-{index:05d}"
+
+
+def plan_shards(files: list[str], shard_size: int) -> list[ShardSpec]:
+    """Cuts every file into shards of `shard_size` records (the last of each file may be shorter).
+
+    Shard indices run over all files in the order given (expand_patterns sorts them), so
+    the same manifest files always give the same plan. Text files are read once, keeping
+    only every `shard_size`-th record's offset; Parquet files only have their footer read.
+    """
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise ManifestError(f"shard_size must be a positive integer, got {shard_size!r}")
+    shards: list[ShardSpec] = []
+
+    def add(path, fmt, first, end, byte_start, byte_end, first_line):
+        shards.append(ShardSpec(len(shards), _shard_name(len(shards)), path, fmt, first, end,
+                                byte_start, byte_end, first_line))
+
+    for path in files:
+        fmt, gzipped = file_format(path)
+        if fmt == "parquet":
+            parquet, stream = _parquet_file(path)
+            with stream:
+                rows = parquet.metadata.num_rows
+            for first in range(0, rows, shard_size):
+                add(path, fmt, first, min(first + shard_size, rows), None, None, first + 1)
+            continue
+        try:
+            with _open(path, gzipped) as stream:
+                columns, offset, line = None, 0, 1
+                if fmt == "csv":
+                    columns, offset, line = _csv_header(path, stream)
+                    stream.seek(offset)
+                elif fmt == "jsonl" and not gzipped:
+                    _refuse_json_array(path, stream)
+                # (record number, offset, line) of the first record of each shard.
+                starts: list[tuple[int, int, int]] = []
+                count = 0
+                for start, record in _text_records(fmt, path, stream, offset, line, 0, columns):
+                    if count % shard_size == 0:
+                        starts.append((count, start, record.line))
+                    count += 1
+                end_offset = stream.tell()  # the records were read to the end
+        except (OSError, EOFError, gzip.BadGzipFile) as e:
+            raise ManifestError(f"cannot read manifest file {path}: {e}") from e
+        for k, (first, byte_start, first_line) in enumerate(starts):
+            if k + 1 < len(starts):
+                byte_end = starts[k + 1][1]
+            else:
+                byte_end = end_offset
+            add(path, fmt, first, min(first + shard_size, count), byte_start, byte_end, first_line)
+    return shards
+
+
+def read_shard(spec: ShardSpec) -> Iterator[RawRecord]:
+    """The records of one shard, reading only its slice of the file (see the module notes on gzip).
+
+    Raises ManifestError when the file no longer holds the records the plan expects.
+    """
+    if spec.format == "parquet":
+        yield from _parquet_records(spec)
+        return
+    _, gzipped = file_format(spec.file)
+    count = 0
+    try:
+        with _open(spec.file, gzipped) as stream:
+            columns = None
+            if spec.format == "csv":
+                columns, _, _ = _csv_header(spec.file, stream)
+            stream.seek(spec.byte_start)
+            for _, record in _text_records(spec.format, spec.file, stream, spec.byte_start,
+                                           spec.first_line, spec.first_record, columns):
+                yield record
+                count += 1
+                if count == spec.num_records:
+                    return
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise ManifestError(f"cannot read manifest file {spec.file}: {e}") from e
+    raise ManifestError(f"{spec.file} holds fewer records than planned for {spec.name} "
+                        f"({count} of {spec.num_records}): it changed since the run was planned")
+
+
+def manifest_fingerprint(files: list[str]) -> str:
+    """sha256 over each file's name, size and content digest, in order.
+
+    A resumed run compares it with the one stored beside its output and refuses a
+    changed manifest, whose shards would no longer mean the same records. Names are
+    base names, so a manifest moved to another folder keeps its fingerprint. The content
+    digest is the object's stored CRC32C / MD5 on gs:// (no download) and a sha256 of
+    the bytes for local files.
+    """
+    total = hashlib.sha256()
+    for path in files:
+        if storage.is_gcs(path):
+            bucket, _, name = path[len(storage.GCS_PREFIX):].partition("/")
+            blob = storage.gcs_client().bucket(bucket).get_blob(name)
+            if blob is None:
+                raise ManifestError(f"manifest file {path} does not exist")
+            size, digest = blob.size, f"crc32c:{blob.crc32c}:md5:{blob.md5_hash}"
+        else:
+            try:
+                size, content = os.path.getsize(path), hashlib.sha256()
+                with open(path, "rb") as f:
+                    for chunk in iter(lambda: f.read(_READ_BUFFER), b""):
+                        content.update(chunk)
+            except OSError as e:
+                raise ManifestError(f"cannot read manifest file {path}: {e}") from e
+            digest = content.hexdigest()
+        name = posixpath.basename(path) if storage.is_gcs(path) else os.path.basename(path)
+        total.update(json.dumps([name, size, digest]).encode() + b"\n")
+    return "sha256:" + total.hexdigest()
