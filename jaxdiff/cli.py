@@ -1,0 +1,119 @@
+"""The `jaxdiff` command.
+
+    jaxdiff render MANIFEST... --out DIR [options] [Beam pipeline options]
+
+Flags jaxdiff does not know are passed to Apache Beam as pipeline options
+(`--runner=DataflowRunner`, `--direct_num_workers=4`, ...). Exit status: 0 when every
+manifest id is accounted for (rendered or in failures/), 1 when some shards are not
+committed, 2 for a whole-run error (bad manifest path, unwritable output, conflicting run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+EXIT_OK, EXIT_INCOMPLETE, EXIT_ERROR = 0, 1, 2
+
+
+def _render_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "render", help="render every record of one or more manifests into image shards",
+        description="Render manifests into webdataset shards (tar + parquet + stats). Rerunning the same "
+                    "command resumes: complete shards are skipped. Unknown --flags go to Apache Beam.")
+    p.add_argument("manifests", nargs="+", metavar="MANIFEST",
+                   help="manifest files or glob patterns (.jsonl, .csv, .txt, .parquet; local or gs://)")
+    p.add_argument("--out", required=True, help="output folder, local or gs://bucket/prefix")
+    p.add_argument("--model", default=None, help="model name or diffusers folder (local or gs://); "
+                                                 "default: the shipped model")
+    p.add_argument("--upscaler", default=None, help="x4 upscaler folder, or 'none'; default: the model's own")
+    p.add_argument("--width", type=int, default=None, help="image width (default: the model's native size)")
+    p.add_argument("--height", type=int, default=None, help="image height (default: the model's native size)")
+    p.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
+    p.add_argument("--sampler", default="dpmpp_2m", help="ddim, dpmpp_2m, euler, euler_a, ddpm (default dpmpp_2m)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--seed", type=int, default=0, help="run seed; records without a seed derive theirs from it")
+    p.add_argument("--batch-size", type=int, default=8, help="samples per device batch (default 8)")
+    p.add_argument("--shard-size", type=int, default=1000, help="manifest records per shard (default 1000)")
+    p.add_argument("--format", dest="image_format", default="png", choices=["png", "jpg", "webp"],
+                   help="image format in the shards (default png)")
+    p.add_argument("--dtype", default=None, help="model dtype, e.g. bfloat16 or float32 (default: the engine's)")
+    p.add_argument("--keep-base", action="store_true", help="also store the base image before upscaling")
+    p.add_argument("--dry-run", action="store_true",
+                   help="skip the model: write deterministic placeholder images (checks manifests and output)")
+    p.add_argument("--dry-run-delay", type=float, default=0.0, metavar="SECONDS",
+                   help="with --dry-run, sleep this long per batch (to watch progress or try a resume)")
+    p.add_argument("--fresh", "--overwrite", dest="fresh", action="store_true",
+                   help="delete an earlier run's shards in --out and start over")
+    p.add_argument("--retry-failures", action="store_true",
+                   help="render again only the ids listed in failures/ of complete shards")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _split_beam_flags(argv: list[str], parser: argparse.ArgumentParser) -> tuple[list[str], list[str]]:
+    """Separates the flags our parser does not know (Beam's) from ours.
+
+    An unknown `--flag value` takes the next word as its value unless that starts with "-";
+    write boolean Beam flags after the manifests or as `--flag=true` forms Beam accepts.
+    """
+    known = {s for action in parser._actions for s in action.option_strings}
+    ours, beam_args, i = [], [], 0
+    while i < len(argv):
+        word = argv[i]
+        name = word.split("=", 1)[0]
+        if word.startswith("--") and name not in known and word != "--":
+            beam_args.append(word)
+            if "=" not in word and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+                beam_args.append(argv[i + 1])
+                i += 1
+        else:
+            ours.append(word)
+        i += 1
+    return ours, beam_args
+
+
+def render_command(args: argparse.Namespace, beam_args: list[str]) -> int:
+    from pipelines import job
+    from pipelines.manifest import ManifestError
+
+    try:
+        config = job.RenderConfig(
+            model=args.model, upscaler=args.upscaler, width=args.width, height=args.height, steps=args.steps,
+            sampler=args.sampler, guidance=args.guidance, seed=args.seed, image_format=args.image_format,
+            keep_base=args.keep_base, shard_size=args.shard_size, dtype=args.dtype, dry_run=args.dry_run,
+            batch_size=args.batch_size, dry_run_delay_s=args.dry_run_delay)
+        summary = job.run(args.manifests, args.out, config, beam_args=beam_args, fresh=args.fresh,
+                          retry_failures=args.retry_failures, progress=not args.no_progress)
+    except (ManifestError, job.RunConflict, job.JobError, OSError, ValueError) as e:
+        print(f"jaxdiff render: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as e:  # a failed pipeline: say what failed, keep the details in the log
+        logging.getLogger("jaxdiff").debug("render failed", exc_info=True)
+        print(f"jaxdiff render: error: the pipeline failed: {e.__class__.__name__}: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"jaxdiff render: {summary.text()}", file=sys.stderr)
+    return EXIT_OK if summary.complete else EXIT_INCOMPLETE
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="jaxdiff", description="Offline latent-diffusion rendering in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    render = _render_parser(sub)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    beam_args: list[str] = []
+    if argv and argv[0] == "render":
+        ours, beam_args = _split_beam_flags(argv[1:], render)
+        argv = ["render"] + ours
+    args = parser.parse_args(argv)
+    # Beam logs every bundle at INFO; the progress bar and summary say what matters.
+    logging.basicConfig(level=logging.WARNING)
+    if args.command == "render":
+        return render_command(args, beam_args)
+    parser.error(f"unknown command {args.command}")
+    return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,492 @@
+"""The render job: manifests in, committed shards out, resumable, every id accounted for.
+
+    expand patterns -> plan shards (stable names) -> drop complete shards -> Reshuffle
+    -> RenderShardFn: read the shard's slice, make Samples, render in fixed-size batches,
+       write tar + parquet + failures, then the stats marker
+
+The driver writes `run.json` before the pipeline starts and `index.json` after it ends,
+and watches committed stats files for the progress bar. A `renderer_factory` (a
+picklable callable returning an object with `batch_size`, `render_samples(samples)` and
+`describe()`) is the only coupling to the engine.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import json
+import platform
+import sys
+import threading
+import time
+from typing import Any, Callable, Iterable
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.utils import shared
+
+import jaxdiff
+from jaxdiff import storage
+from jaxdiff.engine.sample import Sample
+from pipelines import dry_run, manifest, shards
+
+LOCAL_RUNNERS = ("FnApiRunner", "DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner")
+DRY_RUN_SIZE = 64  # a dry run's image side when --width / --height are not given
+RUN_FILE = "run.json"
+INDEX_FILE = "index.json"
+
+
+class RunConflict(RuntimeError):
+    """The output folder holds a run made from another manifest or with other settings."""
+
+
+class JobError(RuntimeError):
+    """A whole-run problem (not one bad record): named, with the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RenderConfig:
+    """Run-wide settings. All but batch_size and dry_run_delay_s decide the images."""
+
+    model: str | None = None          # None: the shipped default model
+    upscaler: str | None = None       # None: the model's own upscaler; "none": no upscaling
+    width: int | None = None          # None: the model's native size
+    height: int | None = None
+    steps: int = 25
+    sampler: str = "dpmpp_2m"
+    guidance: float = 7.5
+    seed: int = 0
+    image_format: str = "png"
+    keep_base: bool = False
+    shard_size: int = 1000
+    dtype: str | None = None
+    dry_run: bool = False
+    batch_size: int = 8
+    dry_run_delay_s: float = 0.0
+
+    def __post_init__(self):
+        if self.image_format not in shards.FORMATS:
+            raise ValueError(f"unsupported --format {self.image_format!r}: use one of {', '.join(shards.FORMATS)}")
+        for name in ("steps", "shard_size", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name} must be >= 1, got {value}")
+
+    def identity(self) -> dict:
+        """The settings a resumed run must share with the run that wrote the output."""
+        out = dataclasses.asdict(self)
+        # Invariant: an image does not depend on batch size; the delay only slows a dry run.
+        del out["batch_size"], out["dry_run_delay_s"]
+        return out
+
+    def settings(self) -> dict:
+        """Run-wide render defaults, as the engine's RenderSettings names them."""
+        return {"width": self.width, "height": self.height, "steps": self.steps, "sampler": self.sampler,
+                "guidance": self.guidance, "seed": self.seed, "keep_base": self.keep_base}
+
+
+@dataclasses.dataclass(frozen=True)
+class RendererFactory:
+    """Builds the renderer in a worker: the engine, or the dry-run renderer."""
+
+    config: RenderConfig
+
+    def __call__(self):
+        c = self.config
+        if c.dry_run:
+            return dry_run.DryRunRenderer(c.batch_size, width=c.width or DRY_RUN_SIZE,
+                                          height=c.height or DRY_RUN_SIZE, steps=c.steps,
+                                          guidance=c.guidance, sampler=c.sampler, seed=c.seed,
+                                          delay_s=c.dry_run_delay_s)
+        from jaxdiff.engine import load_pipeline
+
+        return load_pipeline(c.model, c.upscaler, dtype=c.dtype, batch_size=c.batch_size, **c.settings())
+
+
+def manifest_defaults(config: RenderConfig) -> manifest.RenderDefaults:
+    """The run's defaults and limits for manifest records."""
+    values = {"steps": config.steps, "guidance": config.guidance, "seed": config.seed}
+    if config.width is not None:
+        values["width"] = config.width
+    if config.height is not None:
+        values["height"] = config.height
+    if config.sampler in manifest.RenderDefaults.samplers:
+        values["sampler"] = config.sampler
+    if config.dry_run:
+        # The dry run draws any multiple of 8, so tiny images can test a huge manifest.
+        values.update(size_multiple=dry_run.SIZE_MULTIPLE, max_side=dry_run.MAX_SIDE,
+                      width=config.width or DRY_RUN_SIZE, height=config.height or DRY_RUN_SIZE)
+    try:
+        return manifest.RenderDefaults(**values)
+    except ValueError as e:
+        raise ValueError(f"invalid render settings: {e}") from e
+
+
+# ---- one shard ----------------------------------------------------------------------------
+
+def _shape_key(sample: Sample) -> tuple:
+    """What fixes a compiled program: samples sharing it fill one batch."""
+    return (sample.width, sample.height, sample.steps, sample.sampler, sample.mode)
+
+
+class _Writes:
+    """Runs shard writes in order on one thread, at most `depth` behind the renders."""
+
+    def __init__(self, pool: concurrent.futures.Executor, depth: int = 2):
+        self._pool, self._depth = pool, depth
+        self._futures: collections.deque = collections.deque()
+
+    def submit(self, fn: Callable, *args) -> None:
+        self._futures.append(self._pool.submit(fn, *args))
+        while len(self._futures) > self._depth:
+            self._futures.popleft().result()
+
+    def drain(self) -> None:
+        while self._futures:
+            self._futures.popleft().result()
+
+
+def _failure(raw, reason: str, stage: str, sample_id: str) -> dict:
+    return manifest.Failure(id=sample_id, source=raw.source, line=raw.line, reason=reason, stage=stage,
+                            record=raw.text if raw.text is not None else raw.fields).to_json()
+
+
+def render_shard(spec, out: str, renderer, defaults, *, model_info: dict, image_format: str = "png",
+                 keep_base: bool = False, retry_failures: bool = False,
+                 pool: concurrent.futures.Executor | None = None) -> dict:
+    """Renders one shard and commits it; returns its stats. Raises on a whole-shard error."""
+    paths = shards.shard_paths(out, spec.name)
+    retry_lines: set[tuple[str, int]] | None = None
+    writer = shards.ShardWriter(out, spec.name, image_format=image_format, keep_base=keep_base, model=model_info)
+    own_pool = pool is None
+    pool = pool or concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
+    writes = _Writes(pool)
+    try:
+        rendered_ids: set[str] = set()
+        if retry_failures and storage.exists(paths["stats"]):
+            failures = shards.read_failures(out, spec.name)
+            if not failures:
+                writer.abort()
+                return shards.read_stats(out, spec.name)
+            retry_lines = {(f["source"], f["line"]) for f in failures}
+            rendered_ids = writer.copy_committed()
+
+        buckets: dict[tuple, list] = {}
+
+        def render(batch: list) -> None:
+            results = renderer.render_samples([sample for _, _, sample in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"renderer returned {len(results)} results for {len(batch)} samples")
+            writes.submit(_write_batch, writer, batch, results)
+
+        for raw in manifest.read_shard(spec):
+            if retry_lines is not None and (raw.source, raw.line) not in retry_lines:
+                continue
+            position = raw.index - spec.first_record
+            result = manifest.to_samples(raw, defaults)
+            if isinstance(result, manifest.Failure):
+                writes.submit(writer.add_failure, result.to_json())
+                continue
+            for j, sample in enumerate(result):
+                if sample.id in rendered_ids:
+                    continue
+                key = f"{spec.index:05d}_{position:06d}" + (f"_{j}" if j else "")
+                bucket = buckets.setdefault(_shape_key(sample), [])
+                bucket.append((key, raw, sample))
+                if len(bucket) == renderer.batch_size:
+                    render(bucket)
+                    buckets[_shape_key(sample)] = []
+        for bucket in buckets.values():
+            if bucket:
+                render(bucket)
+        writes.drain()
+        return writer.commit()
+    except BaseException:
+        try:
+            writes.drain()
+        except Exception:
+            pass
+        writer.abort()
+        raise
+    finally:
+        if own_pool:
+            pool.shutdown()
+
+
+def _write_batch(writer: shards.ShardWriter, batch: list, results: list) -> None:
+    for (key, raw, sample), result in zip(batch, results):
+        if result.error or result.image is None:
+            writer.add_failure(_failure(raw, result.error or "renderer returned no image", "render", sample.id))
+        else:
+            writer.add(key, sample, result)
+
+
+class RenderShardFn(beam.DoFn):
+    """Renders whole shards; the renderer loads once per worker process and is shared by its threads."""
+
+    def __init__(self, out: str, renderer_factory: Callable, defaults, *, image_format: str, keep_base: bool,
+                 retry_failures: bool, shared_handle: shared.Shared):
+        self._out, self._factory, self._defaults = out, renderer_factory, defaults
+        self._image_format, self._keep_base, self._retry = image_format, keep_base, retry_failures
+        self._shared = shared_handle
+        self._rendered = beam.metrics.Metrics.counter("jaxdiff", "rendered")
+        self._failed = beam.metrics.Metrics.counter("jaxdiff", "failed")
+
+    def setup(self):
+        self._renderer = self._shared.acquire(self._factory)
+        self._model_info = self._renderer.describe()
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
+
+    def process(self, spec):
+        stats = render_shard(spec, self._out, self._renderer, self._defaults, model_info=self._model_info,
+                             image_format=self._image_format, keep_base=self._keep_base,
+                             retry_failures=self._retry, pool=self._pool)
+        self._rendered.inc(stats["rendered"])
+        self._failed.inc(stats["failed"])
+        yield stats
+
+    def teardown(self):
+        if getattr(self, "_pool", None):
+            self._pool.shutdown()
+
+
+# ---- run records --------------------------------------------------------------------------
+
+def _versions() -> dict:
+    versions = {"jaxdiff": jaxdiff.__version__, "apache_beam": beam.__version__, "python": platform.python_version()}
+    for name in ("jax", "flax", "numpy"):
+        module = sys.modules.get(name)
+        if module is not None:
+            versions[name] = getattr(module, "__version__", "?")
+    return versions
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def check_existing_run(out: str, fingerprint: str, config: RenderConfig) -> dict | None:
+    """The existing run.json, or None; RunConflict when it was made from other inputs."""
+    path = storage.join(out, RUN_FILE)
+    if not storage.exists(path):
+        return None
+    existing = json.loads(storage.read_text(path))
+    problems = []
+    if existing.get("manifest", {}).get("fingerprint") != fingerprint:
+        problems.append("from a different manifest (its fingerprint changed)")
+    diffs = _differences(existing.get("config", {}), config.identity())
+    if diffs:
+        problems.append("with different settings (" + "; ".join(diffs) + ")")
+    if problems:
+        raise RunConflict(
+            f"{out} holds a run made {' and '.join(problems)}. To resume it, rerun with its manifest and "
+            f"settings; to start over in this folder and delete its shards, pass --fresh; or choose another --out.")
+    return existing
+
+
+def clear_output(out: str) -> None:
+    """Deletes what a run wrote to `out` (markers first, so nothing half-deleted looks complete)."""
+    names = shards.list_files(out)
+    owned = [n for n in names if n.startswith("shard-") or n in (RUN_FILE, INDEX_FILE)]
+    for name in sorted(owned, key=lambda n: not n.endswith(shards.STATS_SUFFIX)):
+        shards.delete(storage.join(out, name))
+    failures = storage.join(out, shards.FAILURES_DIR)
+    for name in shards.list_files(failures):
+        shards.delete(storage.join(failures, name))
+
+
+def write_index(out: str, specs: list) -> dict:
+    """index.json: every shard with counts and checksums, readable by webdataset's `wids`."""
+    entries, rendered, failed = [], 0, 0
+    for spec in specs:
+        stats = shards.read_stats(out, spec.name)
+        rendered += stats["rendered"]
+        failed += stats["failed"]
+        entries.append({"url": stats["tar"], "nsamples": stats["rendered"], "failed": stats["failed"],
+                        "filesize": stats["tar_bytes"], "sha256": stats["tar_sha256"],
+                        "parquet": spec.name + ".parquet"})
+    index = {
+        "wids_version": 1,
+        "name": "jaxdiff render",
+        # wids cannot index an empty tar: shards whose every sample failed stay in "shards" only.
+        "shardlist": [{"url": e["url"], "nsamples": e["nsamples"]} for e in entries if e["nsamples"]],
+        "shards": entries,
+        "rendered": rendered,
+        "failed": failed,
+    }
+    shards.write_json(storage.join(out, INDEX_FILE), index)
+    return index
+
+
+# ---- progress -----------------------------------------------------------------------------
+
+class ProgressWatcher(threading.Thread):
+    """Polls the output for new stats markers and drives a tqdm bar (shards, images/s, ETA)."""
+
+    def __init__(self, out: str, names: Iterable[str], *, interval_s: float = 1.0, enabled: bool = True):
+        super().__init__(daemon=True, name="jaxdiff-progress")
+        self._out, self._pending, self._interval = out, set(names), interval_s
+        self._stopping = threading.Event()
+        self._enabled = enabled
+        self.images = 0
+        self._t0 = time.time()
+
+    def run(self):
+        from tqdm import tqdm
+
+        with tqdm(total=len(self._pending), unit="shard", disable=not self._enabled, file=sys.stderr,
+                  dynamic_ncols=True) as bar:
+            while True:
+                stopping = self._stopping.wait(self._interval)
+                try:
+                    done = shards.complete_shards(self._out) & self._pending
+                except Exception:  # a transient listing error must not end the run
+                    done = set()
+                for name in done:
+                    try:
+                        self.images += shards.read_stats(self._out, name)["samples"]
+                    except Exception:
+                        continue
+                    self._pending.discard(name)
+                    bar.update(1)
+                rate = self.images / max(time.time() - self._t0, 1e-9)
+                bar.set_postfix(images=self.images, img_s=f"{rate:.1f}", refresh=False)
+                if stopping:
+                    break
+
+    def stop(self):
+        self._stopping.set()
+        self.join()
+
+
+# ---- the whole run ------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Summary:
+    rendered: int             # in the whole output, this run and earlier ones
+    failed: int
+    processed_now: int        # samples this run rendered or recorded as failed
+    shards: int
+    rendered_shards: int
+    skipped_shards: int
+    missing_shards: list[str]
+    seconds: float
+
+    @property
+    def complete(self) -> bool:
+        """Every id accounted for: each planned shard has its commit marker."""
+        return not self.missing_shards
+
+    @property
+    def images_per_s(self) -> float:
+        return self.processed_now / max(self.seconds, 1e-9)
+
+    def text(self) -> str:
+        line = (f"rendered {self.rendered}, failed {self.failed} (see failures/), shards {self.shards} "
+                f"({self.rendered_shards} rendered now, {self.skipped_shards} already complete), "
+                f"{self.seconds:.1f} s, {self.images_per_s:.1f} images/s")
+        if self.missing_shards:
+            line += f"; INCOMPLETE: {len(self.missing_shards)} shards not committed (rerun the same command)"
+        return line
+
+
+def pipeline_options(beam_args: list[str]) -> PipelineOptions:
+    """Beam options from pass-through flags; locally FnApiRunner (never Prism: it downloads a binary)."""
+    options = PipelineOptions(list(beam_args))
+    standard = options.view_as(StandardOptions)
+    if not standard.runner:
+        standard.runner = "FnApiRunner"
+    return options
+
+
+def build_pipeline(options: PipelineOptions, specs: list, out: str, renderer_factory: Callable, defaults,
+                   config: RenderConfig, *, retry_failures: bool = False,
+                   shared_handle: shared.Shared | None = None) -> beam.Pipeline:
+    """The job graph (nothing runs until `.run()`)."""
+    pipeline = beam.Pipeline(options=options)
+    _ = (
+        pipeline
+        | "PlannedShards" >> beam.Create(specs, reshuffle=False)
+        # Spread shards over workers; a shard's samples stay together on one worker.
+        | "SpreadShards" >> beam.Reshuffle()
+        | "RenderShards" >> beam.ParDo(RenderShardFn(
+            out, renderer_factory, defaults, image_format=config.image_format, keep_base=config.keep_base,
+            retry_failures=retry_failures, shared_handle=shared_handle or shared.Shared()))
+    )
+    return pipeline
+
+
+def _is_local(options: PipelineOptions) -> bool:
+    runner = options.view_as(StandardOptions).runner
+    return isinstance(runner, str) and runner.split(".")[-1] in LOCAL_RUNNERS
+
+
+def run(manifests: list[str], out: str, config: RenderConfig, *, beam_args: Iterable[str] = (),
+        renderer_factory: Callable | None = None, fresh: bool = False, retry_failures: bool = False,
+        progress: bool = True) -> Summary:
+    """Renders every record of `manifests` into shards under `out`; returns the run's summary.
+
+    Raises manifest.ManifestError, RunConflict or JobError for whole-run problems.
+    """
+    started = time.time()
+    out = str(out).rstrip("/") if storage.is_gcs(str(out)) else str(out)
+    files = manifest.expand_patterns(list(manifests))
+    shards.check_writable(out)
+    fingerprint = manifest.manifest_fingerprint(files)
+    if fresh:
+        clear_output(out)
+    check_existing_run(out, fingerprint, config)
+
+    specs = manifest.plan_shards(files, config.shard_size)
+    done = shards.complete_shards(out)
+    pending = [s for s in specs if s.name not in done]
+    if retry_failures:
+        pending += [s for s in specs if s.name in done and shards.read_stats(out, s.name)["failed"]]
+    skipped = len(specs) - len(pending)
+
+    options = pipeline_options(list(beam_args))
+    renderer_factory = renderer_factory or RendererFactory(config)
+    local = _is_local(options)
+    model_info = {"model": config.model, "upscaler": config.upscaler}
+    handle = shared.Shared()
+    renderer = None
+    if local:
+        # Loaded once: an in-process runner's workers acquire this same object through
+        # `handle`; and a bad model path fails here, before any worker starts.
+        renderer = handle.acquire(renderer_factory)
+        model_info = renderer.describe()
+    shards.write_json(storage.join(out, RUN_FILE), {
+        "config": config.identity(),
+        "batch_size": config.batch_size,
+        "manifest": {"files": files, "fingerprint": fingerprint, "shards": len(specs)},
+        "model": model_info,
+        "versions": _versions(),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "runner": str(options.view_as(StandardOptions).runner),
+    })
+
+    if pending:
+        pipeline = build_pipeline(options, pending, out, renderer_factory, manifest_defaults(config), config,
+                                  retry_failures=retry_failures, shared_handle=handle)
+        watcher = ProgressWatcher(out, [s.name for s in pending], enabled=progress)
+        watcher.start()
+        try:
+            result = pipeline.run()
+            result.wait_until_finish()
+        finally:
+            watcher.stop()
+
+    del renderer  # the shared map keeps it no longer than needed
+    done = shards.complete_shards(out)
+    committed = [s for s in specs if s.name in done]
+    index = write_index(out, committed)
+    processed_now = sum(e["nsamples"] + e["failed"] for e in index["shards"]
+                        if e["url"] in {s.name + ".tar" for s in pending})
+    return Summary(
+        rendered=index["rendered"], failed=index["failed"], processed_now=processed_now, shards=len(specs),
+        rendered_shards=len(pending), skipped_shards=skipped,
+        missing_shards=[s.name for s in specs if s.name not in done], seconds=time.time() - started)

@@ -1,0 +1,298 @@
+"""Writing one output shard, and telling which shards are already complete.
+
+A shard `shard-NNNNN` is four files under the output folder:
+
+    shard-NNNNN.tar            webdataset: {key}.png|jpg|webp, {key}.json, {key}.txt, [{key}.base.png]
+    shard-NNNNN.parquet        one row per rendered sample
+    failures/shard-NNNNN.jsonl one line per id that could not be rendered (maybe empty)
+    shard-NNNNN.stats.json     the commit marker: counts, bytes, sha256 of the tar; written LAST
+
+Each file is built in a local temporary file and then moved into place in one step
+(os.replace locally; one object upload on GCS), so a shard killed midway never has a
+stats file, and a rerun overwrites identical content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from jaxdiff import storage
+from jaxdiff.engine.sample import Rendered, Sample
+
+FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
+FAILURES_DIR = "failures"
+STATS_SUFFIX = ".stats.json"
+
+
+# ---- output files: local paths and gs:// through one small set of writes -----------------
+
+def _put_file(local_path: str, dest: str) -> None:
+    """Moves a finished local file to `dest` in one step."""
+    if storage.is_gcs(dest):
+        bucket, name = dest[len(storage.GCS_PREFIX):].split("/", 1)
+        storage.gcs_client().bucket(bucket).blob(name).upload_from_filename(local_path)
+        os.unlink(local_path)
+    else:
+        os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+        os.replace(local_path, dest)
+
+
+def _local_temp(dest: str) -> str:
+    """A temporary file on the same filesystem as `dest` (so os.replace is atomic)."""
+    folder = tempfile.gettempdir() if storage.is_gcs(dest) else (os.path.dirname(dest) or ".")
+    os.makedirs(folder, exist_ok=True)
+    fd, path = tempfile.mkstemp(prefix="." + os.path.basename(dest) + ".", suffix=".partial", dir=folder)
+    os.close(fd)
+    return path
+
+
+def write_bytes(dest: str, data: bytes) -> None:
+    tmp = _local_temp(dest)
+    with open(tmp, "wb") as f:
+        f.write(data)
+    _put_file(tmp, dest)
+
+
+def write_json(dest: str, value: Any) -> None:
+    write_bytes(dest, (json.dumps(value, indent=1, sort_keys=True, default=str) + "\n").encode())
+
+
+def delete(path: str) -> None:
+    """Removes one file if it exists."""
+    if storage.is_gcs(path):
+        from google.api_core.exceptions import NotFound
+
+        bucket, name = path[len(storage.GCS_PREFIX):].split("/", 1)
+        try:
+            storage.gcs_client().bucket(bucket).blob(name).delete()
+        except NotFound:
+            pass
+    elif os.path.exists(path):
+        os.unlink(path)
+
+
+def list_files(folder: str) -> list[str]:
+    """Names of the files directly in `folder`; empty when it does not exist."""
+    if not storage.is_gcs(folder) and not os.path.isdir(folder):
+        return []
+    return storage.list_dir(folder)
+
+
+def check_writable(out: str) -> None:
+    """Fails early, naming `out`, when the output folder cannot be written."""
+    probe = storage.join(out, ".jaxdiff-write-check")
+    try:
+        write_bytes(probe, b"ok\n")
+        delete(probe)
+    except Exception as e:
+        raise OSError(f"cannot write to the output folder {out!r} ({e.__class__.__name__}: {e}); "
+                      "pass an --out that exists or can be created, with write permission") from e
+
+
+# ---- paths and completion ---------------------------------------------------------------
+
+def shard_paths(out: str, name: str) -> dict[str, str]:
+    return {
+        "tar": storage.join(out, name + ".tar"),
+        "parquet": storage.join(out, name + ".parquet"),
+        "failures": storage.join(out, FAILURES_DIR, name + ".jsonl"),
+        "stats": storage.join(out, name + STATS_SUFFIX),
+    }
+
+
+def complete_shards(out: str) -> set[str]:
+    """Names of the shards whose commit marker exists (one listing, not one probe per shard)."""
+    return {n[: -len(STATS_SUFFIX)] for n in list_files(out) if n.endswith(STATS_SUFFIX)}
+
+
+def read_stats(out: str, name: str) -> dict:
+    return json.loads(storage.read_text(shard_paths(out, name)["stats"]))
+
+
+def read_failures(out: str, name: str) -> list[dict]:
+    path = shard_paths(out, name)["failures"]
+    if not storage.exists(path):
+        return []
+    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
+
+
+# ---- encoding ---------------------------------------------------------------------------
+
+def encode_image(image: np.ndarray, image_format: str) -> bytes:
+    if image_format not in FORMATS:
+        raise ValueError(f"unsupported image format {image_format!r}: use one of {sorted(FORMATS)}")
+    buffer = io.BytesIO()
+    options = {"quality": 95} if image_format in ("jpg", "webp") else {}
+    Image.fromarray(np.asarray(image, np.uint8)).save(buffer, format=FORMATS[image_format], **options)
+    return buffer.getvalue()
+
+
+def image_metadata(sample: Sample, rendered: Rendered, model: dict) -> dict:
+    """What the shard's {key}.json says about one image: enough to reproduce it."""
+    meta = {
+        "id": sample.id,
+        "prompt": sample.prompt,
+        "negative_prompt": sample.negative_prompt,
+        "mode": sample.mode,
+        "strength": sample.strength,
+        "model": model,
+        "manifest": dict(sample.metadata),
+    }
+    meta.update(rendered.metadata)  # seed, sampler, steps, guidance, sizes, timings as rendered
+    return meta
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0  # identical content on a rerun gives an identical tar
+    info.mode = 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+class ShardWriter:
+    """Streams one shard's images into a local tar; `commit()` moves everything into place.
+
+    Memory stays flat: encoded images go straight to the tar file on disk, and only the
+    parquet rows (a few hundred bytes per sample) are held until commit.
+    """
+
+    def __init__(self, out: str, name: str, *, image_format: str = "png", keep_base: bool = False,
+                 model: dict | None = None):
+        if image_format not in FORMATS:
+            raise ValueError(f"unsupported image format {image_format!r}: use one of {sorted(FORMATS)}")
+        self.out, self.name, self.paths = out, name, shard_paths(out, name)
+        self.image_format, self.keep_base, self.model = image_format, keep_base, model or {}
+        self._tar_path = _local_temp(self.paths["tar"])
+        self._tar = tarfile.open(self._tar_path, "w", format=tarfile.USTAR_FORMAT)
+        self._rows: list[dict] = []
+        self._failures: list[str] = []
+        self._replaces_committed = False
+        self._started = time.time()
+
+    def add(self, key: str, sample: Sample, rendered: Rendered) -> None:
+        meta = image_metadata(sample, rendered, self.model)
+        image = encode_image(rendered.image, self.image_format)
+        _add_member(self._tar, f"{key}.{self.image_format}", image)
+        _add_member(self._tar, f"{key}.json", json.dumps(meta, sort_keys=True, default=str).encode())
+        _add_member(self._tar, f"{key}.txt", sample.prompt.encode())
+        if self.keep_base and rendered.base_image is not None:
+            _add_member(self._tar, f"{key}.base.png", encode_image(rendered.base_image, "png"))
+        self._rows.append({
+            "key": key,
+            "id": sample.id,
+            "prompt": sample.prompt,
+            "negative_prompt": sample.negative_prompt,
+            "mode": sample.mode,
+            "seed": meta.get("seed"),
+            "width": meta.get("width"),
+            "height": meta.get("height"),
+            "steps": meta.get("steps"),
+            "guidance": meta.get("guidance"),
+            "sampler": meta.get("sampler"),
+            "format": self.image_format,
+            "image_bytes": len(image),
+            "image_sha256": hashlib.sha256(image).hexdigest(),
+            "metadata": json.dumps(meta["manifest"], sort_keys=True, default=str),
+        })
+
+    def add_failure(self, failure: dict) -> None:
+        """One failures/ line: a manifest.Failure's to_json()."""
+        self._failures.append(json.dumps(failure, sort_keys=True, default=str))
+
+    def copy_committed(self) -> set[str]:
+        """Starts from this shard's committed tar and parquet (for --retry-failures); returns their ids."""
+        self._replaces_committed = True
+        table = pq.read_table(io.BytesIO(storage.read_bytes(self.paths["parquet"])))
+        self._rows.extend(table.to_pylist())
+        keep_keys = {row["key"] for row in self._rows}
+        local = _local_temp(self.paths["tar"])
+        try:
+            storage.download(self.paths["tar"], local)
+            with tarfile.open(local) as old:
+                for member in old:
+                    if member.name.split(".", 1)[0] in keep_keys:
+                        _add_member(self._tar, member.name, old.extractfile(member).read())
+        finally:
+            os.unlink(local)
+        return {row["id"] for row in self._rows}
+
+    @property
+    def rendered(self) -> int:
+        return len(self._rows)
+
+    @property
+    def failed(self) -> int:
+        return len(self._failures)
+
+    def commit(self) -> dict:
+        """Moves tar, parquet and failures into place, then writes the stats marker."""
+        self._tar.close()
+        if self._replaces_committed:
+            # Withdraw the marker before touching the files it vouches for: a crash from
+            # here on leaves an incomplete shard, which the next run renders afresh.
+            delete(self.paths["stats"])
+        tar_bytes = os.path.getsize(self._tar_path)
+        digest = hashlib.sha256()
+        with open(self._tar_path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        _put_file(self._tar_path, self.paths["tar"])
+
+        parquet = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(self._rows, schema=PARQUET_SCHEMA), parquet)
+        write_bytes(self.paths["parquet"], parquet.getvalue())
+        write_bytes(self.paths["failures"], "".join(line + "\n" for line in self._failures).encode())
+
+        stats = {
+            "shard": self.name,
+            "rendered": self.rendered,
+            "failed": self.failed,
+            "samples": self.rendered + self.failed,
+            "tar": os.path.basename(self.paths["tar"]),
+            "tar_bytes": tar_bytes,
+            "tar_sha256": digest.hexdigest(),
+            "parquet_bytes": len(parquet.getvalue()),
+            "seconds": round(time.time() - self._started, 3),
+            "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        write_json(self.paths["stats"], stats)
+        return stats
+
+    def abort(self) -> None:
+        """Drops the local temporary tar (the shard stays incomplete)."""
+        self._tar.close()
+        if os.path.exists(self._tar_path):
+            os.unlink(self._tar_path)
+
+
+PARQUET_SCHEMA = pa.schema([
+    ("key", pa.string()),
+    ("id", pa.string()),
+    ("prompt", pa.string()),
+    ("negative_prompt", pa.string()),
+    ("mode", pa.string()),
+    ("seed", pa.int64()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("steps", pa.int32()),
+    ("guidance", pa.float32()),
+    ("sampler", pa.string()),
+    ("format", pa.string()),
+    ("image_bytes", pa.int64()),
+    ("image_sha256", pa.string()),
+    ("metadata", pa.string()),
+])
