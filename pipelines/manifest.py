@@ -19,11 +19,11 @@ Record fields (anything else passes through into Sample.metadata):
                    file's folder. PNG, JPEG or WebP.
   outpaint         pixels added at [left, top, right, bottom]: a list, an object with those
                    keys, or "l,t,r,b" text (CSV)
-  sampler          one of RenderDefaults.samplers; kept in Sample.metadata["sampler"] since
-                   the sampler fixes the compiled program and is chosen per batch group
+  sampler          one of RenderDefaults.samplers (the engine's sampler names)
 
 Fields the record leaves out take the run's RenderDefaults, filled in here, so every
 Sample says exactly what it will render (strength only for the modes that use it).
+The sampler is the exception: left None, the engine uses the run's own sampler.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class RenderDefaults:
     height: int = 512
     steps: int = 25
     guidance: float = 7.5
-    sampler: str = "dpmpp"
+    sampler: str = "dpmpp_2m"
     seed: int = 0                      # the run seed
     negative_prompt: str = ""
     num_images: int = 1
@@ -90,7 +90,8 @@ class RenderDefaults:
     max_guidance: float = 50.0
     max_num_images: int = 64
     max_image_side: int = 8192         # init images / masks larger than this are refused
-    samplers: tuple[str, ...] = ("ddim", "dpmpp", "euler")
+    # jaxdiff.samplers.SAMPLER_NAMES, spelled out so reading manifests needs no JAX.
+    samplers: tuple[str, ...] = ("ddim", "dpmpp_2m", "euler", "euler_a", "ddpm")
 
     def __post_init__(self):
         def bad(name, rule):
@@ -287,8 +288,12 @@ def _image_uri(name: str, value, source: str) -> str:
         raise _Invalid(f"{name} {uri!r}: only local paths and gs:// URLs are supported")
     # Relative to the manifest's folder, so a manifest travels with its images.
     if storage.is_gcs(source):
-        return posixpath.join(posixpath.dirname(source), uri)
-    return os.path.join(os.path.dirname(source), uri)
+        bucket, _, folder = source[len(storage.GCS_PREFIX):].partition("/")
+        obj = posixpath.normpath(posixpath.join(posixpath.dirname(folder), uri))
+        if obj == ".." or obj.startswith("../"):
+            raise _Invalid(f"{name} {uri!r} points above the bucket gs://{bucket}")
+        return f"{storage.GCS_PREFIX}{bucket}/{obj}"
+    return os.path.normpath(os.path.join(os.path.dirname(source), uri))
 
 
 def _options(fields: dict[str, Any], defaults: RenderDefaults, source: str) -> dict[str, Any]:
@@ -343,15 +348,15 @@ def _options(fields: dict[str, Any], defaults: RenderDefaults, source: str) -> d
     if outpaint is not None and mode != "outpaint":
         raise _Invalid(f"outpaint given but mode is {mode}: set mode to outpaint")
 
-    metadata = {k: v for k, v in fields.items() if k not in KNOWN_FIELDS}
+    sampler = None
     if "sampler" in fields:
         sampler = _text("sampler", fields["sampler"]).strip().lower()
         if sampler not in defaults.samplers:
             raise _Invalid(f"unknown sampler {fields['sampler']!r}: use one of {', '.join(defaults.samplers)}")
-        metadata["sampler"] = sampler
+    metadata = {k: v for k, v in fields.items() if k not in KNOWN_FIELDS}
 
     return dict(prompt=prompt, negative_prompt=negative, seed=seed, guidance=guidance, steps=steps,
-                width=width, height=height, mode=mode, strength=strength, outpaint=outpaint,
+                sampler=sampler, width=width, height=height, mode=mode, strength=strength, outpaint=outpaint,
                 metadata=metadata, num_images=num_images, init_uri=init_uri, mask_uri=mask_uri)
 
 
@@ -390,8 +395,8 @@ def to_samples(raw: RawRecord, defaults: RenderDefaults) -> list[Sample] | Failu
                        "input-image")
 
     seed, num_images = options["seed"], options["num_images"]
-    kept = {k: options[k] for k in ("prompt", "negative_prompt", "guidance", "steps", "width", "height",
-                                    "mode", "strength", "outpaint")}
+    kept = {k: options[k] for k in ("prompt", "negative_prompt", "guidance", "steps", "sampler", "width",
+                                    "height", "mode", "strength", "outpaint")}
     samples = []
     for k in range(num_images):
         variant_id = sample_id if k == 0 else f"{sample_id}_{k}"

@@ -1,0 +1,423 @@
+"""Prompt manifests: formats, globs, gs://, shard plans, validation failures, init images."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from jaxdiff.engine.sample import derive_seed
+from pipelines.manifest import (
+    Failure,
+    ManifestError,
+    RenderDefaults,
+    expand_patterns,
+    load_image,
+    load_mask,
+    manifest_fingerprint,
+    plan_shards,
+    read_shard,
+    to_samples,
+)
+
+DEFAULTS = RenderDefaults(width=128, height=64, steps=3, guidance=5.0, seed=11)
+PROMPTS = ["a red circle", "two blue squares, left", 'a "quoted" star', "ünïcode triangle", "a green ring"]
+
+
+def _write_jsonl(path, records, blank_every=0):
+    with open(path, "w", encoding="utf-8") as f:
+        for i, record in enumerate(records):
+            if blank_every and i % blank_every == 0:
+                f.write("\n")
+            f.write((record if isinstance(record, str) else json.dumps(record)) + "\n")
+    return str(path)
+
+
+def _write_csv(path, header, rows):
+    import csv
+
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return str(path)
+
+
+def _read_all(files, shard_size):
+    return [record for shard in plan_shards(files, shard_size) for record in read_shard(shard)]
+
+
+def _samples(record, defaults=DEFAULTS):
+    out = to_samples(record, defaults)
+    assert isinstance(out, list), out
+    return out
+
+
+def _png_bytes(array, fmt="PNG"):
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+    return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------- formats
+
+
+def test_all_formats_give_the_same_records(tmp_path):
+    jsonl = _write_jsonl(tmp_path / "p.jsonl", [{"prompt": p} for p in PROMPTS], blank_every=2)
+    csv_path = _write_csv(tmp_path / "p.csv", ["prompt"], [[p] for p in PROMPTS])
+    txt = tmp_path / "p.txt"
+    txt.write_text("\n".join(PROMPTS[:2]) + "\n\n  \n" + "\n".join(PROMPTS[2:]), encoding="utf-8")  # no final newline
+    parquet = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt": PROMPTS}), parquet, row_group_size=2)
+    gz = tmp_path / "p.jsonl.gz"
+    gz.write_bytes(gzip.compress(open(jsonl, "rb").read()))
+    csv_gz = tmp_path / "p.csv.gz"
+    csv_gz.write_bytes(gzip.compress(open(csv_path, "rb").read()))
+
+    for path in (jsonl, csv_path, str(txt), str(parquet), str(gz), str(csv_gz)):
+        records = _read_all([path], 2)
+        assert [r.fields["prompt"] for r in records] == PROMPTS, path
+        assert [r.index for r in records] == list(range(5)), path
+        assert all(r.error is None for r in records)
+    # Lines are physical lines: blank lines in JSONL / text shift them, the CSV header is line 1.
+    assert [r.line for r in _read_all([jsonl], 2)] == [2, 3, 5, 6, 8]
+    assert [r.line for r in _read_all([str(txt)], 2)] == [1, 2, 5, 6, 7]
+    assert [r.line for r in _read_all([csv_path], 2)] == [2, 3, 4, 5, 6]
+    assert [r.line for r in _read_all([str(parquet)], 2)] == [1, 2, 3, 4, 5]
+
+
+def test_csv_quoted_newlines_blank_rows_bom_and_crlf(tmp_path):
+    path = tmp_path / "q.csv"
+    path.write_bytes(b'\xef\xbb\xbfid,prompt,seed\r\na,"first\r\nsecond line",1\r\n\r\nb,"x, y",\r\nc,plain,3\r\n')
+    records = _read_all([str(path)], 1)
+    assert [(r.fields["id"], r.fields["prompt"], r.line) for r in records] == [
+        ("a", "first\r\nsecond line", 2), ("b", "x, y", 5), ("c", "plain", 6)]
+    assert "seed" not in records[1].fields  # an empty cell is an absent field
+    assert [s.seed for r in records for s in _samples(r)][::2] == [1, 3]
+
+
+def test_unknown_fields_pass_through_and_defaults_fill_in(tmp_path):
+    path = _write_jsonl(tmp_path / "m.jsonl", [
+        {"id": "k1", "prompt": "a circle", "style": {"palette": "warm"}, "split": "train", "sampler": "Euler_A"},
+        {"id": "k2", "prompt": "a square", "negative_prompt": "blur", "guidance": 2, "steps": 2,
+         "width": 64, "height": 192, "seed": 5},
+    ])
+    first, second = (_samples(r)[0] for r in _read_all([path], 10))
+    assert first.metadata == {"style": {"palette": "warm"}, "split": "train"}
+    assert first.sampler == "euler_a" and second.sampler is None  # None: the run's sampler
+    assert (first.width, first.height, first.steps, first.guidance) == (128, 64, 3, 5.0)
+    assert first.seed == derive_seed(11, "k1") and first.mode == "txt2img" and first.strength is None
+    assert (second.negative_prompt, second.guidance, second.steps, second.width, second.height, second.seed) == (
+        "blur", 2.0, 2, 64, 192, 5)
+
+
+def test_num_images_variants_have_own_ids_and_seeds(tmp_path):
+    path = _write_jsonl(tmp_path / "v.jsonl", [
+        {"id": "cat", "prompt": "a cat", "num_images": 3},
+        {"id": "dog", "prompt": "a dog", "num_images": "2", "seed": 4294967295},
+    ])
+    cats, dogs = (_samples(r) for r in _read_all([path], 10))
+    assert [s.id for s in cats] == ["cat", "cat_1", "cat_2"]
+    assert [s.seed for s in cats] == [derive_seed(11, i) for i in ("cat", "cat_1", "cat_2")]
+    assert [(s.id, s.seed) for s in dogs] == [("dog", 4294967295), ("dog_1", 0)]
+
+
+# ----------------------------------------------------------------------------- files, globs, gs://
+
+
+def test_globs_several_files_sorted_once_each(tmp_path):
+    for name in ("b.jsonl", "a.csv", "sub/c.txt", "sub/deep/d.parquet"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(tmp_path / "b.jsonl", [{"prompt": "b"}])
+    _write_csv(tmp_path / "a.csv", ["prompt"], [["a"]])
+    (tmp_path / "sub/c.txt").write_text("c\n")
+    pq.write_table(pa.table({"prompt": ["d"]}), tmp_path / "sub/deep/d.parquet")
+    files = expand_patterns([str(tmp_path / "*.jsonl"), str(tmp_path / "**/*.*"), str(tmp_path / "a.csv")])
+    assert files == sorted(str(tmp_path / n) for n in ("a.csv", "b.jsonl", "sub/c.txt", "sub/deep/d.parquet"))
+    assert [r.fields["prompt"] for r in _read_all(files, 1)] == ["a", "b", "c", "d"]
+
+
+@pytest.mark.faults
+def test_pattern_matching_nothing_names_it(tmp_path):
+    _write_jsonl(tmp_path / "a.jsonl", [{"prompt": "a"}])
+    missing = str(tmp_path / "nothing-*.jsonl")
+    with pytest.raises(ManifestError, match="nothing-"):
+        expand_patterns([str(tmp_path / "a.jsonl"), missing])
+    with pytest.raises(ManifestError, match="absent.jsonl"):
+        expand_patterns([str(tmp_path / "absent.jsonl")])
+    (tmp_path / "notes.md").write_text("x")
+    with pytest.raises(ManifestError, match=r"notes\.md: unknown manifest format"):
+        expand_patterns([str(tmp_path / "*")])
+    with pytest.raises(ManifestError, match="is a folder"):
+        expand_patterns([str(tmp_path)])
+
+
+def test_gcs_manifest_with_relative_init_image(gcs_bucket):
+    from jaxdiff import storage
+
+    bucket = storage.gcs_client().bucket(gcs_bucket)
+    rgb = np.arange(48 * 3, dtype=np.uint8).reshape(4, 12, 3)
+    bucket.blob("run1/images/init.png").upload_from_string(_png_bytes(rgb))
+    lines = [{"id": f"g{i}", "prompt": f"gs prompt {i}"} for i in range(5)]
+    lines[3] = {"id": "g3", "prompt": "from image", "mode": "img2img", "init_image": "../images/init.png"}
+    bucket.blob("run1/m/a.jsonl").upload_from_string("\n".join(json.dumps(x) for x in lines) + "\n")
+    table = io.BytesIO()
+    pq.write_table(pa.table({"prompt": ["pq0", "pq1", "pq2"], "seed": [1, None, 3]}), table, row_group_size=2)
+    bucket.blob("run1/m/b.parquet").upload_from_string(table.getvalue())
+    bucket.blob("run1/m/skip.txt.bak").upload_from_string("x")
+
+    with pytest.raises(ManifestError, match=r"gs://jaxdiff-test/run1/none/\*\.jsonl"):
+        expand_patterns([f"gs://{gcs_bucket}/run1/none/*.jsonl"])
+    files = expand_patterns([f"gs://{gcs_bucket}/run1/m/*.jsonl", f"gs://{gcs_bucket}/run1/m/b.parquet"])
+    assert files == [f"gs://{gcs_bucket}/run1/m/a.jsonl", f"gs://{gcs_bucket}/run1/m/b.parquet"]
+    shards = plan_shards(files, 2)
+    assert [(s.name, s.first_record, s.end_record) for s in shards] == [
+        ("shard-00000", 0, 2), ("shard-00001", 2, 4), ("shard-00002", 4, 5),
+        ("shard-00003", 0, 2), ("shard-00004", 2, 3)]
+    records = [r for s in shards for r in read_shard(s)]
+    assert [r.fields["prompt"] for r in records] == [x["prompt"] for x in lines] + ["pq0", "pq1", "pq2"]
+    assert records[6].fields == {"prompt": "pq1"}  # a null is an absent field
+    sample = _samples(records[3])[0]
+    np.testing.assert_array_equal(sample.init_image, rgb)
+    assert manifest_fingerprint(files) == manifest_fingerprint(files)
+    assert manifest_fingerprint(files).startswith("sha256:")
+
+
+# ----------------------------------------------------------------------------- shard plans
+
+
+def _mixed_manifest(tmp_path, n=23):
+    """Files with blank lines, a multi-line CSV cell, gzip and Parquet row groups."""
+    records = [{"id": f"r{i}", "prompt": f"prompt {i}"} for i in range(n)]
+    jsonl = _write_jsonl(tmp_path / "a.jsonl", records, blank_every=3)
+    csv_path = _write_csv(tmp_path / "b.csv", ["id", "prompt"],
+                          [[f"c{i}", f"line one {i}\nline two" if i % 4 == 0 else f"c {i}"] for i in range(n)])
+    txt = tmp_path / "c.txt.gz"
+    txt.write_bytes(gzip.compress("".join(f"text {i}\n" + ("\n" if i % 5 == 0 else "") for i in range(n)).encode()))
+    pq.write_table(pa.table({"prompt": [f"pq {i}" for i in range(n)]}), tmp_path / "d.parquet", row_group_size=4)
+    return expand_patterns([str(tmp_path / "*")])
+
+
+@pytest.mark.parametrize("shard_size", [1, 2, 3, 7, 23, 100])
+def test_shard_slices_cover_every_record_once(tmp_path, shard_size):
+    files = _mixed_manifest(tmp_path)
+    whole = _read_all(files, 10_000)
+    assert len(whole) == 4 * 23
+    shards = plan_shards(files, shard_size)
+    assert [s.index for s in shards] == list(range(len(shards)))
+    assert all(0 < s.num_records <= shard_size for s in shards)
+    sliced = []
+    for shard in shards:
+        got = list(read_shard(shard))
+        assert [r.index for r in got] == list(range(shard.first_record, shard.end_record))
+        assert {r.source for r in got} == {shard.file}
+        sliced += got
+    assert sliced == whole
+    for path in files:  # each file's shards tile its byte range with no gap or overlap
+        own = [s for s in shards if s.file == path]
+        if own[0].format != "parquet":
+            assert all(a.byte_end == b.byte_start for a, b in zip(own, own[1:]))
+
+
+def test_plans_and_ids_are_stable_across_calls(tmp_path):
+    path = _write_jsonl(tmp_path / "s.jsonl", [{"prompt": p} for p in PROMPTS])
+    first, second = plan_shards([path], 2), plan_shards([path], 2)
+    assert first == second
+    ids = [[s.id for s in _samples(r)] for r in _read_all([path], 2)]
+    assert ids == [[s.id for s in _samples(r)] for r in _read_all([path], 3)]
+    assert len({i for group in ids for i in group}) == len(PROMPTS)
+
+
+def test_fingerprint_follows_content(tmp_path):
+    path = _write_jsonl(tmp_path / "f.jsonl", [{"prompt": "a"}, {"prompt": "b"}])
+    before = manifest_fingerprint([path])
+    assert manifest_fingerprint([path]) == before
+    _write_jsonl(path, [{"prompt": "a"}, {"prompt": "c"}])  # same size, other content
+    assert manifest_fingerprint([path]) != before
+
+
+@pytest.mark.faults
+def test_changed_file_is_refused_when_read(tmp_path):
+    path = _write_jsonl(tmp_path / "t.jsonl", [{"prompt": p} for p in PROMPTS])
+    last = plan_shards([path], 2)[-1]
+    _write_jsonl(path, [{"prompt": "only one"}])
+    with pytest.raises(ManifestError, match="changed since"):
+        list(read_shard(last))
+
+
+@pytest.mark.faults
+def test_file_level_mistakes_raise_manifest_errors(tmp_path):
+    no_prompt = _write_csv(tmp_path / "n.csv", ["id", "text"], [["a", "b"]])
+    with pytest.raises(ManifestError, match="no 'prompt' column"):
+        plan_shards([no_prompt], 5)
+    array = tmp_path / "arr.json"
+    array.write_text(json.dumps([{"prompt": "a"}]))
+    with pytest.raises(ManifestError, match="JSON array"):
+        plan_shards([str(array)], 5)
+    pq.write_table(pa.table({"caption": ["x"]}), tmp_path / "c.parquet")
+    with pytest.raises(ManifestError, match="no 'prompt' column"):
+        plan_shards([str(tmp_path / "c.parquet")], 5)
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(ManifestError, match="bad.parquet"):
+        plan_shards([str(tmp_path / "bad.parquet")], 5)
+    with pytest.raises(ManifestError, match="shard_size"):
+        plan_shards([no_prompt], 0)
+    with pytest.raises(ManifestError, match="does not exist"):
+        plan_shards([str(tmp_path / "gone.jsonl")], 5)
+
+
+# ----------------------------------------------------------------------------- bad records
+
+BAD_RECORDS = [
+    ('{"prompt": "unterminated', "malformed JSON"),
+    ('["a list"]', "not an object"),
+    ('{"id": "m1"}', "missing prompt"),
+    ('{"prompt": "   "}', "empty prompt"),
+    ('{"prompt": 7}', "prompt must be text"),
+    ('{"prompt": "p", "seed": true}', "seed True is not an integer"),
+    ('{"prompt": "p", "seed": 1.5}', "seed 1.5 is not an integer"),
+    ('{"prompt": "p", "seed": "abc"}', "seed 'abc' is not an integer"),
+    ('{"prompt": "p", "seed": -1}', "seed -1 is out of range"),
+    ('{"prompt": "p", "width": 100, "height": 70}', "unsupported size 100x70: use multiples of 64 up to 2048"),
+    ('{"prompt": "p", "width": 4096}', "unsupported size 4096x64"),
+    ('{"prompt": "p", "guidance": "lots"}', "guidance 'lots' is not a finite number"),
+    ('{"prompt": "p", "guidance": -2}', "guidance -2.0 is out of range"),
+    ('{"prompt": "p", "steps": 0}', "steps 0 is out of range"),
+    ('{"prompt": "p", "steps": 2.5}', "steps 2.5 is not an integer"),
+    ('{"prompt": "p", "mode": "img2img", "init_image": "x.png", "strength": 1.5}', "strength 1.5 is out of range"),
+    ('{"prompt": "p", "mode": "dream"}', "unknown mode 'dream'"),
+    ('{"prompt": "p", "mode": "img2img"}', "mode img2img needs an init_image"),
+    ('{"prompt": "p", "mode": "inpaint", "init_image": "x.png"}', "mode inpaint needs a mask"),
+    ('{"prompt": "p", "mode": "outpaint", "init_image": "x.png"}', "mode outpaint needs outpaint pixels"),
+    ('{"prompt": "p", "mode": "outpaint", "init_image": "x.png", "outpaint": [1, 2]}', "not four pixel counts"),
+    ('{"prompt": "p", "init_image": "x.png"}', "init_image given but mode is txt2img"),
+    ('{"prompt": "p", "mode": "img2img", "init_image": "http://host/x.png"}', "only local paths and gs://"),
+    ('{"prompt": "p", "num_images": 0}', "num_images 0 is out of range"),
+    ('{"prompt": "p", "sampler": "plms"}', "unknown sampler 'plms'"),
+    ('{"id": "../etc/passwd", "prompt": "p"}', "id '../etc/passwd' is not usable"),
+    ('{"prompt": "p", "mode": "img2img", "init_image": "missing.png"}', "does not exist"),
+]
+
+
+@pytest.mark.faults
+def test_each_bad_record_fails_with_reason_and_line_while_good_ones_pass(tmp_path):
+    lines = []
+    for i, (bad, _) in enumerate(BAD_RECORDS):
+        lines += [json.dumps({"id": f"ok{i}", "prompt": f"good {i}"}), bad]
+    path = _write_jsonl(tmp_path / "bad.jsonl", lines)
+    (tmp_path / "x.png").write_bytes(_png_bytes(np.zeros((8, 8, 3), np.uint8)))
+    results = [(r, to_samples(r, DEFAULTS)) for r in _read_all([path], 4)]
+    good = [out for _, out in results if isinstance(out, list)]
+    failures = [out for _, out in results if isinstance(out, Failure)]
+    assert [s[0].id for s in good] == [f"ok{i}" for i in range(len(BAD_RECORDS))]
+    assert len(failures) == len(BAD_RECORDS)
+    for i, (failure, (bad, reason)) in enumerate(zip(failures, BAD_RECORDS)):
+        assert reason in failure.reason, (bad, failure.reason)
+        assert failure.line == 2 * i + 2 and failure.source == path
+        assert failure.record == bad
+        expected_stage = "input-image" if "missing.png" in bad else "manifest"
+        assert failure.stage == expected_stage
+        assert json.loads(json.dumps(failure.to_json()))["reason"] == failure.reason
+        assert Failure.from_json(failure.to_json()) == failure
+
+
+@pytest.mark.faults
+def test_bad_csv_and_text_records_keep_their_lines(tmp_path):
+    path = tmp_path / "b.csv"
+    path.write_bytes(b"prompt,seed\ngood,1\ntoo,many,fields\nbad utf8 \xff,2\nfine,\n")
+    out = [to_samples(r, DEFAULTS) for r in _read_all([str(path)], 2)]
+    assert [type(o).__name__ for o in out] == ["list", "Failure", "Failure", "list"]
+    assert (out[1].line, out[2].line) == (3, 4)
+    assert "3 fields but the header names 2" in out[1].reason and "UTF-8" in out[2].reason
+    txt = tmp_path / "b.txt"
+    txt.write_bytes(b"fine\n\xff\xfe broken\nalso fine\n")
+    out = [to_samples(r, DEFAULTS) for r in _read_all([str(txt)], 1)]
+    assert isinstance(out[1], Failure) and out[1].line == 2 and "UTF-8" in out[1].reason
+    assert [o[0].prompt for o in (out[0], out[2])] == ["fine", "also fine"]
+
+
+# ----------------------------------------------------------------------------- init images
+
+
+@pytest.mark.parametrize("fmt, ext", [("PNG", "png"), ("JPEG", "jpg"), ("WEBP", "webp")])
+def test_init_images_load_as_rgb(tmp_path, fmt, ext):
+    # A smooth gradient, so the lossy JPEG stays close to it.
+    y, x = np.mgrid[0:13, 0:17]
+    rgb = np.stack([x * 15, y * 19, np.full_like(x, 128)], axis=-1).astype(np.uint8)
+    (tmp_path / f"init.{ext}").write_bytes(_png_bytes(rgb, fmt))
+    image = load_image(str(tmp_path / f"init.{ext}"))
+    assert image.shape == (13, 17, 3) and image.dtype == np.uint8
+    if fmt != "JPEG":  # lossless
+        np.testing.assert_array_equal(image, rgb)
+    else:
+        assert np.abs(image.astype(int) - rgb).mean() < 6  # JPEG loss, quality 75
+
+
+def test_modes_carry_their_images(tmp_path):
+    rgb = np.full((16, 24, 3), 90, np.uint8)
+    mask = np.zeros((16, 24), np.uint8)
+    mask[4:12, 6:18] = 255
+    Image.fromarray(rgb).save(tmp_path / "init.png")
+    Image.fromarray(mask).convert("RGB").save(tmp_path / "mask.png")  # an RGB mask becomes grey levels
+    Image.fromarray(mask[:8]).save(tmp_path / "small-mask.png")
+    path = _write_jsonl(tmp_path / "modes.jsonl", [
+        {"id": "i2i", "prompt": "p", "mode": "img2img", "init_image": "init.png", "strength": "0.5"},
+        {"id": "inp", "prompt": "p", "mode": "inpaint", "init_image": str(tmp_path / "init.png"), "mask": "mask.png"},
+        {"id": "out", "prompt": "p", "mode": "outpaint", "init_image": "init.png",
+         "outpaint": {"left": 64, "right": 64}},
+        {"id": "skt", "prompt": "p", "mode": "Sketch", "init_image": "init.png", "num_images": 2},
+        {"id": "mis", "prompt": "p", "mode": "inpaint", "init_image": "init.png", "mask": "small-mask.png"},
+    ])
+    i2i, inp, out, skt, mis = (to_samples(r, DEFAULTS) for r in _read_all([path], 2))
+    assert i2i[0].strength == 0.5 and i2i[0].mask is None
+    np.testing.assert_array_equal(i2i[0].init_image, rgb)
+    np.testing.assert_array_equal(inp[0].mask, mask)
+    assert inp[0].strength == DEFAULTS.strength
+    assert out[0].outpaint == (64, 0, 64, 0)
+    assert [s.mode for s in skt] == ["sketch", "sketch"] and skt[0].init_image is skt[1].init_image
+    assert isinstance(mis, Failure) and mis.stage == "input-image" and "same size" in mis.reason
+    assert load_mask(str(tmp_path / "mask.png")).shape == (16, 24)
+
+
+@pytest.mark.faults
+def test_corrupt_or_unsupported_init_images_fail_at_input_image_stage(tmp_path):
+    good = _png_bytes(np.zeros((32, 32, 3), np.uint8))
+    (tmp_path / "truncated.png").write_bytes(good[: len(good) // 2])
+    (tmp_path / "noise.jpg").write_bytes(b"\xff\xd8\xff" + bytes(range(256)) * 4)
+    Image.new("RGB", (8, 8)).save(tmp_path / "anim.gif")
+    Image.new("RGB", (80, 8)).save(tmp_path / "wide.png")
+    path = _write_jsonl(tmp_path / "c.jsonl", [
+        {"id": n.split(".")[0], "prompt": "p", "mode": "img2img", "init_image": n}
+        for n in ("truncated.png", "noise.jpg", "anim.gif", "wide.png")])
+    limits = RenderDefaults(width=128, height=64, max_image_side=64)
+    failures = [to_samples(r, limits) for r in _read_all([path], 10)]
+    assert all(isinstance(f, Failure) and f.stage == "input-image" for f in failures)
+    reasons = [f.reason for f in failures]
+    assert "cannot decode image" in reasons[0] and "truncated.png" in reasons[0]
+    assert "cannot decode image" in reasons[1]
+    assert "is GIF: use PNG, JPEG or WebP" in reasons[2]
+    assert "80x8: use at most 64 pixels a side" in reasons[3]
+
+
+def test_sampler_names_match_the_engine():
+    from jaxdiff.samplers import SAMPLER_NAMES
+
+    assert RenderDefaults.samplers == tuple(SAMPLER_NAMES)
+    assert RenderDefaults.sampler in SAMPLER_NAMES
+
+
+@pytest.mark.faults
+def test_render_defaults_refuse_bad_values():
+    with pytest.raises(ValueError, match="RenderDefaults.width=500"):
+        RenderDefaults(width=500)
+    with pytest.raises(ValueError, match="RenderDefaults.sampler='plms'"):
+        RenderDefaults(sampler="plms")
+    with pytest.raises(ValueError, match="RenderDefaults.strength=0"):
+        RenderDefaults(strength=0)
