@@ -83,9 +83,15 @@ def list_dir(path: str) -> list[str]:
 
 
 def read_bytes(path: str) -> bytes:
+    """The whole file; FileNotFoundError if it does not exist (local or gs://)."""
     path = str(path)
     if is_gcs(path):
-        return _blob(path).download_as_bytes()
+        from google.api_core.exceptions import NotFound
+
+        try:
+            return _blob(path).download_as_bytes()
+        except NotFound as e:
+            raise FileNotFoundError(f"{path} does not exist") from e
     with open(path, "rb") as f:
         return f.read()
 
@@ -97,7 +103,12 @@ def read_text(path: str) -> str:
 def download(path: str, local_path: str) -> None:
     """Copies one file (local or gs://) to `local_path`."""
     if is_gcs(path):
-        _blob(path).download_to_filename(local_path)
+        from google.api_core.exceptions import NotFound
+
+        try:
+            _blob(path).download_to_filename(local_path)
+        except NotFound as e:
+            raise FileNotFoundError(f"{path} does not exist") from e
     else:
         import shutil
 

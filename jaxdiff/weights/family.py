@@ -1,0 +1,363 @@
+"""Loads a diffusers-format pipeline folder (local or gs://) into jaxdiff models.
+
+A folder holds `model_index.json` and one sub-folder per component:
+
+    unet/          config.json + diffusion_pytorch_model.safetensors (or a sharded *.index.json)
+    vae/           config.json + diffusion_pytorch_model.safetensors
+    text_encoder/  config.json + model.safetensors
+    tokenizer/     vocab.json, merges.txt, ...
+    scheduler/     scheduler_config.json
+    low_res_scheduler/  (x4 upscaler only) scheduler_config.json
+
+Each model is built abstractly with `nnx.eval_shape` (no random init, no memory) and
+filled tensor by tensor from a streamed safetensors file, so the host never holds more
+than one tensor beyond the model itself. Loading is strict: a missing file, a truncated
+file, an unknown, missing or wrongly shaped tensor, or an unsupported config value is an
+error naming the file (and key). Pickle checkpoints are refused unless allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import os
+import re
+import tempfile
+from typing import Any, Iterable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxdiff import storage
+from jaxdiff.weights.convert import CheckpointError, load_state_dict
+from jaxdiff.weights.safetensors_stream import SafetensorsStream
+
+
+@dataclasses.dataclass(frozen=True)
+class _ComponentSpec:
+    module: str           # jaxdiff module that holds the classes
+    config_class: str
+    model_class: str
+    pytorch_classes: tuple[str, ...]  # class names model_index.json may give for it
+    weight_names: tuple[str, ...]     # file stems in the component folder
+
+
+COMPONENTS = {
+    "unet": _ComponentSpec("jaxdiff.models.unet", "UNetConfig", "UNet2DConditionModel",
+                           ("UNet2DConditionModel",), ("diffusion_pytorch_model",)),
+    "vae": _ComponentSpec("jaxdiff.models.vae", "VAEConfig", "AutoencoderKL",
+                          ("AutoencoderKL",), ("diffusion_pytorch_model",)),
+    "text_encoder": _ComponentSpec("jaxdiff.models.clip", "CLIPTextConfig", "CLIPTextModel",
+                                   ("CLIPTextModel",), ("model", "pytorch_model")),
+}
+_PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+# Checkpoint buffers that are not parameters of our modules.
+_IGNORED_KEYS = ("position_ids",)
+# unet in_channels -> what the family renders.
+_KIND_BY_IN_CHANNELS = {4: "text2image", 9: "inpaint", 7: "upscale"}
+_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
+                    "special_tokens_map.json", "added_tokens.json")
+
+
+def default_dtype():
+    """bfloat16 on accelerators, float32 on CPU (where bf16 math is slow and emulated)."""
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedComponent:
+    module: nnx.Module
+    config: Any                  # the jaxdiff config dataclass
+    config_dict: dict            # config.json as read
+    sha256: dict[str, str]       # file path -> hex digest, for every file read
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFamily:
+    """Everything a diffusers pipeline folder defines, loaded and placed on devices."""
+
+    path: str
+    kind: str                    # "text2image", "inpaint" or "upscale"
+    dtype: Any
+    unet: nnx.Module
+    vae: nnx.Module
+    text_encoder: nnx.Module
+    tokenizer: Any               # transformers CLIPTokenizer
+    unet_config: Any
+    vae_config: Any
+    text_encoder_config: Any
+    scheduler_config: dict
+    low_res_scheduler_config: dict | None  # upscaler only
+    max_noise_level: int | None            # upscaler only
+    model_index: dict
+    sha256: dict[str, str]       # path relative to `path` -> hex digest of each file read
+
+
+def _read_json(path: str, what: str, digests: dict) -> dict:
+    """Reads a JSON object and records the file's sha256 in `digests`."""
+    try:
+        raw = storage.read_bytes(path)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"missing file {path} ({what})") from e
+    digests[path] = hashlib.sha256(raw).hexdigest()
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _file_digest(path: str) -> str:
+    return hashlib.sha256(storage.read_bytes(path)).hexdigest()
+
+
+def _pickle_refusal(path: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path}: pickle checkpoints can run code when loaded and are refused. Convert it to "
+        f"safetensors once, e.g. in Python with diffusers: "
+        f"`DiffusionPipeline.from_pretrained(folder).save_pretrained(out, safe_serialization=True)` "
+        f"(or the component's class, e.g. UNet2DConditionModel), then load `out`; or pass "
+        f"allow_pickle=True if you trust the file")
+
+
+def _weight_files(folder: str, spec: _ComponentSpec, allow_pickle: bool,
+                  digests: dict) -> tuple[str, list[str]]:
+    """("safetensors" | "pickle", [files]) for one component folder."""
+    try:
+        names = set(storage.list_dir(folder))
+    except FileNotFoundError:
+        names = set()
+    for stem in spec.weight_names:
+        if f"{stem}.safetensors" in names:
+            return "safetensors", [storage.join(folder, f"{stem}.safetensors")]
+    for stem in spec.weight_names:
+        index_name = f"{stem}.safetensors.index.json"
+        if index_name in names:
+            index_path = storage.join(folder, index_name)
+            weight_map = _read_json(index_path, "sharded checkpoint index", digests).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{index_path}: has no 'weight_map' of tensor name -> file")
+            shards = sorted(set(weight_map.values()))
+            for shard in shards:
+                if "/" in shard or shard.startswith("."):
+                    raise CheckpointError(f"{index_path}: shard name {shard!r} must be a plain file name")
+            return "safetensors", [storage.join(folder, shard) for shard in shards]
+    pickles = sorted(n for n in names if n.endswith(_PICKLE_SUFFIXES))
+    if pickles:
+        path = storage.join(folder, pickles[0])
+        if not allow_pickle:
+            raise _pickle_refusal(path)
+        return "pickle", [path]
+    expected = " or ".join(f"{stem}.safetensors" for stem in spec.weight_names)
+    found = ", ".join(sorted(names)) if names else "nothing"
+    raise CheckpointError(f"missing file {storage.join(folder, expected)} (the weights; found {found})")
+
+
+def _torch_to_numpy(tensor) -> np.ndarray:
+    import ml_dtypes
+    import torch
+
+    tensor = tensor.detach().cpu().contiguous()
+    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16; reinterpret the bits
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
+def _pickle_tensors(path: str, digests: dict) -> Iterator[tuple[str, np.ndarray]]:
+    try:
+        import torch
+    except ImportError as e:
+        raise CheckpointError(
+            f"{path}: loading a pickle checkpoint needs torch (pip install torch), or convert "
+            f"it to safetensors first") from e
+    with tempfile.TemporaryDirectory() as tmp:
+        local = path
+        if storage.is_gcs(path):
+            local = os.path.join(tmp, os.path.basename(path))
+            storage.download(path, local)
+        digest = hashlib.sha256()
+        with open(local, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+        digests[path] = digest.hexdigest()
+        try:
+            state = torch.load(local, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{path}: could not load as a weights-only torch checkpoint ({e})") from e
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
+    for key in list(state):
+        value = state.pop(key)  # drop each host tensor once it is converted
+        if isinstance(value, torch.Tensor):
+            yield key, _torch_to_numpy(value)
+
+
+def _safetensors_tensors(files: list[str], digests: dict) -> Iterator[tuple[str, np.ndarray]]:
+    streams = [SafetensorsStream(f) for f in files]  # every header checked before any data
+    for stream in streams:
+        yield from stream
+        if stream.sha256 is not None:
+            digests[stream.path] = stream.sha256
+
+
+# Old SD VAE checkpoints name the mid-block attention projections differently.
+_LEGACY_VAE_ATTENTION = re.compile(r"(\.attentions\.\d+\.)(query|key|value|proj_attn)\.")
+_LEGACY_VAE_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def _renamed_legacy_vae_keys(tensors: Iterable[tuple[str, np.ndarray]]):
+    for key, array in tensors:
+        yield _LEGACY_VAE_ATTENTION.sub(
+            lambda m: m.group(1) + _LEGACY_VAE_NAMES[m.group(2)] + ".", key), array
+
+
+def _with_config_file(error: ValueError, config_path: str) -> ValueError:
+    message = f"{config_path}: {error}"
+    try:
+        return type(error)(message)
+    except Exception:
+        return CheckpointError(message)
+
+
+def load_component(path: str, name: str, *, dtype=None, sharding=None,
+                   allow_pickle: bool = False) -> LoadedComponent:
+    """Loads one model component ("unet", "vae" or "text_encoder") of a pipeline folder.
+
+    `path` is the pipeline folder (local or gs://); the component lives in `path/name/`.
+    `sharding` is None (default device), a `jax.sharding.Sharding`, or a callable
+    `(key, shape) -> Sharding`.
+    """
+    if name not in COMPONENTS:
+        raise ValueError(f"component {name!r} is not one of {sorted(COMPONENTS)}")
+    spec = COMPONENTS[name]
+    dtype = dtype or default_dtype()
+    folder = storage.join(str(path).rstrip("/"), name)
+    digests: dict[str, str] = {}
+
+    config_path = storage.join(folder, "config.json")
+    config_dict = _read_json(config_path, f"the {name} config", digests)
+    models = importlib.import_module(spec.module)
+    try:
+        config = getattr(models, spec.config_class).from_dict(config_dict)
+        model_class = getattr(models, spec.model_class)
+        abstract = nnx.eval_shape(lambda: model_class(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    except ValueError as e:  # UnsupportedConfig and invalid values
+        raise _with_config_file(e, config_path) from e
+
+    kind, files = _weight_files(folder, spec, allow_pickle, digests)
+    if kind == "pickle":
+        tensors = _pickle_tensors(files[0], digests)
+    else:
+        tensors = _safetensors_tensors(files, digests)
+    if name == "vae":
+        tensors = _renamed_legacy_vae_keys(tensors)
+    if name == "text_encoder":
+        tensors = models.with_text_model_prefix(tensors)
+    source = files[0] if len(files) == 1 else storage.join(folder, "*.safetensors.index.json")
+    module = load_state_dict(abstract, tensors, dtype=dtype, source=source,
+                             ignore=_IGNORED_KEYS, sharding=sharding)
+    _check_concrete(module, source)
+    return LoadedComponent(module=module, config=config, config_dict=config_dict, sha256=digests)
+
+
+def _check_concrete(module: nnx.Module, source: str) -> None:
+    """Every variable must hold an array: eval_shape leaves non-parameters abstract."""
+    abstract = [".".join(map(str, p)) for p, v in nnx.to_flat_state(nnx.state(module))
+                if isinstance(v.get_value(), jax.ShapeDtypeStruct)]
+    if abstract:
+        raise CheckpointError(f"{source}: no values for model variables {', '.join(abstract[:5])}")
+
+
+def _load_tokenizer(folder: str, digests: dict):
+    from jaxdiff.models.clip import load_tokenizer
+
+    if not storage.exists(folder):
+        raise CheckpointError(f"missing folder {folder} (the tokenizer: vocab.json and merges.txt)")
+    names = [n for n in storage.list_dir(folder) if n in _TOKENIZER_FILES]
+    for n in names:
+        digests[storage.join(folder, n)] = _file_digest(storage.join(folder, n))
+    if not storage.is_gcs(folder):
+        try:
+            return load_tokenizer(folder)
+        except FileNotFoundError as e:
+            raise CheckpointError(str(e)) from e
+    # transformers reads only local folders: copy the few small files to a temp dir.
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in names:
+            storage.download(storage.join(folder, n), os.path.join(tmp, n))
+        try:
+            return load_tokenizer(tmp)
+        except FileNotFoundError as e:
+            raise CheckpointError(f"{folder}: {e}") from e
+
+
+def load_family(path: str, *, dtype=None, allow_pickle: bool = False, sharding=None) -> ModelFamily:
+    """Loads a diffusers pipeline folder (local path or gs:// URL) into a ModelFamily.
+
+    `dtype` defaults to bfloat16 on accelerators and float32 on CPU. Pickle weight files
+    (.bin/.ckpt/.pt) are refused unless `allow_pickle=True`.
+    """
+    path = str(path).rstrip("/")
+    dtype = dtype or default_dtype()
+    digests: dict[str, str] = {}
+    index_path = storage.join(path, "model_index.json")
+    if not storage.is_gcs(path) and os.path.isfile(path):
+        if path.endswith(_PICKLE_SUFFIXES):
+            raise _pickle_refusal(path)
+        raise CheckpointError(f"{path} is a file; pass the diffusers pipeline folder that holds model_index.json")
+    model_index = _read_json(index_path, "a diffusers pipeline folder starts with model_index.json",
+                             digests)
+    for name, spec in COMPONENTS.items():
+        entry = model_index.get(name)
+        class_name = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
+        if class_name not in spec.pytorch_classes:
+            raise CheckpointError(
+                f"{index_path}: component {name!r} is {entry!r}; jaxdiff loads "
+                f"{' or '.join(spec.pytorch_classes)} here")
+
+    loaded = {}
+    for name in COMPONENTS:
+        loaded[name] = load_component(path, name, dtype=dtype, sharding=sharding,
+                                      allow_pickle=allow_pickle)
+        digests.update(loaded[name].sha256)
+    tokenizer = _load_tokenizer(storage.join(path, "tokenizer"), digests)
+
+    scheduler_path = storage.join(path, "scheduler", "scheduler_config.json")
+    scheduler_config = _read_json(scheduler_path, "the noise schedule", digests)
+
+    unet_config_path = storage.join(path, "unet", "config.json")
+    in_channels = loaded["unet"].config_dict.get("in_channels", 4)
+    kind = _KIND_BY_IN_CHANNELS.get(in_channels)
+    if kind is None:
+        raise CheckpointError(
+            f"{unet_config_path}: in_channels={in_channels} matches no known family "
+            f"(4: text-to-image, 9: inpainting, 7: x4 upscaler)")
+    low_res_scheduler_config = max_noise_level = None
+    if kind == "upscale":
+        low_res_path = storage.join(path, "low_res_scheduler", "scheduler_config.json")
+        low_res_scheduler_config = _read_json(low_res_path, "the upscaler's low-res noise schedule",
+                                              digests)
+        max_noise_level = model_index.get("max_noise_level")
+        if isinstance(max_noise_level, bool) or not isinstance(max_noise_level, int) or max_noise_level < 0:
+            raise CheckpointError(
+                f"{index_path}: an upscaler needs an integer max_noise_level (SD x4 upscaler: 350), "
+                f"got {max_noise_level!r}")
+
+    prefix = path + "/"
+    relative = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in digests.items()}
+    return ModelFamily(
+        path=path, kind=kind, dtype=dtype,
+        unet=loaded["unet"].module, vae=loaded["vae"].module,
+        text_encoder=loaded["text_encoder"].module, tokenizer=tokenizer,
+        unet_config=loaded["unet"].config, vae_config=loaded["vae"].config,
+        text_encoder_config=loaded["text_encoder"].config,
+        scheduler_config=scheduler_config, low_res_scheduler_config=low_res_scheduler_config,
+        max_noise_level=max_noise_level, model_index=model_index, sha256=relative)
