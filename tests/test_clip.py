@@ -162,8 +162,14 @@ def write_tokenizer(folder, pad_token=None):
     folder.mkdir()
     (folder / "vocab.json").write_text(json.dumps(ID))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in MERGES))
-    if pad_token is not None:  # as SD 2.x's tokenizer_config.json does
-        (folder / "tokenizer_config.json").write_text(json.dumps({"pad_token": pad_token}))
+    if pad_token is not None:  # SD 2.x sets its pad token in special_tokens_map.json
+        added = lambda content: {"__type": "AddedToken", "content": content, "lstrip": False,
+                                 "normalized": True, "rstrip": False, "single_word": False}
+        (folder / "tokenizer_config.json").write_text(json.dumps(
+            {"bos_token": added("<|startoftext|>"), "eos_token": added("<|endoftext|>"),
+             "unk_token": added("<|endoftext|>"), "pad_token": "<|endoftext|>", "model_max_length": 77,
+             "do_lower_case": True, "tokenizer_class": "CLIPTokenizer"}))
+        (folder / "special_tokens_map.json").write_text(json.dumps({"pad_token": pad_token}))
     return folder
 
 

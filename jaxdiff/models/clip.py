@@ -296,7 +296,9 @@ def tokenize(tokenizer, prompts: Sequence[str], max_length: int = 77) -> tuple[n
     if not prompts:
         return np.zeros((0, max_length), np.int32), []
     padded = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True)
-    full = tokenizer(prompts, padding=False, truncation=False)
+    # Only to measure lengths; verbose=False silences the "longer than maximum" warning,
+    # since the ids above are truncated and the flag reports it.
+    full = tokenizer(prompts, padding=False, truncation=False, verbose=False)
     ids = np.asarray(padded["input_ids"], dtype=np.int32)
     truncated = [len(row) > max_length for row in full["input_ids"]]
     return ids, truncated
