@@ -372,12 +372,13 @@ def to_samples(raw: RawRecord, defaults: RenderDefaults) -> list[Sample] | Failu
 
     if raw.fields is None:
         return failure(_record_id(raw, None), raw.error or "unreadable record")
+    fields = {k: v for k, v in raw.fields.items() if v is not None}  # null = absent, as in Parquet
     try:
-        sample_id = _record_id(raw, raw.fields)
+        sample_id = _record_id(raw, fields)
     except _Invalid as e:
-        return failure(_record_id(raw, {"prompt": raw.fields.get("prompt")}), str(e))
+        return failure(_record_id(raw, {"prompt": fields.get("prompt")}), str(e))
     try:
-        options = _options(raw.fields, defaults, raw.source)
+        options = _options(fields, defaults, raw.source)
     except _Invalid as e:
         return failure(sample_id, str(e))
 

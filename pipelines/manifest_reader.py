@@ -108,6 +108,10 @@ def _glob_regex(pattern: str) -> re.Pattern:
     out, i = [], 0
     while i < len(pattern):
         c = pattern[i]
+        if pattern.startswith("**/", i):  # zero or more folders, as glob's recursive `**/`
+            out.append("(?:.*/)?")
+            i += 3
+            continue
         if pattern.startswith("**", i):
             out.append(".*")
             i += 2
@@ -373,6 +377,18 @@ def _text_records(fmt: str, source: str, stream, offset: int, line: int, index: 
     return _line_records(fmt, source, stream, offset, line, index)
 
 
+def _record_starts(fmt: str, source: str, stream, offset: int, line: int,
+                   columns: list[str] | None) -> Iterator[tuple[int, int]]:
+    """(start offset, line) of each record, as _text_records finds them, without parsing JSON."""
+    if fmt == "csv":
+        for start, record in _csv_records(source, stream, columns, offset, line, 0):
+            yield start, record.line
+        return
+    for start, _, number, raw in _lines(stream, offset, line):
+        if raw.strip():  # the same test _line_records uses to skip blank lines
+            yield start, number
+
+
 def _refuse_json_array(path: str, stream) -> None:
     """A .json file holding one array is a common mix-up with JSON Lines: say so up front."""
     head = stream.peek(64)[:64] if hasattr(stream, "peek") else b""
@@ -410,7 +426,10 @@ def _parquet_records(spec: ShardSpec) -> Iterator[RawRecord]:
             if group_start < spec.end_record and group_start + rows > spec.first_record:
                 groups.append(g)
             group_start += rows
-        row = sum(metadata.row_group(g).num_rows for g in range(groups[0])) if groups else 0
+        if group_start < spec.end_record:
+            raise ManifestError(f"{spec.file} holds {group_start} rows, fewer than planned for {spec.name} "
+                                f"(up to row {spec.end_record}): it changed since the run was planned")
+        row = sum(metadata.row_group(g).num_rows for g in range(groups[0]))
         for batch in parquet.iter_batches(batch_size=1024, row_groups=groups):
             for fields in batch.to_pylist():
                 if spec.first_record <= row < spec.end_record:
@@ -464,9 +483,9 @@ def plan_shards(files: list[str], shard_size: int) -> list[ShardSpec]:
                 # (record number, offset, line) of the first record of each shard.
                 starts: list[tuple[int, int, int]] = []
                 count = 0
-                for start, record in _text_records(fmt, path, stream, offset, line, 0, columns):
+                for start, record_line in _record_starts(fmt, path, stream, offset, line, columns):
                     if count % shard_size == 0:
-                        starts.append((count, start, record.line))
+                        starts.append((count, start, record_line))
                     count += 1
                 end_offset = stream.tell()  # the records were read to the end
         except (OSError, EOFError, gzip.BadGzipFile) as e:

@@ -107,7 +107,7 @@ def test_unknown_fields_pass_through_and_defaults_fill_in(tmp_path):
     path = _write_jsonl(tmp_path / "m.jsonl", [
         {"id": "k1", "prompt": "a circle", "style": {"palette": "warm"}, "split": "train", "sampler": "Euler_A"},
         {"id": "k2", "prompt": "a square", "negative_prompt": "blur", "guidance": 2, "steps": 2,
-         "width": 64, "height": 192, "seed": 5},
+         "width": 64, "height": 192, "seed": 5, "mode": None, "strength": None},  # null = absent
     ])
     first, second = (_samples(r)[0] for r in _read_all([path], 10))
     assert first.metadata == {"style": {"palette": "warm"}, "split": "train"}
@@ -175,6 +175,8 @@ def test_gcs_manifest_with_relative_init_image(gcs_bucket):
 
     with pytest.raises(ManifestError, match=r"gs://jaxdiff-test/run1/none/\*\.jsonl"):
         expand_patterns([f"gs://{gcs_bucket}/run1/none/*.jsonl"])
+    assert expand_patterns([f"gs://{gcs_bucket}/run1/**/*.parquet"]) == [f"gs://{gcs_bucket}/run1/m/b.parquet"]
+    assert expand_patterns([f"gs://{gcs_bucket}/run1/m/**/a.json?"]) == [f"gs://{gcs_bucket}/run1/m/a.jsonl"]
     files = expand_patterns([f"gs://{gcs_bucket}/run1/m/*.jsonl", f"gs://{gcs_bucket}/run1/m/b.parquet"])
     assert files == [f"gs://{gcs_bucket}/run1/m/a.jsonl", f"gs://{gcs_bucket}/run1/m/b.parquet"]
     shards = plan_shards(files, 2)
@@ -248,6 +250,12 @@ def test_changed_file_is_refused_when_read(tmp_path):
     path = _write_jsonl(tmp_path / "t.jsonl", [{"prompt": p} for p in PROMPTS])
     last = plan_shards([path], 2)[-1]
     _write_jsonl(path, [{"prompt": "only one"}])
+    with pytest.raises(ManifestError, match="changed since"):
+        list(read_shard(last))
+    table = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"prompt": PROMPTS}), table)
+    last = plan_shards([str(table)], 2)[-1]
+    pq.write_table(pa.table({"prompt": PROMPTS[:2]}), table)
     with pytest.raises(ManifestError, match="changed since"):
         list(read_shard(last))
 
