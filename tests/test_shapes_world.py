@@ -1,0 +1,230 @@
+"""The shapes world: captions follow the spec's grammar, splits keep held-out pairs out of
+training, the stream is deterministic, and the scorer agrees with the generator's own drawings
+(at 256, and at 64 upscaled) while catching each kind of wrong image."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tools import evaluate
+from tools import shapes_world as sw
+
+# The grammar written out again from shared/specs/shapes-world.md, independently of the module.
+_OBJ = r"a (small|large) (red|green|blue|yellow|purple|orange|white|black) (circle|square|triangle)"
+_BG = r"on a (red|green|blue|yellow|purple|orange|white|black) background"
+_POS = ("in the center|on the left|on the right|at the top|at the bottom|in the top left corner|"
+        "in the top right corner|in the bottom left corner|in the bottom right corner")
+SPEC_GRAMMAR = re.compile(
+    rf"{_OBJ} ({_POS}) {_BG}|{_OBJ} on the left and {_OBJ} on the right {_BG}|{_OBJ} above {_OBJ} {_BG}")
+HELDOUT_WORDS = ("purple triangle", "orange square", "green circle")
+
+
+@pytest.fixture(scope="module")
+def ground_truth():
+    """300 examples: 100 from each of train, unseen and heldout."""
+    return [ex for split in ("train", "unseen", "heldout") for ex in sw.examples(11, split, stop=100)]
+
+
+def test_scorer_accepts_every_ground_truth_image_at_256_and_at_64(ground_truth):
+    # Both must hold on every example: 256 is the spec's scoring size, and the base stage's
+    # 64 x 64 targets (upscaled bilinearly by the scorer) keep every attribute.
+    wrong256 = [ex.caption for ex in ground_truth if not sw.score(ex.image256, ex.caption)["correct"]]
+    wrong64 = [ex.caption for ex in ground_truth if not sw.score(ex.image64, ex.scene)["correct"]]
+    assert wrong256 == [] and wrong64 == []
+    ex = ground_truth[0]
+    assert ex.image256.shape == (256, 256, 3) and ex.image256.dtype == np.uint8
+    assert ex.image64.shape == (64, 64, 3) and ex.image64.dtype == np.uint8
+    # Any size is scored after resizing to 256: a 512 x 384 (stretched) copy still passes.
+    big = np.asarray(Image.fromarray(ex.image256).resize((384, 512), Image.NEAREST))
+    assert sw.score(big, ex.caption)["correct"]
+
+
+def test_measured_fills_sit_near_the_spec_values(ground_truth):
+    fills = {"circle": [], "square": [], "triangle": []}
+    for ex in ground_truth[:60]:
+        for region in sw.find_regions(ex.image256)[1]:
+            fills[region["shape"]].append(region["fill"])
+    for shape, target in (("square", 1.0), ("circle", np.pi / 4), ("triangle", 0.5)):
+        assert fills[shape], shape
+        assert max(abs(f - target) for f in fills[shape]) < 0.05, (shape, fills[shape])
+
+
+def _first(split_seed: int, want) -> sw.Example:
+    return next(ex for ex in sw.examples(split_seed, "all", stop=400) if want(ex.scene))
+
+
+def _redraw(scene: sw.Scene, seed: int = 0) -> np.ndarray:
+    return sw.draw(sw.place_objects(scene, np.random.default_rng(seed)))
+
+
+def _flags(result: dict) -> dict:
+    return {k: result[k] for k in sw.ATTRIBUTES + ("correct",)}
+
+
+def _only_wrong(result: dict, *attributes: str) -> None:
+    expected = {a: a not in attributes for a in sw.ATTRIBUTES} | {"correct": False}
+    assert _flags(result) == expected
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_scorer_flags_each_kind_of_wrong_image(seed):
+    two = _first(seed, lambda s: len(s.objects) == 2)
+    first, second = two.scene.objects
+    bg = two.scene.background
+
+    other = next(c for c in sw.COLORS if c not in (bg, first.color, second.color))
+    recoloured = dataclasses.replace(two.scene, objects=(dataclasses.replace(first, color=other), second))
+    _only_wrong(sw.score(sw.draw(recoloured), two.caption), "color")
+
+    reshaped_to = next(h for h in sw.SHAPES if h != first.shape)
+    reshaped = dataclasses.replace(two.scene, objects=(dataclasses.replace(first, shape=reshaped_to), second))
+    _only_wrong(sw.score(sw.draw(reshaped), two.caption), "shape")
+
+    # A missing object fails the count and every attribute of the object that is not there.
+    missing = dataclasses.replace(two.scene, objects=(first,), layout="single")
+    _only_wrong(sw.score(sw.draw(missing), two.caption), "count", "color", "shape", "size", "position")
+
+    # Swapped places: colours, shapes and sizes are all there, in the wrong order.
+    swapped = dataclasses.replace(two.scene, objects=(
+        dataclasses.replace(second, cell=first.cell), dataclasses.replace(first, cell=second.cell)))
+    if (first.color, first.shape, first.size) != (second.color, second.shape, second.size):
+        _only_wrong(sw.score(_redraw(swapped, seed), two.caption), "position")
+
+    new_bg = next(c for c in sw.COLORS if c not in (bg, first.color, second.color))
+    _only_wrong(sw.score(sw.draw(dataclasses.replace(two.scene, background=new_bg)), two.caption),
+                "background")
+
+    one = _first(seed, lambda s: len(s.objects) == 1)
+    (obj,) = one.scene.objects
+    moved_cell = (2 - obj.cell[0], 2 - obj.cell[1]) if obj.cell != (1, 1) else (0, 0)
+    moved = dataclasses.replace(one.scene, objects=(dataclasses.replace(obj, cell=moved_cell),))
+    _only_wrong(sw.score(_redraw(moved, seed), one.caption), "position")
+
+    resized_to = "large" if obj.size == "small" else "small"
+    resized = dataclasses.replace(one.scene, objects=(dataclasses.replace(obj, size=resized_to),))
+    _only_wrong(sw.score(_redraw(resized, seed), one.caption), "size")
+
+    extra = dataclasses.replace(one.scene, objects=(obj, sw.ShapeObject(
+        next(c for c in sw.COLORS if c != one.scene.background), "square", "small",
+        (2 - obj.cell[0], 2 - obj.cell[1]) if obj.cell != (1, 1) else (0, 0))))
+    _only_wrong(sw.score(_redraw(extra, seed), one.caption), "count")
+
+
+def test_scorer_fails_a_flat_image_and_noise():
+    caption = "a small red circle in the center on a white background"
+    flat = np.full((64, 64, 3), sw.PALETTE["white"], np.uint8)
+    _only_wrong(sw.score(flat, caption), "count", "color", "shape", "size", "position")
+    noise = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    assert not sw.score(noise, caption)["correct"]
+
+
+def test_captions_follow_the_grammar_exactly():
+    sampled = [ex for ex in sw.examples(5, "all", stop=60)]
+    captions = sw.all_captions("all")
+    assert len(captions) == len(set(captions))
+    # One object: 8 backgrounds x 7 colours x 3 shapes x 2 sizes x 9 positions; two objects:
+    # 8 x 2 layouts x 21 x 21 object pairs less both large (21 x 7 x 3... counted directly).
+    assert sum(" and " not in c and " above " not in c for c in captions) == 8 * 7 * 3 * 2 * 9
+    assert len(captions) == 8 * 7 * 3 * 2 * 9 + 8 * 2 * (42 * 42 - 21 * 21)
+    for caption in captions[::50] + [ex.caption for ex in sampled]:
+        assert SPEC_GRAMMAR.fullmatch(caption), caption
+        assert sw.parse_caption(caption).caption == caption
+    for ex in sampled:
+        scene = ex.scene
+        assert ex.caption == scene.caption
+        assert all(o.color != scene.background for o in scene.objects)
+        assert [o.size for o in scene.objects] != ["large", "large"]
+        assert scene.layout in sw.LAYOUTS and len(scene.objects) == (1 if scene.layout == "single" else 2)
+        if scene.layout != "single":
+            assert tuple(o.cell for o in scene.objects) == sw.LAYOUT_CELLS[scene.layout]
+        for o in scene.objects:  # drawn size within +-8% of nominal, inside the 2% margin
+            x0, y0, x1, y1 = o.bbox
+            nominal = sw.SIZE_FRACTION[o.size] * 256
+            assert abs(x1 - x0 - nominal) <= 0.08 * nominal + 1e-6 and abs((x1 - x0) - (y1 - y0)) < 1e-6
+            assert min(x0, y0) >= 0.02 * 256 - 1e-6 and max(x1, y1) <= 256 * 0.98 + 1e-6
+        assert sw.Scene.from_dict(json.loads(json.dumps(scene.to_dict()))) == scene
+    assert {len(ex.scene.objects) for ex in sampled} == {1, 2}
+
+
+def test_heldout_pairs_never_reach_the_train_split():
+    train = sw.all_captions("train")
+    unseen = sw.all_captions("unseen")
+    heldout = sw.all_captions("heldout")
+    assert not any(w in c for c in train + unseen for w in HELDOUT_WORDS)
+    assert all(any(w in c for w in HELDOUT_WORDS) for c in heldout)
+    assert sorted(train + unseen + heldout) == sorted(sw.all_captions("all"))
+    assert not set(train) & set(unseen)
+    assert 0.02 < len(unseen) / len(train + unseen) < 0.045  # about 1 in 32
+    for ex in sw.examples(3, "train", stop=100):
+        assert not any(w in ex.caption for w in HELDOUT_WORDS), ex.caption
+        assert ex.scene.split == "train"
+    rng = np.random.default_rng(0)
+    for split in ("train", "unseen", "heldout"):
+        assert all(sw.sample_description(rng, split).split == split for _ in range(200))
+
+
+def test_stream_is_deterministic_from_the_seed():
+    stream = list(sw.examples(7, "train", start=3, stop=8))
+    again = [sw.example(7, i, "train") for i in reversed(range(3, 8))][::-1]
+    for a, b in zip(stream, again):
+        assert a.index == b.index and a.caption == b.caption and a.scene == b.scene
+        np.testing.assert_array_equal(a.image256, b.image256)
+        np.testing.assert_array_equal(a.image64, b.image64)
+    other = [sw.example(8, i, "train").caption for i in range(3, 8)]
+    assert other != [ex.caption for ex in stream]
+    # The 64 x 64 image is the area average of the 256 one.
+    ex = stream[0]
+    area = ex.image256.astype(np.float64).reshape(64, 4, 64, 4, 3).mean(axis=(1, 3))
+    assert np.abs(area - ex.image64).max() <= 0.5 + 1e-9
+
+
+def test_summarize_reports_groups_apart():
+    ok = {a: True for a in sw.ATTRIBUTES} | {"correct": True}
+    bad_colour = ok | {"color": False, "correct": False}
+    summary = sw.summarize([ok, bad_colour, ok, ok], ["one_object", "one_object", "heldout", "two_objects"])
+    assert summary["all"]["n"] == 4 and summary["all"]["correct"] == 0.75 and summary["all"]["color"] == 0.75
+    assert summary["one_object"]["correct"] == 0.5 and summary["one_object"]["shape"] == 1.0
+    assert summary["heldout"]["correct"] == 1.0 and summary["two_objects"]["n"] == 1
+
+
+def test_evaluator_ground_truth_self_test(tmp_path):
+    out = tmp_path / "report.json"
+    assert evaluate.main(["--ground-truth", "--n", "10", "--seed", "4", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["summary"]["all"]["correct"] == 1.0 and report["summary"]["heldout"]["n"] == 5
+    assert len(report["examples"]) == 10
+    assert {e["split"] for e in report["examples"]} == {"unseen", "heldout"}
+
+
+def test_evaluator_scores_a_renderer_that_draws_nothing():
+    scenes = evaluate.evaluation_scenes(4, seed=0)
+
+    def blank(captions, seeds):  # right background, no objects; one failed render
+        return ["out of memory"] + [
+            np.full((64, 64, 3), sw.PALETTE[sw.parse_caption(c).background], np.uint8) for c in captions[1:]]
+
+    report = evaluate.evaluate(blank, scenes, [0, 1, 2, 3])
+    assert report["summary"]["all"]["correct"] == 0.0 and report["summary"]["all"]["background"] == 0.75
+    assert report["examples"][0]["error"] == "out of memory"
+
+
+@pytest.mark.faults
+def test_bad_input_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match="grammar"):
+        sw.parse_caption("A small red circle in the center on a white background.")
+    with pytest.raises(ValueError, match="colour other than the background"):
+        sw.parse_caption("a small red circle in the center on a red background")
+    with pytest.raises(ValueError, match=r"uint8 RGB array of shape \(H, W, 3\)"):
+        sw.score(np.zeros((64, 64, 3), np.float32), "a small red circle in the center on a white background")
+    with pytest.raises(ValueError, match=r"uint8 RGB"):
+        sw.score(np.zeros((64, 64), np.uint8), "a small red circle in the center on a white background")
+    with pytest.raises(ValueError, match="use one of train, unseen, heldout, all"):
+        sw.example(0, 0, "test")
+    with pytest.raises(ValueError, match="one group name per score"):
+        sw.summarize([{}], [])
