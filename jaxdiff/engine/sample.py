@@ -20,6 +20,7 @@ class Sample:
     seed: int | None = None            # None: derived from the run seed and the id
     guidance: float | None = None
     steps: int | None = None
+    sampler: str | None = None
     width: int | None = None
     height: int | None = None
     mode: str = "txt2img"
