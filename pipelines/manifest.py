@@ -326,8 +326,10 @@ def _options(fields: dict[str, Any], defaults: RenderDefaults, source: str) -> d
         raise _Invalid(f"unknown mode {fields['mode']!r}: use one of {', '.join(MODES)}")
     strength = None
     if mode in IMAGE_MODES:
-        strength = _number("strength", fields["strength"]) if "strength" in fields else defaults.strength
-        if not 0 < strength <= 1:
+        # Left unset, the engine picks each mode's own default (inpaint 1.0, sketch 0.8).
+        strength = (_number("strength", fields["strength"]) if "strength" in fields
+                    else defaults.strength if mode == "img2img" else None)
+        if strength is not None and not 0 < strength <= 1:
             raise _Invalid(f"strength {strength} is out of range: use a number in (0, 1]")
     elif "strength" in fields:
         _number("strength", fields["strength"])  # still a typo check; txt2img does not use it

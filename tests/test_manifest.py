@@ -386,7 +386,7 @@ def test_modes_carry_their_images(tmp_path):
     assert i2i[0].strength == 0.5 and i2i[0].mask is None
     np.testing.assert_array_equal(i2i[0].init_image, rgb)
     np.testing.assert_array_equal(inp[0].mask, mask)
-    assert inp[0].strength == DEFAULTS.strength
+    assert inp[0].strength is None and skt[0].strength is None  # the engine picks per-mode defaults
     assert out[0].outpaint == (64, 0, 64, 0)
     assert [s.mode for s in skt] == ["sketch", "sketch"] and skt[0].init_image is skt[1].init_image
     assert isinstance(mis, Failure) and mis.stage == "input-image" and "same size" in mis.reason
