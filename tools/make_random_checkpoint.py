@@ -47,6 +47,13 @@ SD15_UNET_CONFIG = {
                        "CrossAttnUpBlock2D"],
 }
 ARCHS = {"sd15": SD15_UNET_CONFIG}
+# diffusers' UNet2DConditionModel defaults for the keys that shape the tensors.
+_DIFFUSERS_DEFAULTS = {
+    "in_channels": 4, "out_channels": 4, "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2, "cross_attention_dim": 1280,
+    "down_block_types": SD15_UNET_CONFIG["down_block_types"],
+    "up_block_types": SD15_UNET_CONFIG["up_block_types"],
+}
 
 # Config values that change the set of tensors and that this writer does not model.
 _UNSUPPORTED = {
@@ -63,6 +70,7 @@ def _per_block(value, n):
 
 def unet_tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     """PyTorch state-dict names and shapes of a diffusers UNet2DConditionModel."""
+    config = {**_DIFFUSERS_DEFAULTS, **config}
     for key, default in _UNSUPPORTED.items():
         if config.get(key, default) != default:
             raise ValueError(f"unet config {key}={config[key]!r} is not supported by this writer")
@@ -74,7 +82,7 @@ def unet_tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     only_cross = _per_block(config.get("only_cross_attention", False), n)
     depth = _per_block(config.get("transformer_layers_per_block", 1), n)
     scale_shift = config.get("resnet_time_scale_shift", "default") == "scale_shift"
-    layers = config.get("layers_per_block", 2)
+    layers = _per_block(config["layers_per_block"], n)
     shapes: dict[str, tuple[int, ...]] = {}
 
     def linear(name, out_f, in_f, bias=True):
@@ -125,7 +133,7 @@ def unet_tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     out_c = ch[0]
     for i, block_type in enumerate(config["down_block_types"]):
         in_c, out_c = out_c, ch[i]
-        for j in range(layers):
+        for j in range(layers[i]):
             resnet(f"down_blocks.{i}.resnets.{j}", in_c if j == 0 else out_c, out_c)
             if block_type == "CrossAttnDownBlock2D":
                 attention(f"down_blocks.{i}.attentions.{j}", out_c, cross, depth[i], only_cross[i])
@@ -147,8 +155,9 @@ def unet_tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     for i, block_type in enumerate(config["up_block_types"]):
         prev_c, out_c = out_c, rev[i]
         skip_in = rev[min(i + 1, n - 1)]
-        for j in range(layers + 1):
-            skip = skip_in if j == layers else out_c
+        up_layers = layers[::-1][i] + 1
+        for j in range(up_layers):
+            skip = skip_in if j == up_layers - 1 else out_c
             resnet(f"up_blocks.{i}.resnets.{j}", (prev_c if j == 0 else out_c) + skip, out_c)
             if block_type == "CrossAttnUpBlock2D":
                 attention(f"up_blocks.{i}.attentions.{j}", out_c, cross, rev_depth[i], rev_only_cross[i])
@@ -158,7 +167,7 @@ def unet_tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
             conv(f"up_blocks.{i}.upsamplers.0.conv", out_c, out_c, 3)
 
     norm("conv_norm_out", ch[0])
-    conv("conv_out", config.get("out_channels", config["in_channels"]), ch[0], 3)
+    conv("conv_out", config["out_channels"], ch[0], 3)
     return shapes
 
 

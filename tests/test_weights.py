@@ -1,0 +1,426 @@
+"""Loading diffusers pipeline folders: streaming safetensors, local and gs://, strict errors."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from jaxdiff import storage
+from jaxdiff.weights.convert import CheckpointError, to_nnx_layout
+from jaxdiff.weights.family import load_component, load_family
+from jaxdiff.weights.safetensors_stream import SafetensorsStream
+
+TOOLS = os.path.join(os.path.dirname(__file__), os.pardir, "tools")
+UNET_WEIGHTS = os.path.join("unet", "diffusion_pytorch_model.safetensors")
+
+
+def _tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(TOOLS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# --- a tiny pipeline folder, saved by diffusers / transformers themselves ----------------
+
+def _write_tokenizer(folder: str) -> int:
+    """A character-level CLIP tokenizer (lower-case letters, no merges); returns its size."""
+    os.makedirs(folder, exist_ok=True)
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + letters + [c + "</w>" for c in letters]
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump({t: i for i, t in enumerate(tokens)}, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    return len(tokens)
+
+
+def _randomised(module, scale=0.2):
+    import torch
+
+    # Default inits (ones, zeros) could hide a wrong mapping: perturb everything.
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p) * scale)
+    return module.eval()
+
+
+def _make_sd_folder(path: str):
+    """Saves a tiny StableDiffusionPipeline; returns its torch modules."""
+    import torch
+    import transformers
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    vocab_size = _write_tokenizer(os.path.join(path, "tokenizer"))
+    tokenizer = transformers.CLIPTokenizer(os.path.join(path, "tokenizer", "vocab.json"),
+                                           os.path.join(path, "tokenizer", "merges.txt"))
+    text_encoder = _randomised(transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=12, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=11, bos_token_id=0, eos_token_id=1,
+        pad_token_id=1, projection_dim=12)))
+    unet = _randomised(UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 12),
+        norm_num_groups=4, cross_attention_dim=12, attention_head_dim=2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")))
+    vae = _randomised(AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4, layers_per_block=1,
+        block_out_channels=(8, 12), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16))
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    ).save_pretrained(path, safe_serialization=True)
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder}
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("sd-tiny"))
+    return path, _make_sd_folder(path)
+
+
+@pytest.fixture(scope="module")
+def sd_family(sd_folder):
+    return load_family(sd_folder[0])
+
+
+def _copy_component(src_folder: str, dst_folder: str, name: str = "unet") -> str:
+    shutil.copytree(os.path.join(src_folder, name), os.path.join(dst_folder, name))
+    return dst_folder
+
+
+def _params(module) -> dict:
+    return {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+
+
+def _assert_params_equal_torch(module, torch_module, prefix: str = ""):
+    """Every torch parameter equals the NNX leaf it maps to, and nothing is left over."""
+    params = _params(module)
+    seen = set()
+    for key, tensor in torch_module.state_dict().items():
+        if key.endswith("position_ids"):
+            continue
+        path = tuple(int(p) if p.isdigit() else p for p in (prefix + key).split("."))
+        leaves = ("kernel", "scale", "embedding") if path[-1] == "weight" else (path[-1],)
+        target = next(path[:-1] + (leaf,) for leaf in leaves if path[:-1] + (leaf,) in params)
+        want = to_nnx_layout(target[-1], tensor.numpy(), params[target].shape)
+        np.testing.assert_array_equal(params[target], want, err_msg=key)
+        seen.add(target)
+    assert seen == set(params)
+
+
+# --- streaming safetensors ------------------------------------------------------------
+
+def test_stream_reads_each_dtype_and_hashes_the_whole_file(tmp_path):
+    import ml_dtypes
+
+    tensors = {
+        "b.f32": np.arange(35, dtype=np.float32).reshape(5, 7),
+        "a.f16": np.linspace(-1, 1, 6, dtype=np.float16),
+        "c.bf16": np.array([1.5, -2.0, 3.25], dtype=ml_dtypes.bfloat16),
+        "d.i64": np.array([3, 1], dtype=np.int64),
+        "e.empty": np.zeros((0, 3), np.float32),
+    }
+    path = str(tmp_path / "t.safetensors")
+    save_file(tensors, path, metadata={"format": "pt"})
+    stream = SafetensorsStream(path)
+    assert stream.sha256 is None  # known only once every byte was read
+    got = dict(stream)
+    assert set(got) == set(tensors)
+    for key, value in tensors.items():
+        assert got[key].dtype == value.dtype and got[key].shape == value.shape
+        np.testing.assert_array_equal(got[key].astype(np.float64), value.astype(np.float64))
+    with open(path, "rb") as f:
+        assert stream.sha256 == hashlib.sha256(f.read()).hexdigest()
+
+
+# --- loading a pipeline folder -----------------------------------------------------------
+
+def test_loaded_family_equals_the_torch_modules(sd_folder, sd_family):
+    path, torch_modules = sd_folder
+    family = sd_family
+    assert family.kind == "text2image" and family.dtype == jnp.float32  # CPU default
+    _assert_params_equal_torch(family.unet, torch_modules["unet"])
+    _assert_params_equal_torch(family.vae, torch_modules["vae"])
+    _assert_params_equal_torch(family.text_encoder, torch_modules["text_encoder"], prefix="text_model.")
+    with open(os.path.join(path, "scheduler", "scheduler_config.json")) as f:
+        assert family.scheduler_config == json.load(f)
+    assert family.low_res_scheduler_config is None and family.max_noise_level is None
+    assert family.tokenizer("cab")["input_ids"] == [0, 2 + 2, 2, 28 + 1, 1]
+    # Every file read is fingerprinted, weights included.
+    for rel in (UNET_WEIGHTS, "text_encoder/model.safetensors", "model_index.json",
+                "vae/config.json", "tokenizer/vocab.json"):
+        with open(os.path.join(path, rel), "rb") as f:
+            assert family.sha256[rel] == hashlib.sha256(f.read()).hexdigest(), rel
+
+
+@pytest.mark.parity
+def test_loaded_family_forward_matches_torch(sd_folder, sd_family):
+    import torch
+
+    _, torch_modules = sd_folder
+    family = sd_family
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.tensor([[0, 5, 9, 30, 1, 1, 1]])
+    sample = torch.randn(1, 4, 8, 8, generator=gen)
+    with torch.no_grad():
+        context = torch_modules["text_encoder"](ids).last_hidden_state
+        noise = torch_modules["unet"](sample, torch.tensor([417]), context).sample
+        image = torch_modules["vae"].decode(sample).sample
+    got_context = family.text_encoder(ids.numpy()).last_hidden_state
+    got_noise = family.unet(sample.numpy().transpose(0, 2, 3, 1), jnp.array([417]), context.numpy())
+    got_image = family.vae.decode(sample.numpy().transpose(0, 2, 3, 1))
+    # fp32 on CPU: differences are summation order only.
+    np.testing.assert_allclose(got_context, context.numpy(), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(got_noise, noise.numpy().transpose(0, 2, 3, 1), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(got_image, image.numpy().transpose(0, 2, 3, 1), atol=1e-4, rtol=1e-4)
+
+
+def _upload(local_folder: str, url: str) -> None:
+    bucket_name, _, prefix = url[len("gs://"):].partition("/")
+    bucket = storage.gcs_client().bucket(bucket_name)
+    for root, _, files in os.walk(local_folder):
+        for name in files:
+            rel = os.path.relpath(os.path.join(root, name), local_folder)
+            bucket.blob(f"{prefix}/{rel}").upload_from_filename(os.path.join(root, name))
+
+
+def test_gcs_folder_loads_the_same_weights(sd_folder, sd_family, gcs_bucket):
+    url = f"gs://{gcs_bucket}/weights-test/sd-tiny"
+    _upload(sd_folder[0], url)
+    family = load_family(url + "/")
+    assert family.path == url and family.kind == "text2image"
+    for name in ("unet", "vae", "text_encoder"):
+        local, remote = _params(getattr(sd_family, name)), _params(getattr(family, name))
+        assert local.keys() == remote.keys()
+        for key in local:
+            np.testing.assert_array_equal(local[key], remote[key])
+    assert family.sha256 == sd_family.sha256
+    assert family.tokenizer("cab")["input_ids"] == sd_family.tokenizer("cab")["input_ids"]
+
+
+def test_sharded_checkpoint_bf16_and_explicit_sharding(sd_folder, tmp_path):
+    folder = _copy_component(sd_folder[0], str(tmp_path))
+    weights = os.path.join(folder, UNET_WEIGHTS)
+    tensors = load_file(weights)
+    os.remove(weights)
+    keys = sorted(tensors)
+    weight_map = {}
+    for i, part in enumerate((keys[::2], keys[1::2])):
+        name = f"diffusion_pytorch_model-{i + 1:05d}-of-00002.safetensors"
+        save_file({k: tensors[k] for k in part}, os.path.join(folder, "unet", name))
+        weight_map.update({k: name for k in part})
+    with open(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+
+    device = jax.devices()[0]
+    loaded = load_component(folder, "unet", dtype=jnp.bfloat16,
+                            sharding=jax.sharding.SingleDeviceSharding(device))
+    reference = load_component(sd_folder[0], "unet", dtype=jnp.float32)
+    got, want = _params(loaded.module), _params(reference.module)
+    assert got.keys() == want.keys()
+    for key in want:
+        assert got[key].dtype == jnp.bfloat16
+        np.testing.assert_array_equal(got[key], want[key].astype(jnp.bfloat16))
+    assert all(x.sharding == jax.sharding.SingleDeviceSharding(device)
+               for x in jax.tree.leaves(nnx.state(loaded.module, nnx.Param)))
+    assert len([k for k in loaded.sha256 if k.endswith(".safetensors")]) == 2
+
+
+def test_legacy_vae_attention_names_load(sd_folder, tmp_path):
+    folder = _copy_component(sd_folder[0], str(tmp_path), "vae")
+    weights = os.path.join(folder, "vae", "diffusion_pytorch_model.safetensors")
+    legacy = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    tensors = {}
+    for key, value in load_file(weights).items():
+        for new, old in legacy.items():
+            key = key.replace(f".attentions.0.{new}.", f".attentions.0.{old}.")
+        tensors[key] = value
+    assert any(".query." in k for k in tensors)
+    save_file(tensors, weights)
+    _assert_params_equal_torch(load_component(folder, "vae").module, sd_folder[1]["vae"])
+
+
+@pytest.mark.parametrize("in_channels,kind", [(9, "inpaint"), (7, "upscale")])
+def test_kind_follows_unet_in_channels(sd_folder, tmp_path, in_channels, kind):
+    folder = str(tmp_path / "family")
+    shutil.copytree(sd_folder[0], folder)
+    config_path = os.path.join(folder, "unet", "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    config["in_channels"] = in_channels
+    with open(config_path, "w") as f:
+        json.dump(config, f)
+    weights = os.path.join(folder, UNET_WEIGHTS)
+    tensors = load_file(weights)
+    tensors["conv_in.weight"] = np.ones((8, in_channels, 3, 3), np.float32)
+    save_file(tensors, weights)
+    if kind == "upscale":
+        with pytest.raises(CheckpointError, match="low_res_scheduler/scheduler_config.json"):
+            load_family(folder)
+        shutil.copytree(os.path.join(folder, "scheduler"), os.path.join(folder, "low_res_scheduler"))
+        with pytest.raises(CheckpointError, match="max_noise_level"):
+            load_family(folder)
+        index_path = os.path.join(folder, "model_index.json")
+        with open(index_path) as f:
+            index = json.load(f)
+        with open(index_path, "w") as f:
+            json.dump(dict(index, max_noise_level=350), f)
+    family = load_family(folder)
+    assert family.kind == kind
+    assert family.unet.conv_in.kernel.shape == (3, 3, in_channels, 8)
+    if kind == "upscale":
+        assert family.max_noise_level == 350
+        assert family.low_res_scheduler_config == family.scheduler_config
+
+
+# --- the random full-size checkpoint tool and the memory measurement -----------------------
+
+def test_random_checkpoint_tensor_names_match_diffusers():
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    tool = _tool("make_random_checkpoint")
+    tiny = dict(block_out_channels=[8, 12], layers_per_block=1, cross_attention_dim=12,
+                attention_head_dim=2, norm_num_groups=4, in_channels=4, out_channels=4,
+                down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+                up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"])
+    variants = [
+        {k: v for k, v in tool.SD15_UNET_CONFIG.items() if not k.startswith("_")},
+        tiny,
+        dict(tiny, use_linear_projection=True, transformer_layers_per_block=2, num_class_embeds=5,
+             in_channels=7, only_cross_attention=[True, False], layers_per_block=[1, 2]),
+    ]
+    for config in variants:
+        with torch.device("meta"):  # shapes only, no memory
+            reference = UNet2DConditionModel(**config).state_dict()
+        assert tool.unet_tensor_shapes(config) == {k: tuple(v.shape) for k, v in reference.items()}
+    sd15 = tool.unet_tensor_shapes(tool.SD15_UNET_CONFIG)
+    assert sum(math.prod(s) for s in sd15.values()) == 859_520_964
+
+
+def test_random_checkpoint_loads_and_memory_is_measured(tmp_path):
+    config = {"block_out_channels": [8, 12], "layers_per_block": 1, "cross_attention_dim": 12,
+              "attention_head_dim": 2, "norm_num_groups": 4,
+              "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+              "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"]}
+    config_path = tmp_path / "config.json"
+    config_path.write_text(json.dumps(config))
+    out = str(tmp_path / "ckpt")
+    assert _tool("make_random_checkpoint").main(["--config", str(config_path), "--out", out]) == 0
+    figures = _tool("measure_load_memory").measure(out, "unet")
+    weights = os.path.join(out, UNET_WEIGHTS)
+    assert figures["checkpoint_bytes"] == os.path.getsize(weights)
+    assert figures["param_bytes"] == sum(v.nbytes for v in load_file(weights).values())
+    assert figures["peak_rss"] >= figures["baseline_rss"] > 0
+
+
+# --- bad checkpoints ----------------------------------------------------------------------
+
+def _rewrite_unet(folder: str, change) -> str:
+    weights = os.path.join(folder, UNET_WEIGHTS)
+    tensors = load_file(weights)
+    change(tensors)
+    save_file(tensors, weights)
+    return weights
+
+
+@pytest.mark.faults
+def test_missing_file_names_the_expected_file(sd_folder, tmp_path):
+    folder = _copy_component(sd_folder[0], str(tmp_path))
+    with pytest.raises(CheckpointError, match=r"missing file .*model_index\.json"):
+        load_family(folder)
+    os.remove(os.path.join(folder, UNET_WEIGHTS))
+    with pytest.raises(CheckpointError, match=r"missing file .*unet.diffusion_pytorch_model\.safetensors"):
+        load_component(folder, "unet")
+    os.remove(os.path.join(folder, "unet", "config.json"))
+    with pytest.raises(CheckpointError, match=r"missing file .*unet.config\.json"):
+        load_component(folder, "unet")
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("keep,message", [(5, "truncated safetensors file"),
+                                          (100, "truncated safetensors header"),
+                                          (-7, "truncated safetensors data: tensor 'up_blocks")])
+def test_truncated_safetensors_is_refused(sd_folder, tmp_path, keep, message):
+    folder = _copy_component(sd_folder[0], str(tmp_path))
+    weights = os.path.join(folder, UNET_WEIGHTS)
+    size = os.path.getsize(weights)
+    os.truncate(weights, keep if keep > 0 else size + keep)
+    with pytest.raises(CheckpointError, match=message) as info:
+        load_component(folder, "unet")
+    assert weights in str(info.value)
+
+
+@pytest.mark.faults
+def test_wrong_shape_names_file_and_key(sd_folder, tmp_path):
+    folder = _copy_component(sd_folder[0], str(tmp_path))
+    weights = _rewrite_unet(folder, lambda t: t.update({"conv_in.bias": np.zeros(9, np.float32)}))
+    with pytest.raises(CheckpointError, match=r"'conv_in\.bias' has shape \(9,\)") as info:
+        load_component(folder, "unet")
+    assert weights in str(info.value)
+
+
+@pytest.mark.faults
+def test_unknown_key_names_file_and_key(sd_folder, tmp_path):
+    folder = _copy_component(sd_folder[0], str(tmp_path))
+    weights = _rewrite_unet(folder, lambda t: t.update({"extra_head.weight": np.zeros(3, np.float32)}))
+    with pytest.raises(CheckpointError, match=r"unexpected key 'extra_head\.weight'") as info:
+        load_component(folder, "unet")
+    assert weights in str(info.value)
+
+
+@pytest.mark.faults
+def test_missing_key_names_file_and_key(sd_folder, tmp_path):
+    folder = _copy_component(sd_folder[0], str(tmp_path))
+    weights = _rewrite_unet(folder, lambda t: t.pop("conv_out.weight"))
+    with pytest.raises(CheckpointError, match=r"missing keys for conv_out\.kernel") as info:
+        load_component(folder, "unet")
+    assert weights in str(info.value)
+
+
+@pytest.mark.faults
+def test_pickle_is_refused_unless_allowed(sd_folder, tmp_path):
+    import torch
+
+    folder = _copy_component(sd_folder[0], str(tmp_path))
+    os.remove(os.path.join(folder, UNET_WEIGHTS))
+    pickle_path = os.path.join(folder, "unet", "diffusion_pytorch_model.bin")
+    torch.save(sd_folder[1]["unet"].state_dict(), pickle_path)
+    with pytest.raises(CheckpointError, match=r"diffusion_pytorch_model\.bin: pickle .*safe_serialization=True"):
+        load_component(folder, "unet")
+    with pytest.raises(CheckpointError, match="pickle"):
+        load_family(pickle_path)
+    loaded = load_component(folder, "unet", allow_pickle=True)
+    _assert_params_equal_torch(loaded.module, sd_folder[1]["unet"])
+    with open(pickle_path, "rb") as f:
+        assert loaded.sha256[pickle_path] == hashlib.sha256(f.read()).hexdigest()
+
+
+@pytest.mark.faults
+def test_unsupported_config_names_the_config_file(sd_folder, tmp_path):
+    folder = _copy_component(sd_folder[0], str(tmp_path))
+    config_path = os.path.join(folder, "unet", "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    with open(config_path, "w") as f:
+        json.dump(dict(config, mid_block_type="UNetMidBlock2DSimpleCrossAttn"), f)
+    with pytest.raises(ValueError, match="mid_block_type") as info:
+        load_component(folder, "unet")
+    assert type(info.value).__name__ == "UnsupportedConfig"
+    assert str(info.value).startswith(config_path)
