@@ -391,6 +391,7 @@ def find_regions(image: np.ndarray) -> tuple[str, list[dict]]:
     from scipy import ndimage  # a dependency of jax
 
     image = _to_canvas(image)
+    # The border: the outer 4-pixel ring, which the 2% margin keeps free of objects.
     border = np.concatenate([image[:4].reshape(-1, 3), image[-4:].reshape(-1, 3),
                              image[:, :4].reshape(-1, 3), image[:, -4:].reshape(-1, 3)])
     background = int(_nearest_colour(np.median(border, axis=0)))
@@ -486,8 +487,9 @@ def summarize(scores: Sequence[dict], groups: Sequence[str] | None = None) -> di
         raise ValueError(f"groups has {len(groups)} entries for {len(scores)} scores: "
                          "give one group name per score")
     members: dict[str, list[dict]] = {"all": list(scores)}
-    for s, g in zip(scores, groups or ()):
-        members.setdefault(g, []).append(s)
+    known = ("one_object", "two_objects", "heldout")
+    for g in [g for g in known if g in (groups or ())] + sorted(set(groups or ()) - set(known)):
+        members[g] = [s for s, sg in zip(scores, groups) if sg == g]
     summary = {}
     for name, group in members.items():
         entry = {"n": len(group)}
