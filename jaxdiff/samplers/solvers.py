@@ -1,0 +1,240 @@
+"""The solvers, each reduced to per-step coefficient tables precomputed in float64.
+
+Every solver step here is linear in the current latents x, the model's clean-latent
+estimate x0 = x0_from_x * x + x0_from_out * model_out, the previous step's x0 (the
+multistep solver only) and fresh noise:
+
+    x_next = keep_x * x + take_x0 * x0 + take_prev_x0 * x0_prev + noise_std * noise
+
+so one loop (`sampling_loop.py`) runs them all, and each solver below is only the
+numpy that fills its tables to match its diffusers scheduler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from jaxdiff.samplers.schedule import (
+    NoiseSchedule,
+    interpolate_sigmas,
+    karras_sigmas,
+    sigma_to_timestep,
+    spaced_timesteps,
+)
+
+SAMPLER_NAMES = ("ddim", "dpmpp_2m", "euler", "euler_a", "ddpm")
+KARRAS_SAMPLERS = ("dpmpp_2m", "euler")
+# The spacing each diffusers scheduler defaults to when the config names none.
+DEFAULT_SPACING = {"ddim": "leading", "ddpm": "leading", "dpmpp_2m": "linspace", "euler": "linspace", "euler_a": "linspace"}
+
+_TABLES = (
+    "model_timesteps", "input_scale", "x0_from_x", "x0_from_out", "keep_x", "take_x0",
+    "take_x0_multistep", "take_prev_x0", "noise_std", "signal_level", "noise_level",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """A solver bound to a schedule and a step count; hashable, so it can be a static jit argument.
+
+    Tables of length num_steps, indexed by step i:
+      model_timesteps: t fed to the model; input_scale: factor on x before the model.
+      x0_from_x, x0_from_out: the clean-latent estimate from x and the model output.
+      keep_x, take_x0: the update when the step is a sample's first (or the solver is one-step);
+      take_x0_multistep, take_prev_x0: the update when a previous estimate exists.
+      noise_std: scale of the fresh per-step noise (0 for deterministic solvers).
+    Tables of length num_steps + 1, indexed by level i (the input of step i; i = num_steps is clean):
+      signal_level, noise_level: latents at level i are signal * x0 + noise_level * noise.
+    """
+
+    name: str
+    num_steps: int
+    init_noise_sigma: float
+    model_timesteps: tuple[float, ...]
+    input_scale: tuple[float, ...]
+    x0_from_x: tuple[float, ...]
+    x0_from_out: tuple[float, ...]
+    keep_x: tuple[float, ...]
+    take_x0: tuple[float, ...]
+    take_x0_multistep: tuple[float, ...]
+    take_prev_x0: tuple[float, ...]
+    noise_std: tuple[float, ...]
+    signal_level: tuple[float, ...]
+    noise_level: tuple[float, ...]
+
+    @property
+    def timesteps(self) -> np.ndarray:
+        """The t fed to the model at each step, (num_steps,) float64."""
+        return np.asarray(self.model_timesteps, dtype=np.float64)
+
+    @property
+    def stochastic(self) -> bool:
+        return any(s != 0.0 for s in self.noise_std)
+
+    @property
+    def multistep(self) -> bool:
+        return any(c != 0.0 for c in self.take_prev_x0)
+
+
+def _make(name: str, num_steps: int, init_noise_sigma: float, **tables: np.ndarray) -> Sampler:
+    tables.setdefault("take_x0_multistep", tables["take_x0"])
+    tables.setdefault("take_prev_x0", np.zeros(num_steps))
+    tables.setdefault("noise_std", np.zeros(num_steps))
+    tables.setdefault("input_scale", np.ones(num_steps))
+    as_tuples = {k: tuple(float(v) for v in np.asarray(tables[k], dtype=np.float64)) for k in _TABLES}
+    return Sampler(name=name, num_steps=num_steps, init_noise_sigma=float(init_noise_sigma), **as_tuples)
+
+
+def _x0_coefficients(alpha: np.ndarray, sigma: np.ndarray, prediction_type: str):
+    """x0 from variance-preserving latents x = alpha x0 + sigma eps and the model output."""
+    if prediction_type == "epsilon":
+        return 1.0 / alpha, -sigma / alpha
+    return alpha, -sigma  # v = alpha eps - sigma x0
+
+
+def _with_clean(values: np.ndarray, clean: float) -> np.ndarray:
+    return np.concatenate([values, [clean]])
+
+
+def _ddim(schedule: NoiseSchedule, num_steps: int, spacing: str) -> Sampler:
+    """DDIM with eta = 0 (Song et al. 2021), as diffusers' DDIMScheduler."""
+    abar = schedule.alphas_cumprod
+    t = spaced_timesteps(schedule, num_steps, spacing, rounded=True).astype(np.int64)
+    # diffusers steps to t - T // N whatever the spacing; kept for parity.
+    prev = t - schedule.num_train_timesteps // num_steps
+    final = 1.0 if schedule.set_alpha_to_one else abar[0]
+    a, a_prev = abar[t], np.where(prev >= 0, abar[np.maximum(prev, 0)], final)
+    alpha, sigma = np.sqrt(a), np.sqrt(1 - a)
+    alpha_prev, sigma_prev = np.sqrt(a_prev), np.sqrt(1 - a_prev)
+    from_x, from_out = _x0_coefficients(alpha, sigma, schedule.prediction_type)
+    # x_prev = alpha_prev x0 + sigma_prev eps, with eps = (x - alpha x0) / sigma.
+    return _make(
+        "ddim", num_steps, 1.0, model_timesteps=t, x0_from_x=from_x, x0_from_out=from_out,
+        keep_x=sigma_prev / sigma, take_x0=alpha_prev - sigma_prev * alpha / sigma,
+        signal_level=_with_clean(alpha, 1.0), noise_level=_with_clean(sigma, 0.0),
+    )
+
+
+def _ddpm(schedule: NoiseSchedule, num_steps: int, spacing: str) -> Sampler:
+    """Ancestral DDPM (Ho et al. 2020) posterior with the 'fixed_small' variance, as DDPMScheduler."""
+    abar = schedule.alphas_cumprod
+    t = spaced_timesteps(schedule, num_steps, spacing, rounded=True).astype(np.int64)
+    a = abar[t]
+    a_prev = np.append(abar[t[1:]], 1.0)
+    step_beta = 1 - a / a_prev
+    from_x, from_out = _x0_coefficients(np.sqrt(a), np.sqrt(1 - a), schedule.prediction_type)
+    variance = np.maximum((1 - a_prev) / (1 - a) * step_beta, 1e-20)
+    return _make(
+        "ddpm", num_steps, 1.0, model_timesteps=t, x0_from_x=from_x, x0_from_out=from_out,
+        keep_x=np.sqrt(1 - step_beta) * (1 - a_prev) / (1 - a), take_x0=np.sqrt(a_prev) * step_beta / (1 - a),
+        noise_std=np.where(t > 0, np.sqrt(variance), 0.0),
+        signal_level=_with_clean(np.sqrt(a), 1.0), noise_level=_with_clean(np.sqrt(1 - a), 0.0),
+    )
+
+
+def _euler_sigmas(schedule: NoiseSchedule, num_steps: int, spacing: str, karras: bool):
+    t = spaced_timesteps(schedule, num_steps, spacing, rounded=False)
+    sigmas = interpolate_sigmas(schedule, t)
+    if karras:
+        sigmas = karras_sigmas(sigmas[0], sigmas[-1], num_steps)
+        # The model sees t in float32: take sigma's timestep at that precision.
+        t = sigma_to_timestep(schedule, sigmas).astype(np.float32).astype(np.float64)
+    return t, sigmas, np.append(sigmas, 0.0)
+
+
+def _euler_common(schedule: NoiseSchedule, num_steps: int, spacing: str, karras: bool):
+    """Euler samplers work on variance-exploding latents x = x0 + sigma eps (Karras et al. 2022)."""
+    t, sigma, sigma_all = _euler_sigmas(schedule, num_steps, spacing, karras)
+    alpha = 1.0 / np.sqrt(sigma**2 + 1)
+    from_x, from_out = _x0_coefficients(alpha, sigma * alpha, schedule.prediction_type)
+    # The model takes variance-preserving input alpha * x, so x0's x coefficient absorbs alpha.
+    from_x = from_x * alpha
+    # diffusers starts leading-spaced runs at sqrt(sigma_max^2 + 1); kept for parity.
+    init = sigma.max() if spacing != "leading" else np.sqrt(sigma.max() ** 2 + 1)
+    common = dict(
+        model_timesteps=t, input_scale=alpha, x0_from_x=from_x, x0_from_out=from_out,
+        signal_level=np.ones(num_steps + 1), noise_level=sigma_all,
+    )
+    return sigma, sigma_all[1:], init, common
+
+
+def _euler(schedule: NoiseSchedule, num_steps: int, spacing: str, karras: bool) -> Sampler:
+    sigma, sigma_next, init, common = _euler_common(schedule, num_steps, spacing, karras)
+    ratio = sigma_next / sigma
+    return _make("euler", num_steps, init, keep_x=ratio, take_x0=1 - ratio, **common)
+
+
+def _euler_ancestral(schedule: NoiseSchedule, num_steps: int, spacing: str) -> Sampler:
+    sigma, sigma_next, init, common = _euler_common(schedule, num_steps, spacing, False)
+    # Step down deterministically to sigma_down, then add noise sigma_up: the two sum to sigma_next.
+    sigma_up = np.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
+    ratio = np.sqrt(sigma_next**2 - sigma_up**2) / sigma
+    return _make("euler_a", num_steps, init, keep_x=ratio, take_x0=1 - ratio, noise_std=sigma_up, **common)
+
+
+def _dpm_timesteps(schedule: NoiseSchedule, num_steps: int, spacing: str) -> np.ndarray:
+    """DPMSolverMultistepScheduler spaces N + 1 points and drops the last for linspace / leading."""
+    n_train = schedule.num_train_timesteps
+    if spacing == "linspace":
+        return np.round(np.linspace(0, n_train - 1, num_steps + 1))[::-1][:-1].copy()
+    if spacing == "leading":
+        ratio = n_train // (num_steps + 1)
+        return (np.arange(num_steps + 1) * ratio)[::-1][:-1].astype(np.float64) + schedule.steps_offset
+    return spaced_timesteps(schedule, num_steps, spacing, rounded=True)
+
+
+def _dpmpp_2m(schedule: NoiseSchedule, num_steps: int, spacing: str, karras: bool) -> Sampler:
+    """DPM-Solver++(2M), midpoint, lower order at the first and last step, final sigma 0 (Lu et al. 2022)."""
+    t = _dpm_timesteps(schedule, num_steps, spacing)
+    if karras:
+        sigma = karras_sigmas(schedule.sigmas[-1], schedule.sigmas[0], num_steps)
+        t = sigma_to_timestep(schedule, sigma)
+        if schedule.beta_schedule != "squaredcos_cap_v2":
+            t = np.round(t)
+    else:
+        sigma = interpolate_sigmas(schedule, t)
+    alpha = _with_clean(1.0 / np.sqrt(sigma**2 + 1), 1.0)
+    sigma_vp = _with_clean(sigma * alpha[:-1], 0.0)
+    with np.errstate(divide="ignore"):
+        lam = np.log(alpha) - np.log(sigma_vp)  # log-SNR; +inf at the clean end
+    h = lam[1:] - lam[:-1]
+    from_x, from_out = _x0_coefficients(alpha[:-1], sigma_vp[:-1], schedule.prediction_type)
+    take = alpha[1:] * -np.expm1(-h)  # exp(-inf) = 0: the last step returns x0
+    # Second order: x0 extrapolated to the step's midpoint from this and the previous estimate.
+    second = np.arange(num_steps) > 0
+    second[-1] = False  # the final step to sigma 0 is first order
+    half_slope = np.zeros(num_steps)
+    step_ratio = h[:-1] / h[1:]  # r = h_prev / h of each step after the first
+    half_slope[1:] = np.where(second[1:], 0.5 / np.where(second[1:], step_ratio, 1.0), 0.0)
+    return _make(
+        "dpmpp_2m", num_steps, 1.0, model_timesteps=t, x0_from_x=from_x, x0_from_out=from_out,
+        keep_x=sigma_vp[1:] / sigma_vp[:-1], take_x0=take,
+        take_x0_multistep=take * (1 + half_slope), take_prev_x0=-take * half_slope,
+        signal_level=alpha, noise_level=sigma_vp,
+    )
+
+
+def make_sampler(name: str, schedule: NoiseSchedule, num_steps: int, *, karras_sigmas: bool = False) -> Sampler:
+    """The named solver for `schedule` with `num_steps` model calls."""
+    if name not in SAMPLER_NAMES:
+        raise ValueError(f"sampler name {name!r} is unknown; use one of {SAMPLER_NAMES}")
+    if not (isinstance(num_steps, (int, np.integer)) and 1 <= num_steps <= schedule.num_train_timesteps):
+        raise ValueError(
+            f"num_steps={num_steps!r} must be an integer from 1 to num_train_timesteps "
+            f"({schedule.num_train_timesteps})"
+        )
+    if karras_sigmas and name not in KARRAS_SAMPLERS:
+        raise ValueError(f"karras_sigmas applies to {KARRAS_SAMPLERS} only; set it False for {name!r}")
+    num_steps = int(num_steps)
+    spacing = schedule.timestep_spacing or DEFAULT_SPACING[name]
+    if name == "ddim":
+        return _ddim(schedule, num_steps, spacing)
+    if name == "ddpm":
+        return _ddpm(schedule, num_steps, spacing)
+    if name == "euler":
+        return _euler(schedule, num_steps, spacing, karras_sigmas)
+    if name == "euler_a":
+        return _euler_ancestral(schedule, num_steps, spacing)
+    return _dpmpp_2m(schedule, num_steps, spacing, karras_sigmas)

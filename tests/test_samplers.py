@@ -1,0 +1,309 @@
+"""Samplers against diffusers' PyTorch schedulers: whole trajectories, img2img starts, noising.
+
+The denoiser is a fixed fake model, out = 0.3 * x + 0.1 * sin(t / 100), evaluated the same
+way on both sides. Stochastic samplers get our per-step noise injected into diffusers by
+replacing `randn_tensor` in the scheduler modules.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+)
+from diffusers.schedulers import scheduling_ddpm, scheduling_euler_ancestral_discrete
+
+from jaxdiff.samplers import (
+    SAMPLER_NAMES,
+    NoiseSchedule,
+    UnsupportedConfig,
+    add_noise,
+    initial_latents,
+    make_sampler,
+    noise_to_step,
+    sample,
+    sample_trajectory,
+    start_step_for_strength,
+)
+
+DIFFUSERS_CLASS = {
+    "ddim": DDIMScheduler,
+    "ddpm": DDPMScheduler,
+    "dpmpp_2m": DPMSolverMultistepScheduler,
+    "euler": EulerDiscreteScheduler,
+    "euler_a": EulerAncestralDiscreteScheduler,
+}
+# Stable Diffusion 1.x's scheduler_config.json (a PNDM config; no timestep_spacing stated).
+SD_CONFIG = {
+    "_class_name": "PNDMScheduler",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "steps_offset": 1,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "clip_sample": False,
+    "trained_betas": None,
+}
+SHAPE = (2, 3, 5, 7)
+NUM_STEPS = 5
+# Both sides run in float32; ours folds each step into float64-derived coefficients and
+# computes the schedule in float64 where diffusers uses float32 tables. Errors are
+# relative to the trajectory's scale (Euler latents reach ~15).
+RTOL = 2e-5
+ATOL_PER_SCALE = 2e-5
+
+pytestmark = pytest.mark.parity
+
+
+def fake_model_jax(x, t, i):
+    return 0.3 * x + 0.1 * jnp.sin(t.astype(jnp.float32) / 100.0).reshape((-1,) + (1,) * (x.ndim - 1))
+
+
+def fake_model_torch(x, t):
+    return 0.3 * x + 0.1 * torch.sin(torch.as_tensor(t, dtype=torch.float32) / 100.0)
+
+
+def our_noise(keys, num_steps, shape):
+    """The noise contract: sample b draws normal(fold_in(keys[b], i)) at step i."""
+    return np.stack([
+        np.asarray(jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), shape))(keys))
+        for i in range(num_steps)
+    ])
+
+
+def diffusers_trajectory(monkeypatch, name, config, num_steps, latents, *, noises=None, t_start=0, karras=False):
+    """diffusers' scheduler loop from step t_start (as its img2img pipelines run it)."""
+    extra = {"use_karras_sigmas": True} if karras else {}
+    sched = DIFFUSERS_CLASS[name].from_config({**config, **extra})
+    sched.set_timesteps(num_steps)
+    if t_start and hasattr(sched, "set_begin_index"):
+        sched.set_begin_index(t_start)
+    current = {"step": None}
+
+    def injected_randn(shape, **kwargs):
+        return torch.from_numpy(noises[current["step"]]).reshape(shape)
+
+    for module in (scheduling_ddpm, scheduling_euler_ancestral_discrete):
+        monkeypatch.setattr(module, "randn_tensor", injected_randn)
+    x = torch.from_numpy(np.array(latents, np.float32))
+    trajectory = []
+    for k, t in enumerate(sched.timesteps[t_start:]):
+        current["step"] = t_start + k
+        out = fake_model_torch(sched.scale_model_input(x, t), t)
+        x = sched.step(out, t, x).prev_sample
+        trajectory.append(x.numpy().copy())
+    return sched, np.stack(trajectory)
+
+
+def assert_trajectories_close(ours, theirs):
+    ours, theirs = np.asarray(ours), np.asarray(theirs)
+    assert ours.shape == theirs.shape
+    scale = max(1.0, float(np.abs(theirs).max()))
+    np.testing.assert_allclose(ours, theirs, rtol=RTOL, atol=ATOL_PER_SCALE * scale)
+
+
+def make_case(name, prediction_type, spacing, karras=False, num_steps=NUM_STEPS):
+    config = {**SD_CONFIG, "prediction_type": prediction_type}
+    if spacing is not None:
+        config["timestep_spacing"] = spacing
+    schedule = NoiseSchedule.from_config(config)
+    return config, make_sampler(name, schedule, num_steps, karras_sigmas=karras)
+
+
+def keys_for(batch, seed=0, impl="rbg"):
+    # The noise contract holds for any key type; rbg keys compile far faster on CPU than
+    # threefry, which the mixed-start test keeps covering.
+    return jax.random.split(jax.random.key(seed, impl=impl), batch)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("name", SAMPLER_NAMES)
+def test_trajectory_matches_diffusers(monkeypatch, name, prediction_type, spacing):
+    config, sampler = make_case(name, prediction_type, spacing)
+    keys = keys_for(SHAPE[0])
+    noise = np.asarray(jax.random.normal(jax.random.key(1), SHAPE))
+    x = initial_latents(sampler, noise)
+    sched, theirs = diffusers_trajectory(
+        monkeypatch, name, config, NUM_STEPS, x, noises=our_noise(keys, NUM_STEPS, SHAPE[1:])
+    )
+    np.testing.assert_array_equal(sampler.timesteps, sched.timesteps.numpy().astype(np.float64))
+    np.testing.assert_allclose(sampler.init_noise_sigma, float(sched.init_noise_sigma), rtol=1e-5)
+    assert_trajectories_close(sample_trajectory(sampler, fake_model_jax, x, keys), theirs)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "linspace"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("name", ["dpmpp_2m", "euler"])
+def test_karras_trajectory_matches_diffusers(monkeypatch, name, prediction_type, spacing):
+    config, sampler = make_case(name, prediction_type, spacing, karras=True, num_steps=6)
+    x = initial_latents(sampler, jax.random.normal(jax.random.key(2), SHAPE))
+    sched, theirs = diffusers_trajectory(monkeypatch, name, config, 6, x, karras=True)
+    # diffusers' float32 beta tables (sigma off by up to 1.3e-5 relative at t=0) shift the
+    # fractional timesteps a log-sigma interpolation finds by ~1e-5 relative.
+    np.testing.assert_allclose(sampler.timesteps, sched.timesteps.numpy(), rtol=3e-5, atol=1e-6)
+    assert_trajectories_close(sample_trajectory(sampler, fake_model_jax, x, None), theirs)
+
+
+@pytest.mark.parametrize("name", SAMPLER_NAMES)
+def test_img2img_start_matches_diffusers(monkeypatch, name):
+    config, sampler = make_case(name, "epsilon", None)
+    x0 = jax.random.normal(jax.random.key(3), SHAPE)
+    noise = jax.random.normal(jax.random.key(4), SHAPE)
+    keys = keys_for(SHAPE[0], seed=5)
+    start = start_step_for_strength(NUM_STEPS, [0.6, 0.6])
+    t_start = int(start[0])
+    assert t_start == 2
+
+    x = initial_latents(sampler, noise, x0, start)
+    # diffusers' img2img: set_timesteps, timesteps[t_start:], add_noise at the first of them.
+    sched = DIFFUSERS_CLASS[name].from_config(config)
+    sched.set_timesteps(NUM_STEPS)
+    if hasattr(sched, "set_begin_index"):
+        sched.set_begin_index(t_start)
+    first_t = sched.timesteps[t_start : t_start + 1].repeat(SHAPE[0])
+    theirs_x = sched.add_noise(torch.from_numpy(np.array(x0)), torch.from_numpy(np.array(noise)), first_t)
+    np.testing.assert_allclose(np.asarray(x), theirs_x.numpy(), rtol=1e-5, atol=1e-5)
+
+    _, theirs = diffusers_trajectory(
+        monkeypatch, name, config, NUM_STEPS, x, noises=our_noise(keys, NUM_STEPS, SHAPE[1:]), t_start=t_start
+    )
+    ours = np.asarray(sample_trajectory(sampler, fake_model_jax, x, keys, start_step=start))
+    np.testing.assert_array_equal(ours[:t_start], np.broadcast_to(np.asarray(x), ours[:t_start].shape))
+    assert_trajectories_close(ours[t_start:], theirs)
+
+
+@pytest.mark.parametrize("name", ["ddim", "dpmpp_2m", "euler_a"])
+def test_mixed_start_steps_equal_each_sample_alone(name):
+    _, sampler = make_case(name, "v_prediction", None)
+    shape = (3,) + SHAPE[1:]
+    x0 = jax.random.normal(jax.random.key(6), shape)
+    noise = jax.random.normal(jax.random.key(7), shape)
+    keys = keys_for(3, seed=8, impl="threefry2x32")
+    start = jnp.array([0, 2, 4], jnp.int32)
+    run = jax.jit(sample, static_argnums=(0, 1))
+    batched = run(sampler, fake_model_jax, initial_latents(sampler, noise, x0, start), keys, start_step=start)
+    for b in range(3):
+        s = start[b : b + 1]
+        alone = run(sampler, fake_model_jax, initial_latents(sampler, noise[b : b + 1], x0[b : b + 1], s),
+                    keys[b : b + 1], start_step=s)
+        np.testing.assert_allclose(np.asarray(batched[b : b + 1]), np.asarray(alone), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["ddim", "euler", "dpmpp_2m"])
+def test_inpaint_blend_matches_diffusers_loop(name):
+    config, sampler = make_case(name, "epsilon", None)
+    x0 = jax.random.normal(jax.random.key(9), SHAPE)
+    noise = jax.random.normal(jax.random.key(10), SHAPE)
+    mask = (jnp.arange(SHAPE[-1]) < 3).astype(jnp.float32)  # 1 = repaint
+
+    def blend(x, i):
+        return (1 - mask) * noise_to_step(sampler, x0, noise, i) + mask * x
+
+    x = initial_latents(sampler, noise)
+    ours = sample_trajectory(sampler, fake_model_jax, x, None, after_step=blend)
+
+    # As diffusers' legacy inpaint pipeline: re-noise the known region to the next step's t.
+    sched = DIFFUSERS_CLASS[name].from_config(config)
+    sched.set_timesteps(NUM_STEPS)
+    tx0, tnoise, tmask = (torch.from_numpy(np.array(a)) for a in (x0, noise, mask))
+    xt = torch.from_numpy(np.array(x))
+    theirs = []
+    for i, t in enumerate(sched.timesteps):
+        xt = sched.step(fake_model_torch(sched.scale_model_input(xt, t), t), t, xt).prev_sample
+        known = tx0
+        if i < NUM_STEPS - 1:
+            known = sched.add_noise(tx0, tnoise, sched.timesteps[i + 1 : i + 2].repeat(SHAPE[0]))
+        xt = (1 - tmask) * known + tmask * xt
+        theirs.append(xt.numpy().copy())
+    assert_trajectories_close(ours, np.stack(theirs))
+
+
+@pytest.mark.parametrize("beta_schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
+def test_add_noise_matches_diffusers(beta_schedule):
+    config = {"beta_schedule": beta_schedule, "clip_sample": False, "variance_type": "fixed_small"}
+    schedule = NoiseSchedule.from_config(config)
+    theirs_sched = DDPMScheduler.from_config(config)
+    # Ours is float64; diffusers' float32 cumulative product drifts to ~1.3e-5 relative by t=999.
+    np.testing.assert_allclose(schedule.alphas_cumprod, theirs_sched.alphas_cumprod.numpy(), rtol=3e-5)
+    x0 = jax.random.normal(jax.random.key(11), (4, 3, 5))
+    noise = jax.random.normal(jax.random.key(12), (4, 3, 5))
+    t = jnp.array([0, 250, 998, 999])
+    ours = jax.jit(add_noise, static_argnums=0)(schedule, x0, noise, t)
+    theirs = theirs_sched.add_noise(
+        torch.from_numpy(np.array(x0)), torch.from_numpy(np.array(noise)), torch.from_numpy(np.array(t))
+    )
+    np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_unstated_spacing_follows_each_diffusers_default():
+    schedule = NoiseSchedule.from_config(SD_CONFIG)
+    for name in SAMPLER_NAMES:
+        sched = DIFFUSERS_CLASS[name].from_config(SD_CONFIG)
+        sched.set_timesteps(7)
+        np.testing.assert_array_equal(make_sampler(name, schedule, 7).timesteps, sched.timesteps.numpy(), err_msg=name)
+
+
+def test_start_step_for_strength_is_diffusers_rule():
+    for num_steps in (1, 5, 25, 50):
+        for strength in (0.0, 0.29, 0.3, 0.6, 0.75, 0.999, 1.0):
+            init = min(int(num_steps * strength), num_steps)
+            expected = max(num_steps - init, 0)
+            assert int(start_step_for_strength(num_steps, strength)[0]) == expected, (num_steps, strength)
+    traced = jax.jit(lambda s: start_step_for_strength(25, s))(jnp.array([0.0, 0.6, 1.0]))
+    np.testing.assert_array_equal(np.asarray(traced), [25, 10, 0])
+
+
+def test_full_start_returns_the_init_latents():
+    _, sampler = make_case("dpmpp_2m", "epsilon", None)
+    x0 = jax.random.normal(jax.random.key(13), SHAPE)
+    start = start_step_for_strength(NUM_STEPS, [0.0, 0.0])
+    x = initial_latents(sampler, jnp.zeros(SHAPE), x0, start)
+    np.testing.assert_array_equal(np.asarray(sample(sampler, fake_model_jax, x, None, start_step=start)), x0)
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("beta_schedule", "sigmoid"),
+        ("prediction_type", "sample"),
+        ("timestep_spacing", "karras"),
+        ("clip_sample", True),
+        ("rescale_betas_zero_snr", True),
+        ("thresholding", True),
+        ("trained_betas", [0.1, 0.2]),
+        ("variance_type", "learned_range"),
+    ],
+)
+def test_unsupported_config_names_field_and_value(field, value):
+    with pytest.raises(UnsupportedConfig, match=re.escape(f"{field}={value!r}")):
+        NoiseSchedule.from_config({**SD_CONFIG, field: value})
+
+
+@pytest.mark.faults
+def test_bad_sampler_arguments_are_refused():
+    schedule = NoiseSchedule.from_config(SD_CONFIG)
+    with pytest.raises(ValueError, match="'heun'"):
+        make_sampler("heun", schedule, 5)
+    with pytest.raises(ValueError, match="karras_sigmas"):
+        make_sampler("ddim", schedule, 5, karras_sigmas=True)
+    with pytest.raises(ValueError, match="num_steps=0"):
+        make_sampler("euler", schedule, 0)
+    with pytest.raises(ValueError, match="strength"):
+        start_step_for_strength(5, 1.5)
+    sampler = make_sampler("euler_a", schedule, 3)
+    with pytest.raises(ValueError, match="keys"):
+        sample(sampler, fake_model_jax, jnp.zeros(SHAPE), None)
