@@ -1,0 +1,157 @@
+"""Small convolutional and attention blocks shared by the UNet and the VAE.
+
+Attribute names mirror the diffusers PyTorch modules (`norm1`, `conv1`, `time_emb_proj`,
+`to_q`, `to_out.0`, ...) so that `jaxdiff.weights.convert.load_state_dict` can fill them
+from a diffusers checkpoint. Layout is NHWC throughout.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxdiff.models.attention import dot_product_attention
+
+
+def group_norm(num_channels: int, num_groups: int, eps: float, *, dtype, rngs: nnx.Rngs) -> nnx.GroupNorm:
+    """GroupNorm over NHWC channels; flax reduces in float32 even when `dtype` is half."""
+    if num_channels % num_groups:
+        raise ValueError(
+            f"group norm: {num_channels} channels do not split into {num_groups} groups; "
+            f"choose block_out_channels that are multiples of norm_num_groups")
+    return nnx.GroupNorm(num_channels, num_groups=num_groups, epsilon=eps,
+                         dtype=dtype, param_dtype=dtype, rngs=rngs)
+
+
+def conv2d(in_channels: int, out_channels: int, kernel_size: int, *, stride: int = 1,
+           padding=None, dtype, rngs: nnx.Rngs) -> nnx.Conv:
+    """A square convolution; default padding keeps the size (PyTorch's `padding=k // 2`)."""
+    if padding is None:
+        half = (kernel_size - 1) // 2
+        padding = ((half, half), (half, half))
+    return nnx.Conv(in_channels, out_channels, (kernel_size, kernel_size), strides=stride,
+                    padding=padding, dtype=dtype, param_dtype=dtype, rngs=rngs)
+
+
+class ResnetBlock2D(nnx.Module):
+    """Two 3x3 convolutions with pre-activation group norms, an optional time embedding
+    added between them, and a 1x1 shortcut when the channel count changes."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, temb_channels: int | None,
+                 groups: int, eps: float, output_scale_factor: float = 1.0,
+                 dtype=jnp.float32, rngs: nnx.Rngs):
+        self.output_scale_factor = output_scale_factor
+        self.norm1 = group_norm(in_channels, groups, eps, dtype=dtype, rngs=rngs)
+        self.conv1 = conv2d(in_channels, out_channels, 3, dtype=dtype, rngs=rngs)
+        self.time_emb_proj = (
+            nnx.Linear(temb_channels, out_channels, dtype=dtype, param_dtype=dtype, rngs=rngs)
+            if temb_channels is not None else None)
+        self.norm2 = group_norm(out_channels, groups, eps, dtype=dtype, rngs=rngs)
+        self.conv2 = conv2d(out_channels, out_channels, 3, dtype=dtype, rngs=rngs)
+        self.conv_shortcut = (conv2d(in_channels, out_channels, 1, dtype=dtype, rngs=rngs)
+                              if in_channels != out_channels else None)
+
+    def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
+        h = self.conv1(jax.nn.silu(self.norm1(x)))
+        if self.time_emb_proj is not None:
+            if temb is None:
+                raise ValueError("ResnetBlock2D: this block was built with a time embedding; pass temb")
+            h = h + self.time_emb_proj(jax.nn.silu(temb))[:, None, None, :]
+        h = self.conv2(jax.nn.silu(self.norm2(h)))
+        shortcut = self.conv_shortcut(x) if self.conv_shortcut is not None else x
+        out = shortcut + h
+        if self.output_scale_factor != 1.0:
+            out = out / self.output_scale_factor
+        return out
+
+
+class Downsample2D(nnx.Module):
+    """Stride-2 3x3 convolution. `padding=0` is the VAE encoder's variant, which pads
+    only the bottom and right edge by one (asymmetric, as in the original LDM code)."""
+
+    def __init__(self, channels: int, *, padding: int = 1, dtype=jnp.float32, rngs: nnx.Rngs):
+        pad = ((0, 1), (0, 1)) if padding == 0 else ((padding, padding), (padding, padding))
+        self.conv = conv2d(channels, channels, 3, stride=2, padding=pad, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.conv(x)
+
+
+def upsample_nearest(x: jax.Array, output_size: tuple[int, int] | None = None) -> jax.Array:
+    """Nearest-neighbour resize of NHWC `x` to twice its size, or to `output_size`."""
+    if output_size is None:
+        return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    out_h, out_w = output_size
+    in_h, in_w = x.shape[1], x.shape[2]
+    # PyTorch's "nearest" picks source index floor(dst * in / out).
+    rows = (jnp.arange(out_h) * in_h) // out_h
+    cols = (jnp.arange(out_w) * in_w) // out_w
+    return x[:, rows][:, :, cols]
+
+
+class Upsample2D(nnx.Module):
+    """Nearest-neighbour 2x (or to a given size) followed by a 3x3 convolution."""
+
+    def __init__(self, channels: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.conv = conv2d(channels, channels, 3, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, output_size: tuple[int, int] | None = None) -> jax.Array:
+        return self.conv(upsample_nearest(x, output_size))
+
+
+class Attention(nnx.Module):
+    """Multi-head attention with diffusers' parameter names (to_q, to_k, to_v, to_out.0).
+
+    On tokens (B, T, C) it is the transformer's self- or cross-attention. On an NHWC
+    feature map (the VAE mid block) it flattens the pixels into tokens, applies its own
+    `group_norm` first and adds the input back (`residual_connection`).
+    """
+
+    def __init__(self, query_dim: int, *, heads: int, dim_head: int,
+                 cross_attention_dim: int | None = None, bias: bool = False,
+                 norm_num_groups: int | None = None, eps: float = 1e-5,
+                 residual_connection: bool = False, rescale_output_factor: float = 1.0,
+                 dtype=jnp.float32, rngs: nnx.Rngs):
+        self.heads = heads
+        self.dim_head = dim_head
+        self.residual_connection = residual_connection
+        self.rescale_output_factor = rescale_output_factor
+        inner_dim = heads * dim_head
+        context_dim = cross_attention_dim if cross_attention_dim is not None else query_dim
+        self.group_norm = (group_norm(query_dim, norm_num_groups, eps, dtype=dtype, rngs=rngs)
+                           if norm_num_groups is not None else None)
+
+        def linear(n_in, n_out, use_bias):
+            return nnx.Linear(n_in, n_out, use_bias=use_bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
+
+        self.to_q = linear(query_dim, inner_dim, bias)
+        self.to_k = linear(context_dim, inner_dim, bias)
+        self.to_v = linear(context_dim, inner_dim, bias)
+        # A list so that the checkpoint key `to_out.0` (the Linear before dropout) lines up.
+        self.to_out = nnx.List([linear(inner_dim, query_dim, True)])
+
+    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        spatial_shape = None
+        if x.ndim == 4:
+            spatial_shape = x.shape
+            x = x.reshape(x.shape[0], -1, x.shape[-1])
+        residual = x
+        if self.group_norm is not None:
+            # Group norm over (B, T, C) reduces over tokens and channel groups, the
+            # same statistics as over the (B, H, W, C) map.
+            x = self.group_norm(x)
+        context = x if context is None else context
+        batch, tokens = x.shape[0], x.shape[1]
+        q = self.to_q(x).reshape(batch, tokens, self.heads, self.dim_head)
+        k = self.to_k(context).reshape(batch, context.shape[1], self.heads, self.dim_head)
+        v = self.to_v(context).reshape(batch, context.shape[1], self.heads, self.dim_head)
+        out = dot_product_attention(q, k, v)
+        out = self.to_out[0](out.reshape(batch, tokens, self.heads * self.dim_head))
+        if self.residual_connection:
+            out = out + residual
+        if self.rescale_output_factor != 1.0:
+            out = out / self.rescale_output_factor
+        if spatial_shape is not None:
+            out = out.reshape(spatial_shape)
+        return out

@@ -1,0 +1,149 @@
+"""UNet2DConditionModel parity with diffusers (PyTorch, CPU, fp32) on tiny random configs."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from jaxdiff.models.unet import UNet2DConditionModel, UNetConfig, UnsupportedConfig
+from jaxdiff.weights.convert import load_state_dict
+
+diffusers = pytest.importorskip("diffusers")
+
+# Tiny configs: small, uneven channel counts (multiples of the 8 norm groups), 3 levels.
+SD1_STYLE = dict(
+    sample_size=12, in_channels=4, out_channels=4, block_out_channels=(16, 24, 40),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    layers_per_block=1, norm_num_groups=8, cross_attention_dim=20, attention_head_dim=2,
+)
+SD2_STYLE = dict(
+    sample_size=12, in_channels=4, out_channels=4, block_out_channels=(24, 40),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    layers_per_block=1, norm_num_groups=8, cross_attention_dim=28, attention_head_dim=[3, 5],
+    use_linear_projection=True, upcast_attention=True, transformer_layers_per_block=2,
+)
+UPSCALER_STYLE = dict(
+    sample_size=12, in_channels=7, out_channels=4, block_out_channels=(16, 24, 40),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    layers_per_block=1, norm_num_groups=8, cross_attention_dim=20, attention_head_dim=2,
+    num_class_embeds=23, only_cross_attention=[True, True, False], use_linear_projection=True,
+)
+
+
+def _randomised_torch_unet(config: dict):
+    torch.manual_seed(0)
+    model = diffusers.UNet2DConditionModel(**config).eval()
+    with torch.no_grad():
+        # Perturb every parameter (norm scales and biases included) so no default
+        # initial value (ones, zeros) can hide a wrong mapping.
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def _jax_unet(torch_model, config: dict) -> UNet2DConditionModel:
+    cfg = UNetConfig.from_dict(dict(torch_model.config))
+    state = {k: v.numpy() for k, v in torch_model.state_dict().items()}
+    return load_state_dict(nnx.eval_shape(lambda: UNet2DConditionModel(cfg, rngs=nnx.Rngs(0))), state)
+
+
+@nnx.jit
+def _forward(model, sample, timesteps, context, class_labels):
+    return model(sample, timesteps, context, class_labels)
+
+
+def _compare(config: dict, *, height: int, width: int, timesteps, class_labels=None, tol: float):
+    torch_model = _randomised_torch_unet(config)
+    model = _jax_unet(torch_model, config)
+    gen = torch.Generator().manual_seed(1)
+    batch = len(timesteps)
+    sample = torch.randn(batch, config["in_channels"], height, width, generator=gen)
+    context = torch.randn(batch, 5, config["cross_attention_dim"], generator=gen)
+    t = torch.tensor(timesteps)
+    labels = None if class_labels is None else torch.tensor(class_labels)
+    with torch.no_grad():
+        want = torch_model(sample, t, context, class_labels=labels).sample.numpy().transpose(0, 2, 3, 1)
+    got = np.asarray(_forward(model, sample.numpy().transpose(0, 2, 3, 1), t.numpy(), context.numpy(),
+                              None if labels is None else labels.numpy()))
+    assert got.shape == want.shape
+    err = np.max(np.abs(got - want)) / np.max(np.abs(want))
+    assert err < tol, f"max abs error relative to output scale {err:.2e} >= {tol:.0e}"
+
+
+@pytest.mark.parity
+def test_sd1_style_matches_diffusers():
+    # 1x1-conv projections, one head count for all blocks; integer and fractional timesteps.
+    _compare(SD1_STYLE, height=12, width=12, timesteps=[999.0, 17.25], tol=1e-5)
+
+
+@pytest.mark.parity
+def test_sd2_style_matches_diffusers_on_uneven_size():
+    # Per-block head counts, linear projections, two transformer layers per block; a
+    # 10x13 latent is not divisible by 2, so the up path resizes to the skip's size.
+    _compare(SD2_STYLE, height=10, width=13, timesteps=[500.5, 3.0], tol=1e-5)
+
+
+@pytest.mark.parity
+def test_upscaler_style_matches_diffusers():
+    # 7 input channels (latent + low-res image), noise level as class label, the first
+    # two levels' transformers attend only to the context, and no attention up top.
+    _compare(UPSCALER_STYLE, height=12, width=12, timesteps=[20.0, 871.5],
+             class_labels=[20, 3], tol=1e-5)
+
+
+def test_bfloat16_model_stays_close_to_float32():
+    # bf16 parameters and activations, float32 norm statistics and softmax: the output
+    # must stay near the fp32 one (bf16 has ~3 significant digits; 5% of the scale).
+    torch_model = _randomised_torch_unet(SD2_STYLE)
+    cfg = UNetConfig.from_dict(SD2_STYLE)
+    state = {k: v.numpy() for k, v in torch_model.state_dict().items()}
+    fp32 = _jax_unet(torch_model, SD2_STYLE)
+    bf16 = load_state_dict(nnx.eval_shape(
+        lambda: UNet2DConditionModel(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))), state,
+        dtype=jnp.bfloat16)
+    rng = np.random.default_rng(0)
+    sample = rng.standard_normal((1, 8, 8, 4), np.float32)
+    context = rng.standard_normal((1, 5, 28), np.float32)
+    t = np.array([321.0], np.float32)
+    want = np.asarray(_forward(fp32, sample, t, context, None))
+    got = _forward(bf16, sample, t, context, None)
+    assert got.dtype == jnp.bfloat16
+    err = np.max(np.abs(np.asarray(got, np.float32) - want)) / np.max(np.abs(want))
+    assert err < 5e-2, f"bf16 error {err:.2e} relative to output scale"
+
+
+def test_config_keeps_per_block_fields():
+    cfg = UNetConfig.from_dict({**SD2_STYLE, "_class_name": "UNet2DConditionModel",
+                                "_diffusers_version": "0.42.1", "dropout": 0.0})
+    assert cfg.attention_head_dim == (3, 5)
+    assert cfg.cross_attention_dim == (28, 28)
+    assert cfg.only_cross_attention == (False, False)
+    assert cfg.transformer_layers_per_block == (2, 2)
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("key, value", [
+    ("addition_embed_type", "text_time"),
+    ("down_block_types", ("CrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D", "DownBlock2D")),
+    ("time_embedding_type", "fourier"),
+    ("attention_head_dim", [2, 3]),
+    ("resnet_time_scale_shift", "scale_shift"),
+    ("not_a_unet_field", 1),
+])
+def test_unsupported_config_names_the_field(key, value):
+    with pytest.raises(UnsupportedConfig, match=key):
+        UNetConfig.from_dict({**SD1_STYLE, key: value})
+
+
+@pytest.mark.faults
+def test_missing_class_labels_is_an_error():
+    cfg = UNetConfig.from_dict(UPSCALER_STYLE)
+    model = nnx.eval_shape(lambda: UNet2DConditionModel(cfg, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="class_labels"):
+        model(np.zeros((1, 8, 8, 7), np.float32), np.zeros((1,)), np.zeros((1, 3, 20), np.float32))
