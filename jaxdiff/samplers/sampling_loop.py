@@ -38,10 +38,13 @@ def start_step_for_strength(num_steps: int, strength) -> jax.Array:
     try:
         s = np.atleast_1d(np.asarray(strength, dtype=np.float64))
     except jax.errors.TracerArrayConversionError:
-        init = jnp.minimum(jnp.floor(num_steps * jnp.asarray(strength, jnp.float32)), num_steps)
-        return jnp.maximum(num_steps - init, 0).astype(jnp.int32).reshape(-1)
+        # Out-of-range strengths cannot raise under jit: clamp so the start stays a valid step.
+        init = jnp.clip(jnp.floor(num_steps * jnp.asarray(strength, jnp.float32)), 0, num_steps)
+        return (num_steps - init).astype(jnp.int32).reshape(-1)
     if not np.all((s >= 0.0) & (s <= 1.0)):
-        raise ValueError(f"strength must lie in [0, 1], got {s.tolist()}; 1 ignores the init image, 0 keeps it")
+        raise ValueError(
+            f"strength must lie in [0, 1], got {s.tolist()}; 1 ignores the init image, 0 keeps it"
+        )
     init = np.minimum(np.floor(num_steps * s), num_steps)
     return jnp.asarray(np.maximum(num_steps - init, 0).astype(np.int32))
 
@@ -57,7 +60,9 @@ def _level(sampler: Sampler, x0: jax.Array, noise: jax.Array, level: jax.Array) 
     return signal * x0.astype(jnp.float32) + spread * noise.astype(jnp.float32)
 
 
-def initial_latents(sampler: Sampler, noise: jax.Array, x0: jax.Array | None = None, start_step=None) -> jax.Array:
+def initial_latents(
+    sampler: Sampler, noise: jax.Array, x0: jax.Array | None = None, start_step=None
+) -> jax.Array:
     """Latents to start sampling from.
 
     txt2img (x0 None): noise * init_noise_sigma. img2img / inpaint: x0 noised to the
@@ -95,7 +100,9 @@ def _run(sampler, denoise, x, keys, start_step, after_step, keep_trajectory):
     x = jnp.asarray(x, jnp.float32)
     batch, ndim = x.shape[0], x.ndim
     if sampler.stochastic and keys is None:
-        raise ValueError(f"sampler {sampler.name!r} draws noise at every step: pass keys, one PRNG key per sample")
+        raise ValueError(
+            f"sampler {sampler.name!r} draws noise at every step: pass keys, one PRNG key per sample"
+        )
     if keys is not None and keys.shape[0] != batch:
         raise ValueError(f"keys must hold one PRNG key per sample ({batch}), got shape {tuple(keys.shape)}")
     start = jnp.zeros((batch,), jnp.int32) if start_step is None else jnp.asarray(start_step, jnp.int32)

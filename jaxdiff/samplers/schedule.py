@@ -151,7 +151,9 @@ def interpolate_sigmas(schedule: NoiseSchedule, timesteps: np.ndarray) -> np.nda
     return np.interp(timesteps, np.arange(schedule.num_train_timesteps), schedule.sigmas)
 
 
-def add_noise(schedule: NoiseSchedule, x0: jnp.ndarray, noise: jnp.ndarray, timesteps: jnp.ndarray) -> jnp.ndarray:
+def add_noise(
+    schedule: NoiseSchedule, x0: jnp.ndarray, noise: jnp.ndarray, timesteps: jnp.ndarray
+) -> jnp.ndarray:
     """Forward process q(x_t | x_0): sqrt(abar_t) x0 + sqrt(1 - abar_t) noise, per sample.
 
     timesteps: integer (B,) training timesteps, traced; x0 and noise: (B, ...).

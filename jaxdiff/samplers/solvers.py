@@ -27,7 +27,9 @@ from jaxdiff.samplers.schedule import (
 SAMPLER_NAMES = ("ddim", "dpmpp_2m", "euler", "euler_a", "ddpm")
 KARRAS_SAMPLERS = ("dpmpp_2m", "euler")
 # The spacing each diffusers scheduler defaults to when the config names none.
-DEFAULT_SPACING = {"ddim": "leading", "ddpm": "leading", "dpmpp_2m": "linspace", "euler": "linspace", "euler_a": "linspace"}
+DEFAULT_SPACING = {
+    "ddim": "leading", "ddpm": "leading", "dpmpp_2m": "linspace", "euler": "linspace", "euler_a": "linspace",
+}
 
 _TABLES = (
     "model_timesteps", "input_scale", "x0_from_x", "x0_from_out", "keep_x", "take_x0",
@@ -216,7 +218,9 @@ def _dpmpp_2m(schedule: NoiseSchedule, num_steps: int, spacing: str, karras: boo
     )
 
 
-def make_sampler(name: str, schedule: NoiseSchedule, num_steps: int, *, karras_sigmas: bool = False) -> Sampler:
+def make_sampler(
+    name: str, schedule: NoiseSchedule, num_steps: int, *, karras_sigmas: bool = False
+) -> Sampler:
     """The named solver for `schedule` with `num_steps` model calls."""
     if name not in SAMPLER_NAMES:
         raise ValueError(f"sampler name {name!r} is unknown; use one of {SAMPLER_NAMES}")
