@@ -440,6 +440,7 @@ def run(manifests: list[str], out: str, config: RenderConfig, *, beam_args: Iter
     if fresh:
         clear_output(out)
     check_existing_run(out, fingerprint, config)
+    shards.remove_partials(out)
 
     specs = manifest.plan_shards(files, config.shard_size)
     done = shards.complete_shards(out)
@@ -477,6 +478,9 @@ def run(manifests: list[str], out: str, config: RenderConfig, *, beam_args: Iter
         try:
             result = pipeline.run()
             result.wait_until_finish()
+        except Exception as e:
+            raise JobError(f"the pipeline failed ({e.__class__.__name__}: {e}). Committed shards are kept: "
+                           f"fix the cause and rerun the same command to render the rest.") from e
         finally:
             watcher.stop()
 

@@ -102,6 +102,16 @@ def check_writable(out: str) -> None:
                       "pass an --out that exists or can be created, with write permission") from e
 
 
+def remove_partials(out: str) -> None:
+    """Deletes temporary files a killed run left in a local output folder (GCS gets none)."""
+    for folder in (out, os.path.join(out, FAILURES_DIR)):
+        if storage.is_gcs(out) or not os.path.isdir(folder):
+            continue
+        for name in os.listdir(folder):
+            if name.startswith(".") and name.endswith(".partial"):
+                os.unlink(os.path.join(folder, name))
+
+
 # ---- paths and completion ---------------------------------------------------------------
 
 def shard_paths(out: str, name: str) -> dict[str, str]:

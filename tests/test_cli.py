@@ -1,0 +1,92 @@
+"""The `jaxdiff render` command: flags, exit codes, and the Dataflow graph built offline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jaxdiff import cli
+from pipelines import job
+
+
+@pytest.fixture(autouse=True)
+def own_tmpdir(tmp_path, monkeypatch):
+    folder = tmp_path / "tmpdir"
+    folder.mkdir()
+    monkeypatch.setenv("TMPDIR", str(folder))
+
+
+def test_unknown_flags_go_to_beam():
+    parser = cli.argparse.ArgumentParser()
+    render = cli._render_parser(parser.add_subparsers())
+    ours, beam_args = cli._split_beam_flags(
+        ["a.jsonl", "--runner", "DataflowRunner", "--out", "gs://b/o", "--project=p", "b.jsonl",
+         "--steps", "4", "--no_auth"], render)
+    assert ours == ["a.jsonl", "--out", "gs://b/o", "b.jsonl", "--steps", "4"]
+    assert beam_args == ["--runner", "DataflowRunner", "--project=p", "--no_auth"]
+
+
+@pytest.mark.faults
+def test_glob_matching_nothing_is_a_clear_error(tmp_path, capsys):
+    code = cli.main(["render", str(tmp_path / "nothing-*.jsonl"), "--out", str(tmp_path / "out"), "--dry-run"])
+    assert code == cli.EXIT_ERROR
+    assert "matches no file" in capsys.readouterr().err
+
+
+@pytest.mark.faults
+def test_unwritable_output_is_a_clear_error(tmp_path, capsys):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"prompt": "a blue square"}) + "\n")
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code = cli.main(["render", str(manifest), "--out", str(blocker / "out"), "--dry-run"])
+    assert code == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "cannot write to the output folder" in err and str(blocker / "out") in err
+
+
+@pytest.mark.faults
+def test_bad_settings_are_clear_errors(tmp_path, capsys):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"prompt": "a blue square"}) + "\n")
+    code = cli.main(["render", str(manifest), "--out", str(tmp_path / "out"), "--dry-run", "--batch-size", "0"])
+    assert code == cli.EXIT_ERROR
+    assert "--batch-size must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.pipeline
+def test_cli_renders_and_reruns(tmp_path, capsys):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"shape {i}"}) + "\n" for i in range(3)))
+    args = ["render", str(manifest), "--out", str(tmp_path / "out"), "--dry-run", "--width", "8", "--height", "8",
+            "--format", "jpg", "--shard-size", "2", "--no-progress"]
+    assert cli.main(args) == cli.EXIT_OK
+    assert "rendered 3, failed 0" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.tar")) == ["shard-00000.tar", "shard-00001.tar"]
+    assert cli.main(args) == cli.EXIT_OK
+    assert "2 already complete" in capsys.readouterr().err
+
+
+def test_dataflow_options_validate_and_graph_builds_offline(tmp_path):
+    from apache_beam.options.pipeline_options_validator import PipelineOptionsValidator
+    from apache_beam.runners.dataflow.dataflow_runner import DataflowRunner
+    from pipelines import manifest
+
+    options = job.pipeline_options([
+        "--runner=DataflowRunner", "--project=my-project", "--region=us-central1",
+        "--temp_location=gs://my-bucket/tmp", "--staging_location=gs://my-bucket/staging",
+        "--dry_run=True",  # Beam's own: skips its online bucket checks
+        "--sdk_container_image=us-docker.pkg.dev/p/jaxdiff/worker:latest",
+        "--dataflow_service_options=worker_accelerator=type:nvidia-l4;count:1;install-nvidia-driver",
+    ])
+    assert PipelineOptionsValidator(options, DataflowRunner()).validate() == []
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps({"prompt": "x"}) + "\n")
+    config = job.RenderConfig(dry_run=True)
+    specs = manifest.plan_shards([str(path)], 10)
+    pipeline = job.build_pipeline(options, specs, "gs://my-bucket/out", job.RendererFactory(config),
+                                  job.manifest_defaults(config), config)
+    proto = pipeline.to_runner_api()
+    names = {t.unique_name for t in proto.components.transforms.values()}
+    assert {"PlannedShards", "SpreadShards", "RenderShards"} <= names

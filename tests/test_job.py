@@ -1,0 +1,275 @@
+"""The render job end to end with the dry-run renderer: shards, failures, resume, crashes, retries."""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from jaxdiff import storage
+from pipelines import job, shards
+from pipelines.dry_run import DryRunRenderer
+
+GOOD = [{"id": f"g{i:02d}", "prompt": f"a red circle number {i}"} for i in range(11)]
+BAD = [
+    ("{not json", "malformed"),
+    (json.dumps({"id": "empty", "prompt": ""}), "empty prompt"),
+    (json.dumps({"id": "badseed", "prompt": "a square", "seed": "twelve"}), "not an integer"),
+    (json.dumps({"id": "badsize", "prompt": "a square", "width": 12}), "unsupported size"),
+    (json.dumps({"id": "noimage", "prompt": "a square", "mode": "img2img", "init_image": "missing.png"}),
+     "missing.png"),
+]
+
+
+@pytest.fixture(autouse=True)
+def own_tmpdir(tmp_path, monkeypatch):
+    """Beam leaves temp folders in $TMPDIR: one per test."""
+    folder = tmp_path / "tmpdir"
+    folder.mkdir()
+    monkeypatch.setenv("TMPDIR", str(folder))
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+
+
+def _manifest_lines() -> list[str]:
+    lines = [json.dumps(r) for r in GOOD]
+    # Bad records spread between good ones, so several shards see both.
+    for k, (line, _) in enumerate(BAD):
+        lines.insert(2 * k + 1, line)
+    return lines
+
+
+def _config(**kw) -> job.RenderConfig:
+    base = dict(dry_run=True, width=16, height=8, shard_size=5, batch_size=2, steps=3)
+    base.update(kw)
+    return job.RenderConfig(**base)
+
+
+def _ids_in_output(out: str, local_copy: str) -> tuple[list[str], list[dict]]:
+    """(ids in the tar files, read with webdataset; failure records), checking parquet agrees."""
+    import webdataset as wds
+
+    os.makedirs(local_copy, exist_ok=True)
+    index = json.loads(storage.read_text(storage.join(out, "index.json")))
+    assert index["wids_version"] == 1
+    tar_paths = []
+    for entry in index["shards"]:
+        local = os.path.join(local_copy, entry["url"])
+        storage.download(storage.join(out, entry["url"]), local)
+        tar_paths.append(local)
+    ids = []
+    for entry, local in zip(index["shards"], tar_paths):
+        n = 0
+        for item in wds.WebDataset(local, shardshuffle=False, empty_check=False):
+            meta = json.loads(item["json"])
+            image = np.asarray(Image.open(io.BytesIO(item["png"])))
+            assert image.shape == (meta["height"], meta["width"], 3)
+            assert item["txt"].decode() == meta["prompt"]
+            ids.append(meta["id"])
+            n += 1
+        assert n == entry["nsamples"]
+        table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(out, entry["parquet"]))))
+        assert table.num_rows == n
+    failures = []
+    for entry in index["shards"]:
+        name = entry["url"][: -len(".tar")]
+        failures += shards.read_failures(out, name)
+    return ids, failures
+
+
+def _assert_every_id_once(ids: list[str], failures: list[dict]) -> None:
+    good_ids = [r["id"] for r in GOOD]
+    assert sorted(ids) == sorted(good_ids), "each good id exactly once in the shards"
+    assert len(failures) == len(BAD)
+    reasons = " | ".join(f["reason"] for f in failures)
+    for _, expected in BAD:
+        assert expected in reasons
+    assert not set(ids) & {f["id"] for f in failures}
+
+
+@pytest.mark.pipeline
+@pytest.mark.faults
+def test_gcs_end_to_end_bad_records_resume_conflict_and_fresh(gcs_bucket, tmp_path):
+    manifest_url = f"gs://{gcs_bucket}/e2e/manifest.jsonl"
+    shards.write_bytes(manifest_url, ("\n".join(_manifest_lines()) + "\n").encode())
+    out = f"gs://{gcs_bucket}/e2e/out"
+
+    start = time.time()
+    summary = job.run([manifest_url], out, _config(), progress=False)
+    assert time.time() - start < 60, "gs:// access must not wait on credential lookups"
+    assert summary.complete and summary.shards == 4
+    assert (summary.rendered, summary.failed) == (len(GOOD), len(BAD))
+    ids, failures = _ids_in_output(out, str(tmp_path / "copy1"))
+    _assert_every_id_once(ids, failures)
+    run_record = json.loads(storage.read_text(storage.join(out, "run.json")))
+    assert run_record["model"]["model"] == "dry-run"
+    assert run_record["manifest"]["fingerprint"].startswith("sha256:")
+
+    # The same command again: everything is already complete.
+    again = job.run([manifest_url], out, _config(batch_size=3), progress=False)
+    assert (again.skipped_shards, again.rendered_shards) == (4, 0)
+
+    # Other settings, or another manifest, against this output are refused ...
+    with pytest.raises(job.RunConflict, match="different settings.*steps"):
+        job.run([manifest_url], out, _config(steps=4), progress=False)
+    other = f"gs://{gcs_bucket}/e2e/other.jsonl"
+    shards.write_bytes(other, (json.dumps(GOOD[0]) + "\n").encode())
+    with pytest.raises(job.RunConflict, match="different manifest.*--fresh"):
+        job.run([other], out, _config(), progress=False)
+    # ... unless --fresh, which starts over.
+    fresh = job.run([other], out, _config(), fresh=True, progress=False)
+    assert (fresh.shards, fresh.rendered, fresh.failed) == (1, 1, 0)
+    assert sorted(shards.complete_shards(out)) == ["shard-00000"]
+
+
+class FailOncePerShard:
+    """A dry-run renderer that raises the first time it sees a marked id, as a crashing worker would."""
+
+    def __init__(self, marker_dir: str, fail_ids: tuple[str, ...]):
+        self.marker_dir, self.fail_ids = marker_dir, fail_ids
+
+    def __call__(self):
+        inner = DryRunRenderer(2, width=16, height=8)
+        marker_dir, fail_ids = self.marker_dir, self.fail_ids
+
+        class Renderer:
+            batch_size = inner.batch_size
+            describe = inner.describe
+
+            def render_samples(self, samples):
+                for s in samples:
+                    marker = os.path.join(marker_dir, s.id)
+                    if s.id in fail_ids and not os.path.exists(marker):
+                        open(marker, "w").close()
+                        raise RuntimeError(f"simulated worker crash at {s.id}")
+                return inner.render_samples(samples)
+
+        return Renderer()
+
+
+@pytest.mark.pipeline
+@pytest.mark.faults
+def test_shard_that_raises_is_retried_without_duplicates(tmp_path):
+    manifest_path = tmp_path / "m.jsonl"
+    manifest_path.write_text("\n".join(_manifest_lines()) + "\n")
+    out = str(tmp_path / "out")
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    factory = FailOncePerShard(str(markers), ("g04", "g09"))
+
+    # A retry inside one worker: the shard's first attempt dies midway, the second commits.
+    from pipelines import manifest
+
+    spec = manifest.plan_shards([str(manifest_path)], 5)[1]
+    renderer = factory()
+    defaults = job.manifest_defaults(_config())
+    with pytest.raises(RuntimeError, match="simulated"):
+        job.render_shard(spec, out, renderer, defaults, model_info={})
+    assert not shards.complete_shards(out)
+    assert not [n for n in os.listdir(out) if n.endswith(".partial")], "a failed attempt leaves no temp files"
+    stats = job.render_shard(spec, out, renderer, defaults, model_info={})
+    assert stats["samples"] == spec.num_records
+
+    # Through the runner: the failing shard stops the run; the rerun renders only what is missing.
+    config = _config()
+    with pytest.raises(job.JobError, match="rerun the same command"):
+        job.run([str(manifest_path)], out, config, renderer_factory=factory, progress=False)
+    assert "shard-00002" not in shards.complete_shards(out)  # g09's shard
+    summary = job.run([str(manifest_path)], out, config, renderer_factory=factory, progress=False)
+    assert summary.complete
+    ids, failures = _ids_in_output(out, str(tmp_path / "copy"))
+    _assert_every_id_once(ids, failures)
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-c", "import sys; from jaxdiff.cli import main; sys.exit(main())", "render", *args]
+
+
+@pytest.mark.pipeline
+@pytest.mark.faults
+def test_killed_run_resumes_with_two_worker_processes(tmp_path):
+    manifest_path = tmp_path / "m.jsonl"
+    manifest_path.write_text("\n".join(_manifest_lines()) + "\n")
+    out = tmp_path / "out"
+    common = [str(manifest_path), "--out", str(out), "--dry-run", "--width", "16", "--height", "8",
+              "--shard-size", "3", "--batch-size", "1", "--no-progress"]
+    env = dict(os.environ, NO_GCE_CHECK="true", JAX_PLATFORMS="cpu")
+
+    proc = subprocess.Popen(_cli(*common, "--dry-run-delay", "0.4"), env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while not glob.glob(str(out / "*.stats.json")):
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.time() < deadline, "no shard committed in time"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    complete = shards.complete_shards(str(out))
+    assert 1 <= len(complete) < 6, "killed partway"
+    for name in complete:  # every marker vouches for a whole shard
+        stats = shards.read_stats(str(out), name)
+        assert stats["samples"] == 3 and os.path.getsize(out / f"{name}.tar") == stats["tar_bytes"]
+
+    rerun = subprocess.run(
+        _cli(*common, "--direct_num_workers", "2", "--direct_running_mode", "multi_processing"),
+        env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "already complete" in rerun.stderr
+    assert not [p for p in glob.glob(str(out / ".*")) if p.endswith(".partial")]
+    ids, failures = _ids_in_output(str(out), str(tmp_path / "copy"))
+    _assert_every_id_once(ids, failures)
+
+
+@pytest.mark.pipeline
+def test_retry_failures_renders_only_failed_ids(tmp_path):
+    """--retry-failures: an init image missing at first, present later, moves from failures/ to the shard."""
+    manifest_path = tmp_path / "m.jsonl"
+    records = [{"id": "a", "prompt": "one"},
+               {"id": "b", "prompt": "two", "mode": "img2img", "init_image": "late.png"},
+               {"id": "c", "prompt": "three"}]
+    manifest_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = str(tmp_path / "out")
+    config = _config(shard_size=10)
+    first = job.run([str(manifest_path)], out, config, progress=False)
+    assert (first.rendered, first.failed) == (2, 1)
+    Image.fromarray(np.zeros((8, 16, 3), np.uint8)).save(tmp_path / "late.png")
+    hashes_before = pq.read_table(os.path.join(out, "shard-00000.parquet")).to_pylist()
+
+    second = job.run([str(manifest_path)], out, config, retry_failures=True, progress=False)
+    assert (second.rendered, second.failed) == (3, 0)
+    assert shards.read_failures(out, "shard-00000") == []
+    table = pq.read_table(os.path.join(out, "shard-00000.parquet"))
+    assert sorted(table.column("id").to_pylist()) == ["a", "b", "c"]
+    rows = {r["id"]: r for r in table.to_pylist()}
+    for before in hashes_before:  # earlier images are kept as they were
+        assert rows[before["id"]] == before
+
+
+@pytest.mark.pipeline
+def test_run_inference_handler_renders_samples():
+    import apache_beam as beam
+    from apache_beam.ml.inference.base import RunInference
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from jaxdiff.engine.sample import Sample
+    from pipelines.handler import JaxDiffusionModelHandler
+
+    handler = JaxDiffusionModelHandler(job.RendererFactory(_config(batch_size=2)), batch_size=2)
+    samples = [Sample(id=f"s{i}", prompt="p", seed=i) for i in range(5)] + [Sample(id="odd", prompt="p", width=12)]
+    with beam.Pipeline("FnApiRunner") as p:
+        results = (p | beam.Create(samples) | RunInference(handler)
+                   | beam.Map(lambda r: (r.id, None if r.image is None else r.image.shape, r.error is None)))
+        expected = [(f"s{i}", (8, 16, 3), True) for i in range(5)] + [("odd", None, False)]
+        assert_that(results, equal_to(expected))
