@@ -1,0 +1,159 @@
+"""AutoencoderKL parity with diffusers (PyTorch, CPU, fp32) on tiny random configs."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from jaxdiff.models.unet import UnsupportedConfig
+from jaxdiff.models.vae import AutoencoderKL, VAEConfig
+from jaxdiff.weights.convert import load_state_dict
+
+diffusers = pytest.importorskip("diffusers")
+
+
+def _config(blocks: int) -> dict:
+    # f = 2**(blocks - 1): 4 blocks is SD's f=8, 3 blocks the x4 upscaler's f=4.
+    return dict(in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,
+                layers_per_block=1, block_out_channels=(8, 12, 20, 20)[:blocks],
+                down_block_types=("DownEncoderBlock2D",) * blocks,
+                up_block_types=("UpDecoderBlock2D",) * blocks, sample_size=32)
+
+
+@functools.lru_cache(maxsize=None)
+def _models(blocks: int):
+    torch.manual_seed(blocks)
+    torch_model = diffusers.AutoencoderKL(**_config(blocks)).eval()
+    with torch.no_grad():
+        # Perturb every parameter (norm scales and biases included) so no default
+        # initial value (ones, zeros) can hide a wrong mapping.
+        for p in torch_model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    cfg = VAEConfig.from_dict(dict(torch_model.config))
+    state = {k: v.numpy() for k, v in torch_model.state_dict().items()}
+    model = load_state_dict(nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0))), state)
+    return torch_model, model
+
+
+@nnx.jit
+def _encode(model, x):
+    return model.encode(x)
+
+
+@nnx.jit
+def _decode(model, z):
+    return model.decode(z)
+
+
+@functools.partial(nnx.jit, static_argnames=("tile_latent", "overlap"))
+def _tiled_decode(model, z, tile_latent, overlap):
+    return model.tiled_decode(z, tile_latent=tile_latent, overlap=overlap)
+
+
+def _nhwc(t: torch.Tensor) -> np.ndarray:
+    return t.detach().numpy().transpose(0, 2, 3, 1)
+
+
+def _relative_error(got, want) -> float:
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape
+    return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("blocks, height, width", [(4, 32, 24), (3, 20, 28)])
+def test_encode_matches_diffusers(blocks, height, width):
+    torch_model, model = _models(blocks)
+    image = torch.rand(2, 3, height, width, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        posterior = torch_model.encode(image).latent_dist
+    mean, logvar = _encode(model, _nhwc(image))
+    f = 2 ** (blocks - 1)
+    assert mean.shape == (2, height // f, width // f, 4)
+    tol = 1e-5  # max abs error relative to the output's scale, fp32 vs fp32
+    assert _relative_error(mean, _nhwc(posterior.mean)) < tol
+    assert _relative_error(logvar, _nhwc(posterior.logvar)) < tol
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("blocks, height, width", [(4, 4, 3), (3, 5, 7)])
+def test_decode_matches_diffusers(blocks, height, width):
+    torch_model, model = _models(blocks)
+    z = torch.randn(2, 4, height, width, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = torch_model.decode(z).sample
+    got = _decode(model, _nhwc(z))
+    f = 2 ** (blocks - 1)
+    assert got.shape == (2, height * f, width * f, 3)
+    assert _relative_error(got, _nhwc(want)) < 1e-5  # relative to the output's scale
+
+
+@pytest.mark.parity
+def test_tiled_decode_matches_diffusers_and_whole_decode():
+    torch_model, model = _models(4)
+    # 14x11 latents in 8-latent tiles with 2 latents of overlap (diffusers' factor 0.25):
+    # full tiles plus narrower tiles at the bottom and right edges.
+    z = torch.randn(1, 4, 14, 11, generator=torch.Generator().manual_seed(3))
+    torch_model.enable_tiling()
+    torch_model.tile_latent_min_size = 8
+    torch_model.tile_sample_min_size = 8 * 8
+    torch_model.tile_overlap_factor = 0.25
+    with torch.no_grad():
+        want_tiled = _nhwc(torch_model.decode(z).sample)
+    got = _tiled_decode(model, _nhwc(z), 8, 2)
+    assert got.shape == (1, 112, 88, 3)
+    assert _relative_error(got, want_tiled) < 1e-5  # same tiles, same blend as diffusers
+
+    # Against decoding at once, tiles differ by their missing context (with random weights
+    # each tile's group norms see quite different statistics), so the bounds are looser:
+    # mean error under 10% of the output scale, and a pixel correlation above 0.6 where a
+    # misplaced tile or an unrelated image scores about 0.
+    whole = np.asarray(_decode(model, _nhwc(z)))
+    tiled = np.asarray(got)
+    mean_error = np.mean(np.abs(tiled - whole)) / np.max(np.abs(whole))
+    correlation = np.corrcoef(tiled.ravel(), whole.ravel())[0, 1]
+    assert mean_error < 0.1, f"tiled vs whole decode: mean error {mean_error:.3f} of the output scale"
+    assert correlation > 0.6, f"tiled vs whole decode: correlation {correlation:.2f}"
+
+
+def test_tiled_decode_of_latents_within_one_tile_is_decode():
+    _, model = _models(3)
+    z = np.random.default_rng(0).standard_normal((1, 6, 5, 4)).astype(np.float32)
+    got = _tiled_decode(model, z, 6, 2)
+    assert _relative_error(got, _decode(model, z)) < 1e-6
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("tile_latent, overlap, name", [(0, 0, "tile_latent"), (8, 8, "overlap"),
+                                                         (8, -1, "overlap")])
+def test_tiled_decode_rejects_bad_tiles(tile_latent, overlap, name):
+    _, model = _models(3)
+    with pytest.raises(ValueError, match=name):
+        model.tiled_decode(np.zeros((1, 9, 9, 4), np.float32), tile_latent=tile_latent, overlap=overlap)
+
+
+@pytest.mark.faults
+def test_encode_rejects_size_not_multiple_of_factor():
+    _, model = _models(4)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        model.encode(np.zeros((1, 20, 16, 3), np.float32))
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("key, value", [("down_block_types", ("DownEncoderBlock2D", "AttnDownEncoderBlock2D")),
+                                        ("act_fn", "gelu"), ("layers_per_block", [1, 2]),
+                                        ("not_a_vae_field", 3)])
+def test_unsupported_config_names_the_field(key, value):
+    with pytest.raises(UnsupportedConfig, match=key):
+        VAEConfig.from_dict({**_config(2), key: value})
+
+
+def test_config_keeps_scaling_factor():
+    cfg = VAEConfig.from_dict({**_config(3), "scaling_factor": 0.08333, "force_upcast": True,
+                               "_class_name": "AutoencoderKL"})
+    assert cfg.scaling_factor == 0.08333
+    assert cfg.downscale_factor == 4
