@@ -20,7 +20,7 @@ import platform
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
