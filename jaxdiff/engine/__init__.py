@@ -1,0 +1,35 @@
+"""Generation: samplers + models -> jitted, sharded programs -> images."""
+
+from __future__ import annotations
+
+from jaxdiff.engine.pipeline import Pipeline, RenderError, RenderSettings, enable_compilation_cache
+from jaxdiff.engine.sample import Rendered, Sample
+
+
+def load_pipeline(model: str | None = None, upscaler: str | None = None, *, dtype=None,
+                  batch_size: int = 8, allow_pickle: bool = False, compilation_cache: str | None = None,
+                  devices=None, **settings) -> Pipeline:
+    """Loads a diffusers-format folder (local or gs://) and, optionally, an x4 upscaler folder.
+
+    `model=None` is the shipped default model (with its own upscaler unless
+    `upscaler="none"`). Keyword settings (steps, sampler, guidance, width, ...) become
+    the run's RenderSettings.
+    """
+    from jaxdiff.weights.family import load_family
+    from jaxdiff.checkpoints import default_model_path, default_upscaler_path
+
+    enable_compilation_cache(compilation_cache)
+    if model is None:
+        model = default_model_path()
+        if upscaler is None:
+            upscaler = default_upscaler_path()
+    if upscaler in (None, "none", ""):
+        upscaler = None
+    kw = dict(dtype=dtype, allow_pickle=allow_pickle)
+    base = load_family(model, **kw)
+    up = load_family(upscaler, **kw) if upscaler else None
+    return Pipeline(base, up, batch_size=batch_size, settings=RenderSettings(**settings), devices=devices)
+
+
+__all__ = ["Pipeline", "RenderError", "RenderSettings", "Rendered", "Sample", "load_pipeline",
+           "enable_compilation_cache"]

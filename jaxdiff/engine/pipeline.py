@@ -1,0 +1,404 @@
+"""The user-facing engine: prompts (or Samples) in, images out, over every local chip.
+
+Samples are grouped by what fixes a compiled program (size, steps, sampler), cut into
+fixed-size batches (a short last batch is padded with copies and the copies dropped),
+and sent through the base program and, when an upscaler is loaded, the upscale program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxdiff import samplers
+from jaxdiff.engine import images as imgs
+from jaxdiff.engine.programs import (BaseSignature, UpscaleSignature, make_base_program,
+                                     make_encode_program, make_upscale_program)
+from jaxdiff.engine.sample import MODES, Rendered, Sample, derive_seed
+from jaxdiff.models.clip import tokenize
+
+# Scheduler classes named in checkpoints -> our solvers. PNDM (SD 1.x's stored default)
+# has no equivalent here; DPM-Solver++ is the better sampler at equal steps anyway.
+SCHEDULER_CLASSES = {
+    "DDIMScheduler": "ddim",
+    "DPMSolverMultistepScheduler": "dpmpp_2m",
+    "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_a",
+    "DDPMScheduler": "ddpm",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RenderSettings:
+    """Run-wide defaults; a Sample's own fields override them."""
+
+    width: int | None = None       # None: the model's native size
+    height: int | None = None
+    steps: int = 25
+    sampler: str = "dpmpp_2m"
+    karras: bool = False
+    guidance: float = 7.5
+    negative_prompt: str = ""
+    strength: float = 0.75         # img2img
+    sketch_strength: float = 0.8   # sketches need more change than photos
+    clip_skip: int = 0
+    seed: int = 0                  # run seed: samples without a seed derive theirs from it and their id
+    upscale: bool = True           # when an upscaler is loaded
+    upscale_steps: int = 20
+    upscale_guidance: float = 9.0
+    upscale_sampler: str | None = None  # None: the upscaler checkpoint's own scheduler
+    noise_level: int = 20
+    keep_base: bool = False
+    tile_latent: int = 96          # decode larger latents in tiles
+
+
+class RenderError(ValueError):
+    """A sample that cannot be rendered as asked (reported per sample, not raised)."""
+
+
+@dataclasses.dataclass
+class _Prepared:
+    sample: Sample
+    width: int
+    height: int
+    steps: int
+    sampler: str
+    guidance: float
+    seed: int
+    negative_prompt: str
+    start_step: int = 0
+    init_flag: bool = False
+    image: np.ndarray | None = None     # float [-1, 1] at render size
+    mask: np.ndarray | None = None      # float {0,1} (H, W, 1), 1 = repaint
+    strength: float | None = None
+
+
+def enable_compilation_cache(path: str | None = None) -> str:
+    """Turns on JAX's persistent compilation cache, so a second process does not compile again."""
+    path = path or os.environ.get("JAXDIFF_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "jaxdiff", "xla")
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
+
+
+def _sampler_name(name: str | None, scheduler_config: dict, fallback: str) -> str:
+    if name:
+        return name
+    return SCHEDULER_CLASSES.get(scheduler_config.get("_class_name", ""), fallback)
+
+
+class Pipeline:
+    """Base model family, optional x4 upscaler family, compiled programs and the device mesh."""
+
+    def __init__(self, base, upscaler=None, *, batch_size: int = 8,
+                 settings: RenderSettings | None = None, devices: Sequence[jax.Device] | None = None):
+        self.base = base
+        self.upscaler = upscaler
+        self.settings = settings or RenderSettings()
+        devices = list(devices or jax.local_devices())
+        self.mesh = Mesh(np.array(devices), ("data",))
+        # The global batch splits evenly over the chips.
+        n = len(devices)
+        self.batch_size = -(-batch_size // n) * n
+        self._replicated = NamedSharding(self.mesh, P())
+        self._batched = NamedSharding(self.mesh, P("data"))
+        self._base = self._place(base)
+        self._up = self._place(upscaler) if upscaler is not None else None
+        self._programs: dict[Any, Any] = {}
+        self.compile_count = 0
+        unet_cfg, vae_cfg = base.unet_config, base.vae_config
+        self.vae_factor = 2 ** (len(vae_cfg.block_out_channels) - 1)
+        self.native_size = int(getattr(unet_cfg, "sample_size", 8)) * self.vae_factor
+        # Each UNet downsampling halves the latents: sizes must survive all of them.
+        self.size_multiple = self.vae_factor * 2 ** (len(unet_cfg.block_out_channels) - 1)
+        self.latent_channels = int(vae_cfg.latent_channels)
+
+    # -- setup ---------------------------------------------------------------------------
+    def _place(self, family):
+        parts = [family.text_encoder, family.unet, family.vae]
+        graphdefs, states = zip(*(nnx.split(m) for m in parts))
+        states = tuple(jax.device_put(s, self._replicated) for s in states)
+        return graphdefs, states
+
+    def _count_trace(self) -> None:
+        self.compile_count += 1
+
+    def _program(self, key, build):
+        if key not in self._programs:
+            self._programs[key] = build()
+        return self._programs[key]
+
+    # -- public API ----------------------------------------------------------------------
+    def describe(self) -> dict:
+        """Model ids, checksums and settings, for run records and per-image metadata."""
+        out = {"base": _family_info(self.base), "settings": dataclasses.asdict(self.settings),
+               "devices": [str(d) for d in self.mesh.devices.flat], "batch_size": self.batch_size}
+        if self.upscaler is not None:
+            out["upscaler"] = _family_info(self.upscaler)
+        return out
+
+    def render(self, prompts: Sequence[str], *, seeds: Sequence[int] | None = None,
+               negative_prompts: Sequence[str] | None = None, ids: Sequence[str] | None = None,
+               noise: np.ndarray | None = None, **fields) -> list[Rendered]:
+        """Renders prompts; `fields` are Sample fields (mode, init_image, guidance, ...) for all."""
+        samples = []
+        for i, prompt in enumerate(prompts):
+            samples.append(Sample(
+                id=ids[i] if ids else f"{i:06d}", prompt=prompt,
+                negative_prompt=negative_prompts[i] if negative_prompts else self.settings.negative_prompt,
+                seed=None if seeds is None else int(seeds[i]), **fields))
+        return self.render_samples(samples, noise=noise)
+
+    def render_samples(self, samples: Sequence[Sample], *, noise: np.ndarray | None = None) -> list[Rendered]:
+        """Renders any number of samples; results come back in the order given.
+
+        `noise` (optional, (N, h, w, C) latents) replaces each sample's initial noise, as
+        diffusers' `latents=` argument does, to reproduce a run exactly.
+        """
+        results: list[Rendered | None] = [None] * len(samples)
+        groups: dict[tuple, list[int]] = {}
+        prepared: list[_Prepared | None] = []
+        for i, sample in enumerate(samples):
+            try:
+                prep = self._prepare(sample)
+            except RenderError as err:
+                results[i] = Rendered(sample.id, None, {"prompt": sample.prompt}, error=str(err))
+                prepared.append(None)
+                continue
+            prepared.append(prep)
+            groups.setdefault((prep.height, prep.width, prep.steps, prep.sampler), []).append(i)
+        for (height, width, steps, sampler), members in groups.items():
+            for start in range(0, len(members), self.batch_size):
+                chunk = members[start:start + self.batch_size]
+                batch_noise = None if noise is None else np.asarray(noise)[chunk]
+                rendered = self._render_batch([prepared[i] for i in chunk], height, width, steps, sampler,
+                                              batch_noise)
+                for i, r in zip(chunk, rendered):
+                    results[i] = r
+        return results  # type: ignore[return-value]
+
+    # -- per-sample preparation ----------------------------------------------------------
+    def _prepare(self, s: Sample) -> _Prepared:
+        st = self.settings
+        if s.mode not in MODES:
+            raise RenderError(f"unknown mode {s.mode!r}: use one of {', '.join(MODES)}")
+        prep = _Prepared(
+            sample=s, width=s.width or st.width or self.native_size, height=s.height or st.height or self.native_size,
+            steps=s.steps or st.steps, sampler=s.sampler or st.sampler,
+            guidance=st.guidance if s.guidance is None else float(s.guidance),
+            seed=derive_seed(st.seed, s.id) if s.seed is None else int(s.seed),
+            negative_prompt=s.negative_prompt or st.negative_prompt)
+        if prep.sampler not in samplers.SAMPLER_NAMES:
+            raise RenderError(f"unknown sampler {prep.sampler!r}: use one of {', '.join(samplers.SAMPLER_NAMES)}")
+        if s.mode == "txt2img":
+            return self._check_size(prep)
+        image = s.init_image
+        if image is None:
+            raise RenderError(f"mode {s.mode} needs an init_image")
+        mask = s.mask
+        if s.mode == "outpaint":
+            if not s.outpaint:
+                raise RenderError("mode outpaint needs `outpaint` pixels (left, top, right, bottom)")
+            image, mask = imgs.outpaint_canvas(image, s.outpaint)
+            prep.width, prep.height = image.shape[1], image.shape[0]
+        self._check_size(prep)
+        prep.image = imgs.to_unit_range(imgs.resize_rgb(image, prep.width, prep.height))
+        if s.mode in ("img2img", "sketch"):
+            prep.strength = s.strength if s.strength is not None else (
+                st.sketch_strength if s.mode == "sketch" else st.strength)
+            prep.init_flag = True
+        else:  # inpaint, outpaint
+            if mask is None:
+                raise RenderError(f"mode {s.mode} needs a mask")
+            prep.mask = imgs.binary_mask(mask, prep.width, prep.height)
+            prep.strength = 1.0 if s.strength is None else s.strength
+            # At full strength the masked area starts from pure noise (as diffusers does).
+            prep.init_flag = prep.strength < 1.0
+        if not 0.0 < prep.strength <= 1.0:
+            raise RenderError(f"strength {prep.strength} is outside (0, 1]")
+        prep.start_step = _start_step(prep.steps, prep.strength)
+        return prep
+
+    def _check_size(self, prep: _Prepared) -> _Prepared:
+        multiple = self.size_multiple
+        if prep.width % multiple or prep.height % multiple or min(prep.width, prep.height) < multiple:
+            raise RenderError(f"unsupported size {prep.width}x{prep.height}: use multiples of {multiple}")
+        return prep
+
+    # -- batches -------------------------------------------------------------------------
+    def _put(self, array) -> jax.Array:
+        return jax.device_put(array, self._batched)
+
+    def _tokens(self, family, prompts: list[str]) -> tuple[np.ndarray, list[bool]]:
+        return tokenize(family.tokenizer, prompts, max_length=77)
+
+    def _render_batch(self, preps: list[_Prepared], height: int, width: int, steps: int, sampler_name: str,
+                      noise: np.ndarray | None) -> list[Rendered]:
+        t0 = time.perf_counter()
+        n_real = len(preps)
+        padded = preps + [preps[-1]] * (self.batch_size - n_real)
+        B = self.batch_size
+        f = self.vae_factor
+        lh, lw = height // f, width // f
+        C = self.latent_channels
+
+        ids, truncated = self._tokens(self.base, [p.sample.prompt for p in padded])
+        uncond_ids, _ = self._tokens(self.base, [p.negative_prompt for p in padded])
+        init_latents = np.zeros((B, lh, lw, C), np.float32)
+        masked_latents = np.zeros((B, lh, lw, C), np.float32)
+        mask = np.ones((B, lh, lw, 1), np.float32)
+        if any(p.image is not None for p in padded):
+            scale = float(self.base.vae_config.scaling_factor)
+            encode = self._program(("encode", B, height, width), lambda: make_encode_program(
+                self._base[0][2], scaling_factor=scale, on_trace=self._count_trace))
+            pixels = np.stack([p.image if p.image is not None else np.zeros((height, width, 3), np.float32)
+                               for p in padded])
+            init_latents = np.asarray(encode(self._base[1][2], self._put(pixels)))
+            if any(p.mask is not None for p in padded):
+                masks = np.stack([p.mask if p.mask is not None else np.ones((height, width, 1), np.float32)
+                                  for p in padded])
+                mask = np.stack([imgs.latent_mask(m, f) for m in masks])
+                if self.base.unet_config.in_channels > C:
+                    masked_latents = np.asarray(encode(self._base[1][2], self._put(pixels * (masks < 0.5))))
+        noise_given = np.zeros((B,), bool)
+        noise_arr = np.zeros((B, lh, lw, C), np.float32)
+        if noise is not None:
+            noise_arr[:n_real] = noise
+            noise_given[:n_real] = True
+        inputs = {
+            "ids": ids, "uncond_ids": uncond_ids,
+            "guidance": np.array([p.guidance for p in padded], np.float32),
+            "seeds": np.array([p.seed for p in padded], np.uint32),
+            "start_step": np.array([p.start_step for p in padded], np.int32),
+            "init_flag": np.array([p.init_flag for p in padded], bool),
+            "init_latents": init_latents, "mask": mask, "masked_latents": masked_latents,
+            "noise": noise_arr, "noise_given": noise_given,
+        }
+        sig = BaseSignature(B, height, width, steps, sampler_name, self.settings.karras)
+        program = self._program(("base", sig), lambda: make_base_program(
+            self._base[0], samplers.make_sampler(
+                sampler_name, samplers.NoiseSchedule.from_config(self.base.scheduler_config), steps,
+                karras_sigmas=self.settings.karras),
+            sig, clip_skip=self.settings.clip_skip, scaling_factor=float(self.base.vae_config.scaling_factor),
+            tile_latent=self.settings.tile_latent, on_trace=self._count_trace))
+        base_u8, base_ok = program(self._base[1], {k: self._put(v) for k, v in inputs.items()})
+        base_time = time.perf_counter() - t0
+
+        final_u8, final_ok, up_time = base_u8, base_ok, 0.0
+        if self._up is not None and self.settings.upscale:
+            t1 = time.perf_counter()
+            final_u8, final_ok = self._upscale([p.sample.prompt for p in padded],
+                                               [p.negative_prompt for p in padded],
+                                               [p.seed for p in padded], base_u8)
+            final_ok = final_ok & base_ok
+            up_time = time.perf_counter() - t1
+        final_u8, final_ok = np.asarray(final_u8), np.asarray(final_ok)
+        base_np = np.asarray(base_u8) if self.settings.keep_base and self._up is not None else None
+        per_image = {"base_s": round(base_time / n_real, 4), "upscale_s": round(up_time / n_real, 4)}
+
+        out = []
+        for i, p in enumerate(preps):
+            meta = self._metadata(p, truncated[i], final_u8.shape[1:3], per_image)
+            if not final_ok[i]:
+                out.append(Rendered(p.sample.id, None, meta, error="non-finite values (NaN or Inf) in the output"))
+                continue
+            out.append(Rendered(p.sample.id, final_u8[i], meta, base_image=None if base_np is None else base_np[i]))
+        return out
+
+    def upscale(self, images: Sequence[np.ndarray], prompts: Sequence[str], *, seeds: Sequence[int],
+                negative_prompts: Sequence[str] | None = None, noise: np.ndarray | None = None,
+                aug_noise: np.ndarray | None = None) -> list[np.ndarray]:
+        """Runs only the x4 stage on given uint8 images (all one size); returns uint8 images.
+
+        `noise` (latent noise) and `aug_noise` (the low-res augmentation noise) replace the
+        drawn noise, to reproduce a run exactly.
+        """
+        if self._up is None:
+            raise RenderError("no upscaler is loaded: pass upscaler=... to load_pipeline")
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            sl = slice(start, start + self.batch_size)
+            n = len(images[sl])
+            pad = lambda xs: list(xs) + [xs[-1]] * (self.batch_size - n)
+            negs = negative_prompts[sl] if negative_prompts else [self.settings.negative_prompt] * n
+            batch = jax.device_put(np.stack(pad(images[sl])), self._batched)
+            u8, ok = self._upscale(pad(prompts[sl]), pad(negs), pad(seeds[sl]), batch,
+                                   None if noise is None else np.asarray(noise)[sl],
+                                   None if aug_noise is None else np.asarray(aug_noise)[sl])
+            u8, ok = np.asarray(u8), np.asarray(ok)
+            out.extend(u8[i] if ok[i] else None for i in range(n))
+        return out
+
+    def _upscale(self, prompts: list[str], negatives: list[str], seeds: list[int], base_u8: jax.Array,
+                 noise: np.ndarray | None = None, aug_noise: np.ndarray | None = None):
+        st, fam = self.settings, self.upscaler
+        B, height, width = base_u8.shape[0], base_u8.shape[1], base_u8.shape[2]
+        sampler_name = _sampler_name(st.upscale_sampler, fam.scheduler_config, "ddim")
+        sig = UpscaleSignature(B, height, width, st.upscale_steps, sampler_name)
+        program = self._program(("upscale", sig), lambda: make_upscale_program(
+            self._up[0], samplers.make_sampler(
+                sampler_name, samplers.NoiseSchedule.from_config(fam.scheduler_config), st.upscale_steps),
+            # Only add_noise is used from the low-res scheduler: its clip_sample setting (True in
+            # DDPMScheduler's defaults) never applies.
+            samplers.NoiseSchedule.from_config({**fam.low_res_scheduler_config, "clip_sample": False}), sig,
+            clip_skip=st.clip_skip, scaling_factor=float(fam.vae_config.scaling_factor),
+            tile_latent=st.tile_latent, on_trace=self._count_trace))
+        ids, _ = self._tokens(fam, list(prompts))
+        uncond_ids, _ = self._tokens(fam, list(negatives))
+        C = int(fam.unet_config.out_channels)
+        noise_given = np.zeros((B,), bool)
+        noise_arr = np.zeros((B, height, width, C), np.float32)
+        aug_arr = np.zeros((B, height, width, 3), np.float32)
+        if noise is not None:
+            n = len(noise)
+            noise_arr[:n], aug_arr[:n], noise_given[:n] = noise, aug_noise, True
+        # The upscaler sees the base image as stored (uint8), so upscaling a saved base
+        # image later reproduces the same result.
+        low_res = base_u8.astype(jnp.float32) / 127.5 - 1.0
+        inputs = {
+            "ids": self._put(ids), "uncond_ids": self._put(uncond_ids),
+            "guidance": self._put(np.full((B,), st.upscale_guidance, np.float32)),
+            "seeds": self._put(np.array(seeds, np.uint32)),
+            "low_res": jax.device_put(low_res, self._batched),
+            "noise_level": self._put(np.full((B,), st.noise_level, np.int32)),
+            "noise": self._put(noise_arr), "aug_noise": self._put(aug_arr),
+            "noise_given": self._put(noise_given),
+        }
+        return program(self._up[1], inputs)
+
+    def _metadata(self, p: _Prepared, truncated: bool, size, timings) -> dict:
+        s = p.sample
+        meta = {
+            "id": s.id, "prompt": s.prompt, "negative_prompt": p.negative_prompt, "seed": p.seed,
+            "mode": s.mode, "sampler": p.sampler, "steps": p.steps, "guidance": p.guidance,
+            "width": int(size[1]), "height": int(size[0]), "base_width": p.width, "base_height": p.height,
+            "prompt_truncated": bool(truncated), "model": self.base.path, "timings": timings,
+        }
+        if p.strength is not None:
+            meta["strength"] = p.strength
+        if self._up is not None and self.settings.upscale:
+            meta.update(upscaler=self.upscaler.path, upscale_steps=self.settings.upscale_steps,
+                        noise_level=self.settings.noise_level)
+        meta.update(s.metadata)
+        return meta
+
+
+def _start_step(steps: int, strength: float) -> int:
+    """First step an image-started sample takes (diffusers' img2img rule)."""
+    init_steps = min(int(steps * strength), steps)
+    return max(steps - init_steps, 0)
+
+
+def _family_info(family) -> dict:
+    return {"path": family.path, "kind": family.kind, "dtype": str(family.dtype), "sha256": dict(family.sha256)}

@@ -1,0 +1,196 @@
+"""The jitted programs: one per stage and shape signature, traced once, run many times.
+
+Everything that varies per sample (prompts, seeds, guidance, strength, masks, noise
+level) is a traced batch array; only what fixes shapes or the loop length is static.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxdiff import samplers
+from jaxdiff.engine.guidance import classifier_free_guidance
+
+# Streams folded into a sample's key, so each random draw has its own fixed stream:
+# base stage (initial noise, solver noise), then the upscale stage's own key with
+# (augmentation noise, initial noise, solver noise).
+_INITIAL_NOISE, _SAMPLER_NOISE, _UPSCALE = 0, 1, 2
+_AUG_NOISE, _UPSCALE_NOISE, _UPSCALE_SAMPLER_NOISE = 0, 1, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseSignature:
+    """What fixes a compiled base-stage program."""
+
+    batch: int
+    height: int
+    width: int
+    steps: int
+    sampler: str
+    karras: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class UpscaleSignature:
+    """What fixes a compiled upscale-stage program (sizes are the low-res input's)."""
+
+    batch: int
+    height: int
+    width: int
+    steps: int
+    sampler: str
+
+
+def sample_keys(seeds: jax.Array) -> jax.Array:
+    return jax.vmap(jax.random.key)(seeds)
+
+
+def per_sample_normal(keys: jax.Array, stream: int, shape: tuple[int, ...]) -> jax.Array:
+    """One standard-normal draw per sample from its own key: independent of batch layout."""
+    return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, stream), shape))(keys)
+
+
+def encode_text(text_encoder, ids: jax.Array, clip_skip: int) -> jax.Array:
+    return text_encoder(ids, clip_skip=clip_skip).last_hidden_state
+
+
+def to_uint8(images: jax.Array) -> jax.Array:
+    """[-1, 1] float -> uint8 with rounding, as image processors do."""
+    return jnp.round(jnp.clip((images + 1.0) * 127.5, 0.0, 255.0)).astype(jnp.uint8)
+
+
+def all_finite(x: jax.Array) -> jax.Array:
+    return jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1)
+
+
+def decode_latents(vae, latents: jax.Array, scaling_factor: float, tile_latent: int | None) -> jax.Array:
+    z = (latents / scaling_factor).astype(vae_dtype(vae))
+    if tile_latent is not None and max(z.shape[1:3]) > tile_latent:
+        images = vae.tiled_decode(z, tile_latent=tile_latent)
+    else:
+        images = vae.decode(z)
+    return images.astype(jnp.float32)
+
+
+def vae_dtype(vae) -> jnp.dtype:
+    return vae.post_quant_conv.kernel.get_value().dtype
+
+
+def unet_dtype(unet) -> jnp.dtype:
+    return unet.conv_in.kernel.get_value().dtype
+
+
+def make_base_program(graphdefs, sampler, sig: BaseSignature, *, clip_skip: int,
+                      scaling_factor: float, tile_latent: int | None,
+                      on_trace: Callable[[], None]) -> Callable:
+    """Text -> latents (CFG, any mode) -> decoded images, as one XLA program.
+
+    Modes share it: `init_flag` picks image-started latents (img2img, sketch, inpaint
+    with strength < 1), `mask` (1 = repaint) blends known latents back after each step
+    for 4-channel UNets, and 9-channel inpainting UNets see mask and masked latents.
+    """
+    text_def, unet_def, vae_def = graphdefs
+
+    def program(states, inputs):
+        on_trace()
+        text_encoder = nnx.merge(text_def, states[0])
+        unet = nnx.merge(unet_def, states[1])
+        vae = nnx.merge(vae_def, states[2])
+        dtype = unet_dtype(unet)
+
+        context = encode_text(text_encoder, jnp.concatenate([inputs["uncond_ids"], inputs["ids"]]), clip_skip)
+        keys = sample_keys(inputs["seeds"])
+        init_latents = inputs["init_latents"]
+        shape = init_latents.shape[1:]
+        noise = jnp.where(inputs["noise_given"][:, None, None, None], inputs["noise"],
+                          per_sample_normal(keys, _INITIAL_NOISE, shape))
+        start = inputs["start_step"]
+        from_image = samplers.initial_latents(sampler, noise, x0=init_latents, start_step=start)
+        from_noise = samplers.initial_latents(sampler, noise)
+        x = jnp.where(inputs["init_flag"][:, None, None, None], from_image, from_noise)
+
+        mask = inputs["mask"]
+        extra = None
+        if unet.config.in_channels == shape[-1] + 1 + shape[-1]:  # 9-channel inpainting UNet
+            extra = jnp.concatenate([mask, inputs["masked_latents"]], axis=-1)
+
+        def denoise(x_in, t, i):
+            model_in = x_in if extra is None else jnp.concatenate([x_in, extra], axis=-1)
+            model_in = jnp.concatenate([model_in, model_in]).astype(dtype)
+            out = unet(model_in, jnp.concatenate([t, t]), context.astype(dtype)).astype(jnp.float32)
+            uncond, cond = jnp.split(out, 2)
+            return classifier_free_guidance(uncond, cond, inputs["guidance"])
+
+        def blend_known(x_i, i):
+            # Known pixels follow the init image at this step's noise level.
+            known = samplers.noise_to_step(sampler, init_latents, noise, i)
+            return mask * x_i + (1.0 - mask) * known
+
+        latents = samplers.sample(sampler, denoise, x, jax.vmap(lambda k: jax.random.fold_in(k, _SAMPLER_NOISE))(keys),
+                                  start_step=start,
+                                  after_step=None if extra is not None else blend_known)
+        images = decode_latents(vae, latents, scaling_factor, tile_latent)
+        finite = all_finite(latents) & all_finite(images)
+        return to_uint8(images), finite
+
+    return jax.jit(program)
+
+
+def make_encode_program(vae_def, *, scaling_factor: float, on_trace: Callable[[], None]) -> Callable:
+    """Images in [-1, 1] -> scaled latents (the posterior mean: deterministic per image)."""
+
+    def program(vae_state, images):
+        on_trace()
+        vae = nnx.merge(vae_def, vae_state)
+        mean, _ = vae.encode(images.astype(vae_dtype(vae)))
+        return mean.astype(jnp.float32) * scaling_factor
+
+    return jax.jit(program)
+
+
+def make_upscale_program(graphdefs, sampler, low_res_schedule, sig: UpscaleSignature, *,
+                         clip_skip: int, scaling_factor: float, tile_latent: int | None,
+                         on_trace: Callable[[], None]) -> Callable:
+    """The SD x4 upscaler: noise-augmented low-res image + latents -> 4x image."""
+    text_def, unet_def, vae_def = graphdefs
+
+    def program(states, inputs):
+        on_trace()
+        text_encoder = nnx.merge(text_def, states[0])
+        unet = nnx.merge(unet_def, states[1])
+        vae = nnx.merge(vae_def, states[2])
+        dtype = unet_dtype(unet)
+
+        context = encode_text(text_encoder, jnp.concatenate([inputs["uncond_ids"], inputs["ids"]]), clip_skip)
+        keys = jax.vmap(lambda k: jax.random.fold_in(k, _UPSCALE))(sample_keys(inputs["seeds"]))
+        low_res = inputs["low_res"]
+        noise_level = inputs["noise_level"]
+        aug_noise = jnp.where(inputs["noise_given"][:, None, None, None], inputs["aug_noise"],
+                              per_sample_normal(keys, _AUG_NOISE, low_res.shape[1:]))
+        image = samplers.add_noise(low_res_schedule, low_res, aug_noise, noise_level)
+        latent_shape = low_res.shape[1:3] + (unet.config.out_channels,)
+        noise = jnp.where(inputs["noise_given"][:, None, None, None], inputs["noise"],
+                          per_sample_normal(keys, _UPSCALE_NOISE, latent_shape))
+        x = samplers.initial_latents(sampler, noise)
+        cond_image = jnp.concatenate([image, image]).astype(dtype)
+        labels = jnp.concatenate([noise_level, noise_level])
+
+        def denoise(x_in, t, i):
+            model_in = jnp.concatenate([jnp.concatenate([x_in, x_in]).astype(dtype), cond_image], axis=-1)
+            out = unet(model_in, jnp.concatenate([t, t]), context.astype(dtype),
+                       class_labels=labels).astype(jnp.float32)
+            uncond, cond = jnp.split(out, 2)
+            return classifier_free_guidance(uncond, cond, inputs["guidance"])
+
+        latents = samplers.sample(sampler, denoise, x,
+                                  jax.vmap(lambda k: jax.random.fold_in(k, _UPSCALE_SAMPLER_NOISE))(keys))
+        images = decode_latents(vae, latents, scaling_factor, tile_latent)
+        finite = all_finite(latents) & all_finite(images)
+        return to_uint8(images), finite
+
+    return jax.jit(program)

@@ -1,0 +1,211 @@
+"""Engine: parity of every mode with diffusers' PyTorch pipelines, determinism, compile-once, NaN reporting."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import jaxdiff
+from tiny_models import make_sd_folder, make_upscaler_folder
+
+STEPS = 3
+# uint8 rounding is 0.5/255; fp32 XLA vs PyTorch adds a little on top.
+PIXEL_TOL = 2.5 / 255
+PROMPTS = ["a red circle", "a small blue square on the left"]
+NEGATIVE = ["", "blurry"]
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    return make_sd_folder(str(tmp_path_factory.mktemp("sd") / "sd"))
+
+
+@pytest.fixture(scope="module")
+def inpaint_folder(tmp_path_factory):
+    return make_sd_folder(str(tmp_path_factory.mktemp("inpaint") / "sd"), unet_in_channels=9, seed=3)
+
+
+@pytest.fixture(scope="module")
+def upscaler_folder(tmp_path_factory):
+    return make_upscaler_folder(str(tmp_path_factory.mktemp("up") / "up"))
+
+
+@pytest.fixture(scope="module")
+def pipe(sd_folder):
+    return jaxdiff.load_pipeline(sd_folder, upscaler="none", steps=STEPS, sampler="ddim", guidance=7.5,
+                                 batch_size=2)
+
+
+def _noise(n, h, w, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((n, 4, h, w), generator=g)
+
+
+def _nhwc(t: torch.Tensor) -> np.ndarray:
+    return t.permute(0, 2, 3, 1).numpy()
+
+
+def _images(results) -> np.ndarray:
+    assert all(r.error is None for r in results), [r.error for r in results]
+    return np.stack([r.image for r in results]).astype(np.float32) / 255.0
+
+
+def _assert_close(ours, theirs, tol=PIXEL_TOL):
+    diff = np.abs(ours - theirs)
+    assert diff.max() <= tol, f"max abs diff {diff.max() * 255:.2f}/255 over tolerance"
+
+
+def _rgb(seed, size=16):
+    return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def _patch_noise(monkeypatch, module, tensors):
+    """Makes a diffusers pipeline module draw the given tensors, in order, instead of random noise."""
+    queue = list(tensors)
+    monkeypatch.setattr(module, "randn_tensor", lambda shape, **kw: queue.pop(0).reshape(shape))
+
+
+def _patch_posterior_mean(monkeypatch, module):
+    # jaxdiff encodes images to the posterior mean (deterministic per image); make diffusers do the same.
+    original = module.retrieve_latents
+    monkeypatch.setattr(module, "retrieve_latents",
+                        lambda out, generator=None, sample_mode="sample": original(out, sample_mode="argmax"))
+
+
+@pytest.mark.parity
+def test_text_to_image_matches_diffusers(pipe, sd_folder):
+    from diffusers import StableDiffusionPipeline
+
+    noise = _noise(2, 8, 8)
+    ref = StableDiffusionPipeline.from_pretrained(sd_folder)(
+        PROMPTS, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=7.5, height=16, width=16,
+        latents=noise, output_type="np").images
+    ours = _images(pipe.render(PROMPTS, negative_prompts=NEGATIVE, seeds=[0, 1], noise=_nhwc(noise)))
+    _assert_close(ours, ref)
+
+
+@pytest.mark.parity
+def test_image_to_image_matches_diffusers(pipe, sd_folder, monkeypatch):
+    from PIL import Image
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img as module
+
+    init = [_rgb(1), _rgb(2)]
+    noise = _noise(2, 8, 8, seed=5)
+    _patch_noise(monkeypatch, module, [noise])
+    _patch_posterior_mean(monkeypatch, module)
+    ref = StableDiffusionImg2ImgPipeline.from_pretrained(sd_folder)(
+        PROMPTS, image=[Image.fromarray(i) for i in init],
+        strength=0.7, num_inference_steps=STEPS, guidance_scale=7.5, output_type="np").images
+    samples = [jaxdiff.Sample(id=str(i), prompt=p, seed=i, mode="img2img", init_image=init[i], strength=0.7)
+               for i, p in enumerate(PROMPTS)]
+    ours = _images(pipe.render_samples(samples, noise=_nhwc(noise)))
+    _assert_close(ours, ref)
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("channels", [9, 4])
+def test_inpainting_matches_diffusers(channels, inpaint_folder, sd_folder, monkeypatch):
+    from PIL import Image
+    from diffusers import StableDiffusionInpaintPipeline
+    from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_inpaint as module
+
+    folder = inpaint_folder if channels == 9 else sd_folder
+    init = _rgb(7)
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:12, 2:10] = 255
+    noise = _noise(1, 8, 8, seed=9)
+    _patch_posterior_mean(monkeypatch, module)
+    ref = StableDiffusionInpaintPipeline.from_pretrained(folder)(
+        PROMPTS[:1], image=Image.fromarray(init), mask_image=Image.fromarray(mask), height=16, width=16,
+        strength=1.0, num_inference_steps=STEPS, guidance_scale=7.5, latents=noise, output_type="np").images
+    pipe = jaxdiff.load_pipeline(folder, upscaler="none", steps=STEPS, sampler="ddim", batch_size=1)
+    sample = jaxdiff.Sample(id="0", prompt=PROMPTS[0], seed=0, mode="inpaint", init_image=init, mask=mask)
+    ours = _images(pipe.render_samples([sample], noise=_nhwc(noise)))
+    _assert_close(ours, ref)
+
+
+@pytest.mark.parity
+def test_upscale_matches_diffusers(sd_folder, upscaler_folder, monkeypatch):
+    from PIL import Image
+    from diffusers import StableDiffusionUpscalePipeline
+    from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_upscale as module
+
+    low = [_rgb(11, 8), _rgb(12, 8)]
+    aug = torch.randn((2, 3, 8, 8), generator=torch.Generator().manual_seed(2))
+    noise = _noise(2, 8, 8, seed=4)
+    _patch_noise(monkeypatch, module, [aug])
+    ref = StableDiffusionUpscalePipeline.from_pretrained(upscaler_folder)(
+        PROMPTS, image=[Image.fromarray(i) for i in low], negative_prompt=NEGATIVE, num_inference_steps=STEPS,
+        guidance_scale=9.0, noise_level=20, latents=noise, output_type="np").images
+    pipe = jaxdiff.load_pipeline(sd_folder, upscaler=upscaler_folder, steps=STEPS, sampler="ddim",
+                                 upscale_steps=STEPS, upscale_guidance=9.0, noise_level=20, batch_size=2)
+    ours = pipe.upscale(low, PROMPTS, seeds=[0, 1], negative_prompts=NEGATIVE, noise=_nhwc(noise),
+                        aug_noise=_nhwc(aug))
+    assert ours[0].shape == (32, 32, 3)
+    _assert_close(np.stack(ours).astype(np.float32) / 255.0, ref)
+
+
+def test_two_stage_render_keeps_base(sd_folder, upscaler_folder):
+    pipe = jaxdiff.load_pipeline(sd_folder, upscaler=upscaler_folder, steps=2, sampler="ddim", upscale_steps=2,
+                                 keep_base=True, batch_size=2)
+    (r,) = pipe.render(["a red circle"], seeds=[3])
+    assert r.image.shape == (64, 64, 3) and r.base_image.shape == (16, 16, 3)
+    assert r.metadata["upscale_steps"] == 2 and r.metadata["width"] == 64
+
+
+def test_same_seed_same_image_anywhere_in_any_batch(sd_folder):
+    """A sample's image depends on its prompt and seed only: not on batch size or position."""
+    pipe4 = jaxdiff.load_pipeline(sd_folder, upscaler="none", steps=2, sampler="euler_a", batch_size=4)
+    pipe1 = jaxdiff.load_pipeline(sd_folder, upscaler="none", steps=2, sampler="euler_a", batch_size=1)
+    alone = pipe1.render(["a red circle"], seeds=[42])[0].image
+    batch = pipe4.render(["a blue square", "a red circle", "a green circle"], seeds=[1, 42, 2])
+    assert np.abs(batch[1].image.astype(int) - alone.astype(int)).max() <= 1
+    moved = pipe4.render(["a red circle", "x"], seeds=[42, 5])[0].image
+    assert np.abs(moved.astype(int) - alone.astype(int)).max() <= 1
+    other = pipe1.render(["a red circle"], seeds=[43])[0].image
+    assert np.abs(other.astype(int) - alone.astype(int)).max() > 10
+
+
+def test_one_compilation_for_many_batches_of_one_signature(sd_folder):
+    pipe = jaxdiff.load_pipeline(sd_folder, upscaler="none", steps=2, sampler="dpmpp_2m", batch_size=2)
+    prompts = [f"prompt {i}" for i in range(7)]  # 4 batches, the last one short and padded
+    results = pipe.render(prompts, seeds=list(range(7)), guidance=3.0)
+    assert len(results) == 7 and all(r.image is not None for r in results)
+    results = pipe.render(prompts[:3], seeds=[9, 8, 7], guidance=5.0)  # other guidance: traced, same program
+    assert pipe.compile_count == 1
+    pipe.render(["a"], seeds=[1], width=32, height=16)  # a new size is a new program
+    assert pipe.compile_count == 2
+
+
+@pytest.mark.faults
+def test_non_finite_output_is_reported_per_sample(pipe):
+    samples = [jaxdiff.Sample(id="ok", prompt="a", seed=1),
+               jaxdiff.Sample(id="bad", prompt="a", seed=1, guidance=float("nan"))]
+    ok, bad = pipe.render_samples(samples)
+    assert ok.error is None and ok.image is not None
+    assert bad.image is None and "non-finite" in bad.error
+
+
+@pytest.mark.faults
+def test_bad_sample_requests_are_reported_not_raised(pipe):
+    samples = [jaxdiff.Sample(id="size", prompt="a", width=18, height=16),
+               jaxdiff.Sample(id="noimg", prompt="a", mode="img2img"),
+               jaxdiff.Sample(id="mode", prompt="a", mode="paint"),
+               jaxdiff.Sample(id="good", prompt="a", seed=1)]
+    size, noimg, mode, good = pipe.render_samples(samples)
+    assert "unsupported size 18x16" in size.error
+    assert "init_image" in noimg.error
+    assert "unknown mode" in mode.error
+    assert good.error is None
+
+
+def test_outpaint_and_sketch_render(pipe):
+    sketch = np.full((16, 16, 3), 255, np.uint8)
+    sketch[4:12, 8] = 0
+    out, sk = pipe.render_samples([
+        jaxdiff.Sample(id="o", prompt="a", seed=1, mode="outpaint", init_image=_rgb(3, 8), outpaint=(4, 0, 4, 8)),
+        jaxdiff.Sample(id="s", prompt="a", seed=1, mode="sketch", init_image=sketch)])
+    assert out.image.shape == (16, 16, 3) and out.error is None
+    assert sk.metadata["strength"] == 0.8 and sk.error is None

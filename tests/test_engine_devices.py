@@ -1,0 +1,65 @@
+"""Sharding over 4 forced CPU devices and the persistent compilation cache, each in a fresh process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tiny_models import make_sd_folder
+
+SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax, numpy as np
+    import jaxdiff
+    folder, mode = sys.argv[1], sys.argv[2]
+    prompts = ["a red circle", "a blue square", "two shapes", "a"]
+    if mode == "devices":
+        assert jax.device_count() == 4, jax.devices()
+        pipe4 = jaxdiff.load_pipeline(folder, upscaler="none", steps=2, sampler="dpmpp_2m", batch_size=4)
+        pipe1 = jaxdiff.load_pipeline(folder, upscaler="none", steps=2, sampler="dpmpp_2m", batch_size=4,
+                                      devices=jax.devices()[:1])
+        a = np.stack([r.image for r in pipe4.render(prompts, seeds=[1, 2, 3, 4])]).astype(int)
+        b = np.stack([r.image for r in pipe1.render(prompts, seeds=[1, 2, 3, 4])]).astype(int)
+        print(json.dumps({"mesh": list(pipe4.mesh.devices.shape), "max_diff": int(np.abs(a - b).max())}))
+    else:
+        import time
+        t = time.perf_counter()
+        pipe = jaxdiff.load_pipeline(folder, upscaler="none", steps=2, sampler="ddim", batch_size=1)
+        pipe.render(prompts[:1], seeds=[1])
+        print(json.dumps({"seconds": time.perf_counter() - t}))
+""")
+
+
+def _run(args, env):
+    out = subprocess.run([sys.executable, "-c", SCRIPT, *args], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_sd_folder(str(tmp_path_factory.mktemp("sd") / "sd"))
+
+
+def test_batch_sharded_over_four_devices_matches_one_device(folder, tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+               JAXDIFF_CACHE_DIR=str(tmp_path / "cache"))
+    result = _run([folder, "devices"], env)
+    assert result["mesh"] == [4]
+    assert result["max_diff"] <= 1
+
+
+def test_second_process_reuses_compiled_programs(folder, tmp_path):
+    cache = tmp_path / "cache"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAXDIFF_CACHE_DIR=str(cache))
+    _run([folder, "cache"], env)
+    entries = set(os.listdir(cache))
+    assert entries, "the first process wrote no compiled programs to the cache"
+    _run([folder, "cache"], env)
+    assert set(os.listdir(cache)) == entries, "the second process compiled again"

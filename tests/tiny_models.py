@@ -1,0 +1,138 @@
+"""Tiny random diffusers checkpoints, written to disk with save_pretrained, for tests.
+
+Dimensions are small and odd-sized where the architecture allows, so layout mistakes
+(transposes, channel orders) cannot hide behind square shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+
+
+def _byte_unicode() -> list[str]:
+    # The printable stand-ins CLIP's byte-level BPE uses for the 256 byte values.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def write_tokenizer(path: str, model_max_length: int = 77) -> int:
+    """A character-level CLIP BPE tokenizer (no merges); returns its vocabulary size."""
+    from transformers import CLIPTokenizer
+
+    os.makedirs(path, exist_ok=True)
+    chars = _byte_unicode()
+    vocab = {}
+    for c in chars:
+        vocab[c] = len(vocab)
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    with open(os.path.join(path, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(path, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    tok = CLIPTokenizer(os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt"),
+                        model_max_length=model_max_length)
+    tok.save_pretrained(path)
+    return len(vocab)
+
+
+def _text_encoder(vocab_size: int, hidden_act: str = "quick_gelu"):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = CLIPTextConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, hidden_act=hidden_act,
+                         bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
+                         projection_dim=16)
+    return CLIPTextModel(cfg).eval()
+
+
+def _vae(blocks: int, scaling_factor: float):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4, layers_per_block=1,
+        block_out_channels=tuple([8, 12, 12, 12][:blocks]),
+        down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
+        sample_size=32, scaling_factor=scaling_factor).eval()
+
+
+def _randomize(module: torch.nn.Module, scale: float = 0.2) -> None:
+    # Fresh-init norms are identity and some convs start at zero: randomise everything so
+    # every parameter's layout matters.
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p) * scale)
+
+
+def make_sd_folder(path: str, *, seed: int = 0, unet_in_channels: int = 4, prediction_type: str = "epsilon",
+                   scheduler: str = "DDIMScheduler", hidden_act: str = "quick_gelu") -> str:
+    """A tiny text-to-image (or 9-channel inpainting) pipeline folder; images are 16x16."""
+    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+                           StableDiffusionPipeline, UNet2DConditionModel)
+
+    torch.manual_seed(seed)
+    tok_dir = os.path.join(path, "tokenizer")
+    vocab_size = write_tokenizer(tok_dir)
+    from transformers import CLIPTokenizer
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=unet_in_channels, out_channels=4, layers_per_block=1,
+        block_out_channels=(8, 16), norm_num_groups=4, cross_attention_dim=16, attention_head_dim=2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).eval()
+    vae = _vae(2, 0.18215)
+    text_encoder = _text_encoder(vocab_size, hidden_act)
+    for m in (unet, vae, text_encoder):
+        _randomize(m)
+    sched_cls = {"DDIMScheduler": DDIMScheduler, "DPMSolverMultistepScheduler": DPMSolverMultistepScheduler,
+                 "EulerDiscreteScheduler": EulerDiscreteScheduler}[scheduler]
+    sched = sched_cls(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                      prediction_type=prediction_type, steps_offset=1, timestep_spacing="leading",
+                      **({"clip_sample": False, "set_alpha_to_one": False} if scheduler == "DDIMScheduler" else {}))
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=sched, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def make_upscaler_folder(path: str, *, seed: int = 1) -> str:
+    """A tiny SD x4 upscaler folder (f=4 VAE, 7-channel UNet with noise-level class labels)."""
+    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionUpscalePipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    tok_dir = os.path.join(path, "tokenizer")
+    vocab_size = write_tokenizer(tok_dir)
+    from transformers import CLIPTokenizer
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=7, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        norm_num_groups=4, cross_attention_dim=16, attention_head_dim=2, num_class_embeds=1000,
+        only_cross_attention=[True, False], down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D")).eval()
+    vae = _vae(3, 0.08333)
+    text_encoder = _text_encoder(vocab_size, "gelu")
+    for m in (unet, vae, text_encoder):
+        _randomize(m)
+    pipe = StableDiffusionUpscalePipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        low_res_scheduler=DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.0001, beta_end=0.02),
+        scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=False,
+                                steps_offset=1, timestep_spacing="leading"),
+        max_noise_level=350)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
