@@ -63,3 +63,14 @@ ARCHITECTURES = {
     "sd21": (OPENCLIP_H, SD21_UNET, SD_VAE, dict(SD_SCHEDULER, prediction_type="v_prediction"), None),
     "x4-upscaler": (OPENCLIP_H, X4_UNET, X4_VAE, X4_SCHEDULER, X4_LOW_RES_SCHEDULER),
 }
+
+# Tiny versions of the same families, for CPU runs of the benchmark tools and tests.
+TINY_UNET = dict(SD15_UNET, sample_size=8, block_out_channels=[8, 16], layers_per_block=1, norm_num_groups=4,
+                 cross_attention_dim=16, attention_head_dim=2,
+                 down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+                 up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"])
+TINY_VAE = dict(SD_VAE, block_out_channels=[8, 12], layers_per_block=1, norm_num_groups=4, sample_size=16,
+                down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
+TINY_CLIP = dict(CLIP_L, vocab_size=514, hidden_size=16, intermediate_size=37, num_hidden_layers=2,
+                 num_attention_heads=2, projection_dim=16, bos_token_id=512, eos_token_id=513, pad_token_id=513)
+ARCHITECTURES["tiny"] = (TINY_CLIP, TINY_UNET, TINY_VAE, SD_SCHEDULER, None)

@@ -75,8 +75,8 @@ _URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 class RenderDefaults:
     """The run's settings for every field a record leaves out, and the limits records must keep."""
 
-    width: int = 512
-    height: int = 512
+    width: int | None = None    # None: the model's native size (the engine knows it)
+    height: int | None = None
     steps: int = 25
     guidance: float = 7.5
     sampler: str = "dpmpp_2m"
@@ -102,6 +102,8 @@ class RenderDefaults:
                 bad(name, "use a positive integer")
         for name in ("width", "height"):
             value = getattr(self, name)
+            if value is None:
+                continue
             if not _is_int(value) or value % self.size_multiple or not 0 < value <= self.max_side:
                 bad(name, f"use a multiple of {self.size_multiple} up to {self.max_side}")
         if not _is_int(self.steps) or not 1 <= self.steps <= self.max_steps:
@@ -252,12 +254,14 @@ def _record_id(raw: RawRecord, fields: dict[str, Any] | None) -> str:
     return value
 
 
-def _size(fields: dict[str, Any], defaults: RenderDefaults) -> tuple[int, int]:
+def _size(fields: dict[str, Any], defaults: RenderDefaults) -> tuple[int | None, int | None]:
     width = _integer("width", fields["width"]) if "width" in fields else defaults.width
     height = _integer("height", fields["height"]) if "height" in fields else defaults.height
     m, top = defaults.size_multiple, defaults.max_side
-    if width % m or height % m or not (m <= width <= top and m <= height <= top):
-        raise _Invalid(f"unsupported size {width}x{height}: use multiples of {m} up to {top}")
+    for side in (width, height):
+        if side is not None and (side % m or not m <= side <= top):
+            shown = "x".join("native" if v is None else str(v) for v in (width, height))
+            raise _Invalid(f"unsupported size {shown}: use multiples of {m} up to {top}")
     return width, height
 
 

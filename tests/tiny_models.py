@@ -6,47 +6,12 @@ Dimensions are small and odd-sized where the architecture allows, so layout mist
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 
+from tools.random_family import write_char_tokenizer
 
-
-def _byte_unicode() -> list[str]:
-    # The printable stand-ins CLIP's byte-level BPE uses for the 256 byte values.
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
-def write_tokenizer(path: str, model_max_length: int = 77) -> int:
-    """A character-level CLIP BPE tokenizer (no merges); returns its vocabulary size."""
-    from transformers import CLIPTokenizer
-
-    os.makedirs(path, exist_ok=True)
-    chars = _byte_unicode()
-    vocab = {}
-    for c in chars:
-        vocab[c] = len(vocab)
-    for c in chars:
-        vocab[c + "</w>"] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    with open(os.path.join(path, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(path, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n")
-    tok = CLIPTokenizer(os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt"),
-                        model_max_length=model_max_length)
-    tok.save_pretrained(path)
-    return len(vocab)
 
 
 def _text_encoder(vocab_size: int, hidden_act: str = "quick_gelu"):
@@ -85,7 +50,7 @@ def make_sd_folder(path: str, *, seed: int = 0, unet_in_channels: int = 4, predi
 
     torch.manual_seed(seed)
     tok_dir = os.path.join(path, "tokenizer")
-    vocab_size = write_tokenizer(tok_dir)
+    vocab_size = write_char_tokenizer(tok_dir)
     from transformers import CLIPTokenizer
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
     unet = UNet2DConditionModel(
@@ -115,7 +80,7 @@ def make_upscaler_folder(path: str, *, seed: int = 1) -> str:
 
     torch.manual_seed(seed)
     tok_dir = os.path.join(path, "tokenizer")
-    vocab_size = write_tokenizer(tok_dir)
+    vocab_size = write_char_tokenizer(tok_dir)
     from transformers import CLIPTokenizer
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
     unet = UNet2DConditionModel(

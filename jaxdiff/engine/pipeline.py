@@ -113,10 +113,14 @@ class Pipeline:
         self.batch_size = -(-batch_size // n) * n
         self._replicated = NamedSharding(self.mesh, P())
         self._batched = NamedSharding(self.mesh, P("data"))
-        self._base = self._place(base)
-        self._up = self._place(upscaler) if upscaler is not None else None
         self._programs: dict[Any, Any] = {}
         self.compile_count = 0
+        self._up = self._place(upscaler) if upscaler is not None else None
+        if base is None:  # an upscale-only pipeline: `upscale()` works, `render()` does not
+            if upscaler is None:
+                raise ValueError("a Pipeline needs a base model family, an upscaler, or both")
+            return
+        self._base = self._place(base)
         unet_cfg, vae_cfg = base.unet_config, base.vae_config
         self.vae_factor = 2 ** (len(vae_cfg.block_out_channels) - 1)
         self.native_size = int(getattr(unet_cfg, "sample_size", 8)) * self.vae_factor
@@ -142,7 +146,7 @@ class Pipeline:
     # -- public API ----------------------------------------------------------------------
     def describe(self) -> dict:
         """Model ids, checksums and settings, for run records and per-image metadata."""
-        out = {"base": _family_info(self.base), "settings": dataclasses.asdict(self.settings),
+        out = {"base": None if self.base is None else _family_info(self.base), "settings": dataclasses.asdict(self.settings),
                "devices": [str(d) for d in self.mesh.devices.flat], "batch_size": self.batch_size}
         if self.upscaler is not None:
             out["upscaler"] = _family_info(self.upscaler)
@@ -166,6 +170,8 @@ class Pipeline:
         `noise` (optional, (N, h, w, C) latents) replaces each sample's initial noise, as
         diffusers' `latents=` argument does, to reproduce a run exactly.
         """
+        if self.base is None:
+            raise RenderError("no base model is loaded: this pipeline only upscales (see `upscale`)")
         results: list[Rendered | None] = [None] * len(samples)
         groups: dict[tuple, list[int]] = {}
         prepared: list[_Prepared | None] = []

@@ -1,0 +1,218 @@
+"""Throughput of jaxdiff on one machine: images/s in steady state, time per stage, UNet TFLOP/s.
+
+    python -m tools.bench --arch sd15 --batch-sizes 1,8,32 --steps 25 --compare diffusers --out bench.json
+    python -m tools.bench --arch x4-upscaler --batch-sizes 1,8 --steps 20
+    python -m tools.bench --arch tiny --batch-sizes 1,2 --steps 2          # CPU, tested in CI
+
+Work (as ../shared/bench/diffusers_baseline.py): random weights at full size (speed does
+not depend on values), DPM-Solver++, CFG, VAE decode to uint8 on the host included; the
+text encoder runs too (the baseline feeds random context: a few ms at most). `default`
+benchmarks the shipped model family. Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+# bf16 dense peak per chip, TFLOP/s, from the vendors' datasheets.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "TPU v5 lite": 197.0,
+               "TPU v5": 459.0, "TPU v6 lite": 918.0}
+
+
+def _median_time(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _peak(device) -> float | None:
+    kind = getattr(device, "device_kind", "")
+    for name, tflops in PEAK_TFLOPS.items():
+        if name in kind:
+            return tflops
+    return None
+
+
+def _flops(compiled) -> float | None:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def _jit_module(module, method=None):
+    """A jitted call of an NNX module with its state as an argument (not baked in as constants)."""
+    import jax
+    from flax import nnx
+
+    graphdef, state = nnx.split(module)
+
+    def call(state, *args):
+        m = nnx.merge(graphdef, state)
+        return (getattr(m, method) if method else m)(*args)
+
+    return jax.jit(call), state
+
+
+def stage_times(family, batch: int, latent_hw: tuple[int, int], reps: int, low_res_hw=None) -> dict:
+    """Each stage alone at this batch: text encoder, one UNet forward (CFG batch), VAE decode."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    dtype = family.dtype
+    out = {}
+    text, text_state = _jit_module(family.text_encoder)
+    ids = jnp.zeros((2 * batch, 77), jnp.int32)
+    run = lambda: jax.block_until_ready(text(text_state, ids).last_hidden_state)
+    run()
+    out["text_s"] = _median_time(run, reps)
+
+    unet, unet_state = _jit_module(family.unet)
+    cfg = family.unet_config
+    h, w = latent_hw
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2 * batch, h, w, cfg.in_channels)), dtype)
+    t = jnp.full((2 * batch,), 500.0, jnp.float32)
+    ctx = jnp.asarray(np.random.default_rng(1).standard_normal((2 * batch, 77, family.text_encoder_config.hidden_size)), dtype)
+    args = (unet_state, x, t, ctx) + ((jnp.full((2 * batch,), 20, jnp.int32),) if family.kind == "upscale" else ())
+    compiled = unet.lower(*args).compile()
+    run = lambda: jax.block_until_ready(compiled(*args))
+    run()
+    out["unet_forward_s"] = _median_time(run, reps)
+    flops = _flops(compiled)
+    if flops:
+        out["unet_gflop_per_forward"] = round(flops / 1e9, 1)
+        out["unet_tflops"] = round(flops / out["unet_forward_s"] / 1e12, 1)
+        peak = _peak(jax.devices()[0])
+        if peak:
+            out["unet_share_of_peak"] = round(out["unet_tflops"] / peak, 3)
+
+    decode, vae_state = _jit_module(family.vae, "decode")
+    z = jnp.asarray(np.random.default_rng(2).standard_normal((batch, h, w, family.vae_config.latent_channels)), dtype)
+    run = lambda: jax.block_until_ready(decode(vae_state, z))
+    run()
+    out["decode_s"] = _median_time(run, reps)
+    return {k: round(v, 5) if isinstance(v, float) and k.endswith("_s") else v for k, v in out.items()}
+
+
+def bench_arch(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxdiff.engine import Pipeline, RenderSettings, Sample
+    from jaxdiff.engine.pipeline import enable_compilation_cache
+
+    enable_compilation_cache(args.cache_dir)
+    dtype = jnp.dtype(args.dtype or ("bfloat16" if jax.default_backend() != "cpu" else "float32"))
+    if args.arch == "default":
+        from jaxdiff.checkpoints import default_model_path
+        from jaxdiff.weights.family import load_family
+        family = load_family(default_model_path(), dtype=dtype)
+    else:
+        from tools.random_family import random_family
+        family = random_family(args.arch, dtype)
+    upscale = family.kind == "upscale"
+    vae_factor = 2 ** (len(family.vae_config.block_out_channels) - 1)
+    result = {"system": "jaxdiff", "arch": args.arch, "device": jax.devices()[0].device_kind,
+              "device_count": jax.device_count(), "jax": jax.__version__, "dtype": str(dtype),
+              "steps": args.steps, "sampler": args.sampler, "guidance": args.guidance, "batches": {}}
+    native = family.unet_config.sample_size * (1 if upscale else vae_factor) if hasattr(
+        family.unet_config, "sample_size") and family.unet_config.sample_size else 64
+    side = args.size or native
+    result["size"] = side
+    for B in [int(b) for b in args.batch_sizes.split(",")]:
+        if upscale:
+            settings = RenderSettings(upscale_steps=args.steps, upscale_guidance=args.guidance,
+                                      upscale_sampler=args.sampler)
+            pipe = Pipeline(None, family, batch_size=B, settings=settings)
+            low = [np.random.default_rng(i).integers(0, 256, (side, side, 3), np.uint8) for i in range(B)]
+            prompts = [f"prompt {i}" for i in range(B)]
+            work = lambda: pipe.upscale(low, prompts, seeds=list(range(B)))
+            latent_hw = (side, side)
+        else:
+            settings = RenderSettings(width=side, height=side, steps=args.steps, sampler=args.sampler,
+                                      guidance=args.guidance)
+            pipe = Pipeline(family, None, batch_size=B, settings=settings)
+            samples = [Sample(id=str(i), prompt=f"prompt {i}", seed=i) for i in range(B)]
+            work = lambda: pipe.render_samples(samples)
+            latent_hw = (side // vae_factor, side // vae_factor)
+        t = time.perf_counter()
+        work()
+        first = time.perf_counter() - t
+        batch_s = _median_time(work, args.reps)
+        entry = {"first_call_s": round(first, 2), "batch_s": round(batch_s, 4),
+                 "images_per_s": round(B / batch_s, 3)}
+        if not args.no_stages:
+            stages = stage_times(family, B, latent_hw, args.reps)
+            stages["denoise_s"] = round(stages["unet_forward_s"] * args.steps, 4)
+            entry["stages"] = stages
+        result["batches"][str(B)] = entry
+        print(json.dumps({"batch": B, **entry}), flush=True)
+    return result
+
+
+def compare_diffusers(args, compiled: bool) -> dict:
+    cmd = [sys.executable, "-m", "tools.bench_diffusers", "--arch", args.arch, "--batch-sizes", args.batch_sizes,
+           "--steps", str(args.steps), "--guidance", str(args.guidance), "--reps", str(args.reps)]
+    if args.size:
+        cmd += ["--size", str(args.size)]
+    if compiled:
+        cmd.append("--compile")
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)) or ".")
+    if out.returncode != 0:
+        return {"error": out.stderr[-2000:]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="sd15", choices=["sd15", "sd21", "x4-upscaler", "default", "tiny"])
+    p.add_argument("--batch-sizes", default="1,8")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--sampler", default="dpmpp_2m")
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--size", type=int, default=None, help="image side (base) or low-res side (x4-upscaler)")
+    p.add_argument("--dtype", default=None, help="bfloat16 on accelerators, float32 on CPU by default")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--no-stages", action="store_true", help="skip the per-stage timings")
+    p.add_argument("--compare", default="none", choices=["none", "diffusers", "diffusers-compiled", "both"])
+    p.add_argument("--cache-dir", default=None, help="persistent compilation cache (default ~/.cache/jaxdiff/xla)")
+    p.add_argument("--out", default=None, help="write the JSON result here")
+    args = p.parse_args(argv)
+
+    result = {"jaxdiff": bench_arch(args)}
+    # diffusers runs after JAX in its own process: the two must not share the GPU's memory.
+    if args.compare in ("diffusers", "both"):
+        result["diffusers_eager"] = compare_diffusers(args, compiled=False)
+    if args.compare in ("diffusers-compiled", "both"):
+        result["diffusers_compiled"] = compare_diffusers(args, compiled=True)
+    ratios = {}
+    for name in ("diffusers_eager", "diffusers_compiled"):
+        other = result.get(name, {}).get("batches", {})
+        for B, entry in result["jaxdiff"]["batches"].items():
+            if B in other:
+                ratios[f"vs_{name}_b{B}"] = round(entry["images_per_s"] / other[B]["images_per_s"], 3)
+    result["ratios"] = ratios
+    print(f"{'batch':>6} {'img/s':>9} {'first s':>8} {'UNet TFLOP/s':>13}  ratios")
+    for B, e in result["jaxdiff"]["batches"].items():
+        rs = " ".join(f"{k}={v}" for k, v in ratios.items() if k.endswith(f"_b{B}"))
+        print(f"{B:>6} {e['images_per_s']:>9} {e['first_call_s']:>8} "
+              f"{e.get('stages', {}).get('unet_tflops', '-'):>13}  {rs}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()

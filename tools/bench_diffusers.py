@@ -1,0 +1,103 @@
+"""diffusers (PyTorch) on the same work as tools/bench.py, for a side-by-side ratio.
+
+Mirrors the work of ../shared/bench/diffusers_baseline.py (random context, DPM-Solver++,
+CFG, VAE decode to uint8 on the host) for any architecture in configs/architectures.py.
+Prints one JSON line. Run by `tools/bench.py --compare diffusers`, or directly:
+    python -m tools.bench_diffusers --arch sd15 --batch-sizes 8,32 --steps 25 [--compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from configs.architectures import ARCHITECTURES
+
+
+def _module_config(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser()
+    p.add_argument("--arch", default="sd15")
+    p.add_argument("--batch-sizes", default="1,8")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--size", type=int, default=None, help="output side in pixels (base) / low-res side (x4)")
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--compile", action="store_true", help="torch.compile UNet and VAE decode, channels_last, fused QKV")
+    args = p.parse_args(argv)
+
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dt = torch.bfloat16 if dev == "cuda" else torch.float32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    text_cfg, unet_cfg, vae_cfg, sched_cfg, low_res_cfg = ARCHITECTURES[args.arch]
+    with torch.device(dev):
+        unet = UNet2DConditionModel.from_config(_module_config(unet_cfg)).to(dt).eval()
+        vae = AutoencoderKL.from_config(_module_config(vae_cfg)).to(dt).eval()
+    decode = vae.decode
+    unet_fn = unet
+    if args.compile:
+        unet.to(memory_format=torch.channels_last)
+        vae.to(memory_format=torch.channels_last)
+        unet.fuse_qkv_projections()
+        unet_fn = torch.compile(unet, fullgraph=True)
+        decode = torch.compile(vae.decode, fullgraph=True)
+
+    upscaler = unet_cfg["in_channels"] == 7
+    vae_factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+    side = args.size or (unet_cfg["sample_size"] if upscaler else unet_cfg["sample_size"] * vae_factor)
+    latent = side if upscaler else side // vae_factor
+    ctx_dim = unet_cfg["cross_attention_dim"]
+    sched_kw = {k: v for k, v in sched_cfg.items() if not k.startswith("_")}
+
+    @torch.no_grad()
+    def render(B: int):
+        sched = DPMSolverMultistepScheduler(**sched_kw, algorithm_type="dpmsolver++")
+        sched.set_timesteps(args.steps, device=dev)
+        ctx = torch.randn(2 * B, 77, ctx_dim, device=dev, dtype=dt)
+        lat = torch.randn(B, 4, latent, latent, device=dev, dtype=dt)
+        extra = {}
+        if upscaler:
+            low = torch.randn(2 * B, 3, latent, latent, device=dev, dtype=dt)
+            extra = {"class_labels": torch.full((2 * B,), 20, device=dev)}
+        for t in sched.timesteps:
+            inp = torch.cat([lat, lat])
+            if upscaler:
+                inp = torch.cat([inp, low], dim=1)
+            out = unet_fn(inp, t, encoder_hidden_states=ctx, **extra).sample
+            uncond, cond = out.chunk(2)
+            lat = sched.step(uncond + args.guidance * (cond - uncond), t, lat).prev_sample
+        img = decode(lat / vae_cfg["scaling_factor"]).sample
+        return ((img.float().clamp(-1, 1) + 1) * 127.5).to(torch.uint8).cpu()
+
+    def sync():
+        if dev == "cuda":
+            torch.cuda.synchronize()
+
+    result = {"system": "diffusers" + ("-compiled" if args.compile else "-eager"), "arch": args.arch,
+              "device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "torch": torch.__version__,
+              "batches": {}}
+    for B in [int(b) for b in args.batch_sizes.split(",")]:
+        t = time.perf_counter(); render(B); sync()
+        first = time.perf_counter() - t
+        times = []
+        for _ in range(args.reps):
+            t = time.perf_counter(); render(B); sync()
+            times.append(time.perf_counter() - t)
+        result["batches"][str(B)] = {"first_s": round(first, 3), "batch_s": round(statistics.median(times), 4),
+                                     "images_per_s": round(B / statistics.median(times), 3)}
+    print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
