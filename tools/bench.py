@@ -176,7 +176,7 @@ def compare_diffusers(args, compiled: bool) -> dict:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="sd15", choices=["sd15", "sd21", "x4-upscaler", "default", "tiny"])
+    p.add_argument("--arch", default="sd15", help="sd15, sd21, x4-upscaler, default or tiny (configs/architectures.py)")
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--sampler", default="dpmpp_2m")

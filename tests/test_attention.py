@@ -1,0 +1,61 @@
+"""The attention dispatch: every path computes softmax(q k^T / sqrt(d)) v."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdiff.models import attention
+
+
+def _reference(q, k, v, causal):
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    scores = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    if causal:
+        scores = np.where(np.tril(np.ones(scores.shape[-2:], bool)), scores, -np.inf)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+def _qkv(dtype, tq=13, tk=7, heads=3, dim=40):
+    rng = np.random.default_rng(0)
+    shapes = [(2, tq, heads, dim), (2, tk, heads, dim), (2, tk, heads, dim)]
+    return [jnp.asarray(rng.standard_normal(s), dtype) for s in shapes]
+
+
+def _paths():
+    paths = ["xla"]
+    if jax.default_backend() == "gpu":
+        paths.append("cudnn")
+    return paths
+
+
+@pytest.mark.parametrize("implementation", _paths())
+@pytest.mark.parametrize("causal", [False, True])
+def test_each_path_matches_the_reference(implementation, causal):
+    dtype = jnp.float32 if implementation == "xla" else jnp.bfloat16
+    q, k, v = _qkv(dtype, tk=13 if causal else 7)
+    attention.set_attention_implementation(implementation)
+    try:
+        out = attention.dot_product_attention(q, k, v, is_causal=causal)
+    finally:
+        attention.set_attention_implementation(None)
+    ref = _reference(q, k, v, causal)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    err = np.linalg.norm(np.asarray(out, np.float64) - ref) / np.linalg.norm(ref)
+    assert err < tol, f"{implementation}: relative error {err:.2e}"
+
+
+def test_auto_picks_the_plain_path_off_gpu_and_for_fp32():
+    q, _, _ = _qkv(jnp.float32)
+    assert attention._choose(q) == "xla"
+    if jax.default_backend() == "gpu":
+        assert attention._choose(q.astype(jnp.bfloat16)) == "cudnn"
+
+
+def test_unknown_implementation_is_refused():
+    with pytest.raises(ValueError, match="not one of"):
+        attention.set_attention_implementation("flash9000")
