@@ -142,8 +142,65 @@ def test_unsupported_config_names_the_field(key, value):
 
 
 @pytest.mark.faults
+def test_context_of_wrong_width_is_an_error():
+    cfg = UNetConfig.from_dict(SD1_STYLE)
+    model = nnx.eval_shape(lambda: UNet2DConditionModel(cfg, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="encoder_hidden_states"):
+        model(np.zeros((1, 8, 8, 4), np.float32), np.zeros((1,)), np.zeros((1, 3, 21), np.float32))
+
+
+@pytest.mark.faults
 def test_missing_class_labels_is_an_error():
     cfg = UNetConfig.from_dict(UPSCALER_STYLE)
     model = nnx.eval_shape(lambda: UNet2DConditionModel(cfg, rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="class_labels"):
         model(np.zeros((1, 8, 8, 7), np.float32), np.zeros((1,)), np.zeros((1, 3, 20), np.float32))
+
+
+# config.json files as published (Stable Diffusion 1.5, 2.1, and the x4 upscaler).
+SD15_CONFIG = {
+    "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.6.0", "act_fn": "silu",
+    "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False, "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4,
+    "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32,
+    "out_channels": 4, "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+SD21_CONFIG = {
+    **SD15_CONFIG, "_diffusers_version": "0.10.0.dev0", "attention_head_dim": [5, 10, 20, 20],
+    "cross_attention_dim": 1024, "dual_cross_attention": False, "num_class_embeds": None,
+    "only_cross_attention": False, "sample_size": 96, "upcast_attention": True,
+    "use_linear_projection": True,
+}
+UPSCALER_CONFIG = {
+    **SD15_CONFIG, "_diffusers_version": "0.8.0", "block_out_channels": [256, 512, 512, 1024],
+    "cross_attention_dim": 1024,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "dual_cross_attention": False, "in_channels": 7, "num_class_embeds": 1000,
+    "only_cross_attention": [True, True, True, False], "sample_size": 128,
+    "use_linear_projection": True,
+}
+
+
+@pytest.mark.parametrize("config", [SD15_CONFIG, SD21_CONFIG, UPSCALER_CONFIG],
+                         ids=["sd15", "sd21", "x4-upscaler"])
+def test_published_configs_parse(config):
+    cfg = UNetConfig.from_dict(config)
+    assert len(cfg.attention_head_dim) == len(cfg.block_out_channels) == 4
+
+
+@pytest.mark.parity
+def test_full_size_upscaler_has_diffusers_parameter_count():
+    # Built without memory on both sides (torch "meta" device, nnx.eval_shape); the
+    # tensor count and total size must match exactly.
+    with torch.device("meta"):
+        torch_model = diffusers.UNet2DConditionModel(
+            **{k: v for k, v in UPSCALER_CONFIG.items() if not k.startswith("_")})
+    cfg = UNetConfig.from_dict(UPSCALER_CONFIG)
+    abstract = nnx.eval_shape(lambda: UNet2DConditionModel(cfg, rngs=nnx.Rngs(0)))
+    sizes = [v.get_value().size for _, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))]
+    torch_sizes = [p.numel() for p in torch_model.parameters()]
+    assert (len(sizes), sum(sizes)) == (len(torch_sizes), sum(torch_sizes))

@@ -157,3 +157,27 @@ def test_config_keeps_scaling_factor():
                                "_class_name": "AutoencoderKL"})
     assert cfg.scaling_factor == 0.08333
     assert cfg.downscale_factor == 4
+
+
+# config.json of the Stable Diffusion 1.x / 2.x autoencoder as published.
+SD_VAE_CONFIG = {
+    "_class_name": "AutoencoderKL", "_diffusers_version": "0.6.0", "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "in_channels": 3, "latent_channels": 4,
+    "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3, "sample_size": 512,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
+
+
+@pytest.mark.parity
+def test_full_size_sd_vae_has_diffusers_parameter_count():
+    # Built without memory on both sides (torch "meta" device, nnx.eval_shape).
+    with torch.device("meta"):
+        torch_model = diffusers.AutoencoderKL(
+            **{k: v for k, v in SD_VAE_CONFIG.items() if not k.startswith("_")})
+    cfg = VAEConfig.from_dict(SD_VAE_CONFIG)
+    assert cfg.downscale_factor == 8 and cfg.scaling_factor == 0.18215
+    abstract = nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0)))
+    sizes = [v.get_value().size for _, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))]
+    torch_sizes = [p.numel() for p in torch_model.parameters()]
+    assert (len(sizes), sum(sizes)) == (len(torch_sizes), sum(torch_sizes))

@@ -451,22 +451,25 @@ class UNet2DConditionModel(nnx.Module):
             transformer_layers=c.transformer_layers_per_block[-1], heads=c.attention_head_dim[-1],
             cross_attention_dim=c.cross_attention_dim[-1], config=c, dtype=dtype, rngs=rngs)
 
+        # The up path visits the levels in reverse, each with one more resnet than down.
+        rev_channels = channels[::-1]
+        rev_layers = c.layers_per_block[::-1]
+        rev_transformer_layers = c.transformer_layers_per_block[::-1]
+        rev_heads = c.attention_head_dim[::-1]
+        rev_context_dim = c.cross_attention_dim[::-1]
+        rev_only_cross = c.only_cross_attention[::-1]
         up_blocks = []
-        rev = lambda values: tuple(reversed(values))  # noqa: E731 -- up blocks run in reverse
-        rev_channels = rev(channels)
         out_ch = rev_channels[0]
         for i, block_type in enumerate(c.up_block_types):
             prev_ch, out_ch = out_ch, rev_channels[i]
             in_ch = rev_channels[min(i + 1, n - 1)]
-            common = dict(temb_channels=time_dim, num_layers=rev(c.layers_per_block)[i] + 1,
+            common = dict(temb_channels=time_dim, num_layers=rev_layers[i] + 1,
                           add_upsample=i < n - 1, config=c, dtype=dtype, rngs=rngs)
             if block_type == "CrossAttnUpBlock2D":
                 up_blocks.append(CrossAttnUpBlock2D(
-                    in_ch, prev_ch, out_ch,
-                    transformer_layers=rev(c.transformer_layers_per_block)[i],
-                    heads=rev(c.attention_head_dim)[i],
-                    cross_attention_dim=rev(c.cross_attention_dim)[i],
-                    only_cross_attention=rev(c.only_cross_attention)[i], **common))
+                    in_ch, prev_ch, out_ch, transformer_layers=rev_transformer_layers[i],
+                    heads=rev_heads[i], cross_attention_dim=rev_context_dim[i],
+                    only_cross_attention=rev_only_cross[i], **common))
             else:
                 up_blocks.append(UpBlock2D(in_ch, prev_ch, out_ch, **common))
         self.up_blocks = nnx.List(up_blocks)
@@ -482,7 +485,8 @@ class UNet2DConditionModel(nnx.Module):
             raise ValueError(
                 f"UNet: sample has shape {sample.shape}; expected NHWC (batch, height, width, "
                 f"{c.in_channels})")
-        if encoder_hidden_states.ndim != 3:
+        if (encoder_hidden_states.ndim != 3
+                or encoder_hidden_states.shape[-1] not in c.cross_attention_dim):
             raise ValueError(
                 f"UNet: encoder_hidden_states has shape {encoder_hidden_states.shape}; "
                 f"expected (batch, tokens, {c.cross_attention_dim[0]})")
