@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One GPU benchmark pass, sized for a short lease: jaxdiff vs diffusers (eager and
+# torch.compile) on SD 1.5 at batch 16, the x4 upscaler, then a second process to time
+# a warm compilation cache. Writes JSON and the log under $OUT (or ./bench-out).
+set -u
+OUT=${OUT:-bench-out}; mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 JAXDIFF_CACHE_DIR=/tmp/jaxdiff-xla
+nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
+python3 -c "import jax, flax, diffusers, transformers; print('jax', jax.__version__, 'flax', flax.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, jax.devices())"
+timeout 180 python3 -m tools.bench --arch sd15 --batch-sizes 16 --steps 25 --reps 2 --compare both \
+  --out "$OUT/bench_sd15.json" 2>&1 | grep -v -i warning | tee "$OUT/bench_sd15.log"
+timeout 50 python3 -m tools.bench --arch sd15 --batch-sizes 16 --steps 25 --reps 1 --no-stages \
+  --out "$OUT/bench_sd15_warm_cache.json" 2>&1 | grep -v -i warning | tee "$OUT/bench_warm.log"
+timeout 70 python3 -m tools.bench --arch x4-upscaler --size 128 --batch-sizes 8 --steps 20 --guidance 9 --reps 2 \
+  --no-stages --compare diffusers --out "$OUT/bench_x4.json" 2>&1 | grep -v -i warning | tee "$OUT/bench_x4.log"
