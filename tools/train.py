@@ -43,6 +43,9 @@ DIFFUSERS_VERSION = "0.42.1"
 TRANSFORMERS_VERSION = "5.24.0"
 TOKENS = 77            # SD pipelines always pad prompts to 77 tokens
 MAX_NOISE_LEVEL = 350  # as the SD x4 upscaler
+# diffusers' StableDiffusionUpscalePipeline overwrites any other VAE scaling_factor with this
+# one, so the x4 folder's VAE is rescaled to it (see `rescale_latents`).
+X4_SCALING_FACTOR = 0.08333
 CFG_DROP = 0.1         # share of captions replaced by the empty prompt
 
 VAE_CONFIG = {
@@ -391,6 +394,21 @@ class Clock:
 
 # --- export -------------------------------------------------------------------------------
 
+def rescale_latents(vae, factor: float):
+    """A copy of `vae` whose latents are `factor` times the original's, decoding identically.
+
+    The latent mean comes out of the linear 1x1 `quant_conv` and goes into the linear
+    `post_quant_conv`, so scaling the one and unscaling the other is exact.
+    """
+    vae = nnx.clone(vae)
+    c = vae.config.latent_channels
+    kernel, bias = vae.quant_conv.kernel.get_value(), vae.quant_conv.bias.get_value()
+    vae.quant_conv.kernel.set_value(kernel.at[..., :c].multiply(factor))
+    vae.quant_conv.bias.set_value(bias.at[:c].multiply(factor).at[c:].add(2.0 * math.log(factor)))
+    vae.post_quant_conv.kernel.set_value(vae.post_quant_conv.kernel.get_value() / factor)
+    return vae
+
+
 def _write_component(folder: str, module, config: dict, weights_name: str, dtype) -> int:
     write_json(os.path.join(folder, "config.json"), config)
     save_safetensors(module, os.path.join(folder, weights_name), dtype=dtype)
@@ -576,11 +594,12 @@ def train(out: str, *, plan: Plan, budget_s: float, seed: int = 0, workers: int 
     # Export.
     t = time.perf_counter()
     text = models["text"].module()
-    common = dict(text=text, vae=vae, vocab_size=vocab_size, scaling_factor=scaling_factor, dtype=export_dtype)
-    sizes = {"default": export_family(os.path.join(out, "default"), kind="base",
-                                      unet=models["base"].module(), **common),
-             "default-x4": export_family(os.path.join(out, "default-x4"), kind="x4",
-                                         unet=models["x4"].module(), **common)}
+    common = dict(text=text, vocab_size=vocab_size, dtype=export_dtype)
+    x4_vae = rescale_latents(vae, scaling_factor / X4_SCALING_FACTOR)
+    sizes = {"default": export_family(os.path.join(out, "default"), kind="base", vae=vae,
+                                      scaling_factor=scaling_factor, unet=models["base"].module(), **common),
+             "default-x4": export_family(os.path.join(out, "default-x4"), kind="x4", vae=x4_vae,
+                                         scaling_factor=X4_SCALING_FACTOR, unet=models["x4"].module(), **common)}
     log["file_bytes"] = sizes
     log["total_bytes"] = int(sum(v for s in sizes.values() for v in s.values()))
     log["stages"]["export"] = {"seconds": round(time.perf_counter() - t, 2)}

@@ -1,0 +1,201 @@
+"""Training tool: a --quick run writes folders that jaxdiff and diffusers both load and render
+alike; NNX -> PyTorch export round-trips; the tokenizer covers the world; checkpoints round-trip."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+import jaxdiff
+from jaxdiff.weights.convert import load_state_dict
+from jaxdiff.weights.export import state_dict
+from tools import shapes_world, train, train_data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# uint8 rounding is 0.5/255; fp32 XLA vs PyTorch over a few solver steps adds a little on top.
+PIXEL_TOL = 2.5 / 255
+STEPS = 3
+PROMPTS = ["a small red circle in the top left corner on a white background",
+           "a large blue square above a small yellow triangle on a black background"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("train") / "model")
+    # Two steps a stage on tiny data are all compile time: XLA's cheaper CPU optimisation
+    # halves that, and the few steps run just as well.
+    env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
+               JAX_PLATFORMS="cpu")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "tools.train", "--quick", "--out", out, "--workers", "2"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    seconds = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, seconds, proc.stdout
+
+
+def test_quick_run_writes_both_folders_and_a_log(trained):
+    out, seconds, stdout = trained
+    # Under 2 minutes on an idle 2-core CPU; the margin covers a machine shared with other tests.
+    assert seconds < 240, f"quick run took {seconds:.0f}s"
+    log = json.load(open(os.path.join(out, "train_log.json")))
+    for stage in ("vae", "base", "x4"):
+        assert log["stages"][stage]["steps"] == 2
+        assert np.isfinite(log["stages"][stage]["final_loss"])
+    assert log["total_bytes"] < 40e6
+    assert "steps/s" in stdout and "ETA" in stdout
+    base = json.load(open(os.path.join(out, "default", "model_index.json")))
+    x4 = json.load(open(os.path.join(out, "default-x4", "model_index.json")))
+    assert base["_class_name"] == "StableDiffusionPipeline"
+    assert x4["_class_name"] == "StableDiffusionUpscalePipeline" and x4["max_noise_level"] == 350
+    text = json.load(open(os.path.join(out, "default", "text_encoder", "config.json")))
+    assert text["model_type"] == "clip_text_model" and text["architectures"] == ["CLIPTextModel"]
+
+
+def test_folders_load_and_render_64_to_256(trained):
+    from jaxdiff.weights.family import load_family
+
+    out, _, _ = trained
+    base = load_family(os.path.join(out, "default"))
+    up = load_family(os.path.join(out, "default-x4"))
+    assert (base.kind, up.kind, up.max_noise_level) == ("text2image", "upscale", 350)
+    pipe = jaxdiff.load_pipeline(os.path.join(out, "default"), upscaler=os.path.join(out, "default-x4"),
+                                 steps=STEPS, upscale_steps=STEPS, batch_size=1, keep_base=True,
+                                 width=64, height=64)
+    (result,) = pipe.render(PROMPTS[:1], seeds=[0])
+    assert result.error is None, result.error
+    assert result.base_image.shape == (64, 64, 3) and result.image.shape == (256, 256, 3)
+
+
+def _noise(n, c, side, seed):
+    return torch.randn((n, c, side, side), generator=torch.Generator().manual_seed(seed))
+
+
+def _nhwc(t):
+    return t.permute(0, 2, 3, 1).numpy()
+
+
+@pytest.mark.parity
+def test_exported_base_renders_the_same_in_diffusers(trained):
+    from diffusers import StableDiffusionPipeline
+
+    out, _, _ = trained
+    folder = os.path.join(out, "default")
+    noise = _noise(2, 4, 16, seed=0)
+    ref = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)(
+        PROMPTS, num_inference_steps=STEPS, guidance_scale=7.5, height=64, width=64, latents=noise,
+        output_type="np").images
+    pipe = jaxdiff.load_pipeline(folder, upscaler="none", steps=STEPS, guidance=7.5, batch_size=2,
+                                 width=64, height=64)
+    ours = pipe.render(PROMPTS, seeds=[0, 1], noise=_nhwc(noise))
+    ours = np.stack([r.image for r in ours]).astype(np.float32) / 255.0
+    assert ours.shape == ref.shape == (2, 64, 64, 3)
+    assert np.abs(ours - ref).max() <= PIXEL_TOL, f"max diff {np.abs(ours - ref).max() * 255:.2f}/255"
+
+
+@pytest.mark.parity
+def test_exported_upscaler_renders_the_same_in_diffusers(trained, monkeypatch):
+    from PIL import Image
+    from diffusers import StableDiffusionUpscalePipeline
+    from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_upscale as module
+
+    out, _, _ = trained
+    folder = os.path.join(out, "default-x4")
+    low = [shapes_world.example(5, 0).image64]
+    aug, noise = _noise(1, 3, 64, seed=1), _noise(1, 4, 64, seed=2)
+    monkeypatch.setattr(module, "randn_tensor", lambda shape, **kw: aug.reshape(shape))
+    ref = StableDiffusionUpscalePipeline.from_pretrained(folder, torch_dtype=torch.float32)(
+        PROMPTS[:1], image=[Image.fromarray(i) for i in low], num_inference_steps=STEPS, guidance_scale=9.0,
+        noise_level=20, latents=noise, output_type="np").images
+    pipe = jaxdiff.load_pipeline(os.path.join(out, "default"), upscaler=folder, upscale_steps=STEPS,
+                                 upscale_guidance=9.0, noise_level=20, batch_size=1)
+    ours = pipe.upscale(low, PROMPTS[:1], seeds=[0], noise=_nhwc(noise), aug_noise=_nhwc(aug))
+    ours = np.stack(ours).astype(np.float32) / 255.0
+    assert ours.shape == ref.shape == (1, 256, 256, 3)
+    assert np.abs(ours - ref).max() <= PIXEL_TOL, f"max diff {np.abs(ours - ref).max() * 255:.2f}/255"
+
+
+def test_export_round_trips_through_load_state_dict():
+    from jaxdiff.models.clip import CLIPTextConfig, CLIPTextModel
+    from jaxdiff.models.unet import UNet2DConditionModel, UNetConfig
+
+    unet_cfg = UNetConfig.from_dict(dict(
+        train.X4_UNET_CONFIG, block_out_channels=[8, 12, 12], norm_num_groups=4, cross_attention_dim=11,
+        attention_head_dim=2, num_class_embeds=7, use_linear_projection=False))
+    text_cfg = CLIPTextConfig(vocab_size=13, hidden_size=10, intermediate_size=7, num_hidden_layers=2,
+                              num_attention_heads=2, max_position_embeddings=5)
+    for build in (lambda: UNet2DConditionModel(unet_cfg, rngs=nnx.Rngs(3)),
+                  lambda: CLIPTextModel(text_cfg, rngs=nnx.Rngs(4))):
+        model = build()
+        # Give every parameter distinct values, so a wrong transpose cannot hide.
+        graphdef, state = nnx.split(model)
+        leaves, treedef = jax.tree.flatten(state)
+        keys = jax.random.split(jax.random.key(0), len(leaves))
+        state = jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+        model = nnx.merge(graphdef, state)
+        # SD 1.x stores proj_in / proj_out as 1x1 convolutions: those must round-trip too.
+        tensors = state_dict(model, conv_1x1=("proj_in", "proj_out"))
+        assert any(v.ndim == 4 and v.shape[2:] == (1, 1) and k.endswith("proj_in.weight") for k, v in tensors.items()) \
+            or isinstance(model, CLIPTextModel)
+        loaded = load_state_dict(nnx.eval_shape(build), tensors)
+        for (p, a), (q, b) in zip(nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(loaded))):
+            assert p == q
+            np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(p))
+
+
+def test_rescaled_vae_scales_latents_and_decodes_the_same():
+    from jaxdiff.models.vae import AutoencoderKL, VAEConfig
+
+    vae = AutoencoderKL(VAEConfig.from_dict(train.VAE_CONFIG), rngs=nnx.Rngs(0))
+    scaled = train.rescale_latents(vae, 7.0)
+    x = jax.random.uniform(jax.random.key(1), (1, 16, 16, 3), minval=-1, maxval=1)
+    (m, lv), (m2, lv2) = vae.encode(x), scaled.encode(x)
+    np.testing.assert_allclose(m2, 7.0 * m, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lv2, lv + 2 * np.log(7.0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(scaled.decode(7.0 * m), vae.decode(m), rtol=1e-4, atol=1e-4)
+
+
+def test_export_matches_torch_module_names_and_shapes():
+    from diffusers import AutoencoderKL as TorchVAE
+
+    from jaxdiff.models.vae import AutoencoderKL, VAEConfig
+
+    ours = state_dict(AutoencoderKL(VAEConfig.from_dict(train.VAE_CONFIG), rngs=nnx.Rngs(0)))
+    config = {k: v for k, v in train.VAE_CONFIG.items() if not k.startswith("_")}
+    theirs = {k: tuple(v.shape) for k, v in TorchVAE(**config).state_dict().items()}
+    assert {k: v.shape for k, v in ours.items()} == theirs
+
+
+def test_tokenizer_covers_every_caption_word_for_word(tmp_path):
+    from jaxdiff.models.clip import load_tokenizer
+
+    train_data.write_tokenizer(str(tmp_path))
+    tok = load_tokenizer(str(tmp_path))
+    captions = shapes_world.all_captions("all")
+    for caption, ids in zip(captions, tok(captions)["input_ids"]):
+        tokens = tok.convert_ids_to_tokens(ids)
+        assert tokens == [train_data.BOS] + [w + "</w>" for w in caption.split()] + [train_data.EOS], caption
+
+
+def test_checkpoint_round_trips_params_and_optimizer_state(tmp_path):
+    params = {"a": jnp.arange(6.0).reshape(2, 3), "b": [jnp.ones(4), jnp.zeros((), jnp.int32)]}
+    tx = train.make_optimizer(1e-3)
+    opt = tx.init(params)
+    path = str(tmp_path / "stage.npz")
+    train.save_checkpoint(path, {"params": params, "opt": opt}, {"stage": "x", "step": 7, "done": False})
+    trees, info = train.load_checkpoint(path, {"params": params, "opt": opt})
+    assert info["step"] == 7
+    for a, b in zip(jax.tree.leaves((params, opt)), jax.tree.leaves((trees["params"], trees["opt"]))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="shape"):
+        train.load_checkpoint(path, {"params": {**params, "a": jnp.zeros(3)}, "opt": opt})
