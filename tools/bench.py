@@ -126,8 +126,9 @@ def bench_arch(args) -> dict:
     result = {"system": "jaxdiff", "arch": args.arch, "device": jax.devices()[0].device_kind,
               "device_count": jax.device_count(), "jax": jax.__version__, "dtype": str(dtype),
               "steps": args.steps, "sampler": args.sampler, "guidance": args.guidance, "batches": {}}
-    native = family.unet_config.sample_size * (1 if upscale else vae_factor) if hasattr(
-        family.unet_config, "sample_size") and family.unet_config.sample_size else 64
+    # The native size: the upscaler's low-res input is its latent size; a base model's
+    # image is its latent size times the VAE factor.
+    native = (family.unet_config.sample_size or 64) * (1 if upscale else vae_factor)
     side = args.size or native
     result["size"] = side
     for B in [int(b) for b in args.batch_sizes.split(",")]:

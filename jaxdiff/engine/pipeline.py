@@ -123,7 +123,7 @@ class Pipeline:
         self._base = self._place(base)
         unet_cfg, vae_cfg = base.unet_config, base.vae_config
         self.vae_factor = 2 ** (len(vae_cfg.block_out_channels) - 1)
-        self.native_size = int(getattr(unet_cfg, "sample_size", 8)) * self.vae_factor
+        self.native_size = int(unet_cfg.sample_size or 64) * self.vae_factor
         # Each UNet downsampling halves the latents: sizes must survive all of them.
         self.size_multiple = self.vae_factor * 2 ** (len(unet_cfg.block_out_channels) - 1)
         self.latent_channels = int(vae_cfg.latent_channels)

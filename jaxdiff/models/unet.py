@@ -48,10 +48,10 @@ _REQUIRED_VALUES: dict[str, Any] = {
     "cross_attention_norm": None,
     "reverse_transformer_layers_per_block": None,
 }
-# Keys that do not change inference: training dropout, the nominal sample size, the head
-# count of an added embedding we refuse anyway, and the mid block's only_cross_attention
-# (diffusers' UNetMidBlock2DCrossAttn ignores it).
-_IGNORED_KEYS = ("dropout", "sample_size", "addition_embed_type_num_heads",
+# Keys that do not change inference: training dropout, the head count of an added
+# embedding we refuse anyway, and the mid block's only_cross_attention (diffusers'
+# UNetMidBlock2DCrossAttn ignores it).
+_IGNORED_KEYS = ("dropout", "addition_embed_type_num_heads",
                  "mid_block_only_cross_attention")
 
 
@@ -100,6 +100,8 @@ class UNetConfig:
     timestep_post_act: str | None = None
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
+    # The latent side the model was trained at: the engine's default render size.
+    sample_size: int | None = None
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> "UNetConfig":
