@@ -1,0 +1,63 @@
+"""The Beam job with the real engine on tiny random checkpoints: base + x4 upscale into shards."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxdiff import storage
+from pipelines import job
+from tiny_models import make_sd_folder, make_upscaler_folder
+
+
+@pytest.mark.pipeline
+def test_manifest_renders_through_base_and_upscaler_into_shards(tmp_path, monkeypatch):
+    import webdataset as wds
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    os.makedirs(tmp_path / "tmp")
+    base = make_sd_folder(str(tmp_path / "sd"))
+    upscaler = make_upscaler_folder(str(tmp_path / "x4"))
+    init = tmp_path / "init.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), np.uint8)).save(init)
+    records = [
+        {"id": "a", "prompt": "a red circle", "seed": 1},
+        {"id": "b", "prompt": "a blue square " * 20},  # over-long: truncated, and recorded
+        {"id": "c", "prompt": "a green circle", "mode": "img2img", "init_image": "init.png", "strength": 0.5},
+        {"id": "d", "prompt": ""},                       # empty prompt: a failure record
+        {"id": "e", "prompt": "two shapes", "negative_prompt": "blurry", "guidance": 3.0, "num_images": 2},
+    ]
+    manifest_path = tmp_path / "prompts.jsonl"
+    manifest_path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    out = str(tmp_path / "out")
+    config = job.RenderConfig(model=base, upscaler=upscaler, steps=2, sampler="ddim", batch_size=2,
+                              shard_size=3, keep_base=True, image_format="webp")
+    summary = job.run([str(manifest_path)], out, config, progress=False)
+    assert summary.complete
+
+    index = json.loads(storage.read_text(os.path.join(out, "index.json")))
+    seen, metas = [], {}
+    for entry in index["shards"]:
+        for item in wds.WebDataset(os.path.join(out, entry["url"]), shardshuffle=False, empty_check=False):
+            meta = json.loads(item["json"])
+            image = np.asarray(Image.open(io.BytesIO(item["webp"])))
+            assert image.shape == (64, 64, 3), "16x16 base, x4 upscaled"
+            base_key = next(k for k in item if k.startswith("base"))
+            assert np.asarray(Image.open(io.BytesIO(item[base_key]))).shape == (16, 16, 3)
+            seen.append(meta["id"])
+            metas[meta["id"]] = meta
+    assert sorted(seen) == ["a", "b", "c", "e", "e_1"]
+    assert metas["b"]["prompt_truncated"] is True and metas["a"]["prompt_truncated"] is False
+    assert metas["c"]["mode"] == "img2img" and metas["c"]["strength"] == 0.5
+    assert metas["e"]["guidance"] == 3.0 and metas["e"]["negative_prompt"] == "blurry"
+    assert metas["a"]["seed"] == 1 and metas["e_1"]["seed"] != metas["e"]["seed"]
+    failures = [json.loads(line) for f in sorted(os.listdir(os.path.join(out, "failures")))
+                for line in open(os.path.join(out, "failures", f)) if line.strip()]
+    assert [f["id"] for f in failures] == ["d"] and "prompt" in failures[0]["reason"]
+    run_record = json.loads(storage.read_text(os.path.join(out, "run.json")))
+    assert any(k.endswith("diffusion_pytorch_model.safetensors") for k in json.dumps(run_record).split('"'))
