@@ -623,6 +623,8 @@ def main(argv=None) -> int:
     parser.add_argument("--count", type=int, default=None, help="64x64 training examples")
     parser.add_argument("--count-256", type=int, default=None, help="of which also kept at 256x256")
     parser.add_argument("--workers", type=int, default=None, help="drawing processes (default: CPUs, max 16)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="base batch size; the VAE and x4 stages take half (CPU runs want small ones)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", default=None, help="an earlier --out folder to continue from")
     parser.add_argument("--export-dtype", choices=("float16", "float32"), default="float16")
@@ -631,6 +633,8 @@ def main(argv=None) -> int:
     plan = QUICK if args.quick else Plan()
     overrides = {k: v for k, v in (("max_steps", args.steps), ("count", args.count),
                                    ("count_256", args.count_256)) if v is not None}
+    if args.batch:
+        overrides.update(base_batch=args.batch, vae_batch=max(1, args.batch // 2), x4_batch=max(1, args.batch // 2))
     plan = dataclasses.replace(plan, **overrides)
     if plan.count < 1 or not 1 <= plan.count_256 <= plan.count:
         parser.error(f"--count {plan.count} / --count-256 {plan.count_256}: need 1 <= count-256 <= count")

@@ -85,6 +85,40 @@ def unet_dtype(unet) -> jnp.dtype:
     return unet.conv_in.kernel.get_value().dtype
 
 
+def _bind(graphdefs, states, inputs, clip_skip: int):
+    """The family's modules inside a traced program, and the CFG context [uncond; cond]."""
+    text_encoder, unet, vae = (nnx.merge(g, st) for g, st in zip(graphdefs, states))
+    context = encode_text(text_encoder, jnp.concatenate([inputs["uncond_ids"], inputs["ids"]]), clip_skip)
+    return unet, vae, context.astype(unet_dtype(unet))
+
+
+def _given_or_drawn(given_flags: jax.Array, given: jax.Array, drawn: jax.Array) -> jax.Array:
+    """Per sample: noise passed in by the caller (to reproduce a run) or drawn from its key."""
+    return jnp.where(given_flags[:, None, None, None], given, drawn)
+
+
+def _guided_denoiser(unet, context, guidance, conditioning=None, class_labels=None):
+    """denoise(x, t, i) for the samplers: one UNet call on [uncond; cond], then CFG.
+
+    `conditioning` (per sample, channels-last) is concatenated to the latents: the
+    inpainting UNet's mask and masked latents, or the upscaler's low-res image.
+    """
+    dtype = context.dtype
+    extra = None if conditioning is None else jnp.concatenate([conditioning, conditioning]).astype(dtype)
+    labels = None if class_labels is None else jnp.concatenate([class_labels, class_labels])
+
+    def denoise(x_in, t, i):
+        model_in = jnp.concatenate([x_in, x_in]).astype(dtype)
+        if extra is not None:
+            model_in = jnp.concatenate([model_in, extra], axis=-1)
+        kwargs = {} if labels is None else {"class_labels": labels}
+        out = unet(model_in, jnp.concatenate([t, t]), context, **kwargs).astype(jnp.float32)
+        uncond, cond = jnp.split(out, 2)
+        return classifier_free_guidance(uncond, cond, guidance)
+
+    return denoise
+
+
 def make_base_program(graphdefs, sampler, sig: BaseSignature, *, clip_skip: int,
                       scaling_factor: float, tile_latent: int | None,
                       on_trace: Callable[[], None]) -> Callable:
@@ -94,21 +128,14 @@ def make_base_program(graphdefs, sampler, sig: BaseSignature, *, clip_skip: int,
     with strength < 1), `mask` (1 = repaint) blends known latents back after each step
     for 4-channel UNets, and 9-channel inpainting UNets see mask and masked latents.
     """
-    text_def, unet_def, vae_def = graphdefs
-
     def program(states, inputs):
         on_trace()
-        text_encoder = nnx.merge(text_def, states[0])
-        unet = nnx.merge(unet_def, states[1])
-        vae = nnx.merge(vae_def, states[2])
-        dtype = unet_dtype(unet)
-
-        context = encode_text(text_encoder, jnp.concatenate([inputs["uncond_ids"], inputs["ids"]]), clip_skip)
+        unet, vae, context = _bind(graphdefs, states, inputs, clip_skip)
         keys = sample_keys(inputs["seeds"])
         init_latents = inputs["init_latents"]
         shape = init_latents.shape[1:]
-        noise = jnp.where(inputs["noise_given"][:, None, None, None], inputs["noise"],
-                          per_sample_normal(keys, _INITIAL_NOISE, shape))
+        noise = _given_or_drawn(inputs["noise_given"], inputs["noise"],
+                                per_sample_normal(keys, _INITIAL_NOISE, shape))
         start = inputs["start_step"]
         from_image = samplers.initial_latents(sampler, noise, x0=init_latents, start_step=start)
         from_noise = samplers.initial_latents(sampler, noise)
@@ -119,12 +146,7 @@ def make_base_program(graphdefs, sampler, sig: BaseSignature, *, clip_skip: int,
         if unet.config.in_channels == shape[-1] + 1 + shape[-1]:  # 9-channel inpainting UNet
             extra = jnp.concatenate([mask, inputs["masked_latents"]], axis=-1)
 
-        def denoise(x_in, t, i):
-            model_in = x_in if extra is None else jnp.concatenate([x_in, extra], axis=-1)
-            model_in = jnp.concatenate([model_in, model_in]).astype(dtype)
-            out = unet(model_in, jnp.concatenate([t, t]), context.astype(dtype)).astype(jnp.float32)
-            uncond, cond = jnp.split(out, 2)
-            return classifier_free_guidance(uncond, cond, inputs["guidance"])
+        denoise = _guided_denoiser(unet, context, inputs["guidance"], conditioning=extra)
 
         def blend_known(x_i, i):
             # Known pixels follow the init image at this step's noise level.
@@ -157,35 +179,21 @@ def make_upscale_program(graphdefs, sampler, low_res_schedule, sig: UpscaleSigna
                          clip_skip: int, scaling_factor: float, tile_latent: int | None,
                          on_trace: Callable[[], None]) -> Callable:
     """The SD x4 upscaler: noise-augmented low-res image + latents -> 4x image."""
-    text_def, unet_def, vae_def = graphdefs
-
     def program(states, inputs):
         on_trace()
-        text_encoder = nnx.merge(text_def, states[0])
-        unet = nnx.merge(unet_def, states[1])
-        vae = nnx.merge(vae_def, states[2])
-        dtype = unet_dtype(unet)
-
-        context = encode_text(text_encoder, jnp.concatenate([inputs["uncond_ids"], inputs["ids"]]), clip_skip)
+        unet, vae, context = _bind(graphdefs, states, inputs, clip_skip)
         keys = jax.vmap(lambda k: jax.random.fold_in(k, _UPSCALE))(sample_keys(inputs["seeds"]))
         low_res = inputs["low_res"]
         noise_level = inputs["noise_level"]
-        aug_noise = jnp.where(inputs["noise_given"][:, None, None, None], inputs["aug_noise"],
-                              per_sample_normal(keys, _AUG_NOISE, low_res.shape[1:]))
+        aug_noise = _given_or_drawn(inputs["noise_given"], inputs["aug_noise"],
+                                    per_sample_normal(keys, _AUG_NOISE, low_res.shape[1:]))
         image = samplers.add_noise(low_res_schedule, low_res, aug_noise, noise_level)
         latent_shape = low_res.shape[1:3] + (unet.config.out_channels,)
-        noise = jnp.where(inputs["noise_given"][:, None, None, None], inputs["noise"],
-                          per_sample_normal(keys, _UPSCALE_NOISE, latent_shape))
+        noise = _given_or_drawn(inputs["noise_given"], inputs["noise"],
+                                per_sample_normal(keys, _UPSCALE_NOISE, latent_shape))
         x = samplers.initial_latents(sampler, noise)
-        cond_image = jnp.concatenate([image, image]).astype(dtype)
-        labels = jnp.concatenate([noise_level, noise_level])
-
-        def denoise(x_in, t, i):
-            model_in = jnp.concatenate([jnp.concatenate([x_in, x_in]).astype(dtype), cond_image], axis=-1)
-            out = unet(model_in, jnp.concatenate([t, t]), context.astype(dtype),
-                       class_labels=labels).astype(jnp.float32)
-            uncond, cond = jnp.split(out, 2)
-            return classifier_free_guidance(uncond, cond, inputs["guidance"])
+        denoise = _guided_denoiser(unet, context, inputs["guidance"], conditioning=image,
+                                   class_labels=noise_level)
 
         latents = samplers.sample(sampler, denoise, x,
                                   jax.vmap(lambda k: jax.random.fold_in(k, _UPSCALE_SAMPLER_NOISE))(keys))
