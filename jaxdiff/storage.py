@@ -1,4 +1,4 @@
-"""Reading files from a local path or a `gs://bucket/object` URL with one small API.
+"""Reading and writing files at a local path or a `gs://bucket/object` URL with one small API.
 
 Checkpoints are read by byte range (one tensor at a time), so both backends expose
 `open_reader(path)` with `.size` and `.read(start, length)`. With STORAGE_EMULATOR_HOST
@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import posixpath
+import tempfile
 from typing import BinaryIO, Protocol
 
 GCS_PREFIX = "gs://"
@@ -179,3 +180,47 @@ def open_reader(path: str) -> RangeReader:
         except NotFound as e:
             raise FileNotFoundError(f"{path} does not exist") from e
     return _LocalReader(path)
+
+
+# ---- writing: build locally, then move into place in one step --------------------------
+
+def put_file(local_path: str, dest: str) -> None:
+    """Moves a finished local file to `dest` in one step."""
+    if is_gcs(dest):
+        bucket, name = _split_gcs(dest)
+        gcs_client().bucket(bucket).blob(name).upload_from_filename(local_path)
+        os.unlink(local_path)
+    else:
+        os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+        os.replace(local_path, dest)
+
+
+def local_temp_for(dest: str) -> str:
+    """A temporary file on the same filesystem as `dest` (so os.replace is atomic)."""
+    folder = tempfile.gettempdir() if is_gcs(dest) else (os.path.dirname(dest) or ".")
+    os.makedirs(folder, exist_ok=True)
+    fd, path = tempfile.mkstemp(prefix="." + os.path.basename(dest) + ".", suffix=".partial", dir=folder)
+    os.close(fd)
+    return path
+
+
+def write_bytes(dest: str, data: bytes) -> None:
+    """Writes `data` to `dest` so that readers see the old file or the whole new one."""
+    tmp = local_temp_for(dest)
+    with open(tmp, "wb") as f:
+        f.write(data)
+    put_file(tmp, dest)
+
+
+def delete(path: str) -> None:
+    """Removes one file if it exists."""
+    if is_gcs(path):
+        from google.api_core.exceptions import NotFound
+
+        bucket, name = _split_gcs(path)
+        try:
+            gcs_client().bucket(bucket).blob(name).delete()
+        except NotFound:
+            pass
+    elif os.path.exists(path):
+        os.unlink(path)

@@ -293,10 +293,10 @@ def clear_output(out: str) -> None:
     names = shards.list_files(out)
     owned = [n for n in names if n.startswith("shard-") or n in (RUN_FILE, INDEX_FILE)]
     for name in sorted(owned, key=lambda n: not n.endswith(shards.STATS_SUFFIX)):
-        shards.delete(storage.join(out, name))
+        storage.delete(storage.join(out, name))
     failures = storage.join(out, shards.FAILURES_DIR)
     for name in shards.list_files(failures):
-        shards.delete(storage.join(failures, name))
+        storage.delete(storage.join(failures, name))
 
 
 def write_index(out: str, specs: list) -> dict:

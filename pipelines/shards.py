@@ -19,7 +19,6 @@ import io
 import json
 import os
 import tarfile
-import tempfile
 import time
 from typing import Any
 
@@ -36,51 +35,8 @@ FAILURES_DIR = "failures"
 STATS_SUFFIX = ".stats.json"
 
 
-# ---- output files: local paths and gs:// through one small set of writes -----------------
-
-def _put_file(local_path: str, dest: str) -> None:
-    """Moves a finished local file to `dest` in one step."""
-    if storage.is_gcs(dest):
-        bucket, name = dest[len(storage.GCS_PREFIX):].split("/", 1)
-        storage.gcs_client().bucket(bucket).blob(name).upload_from_filename(local_path)
-        os.unlink(local_path)
-    else:
-        os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
-        os.replace(local_path, dest)
-
-
-def _local_temp(dest: str) -> str:
-    """A temporary file on the same filesystem as `dest` (so os.replace is atomic)."""
-    folder = tempfile.gettempdir() if storage.is_gcs(dest) else (os.path.dirname(dest) or ".")
-    os.makedirs(folder, exist_ok=True)
-    fd, path = tempfile.mkstemp(prefix="." + os.path.basename(dest) + ".", suffix=".partial", dir=folder)
-    os.close(fd)
-    return path
-
-
-def write_bytes(dest: str, data: bytes) -> None:
-    tmp = _local_temp(dest)
-    with open(tmp, "wb") as f:
-        f.write(data)
-    _put_file(tmp, dest)
-
-
 def write_json(dest: str, value: Any) -> None:
-    write_bytes(dest, (json.dumps(value, indent=1, sort_keys=True, default=str) + "\n").encode())
-
-
-def delete(path: str) -> None:
-    """Removes one file if it exists."""
-    if storage.is_gcs(path):
-        from google.api_core.exceptions import NotFound
-
-        bucket, name = path[len(storage.GCS_PREFIX):].split("/", 1)
-        try:
-            storage.gcs_client().bucket(bucket).blob(name).delete()
-        except NotFound:
-            pass
-    elif os.path.exists(path):
-        os.unlink(path)
+    storage.write_bytes(dest, (json.dumps(value, indent=1, sort_keys=True, default=str) + "\n").encode())
 
 
 def list_files(folder: str) -> list[str]:
@@ -94,8 +50,8 @@ def check_writable(out: str) -> None:
     """Fails early, naming `out`, when the output folder cannot be written."""
     probe = storage.join(out, ".jaxdiff-write-check")
     try:
-        write_bytes(probe, b"ok\n")
-        delete(probe)
+        storage.write_bytes(probe, b"ok\n")
+        storage.delete(probe)
     except Exception as e:
         raise OSError(f"cannot write to the output folder {out!r} ({e.__class__.__name__}: {e}); "
                       "pass an --out that exists or can be created, with write permission") from e
@@ -185,7 +141,7 @@ class ShardWriter:
             raise ValueError(f"unsupported image format {image_format!r}: use one of {sorted(FORMATS)}")
         self.out, self.name, self.paths = out, name, shard_paths(out, name)
         self.image_format, self.keep_base, self.model = image_format, keep_base, model or {}
-        self._tar_path = _local_temp(self.paths["tar"])
+        self._tar_path = storage.local_temp_for(self.paths["tar"])
         self._tar = tarfile.open(self._tar_path, "w", format=tarfile.USTAR_FORMAT)
         self._rows: list[dict] = []
         self._failures: list[str] = []
@@ -228,7 +184,7 @@ class ShardWriter:
         table = pq.read_table(io.BytesIO(storage.read_bytes(self.paths["parquet"])))
         self._rows.extend(table.to_pylist())
         keep_keys = {row["key"] for row in self._rows}
-        local = _local_temp(self.paths["tar"])
+        local = storage.local_temp_for(self.paths["tar"])
         try:
             storage.download(self.paths["tar"], local)
             with tarfile.open(local) as old:
@@ -253,18 +209,18 @@ class ShardWriter:
         if self._replaces_committed:
             # Withdraw the marker before touching the files it vouches for: a crash from
             # here on leaves an incomplete shard, which the next run renders afresh.
-            delete(self.paths["stats"])
+            storage.delete(self.paths["stats"])
         tar_bytes = os.path.getsize(self._tar_path)
         digest = hashlib.sha256()
         with open(self._tar_path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
-        _put_file(self._tar_path, self.paths["tar"])
+        storage.put_file(self._tar_path, self.paths["tar"])
 
         parquet = io.BytesIO()
         pq.write_table(pa.Table.from_pylist(self._rows, schema=PARQUET_SCHEMA), parquet)
-        write_bytes(self.paths["parquet"], parquet.getvalue())
-        write_bytes(self.paths["failures"], "".join(line + "\n" for line in self._failures).encode())
+        storage.write_bytes(self.paths["parquet"], parquet.getvalue())
+        storage.write_bytes(self.paths["failures"], "".join(line + "\n" for line in self._failures).encode())
 
         stats = {
             "shard": self.name,

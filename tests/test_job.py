@@ -101,7 +101,7 @@ def _assert_every_id_once(ids: list[str], failures: list[dict]) -> None:
 @pytest.mark.faults
 def test_gcs_end_to_end_bad_records_resume_conflict_and_fresh(gcs_bucket, tmp_path):
     manifest_url = f"gs://{gcs_bucket}/e2e/manifest.jsonl"
-    shards.write_bytes(manifest_url, ("\n".join(_manifest_lines()) + "\n").encode())
+    storage.write_bytes(manifest_url, ("\n".join(_manifest_lines()) + "\n").encode())
     out = f"gs://{gcs_bucket}/e2e/out"
 
     start = time.time()
@@ -123,7 +123,7 @@ def test_gcs_end_to_end_bad_records_resume_conflict_and_fresh(gcs_bucket, tmp_pa
     with pytest.raises(job.RunConflict, match="different settings.*steps"):
         job.run([manifest_url], out, _config(steps=4), progress=False)
     other = f"gs://{gcs_bucket}/e2e/other.jsonl"
-    shards.write_bytes(other, (json.dumps(GOOD[0]) + "\n").encode())
+    storage.write_bytes(other, (json.dumps(GOOD[0]) + "\n").encode())
     with pytest.raises(job.RunConflict, match="different manifest.*--fresh"):
         job.run([other], out, _config(), progress=False)
     # ... unless --fresh, which starts over.
