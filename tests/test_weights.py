@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
+import importlib
 import json
 import math
 import os
@@ -20,31 +20,16 @@ from jaxdiff import storage
 from jaxdiff.weights.convert import CheckpointError, to_nnx_layout
 from jaxdiff.weights.family import load_component, load_family
 from jaxdiff.weights.safetensors_stream import SafetensorsStream
+from tools.random_family import write_char_tokenizer
 
-TOOLS = os.path.join(os.path.dirname(__file__), os.pardir, "tools")
 UNET_WEIGHTS = os.path.join("unet", "diffusion_pytorch_model.safetensors")
 
 
 def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(TOOLS, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"tools.{name}")
 
 
 # --- a tiny pipeline folder, saved by diffusers / transformers themselves ----------------
-
-def _write_tokenizer(folder: str) -> int:
-    """A character-level CLIP tokenizer (lower-case letters, no merges); returns its size."""
-    os.makedirs(folder, exist_ok=True)
-    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    tokens = ["<|startoftext|>", "<|endoftext|>"] + letters + [c + "</w>" for c in letters]
-    with open(os.path.join(folder, "vocab.json"), "w") as f:
-        json.dump({t: i for i, t in enumerate(tokens)}, f)
-    with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n")
-    return len(tokens)
-
 
 def _randomised(module, scale=0.2):
     import torch
@@ -63,7 +48,7 @@ def _make_sd_folder(path: str):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     torch.manual_seed(0)
-    vocab_size = _write_tokenizer(os.path.join(path, "tokenizer"))
+    vocab_size = write_char_tokenizer(os.path.join(path, "tokenizer"))
     tokenizer = transformers.CLIPTokenizer(os.path.join(path, "tokenizer", "vocab.json"),
                                            os.path.join(path, "tokenizer", "merges.txt"))
     text_encoder = _randomised(transformers.CLIPTextModel(transformers.CLIPTextConfig(
@@ -161,7 +146,10 @@ def test_loaded_family_equals_the_torch_modules(sd_folder, sd_family):
     with open(os.path.join(path, "scheduler", "scheduler_config.json")) as f:
         assert family.scheduler_config == json.load(f)
     assert family.low_res_scheduler_config is None and family.max_noise_level is None
-    assert family.tokenizer("cab")["input_ids"] == [0, 2 + 2, 2, 28 + 1, 1]
+    with open(os.path.join(path, "tokenizer", "vocab.json")) as f:
+        vocab = json.load(f)
+    assert family.tokenizer("cab")["input_ids"] == [vocab[t] for t in
+                                                    ("<|startoftext|>", "c", "a", "b</w>", "<|endoftext|>")]
     # Every file read is fingerprinted, weights included.
     for rel in (UNET_WEIGHTS, "text_encoder/model.safetensors", "model_index.json",
                 "vae/config.json", "tokenizer/vocab.json"):

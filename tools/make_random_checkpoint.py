@@ -1,7 +1,7 @@
 """Writes a diffusers-layout UNet checkpoint with random values, without torch.
 
-    python tools/make_random_checkpoint.py --arch sd15 --out /tmp/sd15-random
-    python tools/make_random_checkpoint.py --config my_unet_config.json --out DIR
+    python -m tools.make_random_checkpoint --arch sd15 --out /tmp/sd15-random
+    python -m tools.make_random_checkpoint --config my_unet_config.json --out DIR
 
 gives DIR/unet/config.json and DIR/unet/diffusion_pytorch_model.safetensors (fp32).
 The full SD 1.5 UNet has 859.5M parameters (3.4 GB); values are generated and
@@ -22,30 +22,9 @@ import sys
 
 import numpy as np
 
-SD15_UNET_CONFIG = {
-    "_class_name": "UNet2DConditionModel",
-    "_diffusers_version": "0.42.1",
-    "act_fn": "silu",
-    "attention_head_dim": 8,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "center_input_sample": False,
-    "cross_attention_dim": 768,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
-                         "DownBlock2D"],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
-    "sample_size": 64,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
-                       "CrossAttnUpBlock2D"],
-}
+from configs.architectures import SD15_UNET
+
+SD15_UNET_CONFIG = {**SD15_UNET, "_diffusers_version": "0.42.1", "mid_block_type": "UNetMidBlock2DCrossAttn"}
 ARCHS = {"sd15": SD15_UNET_CONFIG}
 # diffusers' UNet2DConditionModel defaults for the keys that shape the tensors.
 _DIFFUSERS_DEFAULTS = {

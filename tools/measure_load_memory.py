@@ -1,7 +1,7 @@
 """Peak host memory while loading one checkpoint component, against its size on disk.
 
-    python tools/make_random_checkpoint.py --arch sd15 --out /tmp/sd15-random
-    JAX_PLATFORMS=cpu python tools/measure_load_memory.py /tmp/sd15-random --component unet
+    python -m tools.make_random_checkpoint --arch sd15 --out /tmp/sd15-random
+    JAX_PLATFORMS=cpu python -m tools.measure_load_memory /tmp/sd15-random --component unet
 
 The load runs in a fresh subprocess so its RSS high-water mark (getrusage ru_maxrss)
 covers only the interpreter, the imports and the load. Prints one JSON line:
