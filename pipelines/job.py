@@ -325,11 +325,12 @@ def write_index(out: str, specs: list) -> dict:
 # ---- progress -----------------------------------------------------------------------------
 
 class ProgressWatcher(threading.Thread):
-    """Polls the output for new stats markers and drives a tqdm bar (shards, images/s, ETA)."""
+    """Polls the output for new stats markers and drives a tqdm bar over manifest records
+    (done / total, images/s, ETA); a shard's records count once its marker exists."""
 
-    def __init__(self, out: str, names: Iterable[str], *, interval_s: float = 1.0, enabled: bool = True):
+    def __init__(self, out: str, records: dict[str, int], *, interval_s: float = 1.0, enabled: bool = True):
         super().__init__(daemon=True, name="jaxdiff-progress")
-        self._out, self._pending, self._interval = out, set(names), interval_s
+        self._out, self._records, self._interval = out, dict(records), interval_s
         self._stopping = threading.Event()
         self._enabled = enabled
         self.images = 0
@@ -338,12 +339,12 @@ class ProgressWatcher(threading.Thread):
     def run(self):
         from tqdm import tqdm
 
-        with tqdm(total=len(self._pending), unit="shard", disable=not self._enabled, file=sys.stderr,
-                  dynamic_ncols=True) as bar:
+        with tqdm(total=sum(self._records.values()), unit="record", disable=not self._enabled,
+                  file=sys.stderr, dynamic_ncols=True) as bar:
             while True:
                 stopping = self._stopping.wait(self._interval)
                 try:
-                    done = shards.complete_shards(self._out) & self._pending
+                    done = shards.complete_shards(self._out) & self._records.keys()
                 except Exception:  # a transient listing error must not end the run
                     done = set()
                 for name in done:
@@ -351,8 +352,7 @@ class ProgressWatcher(threading.Thread):
                         self.images += shards.read_stats(self._out, name)["samples"]
                     except Exception:
                         continue
-                    self._pending.discard(name)
-                    bar.update(1)
+                    bar.update(self._records.pop(name))
                 rate = self.images / max(time.time() - self._t0, 1e-9)
                 bar.set_postfix(images=self.images, img_s=f"{rate:.1f}", refresh=False)
                 if stopping:
@@ -473,7 +473,7 @@ def run(manifests: list[str], out: str, config: RenderConfig, *, beam_args: Iter
     if pending:
         pipeline = build_pipeline(options, pending, out, renderer_factory, manifest_defaults(config), config,
                                   retry_failures=retry_failures, shared_handle=handle)
-        watcher = ProgressWatcher(out, [s.name for s in pending], enabled=progress)
+        watcher = ProgressWatcher(out, {s.name: s.num_records for s in pending}, enabled=progress)
         watcher.start()
         try:
             result = pipeline.run()
