@@ -427,8 +427,11 @@ def _is_local(options: PipelineOptions) -> bool:
 
 def run(manifests: list[str], out: str, config: RenderConfig, *, beam_args: Iterable[str] = (),
         renderer_factory: Callable | None = None, fresh: bool = False, retry_failures: bool = False,
-        progress: bool = True) -> Summary:
+        progress: bool = True, shared_handle: shared.Shared | None = None) -> Summary:
     """Renders every record of `manifests` into shards under `out`; returns the run's summary.
+
+    `shared_handle`: a handle through which a renderer was already acquired in this
+    process (a warmed engine, say), for in-process runners to reuse.
 
     Raises manifest.ManifestError, RunConflict or JobError for whole-run problems.
     """
@@ -453,7 +456,7 @@ def run(manifests: list[str], out: str, config: RenderConfig, *, beam_args: Iter
     renderer_factory = renderer_factory or RendererFactory(config)
     local = _is_local(options)
     model_info = {"model": config.model, "upscaler": config.upscaler}
-    handle = shared.Shared()
+    handle = shared_handle or shared.Shared()
     renderer = None
     if local:
         # Loaded once: an in-process runner's workers acquire this same object through

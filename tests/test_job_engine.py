@@ -61,3 +61,14 @@ def test_manifest_renders_through_base_and_upscaler_into_shards(tmp_path, monkey
     assert [f["id"] for f in failures] == ["d"] and "prompt" in failures[0]["reason"]
     run_record = json.loads(storage.read_text(os.path.join(out, "run.json")))
     assert any(k.endswith("diffusion_pytorch_model.safetensors") for k in json.dumps(run_record).split('"'))
+
+
+@pytest.mark.pipeline
+def test_pipeline_versus_engine_benchmark_runs(tmp_path):
+    from tools import bench_pipeline
+
+    base = make_sd_folder(str(tmp_path / "sd"))
+    result = bench_pipeline.main(["--model", base, "--upscaler", "none", "--n", "8", "--batch-size", "4",
+                                  "--steps", "2", "--out", str(tmp_path / "out")])
+    assert result["complete"] and result["engine_images_per_s"] > 0 and result["ratio"] > 0
+    assert len([f for f in os.listdir(tmp_path / "out") if f.endswith(".stats.json")]) == 4
