@@ -42,8 +42,10 @@ def _peak(device) -> float | None:
     return None
 
 
-def _flops(compiled) -> float | None:
-    cost = compiled.cost_analysis()
+def _flops(lowered) -> float | None:
+    # From the lowered program, not the compiled one: an executable loaded from the
+    # persistent compilation cache may carry no cost analysis.
+    cost = lowered.cost_analysis()
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else None
     return float(cost["flops"]) if cost and "flops" in cost else None
@@ -84,14 +86,15 @@ def stage_times(family, batch: int, latent_hw: tuple[int, int], reps: int, low_r
     t = jnp.full((2 * batch,), 500.0, jnp.float32)
     ctx = jnp.asarray(np.random.default_rng(1).standard_normal((2 * batch, 77, family.text_encoder_config.hidden_size)), dtype)
     args = (unet_state, x, t, ctx) + ((jnp.full((2 * batch,), 20, jnp.int32),) if family.kind == "upscale" else ())
-    compiled = unet.lower(*args).compile()
+    lowered = unet.lower(*args)
+    compiled = lowered.compile()
     run = lambda: jax.block_until_ready(compiled(*args))
     run()
     out["unet_forward_s"] = _median_time(run, reps)
-    flops = _flops(compiled)
+    flops = _flops(lowered)
     if flops:
-        out["unet_gflop_per_forward"] = round(flops / 1e9, 1)
-        out["unet_tflops"] = round(flops / out["unet_forward_s"] / 1e12, 1)
+        out["unet_gflop_per_forward"] = float(f"{flops / 1e9:.4g}")
+        out["unet_tflops"] = float(f"{flops / out['unet_forward_s'] / 1e12:.4g}")
         peak = _peak(jax.devices()[0])
         if peak:
             out["unet_share_of_peak"] = round(out["unet_tflops"] / peak, 3)
