@@ -39,11 +39,12 @@ def evaluation_scenes(n: int, seed: int, split: str = "eval") -> list[sw.Scene]:
     return [sw.sample_description(rng, s) for s in splits]
 
 
-def model_renderer(model: str | None, batch_size: int) -> Renderer:
-    """A Renderer backed by a jaxdiff pipeline (`model=None`: the shipped default model)."""
+def model_renderer(model: str | None, batch_size: int, upscaler: str | None = None) -> Renderer:
+    """A Renderer backed by a jaxdiff pipeline (`model=None`: the shipped default model and
+    its upscaler; a folder renders its base stage only unless `upscaler` names one)."""
     import jaxdiff  # lazily: the evaluator's other modes work without the engine
 
-    pipeline = jaxdiff.load_pipeline(model)
+    pipeline = jaxdiff.load_pipeline(model, upscaler, batch_size=batch_size)
 
     def render(captions: list[str], seeds: list[int]) -> list:
         images = []
@@ -116,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16, help="captions per render call")
     parser.add_argument("--resolution", type=int, default=sw.CANVAS, choices=(sw.BASE_SIDE, sw.CANVAS),
                         help="with --ground-truth: score the 256 drawing or its 64 x 64 version")
+    parser.add_argument("--upscaler", default=None,
+                        help="x4 folder to render base + upscale with a --model folder (the spec scores at 256)")
     parser.add_argument("--out", help="write the summary and every example's score to this JSON file")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
@@ -124,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     scenes = evaluation_scenes(args.n, args.seed, args.split)
     seeds = [int(s) for s in np.random.default_rng([args.seed, 2]).integers(2**31, size=args.n)]
     render = (ground_truth_renderer(args.resolution) if args.ground_truth
-              else model_renderer(args.model, args.batch_size))
+              else model_renderer(args.model, args.batch_size, args.upscaler))
     started = time.perf_counter()
     report = evaluate(render, scenes, seeds)
     report |= {"model": None if args.ground_truth else (args.model or "default"),
