@@ -1,7 +1,7 @@
 """One PNG grid of rendered images with each caption under its image.
 
     python -m tools.contact_sheet --model OUT/default --upscaler OUT/default-x4 \\
-        --prompts prompts.txt --out docs/example.png        # render, then lay out
+        --prompts examples/prompts.jsonl --out docs/example.png  # render, then lay out
     python -m tools.contact_sheet --rendered RENDER_DIR --out sheet.png   # lay out finished shards
 
 A rendered folder holds `NNNNN.tar` shards of `<id>.png` (or .jpg) + `<id>.json` with a
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.contact_sheet", description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--rendered", help="an output folder of `jaxdiff render` (tar shards)")
-    source.add_argument("--prompts", help="a text file with one prompt a line, rendered here")
+    source.add_argument("--prompts", help="a manifest (JSONL, CSV, Parquet or one prompt a line), rendered here")
     parser.add_argument("--model", help="base model folder (with --prompts; default: the shipped model)")
     parser.add_argument("--upscaler", default=None, help="x4 upscaler folder (with --prompts)")
     parser.add_argument("--out", required=True, help="PNG file to write")
@@ -81,13 +81,20 @@ def main(argv=None) -> int:
         pairs = read_rendered(args.rendered, args.limit)
     else:
         import jaxdiff
+        from pipelines import manifest
 
-        with open(args.prompts) as f:
-            prompts = [line.strip() for line in f if line.strip()][: args.limit]
-        if not prompts:
-            parser.error(f"--prompts {args.prompts}: the file has no prompts")
+        # Read as `jaxdiff render` reads it: ids, seeds and per-record options kept.
+        defaults = manifest.RenderDefaults(seed=args.seed)
+        samples = []
+        for spec in manifest.plan_shards(manifest.expand_patterns([args.prompts]), 1000):
+            for raw in manifest.read_shard(spec):
+                made = manifest.to_samples(raw, defaults)
+                samples += made if isinstance(made, list) else []
+        samples = samples[: args.limit]
+        if not samples:
+            parser.error(f"--prompts {args.prompts}: the manifest has no valid records")
         pipe = jaxdiff.load_pipeline(args.model, upscaler=args.upscaler)
-        results = pipe.render(prompts, seeds=[args.seed + i for i in range(len(prompts))])
+        results = pipe.render_samples(samples)
         pairs = [(r.image, r.metadata.get("prompt", "")) for r in results if r.image is not None]
     contact_sheet(pairs, args.columns, args.cell).save(args.out)
     print(f"wrote {args.out} ({len(pairs)} images)")
