@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_ERROR = 0, 1, 2
@@ -98,6 +99,8 @@ def render_command(args: argparse.Namespace, beam_args: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # jaxdiff needs only transformers' tokenizers: its advice that PyTorch is missing is noise.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     parser = argparse.ArgumentParser(prog="jaxdiff", description="Offline latent-diffusion rendering in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
     render = _render_parser(sub)
