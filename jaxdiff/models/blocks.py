@@ -1,4 +1,5 @@
-"""Small convolutional and attention blocks shared by the UNet and the VAE.
+"""Small convolutional and attention blocks shared by the UNet and the VAE, and the
+config checking every model family uses.
 
 Attribute names mirror the diffusers PyTorch modules (`norm1`, `conv1`, `time_emb_proj`,
 `to_q`, `to_out.0`, ...) so that `jaxdiff.weights.convert.load_state_dict` can fill them
@@ -7,11 +8,37 @@ from a diffusers checkpoint. Layout is NHWC throughout.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any, Mapping
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxdiff.models.attention import dot_product_attention
+
+
+class UnsupportedConfig(ValueError):
+    """A config.json asks for an architecture variant this implementation does not have."""
+
+
+def known_config_values(cls, config: Mapping[str, Any], *, model: str, hint: str,
+                        required: Mapping[str, Any], ignored: tuple[str, ...]) -> dict[str, Any]:
+    """The entries of a config.json that are fields of the dataclass `cls`.
+
+    Keys starting with "_" are metadata; `required` keys may only hold their given value;
+    `ignored` keys do not change the math; any other unknown key raises, naming it, since
+    silently dropping it could change what the checkpoint computes.
+    """
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    for key, value in required.items():
+        if key in config and config[key] != value:
+            raise UnsupportedConfig(f"{model} config: {key}={config[key]!r} is not supported (only {value!r})")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(config) - fields - set(required) - set(ignored))
+    if unknown:
+        raise UnsupportedConfig(f"{model} config: unknown field(s) {unknown}; {hint}")
+    return {k: v for k, v in config.items() if k in fields}
 
 
 def group_norm(num_channels: int, num_groups: int, eps: float, *, dtype, rngs: nnx.Rngs) -> nnx.GroupNorm:

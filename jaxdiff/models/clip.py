@@ -19,10 +19,7 @@ import numpy as np
 from flax import nnx
 
 from jaxdiff.models.attention import dot_product_attention
-
-
-class UnsupportedConfig(ValueError):
-    """A text-encoder config.json asks for something this model does not implement."""
+from jaxdiff.models.blocks import UnsupportedConfig
 
 
 def _quick_gelu(x: jax.Array) -> jax.Array:

@@ -14,12 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxdiff.models.blocks import (Attention, Downsample2D, ResnetBlock2D, Upsample2D,
-                                   conv2d, group_norm)
-
-
-class UnsupportedConfig(ValueError):
-    """A config.json asks for an architecture variant this implementation does not have."""
+from jaxdiff.models.blocks import (Attention, Downsample2D, ResnetBlock2D, UnsupportedConfig, Upsample2D,
+                                   conv2d, group_norm, known_config_values)
 
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -106,17 +102,9 @@ class UNetConfig:
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> "UNetConfig":
         """Validates a diffusers config.json dict; raises UnsupportedConfig naming the field."""
-        config = {k: v for k, v in config.items() if not k.startswith("_")}
-        for key, required in _REQUIRED_VALUES.items():
-            if key in config and config[key] != required:
-                raise UnsupportedConfig(
-                    f"UNet config: {key}={config[key]!r} is not supported (only {required!r})")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(config) - fields - set(_REQUIRED_VALUES) - set(_IGNORED_KEYS))
-        if unknown:
-            raise UnsupportedConfig(
-                f"UNet config: unknown field(s) {unknown}; is this a UNet2DConditionModel config.json?")
-        values = {k: v for k, v in config.items() if k in fields}
+        values = known_config_values(cls, config, model="UNet", required=_REQUIRED_VALUES,
+                                     ignored=_IGNORED_KEYS,
+                                     hint="is this a UNet2DConditionModel config.json?")
         defaults = cls()
 
         down = tuple(values.get("down_block_types", defaults.down_block_types))

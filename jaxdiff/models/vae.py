@@ -14,9 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxdiff.models.blocks import (Attention, Downsample2D, ResnetBlock2D, Upsample2D,
-                                   conv2d, group_norm)
-from jaxdiff.models.unet import UnsupportedConfig
+from jaxdiff.models.blocks import (Attention, Downsample2D, ResnetBlock2D, UnsupportedConfig, Upsample2D,
+                                   conv2d, group_norm, known_config_values)
 
 # The autoencoder's norms use a fixed eps, not a config field.
 _EPS = 1e-6
@@ -52,17 +51,8 @@ class VAEConfig:
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> "VAEConfig":
         """Validates a diffusers config.json dict; raises UnsupportedConfig naming the field."""
-        config = {k: v for k, v in config.items() if not k.startswith("_")}
-        for key, required in _REQUIRED_VALUES.items():
-            if key in config and config[key] != required:
-                raise UnsupportedConfig(
-                    f"VAE config: {key}={config[key]!r} is not supported (only {required!r})")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(config) - fields - set(_REQUIRED_VALUES) - set(_IGNORED_KEYS))
-        if unknown:
-            raise UnsupportedConfig(
-                f"VAE config: unknown field(s) {unknown}; is this an AutoencoderKL config.json?")
-        values = {k: v for k, v in config.items() if k in fields}
+        values = known_config_values(cls, config, model="VAE", required=_REQUIRED_VALUES,
+                                     ignored=_IGNORED_KEYS, hint="is this an AutoencoderKL config.json?")
         defaults = cls()
         channels = tuple(values.get("block_out_channels", defaults.block_out_channels))
         n = len(channels)
