@@ -197,9 +197,9 @@ def test_gcs_manifest_with_relative_init_image(gcs_bucket):
 def _mixed_manifest(tmp_path, n=23):
     """Files with blank lines, a multi-line CSV cell, gzip and Parquet row groups."""
     records = [{"id": f"r{i}", "prompt": f"prompt {i}"} for i in range(n)]
-    jsonl = _write_jsonl(tmp_path / "a.jsonl", records, blank_every=3)
-    csv_path = _write_csv(tmp_path / "b.csv", ["id", "prompt"],
-                          [[f"c{i}", f"line one {i}\nline two" if i % 4 == 0 else f"c {i}"] for i in range(n)])
+    _write_jsonl(tmp_path / "a.jsonl", records, blank_every=3)
+    _write_csv(tmp_path / "b.csv", ["id", "prompt"],
+               [[f"c{i}", f"line one {i}\nline two" if i % 4 == 0 else f"c {i}"] for i in range(n)])
     txt = tmp_path / "c.txt.gz"
     txt.write_bytes(gzip.compress("".join(f"text {i}\n" + ("\n" if i % 5 == 0 else "") for i in range(n)).encode()))
     pq.write_table(pa.table({"prompt": [f"pq {i}" for i in range(n)]}), tmp_path / "d.parquet", row_group_size=4)

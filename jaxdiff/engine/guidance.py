@@ -1,7 +1,6 @@
 """Classifier-free guidance, with a scale per sample."""
 
 import jax
-import jax.numpy as jnp
 
 
 def classifier_free_guidance(uncond: jax.Array, cond: jax.Array, scale: jax.Array) -> jax.Array:
