@@ -36,3 +36,44 @@ def test_bench_runs_the_upscaler_architecture(tmp_path):
     finally:
         del architectures.ARCHITECTURES["tiny-x4"]
     assert result["jaxdiff"]["batches"]["1"]["images_per_s"] > 0
+
+
+def test_op_profile_puts_every_op_in_a_category(tmp_path):
+    from tools import op_profile
+
+    out = tmp_path / "profile.json"
+    result = op_profile.main(["--arch", "tiny", "--batch", "1", "--reps", "2", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    categories = result["categories"]
+    assert set(categories) == set(op_profile.CATEGORIES)
+    assert abs(sum(c["s"] for c in categories.values()) - result["op_time_s"]) < 1e-5
+    # The tiny UNet has convolutions and cross-attention: both must be found by name.
+    assert categories["convolution"]["s"] > 0 and categories["attention"]["s"] > 0
+    assert categories["matmul"]["ops"] > 0
+    assert result["top_ops"] and all(o["category"] in categories for o in result["top_ops"])
+
+
+def test_op_profile_names_gpu_library_calls():
+    from tools import op_profile
+
+    hlo = """HloModule m
+
+%fused_conv (p: f32[2]) -> f32[2] {
+  %p = f32[2]{0} parameter(0)
+  ROOT %c = (f32[2]{0}, u8[0]{0}) custom-call(%p), custom_call_target="__cudnn$convBiasActivationForward"
+}
+
+ENTRY %main (a: f32[2]) -> f32[2] {
+  %a = f32[2]{0} parameter(0)
+  %fmha = (f32[2]{0}, u8[0]{0}) custom-call(%a), custom_call_target="__cudnn$fmhaSoftmax"
+  %gemm = (f32[2]{0}, s8[0]{0}) custom-call(%a), custom_call_target="__cublas$gemm"
+  %conv_fusion = f32[2]{0} fusion(%a), kind=kCustom, calls=%fused_conv
+  %t = f32[2]{0} transpose(%a), dimensions={0}
+  ROOT %e = f32[2]{0} exponential(%a)
+}
+"""
+    instructions, computations = op_profile.parse_hlo(hlo)
+    found = {name: op_profile.categorize(name, instructions, computations)
+             for name in ("fmha", "gemm", "conv_fusion", "t", "e")}
+    assert found == {"fmha": "attention", "gemm": "matmul", "conv_fusion": "convolution",
+                     "t": "layout", "e": "elementwise"}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU benchmark pass, sized for a short lease: jaxdiff vs diffusers (eager and
 # torch.compile) on SD 1.5 at batch 16, the x4 upscaler, then a second process to time
-# a warm compilation cache. Writes JSON and the log under $OUT (or ./bench-out).
+# a warm compilation cache, and the UNet's time by op category. Writes JSON and the log under $OUT (or ./bench-out).
 set -u
 OUT=${OUT:-bench-out}; mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -15,6 +15,8 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
 python3 -c "import jax, flax, diffusers, transformers; print('jax', jax.__version__, 'flax', flax.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, jax.devices())"
 timeout 180 python3 -m tools.bench --arch sd15 --batch-sizes 16 --steps 25 --reps 2 --compare both \
   --out "$OUT/bench_sd15.json" 2>&1 | grep -v -i warning | tee "$OUT/bench_sd15.log"
+timeout 90 python3 -m tools.op_profile --arch sd15 --size 512 --batch 16 --out "$OUT/profile_sd15.json" \
+  2>&1 | grep -v -i warning | tee "$OUT/profile_sd15.log"
 timeout 50 python3 -m tools.bench --arch sd15 --batch-sizes 16 --steps 25 --reps 1 --no-stages \
   --out "$OUT/bench_sd15_warm_cache.json" 2>&1 | grep -v -i warning | tee "$OUT/bench_warm.log"
 timeout 70 python3 -m tools.bench --arch x4-upscaler --size 128 --batch-sizes 8 --steps 20 --guidance 9 --reps 2 \
