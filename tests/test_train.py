@@ -199,3 +199,18 @@ def test_checkpoint_round_trips_params_and_optimizer_state(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(ValueError, match="shape"):
         train.load_checkpoint(path, {"params": {**params, "a": jnp.zeros(3)}, "opt": opt})
+
+
+@pytest.mark.parametrize("stage", ["vae", "upscaler"])
+def test_evaluator_scores_one_stage_on_the_drawings(trained, tmp_path, stage):
+    from tools import evaluate
+
+    out, _, _ = trained
+    report_path = tmp_path / "report.json"
+    args = ["--stage", stage, "--n", "4", "--batch-size", "2", "--out", str(report_path)]
+    args += ["--model", os.path.join(out, "default")] if stage == "vae" else \
+        ["--upscaler", os.path.join(out, "default-x4")]
+    assert evaluate.main(args) == 0
+    report = json.loads(report_path.read_text())
+    assert report["stage"] == stage and report["summary"]["all"]["n"] == 4
+    assert all("error" not in e for e in report["examples"])  # every image was made and scored

@@ -3,12 +3,15 @@
     python -m tools.evaluate --model PATH_OR_NAME --n 200 --seed 0 --out report.json
     python -m tools.evaluate                           # the shipped default model
     python -m tools.evaluate --ground-truth            # the scorer's self-test: must be 100%
+    python -m tools.evaluate --stage vae               # the drawings through the VAE alone
+    python -m tools.evaluate --stage upscaler          # the drawings upscaled by the x4 stage alone
 
 Half of the captions come from the "unseen" split (new combinations of trained pairs), half
 from the "heldout" split (held-out colour-shape pairs); the summary reports one-object,
 two-object and held-out captions apart. Images are scored at 256 x 256 whatever their size.
 With --ground-truth the generator's own drawings are scored instead of a model's, and the
-command fails unless every one of them is correct.
+command fails unless every one of them is correct. --stage vae and --stage upscaler feed the
+drawings to one stage of the model, to tell which stage loses what.
 """
 
 from __future__ import annotations
@@ -55,6 +58,54 @@ def model_renderer(model: str | None, batch_size: int, upscaler: str | None = No
                           for r in results)
             print(f"rendered {len(images)}/{len(captions)}", file=sys.stderr, flush=True)
         return images
+
+    return render
+
+
+def vae_renderer(model: str | None, batch_size: int) -> Renderer:
+    """The generator's 64 x 64 drawings through the model's VAE, encoded and decoded: what
+    the base stage's decoder can show at best (`model=None`: the shipped default)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxdiff.checkpoints import default_model_path
+    from jaxdiff.weights.family import load_family
+
+    family = load_family(model or default_model_path(), dtype=jnp.float32)
+    graphdef, state = nnx.split(family.vae)
+
+    @jax.jit
+    def round_trip(state, images):
+        vae = nnx.merge(graphdef, state)
+        decoded = vae.decode(vae.encode(images.astype(jnp.float32) / 127.5 - 1.0)[0])
+        return jnp.clip(jnp.round((decoded + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
+    drawings = ground_truth_renderer(sw.BASE_SIDE)
+
+    def render(captions: list[str], seeds: list[int]) -> list:
+        images = []
+        for start in range(0, len(captions), batch_size):
+            batch = np.stack(drawings(captions[start:start + batch_size], seeds[start:start + batch_size]))
+            images.extend(np.asarray(round_trip(state, jnp.asarray(batch))))
+        return images
+
+    return render
+
+
+def upscaler_renderer(upscaler: str | None, batch_size: int) -> Renderer:
+    """The generator's 64 x 64 drawings upscaled x4 by the upscaler alone: what the second
+    stage keeps of a perfect base image (`upscaler=None`: the shipped default-x4)."""
+    from jaxdiff.checkpoints import default_upscaler_path
+    from jaxdiff.engine import Pipeline
+    from jaxdiff.weights.family import load_family
+
+    pipeline = Pipeline(None, load_family(upscaler or default_upscaler_path()), batch_size=batch_size)
+    drawings = ground_truth_renderer(sw.BASE_SIDE)
+
+    def render(captions: list[str], seeds: list[int]) -> list:
+        low = drawings(captions, seeds)
+        return pipeline.upscale(low, captions, seeds=seeds)
 
     return render
 
@@ -119,6 +170,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="with --ground-truth: score the 256 drawing or its 64 x 64 version")
     parser.add_argument("--upscaler", default=None,
                         help="x4 folder to render base + upscale with a --model folder (the spec scores at 256)")
+    parser.add_argument("--stage", default="full", choices=("full", "vae", "upscaler"),
+                        help="full: render the captions (default); vae: the drawings at 64 through the "
+                             "model's VAE; upscaler: the drawings at 64 upscaled by --upscaler alone")
     parser.add_argument("--out", help="write the summary and every example's score to this JSON file")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
@@ -126,11 +180,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     scenes = evaluation_scenes(args.n, args.seed, args.split)
     seeds = [int(s) for s in np.random.default_rng([args.seed, 2]).integers(2**31, size=args.n)]
-    render = (ground_truth_renderer(args.resolution) if args.ground_truth
-              else model_renderer(args.model, args.batch_size, args.upscaler))
+    if args.stage != "full" and args.ground_truth:
+        parser.error("--stage scores one of a model's stages: leave out --ground-truth")
+    if args.ground_truth:
+        render = ground_truth_renderer(args.resolution)
+    elif args.stage == "vae":
+        render = vae_renderer(args.model, args.batch_size)
+    elif args.stage == "upscaler":
+        render = upscaler_renderer(args.upscaler, args.batch_size)
+    else:
+        render = model_renderer(args.model, args.batch_size, args.upscaler)
     started = time.perf_counter()
     report = evaluate(render, scenes, seeds)
-    report |= {"model": None if args.ground_truth else (args.model or "default"),
+    report |= {"model": None if args.ground_truth else (args.model or "default"), "stage": args.stage,
                "ground_truth": args.ground_truth, "n": args.n, "seed": args.seed,
                "split": args.split, "seconds": round(time.perf_counter() - started, 2)}
     if args.ground_truth:
