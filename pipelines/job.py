@@ -20,7 +20,7 @@ import platform
 import sys
 import threading
 import time
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator, Mapping
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
@@ -155,10 +155,73 @@ def _failure(raw, reason: str, stage: str, sample_id: str) -> dict:
                             record=raw.text if raw.text is not None else raw.fields).to_json()
 
 
+# ---- ids used by more than one record ----------------------------------------------------
+
+def shard_record_ids(spec) -> Iterator[tuple[str, tuple]]:
+    """(id, (shard index, record index, source, line)) for each record of the shard that has one."""
+    for raw in manifest.read_shard(spec):
+        record_id = manifest.record_id(raw)
+        if record_id is not None:
+            yield record_id, (spec.index, raw.index, raw.source, raw.line)
+
+
+class FirstOccurrence(beam.CombineFn):
+    """(how many records carry an id, the first of them in manifest order)."""
+
+    def create_accumulator(self):
+        return 0, None
+
+    def add_input(self, accumulator, location):
+        count, first = accumulator
+        return count + 1, location if first is None or location[:2] < first[:2] else first
+
+    def merge_accumulators(self, accumulators):
+        count, first = 0, None
+        for n, location in accumulators:
+            count += n
+            if location is not None and (first is None or location[:2] < first[:2]):
+                first = location
+        return count, first
+
+    def extract_output(self, accumulator):
+        return accumulator
+
+
+def duplicate_ids(specs) -> beam.PTransform:
+    """id -> (shard index, record index, source, line) of its first record, for ids that
+    more than one record of the whole manifest carries (every shard is read, done or not)."""
+
+    @beam.ptransform_fn
+    def expand(pipeline):
+        return (pipeline
+                | "AllShards" >> beam.Create(specs, reshuffle=False)
+                | "SpreadIdReads" >> beam.Reshuffle()
+                | "RecordIds" >> beam.FlatMap(shard_record_ids)
+                | "CountIds" >> beam.CombinePerKey(FirstOccurrence())
+                | "Repeated" >> beam.Filter(lambda kv: kv[1][0] > 1)
+                | "FirstRecord" >> beam.Map(lambda kv: (kv[0], kv[1][1])))
+
+    return expand()
+
+
+def _duplicate_failure(raw, record_id: str, first: tuple) -> dict:
+    _, _, source, line = first
+    return _failure(raw, f"duplicate id {record_id!r}: the record at {source}:{line} has the same id and is "
+                         "the one rendered; give every record its own id (or leave id out to derive one)",
+                    "manifest", record_id)
+
+
+# ---- rendering ----------------------------------------------------------------------------
+
 def render_shard(spec, out: str, renderer, defaults, *, model_info: dict, image_format: str = "png",
                  keep_base: bool = False, retry_failures: bool = False,
-                 pool: concurrent.futures.Executor | None = None) -> dict:
-    """Renders one shard and commits it; returns its stats. Raises on a whole-shard error."""
+                 pool: concurrent.futures.Executor | None = None,
+                 duplicates: Mapping[str, tuple] | None = None) -> dict:
+    """Renders one shard and commits it; returns its stats. Raises on a whole-shard error.
+
+    `duplicates` (from `duplicate_ids`): a record whose id an earlier record carries goes
+    to the failures instead of being rendered.
+    """
     paths = shards.shard_paths(out, spec.name)
     retry_lines: set[tuple[str, int]] | None = None
     writer = shards.ShardWriter(out, spec.name, image_format=image_format, keep_base=keep_base, model=model_info)
@@ -187,6 +250,12 @@ def render_shard(spec, out: str, renderer, defaults, *, model_info: dict, image_
             if retry_lines is not None and (raw.source, raw.line) not in retry_lines:
                 continue
             position = raw.index - spec.first_record
+            if duplicates:
+                record_id = manifest.record_id(raw)
+                first = duplicates.get(record_id) if record_id is not None else None
+                if first is not None and tuple(first[:2]) != (spec.index, raw.index):
+                    writes.submit(writer.add_failure, _duplicate_failure(raw, record_id, first))
+                    continue
             result = manifest.to_samples(raw, defaults)
             if isinstance(result, manifest.Failure):
                 writes.submit(writer.add_failure, result.to_json())
@@ -241,10 +310,10 @@ class RenderShardFn(beam.DoFn):
         self._model_info = self._renderer.describe()
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
 
-    def process(self, spec):
+    def process(self, spec, duplicates=None):
         stats = render_shard(spec, self._out, self._renderer, self._defaults, model_info=self._model_info,
                              image_format=self._image_format, keep_base=self._keep_base,
-                             retry_failures=self._retry, pool=self._pool)
+                             retry_failures=self._retry, pool=self._pool, duplicates=duplicates)
         self._rendered.inc(stats["rendered"])
         self._failed.inc(stats["failed"])
         yield stats
@@ -405,9 +474,11 @@ def pipeline_options(beam_args: list[str]) -> PipelineOptions:
 
 def build_pipeline(options: PipelineOptions, specs: list, out: str, renderer_factory: Callable, defaults,
                    config: RenderConfig, *, retry_failures: bool = False,
-                   shared_handle: shared.Shared | None = None) -> beam.Pipeline:
-    """The job graph (nothing runs until `.run()`)."""
+                   shared_handle: shared.Shared | None = None, all_specs: list | None = None) -> beam.Pipeline:
+    """The job graph (nothing runs until `.run()`): renders `specs`, the shards still to do,
+    checking ids against every shard of the manifest (`all_specs`, default `specs`)."""
     pipeline = beam.Pipeline(options=options)
+    duplicates = pipeline | "DuplicateIds" >> duplicate_ids(all_specs or specs)
     _ = (
         pipeline
         | "PlannedShards" >> beam.Create(specs, reshuffle=False)
@@ -415,7 +486,8 @@ def build_pipeline(options: PipelineOptions, specs: list, out: str, renderer_fac
         | "SpreadShards" >> beam.Reshuffle()
         | "RenderShards" >> beam.ParDo(RenderShardFn(
             out, renderer_factory, defaults, image_format=config.image_format, keep_base=config.keep_base,
-            retry_failures=retry_failures, shared_handle=shared_handle or shared.Shared()))
+            retry_failures=retry_failures, shared_handle=shared_handle or shared.Shared()),
+            duplicates=beam.pvalue.AsDict(duplicates))
     )
     return pipeline
 
@@ -475,7 +547,7 @@ def run(manifests: list[str], out: str, config: RenderConfig, *, beam_args: Iter
 
     if pending:
         pipeline = build_pipeline(options, pending, out, renderer_factory, manifest_defaults(config), config,
-                                  retry_failures=retry_failures, shared_handle=handle)
+                                  retry_failures=retry_failures, shared_handle=handle, all_specs=specs)
         watcher = ProgressWatcher(out, {s.name: s.num_records for s in pending}, enabled=progress)
         watcher.start()
         try:

@@ -254,6 +254,16 @@ def _record_id(raw: RawRecord, fields: dict[str, Any] | None) -> str:
     return value
 
 
+def record_id(raw: RawRecord) -> str | None:
+    """The id `to_samples` gives this record; None when the record fails before it has one."""
+    if raw.fields is None:
+        return None
+    try:
+        return _record_id(raw, {k: v for k, v in raw.fields.items() if v is not None})
+    except _Invalid:
+        return None
+
+
 def _size(fields: dict[str, Any], defaults: RenderDefaults) -> tuple[int | None, int | None]:
     width = _integer("width", fields["width"]) if "width" in fields else defaults.width
     height = _integer("height", fields["height"]) if "height" in fields else defaults.height

@@ -258,6 +258,40 @@ def test_retry_failures_renders_only_failed_ids(tmp_path):
 
 
 @pytest.mark.pipeline
+@pytest.mark.faults
+def test_an_id_used_twice_renders_once_and_fails_the_rest_naming_the_first(tmp_path):
+    """Within a file and across files: the first record in manifest order is rendered, each
+    later one goes to the failures naming where the first is; a resumed run agrees."""
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"id": "dup", "prompt": "first"}, {"id": "x", "prompt": "x"},
+        {"id": "dup", "prompt": "again in a"}, {"id": "y", "prompt": "y"}]))
+    b.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"id": "z", "prompt": "z"}, {"id": "dup", "prompt": "again in b"}, {"prompt": "no id"}]))
+    out = str(tmp_path / "out")
+    config = _config(shard_size=2)
+    summary = job.run([str(a), str(b)], out, config, progress=False)
+    assert (summary.rendered, summary.failed) == (5, 2)
+    ids, failures = _ids_in_output(out, str(tmp_path / "copy"))
+    assert sorted(i for i in ids if len(i) < 20) == ["dup", "x", "y", "z"] and len(ids) == 5
+    assert sorted((f["source"], f["line"]) for f in failures) == [(str(a), 3), (str(b), 2)]
+    for f in failures:
+        assert f["id"] == "dup" and f["stage"] == "manifest"
+        assert f"duplicate id 'dup': the record at {a}:1 has the same id" in f["reason"]
+    table = pq.read_table(os.path.join(out, "shard-00000.parquet"))
+    assert table.to_pylist()[0]["prompt"] == "first"
+
+    # The shard holding b's duplicate is lost; rendering it again still knows about a:1.
+    lost = next(f for f in sorted(glob.glob(os.path.join(out, "failures", "*.jsonl")))
+                if str(b) in open(f).read())
+    name = os.path.basename(lost)[: -len(".jsonl")]
+    os.remove(shards.shard_paths(out, name)["stats"])
+    again = job.run([str(a), str(b)], out, config, progress=False)
+    assert again.rendered_shards == 1 and (again.rendered, again.failed) == (5, 2)
+    assert [f["reason"] for f in shards.read_failures(out, name)] == [failures[-1]["reason"]]
+
+
+@pytest.mark.pipeline
 def test_run_inference_handler_renders_samples():
     import apache_beam as beam
     from apache_beam.ml.inference.base import RunInference
