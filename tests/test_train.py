@@ -62,6 +62,25 @@ def test_quick_run_writes_both_folders_and_a_log(trained):
     assert text["model_type"] == "clip_text_model" and text["architectures"] == ["CLIPTextModel"]
 
 
+def test_resume_continues_a_finished_stage_and_keeps_the_earlier_log(trained, tmp_path):
+    out, _, _ = trained
+    again = str(tmp_path / "again")
+    env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
+               JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", "tools.train", "--quick", "--out", again, "--workers", "1",
+                           "--resume", out, "--continue", "base"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[base] continuing" in proc.stdout and "[vae] resuming" in proc.stdout
+    log = json.load(open(os.path.join(again, "train_log.json")))
+    assert sorted(log["stages"]) == ["base", "data", "export"]  # the VAE and x4 were done
+    assert log["stages"]["base"]["steps"] == 4                   # 2 before, 2 now
+    assert sorted(log["earlier_runs"][0]["stages"]) == ["base", "data", "export", "vae", "x4"]
+    with np.load(os.path.join(again, "checkpoint", "base.npz")) as f:
+        info = json.loads(bytes(f["__info__"]).decode())
+    assert info["done"] and info["restarts"] == 1 and info["step"] == 4
+
+
 def test_folders_load_and_render_64_to_256(trained):
     from jaxdiff.weights.family import load_family
 

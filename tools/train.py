@@ -113,7 +113,7 @@ class Plan:
     base_lr: float = 1e-3
     x4_lr: float = 1e-3
     warmup_steps: int = 200
-    max_steps: int | None = None  # per stage; None: run each stage until its time is up
+    max_steps: int | None = None  # per stage and run; None: run each stage until its time is up
     shares: tuple = (("vae", 0.2), ("base", 0.5), ("x4", 0.3))
     export_reserve_s: float = 15.0
     checkpoint_every_s: float = 60.0
@@ -334,6 +334,8 @@ def run_stage(name: str, step_fn, params, opt_state, frozen, data, *, lr: float,
     """Steps until `budget_s` seconds (compile included) or plan.max_steps; prints progress."""
     step = start["step"] if start else 0
     progress0 = start["progress"] if start else 0.0
+    restarts = start.get("restarts", 0) if start else 0
+    first_step = step
     t0 = time.perf_counter()
     last_print = last_ckpt = t0
     losses, first_step_s, pending = [], None, None
@@ -348,9 +350,9 @@ def run_stage(name: str, step_fn, params, opt_state, frozen, data, *, lr: float,
     while True:
         elapsed = time.perf_counter() - t0
         progress = progress0 + (1.0 - progress0) * min(1.0, elapsed / budget_s)
-        if plan.max_steps is not None:
-            progress = max(progress, step / plan.max_steps)
-            if step >= plan.max_steps:
+        if plan.max_steps is not None:  # steps in this run
+            progress = max(progress, (step - first_step) / plan.max_steps)
+            if step - first_step >= plan.max_steps:
                 break
         if elapsed >= budget_s:
             break
@@ -374,13 +376,14 @@ def run_stage(name: str, step_fn, params, opt_state, frozen, data, *, lr: float,
             last_print = now
         if now - last_ckpt > plan.checkpoint_every_s:
             save_checkpoint(checkpoint_path, {"params": params, "opt": opt_state},
-                            {"stage": name, "step": step, "progress": progress, "done": False})
+                            {"stage": name, "step": step, "progress": progress, "done": False,
+                             "restarts": restarts})
             last_ckpt = now
     if pending is not None:
         record(float(pending), step - 1)
     seconds = time.perf_counter() - t0
     save_checkpoint(checkpoint_path, {"params": params, "opt": opt_state},
-                    {"stage": name, "step": step, "progress": 1.0, "done": True})
+                    {"stage": name, "step": step, "progress": 1.0, "done": True, "restarts": restarts})
     print(f"[{name}] done: {step} steps in {seconds:.1f}s, loss {ema if ema is not None else float('nan'):.4f}",
           flush=True)
     log["stages"][name] = {"steps": step, "seconds": round(seconds, 2), "compile_s": round(first_step_s or 0.0, 2),
@@ -493,20 +496,34 @@ def _token_ids(tokenizer, captions: list[str]) -> np.ndarray:
     return ids[[row[c] for c in captions]]
 
 
-def _stage_start(checkpoint_dir: str | None, name: str, templates: dict):
-    """(trees, info) saved for stage `name` under `checkpoint_dir`, or (None, None)."""
+def _stage_start(checkpoint_dir: str | None, name: str, templates: dict, reopen: tuple = ()):
+    """(trees, info) saved for stage `name` under `checkpoint_dir`, or (None, None).
+
+    A finished stage named in `reopen` trains on: a warm restart of its cosine schedule at
+    half the peak learning rate of its previous cycle, from its saved weights and optimizer.
+    """
     if not checkpoint_dir:
         return None, None
     path = os.path.join(checkpoint_dir, f"{name}.npz")
     if not os.path.exists(path):
         return None, None
     trees, info = load_checkpoint(path, templates)
-    print(f"[{name}] resuming from {path} at step {info['step']}{' (done)' if info['done'] else ''}", flush=True)
+    if info["done"] and name in reopen:
+        info = dict(info, done=False, progress=0.0, restarts=info.get("restarts", 0) + 1)
+        print(f"[{name}] continuing from {path} at step {info['step']}, peak learning rate "
+              f"x{restart_scale(info)}", flush=True)
+    else:
+        print(f"[{name}] resuming from {path} at step {info['step']}{' (done)' if info['done'] else ''}",
+              flush=True)
     return trees, info
 
 
+def restart_scale(info: dict | None) -> float:
+    return 0.5 ** (info or {}).get("restarts", 0)
+
+
 def train(out: str, *, plan: Plan, budget_s: float, seed: int = 0, workers: int | None = None,
-          resume: str | None = None, export_dtype=np.float16) -> dict:
+          resume: str | None = None, reopen: tuple = (), export_dtype=np.float16) -> dict:
     """Runs every stage and writes OUT/default, OUT/default-x4, OUT/train_log.json; returns the log."""
     clock = Clock(budget_s, plan)
     t_start = time.perf_counter()
@@ -517,6 +534,13 @@ def train(out: str, *, plan: Plan, budget_s: float, seed: int = 0, workers: int 
     log = {"plan": dataclasses.asdict(plan), "budget_s": budget_s, "seed": seed, "backend": jax.default_backend(),
            "devices": [str(d) for d in jax.devices()], "compute_dtype": jnp.dtype(compute_dtype()).name,
            "stages": {}}
+    previous_log = os.path.join(resume, "train_log.json") if resume else None
+    if previous_log and os.path.exists(previous_log):
+        with open(previous_log) as f:
+            previous = json.load(f)
+        # What the earlier runs trained stays on record beside this run's stages.
+        log["earlier_runs"] = previous.get("earlier_runs", []) + [
+            {k: previous[k] for k in ("budget_s", "total_s", "stages") if k in previous}]
 
     # Data and tokenizer.
     workers = workers or min(16, os.cpu_count() or 1)
@@ -543,13 +567,13 @@ def train(out: str, *, plan: Plan, budget_s: float, seed: int = 0, workers: int 
     # VAE.
     tx = make_optimizer(plan.vae_lr)
     params, opt = models["vae"].params, tx.init(models["vae"].params)
-    saved, info = _stage_start(resume_dir, "vae", {"params": params, "opt": opt})
+    saved, info = _stage_start(resume_dir, "vae", {"params": params, "opt": opt}, reopen)
     if saved:
         params, opt = saved["params"], saved["opt"]
     if not (info and info["done"]):
         data = {"images64": jnp.asarray(images64), "images256": jnp.asarray(images256)}
         params, opt = run_stage("vae", make_step(vae_loss(models, plan.vae_batch), tx), params, opt, None, data,
-                                lr=plan.vae_lr, plan=plan, budget_s=clock.budget_for("vae"),
+                                lr=plan.vae_lr * restart_scale(info), plan=plan, budget_s=clock.budget_for("vae"),
                                 key=jax.random.fold_in(key, 1), checkpoint_path=os.path.join(ckpt_dir, "vae.npz"),
                                 start=info, log=log)
         del data
@@ -568,14 +592,14 @@ def train(out: str, *, plan: Plan, budget_s: float, seed: int = 0, workers: int 
     tx = make_optimizer(plan.base_lr)
     params = {"text": models["text"].params, "unet": models["base"].params}
     opt = tx.init(params)
-    saved, info = _stage_start(resume_dir, "base", {"params": params, "opt": opt})
+    saved, info = _stage_start(resume_dir, "base", {"params": params, "opt": opt}, reopen)
     if saved:
         params, opt = saved["params"], saved["opt"]
     if not (info and info["done"]):
         data = {"latents64": jnp.asarray(latents64 * scaling_factor), "ids": jnp.asarray(ids),
                 "empty_ids": jnp.asarray(empty_ids)}
         params, opt = run_stage("base", make_step(base_loss(models, plan.base_batch, schedule), tx), params, opt,
-                                None, data, lr=plan.base_lr, plan=plan, budget_s=clock.budget_for("base"),
+                                None, data, lr=plan.base_lr * restart_scale(info), plan=plan, budget_s=clock.budget_for("base"),
                                 key=jax.random.fold_in(key, 2), checkpoint_path=os.path.join(ckpt_dir, "base.npz"),
                                 start=info, log=log)
         del data
@@ -586,7 +610,7 @@ def train(out: str, *, plan: Plan, budget_s: float, seed: int = 0, workers: int 
     # x4 upscaler (text encoder frozen).
     tx = make_optimizer(plan.x4_lr)
     params, opt = models["x4"].params, tx.init(models["x4"].params)
-    saved, info = _stage_start(resume_dir, "x4", {"params": params, "opt": opt})
+    saved, info = _stage_start(resume_dir, "x4", {"params": params, "opt": opt}, reopen)
     if saved:
         params, opt = saved["params"], saved["opt"]
     if not (info and info["done"]):
@@ -594,7 +618,7 @@ def train(out: str, *, plan: Plan, budget_s: float, seed: int = 0, workers: int 
         data = {"latents256": jnp.asarray(latents256 * scaling_factor), "low_res": jnp.asarray(images64[:n256]),
                 "ids256": jnp.asarray(ids[:n256]), "empty_ids": jnp.asarray(empty_ids)}
         step_fn = make_step(x4_loss(models, plan.x4_batch, plan.x4_crop, x4_schedule, low_res_schedule), tx)
-        params, opt = run_stage("x4", step_fn, params, opt, models["text"].params, data, lr=plan.x4_lr,
+        params, opt = run_stage("x4", step_fn, params, opt, models["text"].params, data, lr=plan.x4_lr * restart_scale(info),
                                 plan=plan, budget_s=clock.budget_for("x4"), key=jax.random.fold_in(key, 3),
                                 checkpoint_path=os.path.join(ckpt_dir, "x4.npz"), start=info, log=log)
         del data
@@ -643,7 +667,7 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-seconds", type=float, default=300.0,
                         help="wall time for everything, data to export (default 300)")
     parser.add_argument("--quick", action="store_true", help="tiny data and 2 steps a stage, for CPU tests")
-    parser.add_argument("--steps", type=int, default=None, help="at most this many steps per stage")
+    parser.add_argument("--steps", type=int, default=None, help="at most this many steps per stage in this run")
     parser.add_argument("--count", type=int, default=None, help="64x64 training examples")
     parser.add_argument("--count-256", type=int, default=None, help="of which also kept at 256x256")
     parser.add_argument("--workers", type=int, default=None, help="drawing processes (default: CPUs, max 16)")
@@ -653,6 +677,9 @@ def main(argv=None) -> int:
                         help="the budget's split among stages, e.g. vae=0.2,base=0.5,x4=0.3 (the default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", default=None, help="an earlier --out folder to continue from")
+    parser.add_argument("--continue", dest="reopen", default="",
+                        help="with --resume: finished stages to train on, e.g. base,x4 (a warm restart "
+                             "at half the previous peak learning rate)")
     parser.add_argument("--export-dtype", choices=("float16", "float32"), default="float16")
     args = parser.parse_args(argv)
 
@@ -668,8 +695,14 @@ def main(argv=None) -> int:
         parser.error(f"--count {plan.count} / --count-256 {plan.count_256}: need 1 <= count-256 <= count")
     if args.resume and not os.path.isdir(os.path.join(args.resume, "checkpoint")):
         parser.error(f"--resume {args.resume}: no checkpoint/ folder there; pass an earlier --out folder")
+    reopen = tuple(s.strip() for s in args.reopen.split(",") if s.strip())
+    stages = [name for name, _ in Plan.shares]
+    if reopen and not args.resume:
+        parser.error("--continue needs --resume: the stages to continue come from an earlier --out folder")
+    if set(reopen) - set(stages):
+        parser.error(f"--continue {args.reopen}: stages are {', '.join(stages)}")
     train(args.out, plan=plan, budget_s=args.budget_seconds, seed=args.seed, workers=args.workers,
-          resume=args.resume, export_dtype=np.dtype(args.export_dtype))
+          resume=args.resume, reopen=reopen, export_dtype=np.dtype(args.export_dtype))
     return 0
 
 
