@@ -157,30 +157,44 @@ def _failure(raw, reason: str, stage: str, sample_id: str) -> dict:
 
 # ---- ids used by more than one record ----------------------------------------------------
 
-def shard_record_ids(spec) -> Iterator[tuple[str, tuple]]:
-    """(id, (shard index, record index, source, line)) for each record of the shard that has one."""
+# A record's place packed in one int, (shard index, record index, line), which orders as
+# the manifest does: a local runner holds one per distinct id, so it is kept small.
+_PLACE_BITS = 40
+
+
+def _pack_place(shard: int, record: int, line: int) -> int:
+    return (shard << 2 * _PLACE_BITS) | (record << _PLACE_BITS) | line
+
+
+def _unpack_place(place: int) -> tuple[int, int, int]:
+    mask = (1 << _PLACE_BITS) - 1
+    return place >> 2 * _PLACE_BITS, (place >> _PLACE_BITS) & mask, place & mask
+
+
+def shard_record_ids(spec) -> Iterator[tuple[str, int]]:
+    """(id, packed place) for each record of the shard that has an id."""
     for raw in manifest.read_shard(spec):
         record_id = manifest.record_id(raw)
         if record_id is not None:
-            yield record_id, (spec.index, raw.index, raw.source, raw.line)
+            yield record_id, _pack_place(spec.index, raw.index, raw.line)
 
 
 class FirstOccurrence(beam.CombineFn):
-    """(how many records carry an id, the first of them in manifest order)."""
+    """(how many records carry an id, the place of the first of them in manifest order)."""
 
     def create_accumulator(self):
         return 0, None
 
-    def add_input(self, accumulator, location):
+    def add_input(self, accumulator, place):
         count, first = accumulator
-        return count + 1, location if first is None or location[:2] < first[:2] else first
+        return count + 1, place if first is None or place < first else first
 
     def merge_accumulators(self, accumulators):
         count, first = 0, None
-        for n, location in accumulators:
+        for n, place in accumulators:
             count += n
-            if location is not None and (first is None or location[:2] < first[:2]):
-                first = location
+            if place is not None and (first is None or place < first):
+                first = place
         return count, first
 
     def extract_output(self, accumulator):
@@ -191,6 +205,13 @@ def duplicate_ids(specs) -> beam.PTransform:
     """id -> (shard index, record index, source, line) of its first record, for ids that
     more than one record of the whole manifest carries (every shard is read, done or not)."""
 
+    files = {spec.index: spec.file for spec in specs}
+
+    def first_record(item):
+        record_id, (_, place) = item
+        shard, record, line = _unpack_place(place)
+        return record_id, (shard, record, files[shard], line)
+
     @beam.ptransform_fn
     def expand(pipeline):
         return (pipeline
@@ -199,7 +220,7 @@ def duplicate_ids(specs) -> beam.PTransform:
                 | "RecordIds" >> beam.FlatMap(shard_record_ids)
                 | "CountIds" >> beam.CombinePerKey(FirstOccurrence())
                 | "Repeated" >> beam.Filter(lambda kv: kv[1][0] > 1)
-                | "FirstRecord" >> beam.Map(lambda kv: (kv[0], kv[1][1])))
+                | "FirstRecord" >> beam.Map(first_record))
 
     return expand()
 
