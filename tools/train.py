@@ -8,8 +8,9 @@ Stages, each stopped on time by its share of --budget-seconds:
   1. data: shapes-world examples (train split only) drawn by a process pool into numpy arrays;
   2. vae: one f=4 AutoencoderKL shared by both folders (64x64 images and 64x64 crops of 256s);
   3. base: CLIP text encoder + base UNet on 16x16x4 latents, epsilon prediction, 10% empty captions;
-  4. x4: upscaler UNet on 64x64x4 latents (trained on crops), v-prediction, noise-augmented
-     low-res input with the noise level as class label; the text encoder is frozen here;
+  4. x4: upscaler UNet on 64x64x4 latents (trained on crops), v-prediction; its low-res input
+     is the 64x64 image after a VAE round trip (as the base stage's output is), noise-augmented,
+     with the noise level as class label; the text encoder is frozen here;
   5. export: OUT/default (StableDiffusionPipeline) and OUT/default-x4
      (StableDiffusionUpscalePipeline), plus OUT/train_log.json.
 """
@@ -469,13 +470,18 @@ def export_family(folder: str, *, kind: str, text, unet, vae, vocab_size: int, s
 
 # --- main ---------------------------------------------------------------------------------
 
-def _encode_all(vae_module, images_u8: np.ndarray, batch: int) -> np.ndarray:
-    """Posterior means of uint8 images, in batches (the last one padded, never recompiled)."""
+def _encode_all(vae_module, images_u8: np.ndarray, batch: int, *, round_trip: bool = False) -> np.ndarray:
+    """Posterior means of uint8 images, in batches (the last one padded, never recompiled);
+    with `round_trip`, the uint8 images decoded from those means instead."""
     graphdef, state = nnx.split(vae_module)
 
     @jax.jit
     def encode(state, x):
-        return nnx.merge(graphdef, state).encode(_to_unit(x))[0]
+        vae = nnx.merge(graphdef, state)
+        mean = vae.encode(_to_unit(x))[0]
+        if not round_trip:
+            return mean
+        return jnp.clip(jnp.round((vae.decode(mean) + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
 
     out = []
     for s in range(0, len(images_u8), batch):
@@ -615,7 +621,10 @@ def train(out: str, *, plan: Plan, budget_s: float, seed: int = 0, workers: int 
         params, opt = saved["params"], saved["opt"]
     if not (info and info["done"]):
         n256 = len(images256)
-        data = {"latents256": jnp.asarray(latents256 * scaling_factor), "low_res": jnp.asarray(images64[:n256]),
+        # The upscaler's input when rendering is the base stage's decoded image, with the
+        # VAE's own softening (small triangles lose their tips): it learns from such images.
+        low_res = _encode_all(vae, images64[:n256], 32 if n256 >= 32 else n256, round_trip=True)
+        data = {"latents256": jnp.asarray(latents256 * scaling_factor), "low_res": jnp.asarray(low_res),
                 "ids256": jnp.asarray(ids[:n256]), "empty_ids": jnp.asarray(empty_ids)}
         step_fn = make_step(x4_loss(models, plan.x4_batch, plan.x4_crop, x4_schedule, low_res_schedule), tx)
         params, opt = run_stage("x4", step_fn, params, opt, models["text"].params, data, lr=plan.x4_lr * restart_scale(info),
