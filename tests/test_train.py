@@ -72,6 +72,7 @@ def test_resume_continues_a_finished_stage_and_keeps_the_earlier_log(trained, tm
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[base] continuing" in proc.stdout and "[vae] resuming" in proc.stdout
+    assert "[latents] reusing" in proc.stdout  # the VAE and the data are those of the first run
     log = json.load(open(os.path.join(again, "train_log.json")))
     assert sorted(log["stages"]) == ["base", "data", "export"]  # the VAE and x4 were done
     assert log["stages"]["base"]["steps"] == 4                   # 2 before, 2 now

@@ -524,6 +524,23 @@ def _stage_start(checkpoint_dir: str | None, name: str, templates: dict, reopen:
     return trees, info
 
 
+def _saved_step(path: str) -> int:
+    with np.load(path, allow_pickle=False) as f:
+        return json.loads(bytes(f["__info__"]).decode())["step"]
+
+
+def _cached_latents(checkpoint_dir: str | None, key: dict):
+    """(latents64, latents256) saved under `checkpoint_dir` for the same VAE and data, or None."""
+    path = os.path.join(checkpoint_dir, "latents.npz") if checkpoint_dir else None
+    if not path or not os.path.exists(path):
+        return None
+    with np.load(path, allow_pickle=False) as f:
+        if json.loads(bytes(f["__info__"]).decode()) != key:
+            return None
+        print(f"[latents] reusing {path}", flush=True)
+        return f["latents64"], f["latents256"]
+
+
 def restart_scale(info: dict | None) -> float:
     return 0.5 ** (info or {}).get("restarts", 0)
 
@@ -588,8 +605,18 @@ def train(out: str, *, plan: Plan, budget_s: float, seed: int = 0, workers: int 
     models["vae"].params = params
     vae = models["vae"].module()
     t = time.perf_counter()
-    latents64 = _encode_all(vae, images64, 256 if len(images64) >= 256 else len(images64))
-    latents256 = _encode_all(vae, images256, 32 if len(images256) >= 32 else len(images256))
+    # Encoding every example takes minutes on a CPU: a resumed run reuses the latents when
+    # they came from the same VAE checkpoint and the same data.
+    latents_key = {"vae_step": _saved_step(os.path.join(ckpt_dir, "vae.npz")), "seed": seed,
+                   "count": plan.count, "count_256": plan.count_256}
+    cached = _cached_latents(resume_dir, latents_key)
+    if cached is None:
+        latents64 = _encode_all(vae, images64, 256 if len(images64) >= 256 else len(images64))
+        latents256 = _encode_all(vae, images256, 32 if len(images256) >= 32 else len(images256))
+    else:
+        latents64, latents256 = cached
+    save_checkpoint(os.path.join(ckpt_dir, "latents.npz"), {"latents64": latents64, "latents256": latents256},
+                    latents_key)
     scaling_factor = float(1.0 / max(latents64.std(), 1e-6))
     log["scaling_factor"] = scaling_factor
     print(f"[latents] encoded in {time.perf_counter() - t:.1f}s; scaling_factor {scaling_factor:.4f}", flush=True)
