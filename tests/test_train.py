@@ -112,7 +112,7 @@ def test_exported_base_renders_the_same_in_diffusers(trained):
     out, _, _ = trained
     folder = os.path.join(out, "default")
     noise = _noise(2, 4, 16, seed=0)
-    ref = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)(
+    ref = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32)(
         PROMPTS, num_inference_steps=STEPS, guidance_scale=7.5, height=64, width=64, latents=noise,
         output_type="np").images
     pipe = jaxdiff.load_pipeline(folder, upscaler="none", steps=STEPS, guidance=7.5, batch_size=2,
@@ -134,7 +134,7 @@ def test_exported_upscaler_renders_the_same_in_diffusers(trained, monkeypatch):
     low = [shapes_world.example(5, 0).image64]
     aug, noise = _noise(1, 3, 64, seed=1), _noise(1, 4, 64, seed=2)
     monkeypatch.setattr(module, "randn_tensor", lambda shape, **kw: aug.reshape(shape))
-    ref = StableDiffusionUpscalePipeline.from_pretrained(folder, torch_dtype=torch.float32)(
+    ref = StableDiffusionUpscalePipeline.from_pretrained(folder, dtype=torch.float32)(
         PROMPTS[:1], image=[Image.fromarray(i) for i in low], num_inference_steps=STEPS, guidance_scale=9.0,
         noise_level=20, latents=noise, output_type="np").images
     pipe = jaxdiff.load_pipeline(os.path.join(out, "default"), upscaler=folder, upscale_steps=STEPS,
