@@ -77,8 +77,7 @@ def test_resume_continues_a_finished_stage_and_keeps_the_earlier_log(trained, tm
     assert sorted(log["stages"]) == ["base", "data", "export"]  # the VAE and x4 were done
     assert log["stages"]["base"]["steps"] == 4                   # 2 before, 2 now
     assert sorted(log["earlier_runs"][0]["stages"]) == ["base", "data", "export", "vae", "x4"]
-    with np.load(os.path.join(again, "checkpoint", "base.npz")) as f:
-        info = json.loads(bytes(f["__info__"]).decode())
+    info = train.checkpoint_info(os.path.join(again, "checkpoint", "base.npz"))
     assert info["done"] and info["restarts"] == 1 and info["step"] == 4
 
 

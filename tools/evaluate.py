@@ -70,6 +70,7 @@ def vae_renderer(model: str | None, batch_size: int) -> Renderer:
     from flax import nnx
 
     from jaxdiff.checkpoints import default_model_path
+    from jaxdiff.engine.programs import to_uint8
     from jaxdiff.weights.family import load_family
 
     family = load_family(model or default_model_path(), dtype=jnp.float32)
@@ -78,8 +79,7 @@ def vae_renderer(model: str | None, batch_size: int) -> Renderer:
     @jax.jit
     def round_trip(state, images):
         vae = nnx.merge(graphdef, state)
-        decoded = vae.decode(vae.encode(images.astype(jnp.float32) / 127.5 - 1.0)[0])
-        return jnp.clip(jnp.round((decoded + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+        return to_uint8(vae.decode(vae.encode(images.astype(jnp.float32) / 127.5 - 1.0)[0]))
 
     drawings = ground_truth_renderer(sw.BASE_SIDE)
 

@@ -32,6 +32,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxdiff.engine.programs import to_uint8
 from jaxdiff.models.clip import CLIPTextConfig, CLIPTextModel, load_tokenizer, tokenize
 from jaxdiff.models.unet import UNet2DConditionModel, UNetConfig
 from jaxdiff.models.vae import AutoencoderKL, VAEConfig
@@ -308,10 +309,16 @@ def save_checkpoint(path: str, trees: dict, info: dict) -> None:
     os.replace(tmp, path)
 
 
+def checkpoint_info(path: str) -> dict:
+    """The info dict `save_checkpoint` stored beside the arrays (reads no array)."""
+    with np.load(path, allow_pickle=False) as f:
+        return json.loads(bytes(f["__info__"]).decode())
+
+
 def load_checkpoint(path: str, templates: dict) -> tuple[dict, dict]:
     """Fills trees shaped like `templates` from `save_checkpoint`'s file; returns (trees, info)."""
+    info = checkpoint_info(path)
     with np.load(path, allow_pickle=False) as f:
-        info = json.loads(bytes(f["__info__"]).decode())
         out = {}
         for name, tree in templates.items():
             flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
@@ -481,7 +488,7 @@ def _encode_all(vae_module, images_u8: np.ndarray, batch: int, *, round_trip: bo
         mean = vae.encode(_to_unit(x))[0]
         if not round_trip:
             return mean
-        return jnp.clip(jnp.round((vae.decode(mean) + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+        return to_uint8(vae.decode(mean))
 
     out = []
     for s in range(0, len(images_u8), batch):
@@ -524,20 +531,13 @@ def _stage_start(checkpoint_dir: str | None, name: str, templates: dict, reopen:
     return trees, info
 
 
-def _saved_step(path: str) -> int:
-    with np.load(path, allow_pickle=False) as f:
-        return json.loads(bytes(f["__info__"]).decode())["step"]
-
-
 def _cached_latents(checkpoint_dir: str | None, key: dict):
     """(latents64, latents256) saved under `checkpoint_dir` for the same VAE and data, or None."""
     path = os.path.join(checkpoint_dir, "latents.npz") if checkpoint_dir else None
-    if not path or not os.path.exists(path):
+    if not path or not os.path.exists(path) or checkpoint_info(path) != key:
         return None
+    print(f"[latents] reusing {path}", flush=True)
     with np.load(path, allow_pickle=False) as f:
-        if json.loads(bytes(f["__info__"]).decode()) != key:
-            return None
-        print(f"[latents] reusing {path}", flush=True)
         return f["latents64"], f["latents256"]
 
 
@@ -607,7 +607,7 @@ def train(out: str, *, plan: Plan, budget_s: float, seed: int = 0, workers: int 
     t = time.perf_counter()
     # Encoding every example takes minutes on a CPU: a resumed run reuses the latents when
     # they came from the same VAE checkpoint and the same data.
-    latents_key = {"vae_step": _saved_step(os.path.join(ckpt_dir, "vae.npz")), "seed": seed,
+    latents_key = {"vae_step": checkpoint_info(os.path.join(ckpt_dir, "vae.npz"))["step"], "seed": seed,
                    "count": plan.count, "count_256": plan.count_256}
     cached = _cached_latents(resume_dir, latents_key)
     if cached is None:
