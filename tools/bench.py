@@ -65,6 +65,27 @@ def _jit_module(module, method=None):
     return jax.jit(call), state
 
 
+def arch_family(arch: str, dtype):
+    """The shipped default family (`default`), or random weights at full size for a named architecture."""
+    if arch == "default":
+        from jaxdiff.checkpoints import default_model_path
+        from jaxdiff.weights.family import load_family
+        return load_family(default_model_path(), dtype=dtype)
+    from tools.random_family import random_family
+    return random_family(arch, dtype)
+
+
+def vae_factor(family) -> int:
+    """Image pixels per latent pixel along a side."""
+    return 2 ** (len(family.vae_config.block_out_channels) - 1)
+
+
+def native_side(family) -> int:
+    """The upscaler's low-res input side is its latent side; a base model's image side is
+    its latent side times the VAE factor."""
+    return (family.unet_config.sample_size or 64) * (1 if family.kind == "upscale" else vae_factor(family))
+
+
 def stage_times(family, batch: int, latent_hw: tuple[int, int], reps: int, low_res_hw=None) -> dict:
     """Each stage alone at this batch: text encoder, one UNet forward (CFG batch), VAE decode."""
     import jax
@@ -117,22 +138,12 @@ def bench_arch(args) -> dict:
 
     enable_compilation_cache(args.cache_dir)
     dtype = jnp.dtype(args.dtype or ("bfloat16" if jax.default_backend() != "cpu" else "float32"))
-    if args.arch == "default":
-        from jaxdiff.checkpoints import default_model_path
-        from jaxdiff.weights.family import load_family
-        family = load_family(default_model_path(), dtype=dtype)
-    else:
-        from tools.random_family import random_family
-        family = random_family(args.arch, dtype)
+    family = arch_family(args.arch, dtype)
     upscale = family.kind == "upscale"
-    vae_factor = 2 ** (len(family.vae_config.block_out_channels) - 1)
     result = {"system": "jaxdiff", "arch": args.arch, "device": jax.devices()[0].device_kind,
               "device_count": jax.device_count(), "jax": jax.__version__, "dtype": str(dtype),
               "steps": args.steps, "sampler": args.sampler, "guidance": args.guidance, "batches": {}}
-    # The native size: the upscaler's low-res input is its latent size; a base model's
-    # image is its latent size times the VAE factor.
-    native = (family.unet_config.sample_size or 64) * (1 if upscale else vae_factor)
-    side = args.size or native
+    side = args.size or native_side(family)
     result["size"] = side
     for B in [int(b) for b in args.batch_sizes.split(",")]:
         if upscale:
@@ -149,7 +160,7 @@ def bench_arch(args) -> dict:
             pipe = Pipeline(family, None, batch_size=B, settings=settings)
             samples = [Sample(id=str(i), prompt=f"prompt {i}", seed=i) for i in range(B)]
             work = lambda: pipe.render_samples(samples)
-            latent_hw = (side // vae_factor, side // vae_factor)
+            latent_hw = (side // vae_factor(family),) * 2
         t = time.perf_counter()
         work()
         first = time.perf_counter() - t

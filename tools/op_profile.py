@@ -169,26 +169,16 @@ def profile_unet(arch: str, batch: int, size: int | None, dtype_name: str | None
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from flax import nnx
+
+    from tools.bench import _jit_module, arch_family, native_side, vae_factor
 
     dtype = jnp.dtype(dtype_name or ("bfloat16" if jax.default_backend() != "cpu" else "float32"))
-    if arch == "default":
-        from jaxdiff.checkpoints import default_model_path
-        from jaxdiff.weights.family import load_family
-        family = load_family(default_model_path(), dtype=dtype)
-    else:
-        from tools.random_family import random_family
-        family = random_family(arch, dtype)
+    family = arch_family(arch, dtype)
     cfg = family.unet_config
     upscale = family.kind == "upscale"
-    vae_factor = 2 ** (len(family.vae_config.block_out_channels) - 1)
-    side = size or (cfg.sample_size or 64) * (1 if upscale else vae_factor)
-    latent = side if upscale else side // vae_factor
-
-    graphdef, state = nnx.split(family.unet)
-
-    def forward(state, x, t, context, *labels):
-        return nnx.merge(graphdef, state)(x, t, context, *labels)
+    side = size or native_side(family)
+    latent = side if upscale else side // vae_factor(family)
+    forward, state = _jit_module(family.unet)
 
     rng = np.random.default_rng(0)
     n = 2 * batch
@@ -197,7 +187,7 @@ def profile_unet(arch: str, batch: int, size: int | None, dtype_name: str | None
             jnp.asarray(rng.standard_normal((n, 77, family.text_encoder_config.hidden_size)), dtype))
     if upscale:
         args += (jnp.full((n,), 20, jnp.int32),)
-    compiled = jax.jit(forward).lower(*args).compile()
+    compiled = forward.lower(*args).compile()
     jax.block_until_ready(compiled(*args))
     walls = []
     for _ in range(reps):
