@@ -31,9 +31,12 @@ def _render_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--upscaler", default=None, help="x4 upscaler folder, or 'none'; default: the model's own")
     p.add_argument("--width", type=int, default=None, help="image width (default: the model's native size)")
     p.add_argument("--height", type=int, default=None, help="image height (default: the model's native size)")
-    p.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
-    p.add_argument("--sampler", default="dpmpp_2m", help="ddim, dpmpp_2m, euler, euler_a, ddpm (default dpmpp_2m)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="denoising steps (default: the model's render_defaults.json, else 25)")
+    p.add_argument("--sampler", default=None, help="ddim, dpmpp_2m, euler, euler_a, ddpm "
+                                                   "(default: the model's render_defaults.json, else dpmpp_2m)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: the model's render_defaults.json, else 7.5)")
     p.add_argument("--seed", type=int, default=0, help="run seed; records without a seed derive theirs from it")
     p.add_argument("--batch-size", type=int, default=8, help="samples per device batch (default 8)")
     p.add_argument("--shard-size", type=int, default=1000, help="manifest records per shard (default 1000)")

@@ -53,9 +53,10 @@ class RenderConfig:
     upscaler: str | None = None       # None: the model's own upscaler; "none": no upscaling
     width: int | None = None          # None: the model's native size
     height: int | None = None
-    steps: int = 25
-    sampler: str = "dpmpp_2m"
-    guidance: float = 7.5
+    # None: what the model folder's render_defaults.json recommends, else SD's 25 / dpmpp_2m / 7.5.
+    steps: int | None = None
+    sampler: str | None = None
+    guidance: float | None = None
     seed: int = 0
     image_format: str = "png"
     keep_base: bool = False
@@ -69,7 +70,7 @@ class RenderConfig:
         if self.image_format not in shards.FORMATS:
             raise ValueError(f"unsupported --format {self.image_format!r}: use one of {', '.join(shards.FORMATS)}")
         for name in ("steps", "shard_size", "batch_size"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("width", "height"):
             value = getattr(self, name)
@@ -82,6 +83,10 @@ class RenderConfig:
         # Invariant: an image does not depend on batch size; the delay only slows a dry run.
         del out["batch_size"], out["dry_run_delay_s"]
         return out
+
+    def open_settings(self) -> dict:
+        """steps, sampler and guidance where this config sets them."""
+        return {k: getattr(self, k) for k in ("steps", "sampler", "guidance") if getattr(self, k) is not None}
 
     def settings(self) -> dict:
         """Run-wide render defaults, as the engine's RenderSettings names them."""
@@ -99,23 +104,34 @@ class RendererFactory:
         c = self.config
         if c.dry_run:
             return dry_run.DryRunRenderer(c.batch_size, width=c.width or DRY_RUN_SIZE,
-                                          height=c.height or DRY_RUN_SIZE, steps=c.steps,
-                                          guidance=c.guidance, sampler=c.sampler, seed=c.seed,
-                                          delay_s=c.dry_run_delay_s)
+                                          height=c.height or DRY_RUN_SIZE, seed=c.seed,
+                                          delay_s=c.dry_run_delay_s, **c.open_settings())
         from jaxdiff.engine import load_pipeline
 
         return load_pipeline(c.model, c.upscaler, dtype=c.dtype, batch_size=c.batch_size, **c.settings())
 
 
+def with_model_defaults(config: RenderConfig) -> RenderConfig:
+    """`config` with the steps, sampler and guidance it leaves open taken from the model
+    folder's render_defaults.json, so the run's record and every worker agree on them."""
+    if config.dry_run:
+        return config
+    from jaxdiff import render_defaults
+    from jaxdiff.checkpoints import default_model_path
+
+    recommended = render_defaults.read(config.model or default_model_path())
+    return dataclasses.replace(config, **{k: v for k, v in recommended.items() if getattr(config, k) is None})
+
+
 def manifest_defaults(config: RenderConfig) -> manifest.RenderDefaults:
     """The run's defaults and limits for manifest records."""
-    values = {"steps": config.steps, "guidance": config.guidance, "seed": config.seed}
+    values = {"seed": config.seed} | config.open_settings()
+    if values.get("sampler") not in manifest.RenderDefaults.samplers:
+        values.pop("sampler", None)  # the engine names an unknown sampler in each failure
     if config.width is not None:
         values["width"] = config.width
     if config.height is not None:
         values["height"] = config.height
-    if config.sampler in manifest.RenderDefaults.samplers:
-        values["sampler"] = config.sampler
     if config.dry_run:
         # The dry run draws any multiple of 8, so tiny images can test a huge manifest.
         values.update(size_multiple=dry_run.SIZE_MULTIPLE, max_side=dry_run.MAX_SIDE,
@@ -530,6 +546,7 @@ def run(manifests: list[str], out: str, config: RenderConfig, *, beam_args: Iter
     """
     started = time.time()
     out = str(out).rstrip("/") if storage.is_gcs(str(out)) else str(out)
+    config = with_model_defaults(config)
     files = manifest.expand_patterns(list(manifests))
     shards.check_writable(out)
     fingerprint = manifest.manifest_fingerprint(files)

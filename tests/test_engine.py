@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -153,6 +155,21 @@ def test_two_stage_render_keeps_base(sd_folder, upscaler_folder):
     (r,) = pipe.render(["a red circle"], seeds=[3])
     assert r.image.shape == (64, 64, 3) and r.base_image.shape == (16, 16, 3)
     assert r.metadata["upscale_steps"] == 2 and r.metadata["width"] == 64
+
+
+def test_a_folders_render_defaults_apply_where_no_setting_is_given(sd_folder, tmp_path):
+    import shutil
+
+    folder = str(tmp_path / "sd")
+    shutil.copytree(sd_folder, folder)
+    with open(f"{folder}/render_defaults.json", "w") as f:
+        json.dump({"steps": 2, "sampler": "ddim", "guidance": 3.0}, f)
+    recommended = jaxdiff.load_pipeline(folder, upscaler="none", batch_size=1)
+    assert (recommended.settings.steps, recommended.settings.sampler, recommended.settings.guidance) == (2, "ddim", 3.0)
+    given = jaxdiff.load_pipeline(sd_folder, upscaler="none", steps=2, sampler="ddim", guidance=3.0, batch_size=1)
+    (ours,), (theirs,) = recommended.render(["a red circle"], seeds=[5]), given.render(["a red circle"], seeds=[5])
+    np.testing.assert_array_equal(ours.image, theirs.image)
+    assert jaxdiff.load_pipeline(folder, upscaler="none", guidance=6.0, batch_size=1).settings.guidance == 6.0
 
 
 def test_same_seed_same_image_anywhere_in_any_batch(sd_folder):

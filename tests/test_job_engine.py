@@ -23,6 +23,9 @@ def test_manifest_renders_through_base_and_upscaler_into_shards(tmp_path, monkey
     os.makedirs(tmp_path / "tmp")
     base = make_sd_folder(str(tmp_path / "sd"))
     upscaler = make_upscaler_folder(str(tmp_path / "x4"))
+    # What each folder recommends applies where the run and the record say nothing.
+    (tmp_path / "sd" / "render_defaults.json").write_text(json.dumps({"guidance": 5.5}))
+    (tmp_path / "x4" / "render_defaults.json").write_text(json.dumps({"noise_level": 7}))
     init = tmp_path / "init.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), np.uint8)).save(init)
     records = [
@@ -55,11 +58,13 @@ def test_manifest_renders_through_base_and_upscaler_into_shards(tmp_path, monkey
     assert metas["b"]["prompt_truncated"] is True and metas["a"]["prompt_truncated"] is False
     assert metas["c"]["mode"] == "img2img" and metas["c"]["strength"] == 0.5
     assert metas["e"]["guidance"] == 3.0 and metas["e"]["negative_prompt"] == "blurry"
+    assert metas["a"]["guidance"] == 5.5 and metas["a"]["noise_level"] == 7 and metas["a"]["steps"] == 2
     assert metas["a"]["seed"] == 1 and metas["e_1"]["seed"] != metas["e"]["seed"]
     failures = [json.loads(line) for f in sorted(os.listdir(os.path.join(out, "failures")))
                 for line in open(os.path.join(out, "failures", f)) if line.strip()]
     assert [f["id"] for f in failures] == ["d"] and "prompt" in failures[0]["reason"]
     run_record = json.loads(storage.read_text(os.path.join(out, "run.json")))
+    assert run_record["config"]["guidance"] == 5.5 and run_record["config"]["sampler"] == "ddim"
     assert any(k.endswith("diffusion_pytorch_model.safetensors") for k in json.dumps(run_record).split('"'))
 
 

@@ -412,3 +412,21 @@ def test_unsupported_config_names_the_config_file(sd_folder, tmp_path):
         load_component(folder, "unet")
     assert type(info.value).__name__ == "UnsupportedConfig"
     assert str(info.value).startswith(config_path)
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("content,message", [
+    ('{"guidance": 4.0, "cfg": 2}', "unknown setting.*cfg.*may set steps, sampler, guidance"),
+    ('{"sampler": "plms"}', "unknown sampler 'plms'"),
+    ('{"steps": 0}', "steps is 0"),
+    ('{"noise_level": 5}', "unknown setting.*noise_level"),  # a base model has no noise level
+    ('{"guidance": 4.0', "not valid JSON")])
+def test_bad_render_defaults_name_the_file(sd_folder, tmp_path, content, message):
+    folder = str(tmp_path / "family")
+    shutil.copytree(sd_folder[0], folder)
+    path = os.path.join(folder, "render_defaults.json")
+    with open(path, "w") as f:
+        f.write(content)
+    with pytest.raises(CheckpointError, match=message) as info:
+        load_family(folder)
+    assert str(info.value).startswith(path)

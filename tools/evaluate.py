@@ -5,13 +5,15 @@
     python -m tools.evaluate --ground-truth            # the scorer's self-test: must be 100%
     python -m tools.evaluate --stage vae               # the drawings through the VAE alone
     python -m tools.evaluate --stage upscaler          # the drawings upscaled by the x4 stage alone
+    python -m tools.evaluate --guidance 4 --upscale-guidance 3   # other sampling settings
 
 Half of the captions come from the "unseen" split (new combinations of trained pairs), half
 from the "heldout" split (held-out colour-shape pairs); the summary reports one-object,
 two-object and held-out captions apart. Images are scored at 256 x 256 whatever their size.
 With --ground-truth the generator's own drawings are scored instead of a model's, and the
 command fails unless every one of them is correct. --stage vae and --stage upscaler feed the
-drawings to one stage of the model, to tell which stage loses what.
+drawings to one stage of the model, to tell which stage loses what. Sampling settings left
+out are each folder's render_defaults.json (what the values shipped there were chosen by).
 """
 
 from __future__ import annotations
@@ -42,12 +44,13 @@ def evaluation_scenes(n: int, seed: int, split: str = "eval") -> list[sw.Scene]:
     return [sw.sample_description(rng, s) for s in splits]
 
 
-def model_renderer(model: str | None, batch_size: int, upscaler: str | None = None) -> Renderer:
+def model_renderer(model: str | None, batch_size: int, upscaler: str | None = None, **settings) -> Renderer:
     """A Renderer backed by a jaxdiff pipeline (`model=None`: the shipped default model and
-    its upscaler; a folder renders its base stage only unless `upscaler` names one)."""
+    its upscaler; a folder renders its base stage only unless `upscaler` names one).
+    `settings` (RenderSettings names; None: the folders' own) set how it samples."""
     import jaxdiff  # lazily: the evaluator's other modes work without the engine
 
-    pipeline = jaxdiff.load_pipeline(model, upscaler, batch_size=batch_size)
+    pipeline = jaxdiff.load_pipeline(model, upscaler, batch_size=batch_size, **settings)
 
     def render(captions: list[str], seeds: list[int]) -> list:
         images = []
@@ -93,14 +96,15 @@ def vae_renderer(model: str | None, batch_size: int) -> Renderer:
     return render
 
 
-def upscaler_renderer(upscaler: str | None, batch_size: int) -> Renderer:
+def upscaler_renderer(upscaler: str | None, batch_size: int, **settings) -> Renderer:
     """The generator's 64 x 64 drawings upscaled x4 by the upscaler alone: what the second
     stage keeps of a perfect base image (`upscaler=None`: the shipped default-x4)."""
     from jaxdiff.checkpoints import default_upscaler_path
-    from jaxdiff.engine import Pipeline
+    from jaxdiff.engine import Pipeline, settings_for
     from jaxdiff.weights.family import load_family
 
-    pipeline = Pipeline(None, load_family(upscaler or default_upscaler_path()), batch_size=batch_size)
+    family = load_family(upscaler or default_upscaler_path())
+    pipeline = Pipeline(None, family, batch_size=batch_size, settings=settings_for(None, family, **settings))
     drawings = ground_truth_renderer(sw.BASE_SIDE)
 
     def render(captions: list[str], seeds: list[int]) -> list:
@@ -173,8 +177,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--stage", default="full", choices=("full", "vae", "upscaler"),
                         help="full: render the captions (default); vae: the drawings at 64 through the "
                              "model's VAE; upscaler: the drawings at 64 upscaled by --upscaler alone")
+    sampling = parser.add_argument_group("sampling (default: each folder's render_defaults.json, else SD's)")
+    sampling.add_argument("--steps", type=int, default=None, help="base denoising steps")
+    sampling.add_argument("--guidance", type=float, default=None, help="base guidance scale")
+    sampling.add_argument("--upscale-steps", type=int, default=None, help="upscaler denoising steps")
+    sampling.add_argument("--upscale-guidance", type=float, default=None, help="upscaler guidance scale")
+    sampling.add_argument("--noise-level", type=int, default=None, help="noise added to the upscaler's input")
     parser.add_argument("--out", help="write the summary and every example's score to this JSON file")
     args = parser.parse_args(argv)
+    settings = {"steps": args.steps, "guidance": args.guidance, "upscale_steps": args.upscale_steps,
+                "upscale_guidance": args.upscale_guidance, "noise_level": args.noise_level}
     if args.batch_size < 1:
         parser.error(f"--batch-size is {args.batch_size}: give at least 1")
 
@@ -187,14 +199,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.stage == "vae":
         render = vae_renderer(args.model, args.batch_size)
     elif args.stage == "upscaler":
-        render = upscaler_renderer(args.upscaler, args.batch_size)
+        render = upscaler_renderer(args.upscaler, args.batch_size, **settings)
     else:
-        render = model_renderer(args.model, args.batch_size, args.upscaler)
+        render = model_renderer(args.model, args.batch_size, args.upscaler, **settings)
     started = time.perf_counter()
     report = evaluate(render, scenes, seeds)
     report |= {"model": None if args.ground_truth else (args.model or "default"), "stage": args.stage,
                "ground_truth": args.ground_truth, "n": args.n, "seed": args.seed,
-               "split": args.split, "seconds": round(time.perf_counter() - started, 2)}
+               "split": args.split, "settings": {k: v for k, v in settings.items() if v is not None},
+               "seconds": round(time.perf_counter() - started, 2)}
     if args.ground_truth:
         report["resolution"] = args.resolution
     print(format_summary(report["summary"]))

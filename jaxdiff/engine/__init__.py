@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from jaxdiff.engine.pipeline import Pipeline, RenderError, RenderSettings, enable_compilation_cache
+from jaxdiff.engine.pipeline import Pipeline, RenderError, RenderSettings, enable_compilation_cache, settings_for
 from jaxdiff.engine.sample import Rendered, Sample
 
 
@@ -13,7 +13,8 @@ def load_pipeline(model: str | None = None, upscaler: str | None = None, *, dtyp
 
     `model=None` is the shipped default model (with its own upscaler unless
     `upscaler="none"`). Keyword settings (steps, sampler, guidance, width, ...) become
-    the run's RenderSettings.
+    the run's RenderSettings; those left out (or None) come from each folder's
+    render_defaults.json where it has one (see `settings_for`).
     """
     from jaxdiff.weights.family import load_family
     from jaxdiff.checkpoints import default_model_path, default_upscaler_path
@@ -28,8 +29,8 @@ def load_pipeline(model: str | None = None, upscaler: str | None = None, *, dtyp
     kw = dict(dtype=dtype, allow_pickle=allow_pickle)
     base = load_family(model, **kw)
     up = load_family(upscaler, **kw) if upscaler else None
-    return Pipeline(base, up, batch_size=batch_size, settings=RenderSettings(**settings), devices=devices)
+    return Pipeline(base, up, batch_size=batch_size, settings=settings_for(base, up, **settings), devices=devices)
 
 
 __all__ = ["Pipeline", "RenderError", "RenderSettings", "Rendered", "Sample", "load_pipeline",
-           "enable_compilation_cache"]
+           "enable_compilation_cache", "settings_for"]

@@ -60,6 +60,21 @@ class RenderSettings:
     tile_latent: int = 96          # decode larger latents in tiles
 
 
+# A folder's render_defaults.json names its own stage's settings; the engine's names.
+_UPSCALER_SETTING = {"steps": "upscale_steps", "sampler": "upscale_sampler", "guidance": "upscale_guidance",
+                     "noise_level": "noise_level"}
+
+
+def settings_for(base, upscaler=None, **given) -> RenderSettings:
+    """The run's settings: those `given` (None: not given), else what each model folder
+    recommends in its render_defaults.json, else RenderSettings' own defaults."""
+    merged = dict(base.render_defaults) if base is not None else {}
+    if upscaler is not None:
+        merged.update({_UPSCALER_SETTING[k]: v for k, v in upscaler.render_defaults.items()})
+    merged.update({k: v for k, v in given.items() if v is not None})
+    return RenderSettings(**merged)
+
+
 class RenderError(ValueError):
     """A sample that cannot be rendered as asked (reported per sample, not raised)."""
 

@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxdiff import storage
+from jaxdiff import render_defaults as recommended
+from jaxdiff import samplers, storage
 from jaxdiff.weights.convert import CheckpointError, load_state_dict
 from jaxdiff.weights.safetensors_stream import SafetensorsStream
 
@@ -95,6 +96,7 @@ class ModelFamily:
     max_noise_level: int | None            # upscaler only
     model_index: dict
     sha256: dict[str, str]       # path relative to `path` -> hex digest of each file read
+    render_defaults: dict = dataclasses.field(default_factory=dict)  # render_defaults.json, if any
 
 
 def _read_json(path: str, what: str, digests: dict) -> dict:
@@ -351,6 +353,8 @@ def load_family(path: str, *, dtype=None, allow_pickle: bool = False, sharding=N
                 f"{index_path}: an upscaler needs an integer max_noise_level (SD x4 upscaler: 350), "
                 f"got {max_noise_level!r}")
 
+    defaults = _render_defaults(path, kind, max_noise_level, digests)
+
     prefix = path + "/"
     relative = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in digests.items()}
     return ModelFamily(
@@ -360,4 +364,26 @@ def load_family(path: str, *, dtype=None, allow_pickle: bool = False, sharding=N
         unet_config=loaded["unet"].config, vae_config=loaded["vae"].config,
         text_encoder_config=loaded["text_encoder"].config,
         scheduler_config=scheduler_config, low_res_scheduler_config=low_res_scheduler_config,
-        max_noise_level=max_noise_level, model_index=model_index, sha256=relative)
+        max_noise_level=max_noise_level, model_index=model_index, sha256=relative,
+        render_defaults=defaults)
+
+
+def _render_defaults(path: str, kind: str, max_noise_level: int | None, digests: dict) -> dict:
+    """The folder's own render_defaults.json ({} without one), checked against this family."""
+    file = storage.join(path, recommended.FILE)
+    try:
+        raw = storage.read_bytes(file)
+    except FileNotFoundError:
+        return {}
+    digests[file] = hashlib.sha256(raw).hexdigest()
+    try:
+        values = recommended.parse(raw, file, "upscale" if kind == "upscale" else "base")
+    except recommended.RenderDefaultsError as e:
+        raise CheckpointError(str(e)) from e
+    if values.get("sampler", samplers.SAMPLER_NAMES[0]) not in samplers.SAMPLER_NAMES:
+        raise CheckpointError(f"{file}: unknown sampler {values['sampler']!r}; "
+                              f"use one of {', '.join(samplers.SAMPLER_NAMES)}")
+    if values.get("noise_level", 0) > (max_noise_level or 0):
+        raise CheckpointError(f"{file}: noise_level {values['noise_level']} is above the model's "
+                              f"max_noise_level {max_noise_level}")
+    return values

@@ -1,0 +1,68 @@
+"""The render settings a model folder recommends for itself, from its `render_defaults.json`.
+
+A diffusers folder says nothing about how to sample it, yet a small model can want far
+less guidance than Stable Diffusion's 7.5. The optional file, beside model_index.json,
+holds what its makers measured best, e.g. for an x4 upscaler:
+
+    {"steps": 20, "guidance": 3.0, "noise_level": 0}
+
+Settings a user gives win over it; settings nobody gives fall back to SD's usual ones.
+diffusers ignores the file. Reading it needs no JAX (the job launcher reads it).
+"""
+
+from __future__ import annotations
+
+import json
+
+from jaxdiff import storage
+
+FILE = "render_defaults.json"
+# What each kind of folder may recommend. An upscaler's values are its own stage's:
+# its "steps" are the engine's upscale_steps.
+KEYS = {"base": ("steps", "sampler", "guidance"), "upscale": ("steps", "sampler", "guidance", "noise_level")}
+
+
+class RenderDefaultsError(ValueError):
+    """A render_defaults.json that cannot be used; the message names the file."""
+
+
+def read(folder: str, kind: str = "base") -> dict:
+    """The settings `folder` (local or gs://) recommends ({} without the file), checked."""
+    path = storage.join(str(folder).rstrip("/"), FILE)
+    try:
+        raw = storage.read_bytes(path)
+    except FileNotFoundError:
+        return {}
+    return parse(raw, path, kind)
+
+
+def parse(raw: bytes, path: str, kind: str = "base") -> dict:
+    """Checks the JSON text of a render_defaults.json read from `path` (named in errors)."""
+    try:
+        values = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RenderDefaultsError(f"{path}: not valid JSON ({e}); fix or delete the file") from e
+    if not isinstance(values, dict):
+        raise RenderDefaultsError(f"{path}: expected a JSON object such as {{\"guidance\": 4.0}}")
+    allowed = KEYS[kind]
+    unknown = sorted(set(values) - set(allowed))
+    if unknown:
+        raise RenderDefaultsError(f"{path}: unknown setting(s) {', '.join(unknown)}; "
+                                  f"a {kind} model's file may set {', '.join(allowed)}")
+
+    def bad(name, rule):
+        raise RenderDefaultsError(f"{path}: {name} is {values[name]!r}; {rule}")
+
+    def integer(name):
+        return isinstance(values[name], int) and not isinstance(values[name], bool)
+
+    if "steps" in values and not (integer("steps") and values["steps"] >= 1):
+        bad("steps", "use a whole number of at least 1")
+    if "noise_level" in values and not (integer("noise_level") and values["noise_level"] >= 0):
+        bad("noise_level", "use a whole number of at least 0")
+    if "guidance" in values and (isinstance(values["guidance"], bool)
+                                 or not isinstance(values["guidance"], (int, float)) or values["guidance"] < 0):
+        bad("guidance", "use a number of at least 0")
+    if "sampler" in values and not (isinstance(values["sampler"], str) and values["sampler"]):
+        bad("sampler", "use a sampler's name, e.g. dpmpp_2m")
+    return {k: (float(v) if k == "guidance" else v) for k, v in values.items()}
