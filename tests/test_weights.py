@@ -430,3 +430,19 @@ def test_bad_render_defaults_name_the_file(sd_folder, tmp_path, content, message
     with pytest.raises(CheckpointError, match=message) as info:
         load_family(folder)
     assert str(info.value).startswith(path)
+
+
+@pytest.mark.faults
+def test_an_upscalers_render_defaults_keep_under_its_max_noise_level(tmp_path):
+    from tiny_models import make_upscaler_folder
+
+    folder = make_upscaler_folder(str(tmp_path / "x4"))
+    path = os.path.join(folder, "render_defaults.json")
+    with open(path, "w") as f:
+        json.dump({"guidance": 3.0, "noise_level": 20}, f)
+    assert load_family(folder).render_defaults == {"guidance": 3.0, "noise_level": 20}
+    with open(path, "w") as f:
+        json.dump({"noise_level": 351}, f)
+    with pytest.raises(CheckpointError, match="noise_level 351 is above the model's max_noise_level 350") as info:
+        load_family(folder)
+    assert str(info.value).startswith(path)
