@@ -12,6 +12,7 @@ diffusers ignores the file. Reading it needs no JAX (the job launcher reads it).
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 from jaxdiff import storage
@@ -26,13 +27,16 @@ class RenderDefaultsError(ValueError):
     """A render_defaults.json that cannot be used; the message names the file."""
 
 
-def read(folder: str, kind: str = "base") -> dict:
-    """The settings `folder` (local or gs://) recommends ({} without the file), checked."""
+def read(folder: str, kind: str = "base", digests: dict | None = None) -> dict:
+    """The settings `folder` (local or gs://) recommends ({} without the file), checked.
+    `digests`, if given, gets the file's sha256 under its path."""
     path = storage.join(str(folder).rstrip("/"), FILE)
     try:
         raw = storage.read_bytes(path)
     except FileNotFoundError:
         return {}
+    if digests is not None:
+        digests[path] = hashlib.sha256(raw).hexdigest()
     return parse(raw, path, kind)
 
 

@@ -372,12 +372,7 @@ def _render_defaults(path: str, kind: str, max_noise_level: int | None, digests:
     """The folder's own render_defaults.json ({} without one), checked against this family."""
     file = storage.join(path, recommended.FILE)
     try:
-        raw = storage.read_bytes(file)
-    except FileNotFoundError:
-        return {}
-    digests[file] = hashlib.sha256(raw).hexdigest()
-    try:
-        values = recommended.parse(raw, file, "upscale" if kind == "upscale" else "base")
+        values = recommended.read(path, "upscale" if kind == "upscale" else "base", digests)
     except recommended.RenderDefaultsError as e:
         raise CheckpointError(str(e)) from e
     if values.get("sampler", samplers.SAMPLER_NAMES[0]) not in samplers.SAMPLER_NAMES:
