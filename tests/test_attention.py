@@ -51,11 +51,47 @@ def test_each_path_matches_the_reference(implementation, causal):
 
 def test_auto_picks_the_plain_path_off_gpu_and_for_fp32():
     q, _, _ = _qkv(jnp.float32)
-    assert attention._choose(q) == "xla"
+    assert attention._choose(q, q) == "xla"
     if jax.default_backend() == "gpu":
-        assert attention._choose(q.astype(jnp.bfloat16)) == "cudnn"
+        assert attention._choose(q.astype(jnp.bfloat16), q) == "cudnn"
 
 
 def test_unknown_implementation_is_refused():
     with pytest.raises(ValueError, match="not one of"):
         attention.set_attention_implementation("flash9000")
+
+
+def test_pallas_tpu_path_matches_the_reference_in_interpret_mode():
+    """The TPU kernel path, run by Pallas' TPU interpreter: head_dim 40 and a 77-token
+    context are padded to whole tiles, and padded keys must get no weight."""
+    from jax.experimental.pallas import tpu as pltpu
+    for tq, tk in [(200, 77), (128, 128)]:
+        q, k, v = _qkv(jnp.float32, tq=tq, tk=tk)
+        attention.set_attention_implementation("pallas")
+        try:
+            with pltpu.force_tpu_interpret_mode():
+                out = attention.dot_product_attention(q, k, v)
+        finally:
+            attention.set_attention_implementation(None)
+        ref = _reference(q, k, v, causal=False)
+        err = np.linalg.norm(np.asarray(out, np.float64) - ref) / np.linalg.norm(ref)
+        assert out.shape == q.shape and err < 1e-5, f"{tq}x{tk}: relative error {err:.2e}"
+
+
+def test_auto_picks_pallas_on_tpu_for_long_unmasked_sequences(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    long_q, k, _ = _qkv(jnp.bfloat16, tq=256)
+    short_q, _, _ = _qkv(jnp.bfloat16, tq=77)
+    assert attention._choose(long_q, k) == "pallas"
+    assert attention._choose(short_q, k) == "xla"  # CLIP's 77 tokens
+    assert attention._choose(long_q, k, plain_only=True) == "xla"  # masked or causal
+
+
+def test_pallas_path_refuses_masks():
+    q, k, v = _qkv(jnp.float32, tq=128)
+    attention.set_attention_implementation("pallas")
+    try:
+        with pytest.raises(ValueError, match="neither masks nor causal"):
+            attention.dot_product_attention(q, k, v, is_causal=True)
+    finally:
+        attention.set_attention_implementation(None)

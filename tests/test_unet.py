@@ -58,7 +58,8 @@ def _forward(model, sample, timesteps, context, class_labels):
     return model(sample, timesteps, context, class_labels)
 
 
-def _compare(config: dict, *, height: int, width: int, timesteps, class_labels=None, tol: float):
+def _compare(config: dict, *, height: int, width: int, timesteps, class_labels=None, tol: float,
+             forward=_forward):
     torch_model = _randomised_torch_unet(config)
     model = _jax_unet(torch_model, config)
     gen = torch.Generator().manual_seed(1)
@@ -69,7 +70,7 @@ def _compare(config: dict, *, height: int, width: int, timesteps, class_labels=N
     labels = None if class_labels is None else torch.tensor(class_labels)
     with torch.no_grad():
         want = torch_model(sample, t, context, class_labels=labels).sample.numpy().transpose(0, 2, 3, 1)
-    got = np.asarray(_forward(model, sample.numpy().transpose(0, 2, 3, 1), t.numpy(), context.numpy(),
+    got = np.asarray(forward(model, sample.numpy().transpose(0, 2, 3, 1), t.numpy(), context.numpy(),
                               None if labels is None else labels.numpy()))
     assert got.shape == want.shape
     err = np.max(np.abs(got - want)) / np.max(np.abs(want))
@@ -95,6 +96,23 @@ def test_upscaler_style_matches_diffusers():
     # two levels' transformers attend only to the context, and no attention up top.
     _compare(UPSCALER_STYLE, height=12, width=12, timesteps=[20.0, 871.5],
              class_labels=[20, 3], tol=1e-5)
+
+
+@pytest.mark.parity
+def test_tpu_attention_kernel_path_matches_diffusers():
+    # Every attention call through Pallas' TPU flash kernel, run by its TPU interpreter
+    # on the CPU; a fresh jit so no trace of the XLA path is reused.
+    from jax.experimental.pallas import tpu as pltpu
+
+    from jaxdiff.models import attention
+
+    attention.set_attention_implementation("pallas")
+    try:
+        with pltpu.force_tpu_interpret_mode():
+            _compare(SD1_STYLE, height=12, width=12, timesteps=[999.0, 17.25], tol=1e-5,
+                     forward=nnx.jit(lambda model, *args: model(*args)))
+    finally:
+        attention.set_attention_implementation(None)
 
 
 def test_bfloat16_model_stays_close_to_float32():

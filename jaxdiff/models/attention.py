@@ -5,14 +5,19 @@ Layout is (batch, tokens, heads, head_dim), as in `jax.nn.dot_product_attention`
 
 from __future__ import annotations
 
+import math
 import os
 
 import jax
 import jax.numpy as jnp
 
-# "auto" picks per backend; "xla" forces the plain path; "cudnn" forces cuDNN flash.
-_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+# "auto" picks per backend; the others force one path: plain XLA, cuDNN flash (GPU),
+# or Pallas' flash kernel (TPU; the tests run it on the CPU in TPU interpret mode).
+_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
 _override: str | None = None
+
+# The Pallas TPU kernel works on tiles of 128 tokens and 128 lanes of head_dim.
+_TPU_TILE = 128
 
 
 def set_attention_implementation(name: str | None) -> None:
@@ -23,24 +28,69 @@ def set_attention_implementation(name: str | None) -> None:
     _override = name
 
 
-def _choose(q: jax.Array) -> str | None:
+def _choose(q: jax.Array, k: jax.Array, *, plain_only: bool = False) -> str:
     choice = _override or os.environ.get("JAXDIFF_ATTENTION", "auto")
     if choice not in _IMPLEMENTATIONS:
         raise ValueError(
             f"JAXDIFF_ATTENTION={choice!r} is not one of {_IMPLEMENTATIONS}")
-    if choice == "auto":
+    if choice != "auto":
+        return choice
+    backend = jax.default_backend()
+    if backend == "gpu":
         # cuDNN flash attention ran ~6x faster than the XLA path on H200; it needs
         # half precision and head dims that are multiples of 8 up to 128.
         head_dim = q.shape[-1]
-        if (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
-                and head_dim % 8 == 0 and head_dim <= 128):
+        if q.dtype in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128:
             return "cudnn"
-        return "xla"
-    return choice
+    if backend == "tpu" and not plain_only and q.shape[1] >= _TPU_TILE:
+        # Long sequences (the UNet's self and cross attention): the flash kernel never
+        # materialises the tokens x tokens scores in HBM. Short ones (CLIP's 77 tokens,
+        # causal) stay on XLA, where padding to a tile would cost more than it saves.
+        return "pallas"
+    return "xla"
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _pallas_tpu_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Non-causal, unmasked attention through Pallas' TPU flash kernel.
+
+    The kernel wants (batch, heads, tokens, head_dim) with tokens and head_dim in whole
+    tiles: head_dim is zero-padded (q.k and the kept columns of p.v are unchanged), query
+    tokens are padded and cut off after, and padded key tokens are masked out with
+    segment ids (real keys are segment 1, padding 0, every query 1).
+    """
+    from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
+
+    batch, q_len, _, head_dim = q.shape
+    kv_len = k.shape[1]
+    q_pad, kv_pad = _round_up(q_len, _TPU_TILE), _round_up(kv_len, _TPU_TILE)
+    dim_pad = _round_up(head_dim, _TPU_TILE)
+
+    def to_kernel_layout(x, tokens):
+        x = jnp.pad(x, ((0, 0), (0, tokens - x.shape[1]), (0, 0), (0, dim_pad - head_dim)))
+        return x.transpose(0, 2, 1, 3)
+
+    segment_ids = None
+    if kv_pad != kv_len:
+        kv_ids = jnp.broadcast_to(jnp.arange(kv_pad) < kv_len, (batch, kv_pad)).astype(jnp.int32)
+        segment_ids = tpu_flash.SegmentIds(q=jnp.ones((batch, q_pad), jnp.int32), kv=kv_ids)
+    out = tpu_flash.flash_attention(
+        to_kernel_layout(q, q_pad), to_kernel_layout(k, kv_pad), to_kernel_layout(v, kv_pad),
+        segment_ids=segment_ids, sm_scale=1.0 / math.sqrt(head_dim))
+    return out.transpose(0, 2, 1, 3)[:, :q_len, :, :head_dim]
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                           is_causal: bool = False, mask: jax.Array | None = None) -> jax.Array:
     """Softmax attention with scale 1/sqrt(head_dim); mask is True where attending is allowed."""
+    implementation = _choose(q, k, plain_only=is_causal or mask is not None)
+    if implementation == "pallas":
+        if is_causal or mask is not None:
+            raise ValueError("the pallas attention path takes neither masks nor causal "
+                             "attention; use JAXDIFF_ATTENTION=auto or xla")
+        return _pallas_tpu_attention(q, k, v)
     return jax.nn.dot_product_attention(
-        q, k, v, mask=mask, is_causal=is_causal, implementation=_choose(q))
+        q, k, v, mask=mask, is_causal=is_causal, implementation=implementation)
