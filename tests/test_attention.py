@@ -95,3 +95,13 @@ def test_pallas_path_refuses_masks():
             attention.dot_product_attention(q, k, v, is_causal=True)
     finally:
         attention.set_attention_implementation(None)
+
+
+def test_auto_can_pick_for_another_backend_when_compiling_ahead_of_time():
+    q, k, _ = _qkv(jnp.bfloat16)
+    attention.set_attention_backend("gpu")
+    try:
+        assert attention._choose(q, k) == "cudnn"
+    finally:
+        attention.set_attention_backend(None)
+    assert attention._choose(q, k) == ("cudnn" if jax.default_backend() == "gpu" else "xla")

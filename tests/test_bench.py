@@ -77,3 +77,89 @@ ENTRY %main (a: f32[2]) -> f32[2] {
              for name in ("fmha", "gemm", "conv_fusion", "t", "e")}
     assert found == {"fmha": "attention", "gemm": "matmul", "conv_fusion": "convolution",
                      "t": "layout", "e": "elementwise"}
+
+
+def test_gpu_hlo_counts_bytes_of_the_loop_body_ops():
+    from tools import gpu_hlo
+
+    # One step's body with a GEMM custom call and an elementwise fusion; the entry's own
+    # ops (outside the loop) are not counted.
+    hlo = """HloModule m
+
+%fused_add (p: f32[16,8]) -> f32[16,8] {
+  %p = f32[16,8]{1,0} parameter(0)
+  ROOT %a = f32[16,8]{1,0} add(%p, %p)
+}
+
+%fused_slice (q: f32[16,8]) -> f32[4,8] {
+  %q = f32[16,8]{1,0} parameter(0)
+  ROOT %s = f32[4,8]{1,0} slice(%q), slice={[0:4], [0:8]}
+}
+
+%body (arg: (s32[], f32[16,8], /*index=2*/bf16[8,8])) -> (s32[], f32[16,8], /*index=2*/bf16[8,8]) {
+  %arg = (s32[], f32[16,8]{1,0}, bf16[8,8]{1,0}) parameter(0)
+  %x = f32[16,8]{1,0} get-tuple-element(%arg), index=1
+  %w = bf16[8,8]{1,0} get-tuple-element(%arg), index=2
+  %gemm = (f32[16,8]{1,0}, s8[0]{0}) custom-call(%x, %w), custom_call_target="__cublas$lt$matmul"
+  %y = f32[16,8]{1,0} get-tuple-element(%gemm), index=0
+  %sum = f32[16,8]{1,0} fusion(%y), kind=kLoop, calls=%fused_add
+  %part = f32[4,8]{1,0} fusion(%sum), kind=kLoop, calls=%fused_slice
+  %i = s32[] get-tuple-element(%arg), index=0
+  ROOT %out = (s32[], f32[16,8]{1,0}, bf16[8,8]{1,0}) tuple(%i, %sum, %w)
+}
+
+%cond (arg: (s32[], f32[16,8], /*index=2*/bf16[8,8])) -> pred[] {
+  %arg = (s32[], f32[16,8]{1,0}, bf16[8,8]{1,0}) parameter(0)
+  ROOT %c = pred[] constant(true)
+}
+
+ENTRY %main (a0: f32[16,8], b0: bf16[8,8]) -> f32[16,8] {
+  %a0 = f32[16,8]{1,0} parameter(0)
+  %b0 = bf16[8,8]{1,0} parameter(1)
+  %t = bf16[8,8]{0,1} transpose(%b0), dimensions={1,0}
+  %z = s32[] constant(0)
+  %init = (s32[], f32[16,8]{1,0}, bf16[8,8]{1,0}) tuple(%z, %a0, %t)
+  %loop = (s32[], f32[16,8]{1,0}, bf16[8,8]{1,0}) while(%init), condition=%cond, body=%body
+  ROOT %r = f32[16,8]{1,0} get-tuple-element(%loop), index=1
+}
+"""
+    assert gpu_hlo.type_bytes("(f32[16,8]{1,0}, s8[0]{0})") == 512
+    assert gpu_hlo.loop_body(hlo) == "body"
+    summary = gpu_hlo.summarize(hlo)
+    categories = summary["categories"]
+    # GEMM: f32 x (512 B) and bf16 w (128 B) in, f32 (512 B) out; the add: 512 in, 512 out;
+    # the slice reads only the 128 B it writes.
+    assert categories["matmul"] == {"ops": 1, "bytes": 512 + 128 + 512}
+    assert categories["elementwise"] == {"ops": 1, "bytes": 1024}
+    assert categories["layout"] == {"ops": 1, "bytes": 256}
+    assert sum(c["ops"] for c in categories.values()) == 3  # the entry's transpose is hoisted work
+    assert summary["kernels"] == {"fusion:kLoop": 2, "__cublas$lt$matmul": 1}
+
+
+def test_gpu_hlo_reports_one_step_on_the_local_backend(tmp_path):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from configs.architectures import ARCHITECTURES
+    from jaxdiff.models.unet import UNet2DConditionModel, UNetConfig
+    from tools import gpu_hlo
+
+    out = tmp_path / "report.json"
+    result = gpu_hlo.main(["--arch", "tiny", "--batch", "1", "--target", "local", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    categories = result["categories"]
+    for category in ("convolution", "attention", "matmul", "reduction"):
+        assert categories[category]["ops"] > 0 and categories[category]["gb"] > 0, category
+    assert result["conv_layouts"] and result["top_ops"]
+    assert all(op["source"].split(":")[0] in {"unet.py", "blocks.py", "attention.py"}
+               for op in result["top_ops"]), result["top_ops"]
+    # One step's FLOPs are one UNet forward's at the CFG batch.
+    cfg = UNetConfig.from_dict(ARCHITECTURES["tiny"][1])
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: UNet2DConditionModel(cfg, rngs=nnx.Rngs(0))))
+    x = jax.ShapeDtypeStruct((2, cfg.sample_size, cfg.sample_size, cfg.in_channels), jnp.float32)
+    t = jax.ShapeDtypeStruct((2,), jnp.float32)
+    ctx = jax.ShapeDtypeStruct((2, 77, ARCHITECTURES["tiny"][0]["hidden_size"]), jnp.float32)
+    forward = jax.jit(lambda s, *a: nnx.merge(graphdef, s)(*a)).trace(state, x, t, ctx).lower()
+    flops = forward.cost_analysis()["flops"]
+    assert abs(result["unet_gflop_per_step"] * 1e9 - flops) / flops < 0.02

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One GPU benchmark pass, sized for a short lease: jaxdiff vs diffusers (eager and
-# torch.compile) on SD 1.5 at batch 16, the x4 upscaler, then a second process to time
-# a warm compilation cache, and the UNet's time by op category. Writes JSON and the log under $OUT (or ./bench-out).
+# torch.compile) on SD 1.5 at batch 16, the UNet's time by op category, the same bench
+# with cuBLAS GEMMs only (no Triton), the x4 upscaler, a second process to time a warm
+# compilation cache, and the autotuned step's ops and bytes (tools/gpu_hlo.py).
+# Writes JSON and the logs under $OUT (or ./bench-out).
 set -u
 OUT=${OUT:-bench-out}; mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -17,7 +19,12 @@ timeout 180 python3 -m tools.bench --arch sd15 --batch-sizes 16 --steps 25 --rep
   --out "$OUT/bench_sd15.json" 2>&1 | grep -v -i warning | tee "$OUT/bench_sd15.log"
 timeout 90 python3 -m tools.op_profile --arch sd15 --size 512 --batch 16 --out "$OUT/profile_sd15.json" \
   2>&1 | grep -v -i warning | tee "$OUT/profile_sd15.log"
-timeout 50 python3 -m tools.bench --arch sd15 --batch-sizes 16 --steps 25 --reps 1 --no-stages \
-  --out "$OUT/bench_sd15_warm_cache.json" 2>&1 | grep -v -i warning | tee "$OUT/bench_warm.log"
+# Offline, the GPU compiler's cuBLAS path fused more bias and residual adds into GEMMs.
+XLA_FLAGS=--xla_gpu_enable_triton_gemm=false timeout 70 python3 -m tools.bench --arch sd15 --batch-sizes 16 \
+  --steps 25 --reps 1 --no-stages --out "$OUT/bench_sd15_cublas.json" 2>&1 | grep -v -i warning | tee "$OUT/bench_cublas.log"
 timeout 70 python3 -m tools.bench --arch x4-upscaler --size 128 --batch-sizes 8 --steps 20 --guidance 9 --reps 2 \
   --no-stages --compare diffusers --out "$OUT/bench_x4.json" 2>&1 | grep -v -i warning | tee "$OUT/bench_x4.log"
+timeout 50 python3 -m tools.bench --arch sd15 --batch-sizes 16 --steps 25 --reps 1 --no-stages \
+  --out "$OUT/bench_sd15_warm_cache.json" 2>&1 | grep -v -i warning | tee "$OUT/bench_warm.log"
+timeout 60 python3 -m tools.gpu_hlo --arch sd15 --batch 16 --target local --out "$OUT/gpu_hlo_sd15.json" \
+  --hlo-out "$OUT/sd15_step_hlo.txt" 2>&1 | grep -v -i warning | tee "$OUT/gpu_hlo_sd15.log"

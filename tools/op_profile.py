@@ -39,8 +39,8 @@ _LAYOUT_OPS = {"copy", "transpose", "bitcast", "reshape", "broadcast", "slice", 
                "constant", "iota"}
 
 
-def stack_files(text: str) -> dict[int, set[str]]:
-    """Source files (base names) of each stack frame in the module's frame tables.
+def stack_locations(text: str) -> dict[int, list[str]]:
+    """Each stack frame's call chain, innermost first, as "file.py:line function".
 
     Newer XLA prints op sources as `stack_frame_id=N` into tables at the top of the module:
     FileNames, FunctionNames, FileLocations, StackFrames, where a frame's printed
@@ -62,17 +62,25 @@ def stack_files(text: str) -> dict[int, set[str]]:
         found = re.search(name + r"=(\d+)", row)
         return int(found.group(1)) if found else 0
 
-    files = {}
+    chains = {}
     for frame_id in tables["StackFrames"]:
-        names, frame, seen = set(), frame_id, set()
+        chain, frame, seen = [], frame_id, set()
         while frame and frame not in seen and frame in tables["StackFrames"]:
             seen.add(frame)
             row = tables["StackFrames"][frame]
             location = tables["FileLocations"].get(field(row, "file_location_id"), "")
-            names.add(os.path.basename(tables["FileNames"].get(field(location, "file_name_id"), "")))
+            file = os.path.basename(tables["FileNames"].get(field(location, "file_name_id"), ""))
+            function = tables["FunctionNames"].get(field(location, "function_name_id"), "")
+            chain.append(f"{file}:{field(location, 'line')} {function}")
             frame = field(row, "parent_frame_id") - 1
-        files[frame_id] = names
-    return files
+        chains[frame_id] = chain
+    return chains
+
+
+def stack_files(text: str) -> dict[int, set[str]]:
+    """Source files (base names) of each stack frame in the module's frame tables."""
+    return {frame: {location.split(":")[0] for location in chain}
+            for frame, chain in stack_locations(text).items()}
 
 
 def parse_hlo(text: str) -> tuple[dict, dict]:
@@ -89,7 +97,8 @@ def parse_hlo(text: str) -> tuple[dict, dict]:
             computations[current].append(m.group(1))
             continue
         m = _COMPUTATION.match(line)
-        if m and "=" not in line.split("{")[0]:
+        # Instructions hold "="; headers only inside /*index=N*/ comments of long tuples.
+        if m and "=" not in re.sub(r"/\*.*?\*/", "", line).split("{")[0]:
             current = m.group(1)
             computations[current] = []
     return instructions, computations
@@ -135,7 +144,7 @@ def categorize(name: str, instructions: dict, computations: dict, frames: dict |
         return "matmul"
     if "reduce" in seen_ops or "reduce-window" in seen_ops:
         return "reduction"
-    if seen_ops <= _LAYOUT_OPS:
+    if seen_ops - {"fusion"} <= _LAYOUT_OPS:  # a fusion of copies, slices, transposes
         return "layout"
     if seen_ops - _LAYOUT_OPS - {"custom-call", "fusion", "while", "call", "conditional"}:
         return "elementwise"

@@ -15,6 +15,9 @@ import jax.numpy as jnp
 # or Pallas' flash kernel (TPU; the tests run it on the CPU in TPU interpret mode).
 _IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
 _override: str | None = None
+# The backend whose kernels "auto" picks; None: jax.default_backend(). Set when compiling
+# ahead of time for a chip this process does not hold (tools/gpu_hlo.py).
+_target_backend: str | None = None
 
 # The Pallas TPU kernel works on tiles of 128 tokens and 128 lanes of head_dim.
 _TPU_TILE = 128
@@ -28,6 +31,12 @@ def set_attention_implementation(name: str | None) -> None:
     _override = name
 
 
+def set_attention_backend(backend: str | None) -> None:
+    """Let "auto" pick kernels as on `backend` ("gpu", "tpu", "cpu"; None: the default one)."""
+    global _target_backend
+    _target_backend = backend
+
+
 def _choose(q: jax.Array, k: jax.Array, *, plain_only: bool = False) -> str:
     choice = _override or os.environ.get("JAXDIFF_ATTENTION", "auto")
     if choice not in _IMPLEMENTATIONS:
@@ -35,7 +44,7 @@ def _choose(q: jax.Array, k: jax.Array, *, plain_only: bool = False) -> str:
             f"JAXDIFF_ATTENTION={choice!r} is not one of {_IMPLEMENTATIONS}")
     if choice != "auto":
         return choice
-    backend = jax.default_backend()
+    backend = _target_backend or jax.default_backend()
     if backend == "gpu":
         # cuDNN flash attention ran ~6x faster than the XLA path on H200; it needs
         # half precision and head dims that are multiples of 8 up to 128.

@@ -1,0 +1,282 @@
+"""One UNet denoising step as XLA compiles it for a GPU, without the GPU: ops, bytes, floors.
+
+    pip install "jax[cuda12]"   # XLA's GPU compiler (the CUDA plugin); no GPU or driver needed
+    python -m tools.gpu_hlo --arch sd15 --batch 16 --target h100 --out sd15-h100.json
+    python -m tools.gpu_hlo --arch sd15 --batch 16 --target local  # on a GPU machine: autotuned
+    python -m tools.gpu_hlo --arch tiny --batch 1 --target local   # the CPU (tested in CI)
+
+The step (the UNet at the CFG batch, 2 x --batch) is compiled inside a two-step scan, as
+the generation program runs it, so what XLA hoists out of the loop (weight transposes,
+merged weight matrices) is not counted. Each top-level op of the loop body gets
+op_profile's category and its bytes moved: the sizes of its operands and results, an upper
+bound (a slice reads part of its operand, and the L2 cache keeps some). From them, two
+floors for one step: compute (the UNet's FLOPs at the chip's bf16 peak) and memory (the
+memory-bound ops' bytes at its bandwidth), and the structure worth checking: convolution
+layouts, attention kernels, GEMM kernels.
+
+Without the device there is no autotuning: the GEMM kernel (Triton or cuBLAS) and the conv
+algorithms are XLA's defaults, not what a real run picks; fusion, layouts and the op
+sequence are the GPU compiler's own. Targets are XLA GpuTargetConfig files in
+tools/gpu_targets/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import sys
+
+from tools.op_profile import CATEGORIES, categorize, parse_hlo, stack_files, stack_locations
+
+TARGETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_targets")
+# bf16 dense peak (TFLOP/s) and memory bandwidth (TB/s) from the datasheets.
+TARGETS = {"h100": (989.0, 3.35), "h200": (989.0, 4.8)}
+MEMORY_BOUND = ("elementwise", "reduction", "layout", "other")
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2, "s16": 2,
+                "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+_ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
+_RESULT_TYPE = re.compile(r"=\s*(\(.*?\)|\S+)\s+[a-z][\w\-]*\(")
+_NOT_KERNELS = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant"}
+
+
+def type_bytes(hlo_type: str) -> int:
+    """Bytes of an HLO type: one array (`bf16[32,64]{1,0}`) or a tuple of them."""
+    total = 0
+    for dtype, dims in _ARRAY.findall(hlo_type):
+        n = 1
+        for d in filter(None, dims.split(",")):
+            n *= int(d)
+        total += n * _DTYPE_BYTES[dtype]
+    return total
+
+
+def _result_type(line: str) -> str:
+    m = _RESULT_TYPE.search(line)
+    return m.group(1) if m else ""
+
+
+def _operands(line: str) -> list[str]:
+    # The operand list is the first parenthesised group after the opcode.
+    m = re.search(r"=\s*(?:\(.*?\)|\S+)\s+[a-z][\w\-]*\(([^)]*)\)", line)
+    return re.findall(r"%?([\w.\-]+)", m.group(1)) if m else []
+
+
+_SLICING = {"slice", "dynamic-slice", "bitcast", "parameter", "copy"}
+
+
+def bytes_moved(name: str, instructions: dict, computations: dict) -> int:
+    """Operand and result bytes of one top-level instruction; a slice (or a fusion of
+    nothing but slicing) reads only what it writes."""
+    opcode, line = instructions[name]
+    called = re.search(r"calls=%?([\w.\-]+)", line)
+    inner = {instructions[i][0] for i in computations.get(called.group(1), ())} if called else set()
+    if opcode in ("slice", "dynamic-slice") or (opcode == "fusion" and inner and inner <= _SLICING
+                                                  and inner & {"slice", "dynamic-slice"}):
+        return 2 * type_bytes(_result_type(line))
+    total = type_bytes(_result_type(line))
+    for operand in _operands(line):
+        if operand in instructions:
+            total += type_bytes(_result_type(instructions[operand][1]))
+    return total
+
+
+def loop_body(text: str) -> str:
+    """The body computation of the entry computation's (first) while loop."""
+    for line in text.split("\nENTRY", 1)[-1].splitlines():
+        if re.search(r"\swhile\(", line):
+            return re.search(r"body=%?([\w.\-]+)", line).group(1)
+    raise ValueError("the entry computation has no while loop")
+
+
+def _source(line: str, locations: dict[int, list[str]]) -> str:
+    """Where in the project an op comes from: the innermost frame outside JAX and Flax."""
+    frame = re.search(r"stack_frame_id=(\d+)", line)
+    chain = locations.get(int(frame.group(1)), []) if frame else []
+    ours = [loc for loc in chain if not loc.startswith(("linear.py", "normalization.py", "nn.py"))]
+    return (ours or chain or ["?"])[0]
+
+
+def summarize(text: str, body: str | None = None, top: int = 15) -> dict:
+    """Ops and bytes by category over the top-level ops of one computation (default: the
+    loop body), with the `top` ops that move the most bytes."""
+    instructions, computations = parse_hlo(text)
+    frames = stack_files(text)
+    locations = stack_locations(text)
+    body = body or loop_body(text)
+    per_category = {c: {"ops": 0, "bytes": 0} for c in CATEGORIES}
+    kernels = collections.Counter()
+    conv_layouts = collections.Counter()
+    heaviest = []
+    for name in computations[body]:
+        opcode, line = instructions[name]
+        if opcode in _NOT_KERNELS:
+            continue
+        category = categorize(name, instructions, computations, frames)
+        per_category[category]["ops"] += 1
+        moved = bytes_moved(name, instructions, computations)
+        per_category[category]["bytes"] += moved
+        heaviest.append((moved, name, category, _source(line, locations)))
+        target = re.search(r'custom_call_target="([^"]+)"', line)
+        kind = re.search(r"kind=(\w+)", line)
+        kernels[target.group(1) if target else f"{opcode}:{kind.group(1)}" if kind else opcode] += 1
+        labels = re.search(r"dim_labels=(\S+?),", line)
+        if category == "convolution" and labels:
+            conv_layouts[labels.group(1)] += 1
+    heaviest.sort(reverse=True)
+    return {"categories": per_category, "kernels": dict(kernels.most_common()),
+            "conv_layouts": dict(conv_layouts),
+            "top_ops": [{"op": name, "category": category, "mb": round(moved / 1e6, 1), "source": source}
+                        for moved, name, category, source in heaviest[:top]]}
+
+
+def _unet_config(arch: str):
+    """(UNet config, context width) of a named architecture or the shipped default model."""
+    from jaxdiff.models.unet import UNetConfig
+
+    if arch == "default":
+        from jaxdiff.checkpoints import default_model_path
+        configs = {}
+        for part in ("unet", "text_encoder"):
+            with open(os.path.join(default_model_path(), part, "config.json")) as f:
+                configs[part] = json.load(f)
+        return UNetConfig.from_dict(configs["unet"]), configs["text_encoder"]["hidden_size"]
+    from configs.architectures import ARCHITECTURES
+    text_cfg, unet_cfg, _, _, _ = ARCHITECTURES[arch]
+    return UNetConfig.from_dict(unet_cfg), text_cfg["hidden_size"]
+
+
+def compile_step(arch: str, batch: int, target: str, size: int | None = None) -> tuple[str, float]:
+    """(optimized HLO text, UNet GFLOP per step) of a two-step scan of the UNet."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxdiff.models import attention
+    from jaxdiff.models.unet import UNet2DConditionModel
+
+    cfg, context_dim = _unet_config(arch)
+    dtype = jnp.float32 if target == "local" and jax.default_backend() == "cpu" else jnp.bfloat16
+    latent = size or cfg.sample_size or 64
+    n = 2 * batch
+    model = nnx.eval_shape(lambda: UNet2DConditionModel(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+    upscale = cfg.num_class_embeds is not None
+
+    def lowered_scan(sharding):
+        # A fresh function per lowering: jit's trace cache does not see the attention
+        # dispatch, which differs between the local and the GPU lowering.
+        def scan(state, x, t, context, labels, image):
+            def step(x, i):
+                model = nnx.merge(graphdef, state)
+                # Inpainting and upscaling UNets also read fixed channels (mask and masked
+                # image, or the low-res image) beside the latent they denoise.
+                sample = x if image is None else jnp.concatenate([x, image], axis=-1)
+                out = model(sample, t + i, context, labels) if upscale else model(sample, t + i, context)
+                return out.astype(x.dtype), None
+            return jax.lax.scan(step, x, jnp.arange(3, dtype=jnp.float32))[0]
+
+        spec = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
+        extra = cfg.in_channels - cfg.out_channels
+        args = (jax.tree.map(lambda a: spec(a.shape, a.dtype), state),
+                spec((n, latent, latent, cfg.out_channels), dtype), spec((n,), jnp.float32),
+                spec((n, 77, context_dim), dtype), spec((n,), jnp.int32) if upscale else None,
+                spec((n, latent, latent, extra), dtype) if extra else None)
+        return jax.jit(scan).trace(*args).lower()
+
+    # FLOPs from the local lowering, whose attention is plain XLA ops (a kernel's custom
+    # call counts as none); they do not depend on the backend.
+    local = lowered_scan(None)
+    cost = local.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    # XLA's cost analysis counts a while loop's body once: that is one step.
+    gflop = float(cost["flops"]) / 1e9 if cost and "flops" in cost else float("nan")
+    if target == "local":
+        return local.compile().as_text(), gflop
+
+    from jax.experimental import topologies
+    from jax.sharding import SingleDeviceSharding
+    with open(os.path.join(TARGETS_DIR, f"{target}.txtpb")) as f:
+        topology = topologies.get_topology_desc(platform="cuda", target_config=f.read(), topology="1x1x1")
+    attention.set_attention_backend("gpu")
+    try:
+        lowered = lowered_scan(SingleDeviceSharding(topology.devices[0]))
+    finally:
+        attention.set_attention_backend(None)
+    return lowered.compile().as_text(), gflop
+
+
+def _chip(target: str) -> str | None:
+    """The TARGETS entry for the chip compiled for; on a GPU machine `local` is its own chip
+    (and compiled with autotuning: the kernels a real run picks)."""
+    if target != "local":
+        return target
+    import jax
+    kind = jax.devices()[0].device_kind.lower()
+    return next((name for name in TARGETS if name in kind), None)
+
+
+def report(text: str, gflop: float, target: str) -> dict:
+    summary = summarize(text)
+    chip = _chip(target)
+    result = {"target": target, "chip": chip, "unet_gflop_per_step": float(f"{gflop:.4g}"), **summary}
+    for entry in result["categories"].values():
+        entry["gb"] = round(entry.pop("bytes") / 1e9, 4)
+    if chip:
+        peak, bandwidth = TARGETS[chip]
+        for entry in result["categories"].values():
+            entry["ms_at_bandwidth"] = round(entry["gb"] / bandwidth, 3)
+        memory_gb = sum(result["categories"][c]["gb"] for c in MEMORY_BOUND)
+        # GFLOP / (TFLOP/s) and GB / (TB/s) are milliseconds.
+        result["floors_ms"] = {"compute": round(gflop / peak, 3) if gflop == gflop else None,
+                               "memory_bound_ops": round(memory_gb / bandwidth, 3)}
+    return result
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m tools.gpu_hlo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="sd15", help="sd15, sd21, x4-upscaler, default or tiny")
+    p.add_argument("--batch", type=int, default=16, help="images per batch; the UNet runs 2x this (CFG)")
+    p.add_argument("--size", type=int, default=None, help="latent side (default: the config's sample_size)")
+    p.add_argument("--target", default="h100", choices=[*TARGETS, "local"],
+                   help="a GPU to compile for without it, or this machine's own device "
+                        "(on a GPU machine: with autotuning, the kernels a real run picks)")
+    p.add_argument("--hlo-out", default=None, help="write the optimized HLO text here")
+    p.add_argument("--out", default=None, help="write the JSON report here")
+    args = p.parse_args(argv)
+    if args.batch < 1:
+        p.error("--batch must be at least 1")
+    if args.target != "local":
+        # The CUDA plugin refuses to load without a driver unless told the checks are moot.
+        os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+    text, gflop = compile_step(args.arch, args.batch, args.target, args.size)
+    if args.hlo_out:
+        with open(args.hlo_out, "w") as f:
+            f.write(text)
+    result = report(text, gflop, args.target)
+    result.update(arch=args.arch, batch=args.batch, unet_batch=2 * args.batch)
+    print(f"{args.arch}, UNet batch {2 * args.batch}, one step for {args.target}: "
+          f"{result['unet_gflop_per_step']:.4g} GFLOP")
+    print(f"{'category':<13}{'ops':>6}{'MB':>11}" + (f"{'ms':>8}" if result["chip"] else ""))
+    for name, e in sorted(result["categories"].items(), key=lambda kv: -kv[1]["gb"]):
+        print(f"{name:<13}{e['ops']:>6}{e['gb'] * 1e3:>11.1f}" + (f"{e['ms_at_bandwidth']:>8.2f}" if "ms_at_bandwidth" in e else ""))
+    if "floors_ms" in result:
+        print(f"floors per step: compute {result['floors_ms']['compute']} ms, "
+              f"memory-bound ops {result['floors_ms']['memory_bound_ops']} ms")
+    print("kernels:", ", ".join(f"{k} x{v}" for k, v in list(result["kernels"].items())[:8]))
+    print("conv layouts:", result["conv_layouts"])
+    print("ops moving the most bytes:")
+    for op in result["top_ops"][:10]:
+        print(f"  {op['mb']:>9.1f} MB  {op['category']:<12} {op['op']:<32} {op['source']}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
