@@ -155,7 +155,15 @@ class Pipeline:
 
     def _program(self, key, build):
         if key not in self._programs:
-            self._programs[key] = build()
+            jitted, mesh = build(), self.mesh
+
+            def run(*args):
+                # Traced with the mesh in context, so that kernels XLA cannot partition
+                # (Pallas attention on TPU) run per chip over the batch.
+                with jax.set_mesh(mesh):
+                    return jitted(*args)
+
+            self._programs[key] = run
         return self._programs[key]
 
     # -- public API ----------------------------------------------------------------------

@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 
 # "auto" picks per backend; the others force one path: plain XLA, cuDNN flash (GPU),
-# or Pallas' flash kernel (TPU; the tests run it on the CPU in TPU interpret mode).
+# or Pallas' flash kernel (TPU, where there is no mask; the tests run it on the CPU in
+# TPU interpret mode).
 _IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
 _override: str | None = None
 # The backend whose kernels "auto" picks; None: jax.default_backend(). Set when compiling
@@ -42,6 +43,8 @@ def _choose(q: jax.Array, k: jax.Array, *, plain_only: bool = False) -> str:
     if choice not in _IMPLEMENTATIONS:
         raise ValueError(
             f"JAXDIFF_ATTENTION={choice!r} is not one of {_IMPLEMENTATIONS}")
+    if choice == "pallas" and plain_only:
+        return "xla"  # the kernel takes no mask: masked or causal calls (CLIP) stay on XLA
     if choice != "auto":
         return choice
     backend = _target_backend or jax.default_backend()
@@ -64,6 +67,20 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 def _pallas_tpu_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Pallas' TPU flash kernel, run per chip over the batch when a mesh is in context.
+
+    XLA cannot partition a Pallas kernel: under a batch-sharded jit it would gather the
+    whole batch onto every chip. Inside shard_map each chip runs it on its own samples.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or q.shape[0] % mesh.size:
+        return _pallas_tpu_kernel(q, k, v)
+    batch = jax.sharding.PartitionSpec(mesh.axis_names)
+    return jax.shard_map(_pallas_tpu_kernel, mesh=mesh, in_specs=(batch, batch, batch),
+                         out_specs=batch, check_vma=False)(q, k, v)
+
+
+def _pallas_tpu_kernel(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """Non-causal, unmasked attention through Pallas' TPU flash kernel.
 
     The kernel wants (batch, heads, tokens, head_dim) with tokens and head_dim in whole
@@ -97,9 +114,6 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     """Softmax attention with scale 1/sqrt(head_dim); mask is True where attending is allowed."""
     implementation = _choose(q, k, plain_only=is_causal or mask is not None)
     if implementation == "pallas":
-        if is_causal or mask is not None:
-            raise ValueError("the pallas attention path takes neither masks nor causal "
-                             "attention; use JAXDIFF_ATTENTION=auto or xla")
         return _pallas_tpu_attention(q, k, v)
     return jax.nn.dot_product_attention(
         q, k, v, mask=mask, is_causal=is_causal, implementation=implementation)
