@@ -92,11 +92,15 @@ def loop_body(text: str) -> str:
     raise ValueError("the entry computation has no while loop")
 
 
+_MODELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jaxdiff", "models")
+_MODEL_FILES = tuple(f + ":" for f in os.listdir(_MODELS_DIR) if f.endswith(".py") and f != "__init__.py")
+
+
 def _source(line: str, locations: dict[int, list[str]]) -> str:
-    """Where in the project an op comes from: the innermost frame outside JAX and Flax."""
+    """Where in the models an op comes from: its innermost frame in jaxdiff/models."""
     frame = re.search(r"stack_frame_id=(\d+)", line)
     chain = locations.get(int(frame.group(1)), []) if frame else []
-    ours = [loc for loc in chain if not loc.startswith(("linear.py", "normalization.py", "nn.py"))]
+    ours = [loc for loc in chain if loc.startswith(_MODEL_FILES)]
     return (ours or chain or ["?"])[0]
 
 
