@@ -43,6 +43,9 @@ def _render_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--format", dest="image_format", default="png", choices=["png", "jpg", "webp"],
                    help="image format in the shards (default png)")
     p.add_argument("--dtype", default=None, help="model dtype, e.g. bfloat16 or float32 (default: the engine's)")
+    p.add_argument("--variant", default=None,
+                   help="the folders' weight variant, e.g. fp16 for diffusion_pytorch_model.fp16.safetensors "
+                        "(default: the plain files, or the only variant a folder has)")
     p.add_argument("--keep-base", action="store_true", help="also store the base image before upscaling")
     p.add_argument("--dry-run", action="store_true",
                    help="skip the model: write deterministic placeholder images (checks manifests and output)")
@@ -86,7 +89,8 @@ def render_command(args: argparse.Namespace, beam_args: list[str]) -> int:
         config = job.RenderConfig(
             model=args.model, upscaler=args.upscaler, width=args.width, height=args.height, steps=args.steps,
             sampler=args.sampler, guidance=args.guidance, seed=args.seed, image_format=args.image_format,
-            keep_base=args.keep_base, shard_size=args.shard_size, dtype=args.dtype, dry_run=args.dry_run,
+            keep_base=args.keep_base, shard_size=args.shard_size, dtype=args.dtype, variant=args.variant,
+            dry_run=args.dry_run,
             batch_size=args.batch_size, dry_run_delay_s=args.dry_run_delay)
         summary = job.run(args.manifests, args.out, config, beam_args=beam_args, fresh=args.fresh,
                           retry_failures=args.retry_failures, progress=not args.no_progress)

@@ -62,6 +62,7 @@ class RenderConfig:
     keep_base: bool = False
     shard_size: int = 1000
     dtype: str | None = None
+    variant: str | None = None        # diffusers' weight variant, e.g. "fp16"
     dry_run: bool = False
     batch_size: int = 8
     dry_run_delay_s: float = 0.0
@@ -108,7 +109,8 @@ class RendererFactory:
                                           delay_s=c.dry_run_delay_s, **c.open_settings())
         from jaxdiff.engine import load_pipeline
 
-        return load_pipeline(c.model, c.upscaler, dtype=c.dtype, batch_size=c.batch_size, **c.settings())
+        return load_pipeline(c.model, c.upscaler, dtype=c.dtype, variant=c.variant, batch_size=c.batch_size,
+                             **c.settings())
 
 
 def with_model_defaults(config: RenderConfig) -> RenderConfig:

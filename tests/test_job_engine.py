@@ -77,3 +77,14 @@ def test_pipeline_versus_engine_benchmark_runs(tmp_path):
                                   "--steps", "2", "--out", str(tmp_path / "out")])
     assert result["complete"] and result["engine_images_per_s"] > 0 and result["ratio"] > 0
     assert len([f for f in os.listdir(tmp_path / "out") if f.endswith(".stats.json")]) == 4
+
+
+@pytest.mark.faults
+def test_the_runs_weight_variant_reaches_the_loader(tmp_path):
+    from jaxdiff.weights.convert import CheckpointError
+
+    base = make_sd_folder(str(tmp_path / "sd"))
+    config = job.RenderConfig(model=base, upscaler="none", variant="bf16")
+    assert config.identity()["variant"] == "bf16"  # a resumed run must use the same weights
+    with pytest.raises(CheckpointError, match=r"unet.diffusion_pytorch_model\.bf16\.safetensors"):
+        job.RendererFactory(config)()

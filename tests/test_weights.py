@@ -341,6 +341,64 @@ def test_missing_file_names_the_expected_file(sd_folder, tmp_path):
         load_component(folder, "unet")
 
 
+def _save_variant(sd_path: str, out: str, variant: str, torch_dtype_name: str) -> dict:
+    """Saves the tiny pipeline again as diffusers' `variant` files; returns its torch modules."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(sd_path, safety_checker=None, requires_safety_checker=False)
+    pipe.to(getattr(torch, torch_dtype_name))
+    pipe.save_pretrained(out, variant=variant, safe_serialization=True)
+    return {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder}
+
+
+@pytest.mark.parity
+def test_fp16_variant_files_load_as_diffusers_loads_them(sd_folder, tmp_path):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    only_fp16 = str(tmp_path / "only-fp16")
+    _save_variant(sd_folder[0], only_fp16, "fp16", "float16")
+    assert os.path.exists(os.path.join(only_fp16, "unet", "diffusion_pytorch_model.fp16.safetensors"))
+    assert not os.path.exists(os.path.join(only_fp16, UNET_WEIGHTS))
+    want = UNet2DConditionModel.from_pretrained(only_fp16, subfolder="unet", variant="fp16",
+                                                torch_dtype=torch.float16)
+    assert want.dtype == torch.float16
+    # The only weights there are: loaded without being asked, and when asked.
+    for family in (load_family(only_fp16), load_family(only_fp16, variant="fp16")):
+        _assert_params_equal_torch(family.unet, want)
+        assert "unet/diffusion_pytorch_model.fp16.safetensors" in family.sha256
+        assert "text_encoder/model.fp16.safetensors" in family.sha256
+
+    # Plain and fp16 files side by side: plain unless the variant is asked for.
+    both = str(tmp_path / "both")
+    shutil.copytree(sd_folder[0], both)
+    _save_variant(sd_folder[0], both, "fp16", "float16")
+    _assert_params_equal_torch(load_family(both).unet, sd_folder[1]["unet"])
+    _assert_params_equal_torch(load_family(both, variant="fp16").unet, want)
+
+    # A sharded variant, as diffusers writes it: its shards are not taken for variants.
+    sharded = str(tmp_path / "sharded")
+    want.save_pretrained(os.path.join(sharded, "unet"), variant="fp16", max_shard_size="20KB")
+    names = os.listdir(os.path.join(sharded, "unet"))
+    assert "diffusion_pytorch_model.safetensors.index.fp16.json" in names and len(names) > 3
+    for variant in (None, "fp16"):
+        _assert_params_equal_torch(load_component(sharded, "unet", variant=variant).module, want)
+
+
+@pytest.mark.faults
+def test_a_missing_or_ambiguous_variant_names_the_files(sd_folder, tmp_path):
+    with pytest.raises(CheckpointError, match=r"unet.diffusion_pytorch_model\.bf16\.safetensors .*"
+                                              r"variant 'bf16'; variants here: none"):
+        load_family(sd_folder[0], variant="bf16")
+    two = str(tmp_path / "two")
+    _save_variant(sd_folder[0], two, "fp16", "float16")
+    _save_variant(sd_folder[0], two, "ema", "float32")
+    with pytest.raises(CheckpointError, match=r"no plain weights but variants ema, fp16; choose one"):
+        load_family(two)
+    assert load_family(two, variant="ema").unet is not None
+
+
 @pytest.mark.faults
 @pytest.mark.parametrize("keep,message", [(5, "truncated safetensors file"),
                                           (100, "truncated safetensors header"),

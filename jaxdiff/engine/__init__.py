@@ -7,14 +7,15 @@ from jaxdiff.engine.sample import Rendered, Sample
 
 
 def load_pipeline(model: str | None = None, upscaler: str | None = None, *, dtype=None,
-                  batch_size: int = 8, allow_pickle: bool = False, compilation_cache: str | None = None,
-                  devices=None, **settings) -> Pipeline:
+                  batch_size: int = 8, allow_pickle: bool = False, variant: str | None = None,
+                  compilation_cache: str | None = None, devices=None, **settings) -> Pipeline:
     """Loads a diffusers-format folder (local or gs://) and, optionally, an x4 upscaler folder.
 
     `model=None` is the shipped default model (with its own upscaler unless
     `upscaler="none"`). Keyword settings (steps, sampler, guidance, width, ...) become
     the run's RenderSettings; those left out (or None) come from each folder's
-    render_defaults.json where it has one (see `settings_for`).
+    render_defaults.json where it has one (see `settings_for`). `variant` (e.g. "fp16")
+    loads diffusers' variant weight files of both folders.
     """
     from jaxdiff.weights.family import load_family
     from jaxdiff.checkpoints import default_model_path, default_upscaler_path
@@ -26,7 +27,7 @@ def load_pipeline(model: str | None = None, upscaler: str | None = None, *, dtyp
             upscaler = default_upscaler_path()
     if upscaler in (None, "none", ""):
         upscaler = None
-    kw = dict(dtype=dtype, allow_pickle=allow_pickle)
+    kw = dict(dtype=dtype, allow_pickle=allow_pickle, variant=variant)
     base = load_family(model, **kw)
     up = load_family(upscaler, **kw) if upscaler else None
     return Pipeline(base, up, batch_size=batch_size, settings=settings_for(base, up, **settings), devices=devices)

@@ -2,7 +2,8 @@
 
 A folder holds `model_index.json` and one sub-folder per component:
 
-    unet/          config.json + diffusion_pytorch_model.safetensors (or a sharded *.index.json)
+    unet/          config.json + diffusion_pytorch_model.safetensors (or a sharded *.index.json,
+                   or variant files such as diffusion_pytorch_model.fp16.safetensors)
     vae/           config.json + diffusion_pytorch_model.safetensors
     text_encoder/  config.json + model.safetensors
     tokenizer/     vocab.json, merges.txt, ...
@@ -128,37 +129,72 @@ def _pickle_refusal(path: str) -> CheckpointError:
         f"allow_pickle=True if you trust the file")
 
 
-def _weight_files(folder: str, spec: _ComponentSpec, allow_pickle: bool,
-                  digests: dict) -> tuple[str, list[str]]:
-    """("safetensors" | "pickle", [files]) for one component folder."""
+def _safetensors_names(stem: str, variant: str | None) -> tuple[str, str]:
+    """(single file, sharded index) names in diffusers' layout, with or without a variant."""
+    if variant:
+        return f"{stem}.{variant}.safetensors", f"{stem}.safetensors.index.{variant}.json"
+    return f"{stem}.safetensors", f"{stem}.safetensors.index.json"
+
+
+def _variants(names: set[str], spec: _ComponentSpec) -> list[str]:
+    """Weight variants present (diffusers' `variant`: fp16, ema, ...)."""
+    found = set()
+    for stem in spec.weight_names:
+        for name in names:
+            m = (re.fullmatch(re.escape(stem) + r"\.([\w\-]+)\.safetensors", name)
+                 or re.fullmatch(re.escape(stem) + r"\.safetensors\.index\.([\w\-]+)\.json", name))
+            if m and not re.fullmatch(r"[\w\-]*\d{5}-of-\d{5}", m.group(1)):  # not a shard
+                found.add(m.group(1))
+    return sorted(found)
+
+
+def _weight_files(folder: str, spec: _ComponentSpec, allow_pickle: bool, digests: dict,
+                  variant: str | None = None) -> tuple[str, list[str]]:
+    """("safetensors" | "pickle", [files]) for one component folder.
+
+    Without a variant: the plain files, else the one variant there is (a folder saved
+    with only fp16 files), else a pickle file. With one: that variant's files only.
+    """
     try:
         names = set(storage.list_dir(folder))
     except FileNotFoundError:
         names = set()
-    for stem in spec.weight_names:
-        if f"{stem}.safetensors" in names:
-            return "safetensors", [storage.join(folder, f"{stem}.safetensors")]
-    for stem in spec.weight_names:
-        index_name = f"{stem}.safetensors.index.json"
-        if index_name in names:
-            index_path = storage.join(folder, index_name)
-            weight_map = _read_json(index_path, "sharded checkpoint index", digests).get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise CheckpointError(f"{index_path}: has no 'weight_map' of tensor name -> file")
-            shards = sorted(set(weight_map.values()))
-            for shard in shards:
-                if "/" in shard or shard.startswith("."):
-                    raise CheckpointError(f"{index_path}: shard name {shard!r} must be a plain file name")
-            return "safetensors", [storage.join(folder, shard) for shard in shards]
+    variants = _variants(names, spec)
+    candidates = [variant] if variant else [None] + (variants if len(variants) == 1 else [])
+    for candidate in candidates:
+        for stem in spec.weight_names:
+            single, index_name = _safetensors_names(stem, candidate)
+            if single in names:
+                return "safetensors", [storage.join(folder, single)]
+            if index_name in names:
+                return "safetensors", _shard_files(folder, index_name, digests)
+    expected = " or ".join(_safetensors_names(stem, variant)[0] for stem in spec.weight_names)
+    found = ", ".join(sorted(names)) if names else "nothing"
+    if variant:
+        raise CheckpointError(f"missing file {storage.join(folder, expected)} (the weights in variant "
+                              f"{variant!r}; variants here: {', '.join(variants) or 'none'}; found {found})")
+    if len(variants) > 1:
+        raise CheckpointError(f"{folder}: no plain weights but variants {', '.join(variants)}; "
+                              f"choose one with variant= (--variant)")
     pickles = sorted(n for n in names if n.endswith(_PICKLE_SUFFIXES))
     if pickles:
         path = storage.join(folder, pickles[0])
         if not allow_pickle:
             raise _pickle_refusal(path)
         return "pickle", [path]
-    expected = " or ".join(f"{stem}.safetensors" for stem in spec.weight_names)
-    found = ", ".join(sorted(names)) if names else "nothing"
     raise CheckpointError(f"missing file {storage.join(folder, expected)} (the weights; found {found})")
+
+
+def _shard_files(folder: str, index_name: str, digests: dict) -> list[str]:
+    index_path = storage.join(folder, index_name)
+    weight_map = _read_json(index_path, "sharded checkpoint index", digests).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index_path}: has no 'weight_map' of tensor name -> file")
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:
+        if "/" in shard or shard.startswith("."):
+            raise CheckpointError(f"{index_path}: shard name {shard!r} must be a plain file name")
+    return [storage.join(folder, shard) for shard in shards]
 
 
 def _torch_to_numpy(tensor) -> np.ndarray:
@@ -230,12 +266,13 @@ def _with_config_file(error: ValueError, config_path: str) -> ValueError:
 
 
 def load_component(path: str, name: str, *, dtype=None, sharding=None,
-                   allow_pickle: bool = False) -> LoadedComponent:
+                   allow_pickle: bool = False, variant: str | None = None) -> LoadedComponent:
     """Loads one model component ("unet", "vae" or "text_encoder") of a pipeline folder.
 
     `path` is the pipeline folder (local or gs://); the component lives in `path/name/`.
     `sharding` is None (default device), a `jax.sharding.Sharding`, or a callable
-    `(key, shape) -> Sharding`.
+    `(key, shape) -> Sharding`. `variant` picks diffusers' variant weight files
+    (`diffusion_pytorch_model.fp16.safetensors` for "fp16").
     """
     if name not in COMPONENTS:
         raise ValueError(f"component {name!r} is not one of {sorted(COMPONENTS)}")
@@ -254,7 +291,7 @@ def load_component(path: str, name: str, *, dtype=None, sharding=None,
     except ValueError as e:  # UnsupportedConfig and invalid values
         raise _with_config_file(e, config_path) from e
 
-    kind, files = _weight_files(folder, spec, allow_pickle, digests)
+    kind, files = _weight_files(folder, spec, allow_pickle, digests, variant)
     if kind == "pickle":
         tensors = _pickle_tensors(files[0], digests)
     else:
@@ -263,7 +300,7 @@ def load_component(path: str, name: str, *, dtype=None, sharding=None,
         tensors = _renamed_legacy_vae_keys(tensors)
     if name == "text_encoder":
         tensors = models.with_text_model_prefix(tensors)
-    source = files[0] if len(files) == 1 else storage.join(folder, "*.safetensors.index.json")
+    source = files[0] if len(files) == 1 else storage.join(folder, "*.safetensors.index*.json")
     module = load_state_dict(abstract, tensors, dtype=dtype, source=source,
                              ignore=_IGNORED_KEYS, sharding=sharding)
     _check_concrete(module, source)
@@ -301,11 +338,14 @@ def _load_tokenizer(folder: str, digests: dict):
             raise CheckpointError(f"{folder}: {e}") from e
 
 
-def load_family(path: str, *, dtype=None, allow_pickle: bool = False, sharding=None) -> ModelFamily:
+def load_family(path: str, *, dtype=None, allow_pickle: bool = False, sharding=None,
+                variant: str | None = None) -> ModelFamily:
     """Loads a diffusers pipeline folder (local path or gs:// URL) into a ModelFamily.
 
     `dtype` defaults to bfloat16 on accelerators and float32 on CPU. Pickle weight files
-    (.bin/.ckpt/.pt) are refused unless `allow_pickle=True`.
+    (.bin/.ckpt/.pt) are refused unless `allow_pickle=True`. `variant` (e.g. "fp16") loads
+    diffusers' variant weight files; without it a component with no plain weights loads
+    the one variant it has.
     """
     path = str(path).rstrip("/")
     dtype = dtype or default_dtype()
@@ -328,7 +368,7 @@ def load_family(path: str, *, dtype=None, allow_pickle: bool = False, sharding=N
     loaded = {}
     for name in COMPONENTS:
         loaded[name] = load_component(path, name, dtype=dtype, sharding=sharding,
-                                      allow_pickle=allow_pickle)
+                                      allow_pickle=allow_pickle, variant=variant)
         digests.update(loaded[name].sha256)
     tokenizer = _load_tokenizer(storage.join(path, "tokenizer"), digests)
 
