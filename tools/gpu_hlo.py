@@ -263,8 +263,8 @@ def main(argv=None) -> dict:
             f.write(text)
     result = report(text, gflop, args.target)
     result.update(arch=args.arch, batch=args.batch, unet_batch=2 * args.batch)
-    print(f"{args.arch}, UNet batch {2 * args.batch}, one step for {args.target}: "
-          f"{gflop:,.0f} GFLOP" if gflop >= 100 else f"{gflop:.4g} GFLOP")
+    amount = f"{gflop:,.0f}" if gflop >= 100 else f"{gflop:.4g}"
+    print(f"{args.arch}, UNet batch {2 * args.batch}, one step for {args.target}: {amount} GFLOP")
     print(f"{'category':<13}{'ops':>6}{'MB':>11}" + (f"{'ms':>8}" if result["chip"] else ""))
     for name, e in sorted(result["categories"].items(), key=lambda kv: -kv[1]["gb"]):
         print(f"{name:<13}{e['ops']:>6}{e['gb'] * 1e3:>11.1f}" + (f"{e['ms_at_bandwidth']:>8.2f}" if "ms_at_bandwidth" in e else ""))
