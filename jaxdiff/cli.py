@@ -26,9 +26,10 @@ def _render_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("manifests", nargs="+", metavar="MANIFEST",
                    help="manifest files or glob patterns (.jsonl, .csv, .txt, .parquet; local or gs://)")
     p.add_argument("--out", required=True, help="output folder, local or gs://bucket/prefix")
-    p.add_argument("--model", default=None, help="model name or diffusers folder (local or gs://); "
-                                                 "default: the shipped model")
-    p.add_argument("--upscaler", default=None, help="x4 upscaler folder, or 'none'; default: the model's own")
+    p.add_argument("--model", default=None, help="diffusers folder (local or gs://), or a Hub id already in the "
+                                                 "local Hugging Face cache (owner/name); default: the shipped model")
+    p.add_argument("--upscaler", default=None,
+                   help="x4 upscaler folder or Hub id (as --model), or 'none'; default: the model's own")
     p.add_argument("--width", type=int, default=None, help="image width (default: the model's native size)")
     p.add_argument("--height", type=int, default=None, help="image height (default: the model's native size)")
     p.add_argument("--steps", type=int, default=None,

@@ -386,6 +386,30 @@ def test_fp16_variant_files_load_as_diffusers_loads_them(sd_folder, tmp_path):
         _assert_params_equal_torch(load_component(sharded, "unet", variant=variant).module, want)
 
 
+def test_a_hub_id_loads_from_the_local_hugging_face_cache(sd_folder, sd_family, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from jaxdiff.checkpoints import default_model_path, resolve_model
+
+    # The cache layout huggingface_hub writes: refs/main names the snapshot folder.
+    repo = tmp_path / "hub" / "models--tiny--sd"
+    snapshot = repo / "snapshots" / "0123abc"
+    shutil.copytree(sd_folder[0], snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abc")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    family = load_family("tiny/sd")
+    assert family.path == str(snapshot)
+    for key, value in _params(sd_family.unet).items():
+        np.testing.assert_array_equal(_params(family.unet)[key], value)
+    with pytest.raises(FileNotFoundError, match=r"'tiny/absent' is no folder here and not in the local "
+                                                r"Hugging Face cache"):
+        load_family("tiny/absent")
+    assert resolve_model("default") == default_model_path()
+    assert resolve_model(sd_folder[0]) == sd_folder[0]  # a folder is itself
+
+
 @pytest.mark.faults
 def test_a_missing_or_ambiguous_variant_names_the_files(sd_folder, tmp_path):
     with pytest.raises(CheckpointError, match=r"unet.diffusion_pytorch_model\.bf16\.safetensors .*"

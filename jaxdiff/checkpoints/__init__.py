@@ -1,8 +1,11 @@
-"""The model family shipped inside the package, so a fresh install renders offline."""
+"""Where models come from: the family shipped inside the package (so a fresh install
+renders offline), folders (local or gs://), and Hub models already in the local Hugging
+Face cache (never downloaded here)."""
 
 from __future__ import annotations
 
 import os
+import re
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -22,3 +25,32 @@ def default_model_path() -> str:
 
 def default_upscaler_path() -> str:
     return _shipped("default-x4")
+
+
+_SHIPPED = {"default": default_model_path, "default-x4": default_upscaler_path}
+_REPO_ID = re.compile(r"[\w.\-]+/[\w.\-]+")
+
+
+def resolve_model(name: str) -> str:
+    """The folder a model argument names.
+
+    A gs:// URL or an existing local path is itself; `default` / `default-x4` are the
+    shipped family; an `owner/name` Hub id is its snapshot in the local Hugging Face cache
+    (`HF_HUB_CACHE`), found without network; anything else is returned as given, for the
+    loader to name what is missing.
+    """
+    name = str(name)
+    if name in _SHIPPED:
+        return _SHIPPED[name]()
+    if name.startswith("gs://") or os.path.exists(name) or not _REPO_ID.fullmatch(name):
+        return name
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    try:
+        return huggingface_hub.snapshot_download(name, local_files_only=True)
+    except Exception as e:  # LocalEntryNotFoundError, or a cache entry without a snapshot
+        raise FileNotFoundError(
+            f"{name!r} is no folder here and not in the local Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}): download it there first (`hf download {name}`), "
+            f"or pass the diffusers folder") from e

@@ -36,6 +36,7 @@ from flax import nnx
 from jaxdiff import render_defaults as recommended
 from jaxdiff import samplers, storage
 from jaxdiff.weights.convert import CheckpointError, load_state_dict
+from jaxdiff.checkpoints import resolve_model
 from jaxdiff.weights.safetensors_stream import SafetensorsStream
 
 
@@ -340,14 +341,15 @@ def _load_tokenizer(folder: str, digests: dict):
 
 def load_family(path: str, *, dtype=None, allow_pickle: bool = False, sharding=None,
                 variant: str | None = None) -> ModelFamily:
-    """Loads a diffusers pipeline folder (local path or gs:// URL) into a ModelFamily.
+    """Loads a diffusers pipeline folder (local path, gs:// URL, or a Hub id already in the
+    local Hugging Face cache: see `resolve_model`) into a ModelFamily.
 
     `dtype` defaults to bfloat16 on accelerators and float32 on CPU. Pickle weight files
     (.bin/.ckpt/.pt) are refused unless `allow_pickle=True`. `variant` (e.g. "fp16") loads
     diffusers' variant weight files; without it a component with no plain weights loads
     the one variant it has.
     """
-    path = str(path).rstrip("/")
+    path = resolve_model(str(path).rstrip("/"))
     dtype = dtype or default_dtype()
     digests: dict[str, str] = {}
     index_path = storage.join(path, "model_index.json")
