@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tools import bench
 
 
@@ -79,8 +81,8 @@ ENTRY %main (a: f32[2]) -> f32[2] {
                      "t": "layout", "e": "elementwise"}
 
 
-def test_gpu_hlo_counts_bytes_of_the_loop_body_ops():
-    from tools import gpu_hlo
+def test_step_hlo_counts_bytes_of_the_loop_body_ops():
+    from tools import step_hlo
 
     # One step's body with a GEMM custom call and an elementwise fusion; the entry's own
     # ops (outside the loop) are not counted.
@@ -123,9 +125,9 @@ ENTRY %main (a0: f32[16,8], b0: bf16[8,8]) -> f32[16,8] {
   ROOT %r = f32[16,8]{1,0} get-tuple-element(%loop), index=1
 }
 """
-    assert gpu_hlo.type_bytes("(f32[16,8]{1,0}, s8[0]{0})") == 512
-    assert gpu_hlo.loop_body(hlo) == "body"
-    summary = gpu_hlo.summarize(hlo)
+    assert step_hlo.type_bytes("(f32[16,8]{1,0}, s8[0]{0})") == 512
+    assert step_hlo.loop_body(hlo) == "body"
+    summary = step_hlo.summarize(hlo)
     categories = summary["categories"]
     # GEMM: f32 x (512 B) and bf16 w (128 B) in, f32 (512 B) out; the add: 512 in, 512 out;
     # the slice reads only the 128 B it writes.
@@ -136,17 +138,17 @@ ENTRY %main (a0: f32[16,8], b0: bf16[8,8]) -> f32[16,8] {
     assert summary["kernels"] == {"fusion:kLoop": 2, "__cublas$lt$matmul": 1}
 
 
-def test_gpu_hlo_reports_one_step_on_the_local_backend(tmp_path):
+def test_step_hlo_reports_one_step_on_the_local_backend(tmp_path):
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     from configs.architectures import ARCHITECTURES
     from jaxdiff.models.unet import UNet2DConditionModel, UNetConfig
-    from tools import gpu_hlo
+    from tools import step_hlo
 
     out = tmp_path / "report.json"
-    result = gpu_hlo.main(["--arch", "tiny", "--batch", "1", "--target", "local", "--out", str(out)])
+    result = step_hlo.main(["--arch", "tiny", "--batch", "1", "--target", "local", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     categories = result["categories"]
     for category in ("convolution", "attention", "matmul", "reduction"):
@@ -163,3 +165,17 @@ def test_gpu_hlo_reports_one_step_on_the_local_backend(tmp_path):
     forward = jax.jit(lambda s, *a: nnx.merge(graphdef, s)(*a)).trace(state, x, t, ctx).lower()
     flops = forward.cost_analysis()["flops"]
     assert abs(result["unet_gflop_per_step"] * 1e9 - flops) / flops < 0.02
+
+
+def test_step_hlo_compiles_the_sharded_step_for_a_tpu_without_one():
+    # libtpu compiles for a TPU topology on any machine: the UNet's attention must go
+    # through Pallas' kernel (Mosaic), with the batch sharded over 4 chips, as the engine
+    # runs it (a Mosaic kernel outside shard_map does not compile when sharded).
+    pytest.importorskip("libtpu")
+    from tools import step_hlo
+
+    result = step_hlo.main(["--arch", "tiny", "--batch", "2", "--size", "16", "--target", "v5e",
+                            "--chips", "4"])
+    assert result["chip"] == "v5e" and result["chips"] == 4
+    assert result["kernels"].get("tpu_custom_call", 0) >= 2  # self and cross attention at 16x16
+    assert result["categories"]["attention"]["ops"] > 0 and "floors_ms" not in result

@@ -2,7 +2,7 @@
 # One GPU benchmark pass, sized for a short lease: jaxdiff vs diffusers (eager and
 # torch.compile) on SD 1.5 at batch 16, the UNet's time by op category, the same bench
 # with cuBLAS GEMMs only (no Triton), the x4 upscaler, a second process to time a warm
-# compilation cache, batch 32, and the autotuned step's ops and bytes (tools/gpu_hlo.py).
+# compilation cache, batch 32, and the autotuned step's ops and bytes (tools/step_hlo.py).
 # Writes JSON and the logs under $OUT (or ./bench-out).
 set -u
 OUT=${OUT:-bench-out}; mkdir -p "$OUT"
@@ -28,5 +28,5 @@ timeout 50 python3 -m tools.bench --arch sd15 --batch-sizes 16 --steps 25 --reps
   --out "$OUT/bench_sd15_warm_cache.json" 2>&1 | grep -v -i warning | tee "$OUT/bench_warm.log"
 timeout 60 python3 -m tools.bench --arch sd15 --batch-sizes 32 --steps 25 --reps 1 --no-stages \
   --out "$OUT/bench_sd15_b32.json" 2>&1 | grep -v -i warning | tee "$OUT/bench_b32.log"
-timeout 50 python3 -m tools.gpu_hlo --arch sd15 --batch 16 --target local --out "$OUT/gpu_hlo_sd15.json" \
-  --hlo-out "$OUT/sd15_step_hlo.txt" 2>&1 | grep -v -i warning | tee "$OUT/gpu_hlo_sd15.log"
+timeout 50 python3 -m tools.step_hlo --arch sd15 --batch 16 --target local --out "$OUT/step_hlo_sd15.json" \
+  --hlo-out "$OUT/sd15_step_hlo.txt" 2>&1 | grep -v -i warning | tee "$OUT/step_hlo_sd15.log"

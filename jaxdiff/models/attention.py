@@ -17,7 +17,7 @@ import jax.numpy as jnp
 _IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
 _override: str | None = None
 # The backend whose kernels "auto" picks; None: jax.default_backend(). Set when compiling
-# ahead of time for a chip this process does not hold (tools/gpu_hlo.py).
+# ahead of time for a chip this process does not hold (tools/step_hlo.py).
 _target_backend: str | None = None
 
 # The Pallas TPU kernel works on tiles of 128 tokens and 128 lanes of head_dim.

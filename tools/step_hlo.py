@@ -1,23 +1,28 @@
-"""One UNet denoising step as XLA compiles it for a GPU, without the GPU: ops, bytes, floors.
+"""One UNet denoising step as XLA compiles it for a chip, without the chip: ops, bytes, floors.
 
     pip install "jax[cuda12]"   # XLA's GPU compiler (the CUDA plugin); no GPU or driver needed
-    python -m tools.gpu_hlo --arch sd15 --batch 16 --target h100 --out sd15-h100.json
-    python -m tools.gpu_hlo --arch sd15 --batch 16 --target local  # on a GPU machine: autotuned
-    python -m tools.gpu_hlo --arch tiny --batch 1 --target local   # the CPU (tested in CI)
+    pip install libtpu          # the TPU compiler (jax[tpu] pins the matching version)
+    python -m tools.step_hlo --arch sd15 --batch 16 --target h200 --out sd15-h200.json
+    python -m tools.step_hlo --arch sd15 --batch 8 --target v5e --chips 4
+    python -m tools.step_hlo --arch sd15 --batch 16 --target local  # on a GPU machine: autotuned
+    python -m tools.step_hlo --arch tiny --batch 1 --target local   # the CPU (tested in CI)
 
-The step (the UNet at the CFG batch, 2 x --batch) is compiled inside a two-step scan, as
-the generation program runs it, so what XLA hoists out of the loop (weight transposes,
-merged weight matrices) is not counted. Each top-level op of the loop body gets
-op_profile's category and its bytes moved: the sizes of its operands and results, an upper
-bound (a slice reads part of its operand, and the L2 cache keeps some). From them, two
-floors for one step: compute (the UNet's FLOPs at the chip's bf16 peak) and memory (the
-memory-bound ops' bytes at its bandwidth), and the structure worth checking: convolution
-layouts, attention kernels, GEMM kernels.
+The step (the UNet at the CFG batch, 2 x --batch) is compiled inside a scan, as the
+generation program runs it, so what XLA hoists out of the loop (weight transposes, merged
+weight matrices) is not counted; with --chips the batch is sharded over several chips with
+their mesh in context, as the engine does, and the program is one chip's. Each top-level op
+of the loop body gets op_profile's category and its bytes moved: the sizes of its operands
+and results, an upper bound (the caches keep some). From them, two floors for one step:
+compute (the UNet's FLOPs at the chip's bf16 peak) and memory (the memory-bound ops' bytes
+at its bandwidth), and the structure worth checking: convolution layouts, attention
+kernels, GEMM kernels.
 
-Without the device there is no autotuning: the GEMM kernel (Triton or cuBLAS) and the conv
+Without a GPU there is no autotuning: the GEMM kernel (Triton or cuBLAS) and the conv
 algorithms are XLA's defaults, not what a real run picks; fusion, layouts and the op
-sequence are the GPU compiler's own. Targets are XLA GpuTargetConfig files in
-tools/gpu_targets/.
+sequence are the GPU compiler's own. GPU targets are XLA GpuTargetConfig files in
+tools/gpu_targets/; TPU targets are libtpu's own topologies, where the check is that the
+program compiles (Pallas kernels through Mosaic, the sharded batch) and which kernels it
+holds: their byte counts include async copies between memory spaces, so no floors.
 """
 
 from __future__ import annotations
@@ -32,8 +37,17 @@ import sys
 from tools.op_profile import CATEGORIES, categorize, parse_hlo, stack_files, stack_locations
 
 TARGETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_targets")
-# bf16 dense peak (TFLOP/s) and memory bandwidth (TB/s) from the datasheets.
-TARGETS = {"h100": (989.0, 3.35), "h200": (989.0, 4.8)}
+# chip: (platform, bf16 dense peak TFLOP/s, memory TB/s (datasheets), what XLA compiles
+# for: a GpuTargetConfig file in gpu_targets/ or a TPU topology).
+CHIPS = {
+    "h100": ("cuda", 989.0, 3.35, "h100.txtpb"),
+    "h200": ("cuda", 989.0, 4.8, "h200.txtpb"),
+    "v5e": ("tpu", 197.0, 0.819, "v5e:2x2"),
+    "v5p": ("tpu", 459.0, 2.765, "v5p:2x2x1"),
+    "v6e": ("tpu", 918.0, 1.64, "v6e:2x2"),
+}
+# jax device_kind -> chip, first match.
+_KINDS = (("TPU v5 lite", "v5e"), ("TPU v6 lite", "v6e"), ("TPU v5", "v5p"), ("H100", "h100"), ("H200", "h200"))
 MEMORY_BOUND = ("elementwise", "reduction", "layout", "other")
 
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2, "s16": 2,
@@ -153,11 +167,41 @@ def _unet_config(arch: str):
     return UNetConfig.from_dict(unet_cfg), text_cfg["hidden_size"]
 
 
-def compile_step(arch: str, batch: int, target: str, size: int | None = None) -> tuple[str, float]:
-    """(optimized HLO text, UNet GFLOP per step) of a two-step scan of the UNet."""
+def _devices(target: str, chips: int) -> tuple[list, str | None]:
+    """(devices to compile for, backend whose attention kernels to pick) for a target."""
+    import jax
+
+    if target == "local":
+        devices, backend = jax.devices(), None
+    else:
+        from jax.experimental import topologies
+
+        platform, _, _, where = CHIPS[target]
+        if platform == "cuda":
+            with open(os.path.join(TARGETS_DIR, where)) as f:
+                # One device: the GPU plugin's deviceless topologies are single-host.
+                topology = topologies.get_topology_desc(platform="cuda", target_config=f.read(),
+                                                        topology="1x1x1")
+        else:
+            topology = topologies.get_topology_desc(topology_name=where, platform="tpu")
+        devices, backend = topology.devices, {"cuda": "gpu", "tpu": "tpu"}[platform]
+    if chips > len(devices):
+        raise ValueError(f"--chips {chips}: the {target} target has {len(devices)} device(s)")
+    return list(devices[:chips]), backend
+
+
+def compile_step(arch: str, batch: int, target: str, size: int | None = None,
+                 chips: int = 1) -> tuple[str, float]:
+    """(optimized HLO text, UNet GFLOP per step and chip) of a three-step scan of the UNet.
+
+    With several chips the batch is sharded over them and the program traced with their
+    mesh in context, as the engine does; the HLO is then one chip's.
+    """
     import jax
     import jax.numpy as jnp
+    import numpy as np
     from flax import nnx
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     from jaxdiff.models import attention
     from jaxdiff.models.unet import UNet2DConditionModel
@@ -166,13 +210,15 @@ def compile_step(arch: str, batch: int, target: str, size: int | None = None) ->
     dtype = jnp.float32 if target == "local" and jax.default_backend() == "cpu" else jnp.bfloat16
     latent = size or cfg.sample_size or 64
     n = 2 * batch
+    if n % chips:
+        raise ValueError(f"the UNet batch {n} does not split over {chips} chips")
     model = nnx.eval_shape(lambda: UNet2DConditionModel(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
     upscale = cfg.num_class_embeds is not None
 
-    def lowered_scan(sharding):
+    def lowered_scan(weights_sharding, batch_sharding):
         # A fresh function per lowering: jit's trace cache does not see the attention
-        # dispatch, which differs between the local and the GPU lowering.
+        # dispatch, which differs between the local and the target's lowering.
         def scan(state, x, t, context, labels, image):
             def step(x, i):
                 model = nnx.merge(graphdef, state)
@@ -183,44 +229,41 @@ def compile_step(arch: str, batch: int, target: str, size: int | None = None) ->
                 return out.astype(x.dtype), None
             return jax.lax.scan(step, x, jnp.arange(3, dtype=jnp.float32))[0]
 
-        spec = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
+        spec = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=batch_sharding)
         extra = cfg.in_channels - cfg.out_channels
-        args = (jax.tree.map(lambda a: spec(a.shape, a.dtype), state),
+        args = (jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=weights_sharding), state),
                 spec((n, latent, latent, cfg.out_channels), dtype), spec((n,), jnp.float32),
                 spec((n, 77, context_dim), dtype), spec((n,), jnp.int32) if upscale else None,
                 spec((n, latent, latent, extra), dtype) if extra else None)
         return jax.jit(scan).trace(*args).lower()
 
-    # FLOPs from the local lowering, whose attention is plain XLA ops (a kernel's custom
+    # FLOPs from a plain local lowering, whose attention is XLA ops (a kernel's custom
     # call counts as none); they do not depend on the backend.
-    local = lowered_scan(None)
-    cost = local.cost_analysis()
+    cost = lowered_scan(None, None).cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     # XLA's cost analysis counts a while loop's body once: that is one step.
-    gflop = float(cost["flops"]) / 1e9 if cost and "flops" in cost else float("nan")
-    if target == "local":
-        return local.compile().as_text(), gflop
+    gflop = float(cost["flops"]) / 1e9 / chips if cost and "flops" in cost else float("nan")
 
-    from jax.experimental import topologies
-    from jax.sharding import SingleDeviceSharding
-    with open(os.path.join(TARGETS_DIR, f"{target}.txtpb")) as f:
-        topology = topologies.get_topology_desc(platform="cuda", target_config=f.read(), topology="1x1x1")
-    attention.set_attention_backend("gpu")
+    devices, backend = _devices(target, chips)
+    mesh = Mesh(np.array(devices), ("data",))
+    attention.set_attention_backend(backend)
     try:
-        lowered = lowered_scan(SingleDeviceSharding(topology.devices[0]))
+        with jax.set_mesh(mesh):
+            lowered = lowered_scan(NamedSharding(mesh, PartitionSpec()),
+                                   NamedSharding(mesh, PartitionSpec("data")))
     finally:
         attention.set_attention_backend(None)
     return lowered.compile().as_text(), gflop
 
 
 def _chip(target: str) -> str | None:
-    """The TARGETS entry for the chip compiled for; on a GPU machine `local` is its own chip
-    (and compiled with autotuning: the kernels a real run picks)."""
+    """The CHIPS entry compiled for; `local` on an accelerator machine is its own chip
+    (and compiled with autotuning on a GPU: the kernels a real run picks)."""
     if target != "local":
         return target
     import jax
-    kind = jax.devices()[0].device_kind.lower()
-    return next((name for name in TARGETS if name in kind), None)
+    kind = jax.devices()[0].device_kind
+    return next((chip for name, chip in _KINDS if name in kind), None)
 
 
 def report(text: str, gflop: float, target: str) -> dict:
@@ -229,8 +272,10 @@ def report(text: str, gflop: float, target: str) -> dict:
     result = {"target": target, "chip": chip, "unet_gflop_per_step": float(f"{gflop:.4g}"), **summary}
     for entry in result["categories"].values():
         entry["gb"] = round(entry.pop("bytes") / 1e9, 4)
-    if chip:
-        peak, bandwidth = TARGETS[chip]
+    # On TPU the byte counts include async copies between memory spaces (HBM, VMEM):
+    # there the compile itself and the kernels are the findings, not floors.
+    if chip and CHIPS[chip][0] == "cuda":
+        _, peak, bandwidth, _ = CHIPS[chip]
         for entry in result["categories"].values():
             entry["ms_at_bandwidth"] = round(entry["gb"] / bandwidth, 3)
         memory_gb = sum(result["categories"][c]["gb"] for c in MEMORY_BOUND)
@@ -241,31 +286,38 @@ def report(text: str, gflop: float, target: str) -> dict:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m tools.gpu_hlo", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m tools.step_hlo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="sd15", help="sd15, sd21, x4-upscaler, default or tiny")
     p.add_argument("--batch", type=int, default=16, help="images per batch; the UNet runs 2x this (CFG)")
     p.add_argument("--size", type=int, default=None, help="latent side (default: the config's sample_size)")
-    p.add_argument("--target", default="h100", choices=[*TARGETS, "local"],
-                   help="a GPU to compile for without it, or this machine's own device "
+    p.add_argument("--target", default="h100", choices=[*CHIPS, "local"],
+                   help="a chip to compile for without it, or this machine's own device "
                         "(on a GPU machine: with autotuning, the kernels a real run picks)")
+    p.add_argument("--chips", type=int, default=1,
+                   help="shard the batch over this many chips, as the engine does (TPU targets "
+                        "have 4, or 8 for v4; local: its devices); the report is one chip's")
     p.add_argument("--hlo-out", default=None, help="write the optimized HLO text here")
     p.add_argument("--out", default=None, help="write the JSON report here")
     args = p.parse_args(argv)
-    if args.batch < 1:
-        p.error("--batch must be at least 1")
-    if args.target != "local":
+    if args.batch < 1 or args.chips < 1:
+        p.error("--batch and --chips must be at least 1")
+    if args.target != "local" and CHIPS[args.target][0] == "cuda":
         # The CUDA plugin refuses to load without a driver unless told the checks are moot.
         os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
-    text, gflop = compile_step(args.arch, args.batch, args.target, args.size)
+    try:
+        text, gflop = compile_step(args.arch, args.batch, args.target, args.size, args.chips)
+    except ValueError as e:
+        p.error(str(e))
     if args.hlo_out:
         with open(args.hlo_out, "w") as f:
             f.write(text)
     result = report(text, gflop, args.target)
-    result.update(arch=args.arch, batch=args.batch, unet_batch=2 * args.batch)
+    result.update(arch=args.arch, batch=args.batch, unet_batch=2 * args.batch, chips=args.chips)
     amount = f"{gflop:,.0f}" if gflop >= 100 else f"{gflop:.4g}"
-    print(f"{args.arch}, UNet batch {2 * args.batch}, one step for {args.target}: {amount} GFLOP")
-    print(f"{'category':<13}{'ops':>6}{'MB':>11}" + (f"{'ms':>8}" if result["chip"] else ""))
+    print(f"{args.arch}, UNet batch {2 * args.batch} over {args.chips} chip(s), one step for "
+          f"{args.target}: {amount} GFLOP per chip")
+    print(f"{'category':<13}{'ops':>6}{'MB':>11}" + (f"{'ms':>8}" if "floors_ms" in result else ""))
     for name, e in sorted(result["categories"].items(), key=lambda kv: -kv[1]["gb"]):
         print(f"{name:<13}{e['ops']:>6}{e['gb'] * 1e3:>11.1f}" + (f"{e['ms_at_bandwidth']:>8.2f}" if "ms_at_bandwidth" in e else ""))
     if "floors_ms" in result:
