@@ -69,8 +69,9 @@ def _round_up(n: int, multiple: int) -> int:
 def _pallas_tpu_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """Pallas' TPU flash kernel, run per chip over the batch when a mesh is in context.
 
-    XLA cannot partition a Pallas kernel: under a batch-sharded jit it would gather the
-    whole batch onto every chip. Inside shard_map each chip runs it on its own samples.
+    XLA cannot partition a Pallas kernel: a batch-sharded jit holding one does not compile
+    ("Mosaic kernels cannot be automatically partitioned"). Inside shard_map each chip runs
+    it on its own samples.
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1 or q.shape[0] % mesh.size:
