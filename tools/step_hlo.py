@@ -237,9 +237,13 @@ def compile_step(arch: str, batch: int, target: str, size: int | None = None,
                 spec((n, latent, latent, extra), dtype) if extra else None)
         return jax.jit(scan).trace(*args).lower()
 
-    # FLOPs from a plain local lowering, whose attention is XLA ops (a kernel's custom
-    # call counts as none); they do not depend on the backend.
-    cost = lowered_scan(None, None).cost_analysis()
+    # FLOPs from a lowering with XLA's attention (a kernel's custom call counts as none);
+    # they do not depend on the backend.
+    attention.set_attention_implementation("xla")
+    try:
+        cost = lowered_scan(None, None).cost_analysis()
+    finally:
+        attention.set_attention_implementation(None)
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     # XLA's cost analysis counts a while loop's body once: that is one step.
     gflop = float(cost["flops"]) / 1e9 / chips if cost and "flops" in cost else float("nan")
