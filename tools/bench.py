@@ -42,10 +42,19 @@ def _peak(device) -> float | None:
     return None
 
 
-def _flops(lowered) -> float | None:
-    # From the lowered program, not the compiled one: an executable loaded from the
-    # persistent compilation cache may carry no cost analysis.
-    cost = lowered.cost_analysis()
+def _flops(module, args) -> float | None:
+    """A module call's FLOPs, counted on a lowering with XLA's attention: a fused
+    attention kernel is a custom call, which XLA's cost analysis counts as none."""
+    from jaxdiff.models import attention
+
+    # A fresh jit (its trace cache does not see the dispatch), lowered and not compiled:
+    # an executable from the persistent compilation cache may carry no cost analysis.
+    fresh, state = _jit_module(module)
+    attention.set_attention_implementation("xla")
+    try:
+        cost = fresh.lower(state, *args).cost_analysis()
+    finally:
+        attention.set_attention_implementation(None)
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else None
     return float(cost["flops"]) if cost and "flops" in cost else None
@@ -107,12 +116,11 @@ def stage_times(family, batch: int, latent_hw: tuple[int, int], reps: int, low_r
     t = jnp.full((2 * batch,), 500.0, jnp.float32)
     ctx = jnp.asarray(np.random.default_rng(1).standard_normal((2 * batch, 77, family.text_encoder_config.hidden_size)), dtype)
     args = (unet_state, x, t, ctx) + ((jnp.full((2 * batch,), 20, jnp.int32),) if family.kind == "upscale" else ())
-    lowered = unet.lower(*args)
-    compiled = lowered.compile()
+    compiled = unet.lower(*args).compile()
     run = lambda: jax.block_until_ready(compiled(*args))
     run()
     out["unet_forward_s"] = _median_time(run, reps)
-    flops = _flops(lowered)
+    flops = _flops(family.unet, args[1:])
     if flops:
         out["unet_gflop_per_forward"] = float(f"{flops / 1e9:.4g}")
         out["unet_tflops"] = float(f"{flops / out['unet_forward_s'] / 1e12:.4g}")
