@@ -74,8 +74,10 @@ def _pallas_tpu_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array
     it on its own samples.
     """
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1 or q.shape[0] % mesh.size:
+    if mesh.empty or mesh.size == 1:
         return _pallas_tpu_kernel(q, k, v)
+    if q.shape[0] % mesh.size:  # a batch that does not split over the chips: XLA's path
+        return jax.nn.dot_product_attention(q, k, v, implementation="xla")
     batch = jax.sharding.PartitionSpec(mesh.axis_names)
     return jax.shard_map(_pallas_tpu_kernel, mesh=mesh, in_specs=(batch, batch, batch),
                          out_specs=batch, check_vma=False)(q, k, v)
