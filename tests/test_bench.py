@@ -179,3 +179,16 @@ def test_step_hlo_compiles_the_sharded_step_for_a_tpu_without_one():
     assert result["chip"] == "v5e" and result["chips"] == 4
     assert result["kernels"].get("tpu_custom_call", 0) >= 2  # self and cross attention at 16x16
     assert result["categories"]["attention"]["ops"] > 0 and "floors_ms" not in result
+
+
+def test_step_hlo_compiles_the_engines_text_to_image_program_for_a_tpu_slice():
+    # The engine's whole base program (text encoder, CFG sampler scan, VAE decode) as
+    # jaxdiff.engine.programs builds it, sharded over a v5e 2x2 slice: the tiny UNet's 3
+    # transformers (self and cross attention) and the VAE's mid attention, all at 16x16
+    # latents, are Mosaic kernels.
+    pytest.importorskip("libtpu")
+    from tools import step_hlo
+
+    result = step_hlo.main(["--program", "base", "--arch", "tiny", "--batch", "4", "--size", "16",
+                            "--target", "v5e", "--chips", "4"])
+    assert result["custom_calls"].get("tpu_custom_call") == 7, result

@@ -4,6 +4,7 @@
     pip install libtpu          # the TPU compiler (jax[tpu] pins the matching version)
     python -m tools.step_hlo --arch sd15 --batch 16 --target h200 --out sd15-h200.json
     python -m tools.step_hlo --arch sd15 --batch 8 --target v5e --chips 4
+    python -m tools.step_hlo --program base --arch sd15 --batch 8 --target v5e --chips 4
     python -m tools.step_hlo --arch sd15 --batch 16 --target local  # on a GPU machine: autotuned
     python -m tools.step_hlo --arch tiny --batch 1 --target local   # the CPU (tested in CI)
 
@@ -15,7 +16,9 @@ of the loop body gets op_profile's category and its bytes moved: the sizes of it
 and results, an upper bound (the caches keep some). From them, two floors for one step:
 compute (the UNet's FLOPs at the chip's bf16 peak) and memory (the memory-bound ops' bytes
 at its bandwidth), and the structure worth checking: convolution layouts, attention
-kernels, GEMM kernels.
+kernels, GEMM kernels. `--program base` compiles the engine's whole text-to-image program
+instead (text encoder, sampler scan, VAE decode) and counts its custom calls: the check
+that it compiles for that chip.
 
 Without a GPU there is no autotuning: the GEMM kernel (Triton or cuBLAS) and the conv
 algorithms are XLA's defaults, not what a real run picks; fusion, layouts and the op
@@ -151,20 +154,20 @@ def summarize(text: str, body: str | None = None, top: int = 15) -> dict:
                         for moved, name, category, source in heaviest[:top]]}
 
 
-def _unet_config(arch: str):
-    """(UNet config, context width) of a named architecture or the shipped default model."""
-    from jaxdiff.models.unet import UNetConfig
-
+def _configs(arch: str) -> dict:
+    """Config dicts (text_encoder, unet, vae, scheduler) of a named architecture or the
+    shipped default model."""
     if arch == "default":
         from jaxdiff.checkpoints import default_model_path
         configs = {}
-        for part in ("unet", "text_encoder"):
-            with open(os.path.join(default_model_path(), part, "config.json")) as f:
+        for part, file in (("text_encoder", "config.json"), ("unet", "config.json"), ("vae", "config.json"),
+                           ("scheduler", "scheduler_config.json")):
+            with open(os.path.join(default_model_path(), part, file)) as f:
                 configs[part] = json.load(f)
-        return UNetConfig.from_dict(configs["unet"]), configs["text_encoder"]["hidden_size"]
+        return configs
     from configs.architectures import ARCHITECTURES
-    text_cfg, unet_cfg, _, _, _ = ARCHITECTURES[arch]
-    return UNetConfig.from_dict(unet_cfg), text_cfg["hidden_size"]
+    text_cfg, unet_cfg, vae_cfg, scheduler, _ = ARCHITECTURES[arch]
+    return {"text_encoder": text_cfg, "unet": unet_cfg, "vae": vae_cfg, "scheduler": scheduler}
 
 
 def _devices(target: str, chips: int) -> tuple[list, str | None]:
@@ -204,9 +207,10 @@ def compile_step(arch: str, batch: int, target: str, size: int | None = None,
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     from jaxdiff.models import attention
-    from jaxdiff.models.unet import UNet2DConditionModel
+    from jaxdiff.models.unet import UNet2DConditionModel, UNetConfig
 
-    cfg, context_dim = _unet_config(arch)
+    configs = _configs(arch)
+    cfg, context_dim = UNetConfig.from_dict(configs["unet"]), configs["text_encoder"]["hidden_size"]
     dtype = jnp.float32 if target == "local" and jax.default_backend() == "cpu" else jnp.bfloat16
     latent = size or cfg.sample_size or 64
     n = 2 * batch
@@ -260,6 +264,66 @@ def compile_step(arch: str, batch: int, target: str, size: int | None = None,
     return lowered.compile().as_text(), gflop
 
 
+def compile_base_program(arch: str, batch: int, target: str, size: int | None = None,
+                         chips: int = 1, steps: int = 2) -> str:
+    """Optimized HLO of the engine's whole text-to-image program (text encoder, sampler
+    scan with CFG, VAE decode), built by jaxdiff.engine.programs as the engine builds it,
+    with the batch sharded over `chips` and their mesh in context."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from jaxdiff import samplers
+    from jaxdiff.engine.programs import BaseSignature, make_base_program
+    from jaxdiff.models import attention
+    from jaxdiff.models.clip import CLIPTextConfig, CLIPTextModel
+    from jaxdiff.models.unet import UNet2DConditionModel, UNetConfig
+    from jaxdiff.models.vae import AutoencoderKL, VAEConfig
+
+    configs = _configs(arch)
+    dtype = jnp.float32 if target == "local" and jax.default_backend() == "cpu" else jnp.bfloat16
+    parts = ((CLIPTextModel, CLIPTextConfig, "text_encoder"), (UNet2DConditionModel, UNetConfig, "unet"),
+             (AutoencoderKL, VAEConfig, "vae"))
+    models = [nnx.eval_shape(lambda m=m, c=c, k=k: m(c.from_dict(configs[k]), dtype=dtype, rngs=nnx.Rngs(0)))
+              for m, c, k in parts]
+    graphdefs, states = zip(*(nnx.split(m) for m in models))
+    vae_cfg, unet_cfg = configs["vae"], configs["unet"]
+    factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+    latent = size or unet_cfg.get("sample_size") or 64
+    channels = vae_cfg["latent_channels"]
+    if batch % chips:
+        raise ValueError(f"the batch {batch} does not split over {chips} chips")
+    sig = BaseSignature(batch, latent * factor, latent * factor, steps, "dpmpp_2m", False)
+    sampler = samplers.make_sampler("dpmpp_2m", samplers.NoiseSchedule.from_config(configs["scheduler"]), steps)
+    program = make_base_program(graphdefs, sampler, sig, clip_skip=0,
+                                scaling_factor=float(vae_cfg.get("scaling_factor", 0.18215)),
+                                tile_latent=None, on_trace=lambda: None)
+
+    devices, backend = _devices(target, chips)
+    mesh = Mesh(np.array(devices), ("data",))
+    replicated, batched = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
+    spec = lambda shape, dt: jax.ShapeDtypeStruct((batch, *shape), dt, sharding=batched)
+    latents = (latent, latent, channels)
+    # The per-batch inputs the engine's Pipeline puts on the chips for the base program.
+    inputs = {"ids": spec((77,), jnp.int32), "uncond_ids": spec((77,), jnp.int32),
+              "guidance": spec((), jnp.float32), "seeds": spec((), jnp.uint32),
+              "start_step": spec((), jnp.int32), "init_flag": spec((), jnp.bool_),
+              "init_latents": spec(latents, jnp.float32), "mask": spec((latent, latent, 1), jnp.float32),
+              "masked_latents": spec(latents, jnp.float32), "noise": spec(latents, jnp.float32),
+              "noise_given": spec((), jnp.bool_)}
+    abstract_states = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+                                   states)
+    attention.set_attention_backend(backend)
+    try:
+        with jax.set_mesh(mesh):
+            lowered = jax.jit(program).trace(abstract_states, inputs).lower()
+    finally:
+        attention.set_attention_backend(None)
+    return lowered.compile().as_text()
+
+
 def _chip(target: str) -> str | None:
     """The CHIPS entry compiled for; `local` on an accelerator machine is its own chip
     (and compiled with autotuning on a GPU: the kernels a real run picks)."""
@@ -301,6 +365,9 @@ def main(argv=None) -> dict:
     p.add_argument("--chips", type=int, default=1,
                    help="shard the batch over this many chips, as the engine does (TPU targets "
                         "have 4, or 8 for v4; local: its devices); the report is one chip's")
+    p.add_argument("--program", default="step", choices=["step", "base"],
+                   help="step: one UNet step, reported; base: the engine's whole text-to-image "
+                        "program (2 steps), compiled and its kernels counted")
     p.add_argument("--hlo-out", default=None, help="write the optimized HLO text here")
     p.add_argument("--out", default=None, help="write the JSON report here")
     args = p.parse_args(argv)
@@ -310,12 +377,25 @@ def main(argv=None) -> dict:
         # The CUDA plugin refuses to load without a driver unless told the checks are moot.
         os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
     try:
-        text, gflop = compile_step(args.arch, args.batch, args.target, args.size, args.chips)
+        if args.program == "base":
+            text = compile_base_program(args.arch, args.batch, args.target, args.size, args.chips)
+        else:
+            text, gflop = compile_step(args.arch, args.batch, args.target, args.size, args.chips)
     except ValueError as e:
         p.error(str(e))
     if args.hlo_out:
         with open(args.hlo_out, "w") as f:
             f.write(text)
+    if args.program == "base":
+        kernels = collections.Counter(re.findall(r'custom_call_target="([^"]+)"', text))
+        result = {"program": "base", "arch": args.arch, "batch": args.batch, "chips": args.chips,
+                  "target": args.target, "custom_calls": dict(kernels.most_common())}
+        print(f"{args.arch}: the text-to-image program, batch {args.batch} over {args.chips} chip(s), "
+              f"compiled for {args.target}; custom calls: {result['custom_calls']}")
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+        return result
     result = report(text, gflop, args.target)
     result.update(arch=args.arch, batch=args.batch, unet_batch=2 * args.batch, chips=args.chips)
     amount = f"{gflop:,.0f}" if gflop >= 100 else f"{gflop:.4g}"
