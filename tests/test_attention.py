@@ -51,9 +51,9 @@ def test_each_path_matches_the_reference(implementation, causal):
 
 def test_auto_picks_the_plain_path_off_gpu_and_for_fp32():
     q, _, _ = _qkv(jnp.float32)
-    assert attention._choose(q, q) == "xla"
+    assert attention._choose(q) == "xla"
     if jax.default_backend() == "gpu":
-        assert attention._choose(q.astype(jnp.bfloat16), q) == "cudnn"
+        assert attention._choose(q.astype(jnp.bfloat16)) == "cudnn"
 
 
 def test_unknown_implementation_is_refused():
@@ -80,18 +80,18 @@ def test_pallas_tpu_path_matches_the_reference_in_interpret_mode():
 
 def test_auto_picks_pallas_on_tpu_for_long_unmasked_sequences(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-    long_q, k, _ = _qkv(jnp.bfloat16, tq=256)
+    long_q, _, _ = _qkv(jnp.bfloat16, tq=256)
     short_q, _, _ = _qkv(jnp.bfloat16, tq=77)
-    assert attention._choose(long_q, k) == "pallas"
-    assert attention._choose(short_q, k) == "xla"  # CLIP's 77 tokens
-    assert attention._choose(long_q, k, plain_only=True) == "xla"  # masked or causal
+    assert attention._choose(long_q) == "pallas"
+    assert attention._choose(short_q) == "xla"  # CLIP's 77 tokens
+    assert attention._choose(long_q, plain_only=True) == "xla"  # masked or causal
 
 
 def test_forced_pallas_leaves_masked_and_causal_attention_to_xla():
     q, k, v = _qkv(jnp.float32, tq=128)
     attention.set_attention_implementation("pallas")
     try:
-        assert attention._choose(q, k, plain_only=True) == "xla"
+        assert attention._choose(q, plain_only=True) == "xla"
         out = attention.dot_product_attention(q, q, q, is_causal=True)  # no interpreter needed
     finally:
         attention.set_attention_implementation(None)
@@ -100,10 +100,10 @@ def test_forced_pallas_leaves_masked_and_causal_attention_to_xla():
 
 
 def test_auto_can_pick_for_another_backend_when_compiling_ahead_of_time():
-    q, k, _ = _qkv(jnp.bfloat16)
+    q, _, _ = _qkv(jnp.bfloat16)
     attention.set_attention_backend("gpu")
     try:
-        assert attention._choose(q, k) == "cudnn"
+        assert attention._choose(q) == "cudnn"
     finally:
         attention.set_attention_backend(None)
-    assert attention._choose(q, k) == ("cudnn" if jax.default_backend() == "gpu" else "xla")
+    assert attention._choose(q) == ("cudnn" if jax.default_backend() == "gpu" else "xla")

@@ -38,7 +38,7 @@ def set_attention_backend(backend: str | None) -> None:
     _target_backend = backend
 
 
-def _choose(q: jax.Array, k: jax.Array, *, plain_only: bool = False) -> str:
+def _choose(q: jax.Array, *, plain_only: bool = False) -> str:
     choice = _override or os.environ.get("JAXDIFF_ATTENTION", "auto")
     if choice not in _IMPLEMENTATIONS:
         raise ValueError(
@@ -115,7 +115,7 @@ def _pallas_tpu_kernel(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                           is_causal: bool = False, mask: jax.Array | None = None) -> jax.Array:
     """Softmax attention with scale 1/sqrt(head_dim); mask is True where attending is allowed."""
-    implementation = _choose(q, k, plain_only=is_causal or mask is not None)
+    implementation = _choose(q, plain_only=is_causal or mask is not None)
     if implementation == "pallas":
         return _pallas_tpu_attention(q, k, v)
     return jax.nn.dot_product_attention(
