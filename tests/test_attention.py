@@ -88,7 +88,7 @@ def test_auto_picks_pallas_on_tpu_for_long_unmasked_sequences(monkeypatch):
 
 
 def test_forced_pallas_leaves_masked_and_causal_attention_to_xla():
-    q, k, v = _qkv(jnp.float32, tq=128)
+    q, _, _ = _qkv(jnp.float32, tq=128)
     attention.set_attention_implementation("pallas")
     try:
         assert attention._choose(q, plain_only=True) == "xla"
