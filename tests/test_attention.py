@@ -107,3 +107,16 @@ def test_auto_can_pick_for_another_backend_when_compiling_ahead_of_time():
     finally:
         attention.set_attention_backend(None)
     assert attention._choose(q) == ("cudnn" if jax.default_backend() == "gpu" else "xla")
+
+
+def test_dispatch_block_restores_the_previous_choice():
+    q, _, _ = _qkv(jnp.bfloat16)
+    attention.set_attention_implementation("xla")
+    try:
+        with attention.dispatch(backend="gpu"):
+            assert attention._choose(q) == "xla"  # a forced implementation still wins
+        with attention.dispatch(implementation="auto", backend="gpu"):
+            assert attention._choose(q) == "cudnn"
+        assert attention._override == "xla" and attention._target_backend is None
+    finally:
+        attention.set_attention_implementation(None)

@@ -5,6 +5,7 @@ Layout is (batch, tokens, heads, head_dim), as in `jax.nn.dot_product_attention`
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -36,6 +37,21 @@ def set_attention_backend(backend: str | None) -> None:
     """Let "auto" pick kernels as on `backend` ("gpu", "tpu", "cpu"; None: the default one)."""
     global _target_backend
     _target_backend = backend
+
+
+@contextlib.contextmanager
+def dispatch(implementation: str | None = None, backend: str | None = None):
+    """Within the block, force `implementation` and/or pick kernels as on `backend`; the
+    previous choices come back after. What is traced inside keeps the choice: trace a
+    fresh function (jit's trace cache does not see it)."""
+    previous = (_override, _target_backend)
+    set_attention_implementation(implementation if implementation is not None else previous[0])
+    set_attention_backend(backend if backend is not None else previous[1])
+    try:
+        yield
+    finally:
+        set_attention_implementation(previous[0])
+        set_attention_backend(previous[1])
 
 
 def _choose(q: jax.Array, *, plain_only: bool = False) -> str:
