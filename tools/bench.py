@@ -50,11 +50,8 @@ def _flops(module, args) -> float | None:
     # A fresh jit (its trace cache does not see the dispatch), lowered and not compiled:
     # an executable from the persistent compilation cache may carry no cost analysis.
     fresh, state = _jit_module(module)
-    attention.set_attention_implementation("xla")
-    try:
+    with attention.dispatch(implementation="xla"):
         cost = fresh.lower(state, *args).cost_analysis()
-    finally:
-        attention.set_attention_implementation(None)
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else None
     return float(cost["flops"]) if cost and "flops" in cost else None

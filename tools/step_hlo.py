@@ -193,6 +193,31 @@ def _devices(target: str, chips: int) -> tuple[list, str | None]:
     return list(devices[:chips]), backend
 
 
+def _dtype(target: str):
+    """bfloat16 on accelerators, float32 when compiling for this machine's CPU."""
+    import jax
+    import jax.numpy as jnp
+
+    return jnp.float32 if target == "local" and jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+def _compile_for(target: str, chips: int, lower) -> str:
+    """Optimized HLO of `lower(replicated, batched)` (a Lowered, traced from a fresh
+    function) for `chips` chips of `target`: the batch sharded over them, their mesh in
+    context and the attention kernels theirs, as the engine runs it."""
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from jaxdiff.models import attention
+
+    devices, backend = _devices(target, chips)
+    mesh = Mesh(np.array(devices), ("data",))
+    with attention.dispatch(backend=backend), jax.set_mesh(mesh):
+        lowered = lower(NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data")))
+    return lowered.compile().as_text()
+
+
 def compile_step(arch: str, batch: int, target: str, size: int | None = None,
                  chips: int = 1) -> tuple[str, float]:
     """(optimized HLO text, UNet GFLOP per step and chip) of a three-step scan of the UNet.
@@ -202,16 +227,14 @@ def compile_step(arch: str, batch: int, target: str, size: int | None = None,
     """
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from flax import nnx
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     from jaxdiff.models import attention
     from jaxdiff.models.unet import UNet2DConditionModel, UNetConfig
 
     configs = _configs(arch)
     cfg, context_dim = UNetConfig.from_dict(configs["unet"]), configs["text_encoder"]["hidden_size"]
-    dtype = jnp.float32 if target == "local" and jax.default_backend() == "cpu" else jnp.bfloat16
+    dtype = _dtype(target)
     latent = size or cfg.sample_size or 64
     n = 2 * batch
     if n % chips:
@@ -243,25 +266,12 @@ def compile_step(arch: str, batch: int, target: str, size: int | None = None,
 
     # FLOPs from a lowering with XLA's attention (a kernel's custom call counts as none);
     # they do not depend on the backend.
-    attention.set_attention_implementation("xla")
-    try:
+    with attention.dispatch(implementation="xla"):
         cost = lowered_scan(None, None).cost_analysis()
-    finally:
-        attention.set_attention_implementation(None)
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     # XLA's cost analysis counts a while loop's body once: that is one step.
     gflop = float(cost["flops"]) / 1e9 / chips if cost and "flops" in cost else float("nan")
-
-    devices, backend = _devices(target, chips)
-    mesh = Mesh(np.array(devices), ("data",))
-    attention.set_attention_backend(backend)
-    try:
-        with jax.set_mesh(mesh):
-            lowered = lowered_scan(NamedSharding(mesh, PartitionSpec()),
-                                   NamedSharding(mesh, PartitionSpec("data")))
-    finally:
-        attention.set_attention_backend(None)
-    return lowered.compile().as_text(), gflop
+    return _compile_for(target, chips, lowered_scan), gflop
 
 
 def compile_base_program(arch: str, batch: int, target: str, size: int | None = None,
@@ -271,19 +281,16 @@ def compile_base_program(arch: str, batch: int, target: str, size: int | None = 
     with the batch sharded over `chips` and their mesh in context."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from flax import nnx
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     from jaxdiff import samplers
     from jaxdiff.engine.programs import BaseSignature, make_base_program
-    from jaxdiff.models import attention
     from jaxdiff.models.clip import CLIPTextConfig, CLIPTextModel
     from jaxdiff.models.unet import UNet2DConditionModel, UNetConfig
     from jaxdiff.models.vae import AutoencoderKL, VAEConfig
 
     configs = _configs(arch)
-    dtype = jnp.float32 if target == "local" and jax.default_backend() == "cpu" else jnp.bfloat16
+    dtype = _dtype(target)
     parts = ((CLIPTextModel, CLIPTextConfig, "text_encoder"), (UNet2DConditionModel, UNetConfig, "unet"),
              (AutoencoderKL, VAEConfig, "vae"))
     models = [nnx.eval_shape(lambda m=m, c=c, k=k: m(c.from_dict(configs[k]), dtype=dtype, rngs=nnx.Rngs(0)))
@@ -301,27 +308,21 @@ def compile_base_program(arch: str, batch: int, target: str, size: int | None = 
                                 scaling_factor=float(vae_cfg.get("scaling_factor", 0.18215)),
                                 tile_latent=None, on_trace=lambda: None)
 
-    devices, backend = _devices(target, chips)
-    mesh = Mesh(np.array(devices), ("data",))
-    replicated, batched = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
-    spec = lambda shape, dt: jax.ShapeDtypeStruct((batch, *shape), dt, sharding=batched)
     latents = (latent, latent, channels)
-    # The per-batch inputs the engine's Pipeline puts on the chips for the base program.
-    inputs = {"ids": spec((77,), jnp.int32), "uncond_ids": spec((77,), jnp.int32),
-              "guidance": spec((), jnp.float32), "seeds": spec((), jnp.uint32),
-              "start_step": spec((), jnp.int32), "init_flag": spec((), jnp.bool_),
-              "init_latents": spec(latents, jnp.float32), "mask": spec((latent, latent, 1), jnp.float32),
-              "masked_latents": spec(latents, jnp.float32), "noise": spec(latents, jnp.float32),
-              "noise_given": spec((), jnp.bool_)}
-    abstract_states = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-                                   states)
-    attention.set_attention_backend(backend)
-    try:
-        with jax.set_mesh(mesh):
-            lowered = jax.jit(program).trace(abstract_states, inputs).lower()
-    finally:
-        attention.set_attention_backend(None)
-    return lowered.compile().as_text()
+
+    def lower(replicated, batched):
+        spec = lambda shape, dt: jax.ShapeDtypeStruct((batch, *shape), dt, sharding=batched)
+        # The per-batch inputs the engine's Pipeline puts on the chips for the base program.
+        inputs = {"ids": spec((77,), jnp.int32), "uncond_ids": spec((77,), jnp.int32),
+                  "guidance": spec((), jnp.float32), "seeds": spec((), jnp.uint32),
+                  "start_step": spec((), jnp.int32), "init_flag": spec((), jnp.bool_),
+                  "init_latents": spec(latents, jnp.float32), "mask": spec((latent, latent, 1), jnp.float32),
+                  "masked_latents": spec(latents, jnp.float32), "noise": spec(latents, jnp.float32),
+                  "noise_given": spec((), jnp.bool_)}
+        weights = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), states)
+        return jax.jit(program).trace(weights, inputs).lower()
+
+    return _compile_for(target, chips, lower)
 
 
 def _chip(target: str) -> str | None:
@@ -392,15 +393,20 @@ def main(argv=None) -> dict:
                   "target": args.target, "custom_calls": dict(kernels.most_common())}
         print(f"{args.arch}: the text-to-image program, batch {args.batch} over {args.chips} chip(s), "
               f"compiled for {args.target}; custom calls: {result['custom_calls']}")
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(result, f, indent=1)
-        return result
-    result = report(text, gflop, args.target)
-    result.update(arch=args.arch, batch=args.batch, unet_batch=2 * args.batch, chips=args.chips)
+    else:
+        result = report(text, gflop, args.target)
+        result.update(arch=args.arch, batch=args.batch, unet_batch=2 * args.batch, chips=args.chips)
+        _print_step(result, gflop)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+def _print_step(result: dict, gflop: float) -> None:
     amount = f"{gflop:,.0f}" if gflop >= 100 else f"{gflop:.4g}"
-    print(f"{args.arch}, UNet batch {2 * args.batch} over {args.chips} chip(s), one step for "
-          f"{args.target}: {amount} GFLOP per chip")
+    print(f"{result['arch']}, UNet batch {result['unet_batch']} over {result['chips']} chip(s), one step "
+          f"for {result['target']}: {amount} GFLOP per chip")
     print(f"{'category':<13}{'ops':>6}{'MB':>11}" + (f"{'ms':>8}" if "floors_ms" in result else ""))
     for name, e in sorted(result["categories"].items(), key=lambda kv: -kv[1]["gb"]):
         print(f"{name:<13}{e['ops']:>6}{e['gb'] * 1e3:>11.1f}" + (f"{e['ms_at_bandwidth']:>8.2f}" if "ms_at_bandwidth" in e else ""))
@@ -412,10 +418,6 @@ def main(argv=None) -> dict:
     print("ops moving the most bytes:")
     for op in result["top_ops"][:10]:
         print(f"  {op['mb']:>9.1f} MB  {op['category']:<12} {op['op']:<32} {op['source']}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-    return result
 
 
 if __name__ == "__main__":
