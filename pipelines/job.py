@@ -119,9 +119,9 @@ def with_model_defaults(config: RenderConfig) -> RenderConfig:
     if config.dry_run:
         return config
     from jaxdiff import render_defaults
-    from jaxdiff.checkpoints import default_model_path, resolve_model
+    from jaxdiff.checkpoints import resolve_model
 
-    recommended = render_defaults.read(resolve_model(config.model) if config.model else default_model_path())
+    recommended = render_defaults.read(resolve_model(config.model or "default"))
     return dataclasses.replace(config, **{k: v for k, v in recommended.items() if getattr(config, k) is None})
 
 

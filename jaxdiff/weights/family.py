@@ -35,8 +35,8 @@ from flax import nnx
 
 from jaxdiff import render_defaults as recommended
 from jaxdiff import samplers, storage
-from jaxdiff.weights.convert import CheckpointError, load_state_dict
 from jaxdiff.checkpoints import resolve_model
+from jaxdiff.weights.convert import CheckpointError, load_state_dict
 from jaxdiff.weights.safetensors_stream import SafetensorsStream
 
 
