@@ -7,8 +7,11 @@ One UNet forward at the CFG batch (2 x --batch), random weights at full size, ru
 times under jax.profiler. Each XLA op's time in the trace is given one category, read off
 the optimized HLO: convolution, attention (what the kernel in jaxdiff/models/attention.py
 became), matmul, reduction (group and layer norms), elementwise, layout (copies, transposes)
-or other. On a GPU the times are kernel times on the device; on a CPU they are summed over
-XLA's threads, so they add up to more than the wall time.
+or other. Each op's FLOPs (dots, convolutions, attention kernels) and bytes (operands and
+result) are read off the HLO too (tools/hlo_ops.py), so each category says what it
+achieved in TFLOP/s and GB/s: the kernels' distance from the chip's peak and bandwidth.
+On a GPU the times are kernel times on the device; on a CPU they are summed over XLA's
+threads, so they add up to more than the wall time.
 """
 
 from __future__ import annotations
@@ -24,131 +27,7 @@ import sys
 import tempfile
 import time
 
-CATEGORIES = ("convolution", "attention", "matmul", "reduction", "elementwise", "layout", "other")
-
-# `name = type opcode(`, with or without the % sigil; tuple types are parenthesised.
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(?:\(.*?\)|\S+)\s+([a-z][\w\-]*)\(")
-_COMPUTATION = re.compile(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
-_CALLS = re.compile(r"(?:calls|to_apply)=%?([\w.\-]+)")
-_TARGET = re.compile(r'custom_call_target="([^"]+)"')
-_SOURCE = re.compile(r'source_file="([^"]+)"')
-_FRAME_ID = re.compile(r"stack_frame_id=(\d+)")
-_TABLE_ROW = re.compile(r'^(\d+)\s+(?:"(.*)"|\{(.*)\})\s*$')
-_LAYOUT_OPS = {"copy", "transpose", "bitcast", "reshape", "broadcast", "slice", "concatenate",
-               "dynamic-slice", "dynamic-update-slice", "pad", "parameter", "tuple", "get-tuple-element",
-               "constant", "iota"}
-
-
-def stack_locations(text: str) -> dict[int, list[str]]:
-    """Each stack frame's call chain, innermost first, as "file.py:line function".
-
-    Newer XLA prints op sources as `stack_frame_id=N` into tables at the top of the module:
-    FileNames, FunctionNames, FileLocations, StackFrames, where a frame's printed
-    parent_frame_id is its parent's id plus one (0: none).
-    """
-    tables: dict[str, dict[int, str]] = collections.defaultdict(dict)
-    table = None
-    for line in text.splitlines():
-        if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
-            table = line
-            continue
-        m = _TABLE_ROW.match(line) if table else None
-        if not m:
-            table = None if table and line.strip() and not line.startswith(" ") else table
-            continue
-        tables[table][int(m.group(1))] = m.group(2) if m.group(2) is not None else m.group(3)
-
-    def field(row: str, name: str) -> int:
-        found = re.search(name + r"=(\d+)", row)
-        return int(found.group(1)) if found else 0
-
-    chains = {}
-    for frame_id in tables["StackFrames"]:
-        chain, frame, seen = [], frame_id, set()
-        while frame and frame not in seen and frame in tables["StackFrames"]:
-            seen.add(frame)
-            row = tables["StackFrames"][frame]
-            location = tables["FileLocations"].get(field(row, "file_location_id"), "")
-            file = os.path.basename(tables["FileNames"].get(field(location, "file_name_id"), ""))
-            function = tables["FunctionNames"].get(field(location, "function_name_id"), "")
-            chain.append(f"{file}:{field(location, 'line')} {function}")
-            frame = field(row, "parent_frame_id") - 1
-        chains[frame_id] = chain
-    return chains
-
-
-def stack_files(text: str) -> dict[int, set[str]]:
-    """Source files (base names) of each stack frame in the module's frame tables."""
-    return {frame: {location.split(":")[0] for location in chain}
-            for frame, chain in stack_locations(text).items()}
-
-
-def parse_hlo(text: str) -> tuple[dict, dict]:
-    """(instructions, computations) of an HLO module's text.
-
-    instructions: name -> (opcode, line); computations: name -> list of instruction names.
-    """
-    instructions, computations = {}, {}
-    current = None
-    for line in text.splitlines():
-        m = _INSTRUCTION.match(line)
-        if m and current is not None:
-            instructions[m.group(1)] = (m.group(2), line)
-            computations[current].append(m.group(1))
-            continue
-        m = _COMPUTATION.match(line)
-        # Instructions hold "="; headers only inside /*index=N*/ comments of long tuples.
-        if m and "=" not in re.sub(r"/\*.*?\*/", "", line).split("{")[0]:
-            current = m.group(1)
-            computations[current] = []
-    return instructions, computations
-
-
-def _custom_call_category(target: str) -> str:
-    t = target.lower()
-    if "conv" in t:
-        return "convolution"
-    if "fmha" in t or "flash" in t or "attention" in t:
-        return "attention"
-    if "gemm" in t or "matmul" in t or "cublas" in t:
-        return "matmul"
-    return "other"
-
-
-def categorize(name: str, instructions: dict, computations: dict, frames: dict | None = None) -> str:
-    """The category of one top-level instruction (a fusion: by what it fuses)."""
-    seen_ops, sources, targets = set(), set(), []
-    stack, visited = [name], set()
-    while stack:
-        inst = stack.pop()
-        if inst in visited or inst not in instructions:
-            continue
-        visited.add(inst)
-        opcode, line = instructions[inst]
-        seen_ops.add(opcode)
-        sources.update(os.path.basename(s) for s in _SOURCE.findall(line))
-        for frame_id in _FRAME_ID.findall(line):
-            sources.update((frames or {}).get(int(frame_id), ()))
-        targets += _TARGET.findall(line)
-        for called in _CALLS.findall(line):
-            stack.extend(computations.get(called, ()))
-    if "attention.py" in sources:
-        return "attention"
-    for target in targets:
-        category = _custom_call_category(target)
-        if category != "other":
-            return category
-    if "convolution" in seen_ops:
-        return "convolution"
-    if "dot" in seen_ops:
-        return "matmul"
-    if "reduce" in seen_ops or "reduce-window" in seen_ops:
-        return "reduction"
-    if seen_ops - {"fusion"} <= _LAYOUT_OPS:  # a fusion of copies, slices, transposes
-        return "layout"
-    if seen_ops - _LAYOUT_OPS - {"custom-call", "fusion", "while", "call", "conditional"}:
-        return "elementwise"
-    return "other"
+from tools.hlo_ops import CATEGORIES, bytes_moved, categorize, op_flops, parse_hlo, stack_files
 
 
 def op_times(trace_dir: str, module_name: str) -> dict[str, float]:
@@ -217,26 +96,40 @@ def profile_unet(arch: str, batch: int, size: int | None, dtype_name: str | None
                            "this backend's profiler does not report XLA ops")
     instructions, computations = parse_hlo(hlo)
     frames = stack_files(hlo)
-    per_category = {c: {"s": 0.0, "ops": 0} for c in CATEGORIES}
+    per_category = {c: {"s": 0.0, "ops": 0, "gflop": 0.0, "gb": 0.0} for c in CATEGORIES}
     top = []
     for op, seconds in times.items():
         category = categorize(op, instructions, computations, frames)
-        per_category[category]["s"] += seconds / reps
-        per_category[category]["ops"] += 1
-        top.append((seconds / reps, op, category))
+        gflop = op_flops(op, instructions, computations) / 1e9 if op in instructions else 0.0
+        gb = bytes_moved(op, instructions, computations) / 1e9 if op in instructions else 0.0
+        entry = per_category[category]
+        entry["s"] += seconds / reps
+        entry["ops"] += 1
+        entry["gflop"] += gflop
+        entry["gb"] += gb
+        top.append((seconds / reps, op, category, gflop, gb))
     total = sum(v["s"] for v in per_category.values())
     for entry in per_category.values():
+        entry.update(_rates(entry["s"], entry["gflop"], entry["gb"]))
         entry["share"] = round(entry["s"] / total, 4) if total else 0.0
         entry["s"] = round(entry["s"], 6)
+        entry["gflop"], entry["gb"] = float(f"{entry['gflop']:.4g}"), float(f"{entry['gb']:.4g}")
     top.sort(reverse=True)
     return {
         "arch": arch, "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
         "dtype": str(dtype), "batch": batch, "unet_batch": n, "size": side, "latent": latent,
         "forward_wall_s": round(statistics.median(walls), 6), "op_time_s": round(total, 6),
         "categories": per_category,
-        "top_ops": [{"op": op, "category": c, "s": round(s, 6), "share": round(s / total, 4)}
-                    for s, op, c in top[:20]],
+        "top_ops": [{"op": op, "category": c, "s": round(s, 6), "share": round(s / total, 4),
+                     **_rates(s, gflop, gb)} for s, op, c, gflop, gb in top[:20]],
     }
+
+
+def _rates(seconds: float, gflop: float, gb: float) -> dict:
+    """What the ops achieved: TFLOP/s (dots, convolutions, attention) and GB/s moved."""
+    if seconds <= 0:
+        return {"tflop_s": None, "gb_s": None}
+    return {"tflop_s": float(f"{gflop / seconds / 1e3:.4g}"), "gb_s": float(f"{gb / seconds:.4g}")}
 
 
 def main(argv=None) -> dict:
@@ -255,9 +148,10 @@ def main(argv=None) -> dict:
     print(f"{result['arch']} {result['size']}px, UNet batch {result['unet_batch']}, {result['dtype']}, "
           f"{result['device']}: forward {result['forward_wall_s'] * 1e3:.2f} ms wall, "
           f"{result['op_time_s'] * 1e3:.2f} ms in ops")
-    print(f"{'category':<13}{'ms':>10}{'share':>8}{'ops':>6}")
+    print(f"{'category':<13}{'ms':>10}{'share':>8}{'ops':>6}{'GFLOP':>10}{'TFLOP/s':>9}{'GB':>8}{'GB/s':>8}")
     for name, e in sorted(result["categories"].items(), key=lambda kv: -kv[1]["s"]):
-        print(f"{name:<13}{e['s'] * 1e3:>10.3f}{e['share']:>8.1%}{e['ops']:>6}")
+        print(f"{name:<13}{e['s'] * 1e3:>10.3f}{e['share']:>8.1%}{e['ops']:>6}{e['gflop']:>10.1f}"
+              f"{e['tflop_s'] or 0:>9.1f}{e['gb']:>8.2f}{e['gb_s'] or 0:>8.0f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

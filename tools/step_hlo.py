@@ -37,7 +37,8 @@ import os
 import re
 import sys
 
-from tools.op_profile import CATEGORIES, categorize, parse_hlo, stack_files, stack_locations
+from tools.hlo_ops import (CATEGORIES, bytes_moved, categorize, loop_body, op_flops, parse_hlo, stack_files,
+                           stack_locations)
 
 TARGETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_targets")
 # chip: (platform, bf16 dense peak TFLOP/s, memory TB/s (datasheets), what XLA compiles
@@ -53,60 +54,7 @@ CHIPS = {
 _KINDS = (("TPU v5 lite", "v5e"), ("TPU v6 lite", "v6e"), ("TPU v5", "v5p"), ("H100", "h100"), ("H200", "h200"))
 MEMORY_BOUND = ("elementwise", "reduction", "layout", "other")
 
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2, "s16": 2,
-                "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
-_ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
-_RESULT_TYPE = re.compile(r"=\s*(\(.*?\)|\S+)\s+[a-z][\w\-]*\(")
 _NOT_KERNELS = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant"}
-
-
-def type_bytes(hlo_type: str) -> int:
-    """Bytes of an HLO type: one array (`bf16[32,64]{1,0}`) or a tuple of them."""
-    total = 0
-    for dtype, dims in _ARRAY.findall(hlo_type):
-        n = 1
-        for d in filter(None, dims.split(",")):
-            n *= int(d)
-        total += n * _DTYPE_BYTES[dtype]
-    return total
-
-
-def _result_type(line: str) -> str:
-    m = _RESULT_TYPE.search(line)
-    return m.group(1) if m else ""
-
-
-def _operands(line: str) -> list[str]:
-    # The operand list is the first parenthesised group after the opcode.
-    m = re.search(r"=\s*(?:\(.*?\)|\S+)\s+[a-z][\w\-]*\(([^)]*)\)", line)
-    return re.findall(r"%?([\w.\-]+)", m.group(1)) if m else []
-
-
-_SLICING = {"slice", "dynamic-slice", "bitcast", "parameter", "copy"}
-
-
-def bytes_moved(name: str, instructions: dict, computations: dict) -> int:
-    """Operand and result bytes of one top-level instruction; a slice (or a fusion of
-    nothing but slicing) reads only what it writes."""
-    opcode, line = instructions[name]
-    called = re.search(r"calls=%?([\w.\-]+)", line)
-    inner = {instructions[i][0] for i in computations.get(called.group(1), ())} if called else set()
-    if opcode in ("slice", "dynamic-slice") or (opcode == "fusion" and inner and inner <= _SLICING
-                                                  and inner & {"slice", "dynamic-slice"}):
-        return 2 * type_bytes(_result_type(line))
-    total = type_bytes(_result_type(line))
-    for operand in _operands(line):
-        if operand in instructions:
-            total += type_bytes(_result_type(instructions[operand][1]))
-    return total
-
-
-def loop_body(text: str) -> str:
-    """The body computation of the entry computation's (first) while loop."""
-    for line in text.split("\nENTRY", 1)[-1].splitlines():
-        if re.search(r"\swhile\(", line):
-            return re.search(r"body=%?([\w.\-]+)", line).group(1)
-    raise ValueError("the entry computation has no while loop")
 
 
 _MODELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jaxdiff", "models")
@@ -121,25 +69,32 @@ def _source(line: str, locations: dict[int, list[str]]) -> str:
     return (ours or chain or ["?"])[0]
 
 
-def summarize(text: str, body: str | None = None, top: int = 15) -> dict:
-    """Ops and bytes by category over the top-level ops of one computation (default: the
-    loop body), with the `top` ops that move the most bytes."""
+def summarize(text: str, body: str | None = None, top: int = 15,
+              chip_rates: tuple[float, float] | None = None) -> dict:
+    """Ops, bytes and FLOPs by category over the top-level ops of one computation (default:
+    the loop body), with the `top` ops that move the most bytes. With the chip's
+    (TFLOP/s, TB/s), also the roofline: each op at its compute or memory time, the slower."""
     instructions, computations = parse_hlo(text)
     frames = stack_files(text)
     locations = stack_locations(text)
     body = body or loop_body(text)
-    per_category = {c: {"ops": 0, "bytes": 0} for c in CATEGORIES}
+    per_category = {c: {"ops": 0, "bytes": 0, "flops": 0.0} for c in CATEGORIES}
     kernels = collections.Counter()
     conv_layouts = collections.Counter()
     heaviest = []
+    roofline_ms = 0.0
     for name in computations[body]:
         opcode, line = instructions[name]
         if opcode in _NOT_KERNELS:
             continue
         category = categorize(name, instructions, computations, frames)
+        moved, flops = bytes_moved(name, instructions, computations), op_flops(name, instructions, computations)
         per_category[category]["ops"] += 1
-        moved = bytes_moved(name, instructions, computations)
         per_category[category]["bytes"] += moved
+        per_category[category]["flops"] += flops
+        if chip_rates:
+            # FLOP / (TFLOP/s) / 1e9 and byte / (TB/s) / 1e9 are milliseconds.
+            roofline_ms += max(flops / chip_rates[0], moved / chip_rates[1]) / 1e9
         heaviest.append((moved, name, category, _source(line, locations)))
         target = re.search(r'custom_call_target="([^"]+)"', line)
         kind = re.search(r"kind=(\w+)", line)
@@ -148,10 +103,13 @@ def summarize(text: str, body: str | None = None, top: int = 15) -> dict:
         if category == "convolution" and labels:
             conv_layouts[labels.group(1)] += 1
     heaviest.sort(reverse=True)
-    return {"categories": per_category, "kernels": dict(kernels.most_common()),
-            "conv_layouts": dict(conv_layouts),
-            "top_ops": [{"op": name, "category": category, "mb": round(moved / 1e6, 1), "source": source}
-                        for moved, name, category, source in heaviest[:top]]}
+    result = {"categories": per_category, "kernels": dict(kernels.most_common()),
+              "conv_layouts": dict(conv_layouts),
+              "top_ops": [{"op": name, "category": category, "mb": round(moved / 1e6, 1), "source": source}
+                          for moved, name, category, source in heaviest[:top]]}
+    if chip_rates:
+        result["roofline_ms"] = roofline_ms
+    return result
 
 
 def _configs(arch: str) -> dict:
@@ -336,21 +294,26 @@ def _chip(target: str) -> str | None:
 
 
 def report(text: str, gflop: float, target: str) -> dict:
-    summary = summarize(text)
     chip = _chip(target)
+    # On TPU the byte counts include async copies between memory spaces (HBM, VMEM):
+    # there the compile itself and the kernels are the findings, not floors.
+    rates = CHIPS[chip][1:3] if chip and CHIPS[chip][0] == "cuda" else None
+    summary = summarize(text, chip_rates=rates)
+    roofline_ms = summary.pop("roofline_ms", None)
     result = {"target": target, "chip": chip, "unet_gflop_per_step": float(f"{gflop:.4g}"), **summary}
     for entry in result["categories"].values():
         entry["gb"] = round(entry.pop("bytes") / 1e9, 4)
-    # On TPU the byte counts include async copies between memory spaces (HBM, VMEM):
-    # there the compile itself and the kernels are the findings, not floors.
-    if chip and CHIPS[chip][0] == "cuda":
-        _, peak, bandwidth, _ = CHIPS[chip]
+        entry["gflop"] = float(f"{entry.pop('flops') / 1e9:.4g}")
+    if rates:
+        peak, bandwidth = rates
         for entry in result["categories"].values():
+            # GFLOP / (TFLOP/s) and GB / (TB/s) are milliseconds.
+            entry["ms_at_peak"] = round(entry["gflop"] / peak, 3)
             entry["ms_at_bandwidth"] = round(entry["gb"] / bandwidth, 3)
         memory_gb = sum(result["categories"][c]["gb"] for c in MEMORY_BOUND)
-        # GFLOP / (TFLOP/s) and GB / (TB/s) are milliseconds.
         result["floors_ms"] = {"compute": round(gflop / peak, 3) if gflop == gflop else None,
-                               "memory_bound_ops": round(memory_gb / bandwidth, 3)}
+                               "memory_bound_ops": round(memory_gb / bandwidth, 3),
+                               "roofline": round(roofline_ms, 3)}
     return result
 
 
@@ -407,12 +370,15 @@ def _print_step(result: dict, gflop: float) -> None:
     amount = f"{gflop:,.0f}" if gflop >= 100 else f"{gflop:.4g}"
     print(f"{result['arch']}, UNet batch {result['unet_batch']} over {result['chips']} chip(s), one step "
           f"for {result['target']}: {amount} GFLOP per chip")
-    print(f"{'category':<13}{'ops':>6}{'MB':>11}" + (f"{'ms':>8}" if "floors_ms" in result else ""))
+    floors = "floors_ms" in result
+    print(f"{'category':<13}{'ops':>6}{'MB':>11}{'GFLOP':>10}" + (f"{'ms@peak':>9}{'ms@bw':>8}" if floors else ""))
     for name, e in sorted(result["categories"].items(), key=lambda kv: -kv[1]["gb"]):
-        print(f"{name:<13}{e['ops']:>6}{e['gb'] * 1e3:>11.1f}" + (f"{e['ms_at_bandwidth']:>8.2f}" if "ms_at_bandwidth" in e else ""))
-    if "floors_ms" in result:
-        print(f"floors per step: compute {result['floors_ms']['compute']} ms, "
-              f"memory-bound ops {result['floors_ms']['memory_bound_ops']} ms")
+        print(f"{name:<13}{e['ops']:>6}{e['gb'] * 1e3:>11.1f}{e['gflop']:>10,.{1 if e['gflop'] >= 1 else 4}f}"
+              + (f"{e['ms_at_peak']:>9.2f}{e['ms_at_bandwidth']:>8.2f}" if floors else ""))
+    if floors:
+        f = result["floors_ms"]
+        print(f"floors per step: compute {f['compute']} ms, memory-bound ops {f['memory_bound_ops']} ms, "
+              f"roofline (each op at the slower of its FLOPs and bytes) {f['roofline']} ms")
     print("kernels:", ", ".join(f"{k} x{v}" for k, v in list(result["kernels"].items())[:8]))
     print("conv layouts:", result["conv_layouts"])
     print("ops moving the most bytes:")
