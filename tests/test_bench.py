@@ -86,6 +86,36 @@ ENTRY %main (a: f32[2]) -> f32[2] {
                      "t": "layout", "e": "elementwise"}
 
 
+def test_attention_bench_times_every_call_site_on_each_path(tmp_path):
+    from tools import attention_bench
+
+    out = tmp_path / "attention.json"
+    result = attention_bench.main(["--arch", "tiny", "--batch", "1", "--reps", "2", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    sites = {s["site"]: s for s in result["sites"]}
+    # The tiny UNet attends at 8x8 (self and text), in its 4x4 mid block, and its VAE at 8x8.
+    assert set(sites) == {"unet 8x8 self", "unet 8x8 text", "unet mid 4x4 self", "unet mid 4x4 text",
+                          "vae mid 8x8"}
+    assert sites["unet 8x8 self"]["batch"] == 2 and sites["vae mid 8x8"]["batch"] == 1  # CFG doubles
+    assert sites["unet 8x8 text"]["kv_tokens"] == 77 and sites["unet 8x8 self"]["calls"] == 3
+    for site in result["sites"]:
+        assert site["paths"]["xla"]["tflop_s"] > 0
+        assert "cuDNN" in site["paths"]["cudnn"]["error"]  # no GPU here: named, not hidden
+
+
+def test_attention_with_a_zero_padded_head_dim_is_unchanged():
+    import jax
+    import numpy as np
+
+    from tools.attention_bench import padded_head_dim
+
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 50, 3, 40)).astype(np.float32) for _ in range(3))
+    plain = jax.nn.dot_product_attention(q, k, v, implementation="xla")
+    padded = padded_head_dim(lambda *a, **kw: jax.nn.dot_product_attention(*a, implementation="xla", **kw), 40)
+    np.testing.assert_allclose(np.asarray(padded(q, k, v)), np.asarray(plain), rtol=1e-5, atol=1e-6)
+
+
 def test_hlo_ops_counts_the_flops_of_each_kernel_kind():
     from tools import hlo_ops
 

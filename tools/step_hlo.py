@@ -112,7 +112,7 @@ def summarize(text: str, body: str | None = None, top: int = 15,
     return result
 
 
-def _configs(arch: str) -> dict:
+def arch_configs(arch: str) -> dict:
     """Config dicts (text_encoder, unet, vae, scheduler) of a named architecture or the
     shipped default model."""
     if arch == "default":
@@ -190,7 +190,7 @@ def compile_step(arch: str, batch: int, target: str, size: int | None = None,
     from jaxdiff.models import attention
     from jaxdiff.models.unet import UNet2DConditionModel, UNetConfig
 
-    configs = _configs(arch)
+    configs = arch_configs(arch)
     cfg, context_dim = UNetConfig.from_dict(configs["unet"]), configs["text_encoder"]["hidden_size"]
     dtype = _dtype(target)
     latent = size or cfg.sample_size or 64
@@ -247,7 +247,7 @@ def compile_base_program(arch: str, batch: int, target: str, size: int | None = 
     from jaxdiff.models.unet import UNet2DConditionModel, UNetConfig
     from jaxdiff.models.vae import AutoencoderKL, VAEConfig
 
-    configs = _configs(arch)
+    configs = arch_configs(arch)
     dtype = _dtype(target)
     parts = ((CLIPTextModel, CLIPTextConfig, "text_encoder"), (UNet2DConditionModel, UNetConfig, "unet"),
              (AutoencoderKL, VAEConfig, "vae"))

@@ -1,0 +1,170 @@
+"""Attention alone, at every shape a model's denoising step and VAE decode run it: ms and
+TFLOP/s per path.
+
+    python -m tools.attention_bench --arch sd15 --batch 16 --out attention.json   # GPU
+    python -m tools.attention_bench --arch tiny --batch 1                         # CPU (tested in CI)
+
+The call sites: each UNet level with transformers (self or, where the config says
+only_cross_attention, text attention; then text attention), the mid block, all at the
+CFG batch (2 x --batch), and the VAE decoder's mid-block attention at the image batch.
+Each is timed on every path: XLA's own attention, cuDNN flash attention, and cuDNN with
+the head dim zero-padded to a multiple of 64 (flash kernels run a head dim of 40 as a
+wider one: is padding it ourselves free?). A path the backend does not take is reported
+with its reason. What this says on a GPU is which kernel jaxdiff/models/attention.py
+should dispatch per shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+TEXT_TOKENS = 77
+
+
+def attention_sites(arch: str, batch: int, size: int | None = None) -> list[dict]:
+    """The distinct attention shapes of one step and one decode: (name, batch, query and
+    key tokens, heads, head dim, calls per step or decode)."""
+    from jaxdiff.models.unet import UNetConfig
+    from jaxdiff.models.vae import VAEConfig
+    from tools.step_hlo import arch_configs
+
+    configs = arch_configs(arch)
+    unet, vae = UNetConfig.from_dict(configs["unet"]), VAEConfig.from_dict(configs["vae"])
+    latent = size or unet.sample_size or 64
+    levels = len(unet.block_out_channels)
+    sites = []
+
+    def add(name, n, tokens, kv_tokens, heads, head_dim, calls):
+        sites.append({"site": name, "batch": n, "q_tokens": tokens, "kv_tokens": kv_tokens,
+                      "heads": heads, "head_dim": head_dim, "calls": calls})
+
+    for i, block in enumerate(unet.down_block_types):
+        if "CrossAttn" not in block:
+            continue
+        side, heads = latent // 2 ** i, unet.attention_head_dim[i]
+        head_dim = unet.block_out_channels[i] // heads
+        # Transformers per level: layers_per_block down, one more up.
+        calls = unet.transformer_layers_per_block[i] * (2 * unet.layers_per_block[i] + 1)
+        if unet.only_cross_attention[i]:  # both attentions of each transformer read the text
+            add(f"unet {side}x{side} text", 2 * batch, side * side, TEXT_TOKENS, heads, head_dim, 2 * calls)
+            continue
+        add(f"unet {side}x{side} self", 2 * batch, side * side, side * side, heads, head_dim, calls)
+        add(f"unet {side}x{side} text", 2 * batch, side * side, TEXT_TOKENS, heads, head_dim, calls)
+    side, heads = latent // 2 ** (levels - 1), unet.attention_head_dim[-1]
+    head_dim = unet.block_out_channels[-1] // heads
+    calls = unet.transformer_layers_per_block[-1]
+    add(f"unet mid {side}x{side} self", 2 * batch, side * side, side * side, heads, head_dim, calls)
+    add(f"unet mid {side}x{side} text", 2 * batch, side * side, TEXT_TOKENS, heads, head_dim, calls)
+    if vae.mid_block_add_attention:
+        add(f"vae mid {latent}x{latent}", batch, latent * latent, latent * latent, 1,
+            vae.block_out_channels[-1], 1)
+    return sites
+
+
+def padded_head_dim(attend, head_dim: int, multiple: int = 64):
+    """`attend` run with the head dim zero-padded to a multiple of `multiple`: zeros added
+    to q and k leave q.k as it was, and v's added columns are cut off the output."""
+    import jax.numpy as jnp
+
+    padded = -(-head_dim // multiple) * multiple
+
+    def call(q, k, v):
+        pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, padded - head_dim)))
+        return attend(pad(q), pad(k), pad(v), scale=1.0 / math.sqrt(head_dim))[..., :head_dim]
+    return call
+
+
+def _paths(head_dim: int) -> dict:
+    import functools
+
+    import jax
+
+    paths = {name: functools.partial(jax.nn.dot_product_attention, implementation=name)
+             for name in ("xla", "cudnn")}
+    if head_dim % 64:
+        paths[f"cudnn_pad{-(-head_dim // 64) * 64}"] = padded_head_dim(paths["cudnn"], head_dim)
+    return paths
+
+
+def time_site(site: dict, dtype, reps: int) -> dict:
+    import jax
+    import numpy as np
+
+    from tools.bench import _median_time
+
+    rng = np.random.default_rng(0)
+    b, h, d = site["batch"], site["heads"], site["head_dim"]
+    q = jax.numpy.asarray(rng.standard_normal((b, site["q_tokens"], h, d)), dtype)
+    k, v = (jax.numpy.asarray(rng.standard_normal((b, site["kv_tokens"], h, d)), dtype) for _ in range(2))
+    flops = 4.0 * b * h * site["q_tokens"] * site["kv_tokens"] * d  # q.k and p.v
+    from jaxdiff.models import attention
+
+    result = dict(site, gflop=float(f"{flops / 1e9:.4g}"), dispatch=attention._choose(q), paths={})
+    reference = None
+    for name, path in _paths(d).items():
+        try:
+            fn = jax.jit(path)
+            out = jax.block_until_ready(fn(q, k, v))
+            seconds = _median_time(lambda: jax.block_until_ready(fn(q, k, v)), reps)
+        except Exception as e:  # a path this backend or shape does not take
+            result["paths"][name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+            continue
+        out = np.asarray(out, np.float32)
+        reference = out if reference is None else reference
+        result["paths"][name] = {"ms": round(seconds * 1e3, 4), "tflop_s": float(f"{flops / seconds / 1e12:.4g}"),
+                                 "max_diff_vs_xla": float(f"{np.abs(out - reference).max():.3g}")}
+    return result
+
+
+def _step_totals(sites: list[dict]) -> dict:
+    """The UNet's attention time per step (each site x its calls): on the path the
+    dispatch picks, and on each site's fastest path."""
+    dispatch = best = 0.0
+    for s in sites:
+        if not s["site"].startswith("unet"):
+            continue
+        timed = {name: r["ms"] for name, r in s["paths"].items() if "ms" in r}
+        dispatch += s["calls"] * timed.get(s["dispatch"], float("nan"))
+        best += s["calls"] * min(timed.values(), default=float("nan"))
+    return {"dispatch": round(dispatch, 3), "best": round(best, 3)}
+
+
+def main(argv=None) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    p = argparse.ArgumentParser(prog="python -m tools.attention_bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="sd15", help="sd15, sd21, x4-upscaler, default or tiny")
+    p.add_argument("--batch", type=int, default=16, help="images per batch; the UNet runs 2x this (CFG)")
+    p.add_argument("--size", type=int, default=None, help="latent side (default: the config's sample_size)")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--out", default=None, help="write the JSON result here")
+    args = p.parse_args(argv)
+    if args.batch < 1 or args.reps < 1:
+        p.error("--batch and --reps must be at least 1")
+    dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    sites = [time_site(s, dtype, args.reps) for s in attention_sites(args.arch, args.batch, args.size)]
+    result = {"arch": args.arch, "batch": args.batch, "device": jax.devices()[0].device_kind,
+              "dtype": jnp.dtype(dtype).name, "sites": sites, "unet_step_ms": _step_totals(sites)}
+    print(f"{args.arch}, batch {args.batch}, {result['dtype']}, {result['device']}: ms (TFLOP/s) per call, "
+          "calls per step, the dispatch's path")
+    for s in sites:
+        shape = f"{s['batch']}x{s['q_tokens']}x{s['kv_tokens']} h{s['heads']} d{s['head_dim']}"
+        cells = [f"{n} {r['ms']:.3f} ({r['tflop_s']:.4g})" if "ms" in r else f"{n} -"
+                 for n, r in s["paths"].items()]
+        print(f"{s['site']:<22}{shape:<28}x{s['calls']:<3}{s['dispatch']:<7}" + "  ".join(cells))
+    totals = result["unet_step_ms"]
+    print(f"UNet attention per step: {totals['dispatch']} ms on the paths the dispatch picks, "
+          f"{totals['best']} ms on the fastest path of each site")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
