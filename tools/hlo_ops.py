@@ -104,9 +104,8 @@ def _custom_call_category(target: str) -> str:
     return "other"
 
 
-def categorize(name: str, instructions: dict, computations: dict, frames: dict | None = None) -> str:
-    """The category of one top-level instruction (a fusion: by what it fuses)."""
-    seen_ops, sources, targets = set(), set(), []
+def _reachable(name: str, instructions: dict, computations: dict):
+    """(opcode, line) of one instruction and of every instruction in what it calls."""
     stack, visited = [name], set()
     while stack:
         inst = stack.pop()
@@ -114,13 +113,20 @@ def categorize(name: str, instructions: dict, computations: dict, frames: dict |
             continue
         visited.add(inst)
         opcode, line = instructions[inst]
+        yield opcode, line
+        for called in _CALLS.findall(line):
+            stack.extend(computations.get(called, ()))
+
+
+def categorize(name: str, instructions: dict, computations: dict, frames: dict | None = None) -> str:
+    """The category of one top-level instruction (a fusion: by what it fuses)."""
+    seen_ops, sources, targets = set(), set(), []
+    for opcode, line in _reachable(name, instructions, computations):
         seen_ops.add(opcode)
         sources.update(os.path.basename(s) for s in _SOURCE.findall(line))
         for frame_id in _FRAME_ID.findall(line):
             sources.update((frames or {}).get(int(frame_id), ()))
         targets += _TARGET.findall(line)
-        for called in _CALLS.findall(line):
-            stack.extend(computations.get(called, ()))
     if "attention.py" in sources:
         return "attention"
     for target in targets:
@@ -260,14 +266,5 @@ def _own_flops(opcode: str, line: str, instructions: dict) -> float:
 def op_flops(name: str, instructions: dict, computations: dict) -> float:
     """FLOPs of one top-level instruction: its dots, convolutions, GEMM and attention
     kernels, through the computations it calls (fusions). Elementwise work is not counted."""
-    total, stack, visited = 0.0, [name], set()
-    while stack:
-        inst = stack.pop()
-        if inst in visited or inst not in instructions:
-            continue
-        visited.add(inst)
-        opcode, line = instructions[inst]
-        total += _own_flops(opcode, line, instructions)
-        for called in _CALLS.findall(line):
-            stack.extend(computations.get(called, ()))
-    return total
+    return sum(_own_flops(opcode, line, instructions)
+               for opcode, line in _reachable(name, instructions, computations))
