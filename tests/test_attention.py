@@ -49,6 +49,20 @@ def test_each_path_matches_the_reference(implementation, causal):
     assert err < tol, f"{implementation}: relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("max_scores", [2 * 3 * 13 * 7 // 2, 2 * 3 * 7])  # 2 chunks; 13 chunks of one query
+def test_long_attention_goes_through_in_query_chunks_with_the_same_result(monkeypatch, max_scores):
+    q, k, v = _qkv(jnp.float32)
+    whole = attention.dot_product_attention(q, k, v)
+    monkeypatch.setattr(attention, "MAX_SCORES", max_scores)
+    traced = jax.make_jaxpr(attention.dot_product_attention)(q, k, v)
+    assert "scan" in str(traced)  # the chunked path, not the whole one
+    chunked = attention.dot_product_attention(q, k, v)
+    assert chunked.shape == whole.shape
+    np.testing.assert_allclose(np.asarray(chunked), np.asarray(whole), rtol=1e-6, atol=1e-6)
+    ref = _reference(q, k, v, False)
+    assert np.linalg.norm(np.asarray(chunked, np.float64) - ref) / np.linalg.norm(ref) < 1e-5
+
+
 def test_auto_picks_the_plain_path_off_gpu_and_for_fp32():
     q, _, _ = _qkv(jnp.float32)
     assert attention._choose(q) == "xla"

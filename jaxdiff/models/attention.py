@@ -23,6 +23,11 @@ _target_backend: str | None = None
 
 # The Pallas TPU kernel works on tiles of 128 tokens and 128 lanes of head_dim.
 _TPU_TILE = 128
+# XLA's attention holds the whole (batch, heads, queries, keys) score array: past this many
+# entries (4 GiB in float32) the queries go through in chunks. The VAE's one-head mid-block
+# attention is what gets there: 16,384 tokens for the x4 upscaler's 512 px decode, 2.1e9
+# entries at batch 8.
+MAX_SCORES = 2 ** 30
 
 
 def set_attention_implementation(name: str | None) -> None:
@@ -128,11 +133,27 @@ def _pallas_tpu_kernel(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     return out.transpose(0, 2, 1, 3)[:, :q_len, :, :head_dim]
 
 
+def _xla_attention_in_query_chunks(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """XLA's attention with at most MAX_SCORES scores alive: each query's softmax needs
+    only its own row of scores, so chunks of queries (zero-padded to whole chunks, cut off
+    after) go through one after another in a lax.map."""
+    batch, q_len, heads, head_dim = q.shape
+    chunks = -(-batch * heads * q_len * k.shape[1] // MAX_SCORES)
+    chunk = -(-q_len // chunks)
+    q = jnp.pad(q, ((0, 0), (0, chunk * chunks - q_len), (0, 0), (0, 0)))
+    q = q.reshape(batch, chunks, chunk, heads, head_dim).swapaxes(0, 1)
+    out = jax.lax.map(lambda q_chunk: jax.nn.dot_product_attention(q_chunk, k, v, implementation="xla"), q)
+    return out.swapaxes(0, 1).reshape(batch, chunks * chunk, heads, v.shape[-1])[:, :q_len]
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                           is_causal: bool = False, mask: jax.Array | None = None) -> jax.Array:
     """Softmax attention with scale 1/sqrt(head_dim); mask is True where attending is allowed."""
     implementation = _choose(q, plain_only=is_causal or mask is not None)
     if implementation == "pallas":
         return _pallas_tpu_attention(q, k, v)
+    if (implementation == "xla" and mask is None and not is_causal
+            and q.shape[0] * q.shape[1] * q.shape[2] * k.shape[1] > MAX_SCORES):
+        return _xla_attention_in_query_chunks(q, k, v)
     return jax.nn.dot_product_attention(
         q, k, v, mask=mask, is_causal=is_causal, implementation=implementation)
