@@ -127,6 +127,21 @@ def test_tiled_decode_of_latents_within_one_tile_is_decode():
     assert _relative_error(got, _decode(model, z)) < 1e-6
 
 
+@pytest.mark.parametrize("blocks, tiled", [(3, False), (4, True)])
+def test_engine_tiles_decodes_by_output_pixels_whatever_the_vae_factor(blocks, tiled):
+    from jaxdiff.engine.programs import decode_latents
+
+    _, model = _models(blocks)
+    z = np.random.default_rng(1).standard_normal((1, 6, 6, 4)).astype(np.float32)
+    # 6 latents are 24 px at f=4 (within a 32 px tile: one decode, as diffusers' upscaler
+    # pipeline does) and 48 px at f=8 (tiles of 32 px = 4 latents).
+    got = nnx.jit(decode_latents, static_argnums=(2, 3))(model, z, 1.0, 32)
+    want = _tiled_decode(model, z, 4, 1) if tiled else _decode(model, z)
+    assert _relative_error(got, want) < 1e-6
+    if tiled:
+        assert _relative_error(got, _decode(model, z)) > 1e-4  # the tiles did change it
+
+
 @pytest.mark.faults
 @pytest.mark.parametrize("tile_latent, overlap, name", [(0, 0, "tile_latent"), (8, 8, "overlap"),
                                                          (8, -1, "overlap")])

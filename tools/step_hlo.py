@@ -264,7 +264,7 @@ def compile_base_program(arch: str, batch: int, target: str, size: int | None = 
     sampler = samplers.make_sampler("dpmpp_2m", samplers.NoiseSchedule.from_config(configs["scheduler"]), steps)
     program = make_base_program(graphdefs, sampler, sig, clip_skip=0,
                                 scaling_factor=float(vae_cfg.get("scaling_factor", 0.18215)),
-                                tile_latent=None, on_trace=lambda: None)
+                                tile_pixels=None, on_trace=lambda: None)
 
     latents = (latent, latent, channels)
 

@@ -57,7 +57,7 @@ class RenderSettings:
     upscale_sampler: str | None = None  # None: the upscaler checkpoint's own scheduler
     noise_level: int = 20
     keep_base: bool = False
-    tile_latent: int = 96          # decode larger latents in tiles
+    tile_pixels: int = 768         # decode larger images in tiles of this side
 
 
 # A folder's render_defaults.json names its own stage's settings; the engine's names.
@@ -320,7 +320,7 @@ class Pipeline:
                 sampler_name, samplers.NoiseSchedule.from_config(self.base.scheduler_config), steps,
                 karras_sigmas=self.settings.karras),
             sig, clip_skip=self.settings.clip_skip, scaling_factor=float(self.base.vae_config.scaling_factor),
-            tile_latent=self.settings.tile_latent, on_trace=self._count_trace))
+            tile_pixels=self.settings.tile_pixels, on_trace=self._count_trace))
         base_u8, base_ok = program(self._base[1], {k: self._put(v) for k, v in inputs.items()})
         base_time = time.perf_counter() - t0
 
@@ -382,7 +382,7 @@ class Pipeline:
             # DDPMScheduler's defaults) never applies.
             samplers.NoiseSchedule.from_config({**fam.low_res_scheduler_config, "clip_sample": False}), sig,
             clip_skip=st.clip_skip, scaling_factor=float(fam.vae_config.scaling_factor),
-            tile_latent=st.tile_latent, on_trace=self._count_trace))
+            tile_pixels=st.tile_pixels, on_trace=self._count_trace))
         ids, _ = self._tokens(fam, list(prompts))
         uncond_ids, _ = self._tokens(fam, list(negatives))
         C = int(fam.unet_config.out_channels)

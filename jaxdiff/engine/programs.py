@@ -68,8 +68,12 @@ def all_finite(x: jax.Array) -> jax.Array:
     return jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1)
 
 
-def decode_latents(vae, latents: jax.Array, scaling_factor: float, tile_latent: int | None) -> jax.Array:
+def decode_latents(vae, latents: jax.Array, scaling_factor: float, tile_pixels: int | None) -> jax.Array:
+    """Latents -> images in [-1, 1]; images wider or taller than `tile_pixels` are decoded
+    in tiles of that size. Pixels, not latents: the decoder's largest activations are at
+    the output's resolution, whatever the VAE's downscale factor (8 for SD, 4 for x4)."""
     z = (latents / scaling_factor).astype(vae_dtype(vae))
+    tile_latent = None if tile_pixels is None else tile_pixels // vae.config.downscale_factor
     if tile_latent is not None and max(z.shape[1:3]) > tile_latent:
         images = vae.tiled_decode(z, tile_latent=tile_latent)
     else:
@@ -120,7 +124,7 @@ def _guided_denoiser(unet, context, guidance, conditioning=None, class_labels=No
 
 
 def make_base_program(graphdefs, sampler, sig: BaseSignature, *, clip_skip: int,
-                      scaling_factor: float, tile_latent: int | None,
+                      scaling_factor: float, tile_pixels: int | None,
                       on_trace: Callable[[], None]) -> Callable:
     """Text -> latents (CFG, any mode) -> decoded images, as one XLA program.
 
@@ -156,7 +160,7 @@ def make_base_program(graphdefs, sampler, sig: BaseSignature, *, clip_skip: int,
         latents = samplers.sample(sampler, denoise, x, jax.vmap(lambda k: jax.random.fold_in(k, _SAMPLER_NOISE))(keys),
                                   start_step=start,
                                   after_step=None if extra is not None else blend_known)
-        images = decode_latents(vae, latents, scaling_factor, tile_latent)
+        images = decode_latents(vae, latents, scaling_factor, tile_pixels)
         finite = all_finite(latents) & all_finite(images)
         return to_uint8(images), finite
 
@@ -176,7 +180,7 @@ def make_encode_program(vae_def, *, scaling_factor: float, on_trace: Callable[[]
 
 
 def make_upscale_program(graphdefs, sampler, low_res_schedule, sig: UpscaleSignature, *,
-                         clip_skip: int, scaling_factor: float, tile_latent: int | None,
+                         clip_skip: int, scaling_factor: float, tile_pixels: int | None,
                          on_trace: Callable[[], None]) -> Callable:
     """The SD x4 upscaler: noise-augmented low-res image + latents -> 4x image."""
     def program(states, inputs):
@@ -197,7 +201,7 @@ def make_upscale_program(graphdefs, sampler, low_res_schedule, sig: UpscaleSigna
 
         latents = samplers.sample(sampler, denoise, x,
                                   jax.vmap(lambda k: jax.random.fold_in(k, _UPSCALE_SAMPLER_NOISE))(keys))
-        images = decode_latents(vae, latents, scaling_factor, tile_latent)
+        images = decode_latents(vae, latents, scaling_factor, tile_pixels)
         finite = all_finite(latents) & all_finite(images)
         return to_uint8(images), finite
 
