@@ -189,12 +189,13 @@ def _unpack_place(place: int) -> tuple[int, int, int]:
     return place >> 2 * _PLACE_BITS, (place >> _PLACE_BITS) & mask, place & mask
 
 
-def shard_record_ids(spec) -> Iterator[tuple[str, int]]:
-    """(id, packed place) for each record of the shard that has an id."""
+def shard_sample_ids(spec, defaults) -> Iterator[tuple[str, int]]:
+    """(id, packed place of its record) for each image id the shard's records would give:
+    a record's id and its variants' ({id}_1, ...), which another record's id can equal."""
     for raw in manifest.read_shard(spec):
-        record_id = manifest.record_id(raw)
-        if record_id is not None:
-            yield record_id, _pack_place(spec.index, raw.index, raw.line)
+        place = _pack_place(spec.index, raw.index, raw.line)
+        for sample_id in manifest.sample_ids(raw, defaults):
+            yield sample_id, place
 
 
 class FirstOccurrence(beam.CombineFn):
@@ -219,9 +220,9 @@ class FirstOccurrence(beam.CombineFn):
         return accumulator
 
 
-def duplicate_ids(specs) -> beam.PTransform:
-    """id -> (shard index, record index, source, line) of its first record, for ids that
-    more than one record of the whole manifest carries (every shard is read, done or not)."""
+def duplicate_ids(specs, defaults) -> beam.PTransform:
+    """id -> (shard index, record index, source, line) of its first record, for image ids
+    that more than one record of the whole manifest gives (every shard is read, done or not)."""
 
     files = {spec.index: spec.file for spec in specs}
 
@@ -235,7 +236,7 @@ def duplicate_ids(specs) -> beam.PTransform:
         return (pipeline
                 | "AllShards" >> beam.Create(specs, reshuffle=False)
                 | "SpreadIdReads" >> beam.Reshuffle()
-                | "RecordIds" >> beam.FlatMap(shard_record_ids)
+                | "SampleIds" >> beam.FlatMap(shard_sample_ids, defaults)
                 | "CountIds" >> beam.CombinePerKey(FirstOccurrence())
                 | "Repeated" >> beam.Filter(lambda kv: kv[1][0] > 1)
                 | "FirstRecord" >> beam.Map(first_record))
@@ -243,11 +244,12 @@ def duplicate_ids(specs) -> beam.PTransform:
     return expand()
 
 
-def _duplicate_failure(raw, record_id: str, first: tuple) -> dict:
+def _duplicate_failure(raw, sample_id: str, first: tuple) -> dict:
     _, _, source, line = first
-    return _failure(raw, f"duplicate id {record_id!r}: the record at {source}:{line} has the same id and is "
-                         "the one rendered; give every record its own id (or leave id out to derive one)",
-                    "manifest", record_id)
+    return _failure(raw, f"duplicate id {sample_id!r}: the record at {source}:{line} gives an image the same "
+                         "id and comes first in the manifest, so the id is its; give every record its own id "
+                         "(num_images > 1 also uses {id}_1, {id}_2, ...), or leave id out to derive one",
+                    "manifest", sample_id)
 
 
 # ---- rendering ----------------------------------------------------------------------------
@@ -262,7 +264,10 @@ def render_shard(spec, out: str, renderer, defaults, *, model_info: dict, image_
     to the failures instead of being rendered.
     """
     paths = shards.shard_paths(out, spec.name)
-    retry_lines: set[tuple[str, int]] | None = None
+    # Lines of the shard's file to render again; a shard is one file's range, so the line
+    # alone names a record, wherever the manifest has moved since.
+    retry_lines: set[int] | None = None
+    old_failures: list[dict] = []
     writer = shards.ShardWriter(out, spec.name, image_format=image_format, keep_base=keep_base, model=model_info)
     own_pool = pool is None
     pool = pool or concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
@@ -270,11 +275,11 @@ def render_shard(spec, out: str, renderer, defaults, *, model_info: dict, image_
     try:
         rendered_ids: set[str] = set()
         if retry_failures and storage.exists(paths["stats"]):
-            failures = shards.read_failures(out, spec.name)
-            if not failures:
+            old_failures = shards.read_failures(out, spec.name)
+            if not old_failures:
                 writer.abort()
                 return shards.read_stats(out, spec.name)
-            retry_lines = {(f["source"], f["line"]) for f in failures}
+            retry_lines = {f["line"] for f in old_failures}
             rendered_ids = writer.copy_committed()
 
         buckets: dict[tuple, list] = {}
@@ -285,21 +290,21 @@ def render_shard(spec, out: str, renderer, defaults, *, model_info: dict, image_
                 raise RuntimeError(f"renderer returned {len(results)} results for {len(batch)} samples")
             writes.submit(_write_batch, writer, batch, results)
 
+        seen_lines = set()
         for raw in manifest.read_shard(spec):
-            if retry_lines is not None and (raw.source, raw.line) not in retry_lines:
+            if retry_lines is not None and raw.line not in retry_lines:
                 continue
+            seen_lines.add(raw.line)
             position = raw.index - spec.first_record
-            if duplicates:
-                record_id = manifest.record_id(raw)
-                first = duplicates.get(record_id) if record_id is not None else None
-                if first is not None and tuple(first[:2]) != (spec.index, raw.index):
-                    writes.submit(writer.add_failure, _duplicate_failure(raw, record_id, first))
-                    continue
             result = manifest.to_samples(raw, defaults)
             if isinstance(result, manifest.Failure):
                 writes.submit(writer.add_failure, result.to_json())
                 continue
             for j, sample in enumerate(result):
+                first = (duplicates or {}).get(sample.id)
+                if first is not None and tuple(first[:2]) != (spec.index, raw.index):
+                    writes.submit(writer.add_failure, _duplicate_failure(raw, sample.id, first))
+                    continue
                 if sample.id in rendered_ids:
                     continue
                 key = f"{spec.index:05d}_{position:06d}" + (f"_{j}" if j else "")
@@ -311,6 +316,9 @@ def render_shard(spec, out: str, renderer, defaults, *, model_info: dict, image_
         for bucket in buckets.values():
             if bucket:
                 render(bucket)
+        for failure in old_failures:  # a record no longer read stays recorded, not lost
+            if failure["line"] not in seen_lines:
+                writes.submit(writer.add_failure, failure)
         writes.drain()
         return writer.commit()
     except BaseException:
@@ -517,7 +525,7 @@ def build_pipeline(options: PipelineOptions, specs: list, out: str, renderer_fac
     """The job graph (nothing runs until `.run()`): renders `specs`, the shards still to do,
     checking ids against every shard of the manifest (`all_specs`, default `specs`)."""
     pipeline = beam.Pipeline(options=options)
-    duplicates = pipeline | "DuplicateIds" >> duplicate_ids(all_specs or specs)
+    duplicates = pipeline | "DuplicateIds" >> duplicate_ids(all_specs or specs, defaults)
     _ = (
         pipeline
         | "PlannedShards" >> beam.Create(specs, reshuffle=False)
@@ -549,6 +557,7 @@ def run(manifests: list[str], out: str, config: RenderConfig, *, beam_args: Iter
     started = time.time()
     out = str(out).rstrip("/") if storage.is_gcs(str(out)) else str(out)
     config = with_model_defaults(config)
+    defaults = manifest_defaults(config)  # bad settings fail here, before run.json is written
     files = manifest.expand_patterns(list(manifests))
     shards.check_writable(out)
     fingerprint = manifest.manifest_fingerprint(files)
@@ -586,7 +595,7 @@ def run(manifests: list[str], out: str, config: RenderConfig, *, beam_args: Iter
     })
 
     if pending:
-        pipeline = build_pipeline(options, pending, out, renderer_factory, manifest_defaults(config), config,
+        pipeline = build_pipeline(options, pending, out, renderer_factory, defaults, config,
                                   retry_failures=retry_failures, shared_handle=handle, all_specs=specs)
         watcher = ProgressWatcher(out, {s.name: s.num_records for s in pending}, enabled=progress)
         watcher.start()

@@ -213,8 +213,8 @@ def _integer(name: str, value) -> int:
         return int(value)
     if isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
         return int(value)
-    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
-        return int(value)
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d{1,100}\s*", value):
+        return int(value)  # 100 digits: past any limit, and far inside Python's int-from-text one
     raise _Invalid(f"{name} {value!r} is not an integer: write a whole number, e.g. {name}: 42")
 
 
@@ -245,7 +245,8 @@ def _record_id(raw: RawRecord, fields: dict[str, Any] | None) -> str:
         prompt = (fields or {}).get("prompt")
         prompt = prompt if isinstance(prompt, str) else ""
         name = posixpath.basename(raw.source) if storage.is_gcs(raw.source) else os.path.basename(raw.source)
-        return hashlib.sha1(f"{name}\n{raw.index}\n{prompt}".encode()).hexdigest()[:20]
+        # surrogatepass: the id of a record that then fails on its text must still be made.
+        return hashlib.sha1(f"{name}\n{raw.index}\n{prompt}".encode("utf-8", "surrogatepass")).hexdigest()[:20]
     if _is_int(value):
         value = str(value)
     if not isinstance(value, str) or not _ID.match(value):
@@ -262,6 +263,23 @@ def record_id(raw: RawRecord) -> str | None:
         return _record_id(raw, {k: v for k, v in raw.fields.items() if v is not None})
     except _Invalid:
         return None
+
+
+def sample_ids(raw: RawRecord, defaults: RenderDefaults) -> list[str]:
+    """The ids `to_samples` gives this record's images ({id}, {id}_1, ...), or only the
+    record's id where its num_images is unusable (it then fails under that id); [] when
+    the record fails before it has an id."""
+    first = record_id(raw)
+    if first is None:
+        return []
+    try:
+        value = raw.fields.get("num_images")
+        count = defaults.num_images if value is None else _integer("num_images", value)
+    except _Invalid:
+        count = 1
+    if not 1 <= count <= defaults.max_num_images:
+        count = 1
+    return [first] + [f"{first}_{k}" for k in range(1, count)]
 
 
 def _size(fields: dict[str, Any], defaults: RenderDefaults) -> tuple[int | None, int | None]:

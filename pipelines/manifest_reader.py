@@ -154,6 +154,8 @@ def _expand_gcs(pattern: str) -> list[str]:
 
 
 def _expand_local(pattern: str) -> list[str]:
+    if os.path.isfile(pattern):  # a file named as it is, even with [ ] * ? in its name
+        return [pattern]
     if not _has_wildcard(pattern):
         if os.path.isdir(pattern):
             raise ManifestError(f"{pattern} is a folder: name its files, e.g. {os.path.join(pattern, '*.jsonl')}")
@@ -262,7 +264,13 @@ def _line_records(fmt: str, source: str, stream, offset: int, line: int, index: 
         else:
             try:
                 value = json.loads(text)
-            except json.JSONDecodeError as e:
+                # \ud800-style escapes can leave lone surrogates, which no UTF-8 output can hold.
+                json.dumps(value, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError as e:
+                yield start, RawRecord(source, number, index, None,
+                                       f"the line escapes a lone UTF-16 surrogate ({e.reason}): write the "
+                                       f"character itself, or both halves of its escaped pair", text)
+            except (ValueError, RecursionError) as e:  # JSONDecodeError, ints past Python's digit limit
                 yield start, RawRecord(source, number, index, None, f"malformed JSON: {e}", text)
             else:
                 if isinstance(value, dict):
@@ -346,7 +354,7 @@ def _csv_header(source: str, stream) -> tuple[list[str], int, int]:
             raise ManifestError(
                 f"{source}: the CSV header row has no 'prompt' column (columns: {', '.join(columns)}); "
                 f"the first row must name the fields, e.g. id,prompt,seed")
-        duplicated = sorted({c for c in columns if columns.count(c) > 1})
+        duplicated = sorted({c for c in columns if c and columns.count(c) > 1})
         if duplicated:
             raise ManifestError(f"{source}: the CSV header names {', '.join(duplicated)} more than once")
         return columns, row.end, row.next_line
@@ -361,11 +369,17 @@ def _csv_records(source: str, stream, columns: list[str], offset: int, line: int
         if row.cells is not None and len(row.cells) != len(columns):
             error = (f"row has {len(row.cells)} fields but the header names {len(columns)}: "
                      f"quote fields that contain commas")
+        if not error:
+            # Spreadsheets export trailing unnamed columns; they must stay empty.
+            unnamed = [i + 1 for i, (c, v) in enumerate(zip(columns, row.cells)) if not c and v.strip()]
+            if unnamed:
+                error = (f"column {unnamed[0]} has a value but no name in the header row: name it there, "
+                         f"or leave its cells empty")
         if error:
             yield row.start, RawRecord(source, row.line, index, None, error, row.text)
         else:
             # CSV has no null: an empty cell means the field is absent.
-            fields = {c: v for c, v in zip(columns, row.cells) if v != ""}
+            fields = {c: v for c, v in zip(columns, row.cells) if c and v != ""}
             yield row.start, RawRecord(source, row.line, index, fields, None, row.text)
         index += 1
 
@@ -387,6 +401,14 @@ def _record_starts(fmt: str, source: str, stream, offset: int, line: int,
     for start, _, number, raw in _lines(stream, offset, line):
         if raw.strip():  # the same test _line_records uses to skip blank lines
             yield start, number
+
+
+def _refuse_cr_line_ends(path: str, stream) -> None:
+    """Lines ended by \\r alone (classic Mac) would all read as one record: say so up front."""
+    head = stream.peek(_READ_BUFFER)[:_READ_BUFFER] if hasattr(stream, "peek") else b""
+    if b"\r" in head and b"\n" not in head:
+        raise ManifestError(f"{path}: its lines end in a carriage return (\\r) alone; they must end in \\n or "
+                            f"\\r\\n: convert the file, e.g. tr '\\r' '\\n' < old > new")
 
 
 def _refuse_json_array(path: str, stream) -> None:
@@ -475,6 +497,7 @@ def plan_shards(files: list[str], shard_size: int) -> list[ShardSpec]:
         try:
             with _open(path, gzipped) as stream:
                 columns, offset, line = None, 0, 1
+                _refuse_cr_line_ends(path, stream)
                 if fmt == "csv":
                     columns, offset, line = _csv_header(path, stream)
                     stream.seek(offset)

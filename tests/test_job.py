@@ -234,18 +234,22 @@ def test_killed_run_resumes_with_two_worker_processes(tmp_path):
 
 @pytest.mark.pipeline
 def test_retry_failures_renders_only_failed_ids(tmp_path):
-    """--retry-failures: an init image missing at first, present later, moves from failures/ to the shard."""
+    """--retry-failures: an init image missing at first, present later, moves from failures/
+    to the shard, though the manifest was moved in between (same content, other path)."""
     manifest_path = tmp_path / "m.jsonl"
+    late = tmp_path / "late.png"
     records = [{"id": "a", "prompt": "one"},
-               {"id": "b", "prompt": "two", "mode": "img2img", "init_image": "late.png"},
+               {"id": "b", "prompt": "two", "mode": "img2img", "init_image": str(late)},
                {"id": "c", "prompt": "three"}]
     manifest_path.write_text("".join(json.dumps(r) + "\n" for r in records))
     out = str(tmp_path / "out")
     config = _config(shard_size=10)
     first = job.run([str(manifest_path)], out, config, progress=False)
     assert (first.rendered, first.failed) == (2, 1)
-    Image.fromarray(np.zeros((8, 16, 3), np.uint8)).save(tmp_path / "late.png")
+    Image.fromarray(np.zeros((8, 16, 3), np.uint8)).save(late)
     hashes_before = pq.read_table(os.path.join(out, "shard-00000.parquet")).to_pylist()
+    (tmp_path / "moved").mkdir()
+    manifest_path = manifest_path.rename(tmp_path / "moved" / "m.jsonl")
 
     second = job.run([str(manifest_path)], out, config, retry_failures=True, progress=False)
     assert (second.rendered, second.failed) == (3, 0)
@@ -277,7 +281,7 @@ def test_an_id_used_twice_renders_once_and_fails_the_rest_naming_the_first(tmp_p
     assert sorted((f["source"], f["line"]) for f in failures) == [(str(a), 3), (str(b), 2)]
     for f in failures:
         assert f["id"] == "dup" and f["stage"] == "manifest"
-        assert f"duplicate id 'dup': the record at {a}:1 has the same id" in f["reason"]
+        assert f"duplicate id 'dup': the record at {a}:1 gives an image the same id and comes first" in f["reason"]
     table = pq.read_table(os.path.join(out, "shard-00000.parquet"))
     assert table.to_pylist()[0]["prompt"] == "first"
 
@@ -289,6 +293,41 @@ def test_an_id_used_twice_renders_once_and_fails_the_rest_naming_the_first(tmp_p
     again = job.run([str(a), str(b)], out, config, progress=False)
     assert again.rendered_shards == 1 and (again.rendered, again.failed) == (5, 2)
     assert [f["reason"] for f in shards.read_failures(out, name)] == [failures[-1]["reason"]]
+
+
+@pytest.mark.pipeline
+@pytest.mark.faults
+@pytest.mark.parametrize("variant_first", [True, False])
+def test_a_record_id_equal_to_another_records_variant_id_renders_once(tmp_path, variant_first):
+    """num_images 2 gives 'cat' and 'cat_1': a record with id 'cat_1' shares an image id with
+    it. Whichever comes first in the manifest keeps the id; the other image is a failure."""
+    records = [{"id": "cat", "prompt": "cats", "num_images": 2}, {"id": "cat_1", "prompt": "one cat"}]
+    if not variant_first:
+        records.reverse()
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = str(tmp_path / "out")
+    summary = job.run([str(path)], out, _config(), progress=False)
+    assert (summary.rendered, summary.failed) == (2, 1)
+    table = pq.read_table(os.path.join(out, "shard-00000.parquet")).to_pylist()
+    rows = {r["id"]: r["prompt"] for r in table}
+    assert rows == {"cat": "cats", "cat_1": "cats" if variant_first else "one cat"}
+    (failure,) = shards.read_failures(out, "shard-00000")
+    assert failure["id"] == "cat_1" and failure["line"] == 2
+    assert f"duplicate id 'cat_1': the record at {path}:1" in failure["reason"]
+
+
+@pytest.mark.faults
+def test_a_bad_setting_is_refused_before_the_run_is_recorded(tmp_path):
+    """A setting refused for manifests (a width the model cannot take) leaves no run.json
+    behind, so the corrected command is not taken for a different run."""
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps({"prompt": "a square"}) + "\n")
+    out = str(tmp_path / "out")
+    with pytest.raises(ValueError, match="width"):
+        job.run([str(path)], out, _config(width=12), progress=False)
+    assert not os.path.exists(os.path.join(out, job.RUN_FILE))
+    assert job.run([str(path)], out, _config(), progress=False).rendered == 1
 
 
 @pytest.mark.pipeline

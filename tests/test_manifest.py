@@ -278,6 +278,16 @@ def test_file_level_mistakes_raise_manifest_errors(tmp_path):
         plan_shards([no_prompt], 0)
     with pytest.raises(ManifestError, match="does not exist"):
         plan_shards([str(tmp_path / "gone.jsonl")], 5)
+    for name in ("mac.txt", "mac.jsonl", "mac.csv"):  # lines ended by \r alone would read as one record
+        (tmp_path / name).write_bytes(b"prompt\ra cat\ra dog\r" if name.endswith("csv") else
+                                      b'{"prompt": "a"}\r{"prompt": "b"}\r')
+        with pytest.raises(ManifestError, match=r"carriage return \(\\r\) alone"):
+            plan_shards([str(tmp_path / name)], 5)
+
+
+def test_a_file_named_with_glob_characters_is_that_file(tmp_path):
+    path = _write_jsonl(tmp_path / "prompts [v2].jsonl", [{"prompt": "a"}])
+    assert expand_patterns([path]) == [path]
 
 
 # ----------------------------------------------------------------------------- bad records
@@ -310,6 +320,8 @@ BAD_RECORDS = [
     ('{"prompt": "p", "sampler": "plms"}', "unknown sampler 'plms'"),
     ('{"id": "../etc/passwd", "prompt": "p"}', "id '../etc/passwd' is not usable"),
     ('{"prompt": "p", "mode": "img2img", "init_image": "missing.png"}', "does not exist"),
+    ('{"prompt": "p", "seed": 1' + "0" * 5000 + "}", "malformed JSON"),  # past Python's int digits
+    ('{"prompt": "a cat \\ud83d"}', "lone UTF-16 surrogate"),  # half an escaped pair
 ]
 
 
@@ -343,6 +355,17 @@ def test_bad_csv_and_text_records_keep_their_lines(tmp_path):
     assert [type(o).__name__ for o in out] == ["list", "Failure", "Failure", "list"]
     assert (out[1].line, out[2].line) == (3, 4)
     assert "3 fields but the header names 2" in out[1].reason and "UTF-8" in out[2].reason
+    # Spreadsheets add unnamed trailing columns: empty, they are ignored; a value in one is
+    # that row's failure. A number past any limit is a bad value, not a crash.
+    path = tmp_path / "u.csv"
+    path.write_text("id,prompt,,\na,one,,\nb,two,,stray\nc,three," + "9" * 5000 + ",\n")
+    out = [to_samples(r, DEFAULTS) for r in _read_all([str(path)], 2)]
+    assert [s.id for s in out[0]] == ["a"] and "column" not in out[0][0].metadata
+    assert isinstance(out[1], Failure) and "column 4 has a value but no name" in out[1].reason
+    assert isinstance(out[2], Failure) and "column 3 has a value but no name" in out[2].reason
+    path.write_text("id,prompt,seed\nc,three," + "9" * 5000 + "\n")
+    (out,) = [to_samples(r, DEFAULTS) for r in _read_all([str(path)], 2)]
+    assert isinstance(out, Failure) and "seed" in out.reason and "not an integer" in out.reason
     txt = tmp_path / "b.txt"
     txt.write_bytes(b"fine\n\xff\xfe broken\nalso fine\n")
     out = [to_samples(r, DEFAULTS) for r in _read_all([str(txt)], 1)]
