@@ -34,8 +34,9 @@ def _render_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=None, help="image height (default: the model's native size)")
     p.add_argument("--steps", type=int, default=None,
                    help="denoising steps (default: the model's render_defaults.json, else 25)")
-    p.add_argument("--sampler", default=None, help="ddim, dpmpp_2m, euler, euler_a, ddpm "
-                                                   "(default: the model's render_defaults.json, else dpmpp_2m)")
+    # The engine's sampler names, spelled out so that --help needs no JAX import.
+    p.add_argument("--sampler", default=None, type=str.lower, choices=["ddim", "dpmpp_2m", "euler", "euler_a", "ddpm"],
+                   help="default: the model's render_defaults.json, else dpmpp_2m")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (default: the model's render_defaults.json, else 7.5)")
     p.add_argument("--seed", type=int, default=0, help="run seed; records without a seed derive theirs from it")
@@ -72,6 +73,10 @@ def _split_beam_flags(argv: list[str], parser: argparse.ArgumentParser) -> tuple
         word = argv[i]
         name = word.split("=", 1)[0]
         if word.startswith("--") and name not in known and word != "--":
+            meant = sorted(flag for flag in known if flag.startswith(name) and flag.startswith("--"))
+            if meant:  # argparse would take the abbreviation; here it would reach Beam, unseen
+                parser.error(f"{name}: write the whole flag ({' or '.join(meant)}); "
+                             "flags jaxdiff does not know go to Apache Beam")
             beam_args.append(word)
             if "=" not in word and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
                 beam_args.append(argv[i + 1])

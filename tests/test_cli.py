@@ -28,6 +28,26 @@ def test_unknown_flags_go_to_beam():
 
 
 @pytest.mark.faults
+def test_abbreviated_flags_and_unknown_samplers_are_refused(tmp_path, capsys):
+    from jaxdiff.samplers import SAMPLER_NAMES
+
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"prompt": "a blue square"}) + "\n")
+    common = ["render", str(manifest), "--out", str(tmp_path / "out"), "--dry-run"]
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(common + ["--retry"])  # would otherwise go to Beam and do nothing
+    assert exit_.value.code == 2 and "--retry-failures" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(common + ["--sampler", "plms"])
+    assert "invalid choice: 'plms'" in capsys.readouterr().err
+    parser = cli.argparse.ArgumentParser()
+    render = cli._render_parser(parser.add_subparsers())
+    sampler = next(a for a in render._actions if "--sampler" in a.option_strings)
+    assert tuple(sampler.choices) == SAMPLER_NAMES
+    assert render.parse_args(["m.jsonl", "--out", "o", "--sampler", "Euler_A"]).sampler == "euler_a"
+
+
+@pytest.mark.faults
 def test_glob_matching_nothing_is_a_clear_error(tmp_path, capsys):
     code = cli.main(["render", str(tmp_path / "nothing-*.jsonl"), "--out", str(tmp_path / "out"), "--dry-run"])
     assert code == cli.EXIT_ERROR
