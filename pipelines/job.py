@@ -616,5 +616,5 @@ def run(manifests: list[str], out: str, config: RenderConfig, *, beam_args: Iter
                         if e["url"] in {s.name + ".tar" for s in pending})
     return Summary(
         rendered=index["rendered"], failed=index["failed"], processed_now=processed_now, shards=len(specs),
-        rendered_shards=len(pending), skipped_shards=skipped,
+        rendered_shards=sum(s.name in done for s in pending), skipped_shards=skipped,
         missing_shards=[s.name for s in specs if s.name not in done], seconds=time.time() - started)
