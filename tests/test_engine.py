@@ -149,6 +149,73 @@ def test_upscale_matches_diffusers(sd_folder, upscaler_folder, monkeypatch):
     _assert_close(np.stack(ours).astype(np.float32) / 255.0, ref)
 
 
+@pytest.mark.parity
+def test_guidance_of_one_or_less_is_the_prompt_alone_as_in_diffusers(pipe, sd_folder):
+    """diffusers turns guidance off at a scale <= 1 (the prompt's prediction alone); the CFG
+    formula below 1 would lean toward the negative prompt instead."""
+    from diffusers import StableDiffusionPipeline
+
+    noise = _noise(1, 8, 8, seed=3)
+    ref = StableDiffusionPipeline.from_pretrained(sd_folder)(
+        PROMPTS[:1], negative_prompt=["blurry"], num_inference_steps=STEPS, guidance_scale=0.0, height=16,
+        width=16, latents=noise, output_type="np").images
+    zero, one = (pipe.render(PROMPTS[:1], negative_prompts=["blurry"], seeds=[0], noise=_nhwc(noise), guidance=g)
+                 for g in (0.0, 1.0))
+    _assert_close(_images(zero), ref)
+    np.testing.assert_array_equal(zero[0].image, one[0].image)
+
+
+def test_an_inpainting_unet_renders_a_sample_the_same_next_to_any_other(inpaint_folder):
+    """The 9-channel UNet's mask and masked image come from each sample alone: a text-to-image
+    sample gets the same full mask and empty image whether an inpaint sample shares its batch."""
+    pipe = jaxdiff.load_pipeline(inpaint_folder, upscaler="none", steps=2, sampler="ddim", batch_size=2)
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:12, 4:12] = 255
+    text = jaxdiff.Sample(id="t", prompt="a red circle", seed=4)
+    neighbours = {"text": jaxdiff.Sample(id="n", prompt="x", seed=5),
+                  "inpaint": jaxdiff.Sample(id="n", prompt="x", seed=5, mode="inpaint", init_image=_rgb(8),
+                                            mask=mask)}
+    images = {name: pipe.render_samples([text, other])[0].image for name, other in neighbours.items()}
+    assert np.abs(images["text"].astype(int) - images["inpaint"].astype(int)).max() <= 1
+
+
+def test_karras_sigmas_follow_the_checkpoints_scheduler_unless_set(sd_folder, tmp_path):
+    import shutil
+
+    folder = str(tmp_path / "sd")
+    shutil.copytree(sd_folder, folder)
+    config_path = f"{folder}/scheduler/scheduler_config.json"
+    with open(config_path) as f:
+        config = json.load(f)
+    with open(config_path, "w") as f:
+        json.dump(dict(config, use_karras_sigmas=True), f)
+    render = lambda path, **kw: jaxdiff.load_pipeline(path, upscaler="none", steps=3, sampler="dpmpp_2m",
+                                                      batch_size=1, **kw).render(["a red circle"], seeds=[5])[0]
+    from_config, asked, plain = render(folder), render(sd_folder, karras=True), render(sd_folder)
+    np.testing.assert_array_equal(from_config.image, asked.image)
+    assert np.abs(from_config.image.astype(int) - plain.image.astype(int)).max() > 2  # other sigmas
+    np.testing.assert_array_equal(render(folder, karras=False).image, plain.image)
+
+
+@pytest.mark.faults
+def test_settings_and_samples_outside_what_the_models_take_are_refused(sd_folder, upscaler_folder, pipe):
+    with pytest.raises(ValueError, match="noise_level 400 is out of range.*max_noise_level 350"):
+        jaxdiff.load_pipeline(sd_folder, upscaler=upscaler_folder, noise_level=400, batch_size=1)
+    up = jaxdiff.load_pipeline(None, upscaler=upscaler_folder, batch_size=1)
+    with pytest.raises(ValueError, match="noise and aug_noise together"):
+        up.upscale([_rgb(1, 8)], ["a"], seeds=[0], noise=np.zeros((1, 8, 8, 4), np.float32))
+    karras = jaxdiff.load_pipeline(sd_folder, upscaler="none", steps=2, sampler="ddim", karras=True, batch_size=2)
+    ddim, euler = karras.render_samples([jaxdiff.Sample(id="d", prompt="a", seed=1),
+                                         jaxdiff.Sample(id="e", prompt="a", seed=1, sampler="euler")])
+    assert "Karras sigmas apply to" in ddim.error and euler.error is None
+    steps, weak, good = pipe.render_samples([
+        jaxdiff.Sample(id="s", prompt="a", steps=1001),
+        jaxdiff.Sample(id="w", prompt="a", mode="img2img", init_image=_rgb(2), strength=0.2),  # 3 steps x 0.2
+        jaxdiff.Sample(id="g", prompt="a", seed=1)])
+    assert "steps 1001 is out of range: use 1 to 1000" in steps.error
+    assert "leaves no step to take" in weak.error and good.error is None
+
+
 def test_two_stage_render_keeps_base(sd_folder, upscaler_folder):
     pipe = jaxdiff.load_pipeline(sd_folder, upscaler=upscaler_folder, steps=2, sampler="ddim", upscale_steps=2,
                                  keep_base=True, batch_size=2)
@@ -198,11 +265,14 @@ def test_one_compilation_for_many_batches_of_one_signature(sd_folder):
 
 @pytest.mark.faults
 def test_non_finite_output_is_reported_per_sample(pipe):
-    samples = [jaxdiff.Sample(id="ok", prompt="a", seed=1),
-               jaxdiff.Sample(id="bad", prompt="a", seed=1, guidance=float("nan"))]
-    ok, bad = pipe.render_samples(samples)
+    samples = [jaxdiff.Sample(id="ok", prompt="a", seed=1), jaxdiff.Sample(id="bad", prompt="a", seed=1)]
+    noise = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)
+    noise[1, 3, 3, 0] = np.nan  # one sample's computation goes non-finite
+    ok, bad = pipe.render_samples(samples, noise=noise)
     assert ok.error is None and ok.image is not None
     assert bad.image is None and "non-finite" in bad.error
+    (nan_guidance,) = pipe.render_samples([jaxdiff.Sample(id="g", prompt="a", guidance=float("nan"))])
+    assert "guidance nan is not a finite number" in nan_guidance.error
 
 
 @pytest.mark.faults

@@ -8,6 +8,7 @@ and sent through the base program and, when an upscaler is loaded, the upscale p
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from typing import Any, Sequence
@@ -44,7 +45,7 @@ class RenderSettings:
     height: int | None = None
     steps: int = 25
     sampler: str = "dpmpp_2m"
-    karras: bool = False
+    karras: bool | None = None     # Karras sigmas; None: as the scheduler config's use_karras_sigmas
     guidance: float = 7.5
     negative_prompt: str = ""
     strength: float = 0.75         # img2img
@@ -130,6 +131,9 @@ class Pipeline:
         self._batched = NamedSharding(self.mesh, P("data"))
         self._programs: dict[Any, Any] = {}
         self.compile_count = 0
+        if upscaler is not None and not 0 <= self.settings.noise_level <= (upscaler.max_noise_level or 0):
+            raise ValueError(f"noise_level {self.settings.noise_level} is out of range for the upscaler at "
+                             f"{upscaler.path}: use 0 to its max_noise_level {upscaler.max_noise_level}")
         self._up = self._place(upscaler) if upscaler is not None else None
         if base is None:  # an upscale-only pipeline: `upscale()` works, `render()` does not
             if upscaler is None:
@@ -230,6 +234,15 @@ class Pipeline:
             negative_prompt=s.negative_prompt or st.negative_prompt)
         if prep.sampler not in samplers.SAMPLER_NAMES:
             raise RenderError(f"unknown sampler {prep.sampler!r}: use one of {', '.join(samplers.SAMPLER_NAMES)}")
+        if not (math.isfinite(prep.guidance) and prep.guidance >= 0):
+            raise RenderError(f"guidance {prep.guidance} is not a finite number >= 0")
+        train_steps = int(self.base.scheduler_config.get("num_train_timesteps", 1000))
+        if not 1 <= prep.steps <= train_steps:
+            raise RenderError(f"steps {prep.steps} is out of range: use 1 to {train_steps} (the model's "
+                              f"num_train_timesteps)")
+        if st.karras and prep.sampler not in samplers.KARRAS_SAMPLERS:
+            raise RenderError(f"Karras sigmas apply to {', '.join(samplers.KARRAS_SAMPLERS)} only, not to "
+                              f"sampler {prep.sampler!r}: pick one of those, or turn karras off")
         if s.mode == "txt2img":
             return self._check_size(prep)
         image = s.init_image
@@ -257,6 +270,9 @@ class Pipeline:
         if not 0.0 < prep.strength <= 1.0:
             raise RenderError(f"strength {prep.strength} is outside (0, 1]")
         prep.start_step = _start_step(prep.steps, prep.strength)
+        if prep.start_step >= prep.steps:  # diffusers refuses this too
+            raise RenderError(f"strength {prep.strength} at {prep.steps} steps leaves no step to take "
+                              f"(int(steps x strength) = 0): raise the strength or the steps")
         return prep
 
     def _check_size(self, prep: _Prepared) -> _Prepared:
@@ -287,19 +303,24 @@ class Pipeline:
         init_latents = np.zeros((B, lh, lw, C), np.float32)
         masked_latents = np.zeros((B, lh, lw, C), np.float32)
         mask = np.ones((B, lh, lw, 1), np.float32)
-        if any(p.image is not None for p in padded):
+        # A 9-channel (inpainting) UNet sees every sample's mask and masked image; a sample
+        # without a mask is all repaint, its masked image all zeros (diffusers' full mask),
+        # so what it gets does not depend on its batch.
+        nine_channel = self.base.unet_config.in_channels > C
+        if nine_channel or any(p.image is not None for p in padded):
             scale = float(self.base.vae_config.scaling_factor)
             encode = self._program(("encode", B, height, width), lambda: make_encode_program(
                 self._base[0][2], scaling_factor=scale, on_trace=self._count_trace))
             pixels = np.stack([p.image if p.image is not None else np.zeros((height, width, 3), np.float32)
                                for p in padded])
-            init_latents = np.asarray(encode(self._base[1][2], self._put(pixels)))
+            if any(p.image is not None for p in padded):
+                init_latents = np.asarray(encode(self._base[1][2], self._put(pixels)))
+            masks = np.stack([p.mask if p.mask is not None else np.ones((height, width, 1), np.float32)
+                              for p in padded])
             if any(p.mask is not None for p in padded):
-                masks = np.stack([p.mask if p.mask is not None else np.ones((height, width, 1), np.float32)
-                                  for p in padded])
                 mask = np.stack([imgs.latent_mask(m, f) for m in masks])
-                if self.base.unet_config.in_channels > C:
-                    masked_latents = np.asarray(encode(self._base[1][2], self._put(pixels * (masks < 0.5))))
+            if nine_channel:
+                masked_latents = np.asarray(encode(self._base[1][2], self._put(pixels * (masks < 0.5))))
         noise_given = np.zeros((B,), bool)
         noise_arr = np.zeros((B, lh, lw, C), np.float32)
         if noise is not None:
@@ -314,11 +335,15 @@ class Pipeline:
             "init_latents": init_latents, "mask": mask, "masked_latents": masked_latents,
             "noise": noise_arr, "noise_given": noise_given,
         }
-        sig = BaseSignature(B, height, width, steps, sampler_name, self.settings.karras)
+        karras = self.settings.karras
+        if karras is None:  # the checkpoint's scheduler says, for the samplers that take it
+            karras = (bool(self.base.scheduler_config.get("use_karras_sigmas"))
+                      and sampler_name in samplers.KARRAS_SAMPLERS)
+        sig = BaseSignature(B, height, width, steps, sampler_name, karras)
         program = self._program(("base", sig), lambda: make_base_program(
             self._base[0], samplers.make_sampler(
                 sampler_name, samplers.NoiseSchedule.from_config(self.base.scheduler_config), steps,
-                karras_sigmas=self.settings.karras),
+                karras_sigmas=karras),
             sig, clip_skip=self.settings.clip_skip, scaling_factor=float(self.base.vae_config.scaling_factor),
             tile_pixels=self.settings.tile_pixels, on_trace=self._count_trace))
         base_u8, base_ok = program(self._base[1], {k: self._put(v) for k, v in inputs.items()})
@@ -355,6 +380,8 @@ class Pipeline:
         """
         if self._up is None:
             raise RenderError("no upscaler is loaded: pass upscaler=... to load_pipeline")
+        if (noise is None) != (aug_noise is None):
+            raise ValueError("pass noise and aug_noise together (a run is reproduced by both), or neither")
         out = []
         for start in range(0, len(images), self.batch_size):
             sl = slice(start, start + self.batch_size)

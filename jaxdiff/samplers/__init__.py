@@ -11,9 +11,10 @@ from jaxdiff.samplers.sampling_loop import (
     start_step_for_strength,
 )
 from jaxdiff.samplers.schedule import NoiseSchedule, UnsupportedConfig, add_noise
-from jaxdiff.samplers.solvers import SAMPLER_NAMES, Sampler, make_sampler
+from jaxdiff.samplers.solvers import KARRAS_SAMPLERS, SAMPLER_NAMES, Sampler, make_sampler
 
 __all__ = [
+    "KARRAS_SAMPLERS",
     "NoiseSchedule",
     "SAMPLER_NAMES",
     "Sampler",
