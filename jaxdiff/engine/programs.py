@@ -90,7 +90,11 @@ def unet_dtype(unet) -> jnp.dtype:
 
 
 def _bind(graphdefs, states, inputs, clip_skip: int):
-    """The family's modules inside a traced program, and the CFG context [uncond; cond]."""
+    """The family's modules inside a traced program, and the CFG context [uncond; cond].
+
+    clip_skip applies to the negative prompt too, as A1111 and ComfyUI do: diffusers' SD
+    pipelines skip layers for the prompt only, so CFG subtracts embeddings of two layers.
+    """
     text_encoder, unet, vae = (nnx.merge(g, st) for g, st in zip(graphdefs, states))
     context = encode_text(text_encoder, jnp.concatenate([inputs["uncond_ids"], inputs["ids"]]), clip_skip)
     return unet, vae, context.astype(unet_dtype(unet))
