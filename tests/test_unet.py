@@ -84,6 +84,12 @@ def test_sd1_style_matches_diffusers():
 
 
 @pytest.mark.parity
+def test_resnet_out_scale_factor_changes_nothing_in_sd_blocks_as_in_diffusers():
+    # diffusers hands it only to block types jaxdiff does not build.
+    _compare(dict(SD1_STYLE, resnet_out_scale_factor=2.0), height=12, width=12, timesteps=[999.0, 17.25], tol=1e-5)
+
+
+@pytest.mark.parity
 def test_sd2_style_matches_diffusers_on_uneven_size():
     # Per-block head counts, linear projections, two transformer layers per block; a
     # 10x13 latent is not divisible by 2, so the up path resizes to the skip's size.

@@ -142,6 +142,16 @@ def test_engine_tiles_decodes_by_output_pixels_whatever_the_vae_factor(blocks, t
         assert _relative_error(got, _decode(model, z)) > 1e-4  # the tiles did change it
 
 
+def test_a_vae_without_post_quant_conv_decodes_in_the_engine():
+    from jaxdiff.engine.programs import decode_latents
+    from jaxdiff.models.vae import AutoencoderKL, VAEConfig
+
+    cfg = VAEConfig.from_dict(dict(_config(3), use_post_quant_conv=False, use_quant_conv=False))
+    vae = AutoencoderKL(cfg, rngs=nnx.Rngs(0))
+    images = decode_latents(vae, np.zeros((1, 4, 4, 4), np.float32), 1.0, None)
+    assert images.shape == (1, 16, 16, 3)
+
+
 @pytest.mark.faults
 @pytest.mark.parametrize("tile_latent, overlap, name", [(0, 0, "tile_latent"), (8, 8, "overlap"),
                                                          (8, -1, "overlap")])

@@ -447,6 +447,28 @@ def test_wrong_shape_names_file_and_key(sd_folder, tmp_path):
 
 
 @pytest.mark.faults
+def test_a_conv_kernel_wider_than_1x1_for_a_linear_is_refused(sd_folder, tmp_path):
+    folder = _copy_component(sd_folder[0], str(tmp_path))
+    key = "down_blocks.0.attentions.0.proj_in.weight"
+    weights = _rewrite_unet(folder, lambda t: t.update({key: np.tile(t[key], (1, 1, 3, 3))}))
+    with pytest.raises(CheckpointError, match=r"proj_in\.weight' has shape \(\d+, \d+, 3, 3\)"):
+        load_component(folder, "unet")
+    assert os.path.exists(weights)
+
+
+@pytest.mark.faults
+def test_two_keys_for_one_parameter_are_refused(sd_folder, tmp_path):
+    folder = _copy_component(sd_folder[0], str(tmp_path), "vae")
+    weights = os.path.join(folder, "vae", "diffusion_pytorch_model.safetensors")
+    tensors = load_file(weights)
+    current = next(k for k in tensors if ".attentions.0.to_q.weight" in k)
+    tensors[current.replace(".to_q.", ".query.")] = tensors[current]  # the legacy name too
+    save_file(tensors, weights)
+    with pytest.raises(CheckpointError, match="already filled; keep one of the two"):
+        load_component(folder, "vae")
+
+
+@pytest.mark.faults
 def test_unknown_key_names_file_and_key(sd_folder, tmp_path):
     folder = _copy_component(sd_folder[0], str(tmp_path))
     weights = _rewrite_unet(folder, lambda t: t.update({"extra_head.weight": np.zeros(3, np.float32)}))

@@ -82,7 +82,7 @@ def decode_latents(vae, latents: jax.Array, scaling_factor: float, tile_pixels: 
 
 
 def vae_dtype(vae) -> jnp.dtype:
-    return vae.post_quant_conv.kernel.get_value().dtype
+    return vae.decoder.conv_in.kernel.get_value().dtype  # post_quant_conv is optional
 
 
 def unet_dtype(unet) -> jnp.dtype:

@@ -91,6 +91,8 @@ class UNetConfig:
     use_linear_projection: bool = False
     upcast_attention: bool = False
     num_class_embeds: int | None = None
+    # diffusers passes it only to block types jaxdiff does not build (ResnetDownsampleBlock2D,
+    # SimpleCrossAttn*): for the SD blocks it changes nothing, here as there.
     resnet_out_scale_factor: float = 1.0
     time_embedding_dim: int | None = None
     timestep_post_act: str | None = None
@@ -266,7 +268,7 @@ class CrossAttnDownBlock2D(nnx.Module):
         self.resnets = nnx.List([
             ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels,
                           temb_channels=temb_channels, groups=config.norm_num_groups,
-                          eps=config.norm_eps, output_scale_factor=config.resnet_out_scale_factor,
+                          eps=config.norm_eps,
                           dtype=dtype, rngs=rngs)
             for i in range(num_layers)])
         self.attentions = nnx.List([
@@ -296,7 +298,7 @@ class DownBlock2D(nnx.Module):
         self.resnets = nnx.List([
             ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels,
                           temb_channels=temb_channels, groups=config.norm_num_groups,
-                          eps=config.norm_eps, output_scale_factor=config.resnet_out_scale_factor,
+                          eps=config.norm_eps,
                           dtype=dtype, rngs=rngs)
             for i in range(num_layers)])
         self.downsamplers = (nnx.List([Downsample2D(out_channels, padding=config.downsample_padding,
@@ -348,7 +350,6 @@ def _up_resnets(in_channels: int, prev_output_channels: int, out_channels: int, 
         resnets.append(ResnetBlock2D(running_channels + skip_channels, out_channels,
                                      temb_channels=temb_channels, groups=config.norm_num_groups,
                                      eps=config.norm_eps,
-                                     output_scale_factor=config.resnet_out_scale_factor,
                                      dtype=dtype, rngs=rngs))
     return nnx.List(resnets)
 

@@ -37,7 +37,7 @@ def _nnx_path(torch_key: str) -> tuple:
 def to_nnx_layout(leaf: str, array: np.ndarray, target_shape: tuple) -> np.ndarray:
     """Reorders one PyTorch tensor into the layout of the NNX leaf `leaf`."""
     if leaf == "kernel":
-        if array.ndim == 4 and len(target_shape) == 2:  # 1x1 conv stored for a Linear
+        if array.ndim == 4 and len(target_shape) == 2 and array.shape[2:] == (1, 1):  # 1x1 conv for a Linear
             array = array[:, :, 0, 0]
         if array.ndim == 2:
             array = array.T
@@ -91,6 +91,9 @@ def load_state_dict(model: nnx.Module, tensors: Mapping[str, np.ndarray] | Itera
                 f"{source}: unexpected key {key!r} (no such parameter in the model; "
                 f"is the config.json from the same checkpoint?)")
         target = found[0]
+        if target in filled:  # e.g. a VAE file with both the legacy and the current attention names
+            raise CheckpointError(f"{source}: key {key!r} fills a parameter that another key of the "
+                                  f"checkpoint already filled; keep one of the two")
         variable = flat[target]
         want = tuple(variable.get_value().shape)
         array = np.asarray(array)
