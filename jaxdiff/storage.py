@@ -207,9 +207,13 @@ def local_temp_for(dest: str) -> str:
 def write_bytes(dest: str, data: bytes) -> None:
     """Writes `data` to `dest` so that readers see the old file or the whole new one."""
     tmp = local_temp_for(dest)
-    with open(tmp, "wb") as f:
-        f.write(data)
-    put_file(tmp, dest)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        put_file(tmp, dest)
+    finally:
+        if os.path.exists(tmp):  # a failed upload or move leaves no temporary file behind
+            os.unlink(tmp)
 
 
 def delete(path: str) -> None:

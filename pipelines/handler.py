@@ -40,10 +40,9 @@ class JaxDiffusionModelHandler(ModelHandler[Sample, Rendered, Any]):
         if inference_args:
             raise ValueError(f"inference_args are not used by jaxdiff (got {sorted(inference_args)}); "
                              "put per-sample settings in the Sample fields")
-        results: list[Rendered] = []
-        for start in range(0, len(batch), model.batch_size):
-            results.extend(model.render_samples(list(batch[start:start + model.batch_size])))
-        return results
+        # The renderer batches to its own size; shared across processes, `model` is a
+        # proxy that serves method calls only.
+        return model.render_samples(list(batch))
 
     def batch_elements_kwargs(self) -> dict[str, Any]:
         kwargs = {"min_batch_size": 1, "max_batch_size": self._batch_size}

@@ -235,6 +235,11 @@ def _number(name: str, value) -> float:
 def _text(name: str, value) -> str:
     if not isinstance(value, str):
         raise _Invalid(f"{name} must be text, got {type(value).__name__} {value!r}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # a JSON \ud83d escape without its other half
+        raise _Invalid(f"{name} holds a lone UTF-16 surrogate ({value[e.start:e.end]!r}): write the "
+                       f"character itself, or both halves of its escaped pair") from None
     return value
 
 

@@ -264,12 +264,6 @@ def _line_records(fmt: str, source: str, stream, offset: int, line: int, index: 
         else:
             try:
                 value = json.loads(text)
-                # \ud800-style escapes can leave lone surrogates, which no UTF-8 output can hold.
-                json.dumps(value, ensure_ascii=False).encode("utf-8")
-            except UnicodeEncodeError as e:
-                yield start, RawRecord(source, number, index, None,
-                                       f"the line escapes a lone UTF-16 surrogate ({e.reason}): write the "
-                                       f"character itself, or both halves of its escaped pair", text)
             except (ValueError, RecursionError) as e:  # JSONDecodeError, ints past Python's digit limit
                 yield start, RawRecord(source, number, index, None, f"malformed JSON: {e}", text)
             else:

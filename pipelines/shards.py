@@ -9,11 +9,13 @@ A shard `shard-NNNNN` is four files under the output folder:
 
 Each file is built in a local temporary file and then moved into place in one step
 (os.replace locally; one object upload on GCS), so a shard killed midway never has a
-stats file, and a rerun overwrites identical content.
+stats file; rendering a shard again first withdraws its stats file, then replaces each
+file whole.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
@@ -35,8 +37,32 @@ FAILURES_DIR = "failures"
 STATS_SUFFIX = ".stats.json"
 
 
+def _json_ready(value: Any) -> Any:
+    """`value` as strict JSON can hold it: non-finite floats as the strings "NaN",
+    "Infinity", "-Infinity" (bare NaN is not JSON), bytes as base64 text, numpy scalars as
+    Python ones, anything else unknown as its str()."""
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return "NaN" if np.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, (bytes, bytearray)):
+        return base64.b64encode(value).decode("ascii")
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+def to_json(value: Any, **kwargs) -> str:
+    """Strict JSON text (sorted keys) of metadata that may hold NaN, bytes or numpy values."""
+    return json.dumps(_json_ready(value), sort_keys=True, allow_nan=False, **kwargs)
+
+
 def write_json(dest: str, value: Any) -> None:
-    storage.write_bytes(dest, (json.dumps(value, indent=1, sort_keys=True, default=str) + "\n").encode())
+    storage.write_bytes(dest, (to_json(value, indent=1) + "\n").encode())
 
 
 def list_files(folder: str) -> list[str]:
@@ -117,6 +143,7 @@ def image_metadata(sample: Sample, rendered: Rendered, model: dict) -> dict:
         "manifest": dict(sample.metadata),
     }
     meta.update(rendered.metadata)  # seed, sampler, steps, guidance, sizes, timings as rendered
+    meta["model"] = model or meta.get("model")  # the run's model record (paths and checksums)
     return meta
 
 
@@ -145,14 +172,13 @@ class ShardWriter:
         self._tar = tarfile.open(self._tar_path, "w", format=tarfile.USTAR_FORMAT)
         self._rows: list[dict] = []
         self._failures: list[str] = []
-        self._replaces_committed = False
         self._started = time.time()
 
     def add(self, key: str, sample: Sample, rendered: Rendered) -> None:
         meta = image_metadata(sample, rendered, self.model)
         image = encode_image(rendered.image, self.image_format)
         _add_member(self._tar, f"{key}.{self.image_format}", image)
-        _add_member(self._tar, f"{key}.json", json.dumps(meta, sort_keys=True, default=str).encode())
+        _add_member(self._tar, f"{key}.json", to_json(meta).encode())
         _add_member(self._tar, f"{key}.txt", sample.prompt.encode())
         if self.keep_base and rendered.base_image is not None:
             _add_member(self._tar, f"{key}.base.png", encode_image(rendered.base_image, "png"))
@@ -171,16 +197,15 @@ class ShardWriter:
             "format": self.image_format,
             "image_bytes": len(image),
             "image_sha256": hashlib.sha256(image).hexdigest(),
-            "metadata": json.dumps(meta["manifest"], sort_keys=True, default=str),
+            "metadata": to_json(meta["manifest"]),
         })
 
     def add_failure(self, failure: dict) -> None:
         """One failures/ line: a manifest.Failure's to_json()."""
-        self._failures.append(json.dumps(failure, sort_keys=True, default=str))
+        self._failures.append(to_json(failure))
 
     def copy_committed(self) -> set[str]:
         """Starts from this shard's committed tar and parquet (for --retry-failures); returns their ids."""
-        self._replaces_committed = True
         table = pq.read_table(io.BytesIO(storage.read_bytes(self.paths["parquet"])))
         self._rows.extend(table.to_pylist())
         keep_keys = {row["key"] for row in self._rows}
@@ -206,10 +231,10 @@ class ShardWriter:
     def commit(self) -> dict:
         """Moves tar, parquet and failures into place, then writes the stats marker."""
         self._tar.close()
-        if self._replaces_committed:
-            # Withdraw the marker before touching the files it vouches for: a crash from
-            # here on leaves an incomplete shard, which the next run renders afresh.
-            storage.delete(self.paths["stats"])
+        # Withdraw any marker before touching the files it vouches for (a retry, or a
+        # shard committed before and rendered again by a retried bundle): a crash from
+        # here on leaves an incomplete shard, which the next run renders afresh.
+        storage.delete(self.paths["stats"])
         tar_bytes = os.path.getsize(self._tar_path)
         digest = hashlib.sha256()
         with open(self._tar_path, "rb") as f:
@@ -254,7 +279,7 @@ PARQUET_SCHEMA = pa.schema([
     ("width", pa.int32()),
     ("height", pa.int32()),
     ("steps", pa.int32()),
-    ("guidance", pa.float32()),
+    ("guidance", pa.float64()),  # as the .json has it
     ("sampler", pa.string()),
     ("format", pa.string()),
     ("image_bytes", pa.int64()),

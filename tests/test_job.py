@@ -330,8 +330,60 @@ def test_a_bad_setting_is_refused_before_the_run_is_recorded(tmp_path):
     assert job.run([str(path)], out, _config(), progress=False).rendered == 1
 
 
+@pytest.mark.faults
+def test_a_committed_shard_rendered_again_withdraws_its_marker_first(tmp_path, monkeypatch):
+    """A retried bundle can render a committed shard again: if that attempt dies after the
+    new tar and before the new marker, no stale marker may vouch for the new tar."""
+    from pipelines import manifest
+
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in GOOD[:3]))
+    out = str(tmp_path / "out")
+    spec = manifest.plan_shards([str(path)], 5)[0]
+    renderer, defaults = DryRunRenderer(2, width=16, height=8), job.manifest_defaults(_config())
+    job.render_shard(spec, out, renderer, defaults, model_info={})
+    assert shards.complete_shards(out) == {spec.name}
+    write_bytes = storage.write_bytes
+
+    def parquet_upload_fails(dest, data):
+        if dest.endswith(".parquet"):
+            raise OSError("simulated upload failure")
+        write_bytes(dest, data)
+
+    monkeypatch.setattr(storage, "write_bytes", parquet_upload_fails)
+    with pytest.raises(OSError, match="simulated"):
+        job.render_shard(spec, out, renderer, defaults, model_info={})
+    assert shards.complete_shards(out) == set()  # the next run renders it afresh
+    assert not glob.glob(os.path.join(out, "**", "*.partial"), recursive=True)  # temp files gone too
+
+
+@pytest.mark.faults
+def test_metadata_is_strict_json_and_parquet_agrees_with_it(tmp_path):
+    """Pass-through NaN and Infinity become strings (bare NaN is not JSON), lone surrogates
+    in pass-through text are escaped, and the parquet's guidance is the .json's."""
+    import tarfile
+
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"id": "a", "prompt": "p", "guidance": 7.3, "score": NaN, "w": -Infinity, '
+                    '"note": "x \\ud83d", "model": "my label"}\n')
+    out = str(tmp_path / "out")
+    summary = job.run([str(path)], out, _config(), progress=False)
+    assert (summary.rendered, summary.failed) == (1, 0)
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+
+    with tarfile.open(os.path.join(out, "shard-00000.tar")) as tar:
+        meta = strict(tar.extractfile("00000_000000.json").read())
+    assert meta["manifest"] == {"score": "NaN", "w": "-Infinity", "note": "x \ud83d", "model": "my label"}
+    assert isinstance(meta["model"], dict)  # the run's model record, not the record's field
+    row = pq.read_table(os.path.join(out, "shard-00000.parquet")).to_pylist()[0]
+    assert strict(row["metadata"]) == meta["manifest"] and row["guidance"] == meta["guidance"] == 7.3
+
+
 @pytest.mark.pipeline
-def test_run_inference_handler_renders_samples():
+@pytest.mark.parametrize("shared", [False, True])
+def test_run_inference_handler_renders_samples(shared):
     import apache_beam as beam
     from apache_beam.ml.inference.base import RunInference
     from apache_beam.testing.util import assert_that, equal_to
@@ -339,7 +391,8 @@ def test_run_inference_handler_renders_samples():
     from jaxdiff.engine.sample import Sample
     from pipelines.handler import JaxDiffusionModelHandler
 
-    handler = JaxDiffusionModelHandler(job.RendererFactory(_config(batch_size=2)), batch_size=2)
+    handler = JaxDiffusionModelHandler(job.RendererFactory(_config(batch_size=2)), batch_size=2,
+                                       share_across_processes=shared)
     samples = [Sample(id=f"s{i}", prompt="p", seed=i) for i in range(5)] + [Sample(id="odd", prompt="p", width=12)]
     with beam.Pipeline("FnApiRunner") as p:
         results = (p | beam.Create(samples) | RunInference(handler)

@@ -321,7 +321,7 @@ BAD_RECORDS = [
     ('{"id": "../etc/passwd", "prompt": "p"}', "id '../etc/passwd' is not usable"),
     ('{"prompt": "p", "mode": "img2img", "init_image": "missing.png"}', "does not exist"),
     ('{"prompt": "p", "seed": 1' + "0" * 5000 + "}", "malformed JSON"),  # past Python's int digits
-    ('{"prompt": "a cat \\ud83d"}', "lone UTF-16 surrogate"),  # half an escaped pair
+    ('{"id": "half", "prompt": "a cat \\ud83d"}', "prompt holds a lone UTF-16 surrogate"),  # half a pair
 ]
 
 

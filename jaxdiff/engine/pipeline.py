@@ -446,8 +446,7 @@ class Pipeline:
         if self._up is not None and self.settings.upscale:
             meta.update(upscaler=self.upscaler.path, upscale_steps=self.settings.upscale_steps,
                         noise_level=self.settings.noise_level)
-        meta.update(s.metadata)
-        return meta
+        return meta  # what was rendered; the Sample keeps its own metadata
 
 
 def _start_step(steps: int, strength: float) -> int:
