@@ -211,26 +211,34 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
 
     result = {"jaxdiff": bench_arch(args)}
+
+    def save():
+        # After each stage: a run cut short by a time limit keeps what it measured.
+        ratios = {}
+        for name in ("diffusers_eager", "diffusers_compiled"):
+            other = result.get(name, {}).get("batches", {})
+            for B, entry in result["jaxdiff"]["batches"].items():
+                if B in other:
+                    ratios[f"vs_{name}_b{B}"] = round(entry["images_per_s"] / other[B]["images_per_s"], 3)
+        result["ratios"] = ratios
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+
+    save()
     # diffusers runs after JAX in its own process: the two must not share the GPU's memory.
-    if args.compare in ("diffusers", "both"):
-        result["diffusers_eager"] = compare_diffusers(args, compiled=False)
-    if args.compare in ("diffusers-compiled", "both"):
-        result["diffusers_compiled"] = compare_diffusers(args, compiled=True)
-    ratios = {}
-    for name in ("diffusers_eager", "diffusers_compiled"):
-        other = result.get(name, {}).get("batches", {})
-        for B, entry in result["jaxdiff"]["batches"].items():
-            if B in other:
-                ratios[f"vs_{name}_b{B}"] = round(entry["images_per_s"] / other[B]["images_per_s"], 3)
-    result["ratios"] = ratios
+    for name, compiled, wanted in (("diffusers_eager", False, ("diffusers", "both")),
+                                   ("diffusers_compiled", True, ("diffusers-compiled", "both"))):
+        if args.compare in wanted:
+            result[name] = compare_diffusers(args, compiled=compiled)
+            print(name, json.dumps(result[name])[:400], flush=True)
+            save()
+    ratios = result["ratios"]
     print(f"{'batch':>6} {'img/s':>9} {'first s':>8} {'UNet TFLOP/s':>13}  ratios")
     for B, e in result["jaxdiff"]["batches"].items():
         rs = " ".join(f"{k}={v}" for k, v in ratios.items() if k.endswith(f"_b{B}"))
         print(f"{B:>6} {e['images_per_s']:>9} {e['first_call_s']:>8} "
               f"{e.get('stages', {}).get('unet_tflops', '-'):>13}  {rs}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
     return result
 
 
