@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from jaxdiff import storage
+from jaxdiff.engine.images import grey_from_pil, rgb_from_pil
 from jaxdiff.engine.sample import MODES, Sample, derive_seed
 from pipelines.manifest_reader import (
     ManifestError,
@@ -61,7 +62,7 @@ __all__ = [
 
 STAGES = ("manifest", "input-image", "render", "write")
 IMAGE_MODES = ("img2img", "sketch", "inpaint", "outpaint")
-IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "MPO")  # MPO: camera JPEGs with a second picture
 MAX_SEED = 2**32 - 1
 KNOWN_FIELDS = frozenset({
     "id", "prompt", "negative_prompt", "seed", "guidance", "steps", "width", "height",
@@ -180,14 +181,14 @@ def _decode_image(uri: str, max_side: int):
 
 def load_image(uri: str, *, max_side: int = 8192) -> np.ndarray:
     """A PNG / JPEG / WebP image (local path or gs://) as uint8 (H, W, 3) RGB."""
-    image = np.asarray(_decode_image(uri, max_side).convert("RGB"), dtype=np.uint8)
+    image = rgb_from_pil(_decode_image(uri, max_side))
     image.setflags(write=False)  # shared by all variants of a record
     return image
 
 
 def load_mask(uri: str, *, max_side: int = 8192) -> np.ndarray:
     """A mask image as uint8 (H, W) grey levels, 255 = repaint."""
-    mask = np.asarray(_decode_image(uri, max_side).convert("L"), dtype=np.uint8)
+    mask = grey_from_pil(_decode_image(uri, max_side))
     mask.setflags(write=False)
     return mask
 

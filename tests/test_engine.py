@@ -288,6 +288,36 @@ def test_bad_sample_requests_are_reported_not_raised(pipe):
     assert good.error is None
 
 
+def test_outpaint_repaints_every_latent_cell_that_holds_new_pixels():
+    from jaxdiff.engine import images
+
+    # 20 px wide + 12 on the right = 32: columns 16..19 share a latent cell (8 px) with new ones;
+    # 4 new rows on top share the first row of cells with 4 of the image's.
+    canvas, mask = images.outpaint_canvas(np.zeros((20, 20, 3), np.uint8), (0, 4, 12, 0), factor=8)
+    assert canvas.shape == (24, 32, 3)
+    latents = images.latent_mask(images.binary_mask(mask, 32, 24), 8)[..., 0]
+    np.testing.assert_array_equal(latents, [[1, 1, 1, 1], [0, 0, 1, 1], [0, 0, 1, 1]])  # 1 = repaint
+
+
+@pytest.mark.faults
+def test_image_inputs_of_other_kinds_convert_or_fail_per_sample(pipe):
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:12, 4:12] = 255
+    init = _rgb(3)
+    as_uint8, as_bool, as_float = pipe.render_samples([
+        jaxdiff.Sample(id=k, prompt="a", seed=1, mode="inpaint", init_image=init, mask=m)
+        for k, m in (("u8", mask), ("bool", mask > 0), ("float", mask / 255.0))])
+    assert as_uint8.error is None
+    np.testing.assert_array_equal(as_bool.image, as_uint8.image)
+    np.testing.assert_array_equal(as_float.image, as_uint8.image)
+    bad_shape, bad_pads, good = pipe.render_samples([
+        jaxdiff.Sample(id="s", prompt="a", mode="img2img", init_image=np.zeros((16, 16, 5), np.uint8)),
+        jaxdiff.Sample(id="p", prompt="a", mode="outpaint", init_image=init, outpaint=(-4, 0, 4, 0)),
+        jaxdiff.Sample(id="g", prompt="a", seed=1)])
+    assert "init_image of shape (16, 16, 5)" in bad_shape.error
+    assert "whole numbers >= 0" in bad_pads.error and good.error is None
+
+
 def test_outpaint_and_sketch_render(pipe):
     sketch = np.full((16, 16, 3), 255, np.uint8)
     sketch[4:12, 8] = 0

@@ -390,6 +390,33 @@ def test_init_images_load_as_rgb(tmp_path, fmt, ext):
         assert np.abs(image.astype(int) - rgb).mean() < 6  # JPEG loss, quality 75
 
 
+def test_sixteen_bit_transparent_and_camera_images_load_as_seen(tmp_path):
+    levels = np.array([[0, 1000, 16384, 32768, 49152, 65535]], np.uint16)
+    Image.fromarray(levels).save(tmp_path / "grey16.png")  # Pillow writes it as a 16-bit PNG
+    assert Image.open(tmp_path / "grey16.png").mode.startswith("I")
+    expected = np.array([[0, 4, 64, 128, 191, 255]], np.uint8)  # scaled, not clipped at 255
+    np.testing.assert_array_equal(load_mask(str(tmp_path / "grey16.png")), expected)
+    np.testing.assert_array_equal(load_image(str(tmp_path / "grey16.png"))[..., 0], expected)
+    # Transparent pixels that store red: a viewer shows white, and so does the image;
+    # a mask's transparent pixels keep, whatever grey they store.
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[..., 0] = 255
+    rgba[0, 0, 3] = 255
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    image = load_image(str(tmp_path / "rgba.png"))
+    assert image[0, 0].tolist() == [255, 0, 0] and image[1, 1].tolist() == [255, 255, 255]
+    strokes = np.zeros((2, 2, 2), np.uint8)
+    strokes[..., 0] = 255  # white everywhere, opaque only at one stroke pixel
+    strokes[0, 1, 1] = 255
+    Image.fromarray(strokes, "LA").save(tmp_path / "strokes.png")
+    np.testing.assert_array_equal(load_mask(str(tmp_path / "strokes.png")), [[0, 255], [0, 0]])
+    # A camera JPEG with a second picture (MPO) reads its main one.
+    first, second = Image.new("RGB", (8, 6), (200, 30, 30)), Image.new("RGB", (8, 6), (0, 0, 255))
+    first.save(tmp_path / "camera.jpg", format="MPO", save_all=True, append_images=[second])
+    assert Image.open(tmp_path / "camera.jpg").format == "MPO"
+    assert np.abs(load_image(str(tmp_path / "camera.jpg")).astype(int) - [200, 30, 30]).max() < 8
+
+
 def test_modes_carry_their_images(tmp_path):
     rgb = np.full((16, 24, 3), 90, np.uint8)
     mask = np.zeros((16, 24), np.uint8)

@@ -6,6 +6,72 @@ import numpy as np
 from PIL import Image
 
 
+def rgb_from_pil(image: Image.Image) -> np.ndarray:
+    """uint8 (H, W, 3) RGB of a decoded image: 16-bit grey scaled to 8 bits, transparency
+    composited onto white (a sketch on a transparent canvas is lines on white, as a
+    viewer shows it, whatever colour the transparent pixels happen to store)."""
+    image = _eight_bit(image)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        return np.asarray(Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB"))
+    return np.asarray(image.convert("RGB"))
+
+
+def grey_from_pil(image: Image.Image) -> np.ndarray:
+    """uint8 (H, W) grey levels of a decoded mask, 255 = repaint; where it has transparency,
+    transparent means keep (strokes drawn on a transparent layer)."""
+    image = _eight_bit(image)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        grey, alpha = (np.asarray(c, np.float32) for c in image.convert("LA").split())
+        return np.round(grey * alpha / 255.0).astype(np.uint8)
+    return np.asarray(image.convert("L"))
+
+
+def _eight_bit(image: Image.Image) -> Image.Image:
+    # Pillow opens 16-bit grey PNGs as I;16 (or I), whose convert() clips at 255 instead of scaling.
+    if image.mode.startswith("I;16") or image.mode == "I":
+        levels = np.asarray(image, np.float64) / 257.0
+        return Image.fromarray(np.clip(np.round(levels), 0, 255).astype(np.uint8), "L")
+    return image
+
+
+def rgb_array(image: np.ndarray) -> np.ndarray:
+    """An init image given as an array -> uint8 (H, W, 3): uint8 RGB as it is, grey (H, W)
+    repeated, RGBA composited onto white, floats in [0, 1] scaled; else ValueError."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        if not (np.issubdtype(image.dtype, np.floating) and image.size and 0.0 <= image.min()
+                and image.max() <= 1.0):
+            raise ValueError(f"init_image of dtype {image.dtype}: give uint8 (0-255) or floats in [0, 1]")
+        image = np.round(image * 255.0).astype(np.uint8)
+    if image.ndim == 2:
+        return np.repeat(image[..., None], 3, axis=-1)
+    if image.ndim == 3 and image.shape[-1] == 4:
+        return rgb_from_pil(Image.fromarray(image, "RGBA"))
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"init_image of shape {image.shape}: give (H, W, 3) RGB, (H, W, 4) RGBA or (H, W) grey")
+    return image
+
+
+def mask_array(mask: np.ndarray) -> np.ndarray:
+    """A mask given as an array -> uint8 (H, W), 255 = repaint: bools and floats in [0, 1]
+    (as diffusers takes them) scaled, (H, W, C) made grey; else ValueError."""
+    mask = np.asarray(mask)
+    if mask.dtype == np.bool_:
+        mask = mask.astype(np.uint8) * 255
+    elif mask.dtype != np.uint8:
+        if not (np.issubdtype(mask.dtype, np.floating) and mask.size and 0.0 <= mask.min() and mask.max() <= 1.0):
+            raise ValueError(f"mask of dtype {mask.dtype}: give uint8 (255 = repaint), bools or floats in [0, 1]")
+        mask = np.round(mask * 255.0).astype(np.uint8)
+    if mask.ndim == 3 and mask.shape[-1] == 1:
+        mask = mask[..., 0]
+    if mask.ndim == 3 and mask.shape[-1] in (3, 4):
+        mask = grey_from_pil(Image.fromarray(mask, "RGB" if mask.shape[-1] == 3 else "RGBA"))
+    if mask.ndim != 2:
+        raise ValueError(f"mask of shape {mask.shape}: give (H, W) grey levels, 255 = repaint")
+    return mask
+
+
 def resize_rgb(image: np.ndarray, width: int, height: int) -> np.ndarray:
     """uint8 (H, W, 3) resized to (height, width) with Lanczos, unchanged when it fits."""
     if image.shape[:2] == (height, width):
@@ -20,8 +86,6 @@ def to_unit_range(image: np.ndarray) -> np.ndarray:
 
 def binary_mask(mask: np.ndarray, width: int, height: int) -> np.ndarray:
     """uint8 (H, W) mask, 255 = repaint -> float32 {0, 1} (H, W, 1) at the render size."""
-    if mask.ndim == 3:
-        mask = np.asarray(Image.fromarray(mask).convert("L"))
     if mask.shape != (height, width):
         mask = np.asarray(Image.fromarray(mask).resize((width, height), Image.LANCZOS))
     return (mask.astype(np.float32) / 255.0 >= 0.5).astype(np.float32)[..., None]
@@ -32,14 +96,18 @@ def latent_mask(mask: np.ndarray, factor: int) -> np.ndarray:
     return mask[::factor, ::factor]
 
 
-def outpaint_canvas(image: np.ndarray, pads: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+def outpaint_canvas(image: np.ndarray, pads: tuple[int, int, int, int], factor: int = 1
+                    ) -> tuple[np.ndarray, np.ndarray]:
     """Extends `image` by (left, top, right, bottom) pixels; the new area is masked for repaint.
 
     The new area starts from the nearest edge pixels, so the model sees plausible colours
-    at the seam rather than a hard border.
+    at the seam rather than a hard border. The kept area shrinks to whole `factor`-pixel
+    cells (the VAE's latent grid): a latent cell holding any new pixel is repainted.
     """
     left, top, right, bottom = pads
     canvas = np.pad(image, ((top, bottom), (left, right), (0, 0)), mode="edge")
     mask = np.full(canvas.shape[:2], 255, np.uint8)
-    mask[top:top + image.shape[0], left:left + image.shape[1]] = 0
+    inner = lambda start, size: (-(-start // factor) * factor, (start + size) // factor * factor)
+    (y0, y1), (x0, x1) = inner(top, image.shape[0]), inner(left, image.shape[1])
+    mask[y0:max(y0, y1), x0:max(x0, x1)] = 0
     return canvas, mask

@@ -245,14 +245,19 @@ class Pipeline:
                               f"sampler {prep.sampler!r}: pick one of those, or turn karras off")
         if s.mode == "txt2img":
             return self._check_size(prep)
-        image = s.init_image
-        if image is None:
+        if s.init_image is None:
             raise RenderError(f"mode {s.mode} needs an init_image")
-        mask = s.mask
+        try:
+            image = imgs.rgb_array(s.init_image)
+            mask = None if s.mask is None else imgs.mask_array(s.mask)
+        except ValueError as e:
+            raise RenderError(str(e)) from None
         if s.mode == "outpaint":
-            if not s.outpaint:
-                raise RenderError("mode outpaint needs `outpaint` pixels (left, top, right, bottom)")
-            image, mask = imgs.outpaint_canvas(image, s.outpaint)
+            pads = tuple(s.outpaint or ())
+            if len(pads) != 4 or not all(isinstance(p, (int, np.integer)) and p >= 0 for p in pads) or not any(pads):
+                raise RenderError(f"mode outpaint needs `outpaint` pixels (left, top, right, bottom): whole "
+                                  f"numbers >= 0, not all 0; got {s.outpaint!r}")
+            image, mask = imgs.outpaint_canvas(image, pads, self.vae_factor)
             prep.width, prep.height = image.shape[1], image.shape[0]
         self._check_size(prep)
         prep.image = imgs.to_unit_range(imgs.resize_rgb(image, prep.width, prep.height))
