@@ -57,6 +57,11 @@ class RenderConfig:
     steps: int | None = None
     sampler: str | None = None
     guidance: float | None = None
+    # The x4 stage's own; None: what the upscaler folder recommends, else the engine's.
+    upscale_steps: int | None = None
+    upscale_sampler: str | None = None
+    upscale_guidance: float | None = None
+    noise_level: int | None = None
     seed: int = 0
     image_format: str = "png"
     keep_base: bool = False
@@ -78,11 +83,22 @@ class RenderConfig:
             if value is not None and value < 1:
                 raise ValueError(f"--{name} must be >= 1, got {value}")
 
+    def upscaler_path(self) -> str | None:
+        """The upscaler this config loads: the shipped one with the shipped model unless
+        told otherwise, the one named, or None."""
+        if self.upscaler is None and self.model in (None, "default"):
+            return "default-x4"
+        return None if self.upscaler in (None, "none", "") else self.upscaler
+
     def identity(self) -> dict:
-        """The settings a resumed run must share with the run that wrote the output."""
+        """The settings a resumed run must share with the run that wrote the output: each
+        that changes an image, in one spelling."""
         out = dataclasses.asdict(self)
         # Invariant: an image does not depend on batch size; the delay only slows a dry run.
         del out["batch_size"], out["dry_run_delay_s"]
+        out["model"] = self.model or "default"
+        out["upscaler"] = self.upscaler_path()
+        out["keep_base"] = self.keep_base and out["upscaler"] is not None
         return out
 
     def open_settings(self) -> dict:
@@ -92,7 +108,9 @@ class RenderConfig:
     def settings(self) -> dict:
         """Run-wide render defaults, as the engine's RenderSettings names them."""
         return {"width": self.width, "height": self.height, "steps": self.steps, "sampler": self.sampler,
-                "guidance": self.guidance, "seed": self.seed, "keep_base": self.keep_base}
+                "guidance": self.guidance, "seed": self.seed, "keep_base": self.keep_base,
+                "upscale_steps": self.upscale_steps, "upscale_sampler": self.upscale_sampler,
+                "upscale_guidance": self.upscale_guidance, "noise_level": self.noise_level}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,19 +127,28 @@ class RendererFactory:
                                           delay_s=c.dry_run_delay_s, **c.open_settings())
         from jaxdiff.engine import load_pipeline
 
-        return load_pipeline(c.model, c.upscaler, dtype=c.dtype, variant=c.variant, batch_size=c.batch_size,
+        return load_pipeline(c.model, c.upscaler_path() or "none", dtype=c.dtype, variant=c.variant,
+                             batch_size=c.batch_size,
                              **c.settings())
 
 
+# An upscaler folder's render_defaults.json names its own stage's settings; ours.
+_UPSCALE_FIELDS = {"steps": "upscale_steps", "sampler": "upscale_sampler", "guidance": "upscale_guidance",
+                   "noise_level": "noise_level"}
+
+
 def with_model_defaults(config: RenderConfig) -> RenderConfig:
-    """`config` with the steps, sampler and guidance it leaves open taken from the model
-    folder's render_defaults.json, so the run's record and every worker agree on them."""
+    """`config` with the settings it leaves open taken from the model's and the upscaler's
+    render_defaults.json, so the run's record, the resume check and every worker agree."""
     if config.dry_run:
         return config
     from jaxdiff import render_defaults
     from jaxdiff.checkpoints import resolve_model
 
     recommended = render_defaults.read(resolve_model(config.model or "default"))
+    if config.upscaler_path() is not None:
+        upscale = render_defaults.read(resolve_model(config.upscaler_path()), "upscale")
+        recommended.update({_UPSCALE_FIELDS[k]: v for k, v in upscale.items()})
     return dataclasses.replace(config, **{k: v for k, v in recommended.items() if getattr(config, k) is None})
 
 
@@ -404,6 +431,25 @@ def check_existing_run(out: str, fingerprint: str, config: RenderConfig) -> dict
     return existing
 
 
+def check_same_models(out: str, recorded: dict, loaded: dict) -> None:
+    """RunConflict when the models loaded now differ from the ones the output was rendered
+    with: other weights behind the same path, or another dtype (None resolves per platform:
+    bf16 on accelerators, fp32 on CPU)."""
+    diffs = []
+    for part in ("base", "upscaler"):
+        before, now = recorded.get(part), loaded.get(part)
+        if not isinstance(before, dict) or not isinstance(now, dict):
+            continue  # not recorded (a run launched for a remote runner), or no such stage
+        if before.get("dtype") != now.get("dtype"):
+            diffs.append(f"{part} dtype: {before.get('dtype')} -> {now.get('dtype')}")
+        if before.get("sha256") != now.get("sha256"):
+            diffs.append(f"{part} weights at {now.get('path')} changed (sha256)")
+    if diffs:
+        raise RunConflict(f"{out} holds a run rendered with other models ({'; '.join(diffs)}). To resume it, "
+                          f"load the same weights with the same --dtype; to start over, pass --fresh; or "
+                          f"choose another --out.")
+
+
 def clear_output(out: str) -> None:
     """Deletes what a run wrote to `out` (markers first, so nothing half-deleted looks complete)."""
     names = shards.list_files(out)
@@ -563,7 +609,7 @@ def run(manifests: list[str], out: str, config: RenderConfig, *, beam_args: Iter
     fingerprint = manifest.manifest_fingerprint(files)
     if fresh:
         clear_output(out)
-    check_existing_run(out, fingerprint, config)
+    existing = check_existing_run(out, fingerprint, config)
     shards.remove_partials(out)
 
     specs = manifest.plan_shards(files, config.shard_size)
@@ -584,6 +630,7 @@ def run(manifests: list[str], out: str, config: RenderConfig, *, beam_args: Iter
         # `handle`; and a bad model path fails here, before any worker starts.
         renderer = handle.acquire(renderer_factory)
         model_info = renderer.describe()
+        check_same_models(out, (existing or {}).get("model", {}), model_info)
     shards.write_json(storage.join(out, RUN_FILE), {
         "config": config.identity(),
         "batch_size": config.batch_size,

@@ -317,6 +317,14 @@ def test_a_record_id_equal_to_another_records_variant_id_renders_once(tmp_path, 
     assert f"duplicate id 'cat_1': the record at {path}:1" in failure["reason"]
 
 
+def test_options_spelled_two_ways_are_one_run():
+    explicit = job.RenderConfig(model="/m", upscaler="none", keep_base=True)
+    assert explicit.identity() == job.RenderConfig(model="/m").identity()  # no upscaler, no base kept
+    assert job.RenderConfig().identity() == job.RenderConfig(model="default").identity()
+    assert job.RenderConfig().upscaler_path() == "default-x4"
+    assert job.RenderConfig(upscaler="none").identity() != job.RenderConfig().identity()
+
+
 @pytest.mark.faults
 def test_a_bad_setting_is_refused_before_the_run_is_recorded(tmp_path):
     """A setting refused for manifests (a width the model cannot take) leaves no run.json

@@ -63,9 +63,26 @@ def test_manifest_renders_through_base_and_upscaler_into_shards(tmp_path, monkey
     failures = [json.loads(line) for f in sorted(os.listdir(os.path.join(out, "failures")))
                 for line in open(os.path.join(out, "failures", f)) if line.strip()]
     assert [f["id"] for f in failures] == ["d"] and "prompt" in failures[0]["reason"]
+    assert metas["a"]["upscale_guidance"] == 9.0 and metas["a"]["upscale_sampler"] == "ddim"
     run_record = json.loads(storage.read_text(os.path.join(out, "run.json")))
     assert run_record["config"]["guidance"] == 5.5 and run_record["config"]["sampler"] == "ddim"
+    assert run_record["config"]["noise_level"] == 7  # the upscaler folder's, resolved for the record
     assert any(k.endswith("diffusion_pytorch_model.safetensors") for k in json.dumps(run_record).split('"'))
+
+    # A resume must render as the run did: what either folder recommends, its weights and
+    # the dtype are part of that; options spelled two ways are one.
+    (tmp_path / "x4" / "render_defaults.json").write_text(json.dumps({"noise_level": 300}))
+    with pytest.raises(job.RunConflict, match="noise_level: 7 -> 300"):
+        job.run([str(manifest_path)], out, config, progress=False)
+    (tmp_path / "x4" / "render_defaults.json").write_text(json.dumps({"noise_level": 7}))
+    from jaxdiff.weights import family
+
+    with monkeypatch.context() as m:  # dtype left open resolves per platform: as on an accelerator
+        m.setattr(family, "default_dtype", lambda: family.jnp.bfloat16)
+        with pytest.raises(job.RunConflict, match="base dtype: float32 -> bfloat16"):
+            job.run([str(manifest_path)], out, config, progress=False)
+    again = job.run([str(manifest_path)], out, config, progress=False)
+    assert again.complete and again.rendered_shards == 0
 
 
 @pytest.mark.pipeline

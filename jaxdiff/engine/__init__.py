@@ -11,7 +11,7 @@ def load_pipeline(model: str | None = None, upscaler: str | None = None, *, dtyp
                   compilation_cache: str | None = None, devices=None, **settings) -> Pipeline:
     """Loads a diffusers-format folder (local or gs://) and, optionally, an x4 upscaler folder.
 
-    `model=None` is the shipped default model (with its own upscaler unless
+    `model=None` (or "default") is the shipped default model (with its own upscaler unless
     `upscaler="none"`). Keyword settings (steps, sampler, guidance, width, ...) become
     the run's RenderSettings; those left out (or None) come from each folder's
     render_defaults.json where it has one (see `settings_for`). `variant` (e.g. "fp16")
@@ -21,7 +21,7 @@ def load_pipeline(model: str | None = None, upscaler: str | None = None, *, dtyp
     from jaxdiff.checkpoints import default_model_path, default_upscaler_path
 
     enable_compilation_cache(compilation_cache)
-    if model is None:
+    if model in (None, "default"):
         model = default_model_path()
         if upscaler is None:
             upscaler = default_upscaler_path()

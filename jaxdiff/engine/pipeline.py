@@ -449,8 +449,10 @@ class Pipeline:
         if p.strength is not None:
             meta["strength"] = p.strength
         if self._up is not None and self.settings.upscale:
-            meta.update(upscaler=self.upscaler.path, upscale_steps=self.settings.upscale_steps,
-                        noise_level=self.settings.noise_level)
+            st = self.settings
+            meta.update(upscaler=self.upscaler.path, upscale_steps=st.upscale_steps,
+                        upscale_guidance=st.upscale_guidance, noise_level=st.noise_level,
+                        upscale_sampler=_sampler_name(st.upscale_sampler, self.upscaler.scheduler_config, "ddim"))
         return meta  # what was rendered; the Sample keeps its own metadata
 
 
@@ -461,4 +463,5 @@ def _start_step(steps: int, strength: float) -> int:
 
 
 def _family_info(family) -> dict:
-    return {"path": family.path, "kind": family.kind, "dtype": str(family.dtype), "sha256": dict(family.sha256)}
+    return {"path": family.path, "kind": family.kind, "dtype": jnp.dtype(family.dtype).name,
+            "sha256": dict(family.sha256)}
