@@ -21,6 +21,9 @@ FILE = "render_defaults.json"
 # What each kind of folder may recommend. An upscaler's values are its own stage's:
 # its "steps" are the engine's upscale_steps.
 KEYS = {"base": ("steps", "sampler", "guidance"), "upscale": ("steps", "sampler", "guidance", "noise_level")}
+# An upscaler's file names its own stage's settings; the engine's (and the job's) names.
+UPSCALE_SETTINGS = {"steps": "upscale_steps", "sampler": "upscale_sampler", "guidance": "upscale_guidance",
+                    "noise_level": "noise_level"}
 
 
 class RenderDefaultsError(ValueError):

@@ -84,11 +84,10 @@ class RenderConfig:
                 raise ValueError(f"--{name} must be >= 1, got {value}")
 
     def upscaler_path(self) -> str | None:
-        """The upscaler this config loads: the shipped one with the shipped model unless
-        told otherwise, the one named, or None."""
-        if self.upscaler is None and self.model in (None, "default"):
-            return "default-x4"
-        return None if self.upscaler in (None, "none", "") else self.upscaler
+        """The upscaler this config loads, by name (see checkpoints.upscaler_for)."""
+        from jaxdiff.checkpoints import upscaler_for
+
+        return upscaler_for(self.model, self.upscaler)
 
     def identity(self) -> dict:
         """The settings a resumed run must share with the run that wrote the output: each
@@ -132,11 +131,6 @@ class RendererFactory:
                              **c.settings())
 
 
-# An upscaler folder's render_defaults.json names its own stage's settings; ours.
-_UPSCALE_FIELDS = {"steps": "upscale_steps", "sampler": "upscale_sampler", "guidance": "upscale_guidance",
-                   "noise_level": "noise_level"}
-
-
 def with_model_defaults(config: RenderConfig) -> RenderConfig:
     """`config` with the settings it leaves open taken from the model's and the upscaler's
     render_defaults.json, so the run's record, the resume check and every worker agree."""
@@ -148,7 +142,7 @@ def with_model_defaults(config: RenderConfig) -> RenderConfig:
     recommended = render_defaults.read(resolve_model(config.model or "default"))
     if config.upscaler_path() is not None:
         upscale = render_defaults.read(resolve_model(config.upscaler_path()), "upscale")
-        recommended.update({_UPSCALE_FIELDS[k]: v for k, v in upscale.items()})
+        recommended.update({render_defaults.UPSCALE_SETTINGS[k]: v for k, v in upscale.items()})
     return dataclasses.replace(config, **{k: v for k, v in recommended.items() if getattr(config, k) is None})
 
 

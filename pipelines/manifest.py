@@ -279,13 +279,17 @@ def sample_ids(raw: RawRecord, defaults: RenderDefaults) -> list[str]:
     if first is None:
         return []
     try:
-        value = raw.fields.get("num_images")
-        count = defaults.num_images if value is None else _integer("num_images", value)
+        count = _num_images({k: v for k, v in raw.fields.items() if v is not None}, defaults)
     except _Invalid:
         count = 1
-    if not 1 <= count <= defaults.max_num_images:
-        count = 1
     return [first] + [f"{first}_{k}" for k in range(1, count)]
+
+
+def _num_images(fields: dict[str, Any], defaults: RenderDefaults) -> int:
+    num_images = _integer("num_images", fields["num_images"]) if "num_images" in fields else defaults.num_images
+    if not 1 <= num_images <= defaults.max_num_images:
+        raise _Invalid(f"num_images {num_images} is out of range: use 1 to {defaults.max_num_images}")
+    return num_images
 
 
 def _size(fields: dict[str, Any], defaults: RenderDefaults) -> tuple[int | None, int | None]:
@@ -355,9 +359,7 @@ def _options(fields: dict[str, Any], defaults: RenderDefaults, source: str) -> d
     if not 0 <= guidance <= defaults.max_guidance:
         raise _Invalid(f"guidance {guidance} is out of range: use 0 to {defaults.max_guidance}")
     width, height = _size(fields, defaults)
-    num_images = _integer("num_images", fields["num_images"]) if "num_images" in fields else defaults.num_images
-    if not 1 <= num_images <= defaults.max_num_images:
-        raise _Invalid(f"num_images {num_images} is out of range: use 1 to {defaults.max_num_images}")
+    num_images = _num_images(fields, defaults)
 
     mode = _text("mode", fields.get("mode", "txt2img")).strip().lower()
     if mode not in MODES:

@@ -28,6 +28,14 @@ def default_upscaler_path() -> str:
 
 
 _SHIPPED = {"default": default_model_path, "default-x4": default_upscaler_path}
+
+
+def upscaler_for(model: str | None, upscaler: str | None) -> str | None:
+    """The upscaler a (model, upscaler) choice loads, by name: the shipped one with the
+    shipped model unless told otherwise, the one named, or None ("none" or not given)."""
+    if upscaler is None and model in (None, "default"):
+        return "default-x4"
+    return None if upscaler in (None, "none", "") else upscaler
 _REPO_ID = re.compile(r"[\w.\-]+/[\w.\-]+")
 
 

@@ -17,18 +17,13 @@ def load_pipeline(model: str | None = None, upscaler: str | None = None, *, dtyp
     render_defaults.json where it has one (see `settings_for`). `variant` (e.g. "fp16")
     loads diffusers' variant weight files of both folders.
     """
+    from jaxdiff.checkpoints import upscaler_for
     from jaxdiff.weights.family import load_family
-    from jaxdiff.checkpoints import default_model_path, default_upscaler_path
 
     enable_compilation_cache(compilation_cache)
-    if model in (None, "default"):
-        model = default_model_path()
-        if upscaler is None:
-            upscaler = default_upscaler_path()
-    if upscaler in (None, "none", ""):
-        upscaler = None
+    upscaler = upscaler_for(model, upscaler)
     kw = dict(dtype=dtype, allow_pickle=allow_pickle, variant=variant)
-    base = load_family(model, **kw)
+    base = load_family(model or "default", **kw)
     up = load_family(upscaler, **kw) if upscaler else None
     return Pipeline(base, up, batch_size=batch_size, settings=settings_for(base, up, **settings), devices=devices)
 

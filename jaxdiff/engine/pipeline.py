@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxdiff import samplers
+from jaxdiff import render_defaults, samplers
 from jaxdiff.engine import images as imgs
 from jaxdiff.engine.programs import (BaseSignature, UpscaleSignature, make_base_program,
                                      make_encode_program, make_upscale_program)
@@ -61,17 +61,12 @@ class RenderSettings:
     tile_pixels: int = 768         # decode larger images in tiles of this side
 
 
-# A folder's render_defaults.json names its own stage's settings; the engine's names.
-_UPSCALER_SETTING = {"steps": "upscale_steps", "sampler": "upscale_sampler", "guidance": "upscale_guidance",
-                     "noise_level": "noise_level"}
-
-
 def settings_for(base, upscaler=None, **given) -> RenderSettings:
     """The run's settings: those `given` (None: not given), else what each model folder
     recommends in its render_defaults.json, else RenderSettings' own defaults."""
     merged = dict(base.render_defaults) if base is not None else {}
     if upscaler is not None:
-        merged.update({_UPSCALER_SETTING[k]: v for k, v in upscaler.render_defaults.items()})
+        merged.update({render_defaults.UPSCALE_SETTINGS[k]: v for k, v in upscaler.render_defaults.items()})
     merged.update({k: v for k, v in given.items() if v is not None})
     return RenderSettings(**merged)
 
@@ -135,6 +130,9 @@ class Pipeline:
             raise ValueError(f"noise_level {self.settings.noise_level} is out of range for the upscaler at "
                              f"{upscaler.path}: use 0 to its max_noise_level {upscaler.max_noise_level}")
         self._up = self._place(upscaler) if upscaler is not None else None
+        # The x4 stage's sampler: the one set, else its checkpoint's scheduler's (DDIM if unknown).
+        self._upscale_sampler = None if upscaler is None else _sampler_name(
+            self.settings.upscale_sampler, upscaler.scheduler_config, "ddim")
         if base is None:  # an upscale-only pipeline: `upscale()` works, `render()` does not
             if upscaler is None:
                 raise ValueError("a Pipeline needs a base model family, an upscaler, or both")
@@ -405,7 +403,7 @@ class Pipeline:
                  noise: np.ndarray | None = None, aug_noise: np.ndarray | None = None):
         st, fam = self.settings, self.upscaler
         B, height, width = base_u8.shape[0], base_u8.shape[1], base_u8.shape[2]
-        sampler_name = _sampler_name(st.upscale_sampler, fam.scheduler_config, "ddim")
+        sampler_name = self._upscale_sampler
         sig = UpscaleSignature(B, height, width, st.upscale_steps, sampler_name)
         program = self._program(("upscale", sig), lambda: make_upscale_program(
             self._up[0], samplers.make_sampler(
@@ -452,7 +450,7 @@ class Pipeline:
             st = self.settings
             meta.update(upscaler=self.upscaler.path, upscale_steps=st.upscale_steps,
                         upscale_guidance=st.upscale_guidance, noise_level=st.noise_level,
-                        upscale_sampler=_sampler_name(st.upscale_sampler, self.upscaler.scheduler_config, "ddim"))
+                        upscale_sampler=self._upscale_sampler)
         return meta  # what was rendered; the Sample keeps its own metadata
 
 

@@ -98,7 +98,7 @@ def _pallas_tpu_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array
     if mesh.empty or mesh.size == 1:
         return _pallas_tpu_kernel(q, k, v)
     if q.shape[0] % mesh.size:  # a batch that does not split over the chips: XLA's path
-        return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+        return _xla_attention(q, k, v)
     batch = jax.sharding.PartitionSpec(mesh.axis_names)
     return jax.shard_map(_pallas_tpu_kernel, mesh=mesh, in_specs=(batch, batch, batch),
                          out_specs=batch, check_vma=False)(q, k, v)
@@ -133,12 +133,15 @@ def _pallas_tpu_kernel(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     return out.transpose(0, 2, 1, 3)[:, :q_len, :, :head_dim]
 
 
-def _xla_attention_in_query_chunks(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """XLA's attention with at most MAX_SCORES scores alive: each query's softmax needs
-    only its own row of scores, so chunks of queries (zero-padded to whole chunks, cut off
-    after) go through one after another in a lax.map."""
+def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, is_causal: bool = False,
+                   mask: jax.Array | None = None) -> jax.Array:
+    """XLA's attention, with at most MAX_SCORES scores alive when unmasked: each query's
+    softmax needs only its own row of scores, so past that, chunks of queries (zero-padded
+    to whole chunks, cut off after) go through one after another in a lax.map."""
     batch, q_len, heads, head_dim = q.shape
     chunks = -(-batch * heads * q_len * k.shape[1] // MAX_SCORES)
+    if chunks == 1 or mask is not None or is_causal:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation="xla")
     chunk = -(-q_len // chunks)
     q = jnp.pad(q, ((0, 0), (0, chunk * chunks - q_len), (0, 0), (0, 0)))
     q = q.reshape(batch, chunks, chunk, heads, head_dim).swapaxes(0, 1)
@@ -152,8 +155,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     implementation = _choose(q, plain_only=is_causal or mask is not None)
     if implementation == "pallas":
         return _pallas_tpu_attention(q, k, v)
-    if (implementation == "xla" and mask is None and not is_causal
-            and q.shape[0] * q.shape[1] * q.shape[2] * k.shape[1] > MAX_SCORES):
-        return _xla_attention_in_query_chunks(q, k, v)
+    if implementation == "xla":
+        return _xla_attention(q, k, v, is_causal=is_causal, mask=mask)
     return jax.nn.dot_product_attention(
         q, k, v, mask=mask, is_causal=is_causal, implementation=implementation)
