@@ -16,6 +16,7 @@ file whole.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import io
 import json
@@ -131,6 +132,15 @@ def encode_image(image: np.ndarray, image_format: str) -> bytes:
     return buffer.getvalue()
 
 
+@dataclasses.dataclass(frozen=True)
+class EncodedImages:
+    """One sample's compressed files: its image (and that image's sha256), and its base
+    image before upscaling when the shard keeps it."""
+    image: bytes
+    sha256: str
+    base: bytes | None = None
+
+
 def image_metadata(sample: Sample, rendered: Rendered, model: dict) -> dict:
     """What the shard's {key}.json says about one image: enough to reproduce it."""
     meta = {
@@ -174,14 +184,25 @@ class ShardWriter:
         self._failures: list[str] = []
         self._started = time.time()
 
-    def add(self, key: str, sample: Sample, rendered: Rendered) -> None:
-        meta = image_metadata(sample, rendered, self.model)
+    def encode(self, rendered: Rendered) -> EncodedImages:
+        """The sample's image files, compressed. The slow part of adding a sample, and
+        safe on any thread: it reads nothing of the shard but its settings."""
         image = encode_image(rendered.image, self.image_format)
+        base = None
+        if self.keep_base and rendered.base_image is not None:
+            base = encode_image(rendered.base_image, "png")
+        return EncodedImages(image, hashlib.sha256(image).hexdigest(), base)
+
+    def add(self, key: str, sample: Sample, rendered: Rendered, encoded: EncodedImages | None = None) -> None:
+        """Appends one sample to the shard; `encoded` is `self.encode(rendered)`, done ahead."""
+        meta = image_metadata(sample, rendered, self.model)
+        encoded = encoded or self.encode(rendered)
+        image = encoded.image
         _add_member(self._tar, f"{key}.{self.image_format}", image)
         _add_member(self._tar, f"{key}.json", to_json(meta).encode())
         _add_member(self._tar, f"{key}.txt", sample.prompt.encode())
-        if self.keep_base and rendered.base_image is not None:
-            _add_member(self._tar, f"{key}.base.png", encode_image(rendered.base_image, "png"))
+        if encoded.base is not None:
+            _add_member(self._tar, f"{key}.base.png", encoded.base)
         self._rows.append({
             "key": key,
             "id": sample.id,
@@ -196,7 +217,7 @@ class ShardWriter:
             "sampler": meta.get("sampler"),
             "format": self.image_format,
             "image_bytes": len(image),
-            "image_sha256": hashlib.sha256(image).hexdigest(),
+            "image_sha256": encoded.sha256,
             "metadata": to_json(meta["manifest"]),
         })
 
