@@ -101,6 +101,8 @@ def test_attention_bench_times_every_call_site_on_each_path(tmp_path):
     for site in result["sites"]:
         assert site["paths"]["xla"]["tflop_s"] > 0
         assert "cuDNN" in site["paths"]["cudnn"]["error"]  # no GPU here: named, not hidden
+        fa3 = site["paths"]["mosaic_fa3"]  # timed or, with its reason, not: never missing
+        assert fa3.get("ms", 0) > 0 or fa3["error"].split(": ", 1)[1]
 
 
 def test_attention_with_a_zero_padded_head_dim_is_unchanged():
@@ -114,6 +116,28 @@ def test_attention_with_a_zero_padded_head_dim_is_unchanged():
     plain = jax.nn.dot_product_attention(q, k, v, implementation="xla")
     padded = padded_head_dim(lambda *a, **kw: jax.nn.dot_product_attention(*a, implementation="xla", **kw), 40)
     np.testing.assert_allclose(np.asarray(padded(q, k, v)), np.asarray(plain), rtol=1e-5, atol=1e-6)
+
+
+def test_mosaic_attention_gets_a_prescaled_q_and_a_padded_head_dim(monkeypatch):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.experimental.pallas.ops.gpu import attention_mgpu
+
+    from tools.attention_bench import mosaic_fa3, padded_head_dim
+
+    # The kernel's contract, on XLA: f16, a head dim that is a multiple of 64, no softmax scale.
+    def kernel(q, k, v, config):
+        assert q.dtype == k.dtype == v.dtype == jnp.float16 and q.shape[-1] % 64 == 0
+        assert (config.block_q, config.block_kv) == (64, 128)
+        return jax.nn.dot_product_attention(q, k, v, scale=1.0, implementation="xla")
+    monkeypatch.setattr(attention_mgpu, "attention", kernel)
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 128, 3, 40)).astype(np.float32) for _ in range(3))
+    plain = jax.nn.dot_product_attention(q, k, v, implementation="xla")
+    out = padded_head_dim(mosaic_fa3(64, 128), 40)(q, k, v)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(out), np.asarray(plain), rtol=1e-2, atol=5e-3)
 
 
 def test_hlo_ops_counts_the_flops_of_each_kernel_kind():

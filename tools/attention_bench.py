@@ -7,11 +7,12 @@ TFLOP/s per path.
 The call sites: each UNet level with transformers (self or, where the config says
 only_cross_attention, text attention; then text attention), the mid block, all at the
 CFG batch (2 x --batch), and the VAE decoder's mid-block attention at the image batch.
-Each is timed on every path: XLA's own attention, cuDNN flash attention, and cuDNN with
-the head dim zero-padded to a multiple of 64 (flash kernels run a head dim of 40 as a
-wider one: is padding it ourselves free?). A path the backend does not take is reported
-with its reason. What this says on a GPU is which kernel jaxdiff/models/attention.py
-should dispatch per shape.
+Each is timed on every path: XLA's own attention, cuDNN flash attention, cuDNN with the
+head dim zero-padded to a multiple of 64 (flash kernels run a head dim of 40 as a wider
+one: is padding it ourselves free?), and jax's FlashAttention-3 style Hopper kernel
+(Pallas on Mosaic GPU, in f16, head dim padded the same way), best of a few block
+sizes. A path the backend or shape does not take is reported with its reason. What this
+says on a GPU is which kernel jaxdiff/models/attention.py should dispatch per shape.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ import math
 import sys
 
 TEXT_TOKENS = 77
+# (block_q, block_kv) tried for the Mosaic GPU kernel: few, as each is a compile. Two
+# warpgroups take block_q query rows each; a head dim padded to 192 leaves shared memory
+# for block_kv 64 only.
+FA3_BLOCKS = ((64, 128), (64, 64))
 
 
 def attention_sites(arch: str, batch: int, size: int | None = None) -> list[dict]:
@@ -77,7 +82,25 @@ def padded_head_dim(attend, head_dim: int, multiple: int = 64):
     return call
 
 
+def mosaic_fa3(block_q: int, block_kv: int):
+    """jax's FlashAttention-3 style Hopper kernel as an `attend` for padded_head_dim. It
+    takes a head dim that is a multiple of 64, kv tokens a multiple of block_kv, q tokens
+    a multiple of 2 x block_q, and applies no softmax scale itself: q comes pre-scaled. Its
+    shared-memory buffers are float16 whatever the input (bf16 fails to trace), so it runs
+    in f16, cast from and back to the input dtype. Imported when traced, so a missing or
+    broken module is the path's error."""
+    def attend(q, k, v, scale):
+        import jax.numpy as jnp
+        from jax.experimental.pallas.ops.gpu import attention_mgpu
+
+        config = attention_mgpu.TuningConfig(block_q=block_q, block_kv=block_kv, max_concurrent_steps=2)
+        f16 = lambda x: x.astype(jnp.float16)
+        return attention_mgpu.attention(f16(q * scale), f16(k), f16(v), config).astype(q.dtype)
+    return attend
+
+
 def _paths(head_dim: int) -> dict:
+    """name: attention fn, or {config: fn} for a path timed at each config, its best kept."""
     import functools
 
     import jax
@@ -86,7 +109,20 @@ def _paths(head_dim: int) -> dict:
              for name in ("xla", "cudnn")}
     if head_dim % 64:
         paths[f"cudnn_pad{-(-head_dim // 64) * 64}"] = padded_head_dim(paths["cudnn"], head_dim)
+    paths["mosaic_fa3"] = {f"block_q {bq} block_kv {bkv}": padded_head_dim(mosaic_fa3(bq, bkv), head_dim)
+                           for bq, bkv in FA3_BLOCKS}
     return paths
+
+
+def _reason(e: Exception) -> str:
+    """An exception in one line; a bare assert gives its source line instead."""
+    import traceback
+
+    lines = str(e).strip().splitlines()
+    if not lines:
+        frame = traceback.extract_tb(e.__traceback__)[-1]
+        lines = [f"{frame.filename.split('/')[-1]}: {frame.line}"]
+    return f"{type(e).__name__}: {lines[0][:200]}"
 
 
 def time_site(site: dict, dtype, reps: int) -> dict:
@@ -105,17 +141,28 @@ def time_site(site: dict, dtype, reps: int) -> dict:
     result = dict(site, gflop=float(f"{flops / 1e9:.4g}"), dispatch=attention._choose(q), paths={})
     reference = None
     for name, path in _paths(d).items():
-        try:
-            fn = jax.jit(path)
-            out = jax.block_until_ready(fn(q, k, v))
-            seconds = _median_time(lambda: jax.block_until_ready(fn(q, k, v)), reps)
-        except Exception as e:  # a path this backend or shape does not take
-            result["paths"][name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
-            continue
-        out = np.asarray(out, np.float32)
-        reference = out if reference is None else reference
-        result["paths"][name] = {"ms": round(seconds * 1e3, 4), "tflop_s": float(f"{flops / seconds / 1e12:.4g}"),
-                                 "max_diff_vs_xla": float(f"{np.abs(out - reference).max():.3g}")}
+        configs = path if isinstance(path, dict) else {None: path}
+        timed, errors = [], {}
+        for config, fn in configs.items():
+            try:
+                fn = jax.jit(fn)
+                out = jax.block_until_ready(fn(q, k, v))
+                timed.append((_median_time(lambda: jax.block_until_ready(fn(q, k, v)), reps), config, out))
+            except Exception as e:  # a path (or config) this backend or shape does not take
+                errors[config] = _reason(e)
+        if not timed:  # the reason of the last config tried: the smallest blocks
+            entry = {"error": list(errors.values())[-1]}
+        else:
+            seconds, config, out = min(timed, key=lambda t: t[0])
+            out = np.asarray(out, np.float32)
+            reference = out if reference is None else reference
+            entry = {"ms": round(seconds * 1e3, 4), "tflop_s": float(f"{flops / seconds / 1e12:.4g}"),
+                     "max_diff_vs_xla": float(f"{np.abs(out - reference).max():.3g}")}
+            if config:
+                entry["config"] = config
+        if isinstance(path, dict):
+            entry["failed_configs"] = errors
+        result["paths"][name] = entry
     return result
 
 
@@ -147,22 +194,27 @@ def main(argv=None) -> dict:
     if args.batch < 1 or args.reps < 1:
         p.error("--batch and --reps must be at least 1")
     dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-    sites = [time_site(s, dtype, args.reps) for s in attention_sites(args.arch, args.batch, args.size)]
-    result = {"arch": args.arch, "batch": args.batch, "device": jax.devices()[0].device_kind,
-              "dtype": jnp.dtype(dtype).name, "sites": sites, "unet_step_ms": _step_totals(sites)}
-    print(f"{args.arch}, batch {args.batch}, {result['dtype']}, {result['device']}: ms (TFLOP/s) per call, "
+    device = jax.devices()[0].device_kind
+    print(f"{args.arch}, batch {args.batch}, {jnp.dtype(dtype).name}, {device}: ms (TFLOP/s) per call, "
           "calls per step, the dispatch's path")
-    for s in sites:
+    result = {"arch": args.arch, "batch": args.batch, "device": device, "dtype": jnp.dtype(dtype).name,
+              "sites": [], "unet_step_ms": {}}
+    for site in attention_sites(args.arch, args.batch, args.size):
+        # Each site printed and written as soon as it is timed: a run cut short by a
+        # timeout keeps what it had.
+        s = time_site(site, dtype, args.reps)
+        result["sites"].append(s)
+        result["unet_step_ms"] = _step_totals(result["sites"])
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
         shape = f"{s['batch']}x{s['q_tokens']}x{s['kv_tokens']} h{s['heads']} d{s['head_dim']}"
-        cells = [f"{n} {r['ms']:.3f} ({r['tflop_s']:.4g})" if "ms" in r else f"{n} -"
-                 for n, r in s["paths"].items()]
-        print(f"{s['site']:<22}{shape:<28}x{s['calls']:<3}{s['dispatch']:<7}" + "  ".join(cells))
+        cells = [f"{n} {r['ms']:.3f} ({r['tflop_s']:.4g})" + (f" [{r['config']}]" if "config" in r else "")
+                 if "ms" in r else f"{n} -" for n, r in s["paths"].items()]
+        print(f"{s['site']:<22}{shape:<28}x{s['calls']:<3}{s['dispatch']:<7}" + "  ".join(cells), flush=True)
     totals = result["unet_step_ms"]
     print(f"UNet attention per step: {totals['dispatch']} ms on the paths the dispatch picks, "
           f"{totals['best']} ms on the fastest path of each site")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
     return result
 
 
