@@ -224,6 +224,21 @@ def test_two_stage_render_keeps_base(sd_folder, upscaler_folder):
     assert r.metadata["upscale_steps"] == 2 and r.metadata["width"] == 64
 
 
+def test_each_images_timings_are_its_share_of_the_render(sd_folder, upscaler_folder):
+    import time
+
+    pipe = jaxdiff.load_pipeline(sd_folder, upscaler=upscaler_folder, steps=8, sampler="ddim", upscale_steps=8,
+                                 batch_size=2)
+    pipe.render(["a red circle", "a blue square"], seeds=[1, 2])  # compiles
+    start = time.perf_counter()
+    results = pipe.render(["a red circle", "a blue square"], seeds=[1, 2])
+    wall = time.perf_counter() - start
+    timings = [r.metadata["timings"] for r in results]
+    assert timings[0] == timings[1] and timings[0]["base_s"] > 0 and timings[0]["upscale_s"] > 0
+    # The device's work, not the moment jax handed it over: most of the wall time.
+    assert 0.6 * wall <= sum(t["base_s"] + t["upscale_s"] for t in timings) <= wall + 1e-3
+
+
 def test_a_folders_render_defaults_apply_where_no_setting_is_given(sd_folder, tmp_path):
     import shutil
 

@@ -349,7 +349,9 @@ class Pipeline:
                 karras_sigmas=karras),
             sig, clip_skip=self.settings.clip_skip, scaling_factor=float(self.base.vae_config.scaling_factor),
             tile_pixels=self.settings.tile_pixels, on_trace=self._count_trace))
-        base_u8, base_ok = program(self._base[1], {k: self._put(v) for k, v in inputs.items()})
+        # jax returns before the device is done: each stage's time is taken when its
+        # result is ready.
+        base_u8, base_ok = jax.block_until_ready(program(self._base[1], {k: self._put(v) for k, v in inputs.items()}))
         base_time = time.perf_counter() - t0
 
         final_u8, final_ok, up_time = base_u8, base_ok, 0.0
@@ -358,7 +360,7 @@ class Pipeline:
             final_u8, final_ok = self._upscale([p.sample.prompt for p in padded],
                                                [p.negative_prompt for p in padded],
                                                [p.seed for p in padded], base_u8)
-            final_ok = final_ok & base_ok
+            final_u8, final_ok = jax.block_until_ready((final_u8, final_ok & base_ok))
             up_time = time.perf_counter() - t1
         final_u8, final_ok = np.asarray(final_u8), np.asarray(final_ok)
         base_np = np.asarray(base_u8) if self.settings.keep_base and self._up is not None else None
