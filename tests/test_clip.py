@@ -103,6 +103,39 @@ def test_clip_skip_one_is_normed_penultimate_layer():
     assert not np.allclose(out.last_hidden_state, expected.last_hidden_state.numpy(), atol=1e-3)
 
 
+@pytest.mark.parity
+def test_clip_skip_of_every_layer_is_normed_embeddings():
+    # diffusers takes hidden_states[-(clip_skip + 1)]: clip_skip = num_hidden_layers is
+    # hidden_states[0], the embeddings.
+    reference, model = torch_and_jax(tiny_config())
+    ids = prompt_ids(EOS)
+    expected = run_reference(reference, ids)
+    with torch.no_grad():
+        normed = reference.final_layer_norm(expected.hidden_states[-(3 + 1)]).numpy()
+    out = model(jnp.asarray(ids, jnp.int32), clip_skip=3)
+    np.testing.assert_allclose(out.last_hidden_state, normed, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parity
+def test_attention_mask_matches_transformers():
+    # diffusers passes the tokenizer's attention_mask when the text encoder's config sets
+    # use_attention_mask; causal attention then also skips the padding keys, which changes
+    # the states at the padding positions.
+    config = tiny_config(use_attention_mask=True)
+    reference, model = torch_and_jax(config)
+    assert CLIPTextConfig.from_dict(config).use_attention_mask
+    ids = prompt_ids(EOS)
+    mask = np.zeros_like(ids)
+    mask[0, :5], mask[1, :9] = 1, 1
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
+    out = model(jnp.asarray(ids, jnp.int32), attention_mask=jnp.asarray(mask))
+    np.testing.assert_allclose(out.last_hidden_state, expected.last_hidden_state.numpy(), atol=ATOL, rtol=RTOL)
+    np.testing.assert_allclose(out.pooled, expected.pooler_output.numpy(), atol=ATOL, rtol=RTOL)
+    unmasked = run_reference(reference, ids).last_hidden_state.numpy()
+    assert not np.allclose(out.last_hidden_state[0, 5:], unmasked[0, 5:], atol=1e-3)
+
+
 def test_bfloat16_stays_close_to_float32():
     config = CLIPTextConfig.from_dict(tiny_config())
     f32 = CLIPTextModel(config, rngs=nnx.Rngs(3))
@@ -136,8 +169,15 @@ def test_bad_configs_and_inputs_name_the_problem():
         model(jnp.ones((1, 14), jnp.int32))
     with pytest.raises(ValueError, match="integer token ids"):
         model(jnp.ones((1, 5), jnp.float32))
-    with pytest.raises(ValueError, match="clip_skip=3"):
-        model(jnp.ones((1, 5), jnp.int32), clip_skip=3)
+    with pytest.raises(ValueError, match="clip_skip=4"):
+        model(jnp.ones((1, 5), jnp.int32), clip_skip=4)
+    with pytest.raises(ValueError, match="clip_skip=-1"):
+        model(jnp.ones((1, 5), jnp.int32), clip_skip=-1)
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(jnp.ones((1, 5), jnp.int32), attention_mask=jnp.ones((1, 4), jnp.int32))
+    masked = CLIPTextModel(CLIPTextConfig.from_dict(tiny_config(use_attention_mask=True)), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="use_attention_mask"):
+        masked(jnp.ones((1, 5), jnp.int32))
 
 
 def test_config_defaults_follow_transformers():
@@ -178,7 +218,7 @@ def test_tokenize_matches_clip_tokenizer_and_flags_truncation(tmp_path):
     tokenizer = load_tokenizer(write_tokenizer(tmp_path / "tokenizer"))
     direct = transformers.CLIPTokenizer(vocab=dict(ID), merges=list(MERGES))
     prompts = ["a red cat", "A  Red   CAT", "red cat red cat red"]
-    ids, truncated = tokenize(tokenizer, prompts, max_length=6)
+    ids, mask, truncated = tokenize(tokenizer, prompts, max_length=6)
     assert ids.dtype == np.int32 and ids.shape == (3, 6)
     expected = direct(prompts, padding="max_length", max_length=6, truncation=True)["input_ids"]
     np.testing.assert_array_equal(ids, expected)
@@ -187,15 +227,77 @@ def test_tokenize_matches_clip_tokenizer_and_flags_truncation(tmp_path):
     np.testing.assert_array_equal(ids[0], [bos, a, red, cat, eos, eos])
     np.testing.assert_array_equal(ids[2], [bos, red, cat, red, cat, eos])  # 7 tokens cut to 6
     assert truncated == [False, False, True]
-    exact, flags = tokenize(tokenizer, ["red cat red cat"], max_length=6)  # exactly 6: not cut
+    exact, _, flags = tokenize(tokenizer, ["red cat red cat"], max_length=6)  # exactly 6: not cut
     assert flags == [False] and exact[0, -1] == eos
+
+
+@pytest.mark.parity
+def test_tokenize_pads_to_the_tokenizers_model_max_length(tmp_path):
+    # diffusers pads and truncates to tokenizer.model_max_length (tokenizer_config.json).
+    folder = write_tokenizer(tmp_path / "tokenizer", pad_token="<|endoftext|>")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 5}))
+    tokenizer = load_tokenizer(folder)
+    prompts = ["a cat", "red cat red cat"]
+    ids, mask, truncated = tokenize(tokenizer, prompts)
+    expected = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                         truncation=True)["input_ids"]
+    np.testing.assert_array_equal(ids, expected)
+    assert ids.shape == (2, 5) and truncated == [False, True]
+
+
+def test_tokenize_without_model_max_length_names_the_fix(tmp_path):
+    tokenizer = load_tokenizer(write_tokenizer(tmp_path / "tokenizer"))  # no tokenizer_config.json
+    with pytest.raises(ValueError, match="model_max_length"):
+        tokenize(tokenizer, ["a cat"])
+    assert tokenize(tokenizer, ["a cat"], max_length=7)[0].shape == (1, 7)
+
+
+# Prompts where normalisation, byte-level BPE, special tokens or truncation could differ.
+TRICKY_PROMPTS = ["a red cat", "", "   ", "Café crème brûlée", "e\u0301 combining", "東京の夜景 🌃",
+                  "ＡＢＣ full width", "&amp; &lt;b&gt; Ã© mojibake", "tab\there\nnew  line", "UPPER Lower",
+                  "a <|endoftext|> b", "<|startoftext|>x", "a,b.c!!!?", "word " * 100]
+
+
+@pytest.mark.parity
+def test_shipped_checkpoint_text_path_matches_transformers():
+    # The shipped tokenizer and text encoder against transformers' CLIPTokenizer and
+    # CLIPTextModel, called as diffusers' StableDiffusionPipeline.encode_prompt does.
+    import pathlib
+
+    from safetensors.numpy import load_file
+
+    import jaxdiff
+
+    root = pathlib.Path(jaxdiff.__file__).parent / "checkpoints" / "default"
+    reference_tokenizer = transformers.CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")
+    reference = transformers.CLIPTextModel.from_pretrained(root, subfolder="text_encoder").eval()
+    config = CLIPTextConfig.from_dict(json.loads((root / "text_encoder" / "config.json").read_text()))
+    abstract = nnx.eval_shape(lambda: CLIPTextModel(config, rngs=nnx.Rngs(0)))
+    tensors = load_file(root / "text_encoder" / "model.safetensors")
+    model = load_state_dict(abstract, dict(with_text_model_prefix(tensors)), ignore=("position_ids",))
+
+    ids, mask, truncated = tokenize(load_tokenizer(root / "tokenizer"), TRICKY_PROMPTS)
+    expected = reference_tokenizer(TRICKY_PROMPTS, padding="max_length", truncation=True,
+                                   max_length=reference_tokenizer.model_max_length, return_tensors="pt")
+    np.testing.assert_array_equal(ids, expected.input_ids.numpy())
+    np.testing.assert_array_equal(mask, expected.attention_mask.numpy())
+    assert truncated == [p.startswith("word") for p in TRICKY_PROMPTS]
+    assert ids[-1, -1] == reference_tokenizer.eos_token_id
+    with torch.no_grad():
+        hidden_states = reference(expected.input_ids, output_hidden_states=True).hidden_states
+        for clip_skip in range(config.num_hidden_layers + 1):
+            embeds = reference.final_layer_norm(hidden_states[-(clip_skip + 1)]).numpy()
+            out = model(jnp.asarray(ids), clip_skip=clip_skip).last_hidden_state
+            np.testing.assert_allclose(out, embeds, atol=ATOL, rtol=RTOL, err_msg=f"clip_skip={clip_skip}")
 
 
 def test_tokenize_pads_with_the_tokenizers_pad_token(tmp_path):
     tokenizer = load_tokenizer(write_tokenizer(tmp_path / "tokenizer", pad_token="!"))
-    ids, _ = tokenize(tokenizer, ["a cat"], max_length=7)
+    ids, mask, _ = tokenize(tokenizer, ["a cat"], max_length=7)
     np.testing.assert_array_equal(ids[0], [ID["<|startoftext|>"], ID["a</w>"], ID["cat</w>"],
                                            ID["<|endoftext|>"], 0, 0, 0])
+    np.testing.assert_array_equal(mask[0], [1, 1, 1, 1, 0, 0, 0])
 
 
 @pytest.mark.faults

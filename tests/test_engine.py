@@ -88,6 +88,42 @@ def test_text_to_image_matches_diffusers(pipe, sd_folder):
 
 
 @pytest.mark.parity
+def test_a_text_encoder_that_asks_for_the_attention_mask_gets_it_as_in_diffusers(sd_folder, tmp_path):
+    import json
+    import shutil
+
+    from diffusers import StableDiffusionPipeline
+
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxdiff.engine import programs
+
+    folder = tmp_path / "sd"
+    shutil.copytree(sd_folder, folder)
+    config_path = folder / "text_encoder" / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "use_attention_mask": True}))
+    reference = StableDiffusionPipeline.from_pretrained(folder)
+    noise = _noise(2, 8, 8)
+    ref = reference(PROMPTS, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=7.5, height=16,
+                    width=16, latents=noise, output_type="np").images
+    pipe = jaxdiff.load_pipeline(str(folder), upscaler="none", steps=STEPS, sampler="ddim", guidance=7.5,
+                                 batch_size=2)
+    _assert_close(_images(pipe.render(PROMPTS, negative_prompts=NEGATIVE, seeds=[0, 1], noise=_nhwc(noise))), ref)
+
+    # The tiny UNet hardly looks at the padding, so the context is checked too: the
+    # engine's token inputs through its text encoder, against diffusers' prompt embeddings.
+    inputs, _ = pipe._token_inputs(pipe.base, PROMPTS, NEGATIVE)
+    text_encoder = nnx.merge(*[part[0] for part in pipe._base])
+    context = programs.encode_text(text_encoder, inputs["ids"], inputs["ids_mask"], clip_skip=0)
+    with torch.no_grad():
+        expected, _ = reference.encode_prompt(PROMPTS, "cpu", 1, False)
+    np.testing.assert_allclose(np.asarray(context), expected.numpy(), atol=3e-5, rtol=1e-4)
+    unmasked = text_encoder(jnp.asarray(inputs["ids"]), attention_mask=np.ones_like(inputs["ids"])).last_hidden_state
+    assert np.abs(np.asarray(unmasked) - expected.numpy()).max() > 1e-2
+
+
+@pytest.mark.parity
 def test_image_to_image_matches_diffusers(pipe, sd_folder, monkeypatch):
     from PIL import Image
     from diffusers import StableDiffusionImg2ImgPipeline

@@ -271,7 +271,7 @@ def compile_base_program(arch: str, batch: int, target: str, size: int | None = 
     def lower(replicated, batched):
         spec = lambda shape, dt: jax.ShapeDtypeStruct((batch, *shape), dt, sharding=batched)
         # The per-batch inputs the engine's Pipeline puts on the chips for the base program.
-        inputs = {"ids": spec((77,), jnp.int32), "uncond_ids": spec((77,), jnp.int32),
+        inputs = {**{name: spec((77,), jnp.int32) for name in ("ids", "ids_mask", "uncond_ids", "uncond_ids_mask")},
                   "guidance": spec((), jnp.float32), "seeds": spec((), jnp.uint32),
                   "start_step": spec((), jnp.int32), "init_flag": spec((), jnp.bool_),
                   "init_latents": spec(latents, jnp.float32), "mask": spec((latent, latent, 1), jnp.float32),

@@ -510,11 +510,11 @@ def _encode_all(vae_module, images_u8: np.ndarray, batch: int, *, round_trip: bo
 
 def _token_ids(tokenizer, captions: list[str]) -> np.ndarray:
     unique = sorted(set(captions))
-    ids, truncated = tokenize(tokenizer, unique, max_length=TOKENS)
-    if any(truncated):
+    tokens = tokenize(tokenizer, unique, max_length=TOKENS)
+    if any(tokens.truncated):
         raise ValueError("a training caption is longer than 77 tokens: the tokenizer does not cover the world")
     row = {c: i for i, c in enumerate(unique)}
-    return ids[[row[c] for c in captions]]
+    return tokens.ids[[row[c] for c in captions]]
 
 
 def _stage_start(checkpoint_dir: str | None, name: str, templates: dict, reopen: tuple = ()):
@@ -581,7 +581,7 @@ def train(out: str, *, plan: Plan, budget_s: float, seed: int = 0, workers: int 
     vocab_size = train_data.write_tokenizer(tok_dir, TOKENS)
     tokenizer = load_tokenizer(tok_dir)
     ids = _token_ids(tokenizer, captions)
-    empty_ids = tokenize(tokenizer, [""], max_length=TOKENS)[0][0]
+    empty_ids = tokenize(tokenizer, [""], max_length=TOKENS).ids[0]
     log["stages"]["data"] = {"seconds": round(time.perf_counter() - t, 2), "examples": len(captions),
                              "examples_256": len(images256), "workers": workers}
     print(f"[data] {len(captions)} examples ({len(images256)} at 256) in {time.perf_counter() - t:.1f}s "

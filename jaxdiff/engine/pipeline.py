@@ -288,8 +288,11 @@ class Pipeline:
     def _put(self, array) -> jax.Array:
         return jax.device_put(array, self._batched)
 
-    def _tokens(self, family, prompts: list[str]) -> tuple[np.ndarray, list[bool]]:
-        return tokenize(family.tokenizer, prompts, max_length=77)
+    def _token_inputs(self, family, prompts: list[str], negatives: list[str]) -> tuple[dict, list[bool]]:
+        """The programs' token inputs for prompts and negative prompts, and which prompts were cut."""
+        tokens, uncond = tokenize(family.tokenizer, prompts), tokenize(family.tokenizer, negatives)
+        inputs = {"ids": tokens.ids, "ids_mask": tokens.mask, "uncond_ids": uncond.ids, "uncond_ids_mask": uncond.mask}
+        return inputs, tokens.truncated
 
     def _render_batch(self, preps: list[_Prepared], height: int, width: int, steps: int, sampler_name: str,
                       noise: np.ndarray | None) -> list[Rendered]:
@@ -301,8 +304,8 @@ class Pipeline:
         lh, lw = height // f, width // f
         C = self.latent_channels
 
-        ids, truncated = self._tokens(self.base, [p.sample.prompt for p in padded])
-        uncond_ids, _ = self._tokens(self.base, [p.negative_prompt for p in padded])
+        token_inputs, truncated = self._token_inputs(self.base, [p.sample.prompt for p in padded],
+                                                     [p.negative_prompt for p in padded])
         init_latents = np.zeros((B, lh, lw, C), np.float32)
         masked_latents = np.zeros((B, lh, lw, C), np.float32)
         mask = np.ones((B, lh, lw, 1), np.float32)
@@ -330,7 +333,7 @@ class Pipeline:
             noise_arr[:n_real] = noise
             noise_given[:n_real] = True
         inputs = {
-            "ids": ids, "uncond_ids": uncond_ids,
+            **token_inputs,
             "guidance": np.array([p.guidance for p in padded], np.float32),
             "seeds": np.array([p.seed for p in padded], np.uint32),
             "start_step": np.array([p.start_step for p in padded], np.int32),
@@ -415,8 +418,7 @@ class Pipeline:
             samplers.NoiseSchedule.from_config({**fam.low_res_scheduler_config, "clip_sample": False}), sig,
             clip_skip=st.clip_skip, scaling_factor=float(fam.vae_config.scaling_factor),
             tile_pixels=st.tile_pixels, on_trace=self._count_trace))
-        ids, _ = self._tokens(fam, list(prompts))
-        uncond_ids, _ = self._tokens(fam, list(negatives))
+        token_inputs, _ = self._token_inputs(fam, list(prompts), list(negatives))
         C = int(fam.unet_config.out_channels)
         noise_given = np.zeros((B,), bool)
         noise_arr = np.zeros((B, height, width, C), np.float32)
@@ -428,7 +430,7 @@ class Pipeline:
         # image later reproduces the same result.
         low_res = base_u8.astype(jnp.float32) / 127.5 - 1.0
         inputs = {
-            "ids": self._put(ids), "uncond_ids": self._put(uncond_ids),
+            **{name: self._put(value) for name, value in token_inputs.items()},
             "guidance": self._put(np.full((B,), st.upscale_guidance, np.float32)),
             "seeds": self._put(np.array(seeds, np.uint32)),
             "low_res": jax.device_put(low_res, self._batched),

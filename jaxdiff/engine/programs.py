@@ -55,8 +55,11 @@ def per_sample_normal(keys: jax.Array, stream: int, shape: tuple[int, ...]) -> j
     return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, stream), shape))(keys)
 
 
-def encode_text(text_encoder, ids: jax.Array, clip_skip: int) -> jax.Array:
-    return text_encoder(ids, clip_skip=clip_skip).last_hidden_state
+def encode_text(text_encoder, ids: jax.Array, mask: jax.Array, clip_skip: int) -> jax.Array:
+    """The UNet's context; the tokenizer's mask hides the padding only where the text
+    encoder's config asks for it (use_attention_mask), as in diffusers."""
+    mask = mask if text_encoder.config.use_attention_mask else None
+    return text_encoder(ids, attention_mask=mask, clip_skip=clip_skip).last_hidden_state
 
 
 def to_uint8(images: jax.Array) -> jax.Array:
@@ -96,7 +99,8 @@ def _bind(graphdefs, states, inputs, clip_skip: int):
     pipelines skip layers for the prompt only, so CFG subtracts embeddings of two layers.
     """
     text_encoder, unet, vae = (nnx.merge(g, st) for g, st in zip(graphdefs, states))
-    context = encode_text(text_encoder, jnp.concatenate([inputs["uncond_ids"], inputs["ids"]]), clip_skip)
+    both = lambda name: jnp.concatenate([inputs["uncond_" + name], inputs[name]])
+    context = encode_text(text_encoder, both("ids"), both("ids_mask"), clip_skip)
     return unet, vae, context.astype(unet_dtype(unet))
 
 

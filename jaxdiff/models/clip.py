@@ -55,6 +55,9 @@ class CLIPTextConfig:
     pad_token_id: int = 1
     bos_token_id: int = 49406
     projection_dim: int = 512
+    # Not a transformers field: a few config.json files set it, and diffusers then passes
+    # the tokenizer's attention_mask to the text encoder.
+    use_attention_mask: bool = False
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -66,6 +69,9 @@ class CLIPTextConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise UnsupportedConfig(f"CLIP text config: {name}={value!r} must be an integer token id")
+        if not isinstance(self.use_attention_mask, bool):
+            raise UnsupportedConfig(
+                f"CLIP text config: use_attention_mask={self.use_attention_mask!r} must be true or false")
         if self.hidden_act not in _ACTIVATIONS:
             raise UnsupportedConfig(
                 f"CLIP text config: hidden_act={self.hidden_act!r} is not supported; "
@@ -129,12 +135,12 @@ class CLIPAttention(nnx.Module):
         self.v_proj = linear()
         self.out_proj = linear()
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         batch, tokens, width = x.shape
         split = lambda t: t.reshape(batch, tokens, self.num_heads, self.head_dim)
         # The attention kernel keeps logits and softmax in float32 for bf16 inputs.
         out = dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)),
-                                    split(self.v_proj(x)), is_causal=True)
+                                    split(self.v_proj(x)), is_causal=True, mask=mask)
         return self.out_proj(out.reshape(batch, tokens, width))
 
 
@@ -165,8 +171,8 @@ class CLIPEncoderLayer(nnx.Module):
         self.layer_norm2 = _layer_norm(config, dtype=dtype, rngs=rngs)
         self.mlp = CLIPMLP(config, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + self.self_attn(self.layer_norm1(x))
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        x = x + self.self_attn(self.layer_norm1(x), mask)
         return x + self.mlp(self.layer_norm2(x))
 
 
@@ -190,12 +196,17 @@ class CLIPTextModel(nnx.Module):
         self.config = config
         self.text_model = CLIPTextTransformer(config, dtype=dtype, rngs=rngs)
 
-    def __call__(self, input_ids: jax.Array, *, clip_skip: int = 0) -> CLIPTextOutput:
+    def __call__(self, input_ids: jax.Array, *, attention_mask: jax.Array | None = None,
+                 clip_skip: int = 0) -> CLIPTextOutput:
         """Encodes token ids (B, T) with a causal mask.
 
-        `clip_skip=k` returns the hidden state after layer `num_hidden_layers - k`, passed
-        through the final layer norm (diffusers' SD pipelines do the same); `pooled` always
-        comes from the last layer, as transformers' `pooler_output` does.
+        `attention_mask` (B, T), the tokenizer's (1 for tokens, 0 for padding), also hides
+        the padding from every token; diffusers passes it only when the config sets
+        `use_attention_mask`, and then it is required here.
+        `clip_skip=k` returns the hidden state after layer `num_hidden_layers - k` (k =
+        num_hidden_layers: the embeddings), passed through the final layer norm (diffusers'
+        SD pipelines do the same); `pooled` always comes from the last layer, as
+        transformers' `pooler_output` does.
         """
         config = self.config
         input_ids = jnp.asarray(input_ids)
@@ -209,18 +220,30 @@ class CLIPTextModel(nnx.Module):
                 f"max_position_embeddings={config.max_position_embeddings}; tokenize with "
                 f"max_length={config.max_position_embeddings}")
         if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not (
-                0 <= clip_skip < config.num_hidden_layers):
+                0 <= clip_skip <= config.num_hidden_layers):
             raise ValueError(
                 f"clip_skip={clip_skip!r} must be an integer from 0 to "
-                f"{config.num_hidden_layers - 1} (this text encoder has "
+                f"{config.num_hidden_layers} (this text encoder has "
                 f"{config.num_hidden_layers} layers)")
+        mask = None
+        if attention_mask is not None:
+            attention_mask = jnp.asarray(attention_mask)
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask has shape {attention_mask.shape}, input_ids "
+                                 f"{input_ids.shape}: pass the tokenizer's mask for these ids")
+            # (B, heads, queries, keys), full size for kernels (cuDNN) that take no broadcast.
+            batch, tokens = input_ids.shape
+            mask = jnp.broadcast_to((attention_mask != 0)[:, None, None, :], (batch, 1, tokens, tokens))
+        elif config.use_attention_mask:
+            raise ValueError("this text encoder's config sets use_attention_mask: pass the "
+                             "tokenizer's attention_mask, as diffusers does")
 
         text_model = self.text_model
         hidden = text_model.embeddings(input_ids)
         skipped_from = config.num_hidden_layers - clip_skip
         kept = hidden
         for index, layer in enumerate(text_model.encoder.layers):
-            hidden = layer(hidden)
+            hidden = layer(hidden, mask)
             if index + 1 == skipped_from:
                 kept = hidden
         final = text_model.final_layer_norm(hidden)
@@ -274,11 +297,22 @@ def load_tokenizer(folder: str | os.PathLike):
     return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
 
 
-def tokenize(tokenizer, prompts: Sequence[str], max_length: int = 77) -> tuple[np.ndarray, list[bool]]:
-    """Token ids (B, max_length) int32, padded like SD pipelines, and which prompts were cut.
+# transformers' model_max_length when tokenizer_config.json sets none is about 1e30.
+_UNSET_MAX_LENGTH = 10 ** 6
 
-    Padding uses the tokenizer's own pad token (SD 1.x: <|endoftext|>, SD 2.x: "!"), and a
-    prompt longer than max_length keeps its first max_length - 1 tokens plus EOS.
+
+class Tokens(NamedTuple):
+    ids: np.ndarray        # (B, max_length) int32
+    mask: np.ndarray       # (B, max_length) int32: 1 for the prompt's tokens, 0 for padding
+    truncated: list[bool]  # which prompts were cut to fit
+
+
+def tokenize(tokenizer, prompts: Sequence[str], max_length: int | None = None) -> Tokens:
+    """Token ids padded like SD pipelines, their attention mask, and which prompts were cut.
+
+    max_length defaults to the tokenizer's model_max_length, as in diffusers. Padding uses
+    the tokenizer's own pad token (SD 1.x: <|endoftext|>, SD 2.x: "!"), and a prompt longer
+    than max_length keeps its first max_length - 1 tokens plus EOS.
     """
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of strings, got one string; wrap it: [prompt]")
@@ -286,16 +320,21 @@ def tokenize(tokenizer, prompts: Sequence[str], max_length: int = 77) -> tuple[n
     for index, prompt in enumerate(prompts):
         if not isinstance(prompt, str):
             raise TypeError(f"prompts[{index}] is {type(prompt).__name__}, not a string")
+    if max_length is None:
+        max_length = tokenizer.model_max_length
+        if max_length >= _UNSET_MAX_LENGTH:
+            raise ValueError("the tokenizer has no model_max_length; its tokenizer_config.json must set "
+                             "it (77 for SD), or pass max_length")
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
         raise ValueError(f"max_length={max_length!r} must be an integer >= 2 (BOS and EOS need room)")
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; its tokenizer_config.json must name pad_token")
     if not prompts:
-        return np.zeros((0, max_length), np.int32), []
+        return Tokens(np.zeros((0, max_length), np.int32), np.zeros((0, max_length), np.int32), [])
     padded = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True)
     # Only to measure lengths; verbose=False silences the "longer than maximum" warning,
     # since the ids above are truncated and the flag reports it.
     full = tokenizer(prompts, padding=False, truncation=False, verbose=False)
-    ids = np.asarray(padded["input_ids"], dtype=np.int32)
     truncated = [len(row) > max_length for row in full["input_ids"]]
-    return ids, truncated
+    return Tokens(np.asarray(padded["input_ids"], np.int32), np.asarray(padded["attention_mask"], np.int32),
+                  truncated)
