@@ -250,6 +250,51 @@ def test_add_noise_matches_diffusers(beta_schedule):
     np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", SAMPLER_NAMES)
+def test_trailing_spacing_runs_exactly_num_steps(monkeypatch, name):
+    # np.arange(1000, 0, -1000 / 61) yields 62 points: diffusers then appends a step at t = -1.
+    # Its first 61 timesteps are the schedule; DDIM and DDPM reach t = 0 at the 61st.
+    n = 61
+    config, sampler = make_case(name, "epsilon", "trailing", num_steps=n)
+    shape = (1, 2, 3)
+    keys = keys_for(1)
+    x = initial_latents(sampler, jax.random.normal(jax.random.key(14), shape))
+    sched, theirs = diffusers_trajectory(monkeypatch, name, config, n, x, noises=our_noise(keys, n + 1, shape[1:]))
+    assert sched.timesteps[-1] == -1
+    np.testing.assert_array_equal(sampler.timesteps, sched.timesteps[:n].numpy())
+    ours = np.asarray(sample_trajectory(sampler, fake_model_jax, x, keys))
+    same = n if name in ("ddim", "ddpm") else n - 1
+    assert_trajectories_close(ours[:same], theirs[:same])
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("dpmpp_2m", {"solver_type": "heun"}),
+        ("dpmpp_2m", {"solver_order": 1}),
+        # A DEIS / UniPC name, which diffusers' DPM-Solver reads as midpoint.
+        ("dpmpp_2m", {"solver_type": "bh2"}),
+        # No effect while the final sigma is zero.
+        ("dpmpp_2m", {"lower_order_final": False, "euler_at_final": True}),
+        ("dpmpp_2m", {"use_karras_sigmas": True, "sigma_min": 0.1, "sigma_max": 10.0}),
+        ("euler", {"use_karras_sigmas": True, "sigma_min": 0.1, "sigma_max": 10.0}),
+        # Other classes' options do not apply, as in diffusers' from_config.
+        ("ddim", {"solver_order": 3, "final_sigmas_type": "sigma_min", "use_exponential_sigmas": True}),
+        ("euler_a", {"interpolation_type": "log_linear", "final_sigmas_type": "sigma_min",
+                     "timestep_type": "continuous"}),
+    ],
+)
+def test_scheduler_options_match_diffusers(monkeypatch, name, options):
+    config = {**SD_CONFIG, "prediction_type": "v_prediction", **options}
+    karras = bool(options.get("use_karras_sigmas"))
+    sampler = make_sampler(name, NoiseSchedule.from_config(config), 6, karras_sigmas=karras)
+    keys = keys_for(SHAPE[0])
+    x = initial_latents(sampler, jax.random.normal(jax.random.key(15), SHAPE))
+    sched, theirs = diffusers_trajectory(monkeypatch, name, config, 6, x, noises=our_noise(keys, 6, SHAPE[1:]))
+    np.testing.assert_allclose(sampler.timesteps, sched.timesteps.numpy(), rtol=3e-5, atol=1e-6)
+    assert_trajectories_close(sample_trajectory(sampler, fake_model_jax, x, keys), theirs)
+
+
 def test_unstated_spacing_follows_each_diffusers_default():
     schedule = NoiseSchedule.from_config(SD_CONFIG)
     for name in SAMPLER_NAMES:
@@ -294,6 +339,50 @@ def test_full_start_returns_the_init_latents():
 def test_unsupported_config_names_field_and_value(field, value):
     with pytest.raises(UnsupportedConfig, match=re.escape(f"{field}={value!r}")):
         NoiseSchedule.from_config({**SD_CONFIG, field: value})
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize(
+    "name, field, value",
+    [
+        ("dpmpp_2m", "algorithm_type", "sde-dpmsolver++"),
+        ("dpmpp_2m", "algorithm_type", "dpmsolver"),
+        ("dpmpp_2m", "algorithm_type", "deis"),
+        ("dpmpp_2m", "solver_order", 3),
+        ("dpmpp_2m", "solver_type", "bogus"),
+        ("dpmpp_2m", "final_sigmas_type", "sigma_min"),
+        ("dpmpp_2m", "use_lu_lambdas", True),
+        ("dpmpp_2m", "use_exponential_sigmas", True),
+        ("dpmpp_2m", "use_beta_sigmas", True),
+        ("dpmpp_2m", "use_flow_sigmas", True),
+        ("dpmpp_2m", "lambda_min_clipped", -2.5),
+        ("euler", "final_sigmas_type", "sigma_min"),
+        ("euler", "interpolation_type", "log_linear"),
+        ("euler", "use_exponential_sigmas", True),
+        ("euler", "use_beta_sigmas", True),
+        ("euler", "timestep_type", "continuous"),
+    ],
+)
+def test_unsupported_solver_option_names_field_and_value(name, field, value):
+    schedule = NoiseSchedule.from_config({**SD_CONFIG, "prediction_type": "v_prediction", field: value})
+    with pytest.raises(UnsupportedConfig, match=re.escape(f"{field}={value!r}")):
+        make_sampler(name, schedule, 5)
+
+
+@pytest.mark.faults
+def test_step_counts_past_the_schedule_are_refused():
+    leading = NoiseSchedule.from_config({**SD_CONFIG, "timestep_spacing": "leading"})  # steps_offset 1
+    for name in ("ddim", "ddpm"):  # would start at t = 1000
+        with pytest.raises(ValueError, match="num_steps=1000"):
+            make_sampler(name, leading, 1000)
+    # Two steps at one noise level (t = 1000 is clamped to 999; linspace rounds two points together).
+    for spacing, num_steps in (("leading", 999), ("leading", 1000), ("linspace", 1000)):
+        schedule = NoiseSchedule.from_config({**SD_CONFIG, "timestep_spacing": spacing})
+        with pytest.raises(ValueError, match=f"num_steps={num_steps}"):
+            make_sampler("dpmpp_2m", schedule, num_steps)
+    for name in SAMPLER_NAMES:
+        make_sampler(name, NoiseSchedule.from_config(SD_CONFIG), 999)
+        make_sampler(name, NoiseSchedule.from_config({**SD_CONFIG, "timestep_spacing": "trailing"}), 1000)
 
 
 @pytest.mark.faults

@@ -47,6 +47,21 @@ class NoiseSchedule:
     steps_offset: int = 0
     set_alpha_to_one: bool = True
     variance_type: str = "fixed_small"
+    # Options only some diffusers classes read (defaults as theirs); each solver checks the
+    # ones its class has, so a config written for another class still loads.
+    sigma_min: float | None = None
+    sigma_max: float | None = None
+    final_sigmas_type: str = "zero"
+    use_exponential_sigmas: bool = False
+    use_beta_sigmas: bool = False
+    interpolation_type: str = "linear"
+    timestep_type: str = "discrete"
+    algorithm_type: str = "dpmsolver++"
+    solver_order: int = 2
+    solver_type: str = "midpoint"
+    use_lu_lambdas: bool = False
+    use_flow_sigmas: bool = False
+    lambda_min_clipped: float = -math.inf
 
     def __post_init__(self):
         if not (isinstance(self.num_train_timesteps, int) and self.num_train_timesteps >= 2):
@@ -70,6 +85,9 @@ class NoiseSchedule:
     def from_config(cls, config: Mapping[str, Any]) -> "NoiseSchedule":
         """Reads a diffusers `scheduler_config.json` dict; keys for other options are ignored."""
         # Options that change the math and are not implemented: refuse rather than ignore.
+        # A config without clip_sample reads as false, though DDIMScheduler / DDPMScheduler
+        # default it to true: their own saved configs always state it, and clipping SD latents to
+        # [-1, 1] only happens when another class's config is loaded into them.
         refused = {
             "clip_sample": (False, "set it to false"),
             "thresholding": (False, "set it to false"),
@@ -125,7 +143,8 @@ def spaced_timesteps(schedule: NoiseSchedule, num_steps: int, spacing: str, *, r
         ratio = n_train // num_steps
         return (np.arange(num_steps) * ratio)[::-1].astype(np.float64) + schedule.steps_offset
     if spacing == "trailing":
-        return np.round(np.arange(n_train, 0, -n_train / num_steps)) - 1.0
+        # np.arange's float step can add a point (1000 / 61 gives 62): keep num_steps of them.
+        return np.round(np.arange(n_train, 0, -n_train / num_steps)[:num_steps]) - 1.0
     raise _unsupported("timestep_spacing", spacing, f"use one of {TIMESTEP_SPACINGS}")
 
 

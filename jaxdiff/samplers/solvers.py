@@ -18,6 +18,7 @@ import numpy as np
 
 from jaxdiff.samplers.schedule import (
     NoiseSchedule,
+    _unsupported,
     interpolate_sigmas,
     karras_sigmas,
     sigma_to_timestep,
@@ -29,6 +30,22 @@ KARRAS_SAMPLERS = ("dpmpp_2m", "euler")
 # The spacing each diffusers scheduler defaults to when the config names none.
 DEFAULT_SPACING = {
     "ddim": "leading", "ddpm": "leading", "dpmpp_2m": "linspace", "euler": "linspace", "euler_a": "linspace",
+}
+
+# Options of the diffusers class each sampler mirrors, with the values implemented here.
+# Only that class reads them, as in diffusers' from_config.
+ACCEPTED_OPTIONS = {
+    "euler": {
+        "final_sigmas_type": ("zero",), "interpolation_type": ("linear",),
+        "use_exponential_sigmas": (False,), "use_beta_sigmas": (False,),
+    },
+    "dpmpp_2m": {
+        "algorithm_type": ("dpmsolver++",), "solver_order": (1, 2),
+        # logrho / bh1 / bh2 (DEIS and UniPC names) are read as midpoint by diffusers.
+        "solver_type": ("midpoint", "heun", "logrho", "bh1", "bh2"),
+        "final_sigmas_type": ("zero",), "use_lu_lambdas": (False,), "use_exponential_sigmas": (False,),
+        "use_beta_sigmas": (False,), "use_flow_sigmas": (False,),
+    },
 }
 
 _TABLES = (
@@ -100,10 +117,20 @@ def _with_clean(values: np.ndarray, clean: float) -> np.ndarray:
     return np.concatenate([values, [clean]])
 
 
+def _integer_timesteps(schedule: NoiseSchedule, num_steps: int, spacing: str) -> np.ndarray:
+    t = spaced_timesteps(schedule, num_steps, spacing, rounded=True).astype(np.int64)
+    if t.max() >= schedule.num_train_timesteps:
+        raise ValueError(
+            f"num_steps={num_steps} with {spacing} spacing and steps_offset={schedule.steps_offset} starts "
+            f"at t={t.max()}, past the last training step {schedule.num_train_timesteps - 1}; use fewer steps"
+        )
+    return t
+
+
 def _ddim(schedule: NoiseSchedule, num_steps: int, spacing: str) -> Sampler:
     """DDIM with eta = 0 (Song et al. 2021), as diffusers' DDIMScheduler."""
     abar = schedule.alphas_cumprod
-    t = spaced_timesteps(schedule, num_steps, spacing, rounded=True).astype(np.int64)
+    t = _integer_timesteps(schedule, num_steps, spacing)
     # diffusers steps to t - T // N whatever the spacing; kept for parity.
     prev = t - schedule.num_train_timesteps // num_steps
     final = 1.0 if schedule.set_alpha_to_one else abar[0]
@@ -122,7 +149,7 @@ def _ddim(schedule: NoiseSchedule, num_steps: int, spacing: str) -> Sampler:
 def _ddpm(schedule: NoiseSchedule, num_steps: int, spacing: str) -> Sampler:
     """Ancestral DDPM (Ho et al. 2020) posterior with the 'fixed_small' variance, as DDPMScheduler."""
     abar = schedule.alphas_cumprod
-    t = spaced_timesteps(schedule, num_steps, spacing, rounded=True).astype(np.int64)
+    t = _integer_timesteps(schedule, num_steps, spacing)
     a = abar[t]
     a_prev = np.append(abar[t[1:]], 1.0)
     step_beta = 1 - a / a_prev
@@ -136,11 +163,18 @@ def _ddpm(schedule: NoiseSchedule, num_steps: int, spacing: str) -> Sampler:
     )
 
 
+def _karras(schedule: NoiseSchedule, sigma_max: float, sigma_min: float, num_steps: int) -> np.ndarray:
+    """Karras sigmas between the config's sigma_max / sigma_min where set, else the given bounds."""
+    hi = sigma_max if schedule.sigma_max is None else schedule.sigma_max
+    lo = sigma_min if schedule.sigma_min is None else schedule.sigma_min
+    return karras_sigmas(hi, lo, num_steps)
+
+
 def _euler_sigmas(schedule: NoiseSchedule, num_steps: int, spacing: str, karras: bool):
     t = spaced_timesteps(schedule, num_steps, spacing, rounded=False)
     sigmas = interpolate_sigmas(schedule, t)
     if karras:
-        sigmas = karras_sigmas(sigmas[0], sigmas[-1], num_steps)
+        sigmas = _karras(schedule, sigmas[0], sigmas[-1], num_steps)
         # The model sees t in float32: take sigma's timestep at that precision.
         t = sigma_to_timestep(schedule, sigmas).astype(np.float32).astype(np.float64)
     return t, sigmas, np.append(sigmas, 0.0)
@@ -163,6 +197,9 @@ def _euler_common(schedule: NoiseSchedule, num_steps: int, spacing: str, karras:
 
 
 def _euler(schedule: NoiseSchedule, num_steps: int, spacing: str, karras: bool) -> Sampler:
+    # EulerDiscreteScheduler feeds the model 0.25 log(sigma) for this pair only.
+    if schedule.timestep_type != "discrete" and schedule.prediction_type == "v_prediction":
+        raise _unsupported("timestep_type", schedule.timestep_type, "use 'discrete'")
     sigma, sigma_next, init, common = _euler_common(schedule, num_steps, spacing, karras)
     ratio = sigma_next / sigma
     return _make("euler", num_steps, init, keep_x=ratio, take_x0=1 - ratio, **common)
@@ -179,6 +216,10 @@ def _euler_ancestral(schedule: NoiseSchedule, num_steps: int, spacing: str) -> S
 def _dpm_timesteps(schedule: NoiseSchedule, num_steps: int, spacing: str) -> np.ndarray:
     """DPMSolverMultistepScheduler spaces N + 1 points and drops the last for linspace / leading."""
     n_train = schedule.num_train_timesteps
+    # diffusers drops the training steps whose log-SNR is below lambda_min_clipped.
+    lam = 0.5 * np.log(schedule.alphas_cumprod / (1 - schedule.alphas_cumprod))
+    if lam.min() < schedule.lambda_min_clipped:
+        raise _unsupported("lambda_min_clipped", schedule.lambda_min_clipped, "leave it unset (-inf)")
     if spacing == "linspace":
         return np.round(np.linspace(0, n_train - 1, num_steps + 1))[::-1][:-1].copy()
     if spacing == "leading":
@@ -188,10 +229,13 @@ def _dpm_timesteps(schedule: NoiseSchedule, num_steps: int, spacing: str) -> np.
 
 
 def _dpmpp_2m(schedule: NoiseSchedule, num_steps: int, spacing: str, karras: bool) -> Sampler:
-    """DPM-Solver++(2M), midpoint, lower order at the first and last step, final sigma 0 (Lu et al. 2022)."""
+    """DPM-Solver++(2M) (Lu et al. 2022): first order at the first and last step, final sigma 0.
+
+    solver_order 1 makes every step first order; solver_type picks the second-order rule.
+    """
     t = _dpm_timesteps(schedule, num_steps, spacing)
     if karras:
-        sigma = karras_sigmas(schedule.sigmas[-1], schedule.sigmas[0], num_steps)
+        sigma = _karras(schedule, schedule.sigmas[-1], schedule.sigmas[0], num_steps)
         t = sigma_to_timestep(schedule, sigma)
         if schedule.beta_schedule != "squaredcos_cap_v2":
             t = np.round(t)
@@ -202,18 +246,27 @@ def _dpmpp_2m(schedule: NoiseSchedule, num_steps: int, spacing: str, karras: boo
     with np.errstate(divide="ignore"):
         lam = np.log(alpha) - np.log(sigma_vp)  # log-SNR; +inf at the clean end
     h = lam[1:] - lam[:-1]
+    if not np.all(h > 0):
+        raise ValueError(
+            f"num_steps={num_steps} with {spacing} spacing visits one noise level twice "
+            "(diffusers gives NaN there); use fewer steps"
+        )
     from_x, from_out = _x0_coefficients(alpha[:-1], sigma_vp[:-1], schedule.prediction_type)
     take = alpha[1:] * -np.expm1(-h)  # exp(-inf) = 0: the last step returns x0
-    # Second order: x0 extrapolated to the step's midpoint from this and the previous estimate.
-    second = np.arange(num_steps) > 0
+    # A second-order step adds slope * (x0 - x0_prev) / r, with r = h_prev / h.
+    second = (np.arange(num_steps) > 0) & (schedule.solver_order > 1)
     second[-1] = False  # the final step to sigma 0 is first order
-    half_slope = np.zeros(num_steps)
-    step_ratio = h[:-1] / h[1:]  # r = h_prev / h of each step after the first
-    half_slope[1:] = np.where(second[1:], 0.5 / np.where(second[1:], step_ratio, 1.0), 0.0)
+    if schedule.solver_type == "heun":
+        slope = alpha[1:] * (1 + np.expm1(-h) / h)
+    else:
+        slope = 0.5 * take  # x0 extrapolated to the step's midpoint
+    r = np.ones(num_steps)
+    r[1:] = h[:-1] / h[1:]
+    d1 = np.where(second, slope / np.where(second, r, 1.0), 0.0)
     return _make(
         "dpmpp_2m", num_steps, 1.0, model_timesteps=t, x0_from_x=from_x, x0_from_out=from_out,
         keep_x=sigma_vp[1:] / sigma_vp[:-1], take_x0=take,
-        take_x0_multistep=take * (1 + half_slope), take_prev_x0=-take * half_slope,
+        take_x0_multistep=take + d1, take_prev_x0=-d1,
         signal_level=alpha, noise_level=sigma_vp,
     )
 
@@ -232,6 +285,10 @@ def make_sampler(
     if karras_sigmas and name not in KARRAS_SAMPLERS:
         raise ValueError(f"karras_sigmas applies to {KARRAS_SAMPLERS} only; set it False for {name!r}")
     num_steps = int(num_steps)
+    for field, accepted in ACCEPTED_OPTIONS.get(name, {}).items():
+        value = getattr(schedule, field)
+        if value not in accepted:
+            raise _unsupported(field, value, f"use one of {accepted}")
     spacing = schedule.timestep_spacing or DEFAULT_SPACING[name]
     if name == "ddim":
         return _ddim(schedule, num_steps, spacing)
