@@ -250,6 +250,29 @@ def test_settings_and_samples_outside_what_the_models_take_are_refused(sd_folder
         jaxdiff.Sample(id="g", prompt="a", seed=1)])
     assert "steps 1001 is out of range: use 1 to 1000" in steps.error
     assert "leaves no step to take" in weak.error and good.error is None
+    # Leading spacing with steps_offset 1 (the tiny checkpoint's DDIM config): 1000 steps
+    # would start at t=1000, past the schedule; that sample fails, not its batch.
+    past, good = pipe.render_samples([jaxdiff.Sample(id="p", prompt="a", steps=1000),
+                                      jaxdiff.Sample(id="g", prompt="a", seed=1)])
+    assert "sampler ddim at 1000 steps: num_steps=1000" in past.error and good.error is None
+
+
+def test_a_scheduler_config_the_samplers_cannot_follow_fails_at_load_or_per_sampler(sd_folder, tmp_path):
+    import shutil
+
+    folder = tmp_path / "sd"
+    shutil.copytree(sd_folder, folder)
+    config_path = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "thresholding": True}))
+    with pytest.raises(ValueError, match="thresholding"):  # no sampler follows it: the model is refused
+        jaxdiff.load_pipeline(str(folder), upscaler="none", batch_size=2)
+    # An option only DPM-Solver reads: a sample on that sampler fails, one on another renders.
+    config_path.write_text(json.dumps({**config, "algorithm_type": "sde-dpmsolver++"}))
+    pipe = jaxdiff.load_pipeline(str(folder), upscaler="none", steps=2, sampler="ddim", batch_size=2)
+    dpm, ddim = pipe.render_samples([jaxdiff.Sample(id="d", prompt="a", sampler="dpmpp_2m"),
+                                     jaxdiff.Sample(id="e", prompt="a")])
+    assert "algorithm_type" in dpm.error and "sde-dpmsolver++" in dpm.error and ddim.error is None
 
 
 def test_two_stage_render_keeps_base(sd_folder, upscaler_folder):

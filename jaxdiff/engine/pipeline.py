@@ -133,11 +133,24 @@ class Pipeline:
         # The x4 stage's sampler: the one set, else its checkpoint's scheduler's (DDIM if unknown).
         self._upscale_sampler = None if upscaler is None else _sampler_name(
             self.settings.upscale_sampler, upscaler.scheduler_config, "ddim")
+        if upscaler is not None:
+            # Built at load: a scheduler config or setting the x4 stage cannot follow fails here.
+            self._upscale_solver = samplers.make_sampler(
+                self._upscale_sampler, samplers.NoiseSchedule.from_config(upscaler.scheduler_config),
+                self.settings.upscale_steps)
+            # Only add_noise is used from the low-res scheduler: its clip_sample setting (True in
+            # DDPMScheduler's defaults) never applies.
+            self._low_res_schedule = samplers.NoiseSchedule.from_config(
+                {**upscaler.low_res_scheduler_config, "clip_sample": False})
         if base is None:  # an upscale-only pipeline: `upscale()` works, `render()` does not
             if upscaler is None:
                 raise ValueError("a Pipeline needs a base model family, an upscaler, or both")
             return
         self._base = self._place(base)
+        # Read at load: a scheduler config the samplers cannot follow fails here; which
+        # sampler and step count a sample asks for is checked per sample (_base_sampler).
+        self._schedule = samplers.NoiseSchedule.from_config(base.scheduler_config)
+        self._samplers: dict[tuple, samplers.Sampler] = {}
         unet_cfg, vae_cfg = base.unet_config, base.vae_config
         self.vae_factor = 2 ** (len(vae_cfg.block_out_channels) - 1)
         self.native_size = int(unet_cfg.sample_size or 64) * self.vae_factor
@@ -241,6 +254,10 @@ class Pipeline:
         if st.karras and prep.sampler not in samplers.KARRAS_SAMPLERS:
             raise RenderError(f"Karras sigmas apply to {', '.join(samplers.KARRAS_SAMPLERS)} only, not to "
                               f"sampler {prep.sampler!r}: pick one of those, or turn karras off")
+        try:
+            self._base_sampler(prep.sampler, prep.steps)
+        except ValueError as e:
+            raise RenderError(f"sampler {prep.sampler} at {prep.steps} steps: {e}") from None
         if s.mode == "txt2img":
             return self._check_size(prep)
         if s.init_image is None:
@@ -294,6 +311,17 @@ class Pipeline:
         inputs = {"ids": tokens.ids, "ids_mask": tokens.mask, "uncond_ids": uncond.ids, "uncond_ids_mask": uncond.mask}
         return inputs, tokens.truncated
 
+    def _base_sampler(self, name: str, steps: int) -> tuple[samplers.Sampler, bool]:
+        """The base stage's sampler and whether it takes Karras sigmas, built once per
+        (name, steps); ValueError where the checkpoint's scheduler config rules them out."""
+        karras = self.settings.karras
+        if karras is None:  # the checkpoint's scheduler says, for the samplers that take it
+            karras = bool(self.base.scheduler_config.get("use_karras_sigmas")) and name in samplers.KARRAS_SAMPLERS
+        key = (name, steps, karras)
+        if key not in self._samplers:
+            self._samplers[key] = samplers.make_sampler(name, self._schedule, steps, karras_sigmas=karras)
+        return self._samplers[key], karras
+
     def _render_batch(self, preps: list[_Prepared], height: int, width: int, steps: int, sampler_name: str,
                       noise: np.ndarray | None) -> list[Rendered]:
         t0 = time.perf_counter()
@@ -341,16 +369,10 @@ class Pipeline:
             "init_latents": init_latents, "mask": mask, "masked_latents": masked_latents,
             "noise": noise_arr, "noise_given": noise_given,
         }
-        karras = self.settings.karras
-        if karras is None:  # the checkpoint's scheduler says, for the samplers that take it
-            karras = (bool(self.base.scheduler_config.get("use_karras_sigmas"))
-                      and sampler_name in samplers.KARRAS_SAMPLERS)
+        sampler, karras = self._base_sampler(sampler_name, steps)
         sig = BaseSignature(B, height, width, steps, sampler_name, karras)
         program = self._program(("base", sig), lambda: make_base_program(
-            self._base[0], samplers.make_sampler(
-                sampler_name, samplers.NoiseSchedule.from_config(self.base.scheduler_config), steps,
-                karras_sigmas=karras),
-            sig, clip_skip=self.settings.clip_skip, scaling_factor=float(self.base.vae_config.scaling_factor),
+            self._base[0], sampler, sig, clip_skip=self.settings.clip_skip, scaling_factor=float(self.base.vae_config.scaling_factor),
             tile_pixels=self.settings.tile_pixels, on_trace=self._count_trace))
         # jax returns before the device is done: each stage's time is taken when its
         # result is ready.
@@ -411,11 +433,7 @@ class Pipeline:
         sampler_name = self._upscale_sampler
         sig = UpscaleSignature(B, height, width, st.upscale_steps, sampler_name)
         program = self._program(("upscale", sig), lambda: make_upscale_program(
-            self._up[0], samplers.make_sampler(
-                sampler_name, samplers.NoiseSchedule.from_config(fam.scheduler_config), st.upscale_steps),
-            # Only add_noise is used from the low-res scheduler: its clip_sample setting (True in
-            # DDPMScheduler's defaults) never applies.
-            samplers.NoiseSchedule.from_config({**fam.low_res_scheduler_config, "clip_sample": False}), sig,
+            self._up[0], self._upscale_solver, self._low_res_schedule, sig,
             clip_skip=st.clip_skip, scaling_factor=float(fam.vae_config.scaling_factor),
             tile_pixels=st.tile_pixels, on_trace=self._count_trace))
         token_inputs, _ = self._token_inputs(fam, list(prompts), list(negatives))
