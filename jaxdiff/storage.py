@@ -9,9 +9,11 @@ project, so nothing ever looks for credentials or probes a metadata server.
 from __future__ import annotations
 
 import functools
+import mimetypes
 import os
 import posixpath
 import tempfile
+import uuid
 from typing import BinaryIO, Protocol
 
 GCS_PREFIX = "gs://"
@@ -24,8 +26,8 @@ def is_gcs(path: str) -> bool:
 def join(base: str, *parts: str) -> str:
     """Joins path parts with "/" for gs:// URLs and os.path.join for local paths."""
     base = str(base)
-    if is_gcs(base):
-        return posixpath.join(base.rstrip("/"), *parts)
+    if is_gcs(base):  # a part starting with "/" must not drop the bucket
+        return posixpath.join(base.rstrip("/"), *(str(p).lstrip("/") for p in parts))
     return os.path.join(base, *parts)
 
 
@@ -55,18 +57,27 @@ def gcs_client():
 
 def _blob(url: str):
     bucket, name = _split_gcs(url)
+    if not name:
+        raise ValueError(f"{url!r} names a bucket, not an object")
     return gcs_client().bucket(bucket).blob(name)
 
 
 def exists(path: str) -> bool:
     path = str(path)
     if is_gcs(path):
+        from google.api_core.exceptions import NotFound
+
         bucket, name = _split_gcs(path)
+        if not name.strip("/"):
+            return gcs_client().bucket(bucket).exists()
         if gcs_client().bucket(bucket).blob(name).exists():
             return True
         # A "directory" exists on GCS when any object lies below it.
         prefix = name.rstrip("/") + "/"
-        return any(True for _ in gcs_client().list_blobs(bucket, prefix=prefix, max_results=1))
+        try:
+            return any(True for _ in gcs_client().list_blobs(bucket, prefix=prefix, max_results=1))
+        except NotFound:  # no such bucket
+            return False
     return os.path.exists(path)
 
 
@@ -74,12 +85,18 @@ def list_dir(path: str) -> list[str]:
     """Names (files and sub-folders) directly inside the folder `path`, sorted."""
     path = str(path)
     if is_gcs(path):
+        from google.api_core.exceptions import NotFound
+
         bucket, name = _split_gcs(path)
-        prefix = name.rstrip("/") + "/" if name else ""
+        prefix = name.rstrip("/") + "/" if name.strip("/") else ""
         blobs = gcs_client().list_blobs(bucket, prefix=prefix, delimiter="/")
-        names = [b.name[len(prefix):] for b in blobs]
+        try:
+            names = [b.name[len(prefix):] for b in blobs]
+        except NotFound as e:
+            raise FileNotFoundError(f"{path}: bucket {bucket!r} does not exist") from e
         names += [p[len(prefix):].rstrip("/") for p in blobs.prefixes]
-        return sorted(n for n in names if n)
+        # An object "x" and objects below "x/" are one name, as on a local disk.
+        return sorted({n for n in names if n})
     return sorted(os.listdir(path))
 
 
@@ -102,18 +119,25 @@ def read_text(path: str) -> str:
 
 
 def download(path: str, local_path: str) -> None:
-    """Copies one file (local or gs://) to `local_path`."""
-    if is_gcs(path):
-        from google.api_core.exceptions import NotFound
+    """Copies one file (local or gs://) to `local_path`, which holds the whole copy or is
+    left as it was."""
+    tmp = local_temp_for(local_path)
+    try:
+        if is_gcs(path):
+            from google.api_core.exceptions import NotFound
 
-        try:
-            _blob(path).download_to_filename(local_path)
-        except NotFound as e:
-            raise FileNotFoundError(f"{path} does not exist") from e
-    else:
-        import shutil
+            try:
+                _blob(path).download_to_filename(tmp)
+            except NotFound as e:
+                raise FileNotFoundError(f"{path} does not exist") from e
+        else:
+            import shutil
 
-        shutil.copyfile(path, local_path)
+            shutil.copyfile(path, tmp)
+        os.replace(tmp, local_path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 class RangeReader(Protocol):
@@ -156,6 +180,10 @@ class _GcsReader:
         self.size = int(blob.size)
 
     def read(self, start: int, length: int) -> bytes:
+        # The size is the object's as opened: a read past it is past the end, whatever the
+        # object holds now (GCS itself answers 416 for a start at or past the end).
+        if start + length > self.size:
+            raise EOFError(f"{self.path}: wanted bytes {start}..{start + length}, object has {self.size}")
         if length == 0:
             return b""
         # `end` is inclusive in google-cloud-storage. Ranged reads skip the whole-object
@@ -187,8 +215,9 @@ def open_reader(path: str) -> RangeReader:
 def put_file(local_path: str, dest: str) -> None:
     """Moves a finished local file to `dest` in one step."""
     if is_gcs(dest):
-        bucket, name = _split_gcs(dest)
-        gcs_client().bucket(bucket).blob(name).upload_from_filename(local_path)
+        # The content type follows `dest`, not the temporary file's name.
+        content_type = mimetypes.guess_type(posixpath.basename(dest))[0]
+        _blob(dest).upload_from_filename(local_path, content_type=content_type)
         os.unlink(local_path)
     else:
         os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
@@ -197,9 +226,16 @@ def put_file(local_path: str, dest: str) -> None:
 
 def local_temp_for(dest: str) -> str:
     """A temporary file on the same filesystem as `dest` (so os.replace is atomic)."""
-    folder = tempfile.gettempdir() if is_gcs(dest) else (os.path.dirname(dest) or ".")
-    os.makedirs(folder, exist_ok=True)
-    fd, path = tempfile.mkstemp(prefix="." + os.path.basename(dest) + ".", suffix=".partial", dir=folder)
+    prefix = "." + os.path.basename(dest) + "."
+    if is_gcs(dest):
+        fd, path = tempfile.mkstemp(prefix=prefix, suffix=".partial")
+    else:
+        folder = os.path.dirname(dest) or "."
+        os.makedirs(folder, exist_ok=True)
+        # Not mkstemp: its 0600 mode would stay on the file moved into place; 0666 gets
+        # the umask applied, as for any file the user creates.
+        path = os.path.join(folder, prefix + uuid.uuid4().hex[:12] + ".partial")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     os.close(fd)
     return path
 
@@ -221,10 +257,12 @@ def delete(path: str) -> None:
     if is_gcs(path):
         from google.api_core.exceptions import NotFound
 
-        bucket, name = _split_gcs(path)
         try:
-            gcs_client().bucket(bucket).blob(name).delete()
+            _blob(path).delete()
         except NotFound:
             pass
-    elif os.path.exists(path):
-        os.unlink(path)
+    else:
+        try:  # not exists() then unlink(): another worker may delete it in between
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
