@@ -14,8 +14,10 @@ import numpy as np
 import jaxdiff
 from jaxdiff.engine.sample import Rendered, Sample, derive_seed
 
-# The engine renders at multiples of 8 (the VAE's downsampling factor); the dry run
-# refuses the same sizes so that a manifest checked with --dry-run is checked for real.
+# The placeholders' sizes: any multiple of 8 (the VAE's downsampling factor), so tiny
+# images can test a huge manifest. A record's own width and height are held to the real
+# run's rule before they get here (manifest.RenderDefaults), so a manifest checked with
+# --dry-run is checked for real.
 SIZE_MULTIPLE = 8
 MAX_SIDE = 4096
 

@@ -51,7 +51,7 @@ class RenderConfig:
     """Run-wide settings. All but batch_size and dry_run_delay_s decide the images."""
 
     model: str | None = None          # None: the shipped default model
-    upscaler: str | None = None       # None: the model's own upscaler; "none": no upscaling
+    upscaler: str | None = None       # None: checkpoints.upscaler_for's choice; "none": no upscaling
     width: int | None = None          # None: the model's native size
     height: int | None = None
     # None: what the model folder's render_defaults.json recommends, else SD's 25 / dpmpp_2m / 7.5.
@@ -157,8 +157,9 @@ def manifest_defaults(config: RenderConfig) -> manifest.RenderDefaults:
     if config.height is not None:
         values["height"] = config.height
     if config.dry_run:
-        # The dry run draws any multiple of 8, so tiny images can test a huge manifest.
-        values.update(size_multiple=dry_run.SIZE_MULTIPLE, max_side=dry_run.MAX_SIDE,
+        # The dry run draws any multiple of 8, so tiny images can test a huge manifest;
+        # records' own sizes are checked as a real run checks them.
+        values.update(run_size_multiple=dry_run.SIZE_MULTIPLE, run_max_side=dry_run.MAX_SIDE,
                       width=config.width or DRY_RUN_SIZE, height=config.height or DRY_RUN_SIZE)
     try:
         return manifest.RenderDefaults(**values)

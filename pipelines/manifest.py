@@ -85,8 +85,13 @@ class RenderDefaults:
     negative_prompt: str = ""
     num_images: int = 1
     strength: float = 0.75
-    size_multiple: int = 64
-    max_side: int = 2048
+    size_multiple: int = 64            # a record's width and height: multiples of this,
+    max_side: int = 2048               # up to this
+    # The run's own width and height may keep a finer rule where its renderer draws any
+    # size (the dry run: multiples of 8, so tiny placeholders can test a huge manifest);
+    # records stay held to the rule above, as a real run holds them. None: that rule.
+    run_size_multiple: int | None = None
+    run_max_side: int | None = None
     max_steps: int = 1000
     max_guidance: float = 50.0
     max_num_images: int = 64
@@ -101,12 +106,16 @@ class RenderDefaults:
         for name in ("size_multiple", "max_side", "max_steps", "max_num_images", "max_image_side"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 bad(name, "use a positive integer")
+        for name in ("run_size_multiple", "run_max_side"):
+            if getattr(self, name) is not None and (not _is_int(getattr(self, name)) or getattr(self, name) < 1):
+                bad(name, "use a positive integer, or None")
+        multiple, top = self.run_size_multiple or self.size_multiple, self.run_max_side or self.max_side
         for name in ("width", "height"):
             value = getattr(self, name)
             if value is None:
                 continue
-            if not _is_int(value) or value % self.size_multiple or not 0 < value <= self.max_side:
-                bad(name, f"use a multiple of {self.size_multiple} up to {self.max_side}")
+            if not _is_int(value) or value % multiple or not 0 < value <= top:
+                bad(name, f"use a multiple of {multiple} up to {top}")
         if not _is_int(self.steps) or not 1 <= self.steps <= self.max_steps:
             bad("steps", f"use 1 to {self.max_steps}")
         if not _is_number(self.guidance) or not 0 <= self.guidance <= self.max_guidance:
@@ -293,11 +302,12 @@ def _num_images(fields: dict[str, Any], defaults: RenderDefaults) -> int:
 
 
 def _size(fields: dict[str, Any], defaults: RenderDefaults) -> tuple[int | None, int | None]:
+    """The record's width and height; its own are checked here, the run's were when set."""
     width = _integer("width", fields["width"]) if "width" in fields else defaults.width
     height = _integer("height", fields["height"]) if "height" in fields else defaults.height
     m, top = defaults.size_multiple, defaults.max_side
-    for side in (width, height):
-        if side is not None and (side % m or not m <= side <= top):
+    for name, side in (("width", width), ("height", height)):
+        if name in fields and side is not None and (side % m or not m <= side <= top):
             shown = "x".join("native" if v is None else str(v) for v in (width, height))
             raise _Invalid(f"unsupported size {shown}: use multiples of {m} up to {top}")
     return width, height

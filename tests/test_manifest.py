@@ -478,3 +478,25 @@ def test_render_defaults_refuse_bad_values():
         RenderDefaults(sampler="plms")
     with pytest.raises(ValueError, match="RenderDefaults.strength=0"):
         RenderDefaults(strength=0)
+
+
+def test_a_dry_run_holds_records_to_the_real_runs_sizes(tmp_path):
+    # The dry run's own placeholders may be tiny (any multiple of 8); a record's own size
+    # is checked as a real run checks it, so a manifest the dry run passes renders for real.
+    from pipelines import job
+
+    path = _write_jsonl(tmp_path / "m.jsonl", [
+        {"id": "a", "prompt": "p", "width": 128, "height": 192}, {"id": "b", "prompt": "p", "width": 72},
+        {"id": "c", "prompt": "p", "height": 4096}, {"id": "d", "prompt": "p"}])
+    records = _read_all([path], 10)
+    dry = job.manifest_defaults(job.RenderConfig(dry_run=True, width=16, height=8))
+    real = job.manifest_defaults(job.RenderConfig(width=512, height=512))
+    for defaults in (dry, real):
+        ok, wrong_width, too_tall, _ = (to_samples(r, defaults) for r in records)
+        assert (ok[0].width, ok[0].height) == (128, 192)
+        for failure in (wrong_width, too_tall):
+            assert isinstance(failure, Failure) and "multiples of 64 up to 2048" in failure.reason
+    (placeholder,) = to_samples(records[3], dry)
+    assert (placeholder.width, placeholder.height) == (16, 8)
+    with pytest.raises(ValueError, match="multiple of 64 up to 2048"):
+        job.manifest_defaults(job.RenderConfig(width=72))
