@@ -29,7 +29,8 @@ def _render_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="diffusers folder (local or gs://), or a Hub id already in the "
                                                  "local Hugging Face cache (owner/name); default: the shipped model")
     p.add_argument("--upscaler", default=None,
-                   help="x4 upscaler folder or Hub id (as --model), or 'none'; default: the model's own")
+                   help="x4 upscaler folder or Hub id (as --model), or 'none'; default: the shipped x4 "
+                        "with the shipped model, none with any other")
     p.add_argument("--width", type=int, default=None, help="image width (default: the model's native size)")
     p.add_argument("--height", type=int, default=None, help="image height (default: the model's native size)")
     p.add_argument("--steps", type=int, default=None,
