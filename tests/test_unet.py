@@ -90,6 +90,21 @@ def test_resnet_out_scale_factor_changes_nothing_in_sd_blocks_as_in_diffusers():
 
 
 @pytest.mark.parity
+@pytest.mark.parametrize("extra", [
+    dict(center_input_sample=True, flip_sin_to_cos=False, freq_shift=1),
+    dict(downsample_padding=0, mid_block_scale_factor=2.0, norm_eps=1e-2),
+    dict(time_embedding_dim=48, timestep_post_act="silu", conv_in_kernel=5, conv_out_kernel=1),
+    dict(layers_per_block=[1, 2, 1], transformer_layers_per_block=[1, 2, 3], attention_head_dim=[2, 4, 5]),
+    # A single bool also sets mid_block_only_cross_attention, which the SD mid block ignores.
+    dict(only_cross_attention=True),
+], ids=["input-and-time-features", "padding-scale-eps", "time-dim-post-act-kernels", "per-block-lists",
+        "only-cross-bool"])
+def test_config_fields_match_diffusers(extra):
+    # Fields no published SD config varies, each set away from its default.
+    _compare(dict(SD1_STYLE, **extra), height=12, width=12, timesteps=[999.0, 17.25], tol=1e-5)
+
+
+@pytest.mark.parity
 def test_sd2_style_matches_diffusers_on_uneven_size():
     # Per-block head counts, linear projections, two transformer layers per block; a
     # 10x13 latent is not divisible by 2, so the up path resizes to the skip's size.
@@ -158,6 +173,11 @@ def test_config_keeps_per_block_fields():
     ("time_embedding_type", "fourier"),
     ("attention_head_dim", [2, 3]),
     ("resnet_time_scale_shift", "scale_shift"),
+    ("time_cond_proj_dim", 256),  # LCM-distilled SD 1.5: needs a guidance-scale embedding
+    ("mid_block_type", None),
+    ("norm_num_groups", None),
+    ("class_embed_type", "timestep"),
+    ("transformer_layers_per_block", [[1], [1], [1]]),
     ("not_a_unet_field", 1),
 ])
 def test_unsupported_config_names_the_field(key, value):

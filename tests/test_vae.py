@@ -25,9 +25,9 @@ def _config(blocks: int) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def _models(blocks: int):
+def _models(blocks: int, **overrides):
     torch.manual_seed(blocks)
-    torch_model = diffusers.AutoencoderKL(**_config(blocks)).eval()
+    torch_model = diffusers.AutoencoderKL(**dict(_config(blocks), **overrides)).eval()
     with torch.no_grad():
         # Perturb every parameter (norm scales and biases included) so no default
         # initial value (ones, zeros) can hide a wrong mapping.
@@ -90,6 +90,22 @@ def test_decode_matches_diffusers(blocks, height, width):
     f = 2 ** (blocks - 1)
     assert got.shape == (2, height * f, width * f, 3)
     assert _relative_error(got, _nhwc(want)) < 1e-5  # relative to the output's scale
+
+
+@pytest.mark.parity
+def test_vae_without_mid_attention_or_quant_convs_matches_diffusers():
+    torch_model, model = _models(3, mid_block_add_attention=False, use_quant_conv=False,
+                                 use_post_quant_conv=False)
+    gen = torch.Generator().manual_seed(4)
+    image = torch.rand(1, 3, 16, 12, generator=gen) * 2 - 1
+    z = torch.randn(1, 4, 4, 3, generator=gen)
+    with torch.no_grad():
+        posterior = torch_model.encode(image).latent_dist
+        want = torch_model.decode(z).sample
+    mean, logvar = _encode(model, _nhwc(image))
+    assert _relative_error(mean, _nhwc(posterior.mean)) < 1e-5
+    assert _relative_error(logvar, _nhwc(posterior.logvar)) < 1e-5
+    assert _relative_error(_decode(model, _nhwc(z)), _nhwc(want)) < 1e-5
 
 
 @pytest.mark.parity

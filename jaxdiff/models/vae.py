@@ -22,7 +22,8 @@ _EPS = 1e-6
 
 _REQUIRED_VALUES: dict[str, Any] = {"act_fn": "silu"}
 # Keys that do not change encode/decode: the nominal image size, precision advice for
-# PyTorch, and latent statistics the engine (not the model) would apply.
+# PyTorch, and latent statistics only SDXL-class pipelines apply (diffusers' SD 1.x/2.x and
+# upscaler pipelines, like the engine, use scaling_factor alone).
 _IGNORED_KEYS = ("sample_size", "force_upcast", "latents_mean", "latents_std")
 
 
@@ -38,6 +39,7 @@ class VAEConfig:
     latent_channels: int = 4
     norm_num_groups: int = 32
     scaling_factor: float = 0.18215
+    # Applied by SD3/Flux pipelines only; SD pipelines (and the engine) leave it unused.
     shift_factor: float | None = None
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
