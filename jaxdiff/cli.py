@@ -36,7 +36,8 @@ def _render_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None,
                    help="denoising steps (default: the model's render_defaults.json, else 25)")
     # The engine's sampler names, spelled out so that --help needs no JAX import.
-    p.add_argument("--sampler", default=None, type=str.lower, choices=["ddim", "dpmpp_2m", "euler", "euler_a", "ddpm"],
+    p.add_argument("--sampler", default=None, type=str.lower,
+                   choices=["ddim", "dpmpp_2m", "euler", "euler_a", "ddpm", "lcm"],
                    help="default: the model's render_defaults.json, else dpmpp_2m")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (default: the model's render_defaults.json, else 7.5)")

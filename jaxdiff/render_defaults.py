@@ -8,6 +8,9 @@ holds what its makers measured best, e.g. for an x4 upscaler:
 
 Settings a user gives win over it; settings nobody gives fall back to SD's usual ones.
 diffusers ignores the file. Reading it needs no JAX (the job launcher reads it).
+
+A consistency-distilled base model (its scheduler is LCMScheduler) recommends, unless its
+file says otherwise, what diffusers' LatentConsistencyModelPipeline defaults to.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ UPSCALE_SETTINGS = {"steps": "upscale_steps", "sampler": "upscale_sampler", "gui
                     "noise_level": "noise_level"}
 
 
+LCM_DEFAULTS = {"sampler": "lcm", "steps": 4, "guidance": 8.5}
+
+
 class RenderDefaultsError(ValueError):
     """A render_defaults.json that cannot be used; the message names the file."""
 
@@ -33,14 +39,24 @@ class RenderDefaultsError(ValueError):
 def read(folder: str, kind: str = "base", digests: dict | None = None) -> dict:
     """The settings `folder` (local or gs://) recommends ({} without the file), checked.
     `digests`, if given, gets the file's sha256 under its path."""
-    path = storage.join(str(folder).rstrip("/"), FILE)
+    folder = str(folder).rstrip("/")
+    implied = dict(LCM_DEFAULTS) if kind == "base" and _scheduler_class(folder) == "LCMScheduler" else {}
+    path = storage.join(folder, FILE)
     try:
         raw = storage.read_bytes(path)
     except FileNotFoundError:
-        return {}
+        return implied
     if digests is not None:
         digests[path] = hashlib.sha256(raw).hexdigest()
-    return parse(raw, path, kind)
+    return {**implied, **parse(raw, path, kind)}
+
+
+def _scheduler_class(folder: str) -> str | None:
+    try:
+        config = json.loads(storage.read_bytes(storage.join(folder, "scheduler", "scheduler_config.json")))
+    except (FileNotFoundError, ValueError):
+        return None  # the model loader names a missing or broken scheduler config
+    return config.get("_class_name") if isinstance(config, dict) else None
 
 
 def parse(raw: bytes, path: str, kind: str = "base") -> dict:

@@ -97,7 +97,7 @@ class RenderDefaults:
     max_num_images: int = 64
     max_image_side: int = 8192         # init images / masks larger than this are refused
     # jaxdiff.samplers.SAMPLER_NAMES, spelled out so reading manifests needs no JAX.
-    samplers: tuple[str, ...] = ("ddim", "dpmpp_2m", "euler", "euler_a", "ddpm")
+    samplers: tuple[str, ...] = ("ddim", "dpmpp_2m", "euler", "euler_a", "ddpm", "lcm")
 
     def __post_init__(self):
         def bad(name, rule):

@@ -124,6 +124,38 @@ def test_a_text_encoder_that_asks_for_the_attention_mask_gets_it_as_in_diffusers
 
 
 @pytest.mark.parity
+@pytest.mark.parametrize("steps", [1, 3])
+def test_latent_consistency_model_matches_diffusers(tmp_path, monkeypatch, steps):
+    # A guidance-distilled UNet with LCMScheduler, as diffusers' LatentConsistencyModelPipeline
+    # runs it: no CFG, the scale as an embedding, fresh noise between steps (ours injected).
+    import jax
+    from diffusers import LatentConsistencyModelPipeline
+    from diffusers.schedulers import scheduling_lcm
+
+    from jaxdiff.engine.programs import _SAMPLER_NOISE, sample_keys
+
+    folder = make_sd_folder(str(tmp_path / "lcm"), scheduler="LCMScheduler", time_cond_proj_dim=8, seed=4)
+    defaults = jaxdiff.load_pipeline(folder, upscaler="none", batch_size=2).settings  # its scheduler's
+    assert (defaults.sampler, defaults.steps, defaults.guidance) == ("lcm", 4, 8.5)
+    pipe = jaxdiff.load_pipeline(folder, upscaler="none", steps=steps, guidance=8.0, batch_size=2)
+    noise = _noise(2, 8, 8, seed=5)
+    keys = jax.vmap(lambda k: jax.random.fold_in(k, _SAMPLER_NOISE))(sample_keys(np.array([0, 1], np.uint32)))
+    step_noise = [np.asarray(jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), (8, 8, 4)))(keys))
+                  for i in range(steps)]
+    drawn = iter(step_noise)
+    monkeypatch.setattr(scheduling_lcm, "randn_tensor",
+                        lambda shape, **kw: torch.from_numpy(next(drawn)).permute(0, 3, 1, 2).reshape(shape))
+    ref = LatentConsistencyModelPipeline.from_pretrained(folder, safety_checker=None)(
+        PROMPTS, num_inference_steps=steps, guidance_scale=8.0, height=16, width=16, latents=noise,
+        output_type="np").images
+    results = pipe.render(PROMPTS, seeds=[0, 1], noise=_nhwc(noise))
+    assert results[0].metadata["sampler"] == "lcm"
+    _assert_close(_images(results), ref)
+    (other_mode,) = pipe.render(["a"], mode="img2img", init_image=_rgb(3))
+    assert "sampler lcm renders txt2img only" in other_mode.error
+
+
+@pytest.mark.parity
 def test_image_to_image_matches_diffusers(pipe, sd_folder, monkeypatch):
     from PIL import Image
     from diffusers import StableDiffusionImg2ImgPipeline

@@ -20,8 +20,9 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    LCMScheduler,
 )
-from diffusers.schedulers import scheduling_ddpm, scheduling_euler_ancestral_discrete
+from diffusers.schedulers import scheduling_ddpm, scheduling_euler_ancestral_discrete, scheduling_lcm
 
 from jaxdiff.samplers import (
     SAMPLER_NAMES,
@@ -42,6 +43,7 @@ DIFFUSERS_CLASS = {
     "dpmpp_2m": DPMSolverMultistepScheduler,
     "euler": EulerDiscreteScheduler,
     "euler_a": EulerAncestralDiscreteScheduler,
+    "lcm": LCMScheduler,
 }
 # Stable Diffusion 1.x's scheduler_config.json (a PNDM config; no timestep_spacing stated).
 SD_CONFIG = {
@@ -65,6 +67,9 @@ RTOL = 5e-6
 ATOL_PER_SCALE = 5e-6
 
 pytestmark = pytest.mark.parity
+# The samplers whose steps follow timestep_spacing; LCM takes its own from the
+# distillation's grid (tested on its own below).
+SPACED_SAMPLERS = [n for n in SAMPLER_NAMES if n != "lcm"]
 
 
 def fake_model_jax(x, t, i):
@@ -97,7 +102,7 @@ def diffusers_trajectory(
     def injected_randn(shape, **kwargs):
         return torch.from_numpy(noises[current["step"]]).reshape(shape)
 
-    for module in (scheduling_ddpm, scheduling_euler_ancestral_discrete):
+    for module in (scheduling_ddpm, scheduling_euler_ancestral_discrete, scheduling_lcm):
         monkeypatch.setattr(module, "randn_tensor", injected_randn)
     x = torch.from_numpy(np.array(latents, np.float32))
     trajectory = []
@@ -132,7 +137,7 @@ def keys_for(batch, seed=0, impl="rbg"):
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-@pytest.mark.parametrize("name", SAMPLER_NAMES)
+@pytest.mark.parametrize("name", SPACED_SAMPLERS)
 def test_trajectory_matches_diffusers(monkeypatch, name, prediction_type, spacing):
     config, sampler = make_case(name, prediction_type, spacing)
     keys = keys_for(SHAPE[0])
@@ -159,7 +164,9 @@ def test_karras_trajectory_matches_diffusers(monkeypatch, name, prediction_type,
     assert_trajectories_close(sample_trajectory(sampler, fake_model_jax, x, None), theirs)
 
 
-@pytest.mark.parametrize("name", SAMPLER_NAMES)
+# LCM's img2img respaces its grid by strength (LCMScheduler.set_timesteps(strength=)), not
+# by starting later on the txt2img steps: the engine renders LCM from noise only.
+@pytest.mark.parametrize("name", SPACED_SAMPLERS)
 def test_img2img_start_matches_diffusers(monkeypatch, name):
     config, sampler = make_case(name, "epsilon", None)
     x0 = jax.random.normal(jax.random.key(3), SHAPE)
@@ -250,7 +257,7 @@ def test_add_noise_matches_diffusers(beta_schedule):
     np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", SAMPLER_NAMES)
+@pytest.mark.parametrize("name", SPACED_SAMPLERS)
 def test_trailing_spacing_runs_exactly_num_steps(monkeypatch, name):
     # np.arange(1000, 0, -1000 / 61) yields 62 points: diffusers then appends a step at t = -1.
     # Its first 61 timesteps are the schedule; DDIM and DDPM reach t = 0 at the 61st.
@@ -297,7 +304,7 @@ def test_scheduler_options_match_diffusers(monkeypatch, name, options):
 
 def test_unstated_spacing_follows_each_diffusers_default():
     schedule = NoiseSchedule.from_config(SD_CONFIG)
-    for name in SAMPLER_NAMES:
+    for name in SPACED_SAMPLERS:
         sched = DIFFUSERS_CLASS[name].from_config(SD_CONFIG)
         sched.set_timesteps(7)
         ours = make_sampler(name, schedule, 7).timesteps
@@ -380,7 +387,7 @@ def test_step_counts_past_the_schedule_are_refused():
         schedule = NoiseSchedule.from_config({**SD_CONFIG, "timestep_spacing": spacing})
         with pytest.raises(ValueError, match=f"num_steps={num_steps}"):
             make_sampler("dpmpp_2m", schedule, num_steps)
-    for name in SAMPLER_NAMES:
+    for name in SPACED_SAMPLERS:
         make_sampler(name, NoiseSchedule.from_config(SD_CONFIG), 999)
         make_sampler(name, NoiseSchedule.from_config({**SD_CONFIG, "timestep_spacing": "trailing"}), 1000)
 
@@ -399,3 +406,23 @@ def test_bad_sampler_arguments_are_refused():
     sampler = make_sampler("euler_a", schedule, 3)
     with pytest.raises(ValueError, match="keys"):
         sample(sampler, fake_model_jax, jnp.zeros(SHAPE), None)
+
+
+@pytest.mark.parametrize("num_steps, original, prediction_type", [
+    (1, 50, "epsilon"), (4, 50, "epsilon"), (8, 50, "v_prediction"), (3, 7, "epsilon")])
+def test_lcm_steps_and_trajectory_match_diffusers(monkeypatch, num_steps, original, prediction_type):
+    config = {**SD_CONFIG, "_class_name": "LCMScheduler", "original_inference_steps": original,
+              "timestep_scaling": 10.0, "prediction_type": prediction_type}
+    sampler = make_sampler("lcm", NoiseSchedule.from_config(config), num_steps)
+    keys = keys_for(SHAPE[0], seed=9)
+    x = initial_latents(sampler, jax.random.normal(jax.random.key(10), SHAPE))
+    sched, theirs = diffusers_trajectory(monkeypatch, "lcm", config, num_steps, x,
+                                         noises=our_noise(keys, num_steps, SHAPE[1:]))
+    np.testing.assert_array_equal(sampler.timesteps, sched.timesteps.numpy().astype(np.float64))
+    assert_trajectories_close(sample_trajectory(sampler, fake_model_jax, x, keys), theirs)
+
+
+def test_lcm_refuses_more_steps_than_its_grid():
+    schedule = NoiseSchedule.from_config({**SD_CONFIG, "original_inference_steps": 50})
+    with pytest.raises(ValueError, match="original_inference_steps"):
+        make_sampler("lcm", schedule, 51)

@@ -84,6 +84,33 @@ def test_sd1_style_matches_diffusers():
 
 
 @pytest.mark.parity
+def test_guidance_distilled_unet_matches_diffusers():
+    # LCM-distilled SD 1.5 (time_cond_proj_dim 256 there): the guidance scale enters as an
+    # embedding added to the timestep's, built as diffusers' LCM pipeline builds it.
+    from diffusers import LatentConsistencyModelPipeline
+
+    from jaxdiff.models.unet import guidance_embedding
+
+    config = dict(SD1_STYLE, time_cond_proj_dim=12)
+    torch_model = _randomised_torch_unet(config)
+    model = _jax_unet(torch_model, config)
+    guidance = torch.tensor([8.0, 1.5])
+    cond = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, guidance - 1, embedding_dim=12)
+    # Angles up to 7000 rad in float32: the two frequency formulas round apart by ~1e-5.
+    np.testing.assert_allclose(np.asarray(guidance_embedding(guidance.numpy(), 12)), cond.numpy(), atol=5e-5)
+    gen = torch.Generator().manual_seed(1)
+    sample, context = torch.randn(2, 4, 12, 12, generator=gen), torch.randn(2, 5, 20, generator=gen)
+    t = torch.tensor([999.0, 259.0])
+    with torch.no_grad():
+        want = torch_model(sample, t, context, timestep_cond=cond).sample.numpy().transpose(0, 2, 3, 1)
+        without = torch_model(sample, t, context).sample.numpy().transpose(0, 2, 3, 1)
+    got = np.asarray(nnx.jit(lambda m, *a: m(*a[:3], timestep_cond=a[3]))(
+        model, sample.numpy().transpose(0, 2, 3, 1), t.numpy(), context.numpy(), cond.numpy()))
+    assert np.max(np.abs(got - want)) / np.max(np.abs(want)) < 1e-5
+    assert np.max(np.abs(want - without)) > 1e-2  # the embedding matters
+
+
+@pytest.mark.parity
 def test_resnet_out_scale_factor_changes_nothing_in_sd_blocks_as_in_diffusers():
     # diffusers hands it only to block types jaxdiff does not build.
     _compare(dict(SD1_STYLE, resnet_out_scale_factor=2.0), height=12, width=12, timesteps=[999.0, 17.25], tol=1e-5)
@@ -173,7 +200,6 @@ def test_config_keeps_per_block_fields():
     ("time_embedding_type", "fourier"),
     ("attention_head_dim", [2, 3]),
     ("resnet_time_scale_shift", "scale_shift"),
-    ("time_cond_proj_dim", 256),  # LCM-distilled SD 1.5: needs a guidance-scale embedding
     ("mid_block_type", None),
     ("norm_num_groups", None),
     ("class_embed_type", "timestep"),

@@ -43,9 +43,11 @@ def _randomize(module: torch.nn.Module, scale: float = 0.2) -> None:
 
 
 def make_sd_folder(path: str, *, seed: int = 0, unet_in_channels: int = 4, prediction_type: str = "epsilon",
-                   scheduler: str = "DDIMScheduler", hidden_act: str = "quick_gelu") -> str:
-    """A tiny text-to-image (or 9-channel inpainting) pipeline folder; images are 16x16."""
-    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+                   scheduler: str = "DDIMScheduler", hidden_act: str = "quick_gelu",
+                   time_cond_proj_dim: int | None = None) -> str:
+    """A tiny text-to-image (or 9-channel inpainting, or guidance-distilled LCM) pipeline
+    folder; images are 16x16."""
+    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, LCMScheduler,
                            StableDiffusionPipeline, UNet2DConditionModel)
 
     torch.manual_seed(seed)
@@ -57,13 +59,13 @@ def make_sd_folder(path: str, *, seed: int = 0, unet_in_channels: int = 4, predi
         sample_size=8, in_channels=unet_in_channels, out_channels=4, layers_per_block=1,
         block_out_channels=(8, 16), norm_num_groups=4, cross_attention_dim=16, attention_head_dim=2,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).eval()
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), time_cond_proj_dim=time_cond_proj_dim).eval()
     vae = _vae(2, 0.18215)
     text_encoder = _text_encoder(vocab_size, hidden_act)
     for m in (unet, vae, text_encoder):
         _randomize(m)
     sched_cls = {"DDIMScheduler": DDIMScheduler, "DPMSolverMultistepScheduler": DPMSolverMultistepScheduler,
-                 "EulerDiscreteScheduler": EulerDiscreteScheduler}[scheduler]
+                 "EulerDiscreteScheduler": EulerDiscreteScheduler, "LCMScheduler": LCMScheduler}[scheduler]
     sched = sched_cls(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                       prediction_type=prediction_type, steps_offset=1, timestep_spacing="leading",
                       **({"clip_sample": False, "set_alpha_to_one": False} if scheduler == "DDIMScheduler" else {}))

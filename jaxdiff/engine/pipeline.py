@@ -34,6 +34,7 @@ SCHEDULER_CLASSES = {
     "EulerDiscreteScheduler": "euler",
     "EulerAncestralDiscreteScheduler": "euler_a",
     "DDPMScheduler": "ddpm",
+    "LCMScheduler": "lcm",
 }
 
 
@@ -260,6 +261,8 @@ class Pipeline:
             raise RenderError(f"sampler {prep.sampler} at {prep.steps} steps: {e}") from None
         if s.mode == "txt2img":
             return self._check_size(prep)
+        if prep.sampler == "lcm":  # diffusers' LCM img2img respaces the steps by strength
+            raise RenderError(f"sampler lcm renders txt2img only, not mode {s.mode}: pick another sampler")
         if s.init_image is None:
             raise RenderError(f"mode {s.mode} needs an init_image")
         try:

@@ -15,6 +15,7 @@ from flax import nnx
 
 from jaxdiff import samplers
 from jaxdiff.engine.guidance import classifier_free_guidance
+from jaxdiff.models.unet import guidance_embedding
 
 # Streams folded into a sample's key, so each random draw has its own fixed stream:
 # base stage (initial noise, solver noise), then the upscale stage's own key with
@@ -131,6 +132,22 @@ def _guided_denoiser(unet, context, guidance, conditioning=None, class_labels=No
     return denoise
 
 
+def _distilled_denoiser(unet, context, guidance, conditioning=None):
+    """denoise(x, t, i) for a guidance-distilled UNet (LCM, time_cond_proj_dim): one UNet
+    call on the prompt alone, the scale given as its embedding, as diffusers' LCM pipeline."""
+    dtype = context.dtype
+    embedded = guidance_embedding(guidance, unet.config.time_cond_proj_dim)
+    extra = None if conditioning is None else conditioning.astype(dtype)
+
+    def denoise(x_in, t, i):
+        model_in = x_in.astype(dtype)
+        if extra is not None:
+            model_in = jnp.concatenate([model_in, extra], axis=-1)
+        return unet(model_in, t, context, timestep_cond=embedded).astype(jnp.float32)
+
+    return denoise
+
+
 def make_base_program(graphdefs, sampler, sig: BaseSignature, *, clip_skip: int,
                       scaling_factor: float, tile_pixels: int | None,
                       on_trace: Callable[[], None]) -> Callable:
@@ -158,7 +175,11 @@ def make_base_program(graphdefs, sampler, sig: BaseSignature, *, clip_skip: int,
         if unet.config.in_channels == shape[-1] + 1 + shape[-1]:  # 9-channel inpainting UNet
             extra = jnp.concatenate([mask, inputs["masked_latents"]], axis=-1)
 
-        denoise = _guided_denoiser(unet, context, inputs["guidance"], conditioning=extra)
+        if unet.config.time_cond_proj_dim is not None:  # context is [uncond; cond]: the prompt's half
+            denoise = _distilled_denoiser(unet, context[context.shape[0] // 2:], inputs["guidance"],
+                                          conditioning=extra)
+        else:
+            denoise = _guided_denoiser(unet, context, inputs["guidance"], conditioning=extra)
 
         def blend_known(x_i, i):
             # Known pixels follow the init image at this step's noise level.

@@ -39,7 +39,6 @@ _REQUIRED_VALUES: dict[str, Any] = {
     "resnet_skip_time_act": False,
     "time_embedding_type": "positional",
     "time_embedding_act_fn": None,
-    "time_cond_proj_dim": None,
     "attention_type": "default",
     "cross_attention_norm": None,
     "reverse_transformer_layers_per_block": None,
@@ -95,6 +94,9 @@ class UNetConfig:
     # SimpleCrossAttn*): for the SD blocks it changes nothing, here as there.
     resnet_out_scale_factor: float = 1.0
     time_embedding_dim: int | None = None
+    # Guidance-distilled models (LCM): the width of the guidance-scale embedding added to
+    # the timestep's (`timestep_cond`); such a model takes no classifier-free guidance.
+    time_cond_proj_dim: int | None = None
     timestep_post_act: str | None = None
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
@@ -165,16 +167,30 @@ def timestep_embedding(timesteps: jax.Array, dim: int, *, flip_sin_to_cos: bool,
     return emb
 
 
-class TimestepEmbedding(nnx.Module):
-    """Two linear layers with SiLU between them (and optionally after)."""
+def guidance_embedding(guidance: jax.Array, dim: int) -> jax.Array:
+    """A guidance-distilled model's condition: (guidance - 1) * 1000 embedded as a timestep
+    (sin before cos, frequencies over half - 1), as diffusers' LCM pipeline does, (B,) -> (B, dim)."""
+    return timestep_embedding((jnp.asarray(guidance, jnp.float32) - 1.0) * 1000.0, dim,
+                              flip_sin_to_cos=False, freq_shift=1)
 
-    def __init__(self, in_features: int, out_features: int, *, post_act: bool,
+
+class TimestepEmbedding(nnx.Module):
+    """Two linear layers with SiLU between them (and optionally after); a condition (LCM's
+    guidance-scale embedding), projected to the input's width, is added to the input."""
+
+    def __init__(self, in_features: int, out_features: int, *, post_act: bool, cond_proj_dim: int | None = None,
                  dtype=jnp.float32, rngs: nnx.Rngs):
         self.post_act = post_act
+        self.cond_proj = (nnx.Linear(cond_proj_dim, in_features, use_bias=False, dtype=dtype, param_dtype=dtype,
+                                     rngs=rngs) if cond_proj_dim is not None else None)
         self.linear_1 = nnx.Linear(in_features, out_features, dtype=dtype, param_dtype=dtype, rngs=rngs)
         self.linear_2 = nnx.Linear(out_features, out_features, dtype=dtype, param_dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, condition: jax.Array | None = None) -> jax.Array:
+        if condition is not None:
+            if self.cond_proj is None:
+                raise ValueError("UNet: timestep_cond given, but the config has no time_cond_proj_dim")
+            x = x + self.cond_proj(condition)
         x = self.linear_2(jax.nn.silu(self.linear_1(x)))
         return jax.nn.silu(x) if self.post_act else x
 
@@ -417,7 +433,7 @@ class UNet2DConditionModel(nnx.Module):
         self.conv_in = conv2d(c.in_channels, channels[0], c.conv_in_kernel, dtype=dtype, rngs=rngs)
         self.time_embedding = TimestepEmbedding(channels[0], time_dim,
                                                 post_act=c.timestep_post_act == "silu",
-                                                dtype=dtype, rngs=rngs)
+                                                cond_proj_dim=c.time_cond_proj_dim, dtype=dtype, rngs=rngs)
         self.class_embedding = (nnx.Embed(c.num_class_embeds, time_dim, dtype=dtype,
                                           param_dtype=dtype, rngs=rngs)
                                 if c.num_class_embeds is not None else None)
@@ -469,8 +485,11 @@ class UNet2DConditionModel(nnx.Module):
         self.conv_out = conv2d(channels[0], c.out_channels, c.conv_out_kernel, dtype=dtype, rngs=rngs)
 
     def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,
-                 class_labels: jax.Array | None = None) -> jax.Array:
-        """(B, H, W, in_channels), (B,) or scalar, (B, T, D), (B,) int -> (B, H, W, out_channels)."""
+                 class_labels: jax.Array | None = None, timestep_cond: jax.Array | None = None) -> jax.Array:
+        """(B, H, W, in_channels), (B,) or scalar, (B, T, D), (B,) int -> (B, H, W, out_channels).
+
+        `timestep_cond` (B, time_cond_proj_dim): a guidance-distilled model's embedding of
+        its guidance scale (`guidance_embedding`)."""
         c = self.config
         if sample.ndim != 4 or sample.shape[-1] != c.in_channels:
             raise ValueError(
@@ -494,7 +513,8 @@ class UNet2DConditionModel(nnx.Module):
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (batch,))
         t_emb = timestep_embedding(timesteps, c.block_out_channels[0],
                                    flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=c.freq_shift)
-        temb = self.time_embedding(t_emb.astype(self.dtype))
+        temb = self.time_embedding(t_emb.astype(self.dtype),
+                                   None if timestep_cond is None else timestep_cond.astype(self.dtype))
         if self.class_embedding is not None:
             temb = temb + self.class_embedding(jnp.asarray(class_labels, jnp.int32))
 

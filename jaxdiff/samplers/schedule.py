@@ -62,6 +62,8 @@ class NoiseSchedule:
     use_lu_lambdas: bool = False
     use_flow_sigmas: bool = False
     lambda_min_clipped: float = -math.inf
+    original_inference_steps: int = 50  # LCMScheduler: the distillation's step grid
+    timestep_scaling: float = 10.0      # LCMScheduler: t's scale in the boundary condition
 
     def __post_init__(self):
         if not (isinstance(self.num_train_timesteps, int) and self.num_train_timesteps >= 2):

@@ -25,11 +25,12 @@ from jaxdiff.samplers.schedule import (
     spaced_timesteps,
 )
 
-SAMPLER_NAMES = ("ddim", "dpmpp_2m", "euler", "euler_a", "ddpm")
+SAMPLER_NAMES = ("ddim", "dpmpp_2m", "euler", "euler_a", "ddpm", "lcm")
 KARRAS_SAMPLERS = ("dpmpp_2m", "euler")
 # The spacing each diffusers scheduler defaults to when the config names none.
 DEFAULT_SPACING = {
     "ddim": "leading", "ddpm": "leading", "dpmpp_2m": "linspace", "euler": "linspace", "euler_a": "linspace",
+    "lcm": "leading",  # unused: LCM takes its steps from the distillation's grid
 }
 
 # Options of the diffusers class each sampler mirrors, with the values implemented here.
@@ -159,6 +160,35 @@ def _ddpm(schedule: NoiseSchedule, num_steps: int, spacing: str) -> Sampler:
         "ddpm", num_steps, 1.0, model_timesteps=t, x0_from_x=from_x, x0_from_out=from_out,
         keep_x=np.sqrt(1 - step_beta) * (1 - a_prev) / (1 - a), take_x0=np.sqrt(a_prev) * step_beta / (1 - a),
         noise_std=np.where(t > 0, np.sqrt(variance), 0.0),
+        signal_level=_with_clean(np.sqrt(a), 1.0), noise_level=_with_clean(np.sqrt(1 - a), 0.0),
+    )
+
+
+def _lcm(schedule: NoiseSchedule, num_steps: int) -> Sampler:
+    """Latent consistency sampling (Luo et al. 2023), as diffusers' LCMScheduler: each step
+    takes the consistency model's estimate (the x0 prediction under the boundary condition
+    c_skip x + c_out x0) and noises it afresh to the next step's level; the last step
+    returns the estimate. Steps are spread over the distillation's grid of
+    original_inference_steps timesteps."""
+    original, n_train = schedule.original_inference_steps, schedule.num_train_timesteps
+    if not 1 <= original <= n_train:
+        raise _unsupported("original_inference_steps", original, f"use 1 to num_train_timesteps ({n_train})")
+    if num_steps > original:
+        raise ValueError(f"num_steps={num_steps} is more than the LCM grid's original_inference_steps "
+                         f"({original}); use at most {original}")
+    grid = (np.arange(1, original + 1) * (n_train // original) - 1)[::-1]
+    t = grid[np.floor(np.linspace(0, original, num_steps, endpoint=False)).astype(np.int64)]
+    abar = schedule.alphas_cumprod
+    a = abar[t]
+    a_next = np.append(abar[t[1:]], 1.0)  # after the last step: the estimate, unscaled
+    scaled = t * schedule.timestep_scaling
+    sigma_data = 0.5
+    c_skip = sigma_data ** 2 / (scaled ** 2 + sigma_data ** 2)
+    c_out = scaled / np.sqrt(scaled ** 2 + sigma_data ** 2)
+    from_x, from_out = _x0_coefficients(np.sqrt(a), np.sqrt(1 - a), schedule.prediction_type)
+    return _make(
+        "lcm", num_steps, 1.0, model_timesteps=t, x0_from_x=from_x, x0_from_out=from_out,
+        keep_x=np.sqrt(a_next) * c_skip, take_x0=np.sqrt(a_next) * c_out, noise_std=np.sqrt(1 - a_next),
         signal_level=_with_clean(np.sqrt(a), 1.0), noise_level=_with_clean(np.sqrt(1 - a), 0.0),
     )
 
@@ -298,4 +328,6 @@ def make_sampler(
         return _euler(schedule, num_steps, spacing, karras_sigmas)
     if name == "euler_a":
         return _euler_ancestral(schedule, num_steps, spacing)
+    if name == "lcm":
+        return _lcm(schedule, num_steps)
     return _dpmpp_2m(schedule, num_steps, spacing, karras_sigmas)
