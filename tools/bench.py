@@ -5,9 +5,13 @@
     python -m tools.bench --arch tiny --batch-sizes 1,2 --steps 2          # CPU, tested in CI
 
 Work (as ../shared/bench/diffusers_baseline.py): random weights at full size (speed does
-not depend on values), DPM-Solver++, CFG, VAE decode to uint8 on the host included; the
-text encoder runs too (the baseline feeds random context: a few ms at most). `default`
-benchmarks the shipped model family. Prints a table and writes JSON.
+not depend on values), DPM-Solver++ (2M), CFG, VAE decode to uint8 on the host included;
+the text encoder runs too, on both sides (the baseline feeds random context: a few ms at
+most). `default` benchmarks the shipped model family. Times: the median of --reps calls
+after a warm-up call (compilation apart), each to its images on the host. UNet FLOPs
+are counted as the baseline counts them (tools/hlo_ops.program_flops). With --compare,
+jaxdiff runs in a process of its own, then each diffusers variant in another: none holds
+the accelerator's memory while another runs. Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 # bf16 dense peak per chip, TFLOP/s, from the vendors' datasheets.
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "TPU v5 lite": 197.0,
-               "TPU v5": 459.0, "TPU v6 lite": 918.0}
+# First match on the device kind: the H100's PCIe and NVL cards run at lower clocks.
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "A100": 312.0,
+               "L4": 121.0, "TPU v5 lite": 197.0, "TPU v5": 459.0, "TPU v6 lite": 918.0}
 
 
 def _median_time(fn, reps: int) -> float:
@@ -43,18 +49,19 @@ def _peak(device) -> float | None:
 
 
 def _flops(module, args) -> float | None:
-    """A module call's FLOPs, counted on a lowering with XLA's attention: a fused
-    attention kernel is a custom call, which XLA's cost analysis counts as none."""
+    """A module call's FLOPs as torch's FlopCounterMode (and the diffusers baseline) counts
+    them: two per multiply-add of its matmuls, convolutions and attention, read off a
+    lowering with XLA's attention (a fused kernel's custom call has no dots to count).
+    Not XLA's cost analysis: it skips convolutions' padded positions and adds elementwise
+    work (790.5 against 803.3 GFLOP for SD 1.5's UNet at batch 1)."""
     from jaxdiff.models import attention
+    from tools.hlo_ops import program_flops
 
-    # A fresh jit (its trace cache does not see the dispatch), lowered and not compiled:
-    # an executable from the persistent compilation cache may carry no cost analysis.
+    # A fresh jit (its trace cache does not see the dispatch), lowered and not compiled.
     fresh, state = _jit_module(module)
     with attention.dispatch(implementation="xla"):
-        cost = fresh.lower(state, *args).cost_analysis()
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else None
-    return float(cost["flops"]) if cost and "flops" in cost else None
+        text = fresh.lower(state, *args).as_text(dialect="hlo")
+    return program_flops(text) or None
 
 
 def _jit_module(module, method=None):
@@ -137,6 +144,7 @@ def bench_arch(args) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
+    from flax import nnx
 
     from jaxdiff.engine import Pipeline, RenderSettings, Sample
     from jaxdiff.engine.pipeline import enable_compilation_cache
@@ -147,7 +155,9 @@ def bench_arch(args) -> dict:
     upscale = family.kind == "upscale"
     result = {"system": "jaxdiff", "arch": args.arch, "device": jax.devices()[0].device_kind,
               "device_count": jax.device_count(), "jax": jax.__version__, "dtype": str(dtype),
-              "steps": args.steps, "sampler": args.sampler, "guidance": args.guidance, "batches": {}}
+              "steps": args.steps, "sampler": args.sampler, "guidance": args.guidance,
+              "unet_params": sum(x.size for x in jax.tree.leaves(nnx.state(family.unet, nnx.Param))),
+              "timing": f"median of {args.reps} after a warm-up call, images on the host", "batches": {}}
     side = args.size or native_side(family)
     result["size"] = side
     for B in [int(b) for b in args.batch_sizes.split(",")]:
@@ -181,17 +191,50 @@ def bench_arch(args) -> dict:
     return result
 
 
-def compare_diffusers(args, compiled: bool) -> dict:
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _child_json(cmd: list[str]) -> dict:
+    """The last JSON line a child process printed (the children print one after each
+    batch), with an error (exit status, stderr's tail) where it failed."""
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
+    result = {}
+    for line in reversed(out.stdout.splitlines()):
+        try:
+            result = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(result, dict):
+            break
+        result = {}
+    if out.returncode != 0 or not result:
+        result["error"] = f"exit status {out.returncode}: {(out.stderr or out.stdout)[-2000:]}"
+    return result
+
+
+def compare_diffusers(args, compiled: bool, dtype: str | None) -> dict:
     cmd = [sys.executable, "-m", "tools.bench_diffusers", "--arch", args.arch, "--batch-sizes", args.batch_sizes,
            "--steps", str(args.steps), "--guidance", str(args.guidance), "--reps", str(args.reps)]
     if args.size:
         cmd += ["--size", str(args.size)]
+    if dtype:
+        cmd += ["--dtype", dtype]
     if compiled:
         cmd.append("--compile")
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)) or ".")
-    if out.returncode != 0:
-        return {"error": out.stderr[-2000:]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return _child_json(cmd)
+
+
+def _jaxdiff_in_child(argv: list[str], out_path: str) -> dict:
+    """bench_arch in a process of its own: XLA keeps the accelerator memory it took until
+    its process ends, and diffusers runs next."""
+    cmd = [sys.executable, "-m", "tools.bench", *argv, "--compare", "none", "--out", out_path]
+    out = subprocess.run(cmd, stderr=subprocess.PIPE, text=True, cwd=ROOT, check=False)
+    try:
+        with open(out_path) as f:
+            return json.load(f)["jaxdiff"]
+    except (OSError, ValueError, KeyError):
+        sys.stderr.write(out.stderr[-4000:])
+        return {"error": f"exit status {out.returncode}: {out.stderr[-2000:]}", "batches": {}}
 
 
 def main(argv=None) -> dict:
@@ -208,16 +251,25 @@ def main(argv=None) -> dict:
     p.add_argument("--compare", default="none", choices=["none", "diffusers", "diffusers-compiled", "both"])
     p.add_argument("--cache-dir", default=None, help="persistent compilation cache (default ~/.cache/jaxdiff/xla)")
     p.add_argument("--out", default=None, help="write the JSON result here")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
+    if args.compare != "none" and args.sampler != "dpmpp_2m":
+        p.error("the diffusers side runs DPM-Solver++ (2M) only: compare with --sampler dpmpp_2m")
 
-    result = {"jaxdiff": bench_arch(args)}
+    if args.compare == "none":
+        result = {"jaxdiff": bench_arch(args)}
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            result = {"jaxdiff": _jaxdiff_in_child(argv, os.path.join(tmp, "jaxdiff.json"))}
+        if "error" in result["jaxdiff"]:
+            print("jaxdiff failed:", result["jaxdiff"]["error"][-400:], flush=True)
 
     def save():
         # After each stage: a run cut short by a time limit keeps what it measured.
         ratios = {}
         for name in ("diffusers_eager", "diffusers_compiled"):
             other = result.get(name, {}).get("batches", {})
-            for B, entry in result["jaxdiff"]["batches"].items():
+            for B, entry in result["jaxdiff"].get("batches", {}).items():
                 if B in other:
                     ratios[f"vs_{name}_b{B}"] = round(entry["images_per_s"] / other[B]["images_per_s"], 3)
         result["ratios"] = ratios
@@ -226,16 +278,16 @@ def main(argv=None) -> dict:
                 json.dump(result, f, indent=1)
 
     save()
-    # diffusers runs after JAX in its own process: the two must not share the GPU's memory.
+    # Each diffusers variant in its own process, after jaxdiff's has ended.
     for name, compiled, wanted in (("diffusers_eager", False, ("diffusers", "both")),
                                    ("diffusers_compiled", True, ("diffusers-compiled", "both"))):
         if args.compare in wanted:
-            result[name] = compare_diffusers(args, compiled=compiled)
+            result[name] = compare_diffusers(args, compiled, result["jaxdiff"].get("dtype", args.dtype))
             print(name, json.dumps(result[name])[:400], flush=True)
             save()
     ratios = result["ratios"]
     print(f"{'batch':>6} {'img/s':>9} {'first s':>8} {'UNet TFLOP/s':>13}  ratios")
-    for B, e in result["jaxdiff"]["batches"].items():
+    for B, e in result["jaxdiff"].get("batches", {}).items():
         rs = " ".join(f"{k}={v}" for k, v in ratios.items() if k.endswith(f"_b{B}"))
         print(f"{B:>6} {e['images_per_s']:>9} {e['first_call_s']:>8} "
               f"{e.get('stages', {}).get('unet_tflops', '-'):>13}  {rs}")

@@ -16,7 +16,7 @@ fi
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 JAXDIFF_CACHE_DIR=/tmp/jaxdiff-xla
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
 python3 -c "import jax, flax, diffusers, transformers; print('jax', jax.__version__, 'flax', flax.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, jax.devices())"
-timeout 180 python3 -m tools.bench --arch sd15 --batch-sizes 16 --steps 25 --reps 2 --compare both \
+timeout 200 python3 -m tools.bench --arch sd15 --batch-sizes 16 --steps 25 --reps 2 --compare both \
   --out "$OUT/bench_sd15.json" 2>&1 | grep -v -i warning | tee "$OUT/bench_sd15.log"
 timeout 90 python3 -m tools.op_profile --arch sd15 --size 512 --batch 16 --out "$OUT/profile_sd15.json" \
   2>&1 | grep -v -i warning | tee "$OUT/profile_sd15.log"
@@ -27,9 +27,9 @@ XLA_FLAGS=--xla_gpu_enable_triton_gemm=false timeout 65 python3 -m tools.bench -
   --steps 25 --reps 1 --no-stages --out "$OUT/bench_sd15_cublas.json" 2>&1 | grep -v -i warning | tee "$OUT/bench_cublas.log"
 timeout 60 python3 -m tools.bench --arch x4-upscaler --size 128 --batch-sizes 8 --steps 20 --guidance 9 --reps 2 \
   --no-stages --compare diffusers --out "$OUT/bench_x4.json" 2>&1 | grep -v -i warning | tee "$OUT/bench_x4.log"
-timeout 40 python3 -m tools.bench --arch sd15 --batch-sizes 16 --steps 25 --reps 1 --no-stages \
+timeout 30 python3 -m tools.bench --arch sd15 --batch-sizes 16 --steps 25 --reps 1 --no-stages \
   --out "$OUT/bench_sd15_warm_cache.json" 2>&1 | grep -v -i warning | tee "$OUT/bench_warm.log"
 timeout 50 python3 -m tools.bench --arch sd15 --batch-sizes 32 --steps 25 --reps 1 --no-stages \
   --out "$OUT/bench_sd15_b32.json" 2>&1 | grep -v -i warning | tee "$OUT/bench_b32.log"
-timeout 45 python3 -m tools.step_hlo --arch sd15 --batch 16 --target local --out "$OUT/step_hlo_sd15.json" \
+timeout 35 python3 -m tools.step_hlo --arch sd15 --batch 16 --target local --out "$OUT/step_hlo_sd15.json" \
   --hlo-out "$OUT/sd15_step_hlo.txt" 2>&1 | grep -v -i warning | tee "$OUT/step_hlo_sd15.log"

@@ -268,3 +268,30 @@ def op_flops(name: str, instructions: dict, computations: dict) -> float:
     kernels, through the computations it calls (fusions). Elementwise work is not counted."""
     return sum(_own_flops(opcode, line, instructions)
                for opcode, line in _reachable(name, instructions, computations))
+
+
+_SUBCOMPUTATIONS = re.compile(r"(?:calls|to_apply|body)=%?([\w.\-]+)")
+
+
+def program_flops(text: str) -> float:
+    """Multiply-add FLOPs (two per multiply-add) of a whole module, from its entry: dots,
+    convolutions (padding included, as the kernels compute it) and GEMM and attention
+    kernels, as torch's FlopCounterMode counts them; elementwise work is not counted. A
+    computation counts each time it is called; a while loop's body counts once (one step), a
+    conditional's branches not at all."""
+    instructions, computations = parse_hlo(text)
+    entry = re.search(r"^ENTRY\s+%?([\w.\-]+)", text, re.MULTILINE)
+    memo: dict[str, float] = {}
+
+    def flops(computation: str) -> float:
+        if computation not in memo:
+            memo[computation] = 0.0  # a cycle (none in valid HLO) counts nothing
+            total = 0.0
+            for name in computations.get(computation, ()):
+                opcode, line = instructions[name]
+                total += _own_flops(opcode, line, instructions)
+                total += sum(flops(called) for called in _SUBCOMPUTATIONS.findall(line))
+            memo[computation] = total
+        return memo[computation]
+
+    return flops(entry.group(1)) if entry else 0.0
