@@ -181,8 +181,8 @@ class WriterThreads:
 
     def __init__(self, encoders: int | None = None):
         self.writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
-        self.encoders = concurrent.futures.ThreadPoolExecutor(
-            encoders or os.cpu_count() or 1, thread_name_prefix="image-encoder")
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        self.encoders = concurrent.futures.ThreadPoolExecutor(encoders or cores or 1, thread_name_prefix="image-encoder")
 
     def shutdown(self) -> None:
         self.writer.shutdown()
@@ -206,8 +206,12 @@ class _Writes:
             self._futures.popleft().result()
 
     def drain(self) -> None:
-        while self._futures:
-            self._futures.popleft().result()
+        """Waits for every write; then raises the first that failed. None is left running
+        when it returns, so an aborted shard's files are not written to after."""
+        futures, self._futures = list(self._futures), collections.deque()
+        concurrent.futures.wait(futures)
+        for future in futures:
+            future.result()
 
 
 def _failure(raw, reason: str, stage: str, sample_id: str) -> dict:

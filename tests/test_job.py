@@ -462,3 +462,28 @@ def test_shards_are_the_same_whatever_the_number_of_encoder_threads(tmp_path):
                                               "00000_000000.base.png"]
     keys = [row["key"] for row in rows4]
     assert keys == sorted(keys)
+
+
+@pytest.mark.faults
+def test_a_failed_write_is_raised_only_once_no_write_is_still_running():
+    # A shard that fails is aborted (its temporary tar removed) right after the drain:
+    # a later write still running then would write into the aborted shard, or the next.
+    threads = job.WriterThreads(2)
+    writes = job._Writes(threads, depth=10)
+    finished = []
+
+    def fail():
+        raise RuntimeError("disk full")
+
+    def slow():
+        time.sleep(0.3)
+        finished.append("slow")
+
+    try:
+        writes.submit(fail)
+        writes.submit(slow)
+        with pytest.raises(RuntimeError, match="disk full"):
+            writes.drain()
+        assert finished == ["slow"]
+    finally:
+        threads.shutdown()
