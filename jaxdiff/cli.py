@@ -34,13 +34,15 @@ def _render_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=None, help="image width (default: the model's native size)")
     p.add_argument("--height", type=int, default=None, help="image height (default: the model's native size)")
     p.add_argument("--steps", type=int, default=None,
-                   help="denoising steps (default: the model's render_defaults.json, else 25)")
+                   help="denoising steps (default: the model's render_defaults.json; 4 for an LCMScheduler "
+                        "model; else 25)")
     # The engine's sampler names, spelled out so that --help needs no JAX import.
     p.add_argument("--sampler", default=None, type=str.lower,
                    choices=["ddim", "dpmpp_2m", "euler", "euler_a", "ddpm", "lcm"],
-                   help="default: the model's render_defaults.json, else dpmpp_2m")
+                   help="default: the model's render_defaults.json; lcm for an LCMScheduler model; else dpmpp_2m")
     p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale (default: the model's render_defaults.json, else 7.5)")
+                   help="classifier-free guidance scale (default: the model's render_defaults.json; for an "
+                        "LCMScheduler model 8.5, or 1 without a guidance-distilled UNet; else 7.5)")
     p.add_argument("--seed", type=int, default=0, help="run seed; records without a seed derive theirs from it")
     p.add_argument("--batch-size", type=int, default=8, help="samples per device batch (default 8)")
     p.add_argument("--shard-size", type=int, default=1000, help="manifest records per shard (default 1000)")

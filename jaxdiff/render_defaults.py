@@ -9,8 +9,10 @@ holds what its makers measured best, e.g. for an x4 upscaler:
 Settings a user gives win over it; settings nobody gives fall back to SD's usual ones.
 diffusers ignores the file. Reading it needs no JAX (the job launcher reads it).
 
-A consistency-distilled base model (its scheduler is LCMScheduler) recommends, unless its
-file says otherwise, what diffusers' LatentConsistencyModelPipeline defaults to.
+A base model whose scheduler is LCMScheduler recommends, unless its file says otherwise,
+the lcm sampler at 4 steps: a guidance-distilled UNet (time_cond_proj_dim) at guidance 8.5,
+as diffusers' LatentConsistencyModelPipeline defaults to; any other UNet (LCM-LoRA merged
+into SD) at guidance 1, no CFG, as LCM-LoRA is run.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ UPSCALE_SETTINGS = {"steps": "upscale_steps", "sampler": "upscale_sampler", "gui
                     "noise_level": "noise_level"}
 
 
-LCM_DEFAULTS = {"sampler": "lcm", "steps": 4, "guidance": 8.5}
+LCM_DEFAULTS = {"sampler": "lcm", "steps": 4}
 
 
 class RenderDefaultsError(ValueError):
@@ -40,7 +42,11 @@ def read(folder: str, kind: str = "base", digests: dict | None = None) -> dict:
     """The settings `folder` (local or gs://) recommends ({} without the file), checked.
     `digests`, if given, gets the file's sha256 under its path."""
     folder = str(folder).rstrip("/")
-    implied = dict(LCM_DEFAULTS) if kind == "base" and _scheduler_class(folder) == "LCMScheduler" else {}
+    implied = {}
+    scheduler = _read_config(folder, "scheduler", "scheduler_config.json")
+    if kind == "base" and scheduler.get("_class_name") == "LCMScheduler":
+        distilled = _read_config(folder, "unet", "config.json").get("time_cond_proj_dim") is not None
+        implied = {**LCM_DEFAULTS, "guidance": 8.5 if distilled else 1.0}
     path = storage.join(folder, FILE)
     try:
         raw = storage.read_bytes(path)
@@ -51,12 +57,12 @@ def read(folder: str, kind: str = "base", digests: dict | None = None) -> dict:
     return {**implied, **parse(raw, path, kind)}
 
 
-def _scheduler_class(folder: str) -> str | None:
+def _read_config(folder: str, *parts: str) -> dict:
     try:
-        config = json.loads(storage.read_bytes(storage.join(folder, "scheduler", "scheduler_config.json")))
+        config = json.loads(storage.read_bytes(storage.join(folder, *parts)))
     except (FileNotFoundError, ValueError):
-        return None  # the model loader names a missing or broken scheduler config
-    return config.get("_class_name") if isinstance(config, dict) else None
+        return {}  # the model loader names a missing or broken config
+    return config if isinstance(config, dict) else {}
 
 
 def parse(raw: bytes, path: str, kind: str = "base") -> dict:

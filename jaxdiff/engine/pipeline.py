@@ -255,6 +255,9 @@ class Pipeline:
         if st.karras and prep.sampler not in samplers.KARRAS_SAMPLERS:
             raise RenderError(f"Karras sigmas apply to {', '.join(samplers.KARRAS_SAMPLERS)} only, not to "
                               f"sampler {prep.sampler!r}: pick one of those, or turn karras off")
+        if prep.negative_prompt and self.base.unet_config.time_cond_proj_dim is not None:
+            raise RenderError("this model's guidance is distilled into it (LCM: time_cond_proj_dim), so it takes "
+                              "no negative prompt, as in diffusers' LatentConsistencyModelPipeline: leave it empty")
         try:
             self._base_sampler(prep.sampler, prep.steps)
         except ValueError as e:
