@@ -19,6 +19,8 @@ CATEGORIES = ("convolution", "attention", "matmul", "reduction", "elementwise", 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(?:\(.*?\)|\S+)\s+([a-z][\w\-]*)\(")
 _COMPUTATION = re.compile(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _CALLS = re.compile(r"(?:calls|to_apply)=%?([\w.\-]+)")
+# The same, with a while loop's body (counted once: one step); conditionals' branches not.
+_SUBCOMPUTATIONS = re.compile(r"(?:calls|to_apply|body)=%?([\w.\-]+)")
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
 _SOURCE = re.compile(r'source_file="([^"]+)"')
 _FRAME_ID = re.compile(r"stack_frame_id=(\d+)")
@@ -269,8 +271,6 @@ def op_flops(name: str, instructions: dict, computations: dict) -> float:
     return sum(_own_flops(opcode, line, instructions)
                for opcode, line in _reachable(name, instructions, computations))
 
-
-_SUBCOMPUTATIONS = re.compile(r"(?:calls|to_apply|body)=%?([\w.\-]+)")
 
 
 def program_flops(text: str) -> float:

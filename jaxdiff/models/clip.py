@@ -231,9 +231,8 @@ class CLIPTextModel(nnx.Module):
             if attention_mask.shape != input_ids.shape:
                 raise ValueError(f"attention_mask has shape {attention_mask.shape}, input_ids "
                                  f"{input_ids.shape}: pass the tokenizer's mask for these ids")
-            # (B, heads, queries, keys), full size for kernels (cuDNN) that take no broadcast.
-            batch, tokens = input_ids.shape
-            mask = jnp.broadcast_to((attention_mask != 0)[:, None, None, :], (batch, 1, tokens, tokens))
+            # (B, heads, queries, keys): every query sees only the prompt's keys.
+            mask = (attention_mask != 0)[:, None, None, :]
         elif config.use_attention_mask:
             raise ValueError("this text encoder's config sets use_attention_mask: pass the "
                              "tokenizer's attention_mask, as diffusers does")

@@ -145,7 +145,8 @@ def spaced_timesteps(schedule: NoiseSchedule, num_steps: int, spacing: str, *, r
         ratio = n_train // num_steps
         return (np.arange(num_steps) * ratio)[::-1].astype(np.float64) + schedule.steps_offset
     if spacing == "trailing":
-        # np.arange's float step can add a point (1000 / 61 gives 62): keep num_steps of them.
+        # np.arange's float step can add a point (1000 / 61 gives 62; diffusers then runs a
+        # 62nd step, at t = -1): keep the first num_steps, the schedule asked for.
         return np.round(np.arange(n_train, 0, -n_train / num_steps)[:num_steps]) - 1.0
     raise _unsupported("timestep_spacing", spacing, f"use one of {TIMESTEP_SPACINGS}")
 

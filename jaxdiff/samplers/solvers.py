@@ -30,7 +30,6 @@ KARRAS_SAMPLERS = ("dpmpp_2m", "euler")
 # The spacing each diffusers scheduler defaults to when the config names none.
 DEFAULT_SPACING = {
     "ddim": "leading", "ddpm": "leading", "dpmpp_2m": "linspace", "euler": "linspace", "euler_a": "linspace",
-    "lcm": "leading",  # unused: LCM takes its steps from the distillation's grid
 }
 
 # Options of the diffusers class each sampler mirrors, with the values implemented here.
@@ -319,6 +318,8 @@ def make_sampler(
         value = getattr(schedule, field)
         if value not in accepted:
             raise _unsupported(field, value, f"use one of {accepted}")
+    if name == "lcm":  # steps from the distillation's grid, not a spacing
+        return _lcm(schedule, num_steps)
     spacing = schedule.timestep_spacing or DEFAULT_SPACING[name]
     if name == "ddim":
         return _ddim(schedule, num_steps, spacing)
@@ -328,6 +329,4 @@ def make_sampler(
         return _euler(schedule, num_steps, spacing, karras_sigmas)
     if name == "euler_a":
         return _euler_ancestral(schedule, num_steps, spacing)
-    if name == "lcm":
-        return _lcm(schedule, num_steps)
     return _dpmpp_2m(schedule, num_steps, spacing, karras_sigmas)
