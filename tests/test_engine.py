@@ -151,10 +151,42 @@ def test_latent_consistency_model_matches_diffusers(tmp_path, monkeypatch, steps
     results = pipe.render(PROMPTS, seeds=[0, 1], noise=_nhwc(noise))
     assert results[0].metadata["sampler"] == "lcm"
     _assert_close(_images(results), ref)
-    (other_mode,) = pipe.render(["a"], mode="img2img", init_image=_rgb(3))
-    assert "sampler lcm renders txt2img only" in other_mode.error
     (negative,) = pipe.render(["a"], negative_prompts=["blurry"])
     assert "takes no negative prompt" in negative.error
+    (inpaint,) = pipe.render(["a"], mode="inpaint", init_image=_rgb(3), mask=np.ones((16, 16), np.uint8))
+    assert "sampler lcm renders txt2img, img2img and sketch" in inpaint.error
+
+
+@pytest.mark.parity
+def test_latent_consistency_image_to_image_matches_diffusers(tmp_path, monkeypatch):
+    # diffusers' LCM img2img: the strength keeps the quietest part of the LCM grid and every
+    # step runs, from the image noised to the first step's level.
+    import jax
+    from PIL import Image
+    from diffusers import LatentConsistencyModelImg2ImgPipeline
+    from diffusers.pipelines.latent_consistency_models import pipeline_latent_consistency_img2img as module
+    from diffusers.schedulers import scheduling_lcm
+
+    from jaxdiff.engine.programs import _SAMPLER_NOISE, sample_keys
+
+    folder = make_sd_folder(str(tmp_path / "lcm"), scheduler="LCMScheduler", time_cond_proj_dim=8, seed=4)
+    pipe = jaxdiff.load_pipeline(folder, upscaler="none", steps=3, guidance=8.0, batch_size=2)
+    init, noise = [_rgb(1), _rgb(2)], _noise(2, 8, 8, seed=6)
+    _patch_noise(monkeypatch, module, [noise])
+    _patch_posterior_mean(monkeypatch, module)
+    keys = jax.vmap(lambda k: jax.random.fold_in(k, _SAMPLER_NOISE))(sample_keys(np.array([0, 1], np.uint32)))
+    drawn = iter([np.asarray(jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), (8, 8, 4)))(keys))
+                  for i in range(3)])
+    monkeypatch.setattr(scheduling_lcm, "randn_tensor",
+                        lambda shape, **kw: torch.from_numpy(next(drawn)).permute(0, 3, 1, 2).reshape(shape))
+    ref = LatentConsistencyModelImg2ImgPipeline.from_pretrained(folder, safety_checker=None)(
+        PROMPTS, image=[Image.fromarray(i) for i in init], strength=0.6, num_inference_steps=3,
+        guidance_scale=8.0, output_type="np").images
+    samples = [jaxdiff.Sample(id=str(i), prompt=p, seed=i, mode="img2img", init_image=init[i], strength=0.6)
+               for i, p in enumerate(PROMPTS)]
+    _assert_close(_images(pipe.render_samples(samples, noise=_nhwc(noise))), ref)
+    (weak,) = pipe.render(["a"], mode="img2img", init_image=_rgb(3), strength=0.04)  # 2 of 50 grid points
+    assert "raise the strength" in weak.error
 
 
 def test_an_lcm_scheduler_on_a_plain_unet_recommends_no_cfg(tmp_path):

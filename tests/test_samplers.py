@@ -426,3 +426,23 @@ def test_lcm_refuses_more_steps_than_its_grid():
     schedule = NoiseSchedule.from_config({**SD_CONFIG, "original_inference_steps": 50})
     with pytest.raises(ValueError, match="original_inference_steps"):
         make_sampler("lcm", schedule, 51)
+
+
+@pytest.mark.parametrize("num_steps, strength", [(4, 0.6), (2, 0.5), (3, 1.0)])
+def test_lcm_img2img_respaces_its_steps_as_diffusers(num_steps, strength):
+    # diffusers' LCM img2img: set_timesteps(strength=) keeps the grid's quietest share;
+    # the image is noised to the first step's level (initial_latents at start 0).
+    config = {**SD_CONFIG, "_class_name": "LCMScheduler"}
+    sampler = make_sampler("lcm", NoiseSchedule.from_config(config), num_steps, strength=strength)
+    sched = LCMScheduler.from_config(config)
+    sched.set_timesteps(num_steps, strength=strength)
+    np.testing.assert_array_equal(sampler.timesteps, sched.timesteps.numpy().astype(np.float64))
+    x0, noise = jax.random.normal(jax.random.key(11), SHAPE), jax.random.normal(jax.random.key(12), SHAPE)
+    theirs = sched.add_noise(torch.from_numpy(np.array(x0)), torch.from_numpy(np.array(noise)),
+                             sched.timesteps[:1].repeat(SHAPE[0]))
+    np.testing.assert_allclose(np.asarray(initial_latents(sampler, noise, x0, jnp.zeros(SHAPE[0], jnp.int32))),
+                               theirs.numpy(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="raise the strength"):
+        make_sampler("lcm", NoiseSchedule.from_config(config), 8, strength=0.1)
+    with pytest.raises(ValueError, match="respaces lcm's steps only"):
+        make_sampler("ddim", NoiseSchedule.from_config(config), 8, strength=0.5)

@@ -34,6 +34,7 @@ class BaseSignature:
     steps: int
     sampler: str
     karras: bool
+    lcm_strength: float = 1.0  # img2img's strength, which respaces lcm's steps
 
 
 @dataclasses.dataclass(frozen=True)

@@ -163,20 +163,25 @@ def _ddpm(schedule: NoiseSchedule, num_steps: int, spacing: str) -> Sampler:
     )
 
 
-def _lcm(schedule: NoiseSchedule, num_steps: int) -> Sampler:
+def _lcm(schedule: NoiseSchedule, num_steps: int, strength: float) -> Sampler:
     """Latent consistency sampling (Luo et al. 2023), as diffusers' LCMScheduler: each step
     takes the consistency model's estimate (the x0 prediction under the boundary condition
     c_skip x + c_out x0) and noises it afresh to the next step's level; the last step
     returns the estimate. Steps are spread over the distillation's grid of
-    original_inference_steps timesteps."""
+    original_inference_steps timesteps, of which img2img `strength` keeps the quietest
+    share (every step then runs, from the image noised to the first one's level)."""
     original, n_train = schedule.original_inference_steps, schedule.num_train_timesteps
     if not 1 <= original <= n_train:
         raise _unsupported("original_inference_steps", original, f"use 1 to num_train_timesteps ({n_train})")
     if num_steps > original:
         raise ValueError(f"num_steps={num_steps} is more than the LCM grid's original_inference_steps "
                          f"({original}); use at most {original}")
-    grid = (np.arange(1, original + 1) * (n_train // original) - 1)[::-1]
-    t = grid[np.floor(np.linspace(0, original, num_steps, endpoint=False)).astype(np.int64)]
+    points = int(original * strength)
+    if points < num_steps:
+        raise ValueError(f"strength {strength} keeps {points} of the LCM grid's {original} timesteps, fewer "
+                         f"than num_steps={num_steps}: raise the strength or lower the steps")
+    grid = (np.arange(1, points + 1) * (n_train // original) - 1)[::-1]
+    t = grid[np.floor(np.linspace(0, points, num_steps, endpoint=False)).astype(np.int64)]
     abar = schedule.alphas_cumprod
     a = abar[t]
     a_next = np.append(abar[t[1:]], 1.0)  # after the last step: the estimate, unscaled
@@ -301,9 +306,11 @@ def _dpmpp_2m(schedule: NoiseSchedule, num_steps: int, spacing: str, karras: boo
 
 
 def make_sampler(
-    name: str, schedule: NoiseSchedule, num_steps: int, *, karras_sigmas: bool = False
+    name: str, schedule: NoiseSchedule, num_steps: int, *, karras_sigmas: bool = False, strength: float = 1.0
 ) -> Sampler:
-    """The named solver for `schedule` with `num_steps` model calls."""
+    """The named solver for `schedule` with `num_steps` model calls. `strength` (lcm only):
+    img2img's, which respaces LCM's steps; the other samplers start later instead
+    (start_step_for_strength)."""
     if name not in SAMPLER_NAMES:
         raise ValueError(f"sampler name {name!r} is unknown; use one of {SAMPLER_NAMES}")
     if not (isinstance(num_steps, (int, np.integer)) and 1 <= num_steps <= schedule.num_train_timesteps):
@@ -318,8 +325,10 @@ def make_sampler(
         value = getattr(schedule, field)
         if value not in accepted:
             raise _unsupported(field, value, f"use one of {accepted}")
+    if strength != 1.0 and name != "lcm":
+        raise ValueError(f"strength respaces lcm's steps only; {name!r} starts img2img at a later step")
     if name == "lcm":  # steps from the distillation's grid, not a spacing
-        return _lcm(schedule, num_steps)
+        return _lcm(schedule, num_steps, strength)
     spacing = schedule.timestep_spacing or DEFAULT_SPACING[name]
     if name == "ddim":
         return _ddim(schedule, num_steps, spacing)
