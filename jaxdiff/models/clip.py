@@ -231,8 +231,10 @@ class CLIPTextModel(nnx.Module):
             if attention_mask.shape != input_ids.shape:
                 raise ValueError(f"attention_mask has shape {attention_mask.shape}, input_ids "
                                  f"{input_ids.shape}: pass the tokenizer's mask for these ids")
-            # (B, heads, queries, keys): every query sees only the prompt's keys.
-            mask = (attention_mask != 0)[:, None, None, :]
+            # (B, heads, queries, keys) at full size: every query sees only the prompt's keys,
+            # and cuDNN (which takes masked calls on GPU) wants no broadcast dimensions.
+            batch, tokens = input_ids.shape
+            mask = jnp.broadcast_to((attention_mask != 0)[:, None, None, :], (batch, 1, tokens, tokens))
         elif config.use_attention_mask:
             raise ValueError("this text encoder's config sets use_attention_mask: pass the "
                              "tokenizer's attention_mask, as diffusers does")
