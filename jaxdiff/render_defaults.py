@@ -54,7 +54,10 @@ def read(folder: str, kind: str = "base", digests: dict | None = None) -> dict:
         return implied
     if digests is not None:
         digests[path] = hashlib.sha256(raw).hexdigest()
-    return {**implied, **parse(raw, path, kind)}
+    recommended = parse(raw, path, kind)
+    if recommended.get("sampler", "lcm") != "lcm":  # LCM's steps and guidance go with its sampler
+        implied = {}
+    return {**implied, **recommended}
 
 
 def _read_config(folder: str, *parts: str) -> dict:

@@ -154,7 +154,7 @@ def test_latent_consistency_model_matches_diffusers(tmp_path, monkeypatch, steps
     (negative,) = pipe.render(["a"], negative_prompts=["blurry"])
     assert "takes no negative prompt" in negative.error
     (inpaint,) = pipe.render(["a"], mode="inpaint", init_image=_rgb(3), mask=np.ones((16, 16), np.uint8))
-    assert "sampler lcm renders txt2img, img2img and sketch" in inpaint.error
+    assert "sampler lcm on a guidance-distilled model renders txt2img, img2img and sketch" in inpaint.error
 
 
 @pytest.mark.parity
@@ -187,6 +187,46 @@ def test_latent_consistency_image_to_image_matches_diffusers(tmp_path, monkeypat
     _assert_close(_images(pipe.render_samples(samples, noise=_nhwc(noise))), ref)
     (weak,) = pipe.render(["a"], mode="img2img", init_image=_rgb(3), strength=0.04)  # 2 of 50 grid points
     assert "raise the strength" in weak.error
+    # Strengths keeping as many grid points (30 of 50) share one program and one batch.
+    compiled = pipe.compile_count
+    near = pipe.render(["a", "b"], mode="img2img", init_image=_rgb(3), seeds=[1, 2], strength=0.6)
+    nearer = [pipe.render([p], mode="img2img", init_image=_rgb(3), seeds=[s], strength=0.61)[0]
+              for p, s in (("a", 1), ("b", 2))]
+    assert pipe.compile_count == compiled and [r.error for r in near + nearer] == [None] * 4
+    np.testing.assert_array_equal(near[0].image, nearer[0].image)
+
+
+@pytest.mark.parity
+def test_lcm_sampler_on_a_plain_unet_matches_sd_img2img_with_lcm_scheduler(tmp_path, monkeypatch):
+    # LCM-LoRA merged into SD: diffusers runs it through its SD pipelines with LCMScheduler,
+    # so img2img starts later on the txt2img steps (no respacing), with CFG.
+    import jax
+    from PIL import Image
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img as module
+    from diffusers.schedulers import scheduling_lcm
+
+    from jaxdiff.engine.programs import _SAMPLER_NOISE, sample_keys
+
+    folder = make_sd_folder(str(tmp_path / "lcm-lora"), scheduler="LCMScheduler")
+    pipe = jaxdiff.load_pipeline(folder, upscaler="none", steps=4, guidance=1.5, batch_size=2)
+    init, noise = [_rgb(1), _rgb(2)], _noise(2, 8, 8, seed=7)
+    _patch_noise(monkeypatch, module, [noise])
+    _patch_posterior_mean(monkeypatch, module)
+    keys = jax.vmap(lambda k: jax.random.fold_in(k, _SAMPLER_NOISE))(sample_keys(np.array([0, 1], np.uint32)))
+    # Our step noise is drawn at the step's index; strength 0.5 of 4 steps starts at step 2.
+    drawn = iter([np.asarray(jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), (8, 8, 4)))(keys))
+                  for i in range(2, 4)])
+    monkeypatch.setattr(scheduling_lcm, "randn_tensor",
+                        lambda shape, **kw: torch.from_numpy(next(drawn)).permute(0, 3, 1, 2).reshape(shape))
+    ref = StableDiffusionImg2ImgPipeline.from_pretrained(folder)(
+        PROMPTS, negative_prompt=NEGATIVE, image=[Image.fromarray(i) for i in init], strength=0.5,
+        num_inference_steps=4, guidance_scale=1.5, output_type="np").images
+    samples = [jaxdiff.Sample(id=str(i), prompt=p, negative_prompt=NEGATIVE[i], seed=i, mode="img2img",
+                              init_image=init[i], strength=0.5) for i, p in enumerate(PROMPTS)]
+    results = pipe.render_samples(samples, noise=_nhwc(noise))
+    assert results[0].metadata["sampler"] == "lcm"
+    _assert_close(_images(results), ref)
 
 
 def test_an_lcm_scheduler_on_a_plain_unet_recommends_no_cfg(tmp_path):
@@ -194,6 +234,10 @@ def test_an_lcm_scheduler_on_a_plain_unet_recommends_no_cfg(tmp_path):
     folder = make_sd_folder(str(tmp_path / "lcm-lora"), scheduler="LCMScheduler")
     settings = jaxdiff.load_pipeline(folder, upscaler="none", batch_size=1).settings
     assert (settings.sampler, settings.steps, settings.guidance) == ("lcm", 4, 1.0)
+    # A folder that recommends another sampler gets none of LCM's steps and guidance.
+    (tmp_path / "lcm-lora" / "render_defaults.json").write_text('{"sampler": "dpmpp_2m"}')
+    settings = jaxdiff.load_pipeline(folder, upscaler="none", batch_size=1).settings
+    assert (settings.sampler, settings.steps, settings.guidance) == ("dpmpp_2m", 25, 7.5)
 
 
 @pytest.mark.parity

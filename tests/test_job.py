@@ -465,7 +465,7 @@ def test_shards_are_the_same_whatever_the_number_of_encoder_threads(tmp_path):
 
 
 @pytest.mark.faults
-def test_a_failed_write_is_raised_only_once_no_write_is_still_running():
+def test_a_failed_write_is_raised_after_every_write_has_finished():
     # A shard that fails is aborted (its temporary tar removed) right after the drain:
     # a later write still running then would write into the aborted shard, or the next.
     threads = job.WriterThreads(2)

@@ -165,7 +165,7 @@ def test_karras_trajectory_matches_diffusers(monkeypatch, name, prediction_type,
 
 
 # LCM's img2img respaces its grid by strength (LCMScheduler.set_timesteps(strength=)), not
-# by starting later on the txt2img steps: the engine renders LCM from noise only.
+# by starting later on the txt2img steps: tested on its own below.
 @pytest.mark.parametrize("name", SPACED_SAMPLERS)
 def test_img2img_start_matches_diffusers(monkeypatch, name):
     config, sampler = make_case(name, "epsilon", None)

@@ -91,11 +91,9 @@ class _Prepared:
     image: np.ndarray | None = None     # float [-1, 1] at render size
     mask: np.ndarray | None = None      # float {0,1} (H, W, 1), 1 = repaint
     strength: float | None = None
-
-    @property
-    def lcm_strength(self) -> float:
-        """The strength lcm's steps are respaced by (img2img, sketch); 1 for every other sample."""
-        return self.strength if self.sampler == "lcm" and self.strength is not None else 1.0
+    # A guidance-distilled model's lcm img2img: the LCM grid points its strength keeps, which
+    # fix its steps (strengths keeping as many share one program); 0 for every other sample.
+    lcm_grid: int = 0
 
 
 def enable_compilation_cache(path: str | None = None) -> str:
@@ -227,13 +225,13 @@ class Pipeline:
                 prepared.append(None)
                 continue
             prepared.append(prep)
-            groups.setdefault((prep.height, prep.width, prep.steps, prep.sampler, prep.lcm_strength), []).append(i)
-        for (height, width, steps, sampler, lcm_strength), members in groups.items():
+            groups.setdefault((prep.height, prep.width, prep.steps, prep.sampler, prep.lcm_grid), []).append(i)
+        for (height, width, steps, sampler, _), members in groups.items():
             for start in range(0, len(members), self.batch_size):
                 chunk = members[start:start + self.batch_size]
                 batch_noise = None if noise is None else np.asarray(noise)[chunk]
                 rendered = self._render_batch([prepared[i] for i in chunk], height, width, steps, sampler,
-                                              lcm_strength, batch_noise)
+                                              batch_noise)
                 for i, r in zip(chunk, rendered):
                     results[i] = r
         return results  # type: ignore[return-value]
@@ -269,9 +267,12 @@ class Pipeline:
             raise RenderError(f"sampler {prep.sampler} at {prep.steps} steps: {e}") from None
         if s.mode == "txt2img":
             return self._check_size(prep)
-        if prep.sampler == "lcm" and s.mode not in ("img2img", "sketch"):  # as diffusers' LCM pipelines
-            raise RenderError(f"sampler lcm renders txt2img, img2img and sketch, not mode {s.mode}: pick "
-                              "another sampler")
+        # A guidance-distilled model renders as diffusers' LCM pipelines (txt2img, img2img); a
+        # plain UNet with lcm (LCM-LoRA) as SD's pipelines with LCMScheduler, every mode.
+        distilled_lcm = prep.sampler == "lcm" and self.base.unet_config.time_cond_proj_dim is not None
+        if distilled_lcm and s.mode not in ("img2img", "sketch"):
+            raise RenderError(f"sampler lcm on a guidance-distilled model renders txt2img, img2img and sketch, "
+                              f"not mode {s.mode} (diffusers has no LCM {s.mode} pipeline): pick another sampler")
         if s.init_image is None:
             raise RenderError(f"mode {s.mode} needs an init_image")
         try:
@@ -301,11 +302,12 @@ class Pipeline:
             prep.init_flag = prep.strength < 1.0
         if not 0.0 < prep.strength <= 1.0:
             raise RenderError(f"strength {prep.strength} is outside (0, 1]")
-        if prep.sampler == "lcm":  # the strength respaces lcm's steps, and every one runs
+        if distilled_lcm:  # the strength respaces lcm's steps, and every one runs
             try:
                 self._base_sampler("lcm", prep.steps, prep.strength)
             except ValueError as e:
                 raise RenderError(str(e)) from None
+            prep.lcm_grid = int(self._schedule.original_inference_steps * prep.strength)
             return prep
         prep.start_step = _start_step(prep.steps, prep.strength)
         if prep.start_step >= prep.steps:  # diffusers refuses this too
@@ -331,19 +333,19 @@ class Pipeline:
 
     def _base_sampler(self, name: str, steps: int, lcm_strength: float = 1.0) -> tuple[samplers.Sampler, bool]:
         """The base stage's sampler and whether it takes Karras sigmas, built once per
-        (name, steps, lcm_strength); ValueError where the checkpoint's scheduler config rules
-        them out."""
+        (name, steps, LCM grid points the strength keeps); ValueError where the checkpoint's
+        scheduler config rules them out."""
         karras = self.settings.karras
         if karras is None:  # the checkpoint's scheduler says, for the samplers that take it
             karras = bool(self.base.scheduler_config.get("use_karras_sigmas")) and name in samplers.KARRAS_SAMPLERS
-        key = (name, steps, karras, lcm_strength)
+        key = (name, steps, karras, int(self._schedule.original_inference_steps * lcm_strength))
         if key not in self._samplers:
             self._samplers[key] = samplers.make_sampler(name, self._schedule, steps, karras_sigmas=karras,
                                                         strength=lcm_strength)
         return self._samplers[key], karras
 
     def _render_batch(self, preps: list[_Prepared], height: int, width: int, steps: int, sampler_name: str,
-                      lcm_strength: float, noise: np.ndarray | None) -> list[Rendered]:
+                      noise: np.ndarray | None) -> list[Rendered]:
         t0 = time.perf_counter()
         n_real = len(preps)
         padded = preps + [preps[-1]] * (self.batch_size - n_real)
@@ -389,8 +391,10 @@ class Pipeline:
             "init_latents": init_latents, "mask": mask, "masked_latents": masked_latents,
             "noise": noise_arr, "noise_given": noise_given,
         }
+        # Every sample here keeps the same LCM grid points (grouped so): any one's strength builds it.
+        lcm_strength = preps[0].strength if preps[0].lcm_grid else 1.0
         sampler, karras = self._base_sampler(sampler_name, steps, lcm_strength)
-        sig = BaseSignature(B, height, width, steps, sampler_name, karras, lcm_strength)
+        sig = BaseSignature(B, height, width, steps, sampler_name, karras, preps[0].lcm_grid)
         program = self._program(("base", sig), lambda: make_base_program(
             self._base[0], sampler, sig, clip_skip=self.settings.clip_skip, scaling_factor=float(self.base.vae_config.scaling_factor),
             tile_pixels=self.settings.tile_pixels, on_trace=self._count_trace))

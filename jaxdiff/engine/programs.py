@@ -34,7 +34,7 @@ class BaseSignature:
     steps: int
     sampler: str
     karras: bool
-    lcm_strength: float = 1.0  # img2img's strength, which respaces lcm's steps
+    lcm_grid: int = 0  # LCM grid points an img2img strength keeps (0: not respaced)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -325,6 +325,8 @@ def make_sampler(
         value = getattr(schedule, field)
         if value not in accepted:
             raise _unsupported(field, value, f"use one of {accepted}")
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength {strength} is outside (0, 1]")
     if strength != 1.0 and name != "lcm":
         raise ValueError(f"strength respaces lcm's steps only; {name!r} starts img2img at a later step")
     if name == "lcm":  # steps from the distillation's grid, not a spacing
