@@ -123,28 +123,34 @@ def test_a_text_encoder_that_asks_for_the_attention_mask_gets_it_as_in_diffusers
     assert np.abs(np.asarray(unmasked) - expected.numpy()).max() > 1e-2
 
 
+def _inject_lcm_step_noise(monkeypatch, steps: range, seeds=(0, 1), latent=(8, 8, 4)):
+    """Makes diffusers' LCMScheduler draw, at each of `steps`, the noise our sampler draws
+    there for these seeds (normal(fold_in(key, step)) of each sample's sampler key)."""
+    import jax
+    from diffusers.schedulers import scheduling_lcm
+
+    from jaxdiff.engine.programs import _SAMPLER_NOISE, sample_keys
+
+    keys = jax.vmap(lambda k: jax.random.fold_in(k, _SAMPLER_NOISE))(sample_keys(np.array(seeds, np.uint32)))
+    drawn = iter([np.asarray(jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), latent))(keys))
+                  for i in steps])
+    monkeypatch.setattr(scheduling_lcm, "randn_tensor",
+                        lambda shape, **kw: torch.from_numpy(next(drawn)).permute(0, 3, 1, 2).reshape(shape))
+
+
 @pytest.mark.parity
 @pytest.mark.parametrize("steps", [1, 3])
 def test_latent_consistency_model_matches_diffusers(tmp_path, monkeypatch, steps):
     # A guidance-distilled UNet with LCMScheduler, as diffusers' LatentConsistencyModelPipeline
     # runs it: no CFG, the scale as an embedding, fresh noise between steps (ours injected).
-    import jax
     from diffusers import LatentConsistencyModelPipeline
-    from diffusers.schedulers import scheduling_lcm
-
-    from jaxdiff.engine.programs import _SAMPLER_NOISE, sample_keys
 
     folder = make_sd_folder(str(tmp_path / "lcm"), scheduler="LCMScheduler", time_cond_proj_dim=8, seed=4)
     defaults = jaxdiff.load_pipeline(folder, upscaler="none", batch_size=2).settings  # its scheduler's
     assert (defaults.sampler, defaults.steps, defaults.guidance) == ("lcm", 4, 8.5)
     pipe = jaxdiff.load_pipeline(folder, upscaler="none", steps=steps, guidance=8.0, batch_size=2)
     noise = _noise(2, 8, 8, seed=5)
-    keys = jax.vmap(lambda k: jax.random.fold_in(k, _SAMPLER_NOISE))(sample_keys(np.array([0, 1], np.uint32)))
-    step_noise = [np.asarray(jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), (8, 8, 4)))(keys))
-                  for i in range(steps)]
-    drawn = iter(step_noise)
-    monkeypatch.setattr(scheduling_lcm, "randn_tensor",
-                        lambda shape, **kw: torch.from_numpy(next(drawn)).permute(0, 3, 1, 2).reshape(shape))
+    _inject_lcm_step_noise(monkeypatch, range(steps))
     ref = LatentConsistencyModelPipeline.from_pretrained(folder, safety_checker=None)(
         PROMPTS, num_inference_steps=steps, guidance_scale=8.0, height=16, width=16, latents=noise,
         output_type="np").images
@@ -161,24 +167,16 @@ def test_latent_consistency_model_matches_diffusers(tmp_path, monkeypatch, steps
 def test_latent_consistency_image_to_image_matches_diffusers(tmp_path, monkeypatch):
     # diffusers' LCM img2img: the strength keeps the quietest part of the LCM grid and every
     # step runs, from the image noised to the first step's level.
-    import jax
     from PIL import Image
     from diffusers import LatentConsistencyModelImg2ImgPipeline
     from diffusers.pipelines.latent_consistency_models import pipeline_latent_consistency_img2img as module
-    from diffusers.schedulers import scheduling_lcm
-
-    from jaxdiff.engine.programs import _SAMPLER_NOISE, sample_keys
 
     folder = make_sd_folder(str(tmp_path / "lcm"), scheduler="LCMScheduler", time_cond_proj_dim=8, seed=4)
     pipe = jaxdiff.load_pipeline(folder, upscaler="none", steps=3, guidance=8.0, batch_size=2)
     init, noise = [_rgb(1), _rgb(2)], _noise(2, 8, 8, seed=6)
     _patch_noise(monkeypatch, module, [noise])
     _patch_posterior_mean(monkeypatch, module)
-    keys = jax.vmap(lambda k: jax.random.fold_in(k, _SAMPLER_NOISE))(sample_keys(np.array([0, 1], np.uint32)))
-    drawn = iter([np.asarray(jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), (8, 8, 4)))(keys))
-                  for i in range(3)])
-    monkeypatch.setattr(scheduling_lcm, "randn_tensor",
-                        lambda shape, **kw: torch.from_numpy(next(drawn)).permute(0, 3, 1, 2).reshape(shape))
+    _inject_lcm_step_noise(monkeypatch, range(3))
     ref = LatentConsistencyModelImg2ImgPipeline.from_pretrained(folder, safety_checker=None)(
         PROMPTS, image=[Image.fromarray(i) for i in init], strength=0.6, num_inference_steps=3,
         guidance_scale=8.0, output_type="np").images
@@ -200,25 +198,16 @@ def test_latent_consistency_image_to_image_matches_diffusers(tmp_path, monkeypat
 def test_lcm_sampler_on_a_plain_unet_matches_sd_img2img_with_lcm_scheduler(tmp_path, monkeypatch):
     # LCM-LoRA merged into SD: diffusers runs it through its SD pipelines with LCMScheduler,
     # so img2img starts later on the txt2img steps (no respacing), with CFG.
-    import jax
     from PIL import Image
     from diffusers import StableDiffusionImg2ImgPipeline
     from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img as module
-    from diffusers.schedulers import scheduling_lcm
-
-    from jaxdiff.engine.programs import _SAMPLER_NOISE, sample_keys
 
     folder = make_sd_folder(str(tmp_path / "lcm-lora"), scheduler="LCMScheduler")
     pipe = jaxdiff.load_pipeline(folder, upscaler="none", steps=4, guidance=1.5, batch_size=2)
     init, noise = [_rgb(1), _rgb(2)], _noise(2, 8, 8, seed=7)
     _patch_noise(monkeypatch, module, [noise])
     _patch_posterior_mean(monkeypatch, module)
-    keys = jax.vmap(lambda k: jax.random.fold_in(k, _SAMPLER_NOISE))(sample_keys(np.array([0, 1], np.uint32)))
-    # Our step noise is drawn at the step's index; strength 0.5 of 4 steps starts at step 2.
-    drawn = iter([np.asarray(jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), (8, 8, 4)))(keys))
-                  for i in range(2, 4)])
-    monkeypatch.setattr(scheduling_lcm, "randn_tensor",
-                        lambda shape, **kw: torch.from_numpy(next(drawn)).permute(0, 3, 1, 2).reshape(shape))
+    _inject_lcm_step_noise(monkeypatch, range(2, 4))  # strength 0.5 of 4 steps starts at step 2
     ref = StableDiffusionImg2ImgPipeline.from_pretrained(folder)(
         PROMPTS, negative_prompt=NEGATIVE, image=[Image.fromarray(i) for i in init], strength=0.5,
         num_inference_steps=4, guidance_scale=1.5, output_type="np").images
