@@ -305,6 +305,8 @@ def test_guidance_of_one_or_less_is_the_prompt_alone_as_in_diffusers(pipe, sd_fo
                  for g in (0.0, 1.0))
     _assert_close(_images(zero), ref)
     np.testing.assert_array_equal(zero[0].image, one[0].image)
+    # Rendered by a program of its own that calls the UNet on the prompt alone (half CFG's batch).
+    assert any(key[0] == "base" and not key[1].cfg for key in pipe._programs)
 
 
 def test_an_inpainting_unet_renders_a_sample_the_same_next_to_any_other(inpaint_folder):

@@ -225,12 +225,14 @@ class Pipeline:
                 prepared.append(None)
                 continue
             prepared.append(prep)
-            groups.setdefault((prep.height, prep.width, prep.steps, prep.sampler, prep.lcm_grid), []).append(i)
-        for (height, width, steps, sampler, _), members in groups.items():
+            # Samples with guidance off (<= 1) render at half CFG's batch, in batches of their own.
+            cfg = prep.guidance > 1 and self.base.unet_config.time_cond_proj_dim is None
+            groups.setdefault((prep.height, prep.width, prep.steps, prep.sampler, prep.lcm_grid, cfg), []).append(i)
+        for (height, width, steps, sampler, _, cfg), members in groups.items():
             for start in range(0, len(members), self.batch_size):
                 chunk = members[start:start + self.batch_size]
                 batch_noise = None if noise is None else np.asarray(noise)[chunk]
-                rendered = self._render_batch([prepared[i] for i in chunk], height, width, steps, sampler,
+                rendered = self._render_batch([prepared[i] for i in chunk], height, width, steps, sampler, cfg,
                                               batch_noise)
                 for i, r in zip(chunk, rendered):
                     results[i] = r
@@ -345,7 +347,7 @@ class Pipeline:
         return self._samplers[key], karras
 
     def _render_batch(self, preps: list[_Prepared], height: int, width: int, steps: int, sampler_name: str,
-                      noise: np.ndarray | None) -> list[Rendered]:
+                      cfg: bool, noise: np.ndarray | None) -> list[Rendered]:
         t0 = time.perf_counter()
         n_real = len(preps)
         padded = preps + [preps[-1]] * (self.batch_size - n_real)
@@ -394,7 +396,7 @@ class Pipeline:
         # Every sample here keeps the same LCM grid points (grouped so): any one's strength builds it.
         lcm_strength = preps[0].strength if preps[0].lcm_grid else 1.0
         sampler, karras = self._base_sampler(sampler_name, steps, lcm_strength)
-        sig = BaseSignature(B, height, width, steps, sampler_name, karras, preps[0].lcm_grid)
+        sig = BaseSignature(B, height, width, steps, sampler_name, karras, preps[0].lcm_grid, cfg)
         program = self._program(("base", sig), lambda: make_base_program(
             self._base[0], sampler, sig, clip_skip=self.settings.clip_skip, scaling_factor=float(self.base.vae_config.scaling_factor),
             tile_pixels=self.settings.tile_pixels, on_trace=self._count_trace))

@@ -35,6 +35,7 @@ class BaseSignature:
     sampler: str
     karras: bool
     lcm_grid: int = 0  # LCM grid points an img2img strength keeps (0: not respaced)
+    cfg: bool = True   # False: one UNet call on the prompt alone (guidance <= 1, or distilled)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,11 +134,15 @@ def _guided_denoiser(unet, context, guidance, conditioning=None, class_labels=No
     return denoise
 
 
-def _distilled_denoiser(unet, context, guidance, conditioning=None):
-    """denoise(x, t, i) for a guidance-distilled UNet (LCM, time_cond_proj_dim): one UNet
-    call on the prompt alone, the scale given as its embedding, as diffusers' LCM pipeline."""
+def _prompt_only_denoiser(unet, context, guidance, conditioning=None):
+    """denoise(x, t, i) with one UNet call on the prompt alone, at half CFG's batch: where
+    guidance is off (<= 1, as in diffusers), or distilled into the UNet (LCM,
+    time_cond_proj_dim), which then gets the scale as its embedding, as diffusers' LCM
+    pipeline gives it."""
     dtype = context.dtype
-    embedded = guidance_embedding(guidance, unet.config.time_cond_proj_dim)
+    embedded = None
+    if unet.config.time_cond_proj_dim is not None:
+        embedded = guidance_embedding(guidance, unet.config.time_cond_proj_dim)
     extra = None if conditioning is None else conditioning.astype(dtype)
 
     def denoise(x_in, t, i):
@@ -176,9 +181,9 @@ def make_base_program(graphdefs, sampler, sig: BaseSignature, *, clip_skip: int,
         if unet.config.in_channels == shape[-1] + 1 + shape[-1]:  # 9-channel inpainting UNet
             extra = jnp.concatenate([mask, inputs["masked_latents"]], axis=-1)
 
-        if unet.config.time_cond_proj_dim is not None:  # context is [uncond; cond]: the prompt's half
-            denoise = _distilled_denoiser(unet, context[context.shape[0] // 2:], inputs["guidance"],
-                                          conditioning=extra)
+        if not sig.cfg:  # context is [uncond; cond]: the prompt's half
+            denoise = _prompt_only_denoiser(unet, context[context.shape[0] // 2:], inputs["guidance"],
+                                            conditioning=extra)
         else:
             denoise = _guided_denoiser(unet, context, inputs["guidance"], conditioning=extra)
 
