@@ -42,11 +42,7 @@ def read(folder: str, kind: str = "base", digests: dict | None = None) -> dict:
     """The settings `folder` (local or gs://) recommends ({} without the file), checked.
     `digests`, if given, gets the file's sha256 under its path."""
     folder = str(folder).rstrip("/")
-    implied = {}
-    scheduler = _read_config(folder, "scheduler", "scheduler_config.json")
-    if kind == "base" and scheduler.get("_class_name") == "LCMScheduler":
-        distilled = _read_config(folder, "unet", "config.json").get("time_cond_proj_dim") is not None
-        implied = {**LCM_DEFAULTS, "guidance": 8.5 if distilled else 1.0}
+    implied = _lcm_defaults(folder) if kind == "base" else {}
     path = storage.join(folder, FILE)
     try:
         raw = storage.read_bytes(path)
@@ -58,6 +54,14 @@ def read(folder: str, kind: str = "base", digests: dict | None = None) -> dict:
     if recommended.get("sampler", "lcm") != "lcm":  # LCM's steps and guidance go with its sampler
         implied = {}
     return {**implied, **recommended}
+
+
+def _lcm_defaults(folder: str) -> dict:
+    """What a base folder whose scheduler is LCMScheduler recommends (module docstring); {} for others."""
+    if _read_config(folder, "scheduler", "scheduler_config.json").get("_class_name") != "LCMScheduler":
+        return {}
+    distilled = _read_config(folder, "unet", "config.json").get("time_cond_proj_dim") is not None
+    return {**LCM_DEFAULTS, "guidance": 8.5 if distilled else 1.0}
 
 
 def _read_config(folder: str, *parts: str) -> dict:

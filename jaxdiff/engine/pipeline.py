@@ -92,7 +92,8 @@ class _Prepared:
     mask: np.ndarray | None = None      # float {0,1} (H, W, 1), 1 = repaint
     strength: float | None = None
     # A guidance-distilled model's lcm img2img: the LCM grid points its strength keeps, which
-    # fix its steps (strengths keeping as many share one program); 0 for every other sample.
+    # fix its steps (strengths keeping as many share one program); 0 for the whole grid and
+    # for every other sample.
     lcm_grid: int = 0
 
 
@@ -155,6 +156,8 @@ class Pipeline:
         # sampler and step count a sample asks for is checked per sample (_base_sampler).
         self._schedule = samplers.NoiseSchedule.from_config(base.scheduler_config)
         self._samplers: dict[tuple, samplers.Sampler] = {}
+        # LCM-distilled: the guidance scale is an input of the UNet (time_cond_proj_dim), no CFG.
+        self._guidance_distilled = base.unet_config.time_cond_proj_dim is not None
         unet_cfg, vae_cfg = base.unet_config, base.vae_config
         self.vae_factor = 2 ** (len(vae_cfg.block_out_channels) - 1)
         self.native_size = int(unet_cfg.sample_size or 64) * self.vae_factor
@@ -226,7 +229,7 @@ class Pipeline:
                 continue
             prepared.append(prep)
             # Samples with guidance off (<= 1) render at half CFG's batch, in batches of their own.
-            cfg = prep.guidance > 1 and self.base.unet_config.time_cond_proj_dim is None
+            cfg = prep.guidance > 1 and not self._guidance_distilled
             groups.setdefault((prep.height, prep.width, prep.steps, prep.sampler, prep.lcm_grid, cfg), []).append(i)
         for (height, width, steps, sampler, _, cfg), members in groups.items():
             for start in range(0, len(members), self.batch_size):
@@ -260,7 +263,7 @@ class Pipeline:
         if st.karras and prep.sampler not in samplers.KARRAS_SAMPLERS:
             raise RenderError(f"Karras sigmas apply to {', '.join(samplers.KARRAS_SAMPLERS)} only, not to "
                               f"sampler {prep.sampler!r}: pick one of those, or turn karras off")
-        if prep.negative_prompt and self.base.unet_config.time_cond_proj_dim is not None:
+        if prep.negative_prompt and self._guidance_distilled:
             raise RenderError("this model's guidance is distilled into it (LCM: time_cond_proj_dim), so it takes "
                               "no negative prompt, as in diffusers' LatentConsistencyModelPipeline: leave it empty")
         try:
@@ -271,7 +274,7 @@ class Pipeline:
             return self._check_size(prep)
         # A guidance-distilled model renders as diffusers' LCM pipelines (txt2img, img2img); a
         # plain UNet with lcm (LCM-LoRA) as SD's pipelines with LCMScheduler, every mode.
-        distilled_lcm = prep.sampler == "lcm" and self.base.unet_config.time_cond_proj_dim is not None
+        distilled_lcm = prep.sampler == "lcm" and self._guidance_distilled
         if distilled_lcm and s.mode not in ("img2img", "sketch"):
             raise RenderError(f"sampler lcm on a guidance-distilled model renders txt2img, img2img and sketch, "
                               f"not mode {s.mode} (diffusers has no LCM {s.mode} pipeline): pick another sampler")
@@ -309,7 +312,7 @@ class Pipeline:
                 self._base_sampler("lcm", prep.steps, prep.strength)
             except ValueError as e:
                 raise RenderError(str(e)) from None
-            prep.lcm_grid = int(self._schedule.original_inference_steps * prep.strength)
+            prep.lcm_grid = self._lcm_grid(prep.strength)
             return prep
         prep.start_step = _start_step(prep.steps, prep.strength)
         if prep.start_step >= prep.steps:  # diffusers refuses this too
@@ -333,6 +336,12 @@ class Pipeline:
         inputs = {"ids": tokens.ids, "ids_mask": tokens.mask, "uncond_ids": uncond.ids, "uncond_ids_mask": uncond.mask}
         return inputs, tokens.truncated
 
+    def _lcm_grid(self, strength: float) -> int:
+        """The LCM grid points an img2img strength keeps, which fix lcm's respaced steps; 0
+        where it keeps the whole grid (the text-to-image steps)."""
+        points = int(self._schedule.original_inference_steps * strength)
+        return 0 if points >= self._schedule.original_inference_steps else points
+
     def _base_sampler(self, name: str, steps: int, lcm_strength: float = 1.0) -> tuple[samplers.Sampler, bool]:
         """The base stage's sampler and whether it takes Karras sigmas, built once per
         (name, steps, LCM grid points the strength keeps); ValueError where the checkpoint's
@@ -340,7 +349,7 @@ class Pipeline:
         karras = self.settings.karras
         if karras is None:  # the checkpoint's scheduler says, for the samplers that take it
             karras = bool(self.base.scheduler_config.get("use_karras_sigmas")) and name in samplers.KARRAS_SAMPLERS
-        key = (name, steps, karras, int(self._schedule.original_inference_steps * lcm_strength))
+        key = (name, steps, karras, self._lcm_grid(lcm_strength))
         if key not in self._samplers:
             self._samplers[key] = samplers.make_sampler(name, self._schedule, steps, karras_sigmas=karras,
                                                         strength=lcm_strength)
