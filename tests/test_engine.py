@@ -132,7 +132,7 @@ def _inject_lcm_step_noise(monkeypatch, steps: range, seeds=(0, 1), latent=(8, 8
     from jaxdiff.engine.programs import _SAMPLER_NOISE, sample_keys
 
     keys = jax.vmap(lambda k: jax.random.fold_in(k, _SAMPLER_NOISE))(sample_keys(np.array(seeds, np.uint32)))
-    drawn = iter([np.asarray(jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), latent))(keys))
+    drawn = iter([np.array(jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), latent))(keys))
                   for i in steps])
     monkeypatch.setattr(scheduling_lcm, "randn_tensor",
                         lambda shape, **kw: torch.from_numpy(next(drawn)).permute(0, 3, 1, 2).reshape(shape))
