@@ -29,7 +29,7 @@ from apache_beam.utils import shared
 
 import jaxdiff
 from jaxdiff import storage
-from jaxdiff.engine.sample import Sample
+from jaxdiff.engine.sample import Sample, guidance_on
 from pipelines import dry_run, manifest, shards
 
 LOCAL_RUNNERS = ("FnApiRunner", "DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner")
@@ -170,8 +170,9 @@ def manifest_defaults(config: RenderConfig) -> manifest.RenderDefaults:
 # ---- one shard ----------------------------------------------------------------------------
 
 def _shape_key(sample: Sample) -> tuple:
-    """What fixes a compiled program: samples sharing it fill one batch."""
-    return (sample.width, sample.height, sample.steps, sample.sampler, sample.mode)
+    """What fixes a compiled program: samples sharing it fill one batch (the engine would
+    split a batch that mixes guidance on and off into two padded ones)."""
+    return (sample.width, sample.height, sample.steps, sample.sampler, sample.mode, guidance_on(sample.guidance))
 
 
 class WriterThreads:

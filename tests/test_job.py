@@ -487,3 +487,33 @@ def test_a_failed_write_is_raised_after_every_write_has_finished():
         assert finished == ["slow"]
     finally:
         threads.shutdown()
+
+
+class _RecordingRenderer(DryRunRenderer):
+    """The dry run, keeping the ids of each batch it was given."""
+
+    def __init__(self, batch_size: int):
+        super().__init__(batch_size, width=16, height=8)
+        self.batches: list[list[str]] = []
+
+    def render_samples(self, samples):
+        self.batches.append([s.id for s in samples])
+        return super().render_samples(samples)
+
+
+@pytest.mark.pipeline
+def test_guidance_on_and_off_fill_batches_of_their_own(tmp_path):
+    # The engine renders guidance <= 1 (CFG off) at half the batch in programs of their
+    # own: a batch mixing both would be split into two padded ones.
+    from pipelines import manifest
+
+    guidance = [7.5, 1.0, 3.0, 0.0, 1.5, 1.0]
+    manifest_path = tmp_path / "m.jsonl"
+    manifest_path.write_text("".join(json.dumps({"id": f"g{i}", "prompt": "p", "guidance": g}) + "\n"
+                                     for i, g in enumerate(guidance)))
+    spec = manifest.plan_shards([str(manifest_path)], 100)[0]
+    renderer = _RecordingRenderer(2)
+    stats = job.render_shard(spec, str(tmp_path / "out"), renderer, job.manifest_defaults(_config()),
+                             model_info={})
+    assert stats["rendered"] == len(guidance)
+    assert renderer.batches == [["g0", "g2"], ["g1", "g3"], ["g4"], ["g5"]]

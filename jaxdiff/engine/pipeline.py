@@ -23,7 +23,7 @@ from jaxdiff import render_defaults, samplers
 from jaxdiff.engine import images as imgs
 from jaxdiff.engine.programs import (BaseSignature, UpscaleSignature, make_base_program,
                                      make_encode_program, make_upscale_program)
-from jaxdiff.engine.sample import MODES, Rendered, Sample, derive_seed
+from jaxdiff.engine.sample import MODES, Rendered, Sample, derive_seed, guidance_on
 from jaxdiff.models.clip import tokenize
 
 # Scheduler classes named in checkpoints -> our solvers. PNDM (SD 1.x's stored default)
@@ -228,8 +228,7 @@ class Pipeline:
                 prepared.append(None)
                 continue
             prepared.append(prep)
-            # Samples with guidance off (<= 1) render at half CFG's batch, in batches of their own.
-            cfg = prep.guidance > 1 and not self._guidance_distilled
+            cfg = guidance_on(prep.guidance) and not self._guidance_distilled
             groups.setdefault((prep.height, prep.width, prep.steps, prep.sampler, prep.lcm_grid, cfg), []).append(i)
         for (height, width, steps, sampler, _, cfg), members in groups.items():
             for start in range(0, len(members), self.batch_size):

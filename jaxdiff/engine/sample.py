@@ -10,6 +10,12 @@ import numpy as np
 MODES = ("txt2img", "img2img", "inpaint", "outpaint", "sketch")
 
 
+def guidance_on(scale: float) -> bool:
+    """Classifier-free guidance at 1 or below is off, as in diffusers: the prompt's
+    prediction alone, one UNet call at half CFG's batch, so such samples batch apart."""
+    return scale > 1
+
+
 @dataclasses.dataclass(frozen=True)
 class Sample:
     """One image to render. Fields left None take the run's defaults."""
