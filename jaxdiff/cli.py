@@ -12,10 +12,21 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_ERROR = 0, 1, 2
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value >= 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
+    return value
 
 
 def _render_parser(sub) -> argparse.ArgumentParser:
@@ -48,14 +59,16 @@ def _render_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=1000, help="manifest records per shard (default 1000)")
     p.add_argument("--format", dest="image_format", default="png", choices=["png", "jpg", "webp"],
                    help="image format in the shards (default png)")
-    p.add_argument("--dtype", default=None, help="model dtype, e.g. bfloat16 or float32 (default: the engine's)")
+    # The dtypes the models compute in (jaxdiff.weights.family), spelled out: --help needs no JAX.
+    p.add_argument("--dtype", default=None, type=str.lower, choices=["bfloat16", "float16", "float32"],
+                   help="model dtype (default: bfloat16 on accelerators, float32 on CPU)")
     p.add_argument("--variant", default=None,
                    help="the folders' weight variant, e.g. fp16 for diffusion_pytorch_model.fp16.safetensors "
                         "(default: the plain files, or the only variant a folder has)")
     p.add_argument("--keep-base", action="store_true", help="also store the base image before upscaling")
     p.add_argument("--dry-run", action="store_true",
                    help="skip the model: write deterministic placeholder images (checks manifests and output)")
-    p.add_argument("--dry-run-delay", type=float, default=0.0, metavar="SECONDS",
+    p.add_argument("--dry-run-delay", type=_seconds, default=0.0, metavar="SECONDS",
                    help="with --dry-run, sleep this long per batch (to watch progress or try a resume)")
     p.add_argument("--fresh", "--overwrite", dest="fresh", action="store_true",
                    help="delete an earlier run's shards in --out and start over")
@@ -127,6 +140,14 @@ def main(argv: list[str] | None = None) -> int:
         ours, beam_args = _split_beam_flags(argv[1:], render)
         argv = ["render"] + ours
     args = parser.parse_args(argv)
+    if args.command == "render":
+        # An empty value (an unset shell variable, say) would quietly mean the default.
+        empty = {"model": "a diffusers folder or Hub id, or leave --model out for the shipped model",
+                 "upscaler": "an upscaler folder or Hub id, or none",
+                 "variant": "a weight variant such as fp16, or leave --variant out"}
+        for name, fix in empty.items():
+            if getattr(args, name) is not None and not getattr(args, name).strip():
+                render.error(f"--{name} is empty: give {fix}")
     # Beam logs every bundle at INFO; the progress bar and summary say what matters.
     logging.basicConfig(level=logging.WARNING)
     if args.command == "render":

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 
 from jaxdiff import storage
 
@@ -40,20 +41,42 @@ class RenderDefaultsError(ValueError):
 
 def read(folder: str, kind: str = "base", digests: dict | None = None) -> dict:
     """The settings `folder` (local or gs://) recommends ({} without the file), checked.
-    `digests`, if given, gets the file's sha256 under its path."""
+    `digests`, if given, gets the file's sha256 under its path. A folder that is not of
+    `kind` (an x4 upscaler read as a base model, or the reverse) is a ValueError."""
     folder = str(folder).rstrip("/")
+    _check_kind(folder, kind)
     implied = _lcm_defaults(folder) if kind == "base" else {}
     path = storage.join(folder, FILE)
     try:
         raw = storage.read_bytes(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # a file given as the folder: the loader names it
         return implied
     if digests is not None:
         digests[path] = hashlib.sha256(raw).hexdigest()
     recommended = parse(raw, path, kind)
+    if "steps" in recommended:
+        train_steps = _read_config(folder, "scheduler", "scheduler_config.json").get("num_train_timesteps", 1000)
+        if isinstance(train_steps, int) and recommended["steps"] > train_steps:
+            raise RenderDefaultsError(f"{path}: steps is {recommended['steps']}; use 1 to {train_steps} "
+                                      f"(the model's num_train_timesteps)")
     if recommended.get("sampler", "lcm") != "lcm":  # LCM's steps and guidance go with its sampler
         implied = {}
     return {**implied, **recommended}
+
+
+def _check_kind(folder: str, kind: str) -> None:
+    """Refuses a base model named as the upscaler, or the reverse, before either loads: else
+    it fails only when rendering, with a message about tensor shapes or noise levels."""
+    unet = _read_config(folder, "unet", "config.json")
+    if not unet:
+        return  # the model loader names a missing or broken config
+    in_channels = unet.get("in_channels", 4)
+    if kind == "upscale" and in_channels != 7:  # an x4 upscaler's UNet takes latents + the low-res image
+        raise ValueError(f"{folder} is not an x4 upscaler (its UNet takes {in_channels} input channels, an "
+                         f"upscaler's 7): pass an upscaler folder as --upscaler (upscaler=...), or none")
+    if kind == "base" and in_channels == 7:
+        raise ValueError(f"{folder} is an x4 upscaler, not a base model: pass it as --upscaler (upscaler=...) "
+                         f"and a text-to-image model as --model")
 
 
 def _lcm_defaults(folder: str) -> dict:
@@ -67,7 +90,7 @@ def _lcm_defaults(folder: str) -> dict:
 def _read_config(folder: str, *parts: str) -> dict:
     try:
         config = json.loads(storage.read_bytes(storage.join(folder, *parts)))
-    except (FileNotFoundError, ValueError):
+    except (FileNotFoundError, NotADirectoryError, ValueError):
         return {}  # the model loader names a missing or broken config
     return config if isinstance(config, dict) else {}
 
@@ -97,8 +120,9 @@ def parse(raw: bytes, path: str, kind: str = "base") -> dict:
     if "noise_level" in values and not (integer("noise_level") and values["noise_level"] >= 0):
         bad("noise_level", "use a whole number of at least 0")
     if "guidance" in values and (isinstance(values["guidance"], bool)
-                                 or not isinstance(values["guidance"], (int, float)) or values["guidance"] < 0):
-        bad("guidance", "use a number of at least 0")
+                                 or not isinstance(values["guidance"], (int, float))
+                                 or not math.isfinite(values["guidance"]) or values["guidance"] < 0):
+        bad("guidance", "use a finite number of at least 0")  # Python's json reads NaN and Infinity
     if "sampler" in values and not (isinstance(values["sampler"], str) and values["sampler"]):
         bad("sampler", "use a sampler's name, e.g. dpmpp_2m")
     return {k: (float(v) if k == "guidance" else v) for k, v in values.items()}

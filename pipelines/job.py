@@ -163,8 +163,9 @@ def manifest_defaults(config: RenderConfig) -> manifest.RenderDefaults:
                       width=config.width or DRY_RUN_SIZE, height=config.height or DRY_RUN_SIZE)
     try:
         return manifest.RenderDefaults(**values)
-    except ValueError as e:
-        raise ValueError(f"invalid render settings: {e}") from e
+    except manifest.SettingError as e:
+        raise ValueError(f"invalid run setting {e} (the command's --{e.name.replace('_', '-')} or a model "
+                         f"folder's render_defaults.json)") from e
 
 
 # ---- one shard ----------------------------------------------------------------------------

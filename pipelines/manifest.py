@@ -72,6 +72,14 @@ _ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}\Z")
 _URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
+class SettingError(ValueError):
+    """A run setting out of its range; `name` is the RenderDefaults field."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(message)
+        self.name = name
+
+
 @dataclasses.dataclass(frozen=True)
 class RenderDefaults:
     """The run's settings for every field a record leaves out, and the limits records must keep."""
@@ -101,7 +109,7 @@ class RenderDefaults:
 
     def __post_init__(self):
         def bad(name, rule):
-            raise ValueError(f"RenderDefaults.{name}={getattr(self, name)!r}: {rule}")
+            raise SettingError(name, f"{name}={getattr(self, name)!r}: {rule}")
 
         for name in ("size_multiple", "max_side", "max_steps", "max_num_images", "max_image_side"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:

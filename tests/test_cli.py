@@ -75,6 +75,53 @@ def test_bad_settings_are_clear_errors(tmp_path, capsys):
     assert "--batch-size must be >= 1" in capsys.readouterr().err
 
 
+@pytest.mark.faults
+def test_a_model_in_the_wrong_role_is_named_before_anything_renders(tmp_path, capsys):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"prompt": "a blue square"}) + "\n")
+    # Else the x4 as base fails in Beam with a UNet shape error, the base as x4 on its noise level.
+    cases = [(["--model", "default-x4", "--upscaler", "none"],
+              "default-x4 is an x4 upscaler, not a base model: pass it as --upscaler"),
+             (["--upscaler", "default"],
+              "default is not an x4 upscaler (its UNet takes 4 input channels, an upscaler's 7): pass an upscaler")]
+    for i, (flags, message) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        assert cli.main(["render", str(manifest), "--out", str(out), "--no-progress"] + flags) == cli.EXIT_ERROR
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+        assert not out.exists()  # refused before run.json is written
+
+
+@pytest.mark.faults
+def test_a_file_given_as_the_model_folder_is_named(tmp_path, capsys):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"prompt": "a blue square"}) + "\n")
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"\0" * 16)
+    code = cli.main(["render", str(manifest), "--out", str(tmp_path / "out"), "--model", str(weights),
+                     "--upscaler", "none", "--no-progress"])
+    assert code == cli.EXIT_ERROR
+    assert f"{weights} is a file; pass the diffusers pipeline folder" in capsys.readouterr().err
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("flags,message", [
+    (["--model", ""], "--model is empty"),  # else the shipped model, unasked
+    (["--model", "default", "--upscaler", " "], "--upscaler is empty"),
+    (["--variant", ""], "--variant is empty"),
+    (["--dtype", "float8"], "argument --dtype: invalid choice: 'float8'"),  # else accepted by a dry run
+    (["--dry-run-delay", "-1"], "'-1' is not a number of seconds >= 0")])  # else a traceback from Beam
+def test_empty_and_out_of_range_options_are_refused(tmp_path, capsys, flags, message):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"prompt": "a blue square"}) + "\n")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["render", str(manifest), "--out", str(tmp_path / "out"), "--dry-run", "--no-progress"] + flags)
+    assert exit_.value.code == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.pipeline
 def test_cli_renders_and_reruns(tmp_path, capsys):
     manifest = tmp_path / "m.jsonl"
@@ -110,3 +157,17 @@ def test_dataflow_options_validate_and_graph_builds_offline(tmp_path):
     proto = pipeline.to_runner_api()
     names = {t.unique_name for t in proto.components.transforms.values()}
     assert {"PlannedShards", "SpreadShards", "RenderShards"} <= names
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("flags, message", [
+    (["--steps", "2000"], "invalid run setting steps=2000: use 1 to 1000 (the command's --steps"),
+    (["--guidance", "99"], "invalid run setting guidance=99.0: use a number from 0 to 50.0 (the command's --guidance"),
+    (["--width", "100"], "invalid run setting width=100: use a multiple of 8 up to")])
+def test_run_settings_out_of_range_name_their_option(tmp_path, capsys, flags, message):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"prompt": "a blue square"}) + "\n")
+    code = cli.main(["render", str(manifest), "--out", str(tmp_path / "out"), "--dry-run", "--no-progress"] + flags)
+    assert code == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

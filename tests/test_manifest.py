@@ -472,11 +472,11 @@ def test_sampler_names_match_the_engine():
 
 @pytest.mark.faults
 def test_render_defaults_refuse_bad_values():
-    with pytest.raises(ValueError, match="RenderDefaults.width=500"):
+    with pytest.raises(ValueError, match="width=500"):
         RenderDefaults(width=500)
-    with pytest.raises(ValueError, match="RenderDefaults.sampler='plms'"):
+    with pytest.raises(ValueError, match="sampler='plms'"):
         RenderDefaults(sampler="plms")
-    with pytest.raises(ValueError, match="RenderDefaults.strength=0"):
+    with pytest.raises(ValueError, match="strength=0"):
         RenderDefaults(strength=0)
 
 

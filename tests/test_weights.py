@@ -524,7 +524,9 @@ def test_unsupported_config_names_the_config_file(sd_folder, tmp_path):
     ('{"sampler": "plms"}', "unknown sampler 'plms'"),
     ('{"steps": 0}', "steps is 0"),
     ('{"noise_level": 5}', "unknown setting.*noise_level"),  # a base model has no noise level
-    ('{"guidance": 4.0', "not valid JSON")])
+    ('{"guidance": 4.0', "not valid JSON"),
+    ('{"guidance": NaN}', "guidance is nan; use a finite number"),  # else every sample fails unnamed
+    ('{"steps": 5000}', r"steps is 5000; use 1 to 1000 \(the model's num_train_timesteps\)")])
 def test_bad_render_defaults_name_the_file(sd_folder, tmp_path, content, message):
     folder = str(tmp_path / "family")
     shutil.copytree(sd_folder[0], folder)
@@ -550,3 +552,29 @@ def test_an_upscalers_render_defaults_keep_under_its_max_noise_level(tmp_path):
     with pytest.raises(CheckpointError, match="noise_level 351 is above the model's max_noise_level 350") as info:
         load_family(folder)
     assert str(info.value).startswith(path)
+
+
+@pytest.mark.faults
+def test_an_sdxl_folder_is_named_unsupported(tmp_path):
+    # SDXL's model_index.json, as diffusers writes it (its UNet config alone fails only on addition_embed_type).
+    index = {"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True,
+             "scheduler": ["diffusers", "EulerDiscreteScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"StableDiffusionXLPipeline is not supported \(SDXL and later "
+                                              r"models\); jaxdiff loads Stable Diffusion 1\.x / 2\.x") as info:
+        load_family(str(tmp_path))
+    assert str(info.value).startswith(str(tmp_path / "model_index.json"))
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("dtype", ["float8", "int8", "float8_e4m3fn"])
+def test_a_dtype_the_models_cannot_compute_in_is_named(sd_folder, dtype):
+    # Else a TypeError from numpy, or an error blaming unet/config.json.
+    with pytest.raises(ValueError, match=f"dtype '{dtype}' is not one the models compute in: use bfloat16, "
+                                         f"float16, float32"):
+        load_family(sd_folder[0], dtype=dtype)
+    with pytest.raises(ValueError, match=f"dtype '{dtype}'"):
+        load_component(sd_folder[0], "unet", dtype=dtype)

@@ -71,6 +71,24 @@ def default_dtype():
     return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
 
 
+_MODEL_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _model_dtype(dtype):
+    """`dtype` as given (its spelling goes into run records), or the default; refused where the
+    models cannot compute in it (an integer or float8 dtype would load, then fail or render noise)."""
+    if dtype is None:
+        return default_dtype()
+    try:
+        name = jnp.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name not in _MODEL_DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one the models compute in: use {', '.join(_MODEL_DTYPES)} "
+                         f"(--dtype / dtype=), or leave it out for the default")
+    return dtype
+
+
 @dataclasses.dataclass(frozen=True)
 class LoadedComponent:
     module: nnx.Module
@@ -126,8 +144,8 @@ def _pickle_refusal(path: str) -> CheckpointError:
         f"{path}: pickle checkpoints can run code when loaded and are refused. Convert it to "
         f"safetensors once, e.g. in Python with diffusers: "
         f"`DiffusionPipeline.from_pretrained(folder).save_pretrained(out, safe_serialization=True)` "
-        f"(or the component's class, e.g. UNet2DConditionModel), then load `out`; or pass "
-        f"allow_pickle=True if you trust the file")
+        f"(or the component's class, e.g. UNet2DConditionModel), then load `out`; or, from Python "
+        f"(the command has no such option), pass allow_pickle=True if you trust the file")
 
 
 def _safetensors_names(stem: str, variant: str | None) -> tuple[str, str]:
@@ -278,7 +296,7 @@ def load_component(path: str, name: str, *, dtype=None, sharding=None,
     if name not in COMPONENTS:
         raise ValueError(f"component {name!r} is not one of {sorted(COMPONENTS)}")
     spec = COMPONENTS[name]
-    dtype = dtype or default_dtype()
+    dtype = _model_dtype(dtype)
     folder = storage.join(str(path).rstrip("/"), name)
     digests: dict[str, str] = {}
 
@@ -350,7 +368,7 @@ def load_family(path: str, *, dtype=None, allow_pickle: bool = False, sharding=N
     the one variant it has.
     """
     path = resolve_model(str(path).rstrip("/"))
-    dtype = dtype or default_dtype()
+    dtype = _model_dtype(dtype)
     digests: dict[str, str] = {}
     index_path = storage.join(path, "model_index.json")
     if not storage.is_gcs(path) and os.path.isfile(path):
@@ -359,6 +377,12 @@ def load_family(path: str, *, dtype=None, allow_pickle: bool = False, sharding=N
         raise CheckpointError(f"{path} is a file; pass the diffusers pipeline folder that holds model_index.json")
     model_index = _read_json(index_path, "a diffusers pipeline folder starts with model_index.json",
                              digests)
+    pipeline_class = model_index.get("_class_name")
+    # SDXL (and later models with a second text encoder) would fail deep in their UNet
+    # config or pass the checks below: name the model instead.
+    if "text_encoder_2" in model_index or "XL" in str(pipeline_class):
+        raise CheckpointError(f"{index_path}: {pipeline_class} is not supported (SDXL and later models); "
+                              f"jaxdiff loads Stable Diffusion 1.x / 2.x and x4 upscaler folders")
     for name, spec in COMPONENTS.items():
         entry = model_index.get(name)
         class_name = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
