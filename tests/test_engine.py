@@ -292,6 +292,90 @@ def test_upscale_matches_diffusers(sd_folder, upscaler_folder, monkeypatch):
 
 
 @pytest.mark.parity
+def test_upscale_of_non_square_images_in_a_short_batch_matches_diffusers_per_image(sd_folder, upscaler_folder,
+                                                                                  monkeypatch):
+    """Height and width differ, and 3 images at batch size 2 pad the last batch: each image
+    equals diffusers run on it alone."""
+    from PIL import Image
+    from diffusers import StableDiffusionUpscalePipeline
+    from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_upscale as module
+
+    low = [np.random.default_rng(i).integers(0, 256, (8, 12, 3), dtype=np.uint8) for i in range(3)]
+    prompts, negatives = PROMPTS + ["green"], NEGATIVE + ["dark"]
+    aug = torch.randn((3, 3, 8, 12), generator=torch.Generator().manual_seed(2))
+    noise = _noise(3, 8, 12, seed=5)
+    diffusers_pipe = StableDiffusionUpscalePipeline.from_pretrained(upscaler_folder)
+    ref = []
+    for i in range(3):
+        _patch_noise(monkeypatch, module, [aug[i:i + 1]])
+        ref.append(diffusers_pipe(
+            prompts[i:i + 1], image=[Image.fromarray(low[i])], negative_prompt=negatives[i:i + 1],
+            num_inference_steps=STEPS, guidance_scale=9.0, noise_level=20, latents=noise[i:i + 1],
+            output_type="np").images)
+    pipe = jaxdiff.load_pipeline(sd_folder, upscaler=upscaler_folder, steps=STEPS, sampler="ddim",
+                                 upscale_steps=STEPS, upscale_guidance=9.0, noise_level=20, batch_size=2)
+    ours = pipe.upscale(low, prompts, seeds=[0, 1, 2], negative_prompts=negatives, noise=_nhwc(noise),
+                        aug_noise=_nhwc(aug))
+    assert ours[0].shape == (32, 48, 3)
+    _assert_close(np.stack(ours).astype(np.float32) / 255.0, np.concatenate(ref))
+
+
+@pytest.mark.parity
+def test_upscale_follows_its_scheduler_configs_karras_sigmas_as_diffusers(sd_folder, upscaler_folder, tmp_path,
+                                                                          monkeypatch):
+    import shutil
+    from PIL import Image
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionUpscalePipeline
+    from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_upscale as module
+
+    folder = str(tmp_path / "up")
+    shutil.copytree(upscaler_folder, folder)
+    scheduler = DPMSolverMultistepScheduler.from_pretrained(upscaler_folder, subfolder="scheduler",
+                                                            use_karras_sigmas=True)
+    scheduler.save_pretrained(f"{folder}/scheduler")
+    low = _rgb(11, 8)
+    aug = torch.randn((1, 3, 8, 8), generator=torch.Generator().manual_seed(2))
+    noise = _noise(1, 8, 8, seed=4)
+    _patch_noise(monkeypatch, module, [aug])
+    ref = StableDiffusionUpscalePipeline.from_pretrained(upscaler_folder, scheduler=scheduler)(
+        PROMPTS[:1], image=[Image.fromarray(low)], num_inference_steps=4, guidance_scale=9.0, noise_level=20,
+        latents=noise, output_type="np").images
+    pipe = jaxdiff.load_pipeline(sd_folder, upscaler=folder, steps=2, sampler="ddim", upscale_steps=4,
+                                 upscale_guidance=9.0, noise_level=20, batch_size=1)
+    assert pipe._upscale_sampler == "dpmpp_2m"
+    ours = pipe.upscale([low], PROMPTS[:1], seeds=[0], noise=_nhwc(noise), aug_noise=_nhwc(aug))
+    _assert_close(np.stack(ours).astype(np.float32) / 255.0, ref)
+
+
+@pytest.mark.faults
+def test_upscale_converts_other_image_kinds_and_refuses_bad_input_by_name(sd_folder, upscaler_folder):
+    up = jaxdiff.load_pipeline(sd_folder, upscaler=upscaler_folder, steps=2, sampler="ddim", upscale_steps=2,
+                               batch_size=2)
+    low = _rgb(1, 8)
+    # Floats in [0, 1] are scaled as a Sample's init_image is, not read as 0-255 levels (near black).
+    as_uint8, as_float, as_grey = up.upscale([low, low / 255.0, low[..., 0]], ["a"] * 3, seeds=[0, 0, 0])
+    np.testing.assert_array_equal(as_float, as_uint8)
+    assert as_grey.shape == (32, 32, 3)
+    given = dict(images=[low, low], prompts=["a", "b"], seeds=[0, 1])
+    refused = [
+        (dict(images=[low, low * 1.0]), r"images\[1\] of dtype float64"),
+        (dict(images=[low, _rgb(2, 12)]), r"images\[1\] is 12x12 .* images\[0\] 8x8"),
+        (dict(prompts=["a"]), "1 prompts for 2 images"),
+        (dict(negative_prompts=["x"]), "1 negative_prompts for 2 images"),
+        (dict(seeds=[0, -1]), r"seeds\[1\] is -1"),
+        # Short noise would leave the images past its end drawn, not reproduced.
+        (dict(noise=np.zeros((1, 8, 8, 4), np.float32), aug_noise=np.zeros((1, 8, 8, 3), np.float32)),
+         "1 noise for 2 images"),
+        (dict(noise=np.zeros((2, 4, 8, 8), np.float32), aug_noise=np.zeros((2, 8, 8, 3), np.float32)),
+         r"noise has shape \(2, 4, 8, 8\)"),
+    ]
+    for change, match in refused:
+        with pytest.raises(ValueError, match=match):
+            up.upscale(**{**given, **change})
+    assert up.upscale([], [], seeds=[]) == []
+
+
+@pytest.mark.parity
 def test_guidance_of_one_or_less_is_the_prompt_alone_as_in_diffusers(pipe, sd_folder):
     """diffusers turns guidance off at a scale <= 1 (the prompt's prediction alone); the CFG
     formula below 1 would lean toward the negative prompt instead."""
@@ -463,11 +547,34 @@ def test_bad_sample_requests_are_reported_not_raised(pipe):
                jaxdiff.Sample(id="noimg", prompt="a", mode="img2img"),
                jaxdiff.Sample(id="mode", prompt="a", mode="paint"),
                jaxdiff.Sample(id="good", prompt="a", seed=1)]
-    size, noimg, mode, good = pipe.render_samples(samples)
+    samples += [jaxdiff.Sample(id="neg", prompt="a", seed=-1), jaxdiff.Sample(id="big", prompt="a", seed=2**32)]
+    size, noimg, mode, good, neg, big = pipe.render_samples(samples)
     assert "unsupported size 18x16" in size.error
     assert "init_image" in noimg.error
     assert "unknown mode" in mode.error
     assert good.error is None
+    # Before, a seed out of uint32's range raised OverflowError out of the whole batch.
+    assert "seed -1 is out of range" in neg.error and "seed 4294967296 is out of range" in big.error
+
+
+@pytest.mark.faults
+def test_render_refuses_lists_that_do_not_match_the_prompts(pipe):
+    with pytest.raises(ValueError, match="prompts is one string"):
+        pipe.render("ab")  # not the prompts "a" and "b"
+    with pytest.raises(ValueError, match="2 seeds for 1 prompts"):
+        pipe.render(["a"], seeds=[1, 2])  # the second seed was dropped
+    with pytest.raises(ValueError, match="1 negative_prompts for 2 prompts"):
+        pipe.render(["a", "b"], negative_prompts=["x"])  # an IndexError
+
+
+@pytest.mark.faults
+def test_load_pipeline_refuses_a_model_in_the_wrong_role(sd_folder, upscaler_folder):
+    with pytest.raises(ValueError, match="is an x4 upscaler, not a base model"):
+        jaxdiff.load_pipeline(upscaler_folder, upscaler="none")  # rendered, then failed on a UNet shape
+    with pytest.raises(ValueError, match=r"is not an x4 upscaler \(its UNet takes 4 input channels"):
+        jaxdiff.load_pipeline(sd_folder, upscaler=sd_folder)  # failed on noise_level ... max_noise_level None
+    with pytest.raises(ValueError, match="model is empty"):
+        jaxdiff.load_pipeline("")  # loaded the shipped model
 
 
 def test_outpaint_repaints_every_latent_cell_that_holds_new_pixels():

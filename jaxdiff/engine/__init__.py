@@ -20,11 +20,20 @@ def load_pipeline(model: str | None = None, upscaler: str | None = None, *, dtyp
     from jaxdiff.checkpoints import upscaler_for
     from jaxdiff.weights.family import load_family
 
+    for name, value in (("model", model), ("upscaler", upscaler)):
+        if value is not None and not str(value).strip():  # else "" would quietly mean the default
+            raise ValueError(f"load_pipeline: {name} is empty: give a diffusers folder or Hub id, or None")
     enable_compilation_cache(compilation_cache)
     upscaler = upscaler_for(model, upscaler)
     kw = dict(dtype=dtype, allow_pickle=allow_pickle, variant=variant)
     base = load_family(model or "default", **kw)
+    if base.kind == "upscale":
+        raise ValueError(f"{base.path} is an x4 upscaler, not a base model: pass it as upscaler= with a "
+                         f"text-to-image model, or upscale alone with Pipeline(None, load_family(path))")
     up = load_family(upscaler, **kw) if upscaler else None
+    if up is not None and up.kind != "upscale":
+        raise ValueError(f"{up.path} is not an x4 upscaler (its UNet takes {up.unet_config.in_channels} input "
+                         f"channels, an upscaler's 7): pass an upscaler folder as upscaler=, or 'none'")
     return Pipeline(base, up, batch_size=batch_size, settings=settings_for(base, up, **settings), devices=devices)
 
 

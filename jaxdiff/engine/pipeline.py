@@ -140,9 +140,12 @@ class Pipeline:
             self.settings.upscale_sampler, upscaler.scheduler_config, "ddim")
         if upscaler is not None:
             # Built at load: a scheduler config or setting the x4 stage cannot follow fails here.
+            # Karras sigmas as its scheduler config says, as diffusers' scheduler built from it.
+            up_karras = (bool(upscaler.scheduler_config.get("use_karras_sigmas"))
+                         and self._upscale_sampler in samplers.KARRAS_SAMPLERS)
             self._upscale_solver = samplers.make_sampler(
                 self._upscale_sampler, samplers.NoiseSchedule.from_config(upscaler.scheduler_config),
-                self.settings.upscale_steps)
+                self.settings.upscale_steps, karras_sigmas=up_karras)
             # Only add_noise is used from the low-res scheduler: its clip_sample setting (True in
             # DDPMScheduler's defaults) never applies.
             self._low_res_schedule = samplers.NoiseSchedule.from_config(
@@ -201,6 +204,11 @@ class Pipeline:
                negative_prompts: Sequence[str] | None = None, ids: Sequence[str] | None = None,
                noise: np.ndarray | None = None, **fields) -> list[Rendered]:
         """Renders prompts; `fields` are Sample fields (mode, init_image, guidance, ...) for all."""
+        if isinstance(prompts, str):
+            raise ValueError("render: prompts is one string: give a list of prompts")
+        for name, values in (("seeds", seeds), ("negative_prompts", negative_prompts), ("ids", ids)):
+            if values is not None and len(values) != len(prompts):
+                raise ValueError(f"render: {len(values)} {name} for {len(prompts)} prompts: give one per prompt")
         samples = []
         for i, prompt in enumerate(prompts):
             samples.append(Sample(
@@ -251,6 +259,8 @@ class Pipeline:
             guidance=st.guidance if s.guidance is None else float(s.guidance),
             seed=derive_seed(st.seed, s.id) if s.seed is None else int(s.seed),
             negative_prompt=s.negative_prompt or st.negative_prompt)
+        if not 0 <= prep.seed < 2**32:
+            raise RenderError(f"seed {prep.seed} is out of range: use a whole number from 0 to 2**32 - 1")
         if prep.sampler not in samplers.SAMPLER_NAMES:
             raise RenderError(f"unknown sampler {prep.sampler!r}: use one of {', '.join(samplers.SAMPLER_NAMES)}")
         if not (math.isfinite(prep.guidance) and prep.guidance >= 0):
@@ -436,23 +446,57 @@ class Pipeline:
 
     def upscale(self, images: Sequence[np.ndarray], prompts: Sequence[str], *, seeds: Sequence[int],
                 negative_prompts: Sequence[str] | None = None, noise: np.ndarray | None = None,
-                aug_noise: np.ndarray | None = None) -> list[np.ndarray]:
-        """Runs only the x4 stage on given uint8 images (all one size); returns uint8 images.
+                aug_noise: np.ndarray | None = None) -> list[np.ndarray | None]:
+        """Runs only the x4 stage on given images, all one size: uint8 (H, W, 3) RGB, or as a
+        Sample's init_image takes them (grey, RGBA, floats in [0, 1]); returns uint8 images,
+        None where the output is not finite.
 
-        `noise` (latent noise) and `aug_noise` (the low-res augmentation noise) replace the
-        drawn noise, to reproduce a run exactly.
+        `noise` (latent noise, (N, H, W, C)) and `aug_noise` (the low-res augmentation noise,
+        (N, H, W, 3)) replace the drawn noise, to reproduce a run exactly.
         """
         if self._up is None:
             raise RenderError("no upscaler is loaded: pass upscaler=... to load_pipeline")
         if (noise is None) != (aug_noise is None):
             raise ValueError("pass noise and aug_noise together (a run is reproduced by both), or neither")
+        count = len(images)
+        per_image = {"prompts": prompts, "seeds": seeds, "negative_prompts": negative_prompts,
+                     "noise": noise, "aug_noise": aug_noise}
+        for name, values in per_image.items():
+            if isinstance(values, str):
+                raise ValueError(f"upscale: {name} is one string: give a list, one per image")
+            # A short list would otherwise reach the program as a cryptic shape error, and short
+            # noise would be drawn for the images past its end instead of reproduced.
+            if values is not None and len(values) != count:
+                raise ValueError(f"upscale: {len(values)} {name} for {count} images: give one per image")
+        for i, seed in enumerate(seeds):
+            if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+                raise ValueError(f"upscale: seeds[{i}] is {seed!r}: give whole numbers in [0, 2**32)")
+        rgb = []
+        for i, image in enumerate(images):
+            try:
+                rgb.append(imgs.rgb_array(image))
+            except ValueError as e:
+                raise ValueError(f"upscale: {str(e).replace('init_image', f'images[{i}]')}") from None
+        if not rgb:
+            return []
+        height, width = rgb[0].shape[:2]
+        for i, image in enumerate(rgb):
+            if image.shape[:2] != (height, width):
+                raise ValueError(f"upscale: images[{i}] is {image.shape[0]}x{image.shape[1]} (height x width), "
+                                 f"images[0] {height}x{width}: one call upscales one size; call it once per size")
+        if noise is not None:
+            channels = int(self.upscaler.unet_config.out_channels)
+            for name, array, c in (("noise", noise, channels), ("aug_noise", aug_noise, 3)):
+                if np.shape(array) != (count, height, width, c):
+                    raise ValueError(f"upscale: {name} has shape {np.shape(array)}; expected "
+                                     f"{(count, height, width, c)} (images, height, width, channels last)")
         out = []
-        for start in range(0, len(images), self.batch_size):
+        for start in range(0, count, self.batch_size):
             sl = slice(start, start + self.batch_size)
-            n = len(images[sl])
+            n = len(rgb[sl])
             pad = lambda xs: list(xs) + [xs[-1]] * (self.batch_size - n)
-            negs = negative_prompts[sl] if negative_prompts else [self.settings.negative_prompt] * n
-            batch = jax.device_put(np.stack(pad(images[sl])), self._batched)
+            negs = negative_prompts[sl] if negative_prompts is not None else [self.settings.negative_prompt] * n
+            batch = jax.device_put(np.stack(pad(rgb[sl])), self._batched)
             u8, ok = self._upscale(pad(prompts[sl]), pad(negs), pad(seeds[sl]), batch,
                                    None if noise is None else np.asarray(noise)[sl],
                                    None if aug_noise is None else np.asarray(aug_noise)[sl])
