@@ -148,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, fix in empty.items():
             if getattr(args, name) is not None and not getattr(args, name).strip():
                 render.error(f"--{name} is empty: give {fix}")
+        if args.dry_run_delay and not args.dry_run:
+            render.error("--dry-run-delay applies to --dry-run only: add --dry-run, or leave the delay out")
     # Beam logs every bundle at INFO; the progress bar and summary say what matters.
     logging.basicConfig(level=logging.WARNING)
     if args.command == "render":

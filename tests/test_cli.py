@@ -160,6 +160,16 @@ def test_dataflow_options_validate_and_graph_builds_offline(tmp_path):
 
 
 @pytest.mark.faults
+def test_a_dry_run_delay_without_a_dry_run_is_refused(tmp_path, capsys):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"prompt": "a blue square"}) + "\n")
+    with pytest.raises(SystemExit) as exit_:  # before, the delay was ignored and the model rendered
+        cli.main(["render", str(manifest), "--out", str(tmp_path / "out"), "--dry-run-delay", "2"])
+    assert exit_.value.code == cli.EXIT_ERROR
+    assert "--dry-run-delay applies to --dry-run only" in capsys.readouterr().err
+
+
+@pytest.mark.faults
 @pytest.mark.parametrize("flags, message", [
     (["--steps", "2000"], "invalid run setting steps=2000: use 1 to 1000 (the command's --steps"),
     (["--guidance", "99"], "invalid run setting guidance=99.0: use a number from 0 to 50.0 (the command's --guidance"),
