@@ -292,6 +292,30 @@ def test_upscale_matches_diffusers(sd_folder, upscaler_folder, monkeypatch):
 
 
 @pytest.mark.parity
+@pytest.mark.parametrize("guidance", [1.0, 0.5])
+def test_upscale_with_guidance_off_matches_diffusers_at_half_the_batch(sd_folder, upscaler_folder, monkeypatch,
+                                                                       guidance):
+    from PIL import Image
+    from diffusers import StableDiffusionUpscalePipeline
+    from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_upscale as module
+
+    low = [_rgb(13, 8)]
+    aug = torch.randn((1, 3, 8, 8), generator=torch.Generator().manual_seed(5))
+    noise = _noise(1, 8, 8, seed=6)
+    _patch_noise(monkeypatch, module, [aug])
+    ref = StableDiffusionUpscalePipeline.from_pretrained(upscaler_folder)(
+        PROMPTS[:1], image=[Image.fromarray(i) for i in low], negative_prompt=NEGATIVE[:1],
+        num_inference_steps=STEPS, guidance_scale=guidance, noise_level=20, latents=noise, output_type="np").images
+    pipe = jaxdiff.load_pipeline(None, upscaler=upscaler_folder, upscale_steps=STEPS, upscale_guidance=guidance,
+                                 noise_level=20, batch_size=1)
+    ours = pipe.upscale(low, PROMPTS[:1], seeds=[0], negative_prompts=NEGATIVE[:1], noise=_nhwc(noise),
+                        aug_noise=_nhwc(aug))
+    _assert_close(np.stack(ours).astype(np.float32) / 255.0, ref)
+    # diffusers turns CFG off at <= 1: one UNet call on the prompt alone, in its own program.
+    assert [key[1].cfg for key in pipe._programs if key[0] == "upscale"] == [False]
+
+
+@pytest.mark.parity
 def test_upscale_of_non_square_images_in_a_short_batch_matches_diffusers_per_image(sd_folder, upscaler_folder,
                                                                                   monkeypatch):
     """Height and width differ, and 3 images at batch size 2 pad the last batch: each image

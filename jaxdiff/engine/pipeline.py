@@ -509,7 +509,7 @@ class Pipeline:
         st, fam = self.settings, self.upscaler
         B, height, width = base_u8.shape[0], base_u8.shape[1], base_u8.shape[2]
         sampler_name = self._upscale_sampler
-        sig = UpscaleSignature(B, height, width, st.upscale_steps, sampler_name)
+        sig = UpscaleSignature(B, height, width, st.upscale_steps, sampler_name, guidance_on(st.upscale_guidance))
         program = self._program(("upscale", sig), lambda: make_upscale_program(
             self._up[0], self._upscale_solver, self._low_res_schedule, sig,
             clip_skip=st.clip_skip, scaling_factor=float(fam.vae_config.scaling_factor),

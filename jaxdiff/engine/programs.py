@@ -47,6 +47,7 @@ class UpscaleSignature:
     width: int
     steps: int
     sampler: str
+    cfg: bool = True   # False: one UNet call on the prompt alone (guidance <= 1)
 
 
 def sample_keys(seeds: jax.Array) -> jax.Array:
@@ -134,7 +135,7 @@ def _guided_denoiser(unet, context, guidance, conditioning=None, class_labels=No
     return denoise
 
 
-def _prompt_only_denoiser(unet, context, guidance, conditioning=None):
+def _prompt_only_denoiser(unet, context, guidance, conditioning=None, class_labels=None):
     """denoise(x, t, i) with one UNet call on the prompt alone, at half CFG's batch: where
     guidance is off (<= 1, as in diffusers), or distilled into the UNet (LCM,
     time_cond_proj_dim), which then gets the scale as its embedding, as diffusers' LCM
@@ -144,12 +145,13 @@ def _prompt_only_denoiser(unet, context, guidance, conditioning=None):
     if unet.config.time_cond_proj_dim is not None:
         embedded = guidance_embedding(guidance, unet.config.time_cond_proj_dim)
     extra = None if conditioning is None else conditioning.astype(dtype)
+    kwargs = {} if class_labels is None else {"class_labels": class_labels}
 
     def denoise(x_in, t, i):
         model_in = x_in.astype(dtype)
         if extra is not None:
             model_in = jnp.concatenate([model_in, extra], axis=-1)
-        return unet(model_in, t, context, timestep_cond=embedded).astype(jnp.float32)
+        return unet(model_in, t, context, timestep_cond=embedded, **kwargs).astype(jnp.float32)
 
     return denoise
 
@@ -231,8 +233,12 @@ def make_upscale_program(graphdefs, sampler, low_res_schedule, sig: UpscaleSigna
         noise = _given_or_drawn(inputs["noise_given"], inputs["noise"],
                                 per_sample_normal(keys, _UPSCALE_NOISE, latent_shape))
         x = samplers.initial_latents(sampler, noise)
-        denoise = _guided_denoiser(unet, context, inputs["guidance"], conditioning=image,
-                                   class_labels=noise_level)
+        if not sig.cfg:  # context is [uncond; cond]: the prompt's half
+            denoise = _prompt_only_denoiser(unet, context[context.shape[0] // 2:], inputs["guidance"],
+                                            conditioning=image, class_labels=noise_level)
+        else:
+            denoise = _guided_denoiser(unet, context, inputs["guidance"], conditioning=image,
+                                       class_labels=noise_level)
 
         latents = samplers.sample(sampler, denoise, x,
                                   jax.vmap(lambda k: jax.random.fold_in(k, _UPSCALE_SAMPLER_NOISE))(keys))
