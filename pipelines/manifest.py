@@ -64,6 +64,9 @@ STAGES = ("manifest", "input-image", "render", "write")
 IMAGE_MODES = ("img2img", "sketch", "inpaint", "outpaint")
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "MPO")  # MPO: camera JPEGs with a second picture
 MAX_SEED = 2**32 - 1
+# Extra fields are written back as JSON with each image; far deeper nesting than any real
+# metadata would overflow the writer's recursion and fail the whole shard.
+MAX_METADATA_DEPTH = 64
 KNOWN_FIELDS = frozenset({
     "id", "prompt", "negative_prompt", "seed", "guidance", "steps", "width", "height",
     "num_images", "mode", "init_image", "mask", "strength", "outpaint", "sampler",
@@ -356,6 +359,19 @@ def _image_uri(name: str, value, source: str) -> str:
     return os.path.normpath(os.path.join(os.path.dirname(source), uri))
 
 
+def _nesting(value: Any) -> int:
+    """How many levels of lists and objects `value` holds (0 for a plain value), counted
+    level by level rather than recursively, and only to just past MAX_METADATA_DEPTH."""
+    depth, level = 0, [value]
+    while depth <= MAX_METADATA_DEPTH:
+        containers = [x for x in level if isinstance(x, (dict, list, tuple))]
+        if not containers:
+            return depth
+        depth += 1
+        level = [item for x in containers for item in (x.values() if isinstance(x, dict) else x)]
+    return depth
+
+
 def _options(fields: dict[str, Any], defaults: RenderDefaults, source: str) -> dict[str, Any]:
     """Validated Sample fields, with the run's defaults filled in, plus num_images and image URIs."""
     if "prompt" not in fields:
@@ -414,6 +430,10 @@ def _options(fields: dict[str, Any], defaults: RenderDefaults, source: str) -> d
         if sampler not in defaults.samplers:
             raise _Invalid(f"unknown sampler {fields['sampler']!r}: use one of {', '.join(defaults.samplers)}")
     metadata = {k: v for k, v in fields.items() if k not in KNOWN_FIELDS}
+    for name, value in metadata.items():
+        if _nesting(value) > MAX_METADATA_DEPTH:
+            raise _Invalid(f"field {name!r} is nested more than {MAX_METADATA_DEPTH} levels deep: flatten it "
+                           f"(extra fields are stored with each image as JSON)")
 
     return dict(prompt=prompt, negative_prompt=negative, seed=seed, guidance=guidance, steps=steps,
                 sampler=sampler, width=width, height=height, mode=mode, strength=strength, outpaint=outpaint,

@@ -196,10 +196,13 @@ class ShardWriter:
     def add(self, key: str, sample: Sample, rendered: Rendered, encoded: EncodedImages | None = None) -> None:
         """Appends one sample to the shard; `encoded` is `self.encode(rendered)`, done ahead."""
         meta = image_metadata(sample, rendered, self.model)
+        # Both JSON texts before any member: metadata nested too deep to write raises
+        # RecursionError here, leaving nothing of the sample in the tar.
+        meta_json, manifest_json = to_json(meta), to_json(meta["manifest"])
         encoded = encoded or self.encode(rendered)
         image = encoded.image
         _add_member(self._tar, f"{key}.{self.image_format}", image)
-        _add_member(self._tar, f"{key}.json", to_json(meta).encode())
+        _add_member(self._tar, f"{key}.json", meta_json.encode())
         _add_member(self._tar, f"{key}.txt", sample.prompt.encode())
         if encoded.base is not None:
             _add_member(self._tar, f"{key}.base.png", encoded.base)
@@ -218,7 +221,7 @@ class ShardWriter:
             "format": self.image_format,
             "image_bytes": len(image),
             "image_sha256": encoded.sha256,
-            "metadata": to_json(meta["manifest"]),
+            "metadata": manifest_json,
         })
 
     def add_failure(self, failure: dict) -> None:

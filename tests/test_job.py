@@ -391,6 +391,25 @@ def test_metadata_is_strict_json_and_parquet_agrees_with_it(tmp_path):
 
 
 @pytest.mark.pipeline
+def test_metadata_nested_too_deep_to_write_fails_its_id_not_the_shard(tmp_path):
+    """A pass-through field that JSON reads but the writer could not write back (nested
+    hundreds deep: a RecursionError that failed the shard on every retry) fails that record
+    alone; the shard commits with nothing of it in the tar."""
+    path = tmp_path / "m.jsonl"
+    deep = "[" * 600 + "1" + "]" * 600
+    path.write_text('{"id": "ok", "prompt": "p"}\n{"id": "deep", "prompt": "p", "x": ' + deep + '}\n')
+    out = str(tmp_path / "out")
+    summary = job.run([str(path)], out, _config(), progress=False)
+    assert summary.complete and (summary.rendered, summary.failed) == (1, 1)
+    [failure] = shards.read_failures(out, "shard-00000")
+    assert (failure["id"], failure["stage"]) == ("deep", "manifest")
+    assert "field 'x' is nested more than 64 levels deep" in failure["reason"]
+    with tarfile.open(os.path.join(out, "shard-00000.tar")) as tar:
+        assert sorted(tar.getnames()) == ["00000_000000.json", "00000_000000.png", "00000_000000.txt"]
+    assert pq.read_table(os.path.join(out, "shard-00000.parquet")).column("id").to_pylist() == ["ok"]
+
+
+@pytest.mark.pipeline
 @pytest.mark.parametrize("shared", [False, True])
 def test_run_inference_handler_renders_samples(shared):
     import apache_beam as beam
