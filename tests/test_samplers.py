@@ -25,6 +25,7 @@ from diffusers import (
 from diffusers.schedulers import scheduling_ddpm, scheduling_euler_ancestral_discrete, scheduling_lcm
 
 from jaxdiff.samplers import (
+    KARRAS_SAMPLERS,
     SAMPLER_NAMES,
     NoiseSchedule,
     UnsupportedConfig,
@@ -298,6 +299,45 @@ def test_scheduler_options_match_diffusers(monkeypatch, name, options):
     keys = keys_for(SHAPE[0])
     x = initial_latents(sampler, jax.random.normal(jax.random.key(15), SHAPE))
     sched, theirs = diffusers_trajectory(monkeypatch, name, config, 6, x, noises=our_noise(keys, 6, SHAPE[1:]))
+    np.testing.assert_allclose(sampler.timesteps, sched.timesteps.numpy(), rtol=3e-5, atol=1e-6)
+    assert_trajectories_close(sample_trajectory(sampler, fake_model_jax, x, keys), theirs)
+
+
+# Other checkpoints' scheduler_config.json, as published (fields diffusers saves that no
+# sampler here reads are left out). SD 2.x (768) and the x4 upscaler: DDIM, v-prediction.
+SD2_V_CONFIG = {**SD_CONFIG, "_class_name": "DDIMScheduler", "prediction_type": "v_prediction"}
+X4_CONFIG = {**SD2_V_CONFIG, "beta_start": 0.0001, "beta_end": 0.02}
+LCM_CONFIG = {**SD_CONFIG, "_class_name": "LCMScheduler", "original_inference_steps": 50, "set_alpha_to_one": True,
+              "timestep_scaling": 10.0, "timestep_spacing": "leading", "thresholding": False}
+DPM_KARRAS_CONFIG = {**SD_CONFIG, "_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "dpmsolver++",
+                     "solver_order": 2, "solver_type": "midpoint", "use_karras_sigmas": True,
+                     "final_sigmas_type": "zero", "lower_order_final": True, "euler_at_final": False,
+                     "lambda_min_clipped": -float("inf"), "timestep_spacing": "linspace", "variance_type": None}
+EULER_TRAILING_CONFIG = {**SD_CONFIG, "_class_name": "EulerDiscreteScheduler", "interpolation_type": "linear",
+                         "timestep_spacing": "trailing", "use_karras_sigmas": False}
+
+
+@pytest.mark.parametrize(
+    "config, name, num_steps",
+    [
+        (SD2_V_CONFIG, "ddim", 7), (SD2_V_CONFIG, "euler_a", 7), (X4_CONFIG, "ddim", 7), (X4_CONFIG, "dpmpp_2m", 7),
+        (LCM_CONFIG, "lcm", 7), (LCM_CONFIG, "ddim", 7),
+        # 61 Karras steps round two timesteps to one integer (t = 1 twice).
+        (DPM_KARRAS_CONFIG, "dpmpp_2m", 61), (DPM_KARRAS_CONFIG, "euler", 7),
+        (DPM_KARRAS_CONFIG, "euler_a", 7),  # EulerAncestralDiscreteScheduler has no Karras sigmas
+        (EULER_TRAILING_CONFIG, "euler", 7), (EULER_TRAILING_CONFIG, "dpmpp_2m", 7),
+    ],
+)
+def test_checkpoint_configs_match_diffusers(monkeypatch, config, name, num_steps):
+    # Karras sigmas as the engine takes them: from the config, for the samplers that have them.
+    karras = bool(config.get("use_karras_sigmas")) and name in KARRAS_SAMPLERS
+    sampler = make_sampler(name, NoiseSchedule.from_config(config), num_steps, karras_sigmas=karras)
+    shape = (1, 2, 3)
+    keys = keys_for(1, seed=16)
+    x = initial_latents(sampler, jax.random.normal(jax.random.key(17), shape))
+    sched, theirs = diffusers_trajectory(
+        monkeypatch, name, config, num_steps, x, noises=our_noise(keys, num_steps, shape[1:])
+    )
     np.testing.assert_allclose(sampler.timesteps, sched.timesteps.numpy(), rtol=3e-5, atol=1e-6)
     assert_trajectories_close(sample_trajectory(sampler, fake_model_jax, x, keys), theirs)
 
