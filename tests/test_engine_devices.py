@@ -26,6 +26,33 @@ SCRIPT = textwrap.dedent("""
         a = np.stack([r.image for r in pipe4.render(prompts, seeds=[1, 2, 3, 4])]).astype(int)
         b = np.stack([r.image for r in pipe1.render(prompts, seeds=[1, 2, 3, 4])]).astype(int)
         print(json.dumps({"mesh": list(pipe4.mesh.devices.shape), "max_diff": int(np.abs(a - b).max())}))
+    elif mode == "mixed":
+        # Modes, guidance on and off and a padded short batch, in two orders, on 4 devices
+        # at batch 4 against one device at batch 3: each sample's image must not change.
+        from jaxdiff import Sample
+        rgb = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+        mask = np.zeros((16, 16), np.uint8)
+        mask[4:12, 2:10] = 255
+        samples = [
+            Sample(id="t", prompt=prompts[0], seed=1),
+            Sample(id="off", prompt=prompts[1], negative_prompt="blurry", seed=2, guidance=1.0),
+            Sample(id="i", prompt=prompts[2], mode="img2img", init_image=rgb, strength=0.6, seed=3),
+            Sample(id="p", prompt=prompts[3], mode="inpaint", init_image=rgb, mask=mask, strength=0.7, seed=4),
+            Sample(id="s", prompt=prompts[0], mode="sketch", init_image=255 - rgb, seed=5, guidance=0.0),
+            Sample(id="o", prompt=prompts[1], mode="outpaint", init_image=rgb[:8], outpaint=(0, 0, 0, 8), seed=6),
+            Sample(id="d", prompt=prompts[2], guidance=3.0),  # seed derived from the id
+        ]
+        images, counts = {}, []
+        for devices, batch in ((jax.devices(), 4), (jax.devices()[:1], 3)):
+            pipe = jaxdiff.load_pipeline(folder, upscaler="none", steps=2, sampler="euler_a", batch_size=batch,
+                                         devices=devices)
+            for order in (samples, samples[::-1]):
+                for s, r in zip(order, pipe.render_samples(order)):
+                    assert r.id == s.id and r.error is None, (s.id, r.id, r.error)
+                    images.setdefault(s.id, []).append(r.image.astype(int))
+            counts.append(pipe.compile_count)
+        diffs = {k: max(int(np.abs(v - vs[0]).max()) for v in vs) for k, vs in images.items()}
+        print(json.dumps({"max_diff": diffs, "compile_counts": counts}))
     elif mode == "pallas":
         # The TPU attention path inside the engine's batch-sharded programs: each device's
         # kernel call must see only its own samples, and the images must not change. The
@@ -79,6 +106,16 @@ def test_batch_sharded_over_four_devices_matches_one_device(folder, tmp_path):
     result = _run([folder, "devices"], env)
     assert result["mesh"] == [4]
     assert result["max_diff"] <= 1
+
+
+def test_mixed_modes_render_the_same_on_four_devices_and_on_one_at_another_batch_size(folder, tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+               JAXDIFF_CACHE_DIR=str(tmp_path / "cache"))
+    result = _run([folder, "mixed"], env)
+    # Other per-device batches may reorder float sums: at most one uint8 level.
+    assert max(result["max_diff"].values()) <= 1, result
+    # Base with CFG, base without (guidance <= 1) and the VAE encoder, however many batches.
+    assert result["compile_counts"] == [3, 3], result
 
 
 def test_tpu_attention_runs_per_device_inside_sharded_programs(folder, tmp_path):
