@@ -582,6 +582,16 @@ def test_bad_sample_requests_are_reported_not_raised(pipe):
 
 
 @pytest.mark.faults
+def test_given_noise_must_fit_every_sample(pipe):
+    samples = [jaxdiff.Sample(id="square", prompt="a"), jaxdiff.Sample(id="wide", prompt="a", width=32)]
+    with pytest.raises(ValueError, match="noise holds 1 latents for 2 samples"):
+        pipe.render_samples(samples, noise=_nhwc(_noise(1, 8, 8)))
+    with pytest.raises(ValueError, match=r"sample 'wide' renders at 32x16, latents \(8, 16, 4\): noise= takes "
+                                         "samples of one size"):  # before, numpy's "could not broadcast"
+        pipe.render_samples(samples, noise=_nhwc(_noise(2, 8, 8)))
+
+
+@pytest.mark.faults
 def test_render_refuses_lists_that_do_not_match_the_prompts(pipe):
     with pytest.raises(ValueError, match="prompts is one string"):
         pipe.render("ab")  # not the prompts "a" and "b"

@@ -238,10 +238,18 @@ class Pipeline:
             prepared.append(prep)
             cfg = guidance_on(prep.guidance) and not self._guidance_distilled
             groups.setdefault((prep.height, prep.width, prep.steps, prep.sampler, prep.lcm_grid, cfg), []).append(i)
+        if noise is not None:
+            noise = np.asarray(noise)
+            if len(noise) != len(samples):
+                raise ValueError(f"render: noise holds {len(noise)} latents for {len(samples)} samples: give one each")
         for (height, width, steps, sampler, _, cfg), members in groups.items():
+            latent = (height // self.vae_factor, width // self.vae_factor, self.latent_channels)
+            if noise is not None and noise.shape[1:] != latent:
+                raise ValueError(f"render: noise latents are {noise.shape[1:]}, but sample {samples[members[0]].id!r} "
+                                 f"renders at {width}x{height}, latents {latent}: noise= takes samples of one size")
             for start in range(0, len(members), self.batch_size):
                 chunk = members[start:start + self.batch_size]
-                batch_noise = None if noise is None else np.asarray(noise)[chunk]
+                batch_noise = None if noise is None else noise[chunk]
                 rendered = self._render_batch([prepared[i] for i in chunk], height, width, steps, sampler, cfg,
                                               batch_noise)
                 for i, r in zip(chunk, rendered):
