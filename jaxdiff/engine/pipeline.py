@@ -466,6 +466,25 @@ class Pipeline:
             raise RenderError("no upscaler is loaded: pass upscaler=... to load_pipeline")
         if (noise is None) != (aug_noise is None):
             raise ValueError("pass noise and aug_noise together (a run is reproduced by both), or neither")
+        rgb = self._upscale_inputs(images, prompts, seeds, negative_prompts, noise, aug_noise)
+        out = []
+        for start in range(0, len(rgb), self.batch_size):
+            sl = slice(start, start + self.batch_size)
+            n = len(rgb[sl])
+            pad = lambda xs: list(xs) + [xs[-1]] * (self.batch_size - n)
+            negs = negative_prompts[sl] if negative_prompts is not None else [self.settings.negative_prompt] * n
+            batch = jax.device_put(np.stack(pad(rgb[sl])), self._batched)
+            u8, ok = self._upscale(pad(prompts[sl]), pad(negs), pad(seeds[sl]), batch,
+                                   None if noise is None else np.asarray(noise)[sl],
+                                   None if aug_noise is None else np.asarray(aug_noise)[sl])
+            u8, ok = np.asarray(u8), np.asarray(ok)
+            out.extend(u8[i] if ok[i] else None for i in range(n))
+        return out
+
+    def _upscale_inputs(self, images, prompts, seeds, negative_prompts, noise, aug_noise) -> list[np.ndarray]:
+        """`images` as uint8 RGB arrays, after checking that every list gives one entry per
+        image and that the images and any given noise share one size; else a ValueError that
+        names the input."""
         count = len(images)
         per_image = {"prompts": prompts, "seeds": seeds, "negative_prompts": negative_prompts,
                      "noise": noise, "aug_noise": aug_noise}
@@ -486,7 +505,7 @@ class Pipeline:
             except ValueError as e:
                 raise ValueError(f"upscale: {str(e).replace('init_image', f'images[{i}]')}") from None
         if not rgb:
-            return []
+            return rgb
         height, width = rgb[0].shape[:2]
         for i, image in enumerate(rgb):
             if image.shape[:2] != (height, width):
@@ -498,19 +517,7 @@ class Pipeline:
                 if np.shape(array) != (count, height, width, c):
                     raise ValueError(f"upscale: {name} has shape {np.shape(array)}; expected "
                                      f"{(count, height, width, c)} (images, height, width, channels last)")
-        out = []
-        for start in range(0, count, self.batch_size):
-            sl = slice(start, start + self.batch_size)
-            n = len(rgb[sl])
-            pad = lambda xs: list(xs) + [xs[-1]] * (self.batch_size - n)
-            negs = negative_prompts[sl] if negative_prompts is not None else [self.settings.negative_prompt] * n
-            batch = jax.device_put(np.stack(pad(rgb[sl])), self._batched)
-            u8, ok = self._upscale(pad(prompts[sl]), pad(negs), pad(seeds[sl]), batch,
-                                   None if noise is None else np.asarray(noise)[sl],
-                                   None if aug_noise is None else np.asarray(aug_noise)[sl])
-            u8, ok = np.asarray(u8), np.asarray(ok)
-            out.extend(u8[i] if ok[i] else None for i in range(n))
-        return out
+        return rgb
 
     def _upscale(self, prompts: list[str], negatives: list[str], seeds: list[int], base_u8: jax.Array,
                  noise: np.ndarray | None = None, aug_noise: np.ndarray | None = None):
