@@ -156,6 +156,14 @@ def _prompt_only_denoiser(unet, context, guidance, conditioning=None, class_labe
     return denoise
 
 
+def _denoiser(cfg: bool, unet, context, guidance, conditioning=None, class_labels=None):
+    """The program's denoise(x, t, i): with CFG on [uncond; cond], or (cfg False) on the
+    prompt's half of the context alone."""
+    if cfg:
+        return _guided_denoiser(unet, context, guidance, conditioning, class_labels)
+    return _prompt_only_denoiser(unet, context[context.shape[0] // 2:], guidance, conditioning, class_labels)
+
+
 def make_base_program(graphdefs, sampler, sig: BaseSignature, *, clip_skip: int,
                       scaling_factor: float, tile_pixels: int | None,
                       on_trace: Callable[[], None]) -> Callable:
@@ -183,11 +191,7 @@ def make_base_program(graphdefs, sampler, sig: BaseSignature, *, clip_skip: int,
         if unet.config.in_channels == shape[-1] + 1 + shape[-1]:  # 9-channel inpainting UNet
             extra = jnp.concatenate([mask, inputs["masked_latents"]], axis=-1)
 
-        if not sig.cfg:  # context is [uncond; cond]: the prompt's half
-            denoise = _prompt_only_denoiser(unet, context[context.shape[0] // 2:], inputs["guidance"],
-                                            conditioning=extra)
-        else:
-            denoise = _guided_denoiser(unet, context, inputs["guidance"], conditioning=extra)
+        denoise = _denoiser(sig.cfg, unet, context, inputs["guidance"], conditioning=extra)
 
         def blend_known(x_i, i):
             # Known pixels follow the init image at this step's noise level.
@@ -233,12 +237,8 @@ def make_upscale_program(graphdefs, sampler, low_res_schedule, sig: UpscaleSigna
         noise = _given_or_drawn(inputs["noise_given"], inputs["noise"],
                                 per_sample_normal(keys, _UPSCALE_NOISE, latent_shape))
         x = samplers.initial_latents(sampler, noise)
-        if not sig.cfg:  # context is [uncond; cond]: the prompt's half
-            denoise = _prompt_only_denoiser(unet, context[context.shape[0] // 2:], inputs["guidance"],
-                                            conditioning=image, class_labels=noise_level)
-        else:
-            denoise = _guided_denoiser(unet, context, inputs["guidance"], conditioning=image,
-                                       class_labels=noise_level)
+        denoise = _denoiser(sig.cfg, unet, context, inputs["guidance"], conditioning=image,
+                            class_labels=noise_level)
 
         latents = samplers.sample(sampler, denoise, x,
                                   jax.vmap(lambda k: jax.random.fold_in(k, _UPSCALE_SAMPLER_NOISE))(keys))
