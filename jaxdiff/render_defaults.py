@@ -44,33 +44,36 @@ def read(folder: str, kind: str = "base", digests: dict | None = None) -> dict:
     `digests`, if given, gets the file's sha256 under its path. A folder that is not of
     `kind` (an x4 upscaler read as a base model, or the reverse) is a ValueError."""
     folder = str(folder).rstrip("/")
-    _check_kind(folder, kind)
-    implied = _lcm_defaults(folder) if kind == "base" else {}
+    unet = _read_config(folder, "unet", "config.json")
+    if unet:  # a missing or broken config: the model loader names it
+        check_kind(folder, kind, unet.get("in_channels", 4))
     path = storage.join(folder, FILE)
     try:
         raw = storage.read_bytes(path)
     except (FileNotFoundError, NotADirectoryError):  # a file given as the folder: the loader names it
-        return implied
-    if digests is not None:
+        raw = None
+    if raw is not None and digests is not None:
         digests[path] = hashlib.sha256(raw).hexdigest()
-    recommended = parse(raw, path, kind)
+    recommended = {} if raw is None else parse(raw, path, kind)
+    # The scheduler config, read once: base folders for LCM's defaults, any folder whose file
+    # recommends steps for their bound (an upscaler's otherwise costs no read).
+    needs_scheduler = kind == "base" or "steps" in recommended
+    scheduler = _read_config(folder, "scheduler", "scheduler_config.json") if needs_scheduler else {}
     if "steps" in recommended:
-        train_steps = _read_config(folder, "scheduler", "scheduler_config.json").get("num_train_timesteps", 1000)
+        train_steps = scheduler.get("num_train_timesteps", 1000)
         if isinstance(train_steps, int) and recommended["steps"] > train_steps:
             raise RenderDefaultsError(f"{path}: steps is {recommended['steps']}; use 1 to {train_steps} "
                                       f"(the model's num_train_timesteps)")
-    if recommended.get("sampler", "lcm") != "lcm":  # LCM's steps and guidance go with its sampler
-        implied = {}
+    # LCM's steps and guidance go with its sampler: a file naming another drops them.
+    implied = (_lcm_defaults(scheduler, unet) if kind == "base" and recommended.get("sampler", "lcm") == "lcm"
+               else {})
     return {**implied, **recommended}
 
 
-def _check_kind(folder: str, kind: str) -> None:
-    """Refuses a base model named as the upscaler, or the reverse, before either loads: else
-    it fails only when rendering, with a message about tensor shapes or noise levels."""
-    unet = _read_config(folder, "unet", "config.json")
-    if not unet:
-        return  # the model loader names a missing or broken config
-    in_channels = unet.get("in_channels", 4)
+def check_kind(folder: str, kind: str, in_channels: int) -> None:
+    """Refuses a base model ("base") whose UNet takes `in_channels` named as the upscaler
+    ("upscale"), or the reverse: else it fails only when rendering, with a message about
+    tensor shapes or noise levels."""
     if kind == "upscale" and in_channels != 7:  # an x4 upscaler's UNet takes latents + the low-res image
         raise ValueError(f"{folder} is not an x4 upscaler (its UNet takes {in_channels} input channels, an "
                          f"upscaler's 7): pass an upscaler folder as --upscaler (upscaler=...), or none")
@@ -79,11 +82,12 @@ def _check_kind(folder: str, kind: str) -> None:
                          f"and a text-to-image model as --model")
 
 
-def _lcm_defaults(folder: str) -> dict:
-    """What a base folder whose scheduler is LCMScheduler recommends (module docstring); {} for others."""
-    if _read_config(folder, "scheduler", "scheduler_config.json").get("_class_name") != "LCMScheduler":
+def _lcm_defaults(scheduler: dict, unet: dict) -> dict:
+    """What a base folder with these scheduler and UNet configs recommends for LCMScheduler
+    (module docstring); {} for other schedulers."""
+    if scheduler.get("_class_name") != "LCMScheduler":
         return {}
-    distilled = _read_config(folder, "unet", "config.json").get("time_cond_proj_dim") is not None
+    distilled = unet.get("time_cond_proj_dim") is not None
     return {**LCM_DEFAULTS, "guidance": 8.5 if distilled else 1.0}
 
 

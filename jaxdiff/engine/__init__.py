@@ -17,6 +17,7 @@ def load_pipeline(model: str | None = None, upscaler: str | None = None, *, dtyp
     render_defaults.json where it has one (see `settings_for`). `variant` (e.g. "fp16")
     loads diffusers' variant weight files of both folders.
     """
+    from jaxdiff import render_defaults
     from jaxdiff.checkpoints import upscaler_for
     from jaxdiff.weights.family import load_family
 
@@ -27,13 +28,10 @@ def load_pipeline(model: str | None = None, upscaler: str | None = None, *, dtyp
     upscaler = upscaler_for(model, upscaler)
     kw = dict(dtype=dtype, allow_pickle=allow_pickle, variant=variant)
     base = load_family(model or "default", **kw)
-    if base.kind == "upscale":
-        raise ValueError(f"{base.path} is an x4 upscaler, not a base model: pass it as upscaler= with a "
-                         f"text-to-image model, or upscale alone with Pipeline(None, load_family(path))")
+    render_defaults.check_kind(base.path, "base", base.unet_config.in_channels)
     up = load_family(upscaler, **kw) if upscaler else None
-    if up is not None and up.kind != "upscale":
-        raise ValueError(f"{up.path} is not an x4 upscaler (its UNet takes {up.unet_config.in_channels} input "
-                         f"channels, an upscaler's 7): pass an upscaler folder as upscaler=, or 'none'")
+    if up is not None:
+        render_defaults.check_kind(up.path, "upscale", up.unet_config.in_channels)
     return Pipeline(base, up, batch_size=batch_size, settings=settings_for(base, up, **settings), devices=devices)
 
 
