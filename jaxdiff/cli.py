@@ -59,6 +59,8 @@ def _render_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=1000, help="manifest records per shard (default 1000)")
     p.add_argument("--format", dest="image_format", default="png", choices=["png", "jpg", "webp"],
                    help="image format in the shards (default png)")
+    p.add_argument("--quality", type=int, default=None,
+                   help="jpg / webp quality, 1 to 100 (default 95)")
     # The dtypes the models compute in (jaxdiff.weights.family), spelled out: --help needs no JAX.
     p.add_argument("--dtype", default=None, type=str.lower, choices=["bfloat16", "float16", "float32"],
                    help="model dtype (default: bfloat16 on accelerators, float32 on CPU)")
@@ -112,9 +114,8 @@ def render_command(args: argparse.Namespace, beam_args: list[str]) -> int:
         config = job.RenderConfig(
             model=args.model, upscaler=args.upscaler, width=args.width, height=args.height, steps=args.steps,
             sampler=args.sampler, guidance=args.guidance, seed=args.seed, image_format=args.image_format,
-            keep_base=args.keep_base, shard_size=args.shard_size, dtype=args.dtype, variant=args.variant,
-            dry_run=args.dry_run,
-            batch_size=args.batch_size, dry_run_delay_s=args.dry_run_delay)
+            quality=args.quality, keep_base=args.keep_base, shard_size=args.shard_size, dtype=args.dtype,
+            variant=args.variant, dry_run=args.dry_run, batch_size=args.batch_size, dry_run_delay_s=args.dry_run_delay)
         summary = job.run(args.manifests, args.out, config, beam_args=beam_args, fresh=args.fresh,
                           retry_failures=args.retry_failures, progress=not args.no_progress)
     except (ManifestError, job.RunConflict, job.JobError, OSError, ValueError) as e:

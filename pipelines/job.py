@@ -65,6 +65,7 @@ class RenderConfig:
     noise_level: int | None = None
     seed: int = 0
     image_format: str = "png"
+    quality: int | None = None        # jpg / webp only; None: shards.DEFAULT_QUALITY
     keep_base: bool = False
     shard_size: int = 1000
     dtype: str | None = None
@@ -74,8 +75,7 @@ class RenderConfig:
     dry_run_delay_s: float = 0.0
 
     def __post_init__(self):
-        if self.image_format not in shards.FORMATS:
-            raise ValueError(f"unsupported --format {self.image_format!r}: use one of {', '.join(shards.FORMATS)}")
+        shards.save_options(self.image_format, self.quality)
         for name in ("steps", "shard_size", "batch_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -99,6 +99,7 @@ class RenderConfig:
         out["model"] = self.model or "default"
         out["upscaler"] = self.upscaler_path()
         out["keep_base"] = self.keep_base and out["upscaler"] is not None
+        out["quality"] = shards.save_options(self.image_format, self.quality).get("quality")
         return out
 
     def open_settings(self) -> dict:
@@ -303,7 +304,7 @@ def _duplicate_failure(raw, sample_id: str, first: tuple) -> dict:
 # ---- rendering ----------------------------------------------------------------------------
 
 def render_shard(spec, out: str, renderer, defaults, *, model_info: dict, image_format: str = "png",
-                 keep_base: bool = False, retry_failures: bool = False,
+                 quality: int | None = None, keep_base: bool = False, retry_failures: bool = False,
                  threads: WriterThreads | None = None,
                  duplicates: Mapping[str, tuple] | None = None) -> dict:
     """Renders one shard and commits it; returns its stats. Raises on a whole-shard error.
@@ -316,7 +317,8 @@ def render_shard(spec, out: str, renderer, defaults, *, model_info: dict, image_
     # alone names a record, wherever the manifest has moved since.
     retry_lines: set[int] | None = None
     old_failures: list[dict] = []
-    writer = shards.ShardWriter(out, spec.name, image_format=image_format, keep_base=keep_base, model=model_info)
+    writer = shards.ShardWriter(out, spec.name, image_format=image_format, quality=quality, keep_base=keep_base,
+                                model=model_info)
     own_threads = threads is None
     threads = threads or WriterThreads()
     writes = _Writes(threads)
@@ -397,10 +399,11 @@ def _write_batch(writer: shards.ShardWriter, batch: list, results: list, encoded
 class RenderShardFn(beam.DoFn):
     """Renders whole shards; the renderer loads once per worker process and is shared by its threads."""
 
-    def __init__(self, out: str, renderer_factory: Callable, defaults, *, image_format: str, keep_base: bool,
-                 retry_failures: bool, shared_handle: shared.Shared):
+    def __init__(self, out: str, renderer_factory: Callable, defaults, *, image_format: str, quality: int | None,
+                 keep_base: bool, retry_failures: bool, shared_handle: shared.Shared):
         self._out, self._factory, self._defaults = out, renderer_factory, defaults
-        self._image_format, self._keep_base, self._retry = image_format, keep_base, retry_failures
+        self._image_format, self._quality, self._keep_base = image_format, quality, keep_base
+        self._retry = retry_failures
         self._shared = shared_handle
         self._rendered = beam.metrics.Metrics.counter("jaxdiff", "rendered")
         self._failed = beam.metrics.Metrics.counter("jaxdiff", "failed")
@@ -412,7 +415,7 @@ class RenderShardFn(beam.DoFn):
 
     def process(self, spec, duplicates=None):
         stats = render_shard(spec, self._out, self._renderer, self._defaults, model_info=self._model_info,
-                             image_format=self._image_format, keep_base=self._keep_base,
+                             image_format=self._image_format, quality=self._quality, keep_base=self._keep_base,
                              retry_failures=self._retry, threads=self._threads, duplicates=duplicates)
         self._rendered.inc(stats["rendered"])
         self._failed.inc(stats["failed"])
@@ -604,8 +607,8 @@ def build_pipeline(options: PipelineOptions, specs: list, out: str, renderer_fac
         # Spread shards over workers; a shard's samples stay together on one worker.
         | "SpreadShards" >> beam.Reshuffle()
         | "RenderShards" >> beam.ParDo(RenderShardFn(
-            out, renderer_factory, defaults, image_format=config.image_format, keep_base=config.keep_base,
-            retry_failures=retry_failures, shared_handle=shared_handle or shared.Shared()),
+            out, renderer_factory, defaults, image_format=config.image_format, quality=config.quality,
+            keep_base=config.keep_base, retry_failures=retry_failures, shared_handle=shared_handle or shared.Shared()),
             duplicates=beam.pvalue.AsDict(duplicates))
     )
     return pipeline

@@ -34,6 +34,8 @@ from jaxdiff import storage
 from jaxdiff.engine.sample import Rendered, Sample
 
 FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
+LOSSY_FORMATS = ("jpg", "webp")
+DEFAULT_QUALITY = 95
 FAILURES_DIR = "failures"
 STATS_SUFFIX = ".stats.json"
 
@@ -123,11 +125,25 @@ def read_failures(out: str, name: str) -> list[dict]:
 
 # ---- encoding ---------------------------------------------------------------------------
 
-def encode_image(image: np.ndarray, image_format: str) -> bytes:
+def save_options(image_format: str, quality: int | None = None) -> dict:
+    """Pillow's save options for `image_format`: the lossy formats' quality (None: 95).
+    ValueError, naming the option, for a format or quality that cannot be written."""
     if image_format not in FORMATS:
-        raise ValueError(f"unsupported image format {image_format!r}: use one of {sorted(FORMATS)}")
+        raise ValueError(f"unsupported --format {image_format!r}: use one of {', '.join(FORMATS)}")
+    if image_format not in LOSSY_FORMATS:
+        if quality is not None:
+            raise ValueError(f"--quality applies to {' and '.join(LOSSY_FORMATS)}; {image_format} is lossless: "
+                             "leave --quality out")
+        return {}
+    quality = DEFAULT_QUALITY if quality is None else quality
+    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
+        raise ValueError(f"--quality {quality!r} is out of range: use a whole number from 1 to 100")
+    return {"quality": quality}
+
+
+def encode_image(image: np.ndarray, image_format: str, quality: int | None = None) -> bytes:
+    options = save_options(image_format, quality)
     buffer = io.BytesIO()
-    options = {"quality": 95} if image_format in ("jpg", "webp") else {}
     Image.fromarray(np.asarray(image, np.uint8)).save(buffer, format=FORMATS[image_format], **options)
     return buffer.getvalue()
 
@@ -172,12 +188,11 @@ class ShardWriter:
     parquet rows (a few hundred bytes per sample) are held until commit.
     """
 
-    def __init__(self, out: str, name: str, *, image_format: str = "png", keep_base: bool = False,
-                 model: dict | None = None):
-        if image_format not in FORMATS:
-            raise ValueError(f"unsupported image format {image_format!r}: use one of {sorted(FORMATS)}")
+    def __init__(self, out: str, name: str, *, image_format: str = "png", quality: int | None = None,
+                 keep_base: bool = False, model: dict | None = None):
+        save_options(image_format, quality)  # refuses what cannot be written before any file exists
         self.out, self.name, self.paths = out, name, shard_paths(out, name)
-        self.image_format, self.keep_base, self.model = image_format, keep_base, model or {}
+        self.image_format, self.quality, self.keep_base, self.model = image_format, quality, keep_base, model or {}
         self._tar_path = storage.local_temp_for(self.paths["tar"])
         self._tar = tarfile.open(self._tar_path, "w", format=tarfile.USTAR_FORMAT)
         self._rows: list[dict] = []
@@ -187,7 +202,7 @@ class ShardWriter:
     def encode(self, rendered: Rendered) -> EncodedImages:
         """The sample's image files, compressed. The slow part of adding a sample, and
         safe on any thread: it reads nothing of the shard but its settings."""
-        image = encode_image(rendered.image, self.image_format)
+        image = encode_image(rendered.image, self.image_format, self.quality)
         base = None
         if self.keep_base and rendered.base_image is not None:
             base = encode_image(rendered.base_image, "png")

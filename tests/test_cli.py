@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -73,6 +74,54 @@ def test_bad_settings_are_clear_errors(tmp_path, capsys):
     code = cli.main(["render", str(manifest), "--out", str(tmp_path / "out"), "--dry-run", "--batch-size", "0"])
     assert code == cli.EXIT_ERROR
     assert "--batch-size must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("flags,message", [
+    (["--quality", "80"], "--quality applies to jpg and webp; png is lossless: leave --quality out"),
+    (["--format", "jpg", "--quality", "0"], "--quality 0 is out of range: use a whole number from 1 to 100"),
+    (["--format", "webp", "--quality", "101"], "--quality 101 is out of range")])
+def test_quality_that_cannot_be_written_is_refused_before_the_run(tmp_path, capsys, flags, message):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"prompt": "a blue square"}) + "\n")
+    out = tmp_path / "out"
+    assert cli.main(["render", str(manifest), "--out", str(out), "--dry-run", "--no-progress"] + flags) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.pipeline
+def test_quality_sets_the_compression_and_is_part_of_the_run(tmp_path, capsys):
+    import webdataset as wds
+    from PIL import Image
+
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"shape {i}"}) + "\n" for i in range(2)))
+
+    def render(out, *flags):
+        args = ["render", str(manifest), "--out", str(tmp_path / out), "--dry-run", "--width", "64",
+                "--height", "64", "--no-progress", *flags]
+        return cli.main(args), capsys.readouterr().err
+
+    def images(out, ext):
+        samples = wds.WebDataset(str(tmp_path / out / "shard-00000.tar"), shardshuffle=False)
+        return {s["__key__"]: s[ext] for s in samples}
+
+    for fmt, pil_format in (("jpg", "JPEG"), ("webp", "WEBP")):
+        assert render(f"{fmt}-default", "--format", fmt)[0] == cli.EXIT_OK
+        assert render(f"{fmt}-95", "--format", fmt, "--quality", "95")[0] == cli.EXIT_OK
+        assert render(f"{fmt}-20", "--format", fmt, "--quality", "20")[0] == cli.EXIT_OK
+        default, same, low = (images(f"{fmt}-{q}", fmt) for q in ("default", "95", "20"))
+        assert default == same  # 95 is the default
+        for key, data in low.items():
+            assert len(data) < len(default[key])
+            image = Image.open(io.BytesIO(data))
+            assert image.format == pil_format and image.size == (64, 64)
+        run = json.loads((tmp_path / f"{fmt}-20" / "run.json").read_text())
+        assert run["config"]["quality"] == 20
+    # Resuming with another quality would mix two compressions in one output.
+    code, err = render("jpg-20", "--format", "jpg", "--quality", "30")
+    assert code == cli.EXIT_ERROR and "quality: 20 -> 30" in err
 
 
 @pytest.mark.faults
