@@ -24,8 +24,8 @@ def _seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not value >= 0:  # NaN too
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
+    if not 0 <= value < math.inf:  # NaN too
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number of seconds >= 0")
     return value
 
 
@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "render":
         # An empty value (an unset shell variable, say) would quietly mean the default.
-        empty = {"model": "a diffusers folder or Hub id, or leave --model out for the shipped model",
+        empty = {"out": "an output folder, local or gs://",
+                 "model": "a diffusers folder or Hub id, or leave --model out for the shipped model",
                  "upscaler": "an upscaler folder or Hub id, or none",
                  "variant": "a weight variant such as fp16, or leave --variant out"}
         for name, fix in empty.items():

@@ -159,8 +159,11 @@ def test_a_file_given_as_the_model_folder_is_named(tmp_path, capsys):
     (["--model", "default", "--upscaler", " "], "--upscaler is empty"),
     (["--variant", ""], "--variant is empty"),
     (["--dtype", "float8"], "argument --dtype: invalid choice: 'float8'"),  # else accepted by a dry run
-    (["--dry-run-delay", "-1"], "'-1' is not a number of seconds >= 0")])  # else a traceback from Beam
-def test_empty_and_out_of_range_options_are_refused(tmp_path, capsys, flags, message):
+    (["--out", ""], "--out is empty"),  # else written to the working folder, never seen as complete
+    (["--dry-run-delay", "-1"], "'-1' is not a finite number of seconds >= 0"),  # else a traceback from Beam
+    (["--dry-run-delay", "inf"], "'inf' is not a finite number of seconds >= 0")])  # else a failed pipeline
+def test_empty_and_out_of_range_options_are_refused(tmp_path, capsys, monkeypatch, flags, message):
+    monkeypatch.chdir(tmp_path)
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps({"prompt": "a blue square"}) + "\n")
     with pytest.raises(SystemExit) as exit_:
@@ -168,7 +171,7 @@ def test_empty_and_out_of_range_options_are_refused(tmp_path, capsys, flags, mes
     assert exit_.value.code == cli.EXIT_ERROR
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
-    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.jsonl", "tmpdir"]  # nothing written
 
 
 @pytest.mark.pipeline
