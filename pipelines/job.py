@@ -94,7 +94,7 @@ class RenderConfig:
         """The settings a resumed run must share with the run that wrote the output: each
         that changes an image, in one spelling."""
         out = dataclasses.asdict(self)
-        # Invariant: an image does not depend on batch size; the delay only slows a dry run.
+        # An image does not depend on batch size (beyond rounding); the delay only slows a dry run.
         del out["batch_size"], out["dry_run_delay_s"]
         out["model"] = self.model or "default"
         out["upscaler"] = self.upscaler_path()
@@ -141,7 +141,16 @@ def with_model_defaults(config: RenderConfig) -> RenderConfig:
     from jaxdiff import render_defaults
     from jaxdiff.checkpoints import resolve_model
 
-    recommended = render_defaults.read(resolve_model(config.model or "default"))
+    folder = resolve_model(config.model or "default")
+    recommended = render_defaults.read(folder)
+    # The file's values are held to the limits a record's are (guidance up to 50, say):
+    # else the run's settings check would blame a flag the command never passed.
+    taken = {k: v for k, v in recommended.items() if k in ("steps", "guidance") and getattr(config, k) is None}
+    try:
+        manifest.RenderDefaults(**taken)
+    except manifest.SettingError as e:
+        raise ValueError(f"{storage.join(folder, render_defaults.FILE)}: {e}; edit the file, or set "
+                         f"--{e.name} for this run") from e
     if config.upscaler_path() is not None:
         upscale = render_defaults.read(resolve_model(config.upscaler_path()), "upscale")
         recommended.update({render_defaults.UPSCALE_SETTINGS[k]: v for k, v in upscale.items()})
@@ -165,8 +174,7 @@ def manifest_defaults(config: RenderConfig) -> manifest.RenderDefaults:
     try:
         return manifest.RenderDefaults(**values)
     except manifest.SettingError as e:
-        raise ValueError(f"invalid run setting {e} (the command's --{e.name.replace('_', '-')} or a model "
-                         f"folder's render_defaults.json)") from e
+        raise ValueError(f"invalid run setting {e} (the command's --{e.name.replace('_', '-')})") from e
 
 
 # ---- one shard ----------------------------------------------------------------------------

@@ -225,7 +225,8 @@ def test_a_dry_run_delay_without_a_dry_run_is_refused(tmp_path, capsys):
 @pytest.mark.parametrize("flags, message", [
     (["--steps", "2000"], "invalid run setting steps=2000: use 1 to 1000 (the command's --steps"),
     (["--guidance", "99"], "invalid run setting guidance=99.0: use a number from 0 to 50.0 (the command's --guidance"),
-    (["--width", "100"], "invalid run setting width=100: use a multiple of 8 up to")])
+    (["--width", "100"], "invalid run setting width=100: use a multiple of 8 up to"),
+    (["--seed", "-1"], "invalid run setting seed=-1: use an integer from 0 to 4294967295 (the command's --seed)")])
 def test_run_settings_out_of_range_name_their_option(tmp_path, capsys, flags, message):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps({"prompt": "a blue square"}) + "\n")
@@ -233,3 +234,23 @@ def test_run_settings_out_of_range_name_their_option(tmp_path, capsys, flags, me
     assert code == cli.EXIT_ERROR
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.faults
+def test_a_model_folders_setting_out_of_range_names_the_file(tmp_path, capsys):
+    import shutil
+
+    from jaxdiff.checkpoints import resolve_model
+
+    folder = tmp_path / "model"
+    shutil.copytree(resolve_model("default"), folder)
+    (folder / "render_defaults.json").write_text('{"guidance": 60}')  # the engine takes it; a run's limit is 50
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"prompt": "a blue square"}) + "\n")
+    code = cli.main(["render", str(manifest), "--out", str(tmp_path / "out"), "--model", str(folder),
+                     "--upscaler", "none", "--no-progress"])
+    assert code == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert (f"{folder / 'render_defaults.json'}: guidance=60.0: use a number from 0 to 50.0; edit the file, "
+            "or set --guidance for this run") in err
+    assert "--guidance)" not in err and not (tmp_path / "out").exists()
