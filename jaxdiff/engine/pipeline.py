@@ -238,15 +238,17 @@ class Pipeline:
             prepared.append(prep)
             cfg = guidance_on(prep.guidance) and not self._guidance_distilled
             groups.setdefault((prep.height, prep.width, prep.steps, prep.sampler, prep.lcm_grid, cfg), []).append(i)
-        if noise is not None:
+        if noise is not None:  # checked whole before anything renders
             noise = np.asarray(noise)
             if len(noise) != len(samples):
                 raise ValueError(f"render: noise holds {len(noise)} latents for {len(samples)} samples: give one each")
+            for (height, width, *_), members in groups.items():
+                latent = (height // self.vae_factor, width // self.vae_factor, self.latent_channels)
+                if noise.shape[1:] != latent:
+                    raise ValueError(f"render: noise latents are {noise.shape[1:]}, but sample "
+                                     f"{samples[members[0]].id!r} renders at {width}x{height}, latents {latent}: "
+                                     f"noise= takes samples of one size")
         for (height, width, steps, sampler, _, cfg), members in groups.items():
-            latent = (height // self.vae_factor, width // self.vae_factor, self.latent_channels)
-            if noise is not None and noise.shape[1:] != latent:
-                raise ValueError(f"render: noise latents are {noise.shape[1:]}, but sample {samples[members[0]].id!r} "
-                                 f"renders at {width}x{height}, latents {latent}: noise= takes samples of one size")
             for start in range(0, len(members), self.batch_size):
                 chunk = members[start:start + self.batch_size]
                 batch_noise = None if noise is None else noise[chunk]
