@@ -369,6 +369,13 @@ def test_upscale_follows_its_scheduler_configs_karras_sigmas_as_diffusers(sd_fol
     assert pipe._upscale_sampler == "dpmpp_2m"
     ours = pipe.upscale([low], PROMPTS[:1], seeds=[0], noise=_nhwc(noise), aug_noise=_nhwc(aug))
     _assert_close(np.stack(ours).astype(np.float32) / 255.0, ref)
+    # On the tiny model Karras sigmas move the image by a few levels only: the timesteps
+    # tell the two schedules apart for certain.
+    scheduler.set_timesteps(4)
+    plain = DPMSolverMultistepScheduler.from_pretrained(upscaler_folder, subfolder="scheduler")
+    plain.set_timesteps(4)
+    assert not np.allclose(scheduler.timesteps.numpy(), plain.timesteps.numpy())
+    np.testing.assert_allclose(pipe._upscale_solver.model_timesteps, scheduler.timesteps.numpy())
 
 
 @pytest.mark.faults
@@ -582,8 +589,10 @@ def test_bad_sample_requests_are_reported_not_raised(pipe):
 
 
 @pytest.mark.faults
-def test_given_noise_must_fit_every_sample(pipe):
+def test_given_noise_must_fit_every_sample(pipe, monkeypatch):
     samples = [jaxdiff.Sample(id="square", prompt="a"), jaxdiff.Sample(id="wide", prompt="a", width=32)]
+    # Refused before any batch renders (the square one fits, and would render first).
+    monkeypatch.setattr(pipe, "_render_batch", lambda *args: pytest.fail("a batch rendered before the check"))
     with pytest.raises(ValueError, match="noise holds 1 latents for 2 samples"):
         pipe.render_samples(samples, noise=_nhwc(_noise(1, 8, 8)))
     with pytest.raises(ValueError, match=r"sample 'wide' renders at 32x16, latents \(8, 16, 4\): noise= takes "
