@@ -164,6 +164,23 @@ def test_latent_consistency_model_matches_diffusers(tmp_path, monkeypatch, steps
 
 
 @pytest.mark.parity
+@pytest.mark.parametrize("guidance", [8.0, 0.5])
+def test_a_guidance_distilled_unet_with_another_sampler_matches_diffusers(tmp_path, guidance):
+    # diffusers' SD pipeline gives such a UNet the scale as its embedding (timestep_cond) and
+    # runs no CFG at any scale; so does the engine, whatever the sampler.
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    folder = make_sd_folder(str(tmp_path / "lcm"), scheduler="LCMScheduler", time_cond_proj_dim=8, seed=4)
+    reference = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    reference.scheduler = DDIMScheduler.from_config(reference.scheduler.config)
+    noise = _noise(2, 8, 8, seed=3)
+    ref = reference(PROMPTS, num_inference_steps=3, guidance_scale=guidance, height=16, width=16, latents=noise,
+                    output_type="np").images
+    pipe = jaxdiff.load_pipeline(folder, upscaler="none", steps=3, sampler="ddim", guidance=guidance, batch_size=2)
+    _assert_close(_images(pipe.render(PROMPTS, seeds=[0, 1], noise=_nhwc(noise))), ref)
+
+
+@pytest.mark.parity
 def test_latent_consistency_image_to_image_matches_diffusers(tmp_path, monkeypatch):
     # diffusers' LCM img2img: the strength keeps the quietest part of the LCM grid and every
     # step runs, from the image noised to the first step's level.
@@ -230,7 +247,8 @@ def test_an_lcm_scheduler_on_a_plain_unet_recommends_no_cfg(tmp_path):
 
 
 @pytest.mark.parity
-def test_image_to_image_matches_diffusers(pipe, sd_folder, monkeypatch):
+@pytest.mark.parametrize("guidance", [7.5, 0.5])  # 0.5: no CFG, the negative prompt unused
+def test_image_to_image_matches_diffusers(pipe, sd_folder, monkeypatch, guidance):
     from PIL import Image
     from diffusers import StableDiffusionImg2ImgPipeline
     from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img as module
@@ -240,17 +258,17 @@ def test_image_to_image_matches_diffusers(pipe, sd_folder, monkeypatch):
     _patch_noise(monkeypatch, module, [noise])
     _patch_posterior_mean(monkeypatch, module)
     ref = StableDiffusionImg2ImgPipeline.from_pretrained(sd_folder)(
-        PROMPTS, image=[Image.fromarray(i) for i in init],
-        strength=0.7, num_inference_steps=STEPS, guidance_scale=7.5, output_type="np").images
-    samples = [jaxdiff.Sample(id=str(i), prompt=p, seed=i, mode="img2img", init_image=init[i], strength=0.7)
-               for i, p in enumerate(PROMPTS)]
+        PROMPTS, negative_prompt=["blurry"] * 2, image=[Image.fromarray(i) for i in init],
+        strength=0.7, num_inference_steps=STEPS, guidance_scale=guidance, output_type="np").images
+    samples = [jaxdiff.Sample(id=str(i), prompt=p, negative_prompt="blurry", seed=i, mode="img2img",
+                              init_image=init[i], strength=0.7, guidance=guidance) for i, p in enumerate(PROMPTS)]
     ours = _images(pipe.render_samples(samples, noise=_nhwc(noise)))
     _assert_close(ours, ref)
 
 
 @pytest.mark.parity
-@pytest.mark.parametrize("channels", [9, 4])
-def test_inpainting_matches_diffusers(channels, inpaint_folder, sd_folder, monkeypatch):
+@pytest.mark.parametrize("channels, guidance", [(9, 7.5), (4, 7.5), (9, 0.8)])  # 0.8: no CFG
+def test_inpainting_matches_diffusers(channels, guidance, inpaint_folder, sd_folder, monkeypatch):
     from PIL import Image
     from diffusers import StableDiffusionInpaintPipeline
     from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_inpaint as module
@@ -263,9 +281,10 @@ def test_inpainting_matches_diffusers(channels, inpaint_folder, sd_folder, monke
     _patch_posterior_mean(monkeypatch, module)
     ref = StableDiffusionInpaintPipeline.from_pretrained(folder)(
         PROMPTS[:1], image=Image.fromarray(init), mask_image=Image.fromarray(mask), height=16, width=16,
-        strength=1.0, num_inference_steps=STEPS, guidance_scale=7.5, latents=noise, output_type="np").images
+        strength=1.0, num_inference_steps=STEPS, guidance_scale=guidance, latents=noise, output_type="np").images
     pipe = jaxdiff.load_pipeline(folder, upscaler="none", steps=STEPS, sampler="ddim", batch_size=1)
-    sample = jaxdiff.Sample(id="0", prompt=PROMPTS[0], seed=0, mode="inpaint", init_image=init, mask=mask)
+    sample = jaxdiff.Sample(id="0", prompt=PROMPTS[0], seed=0, mode="inpaint", init_image=init, mask=mask,
+                            guidance=guidance)
     ours = _images(pipe.render_samples([sample], noise=_nhwc(noise)))
     _assert_close(ours, ref)
 
