@@ -48,16 +48,16 @@ def main(argv=None) -> dict:
     engine.render_samples(samples)
     engine_ips = args.n / (time.perf_counter() - t)
 
-    work = tempfile.mkdtemp(prefix="jaxdiff-bench-pipeline-")
-    manifest = os.path.join(work, "prompts.jsonl")
-    with open(manifest, "w") as f:
-        for s in samples:
-            f.write(json.dumps({"id": s.id, "prompt": s.prompt, "seed": s.seed}) + "\n")
-    out = args.out or os.path.join(work, "out")
-    t = time.perf_counter()
-    summary = job.run([manifest], out, config, renderer_factory=factory, progress=False, fresh=True,
-                      shared_handle=handle)
-    pipeline_ips = summary.processed_now / (time.perf_counter() - t)
+    with tempfile.TemporaryDirectory(prefix="jaxdiff-bench-pipeline-") as work:
+        manifest = os.path.join(work, "prompts.jsonl")
+        with open(manifest, "w") as f:
+            for s in samples:
+                f.write(json.dumps({"id": s.id, "prompt": s.prompt, "seed": s.seed}) + "\n")
+        out = args.out or os.path.join(work, "out")
+        t = time.perf_counter()
+        summary = job.run([manifest], out, config, renderer_factory=factory, progress=False, fresh=True,
+                          shared_handle=handle)
+        pipeline_ips = summary.processed_now / (time.perf_counter() - t)
     result = {"n": args.n, "batch_size": args.batch_size, "steps": args.steps,
               "engine_images_per_s": round(engine_ips, 3), "pipeline_images_per_s": round(pipeline_ips, 3),
               "ratio": round(pipeline_ips / engine_ips, 3), "complete": summary.complete}

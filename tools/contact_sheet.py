@@ -4,7 +4,7 @@
         --prompts examples/prompts.jsonl --out docs/example.png  # render, then lay out
     python -m tools.contact_sheet --rendered RENDER_DIR --out sheet.png   # lay out finished shards
 
-A rendered folder holds `NNNNN.tar` shards of `<id>.png` (or .jpg) + `<id>.json` with a
+A rendered folder holds `shard-NNNNN.tar` shards of `<id>.png` (or .jpg) + `<id>.json` with a
 "prompt" field, as `jaxdiff render` writes them.
 """
 

@@ -29,6 +29,7 @@ def main() -> None:
     args = parser.parse_args()
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="jaxdiff-million-")
+    os.makedirs(workdir, exist_ok=True)
     manifest_path = os.path.join(workdir, "prompts.jsonl")
     with open(manifest_path, "w") as f:
         for i in range(args.records):
@@ -37,7 +38,8 @@ def main() -> None:
     config = job.RenderConfig(dry_run=True, width=8, height=8, shard_size=args.shard_size,
                               batch_size=args.batch_size, steps=1)
     start = time.time()
-    summary = job.run([manifest_path], os.path.join(workdir, "out"), config, progress=False)
+    # fresh: a --workdir used before is measured again, not resumed
+    summary = job.run([manifest_path], os.path.join(workdir, "out"), config, progress=False, fresh=True)
     seconds = time.time() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(summary.text())

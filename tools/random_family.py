@@ -53,8 +53,9 @@ def random_family(arch: str, dtype, seed: int = 0):
     from jaxdiff.weights.family import ModelFamily
 
     text_cfg, unet_cfg, vae_cfg, scheduler, low_res = ARCHITECTURES[arch]
-    tok_dir = tempfile.mkdtemp(prefix="jaxdiff-tokenizer-")
-    write_char_tokenizer(tok_dir)
+    with tempfile.TemporaryDirectory(prefix="jaxdiff-tokenizer-") as tok_dir:  # read whole when loaded
+        write_char_tokenizer(tok_dir)
+        tokenizer = load_tokenizer(tok_dir)
     rngs = nnx.Rngs(seed)
     dtype = jnp.dtype(dtype)
     configs = (CLIPTextConfig.from_dict(text_cfg), UNetConfig.from_dict(unet_cfg), VAEConfig.from_dict(vae_cfg))
@@ -64,7 +65,7 @@ def random_family(arch: str, dtype, seed: int = 0):
         unet=UNet2DConditionModel(configs[1], dtype=dtype, rngs=rngs),
         vae=AutoencoderKL(configs[2], dtype=dtype, rngs=rngs),
         text_encoder=CLIPTextModel(configs[0], dtype=dtype, rngs=rngs),
-        tokenizer=load_tokenizer(tok_dir), unet_config=configs[1], vae_config=configs[2],
+        tokenizer=tokenizer, unet_config=configs[1], vae_config=configs[2],
         text_encoder_config=configs[0], scheduler_config=dict(scheduler),
         low_res_scheduler_config=None if low_res is None else dict(low_res),
         max_noise_level=350 if low_res is not None else None,

@@ -143,8 +143,12 @@ def _devices(target: str, chips: int) -> tuple[list, str | None]:
         if platform == "cuda":
             with open(os.path.join(TARGETS_DIR, where)) as f:
                 # One device: the GPU plugin's deviceless topologies are single-host.
-                topology = topologies.get_topology_desc(platform="cuda", target_config=f.read(),
-                                                        topology="1x1x1")
+                try:
+                    topology = topologies.get_topology_desc(platform="cuda", target_config=f.read(),
+                                                            topology="1x1x1")
+                except NotImplementedError as e:  # jax without its CUDA plugin
+                    raise SystemExit(f"--target {target} needs jax's CUDA plugin, GPU or not: "
+                                     f"pip install 'jax[cuda12]' ({e})") from e
         else:
             topology = topologies.get_topology_desc(topology_name=where, platform="tpu")
         devices, backend = topology.devices, {"cuda": "gpu", "tpu": "tpu"}[platform]
