@@ -228,3 +228,18 @@ def test_bad_input_is_refused_with_the_fix():
         sw.example(0, 0, "test")
     with pytest.raises(ValueError, match="one group name per score"):
         sw.summarize([{}], [])
+
+
+def test_an_evaluation_report_names_the_weights_it_scored():
+    import argparse
+
+    def scored(**given):
+        args = dict(ground_truth=False, stage="full", model=None, upscaler=None) | given
+        return evaluate.scored_weights(argparse.Namespace(**args))
+
+    assert scored() == {"model": "default", "upscaler": "default-x4"}
+    assert scored(model="/m") == {"model": "/m", "upscaler": None}  # a folder renders its base stage only
+    assert scored(model="/m", upscaler="/x4") == {"model": "/m", "upscaler": "/x4"}
+    assert scored(stage="upscaler", upscaler="/x4") == {"model": None, "upscaler": "/x4"}
+    assert scored(stage="vae", upscaler="/x4") == {"model": "default", "upscaler": None}
+    assert scored(ground_truth=True) == {"model": None, "upscaler": None}

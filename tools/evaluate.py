@@ -157,6 +157,19 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def scored_weights(args) -> dict:
+    """Which folders a report scores: the base model (none for the upscaler stage alone) and
+    the x4 upscaler where one renders; neither for the ground truth."""
+    if args.ground_truth:
+        return {"model": None, "upscaler": None}
+    if args.stage == "upscaler":
+        return {"model": None, "upscaler": args.upscaler or "default-x4"}
+    from jaxdiff.checkpoints import upscaler_for
+
+    upscaler = upscaler_for(args.model, args.upscaler) if args.stage == "full" else None
+    return {"model": args.model or "default", "upscaler": upscaler}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -204,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         render = model_renderer(args.model, args.batch_size, args.upscaler, **settings)
     started = time.perf_counter()
     report = evaluate(render, scenes, seeds)
-    report |= {"model": None if args.ground_truth else (args.model or "default"), "stage": args.stage,
+    report |= {**scored_weights(args), "stage": args.stage,
                "ground_truth": args.ground_truth, "n": args.n, "seed": args.seed,
                "split": args.split, "settings": {k: v for k, v in settings.items() if v is not None},
                "seconds": round(time.perf_counter() - started, 2)}
