@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import os
@@ -185,26 +186,54 @@ def _shape_key(sample: Sample) -> tuple:
     return (sample.width, sample.height, sample.steps, sample.sampler, sample.mode, guidance_on(sample.guidance))
 
 
-class WriterThreads:
-    """The threads behind the renders: one writes each shard's files in order, a pool
-    compresses images. Pillow lets go of the GIL while it compresses, so the pool runs on
-    every core: one thread alone (60 ms a 512 px PNG) would hold an accelerator back."""
+# Records read ahead of the renders, in batches: their init images and masks load (a gs://
+# read takes tens of ms) while the accelerator renders the batch before them.
+READ_AHEAD_BATCHES = 2
+READER_THREADS = 8
 
-    def __init__(self, encoders: int | None = None):
+
+class ShardThreads:
+    """The threads behind the renders: a pool reads records' input images ahead, one thread
+    writes each shard's files in order, a pool compresses images. Pillow lets go of the GIL
+    while it decodes and compresses, and reads wait on storage, so none of this holds an
+    accelerator back (one encoder alone, 60 ms a 512 px PNG, would)."""
+
+    def __init__(self, encoders: int | None = None, readers: int = READER_THREADS):
+        self.readers = concurrent.futures.ThreadPoolExecutor(readers, thread_name_prefix="record-reader")
         self.writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         self.encoders = concurrent.futures.ThreadPoolExecutor(encoders or cores or 1, thread_name_prefix="image-encoder")
 
     def shutdown(self) -> None:
+        self.readers.shutdown(cancel_futures=True)
         self.writer.shutdown()
         self.encoders.shutdown()
+
+
+def _read_ahead(records: Iterable, prepare: Callable, pool: concurrent.futures.Executor,
+                depth: int) -> Iterator[tuple]:
+    """(record, prepare(record)) in the records' order, with up to `depth` records prepared
+    ahead on `pool`. prepare's exceptions are raised here, at their record."""
+    window: collections.deque = collections.deque()
+    try:
+        for record in records:
+            window.append((record, pool.submit(prepare, record)))
+            if len(window) >= depth:
+                first, future = window.popleft()
+                yield first, future.result()
+        while window:
+            first, future = window.popleft()
+            yield first, future.result()
+    finally:
+        for _, future in window:  # the shard stopped early: reads not yet begun are dropped
+            future.cancel()
 
 
 class _Writes:
     """Shard writes in order on the writer thread, at most `depth` batches behind the
     renders; each batch's images are compressed meanwhile on the encoder pool."""
 
-    def __init__(self, threads: WriterThreads, depth: int = 2):
+    def __init__(self, threads: ShardThreads, depth: int = 2):
         self._threads, self._depth = threads, depth
         self._futures: collections.deque = collections.deque()
 
@@ -313,7 +342,7 @@ def _duplicate_failure(raw, sample_id: str, first: tuple) -> dict:
 
 def render_shard(spec, out: str, renderer, defaults, *, model_info: dict, image_format: str = "png",
                  quality: int | None = None, keep_base: bool = False, retry_failures: bool = False,
-                 threads: WriterThreads | None = None,
+                 threads: ShardThreads | None = None,
                  duplicates: Mapping[str, tuple] | None = None) -> dict:
     """Renders one shard and commits it; returns its stats. Raises on a whole-shard error.
 
@@ -328,7 +357,7 @@ def render_shard(spec, out: str, renderer, defaults, *, model_info: dict, image_
     writer = shards.ShardWriter(out, spec.name, image_format=image_format, quality=quality, keep_base=keep_base,
                                 model=model_info)
     own_threads = threads is None
-    threads = threads or WriterThreads()
+    threads = threads or ShardThreads()
     writes = _Writes(threads)
     try:
         rendered_ids: set[str] = set()
@@ -350,28 +379,29 @@ def render_shard(spec, out: str, renderer, defaults, *, model_info: dict, image_
             writes.submit(_write_batch, writer, batch, results, encoded)
 
         seen_lines = set()
-        for raw in manifest.read_shard(spec):
-            if retry_lines is not None and raw.line not in retry_lines:
-                continue
-            seen_lines.add(raw.line)
-            position = raw.index - spec.first_record
-            result = manifest.to_samples(raw, defaults)
-            if isinstance(result, manifest.Failure):
-                writes.submit(writer.add_failure, result.to_json())
-                continue
-            for j, sample in enumerate(result):
-                first = (duplicates or {}).get(sample.id)
-                if first is not None and tuple(first[:2]) != (spec.index, raw.index):
-                    writes.submit(writer.add_failure, _duplicate_failure(raw, sample.id, first))
+        wanted = (raw for raw in manifest.read_shard(spec) if retry_lines is None or raw.line in retry_lines)
+        depth = max(READ_AHEAD_BATCHES * renderer.batch_size, READER_THREADS)
+        reads = _read_ahead(wanted, lambda raw: manifest.to_samples(raw, defaults), threads.readers, depth)
+        with contextlib.closing(reads) as prepared:  # a shard that fails stops its reads
+            for raw, result in prepared:
+                seen_lines.add(raw.line)
+                position = raw.index - spec.first_record
+                if isinstance(result, manifest.Failure):
+                    writes.submit(writer.add_failure, result.to_json())
                     continue
-                if sample.id in rendered_ids:
-                    continue
-                key = f"{spec.index:05d}_{position:06d}" + (f"_{j}" if j else "")
-                bucket = buckets.setdefault(_shape_key(sample), [])
-                bucket.append((key, raw, sample))
-                if len(bucket) == renderer.batch_size:
-                    render(bucket)
-                    buckets[_shape_key(sample)] = []
+                for j, sample in enumerate(result):
+                    first = (duplicates or {}).get(sample.id)
+                    if first is not None and tuple(first[:2]) != (spec.index, raw.index):
+                        writes.submit(writer.add_failure, _duplicate_failure(raw, sample.id, first))
+                        continue
+                    if sample.id in rendered_ids:
+                        continue
+                    key = f"{spec.index:05d}_{position:06d}" + (f"_{j}" if j else "")
+                    bucket = buckets.setdefault(_shape_key(sample), [])
+                    bucket.append((key, raw, sample))
+                    if len(bucket) == renderer.batch_size:
+                        render(bucket)
+                        buckets[_shape_key(sample)] = []
         for bucket in buckets.values():
             if bucket:
                 render(bucket)
@@ -419,7 +449,7 @@ class RenderShardFn(beam.DoFn):
     def setup(self):
         self._renderer = self._shared.acquire(self._factory)
         self._model_info = self._renderer.describe()
-        self._threads = WriterThreads()
+        self._threads = ShardThreads()
 
     def process(self, spec, duplicates=None):
         stats = render_shard(spec, self._out, self._renderer, self._defaults, model_info=self._model_info,

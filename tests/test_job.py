@@ -460,7 +460,7 @@ def test_shards_are_the_same_whatever_the_number_of_encoder_threads(tmp_path):
     outputs = []
     for encoders in (1, 4):
         out = str(tmp_path / f"out{encoders}")
-        threads = job.WriterThreads(encoders)
+        threads = job.ShardThreads(encoders)
         try:
             job.render_shard(spec, out, _UnevenRenderer(4), defaults, model_info={}, keep_base=True,
                              threads=threads)
@@ -487,7 +487,7 @@ def test_shards_are_the_same_whatever_the_number_of_encoder_threads(tmp_path):
 def test_a_failed_write_is_raised_after_every_write_has_finished():
     # A shard that fails is aborted (its temporary tar removed) right after the drain:
     # a later write still running then would write into the aborted shard, or the next.
-    threads = job.WriterThreads(2)
+    threads = job.ShardThreads(2)
     writes = job._Writes(threads, depth=10)
     finished = []
 
@@ -536,3 +536,55 @@ def test_guidance_on_and_off_fill_batches_of_their_own(tmp_path):
                              model_info={})
     assert stats["rendered"] == len(guidance)
     assert renderer.batches == [["g0", "g2"], ["g1", "g3"], ["g4"], ["g5"]]
+
+
+@pytest.mark.pipeline
+def test_the_next_batchs_input_images_load_while_a_batch_renders(tmp_path, monkeypatch):
+    # Init images load on reader threads ahead of the renders: a gs:// read takes tens of ms,
+    # and 16 of them one after another would leave an accelerator idle between batches.
+    import threading
+
+    from pipelines import manifest
+
+    Image.fromarray(np.full((16, 16, 3), 90, np.uint8)).save(tmp_path / "init.png")
+    records = [{"id": f"r{i}", "prompt": "p", "mode": "img2img", "init_image": str(tmp_path / "init.png")}
+               for i in range(8)] + [{"id": "bad", "prompt": "p", "mode": "img2img", "init_image": "missing.png"}]
+    manifest_path = tmp_path / "m.jsonl"
+    manifest_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    loaded, reader_threads = threading.Condition(), set()
+    count = [0]
+    real_load = manifest.load_image
+
+    def counting_load(uri, **kw):
+        image = real_load(uri, **kw)
+        with loaded:
+            count[0] += 1
+            reader_threads.add(threading.current_thread().name)
+            loaded.notify_all()
+        return image
+
+    monkeypatch.setattr(manifest, "load_image", counting_load)
+
+    class WaitingRenderer(_RecordingRenderer):
+        def render_samples(self, samples):
+            if not self.batches:  # the first batch waits for the second's images, loaded meanwhile
+                with loaded:
+                    assert loaded.wait_for(lambda: count[0] >= 4, timeout=10), "no image loaded ahead"
+            return super().render_samples(samples)
+
+    renderer = WaitingRenderer(2)
+    stats = job.render_shard(manifest.plan_shards([str(manifest_path)], 100)[0], str(tmp_path / "out"), renderer,
+                             job.manifest_defaults(_config()), model_info={})
+    assert (stats["rendered"], stats["failed"]) == (8, 1)
+    assert renderer.batches == [[f"r{i}", f"r{i + 1}"] for i in range(0, 8, 2)]  # in manifest order
+    assert reader_threads and all(name.startswith("record-reader") for name in reader_threads)
+    (failure,) = shards.read_failures(str(tmp_path / "out"), "shard-00000")
+    assert failure["id"] == "bad" and "does not exist" in failure["reason"]
+
+
+@pytest.mark.pipeline
+def test_image_read_benchmark_runs():
+    from tools import bench_image_reads
+
+    result = bench_image_reads.main(["--n", "6", "--batch-size", "4", "--batch-seconds", "0"])
+    assert result["rendered"] == 6 and result["floor_seconds"] == 0 and result["seconds"] > 0
