@@ -583,8 +583,9 @@ def test_the_next_batchs_input_images_load_while_a_batch_renders(tmp_path, monke
 
 
 @pytest.mark.pipeline
-def test_image_read_benchmark_runs():
+def test_image_read_benchmark_runs(gcs_emulator):
     from tools import bench_image_reads
 
     result = bench_image_reads.main(["--n", "6", "--batch-size", "4", "--batch-seconds", "0"])
     assert result["rendered"] == 6 and result["floor_seconds"] == 0 and result["seconds"] > 0
+    assert os.environ["STORAGE_EMULATOR_HOST"] == gcs_emulator  # the tests' own emulator is back

@@ -46,14 +46,20 @@ def main(argv=None) -> dict:
     port = _free_port()
     server = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--port", str(port),
                                "--in-memory", "--default-bucket", "images", "--quiet"])
+    previous = {name: os.environ.get(name) for name in ("STORAGE_EMULATOR_HOST", "NO_GCE_CHECK")}
     os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
-    os.environ.setdefault("NO_GCE_CHECK", "true")  # no metadata server to probe
+    os.environ["NO_GCE_CHECK"] = "true"  # no metadata server to probe
     try:
         _wait_for(port)
         return _run(args)
     finally:
         server.terminate()
         server.wait()
+        for name, value in previous.items():  # a caller's own emulator, if any, comes back
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _wait_for(port: int, timeout_s: float = 30.0) -> None:
