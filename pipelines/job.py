@@ -17,6 +17,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import platform
 import sys
@@ -187,9 +188,11 @@ def _shape_key(sample: Sample) -> tuple:
 
 
 # Records read ahead of the renders, in batches: their init images and masks load (a gs://
-# read takes tens of ms) while the accelerator renders the batch before them.
+# read takes tens of ms) while the accelerator renders the batch before them. Fewer once
+# the decoded images read ahead pass READ_AHEAD_BYTES (an 8192 px image is 192 MiB).
 READ_AHEAD_BATCHES = 2
-READER_THREADS = 8
+READ_AHEAD_BYTES = 256 << 20
+READER_THREADS = 4  # each holds an image mid-decode; four already hide 40 ms reads (docs/performance.md)
 
 
 class ShardThreads:
@@ -210,15 +213,23 @@ class ShardThreads:
         self.encoders.shutdown()
 
 
-def _read_ahead(records: Iterable, prepare: Callable, pool: concurrent.futures.Executor,
-                depth: int) -> Iterator[tuple]:
+def _read_ahead(records: Iterable, prepare: Callable, pool: concurrent.futures.Executor, depth: int,
+                max_bytes: float = math.inf, size: Callable = lambda result: 0) -> Iterator[tuple]:
     """(record, prepare(record)) in the records' order, with up to `depth` records prepared
-    ahead on `pool`. prepare's exceptions are raised here, at their record."""
+    ahead on `pool`, and no more once the prepared ones hold over `max_bytes` (by `size`).
+    prepare's exceptions are raised here, at their record."""
     window: collections.deque = collections.deque()
+
+    def full() -> bool:
+        if len(window) >= depth:
+            return True
+        ready = (future.result() for _, future in window if future.done() and not future.exception())
+        return sum(map(size, ready)) > max_bytes
+
     try:
         for record in records:
             window.append((record, pool.submit(prepare, record)))
-            if len(window) >= depth:
+            while window and full():
                 first, future = window.popleft()
                 yield first, future.result()
         while window:
@@ -381,7 +392,8 @@ def render_shard(spec, out: str, renderer, defaults, *, model_info: dict, image_
         seen_lines = set()
         wanted = (raw for raw in manifest.read_shard(spec) if retry_lines is None or raw.line in retry_lines)
         depth = max(READ_AHEAD_BATCHES * renderer.batch_size, READER_THREADS)
-        reads = _read_ahead(wanted, lambda raw: manifest.to_samples(raw, defaults), threads.readers, depth)
+        reads = _read_ahead(wanted, lambda raw: manifest.to_samples(raw, defaults), threads.readers, depth,
+                            READ_AHEAD_BYTES, _input_bytes)
         with contextlib.closing(reads) as prepared:  # a shard that fails stops its reads
             for raw, result in prepared:
                 seen_lines.add(raw.line)
@@ -420,6 +432,14 @@ def render_shard(spec, out: str, renderer, defaults, *, model_info: dict, image_
     finally:
         if own_threads:
             threads.shutdown()
+
+
+def _input_bytes(result) -> int:
+    """The decoded input images a prepared record holds (its variants share them)."""
+    if isinstance(result, manifest.Failure):
+        return 0
+    arrays = {id(a): a for sample in result for a in (sample.init_image, sample.mask) if a is not None}
+    return sum(a.nbytes for a in arrays.values())
 
 
 def _has_image(result) -> bool:
@@ -488,7 +508,11 @@ def check_existing_run(out: str, fingerprint: str, config: RenderConfig) -> dict
     problems = []
     if existing.get("manifest", {}).get("fingerprint") != fingerprint:
         problems.append("from a different manifest (its fingerprint changed)")
-    diffs = _differences(existing.get("config", {}), config.identity())
+    recorded = dict(existing.get("config", {}))
+    if "quality" not in recorded and recorded.get("image_format") in shards.FORMATS:
+        # Recorded before --quality existed: jpg and webp were written at the default quality.
+        recorded["quality"] = shards.save_options(recorded["image_format"]).get("quality")
+    diffs = _differences(recorded, config.identity())
     if diffs:
         problems.append("with different settings (" + "; ".join(diffs) + ")")
     if problems:
@@ -668,6 +692,8 @@ def run(manifests: list[str], out: str, config: RenderConfig, *, beam_args: Iter
     Raises manifest.ManifestError, RunConflict or JobError for whole-run problems.
     """
     started = time.time()
+    if storage.is_gcs(str(out)) and not str(out)[len(storage.GCS_PREFIX):].partition("/")[0]:
+        raise ValueError(f"--out {out} names no bucket: give gs://BUCKET or gs://BUCKET/PREFIX")
     out = str(out).rstrip("/") if storage.is_gcs(str(out)) else str(out)
     config = with_model_defaults(config)
     defaults = manifest_defaults(config)  # bad settings fail here, before run.json is written

@@ -122,6 +122,15 @@ def test_quality_sets_the_compression_and_is_part_of_the_run(tmp_path, capsys):
     # Resuming with another quality would mix two compressions in one output.
     code, err = render("jpg-20", "--format", "jpg", "--quality", "30")
     assert code == cli.EXIT_ERROR and "quality: 20 -> 30" in err
+    # A run recorded before --quality existed wrote jpg at 95: it resumes as such.
+    run_file = tmp_path / "jpg-default" / "run.json"
+    run = json.loads(run_file.read_text())
+    del run["config"]["quality"]
+    run_file.write_text(json.dumps(run))
+    code, err = render("jpg-default", "--format", "jpg")
+    assert code == cli.EXIT_OK and "1 already complete" in err
+    code, err = render("jpg-default", "--format", "jpg", "--quality", "90")
+    assert code == cli.EXIT_ERROR and "quality: 95 -> 90" in err
 
 
 @pytest.mark.faults
@@ -172,6 +181,17 @@ def test_empty_and_out_of_range_options_are_refused(tmp_path, capsys, monkeypatc
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.jsonl", "tmpdir"]  # nothing written
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("out", ["gs://", "gs:///renders"])
+def test_a_gcs_output_without_a_bucket_is_refused(tmp_path, capsys, monkeypatch, out):
+    monkeypatch.chdir(tmp_path)  # "gs://" joined as a local path would make a folder "gs:" here
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"prompt": "a blue square"}) + "\n")
+    assert cli.main(["render", str(manifest), "--out", out, "--dry-run", "--no-progress"]) == cli.EXIT_ERROR
+    assert f"--out {out} names no bucket: give gs://BUCKET or gs://BUCKET/PREFIX" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.jsonl", "tmpdir"]
 
 
 @pytest.mark.pipeline

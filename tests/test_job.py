@@ -586,6 +586,34 @@ def test_the_next_batchs_input_images_load_while_a_batch_renders(tmp_path, monke
 def test_image_read_benchmark_runs(gcs_emulator):
     from tools import bench_image_reads
 
-    result = bench_image_reads.main(["--n", "6", "--batch-size", "4", "--batch-seconds", "0"])
+    read_bytes = storage.read_bytes
+    result = bench_image_reads.main(["--n", "6", "--batch-size", "4", "--batch-seconds", "0",
+                                     "--read-latency", "0.01"])
     assert result["rendered"] == 6 and result["floor_seconds"] == 0 and result["seconds"] > 0
-    assert os.environ["STORAGE_EMULATOR_HOST"] == gcs_emulator  # the tests' own emulator is back
+    # The tests' own emulator and reads are back.
+    assert os.environ["STORAGE_EMULATOR_HOST"] == gcs_emulator and storage.read_bytes is read_bytes
+
+
+def test_read_ahead_keeps_order_and_stops_at_its_depth_or_its_bytes():
+    import concurrent.futures
+
+    from jaxdiff.engine.sample import Sample
+
+    class Inline(concurrent.futures.Executor):  # each record prepared when submitted: counts are exact
+        def submit(self, fn, *args):
+            future = concurrent.futures.Future()
+            future.set_result(fn(*args))
+            return future
+
+    def run(**limits):
+        prepared, handed = [], []
+        for record, result in job._read_ahead(range(10), lambda r: prepared.append(r) or r, Inline(), **limits):
+            handed.append((record, result, len(prepared)))
+        assert [(r, res) for r, res, _ in handed] == [(r, r) for r in range(10)]
+        return max(n - r for r, _, n in handed)  # how far ahead of the record handed on
+
+    assert run(depth=5) == 5
+    assert run(depth=5, max_bytes=250, size=lambda r: 100) == 3  # 300 bytes held: no more read ahead
+    image, mask = np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), np.uint8)
+    variants = [Sample(id=f"v{i}", prompt="p", init_image=image, mask=mask) for i in range(3)]
+    assert job._input_bytes(variants) == 48 + 16  # shared by the variants: counted once

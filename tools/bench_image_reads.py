@@ -87,20 +87,22 @@ def _run(args) -> dict:
         lines.append(json.dumps({"id": f"r{i}", "prompt": "p", "mode": "img2img",
                                  "init_image": f"gs://images/init/{i}.png"}))
     storage.write_bytes("gs://images/m.jsonl", ("\n".join(lines) + "\n").encode())
-    if args.read_latency:
-        read_bytes = storage.read_bytes
+    read_bytes = storage.read_bytes
 
-        def remote_read(path):
-            if "/init/" in str(path):
-                time.sleep(args.read_latency)
-            return read_bytes(path)
+    def remote_read(path):
+        if "/init/" in str(path):
+            time.sleep(args.read_latency)
+        return read_bytes(path)
 
-        storage.read_bytes = remote_read
     config = job.RenderConfig(dry_run=True, width=64, height=64, batch_size=args.batch_size,
                               dry_run_delay_s=args.batch_seconds)
-    start = time.perf_counter()
-    summary = job.run(["gs://images/m.jsonl"], "gs://images/out", config, progress=False, fresh=True)
-    seconds = time.perf_counter() - start
+    storage.read_bytes = remote_read
+    try:
+        start = time.perf_counter()
+        summary = job.run(["gs://images/m.jsonl"], "gs://images/out", config, progress=False, fresh=True)
+        seconds = time.perf_counter() - start
+    finally:
+        storage.read_bytes = read_bytes
     floor = -(-args.n // args.batch_size) * args.batch_seconds
     result = {"n": args.n, "batch_size": args.batch_size, "batch_seconds": args.batch_seconds,
               "read_latency": args.read_latency, "rendered": summary.rendered, "seconds": round(seconds, 2),
