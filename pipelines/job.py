@@ -26,6 +26,7 @@ import time
 from typing import Callable, Iterable, Iterator, Mapping
 
 import apache_beam as beam
+import numpy as np
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.utils import shared
 
@@ -383,7 +384,7 @@ def render_shard(spec, out: str, renderer, defaults, *, model_info: dict, image_
         buckets: dict[tuple, list] = {}
 
         def render(batch: list) -> None:
-            results = renderer.render_samples([sample for _, _, sample in batch])
+            results = renderer.render_samples([item for *_, item in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"renderer returned {len(results)} results for {len(batch)} samples")
             encoded = [writes.encode(writer, result) if _has_image(result) else None for result in results]
@@ -392,7 +393,8 @@ def render_shard(spec, out: str, renderer, defaults, *, model_info: dict, image_
         seen_lines = set()
         wanted = (raw for raw in manifest.read_shard(spec) if retry_lines is None or raw.line in retry_lines)
         depth = max(READ_AHEAD_BATCHES * renderer.batch_size, READER_THREADS)
-        reads = _read_ahead(wanted, lambda raw: manifest.to_samples(raw, defaults), threads.readers, depth,
+        prepare = getattr(renderer, "prepare", None)  # the engine's: init images to render size
+        reads = _read_ahead(wanted, lambda raw: _prepare_record(raw, defaults, prepare), threads.readers, depth,
                             READ_AHEAD_BYTES, _input_bytes)
         with contextlib.closing(reads) as prepared:  # a shard that fails stops its reads
             for raw, result in prepared:
@@ -401,7 +403,7 @@ def render_shard(spec, out: str, renderer, defaults, *, model_info: dict, image_
                 if isinstance(result, manifest.Failure):
                     writes.submit(writer.add_failure, result.to_json())
                     continue
-                for j, sample in enumerate(result):
+                for j, (sample, item) in enumerate(result):
                     first = (duplicates or {}).get(sample.id)
                     if first is not None and tuple(first[:2]) != (spec.index, raw.index):
                         writes.submit(writer.add_failure, _duplicate_failure(raw, sample.id, first))
@@ -409,11 +411,11 @@ def render_shard(spec, out: str, renderer, defaults, *, model_info: dict, image_
                     if sample.id in rendered_ids:
                         continue
                     key = f"{spec.index:05d}_{position:06d}" + (f"_{j}" if j else "")
-                    bucket = buckets.setdefault(_shape_key(sample), [])
-                    bucket.append((key, raw, sample))
+                    bucket = buckets.setdefault(_batch_key(sample, item), [])
+                    bucket.append((key, raw, sample, item))
                     if len(bucket) == renderer.batch_size:
                         render(bucket)
-                        buckets[_shape_key(sample)] = []
+                        buckets[_batch_key(sample, item)] = []
         for bucket in buckets.values():
             if bucket:
                 render(bucket)
@@ -434,11 +436,40 @@ def render_shard(spec, out: str, renderer, defaults, *, model_info: dict, image_
             threads.shutdown()
 
 
+def _prepare_record(raw, defaults, prepare: Callable | None):
+    """A record's Failure, or its (sample, what the renderer takes) pairs: the renderer's
+    own preparation, where it has one, done here on a reader thread."""
+    result = manifest.to_samples(raw, defaults)
+    if isinstance(result, manifest.Failure):
+        return result
+    return [(sample, sample if prepare is None else _prepared(prepare, sample)) for sample in result]
+
+
+def _prepared(prepare: Callable, sample: Sample):
+    try:
+        return prepare(sample)
+    except ValueError:  # the engine's RenderError: rendering the sample itself reports it
+        return sample
+
+
+def _batch_key(sample: Sample, item) -> tuple:
+    """Which samples share a batch: the renderer's key for those it prepared (the compiled
+    program they share), else what fixes a program as far as the sample tells."""
+    return ("prepared", item.batch_key) if item is not sample else _shape_key(sample)
+
+
 def _input_bytes(result) -> int:
-    """The decoded input images a prepared record holds (its variants share them)."""
+    """The input images a prepared record holds, as read and as prepared (its variants
+    share the ones read)."""
     if isinstance(result, manifest.Failure):
         return 0
-    arrays = {id(a): a for sample in result for a in (sample.init_image, sample.mask) if a is not None}
+    arrays = {}
+    for pair in result:
+        for held in pair:  # a Sample's init_image and mask; a PreparedSample's image and mask
+            for name in ("init_image", "mask", "image"):
+                value = getattr(held, name, None)
+                if isinstance(value, np.ndarray):
+                    arrays[id(value)] = value
     return sum(a.nbytes for a in arrays.values())
 
 
@@ -447,7 +478,7 @@ def _has_image(result) -> bool:
 
 
 def _write_batch(writer: shards.ShardWriter, batch: list, results: list, encoded: list) -> None:
-    for (key, raw, sample), result, images in zip(batch, results, encoded):
+    for (key, raw, sample, _), result, images in zip(batch, results, encoded):
         if _has_image(result):
             writer.add(key, sample, result, images.result())
         else:

@@ -616,4 +616,4 @@ def test_read_ahead_keeps_order_and_stops_at_its_depth_or_its_bytes():
     assert run(depth=5, max_bytes=250, size=lambda r: 100) == 3  # 300 bytes held: no more read ahead
     image, mask = np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), np.uint8)
     variants = [Sample(id=f"v{i}", prompt="p", init_image=image, mask=mask) for i in range(3)]
-    assert job._input_bytes(variants) == 48 + 16  # shared by the variants: counted once
+    assert job._input_bytes([(v, v) for v in variants]) == 48 + 16  # shared by the variants: counted once

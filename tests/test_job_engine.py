@@ -105,3 +105,61 @@ def test_the_runs_weight_variant_reaches_the_loader(tmp_path):
     assert config.identity()["variant"] == "bf16"  # a resumed run must use the same weights
     with pytest.raises(CheckpointError, match=r"unet.diffusion_pytorch_model\.bf16\.safetensors"):
         job.RendererFactory(config)()
+
+
+@pytest.mark.pipeline
+def test_the_job_prepares_samples_on_reader_threads_and_batches_them_as_the_engine_does(tmp_path):
+    # The engine's prepare (settings resolved, init images resized to render size: ~50 ms
+    # for a 2048 px photo) runs on the job's reader threads while a batch renders; the job
+    # groups samples by the engine's own key, so each batch is one program: distilled LCM
+    # img2img samples whose strengths keep other grid points are not batched together.
+    import threading
+
+    import jaxdiff
+    import webdataset as wds
+    from pipelines import manifest
+
+    folder = make_sd_folder(str(tmp_path / "lcm"), scheduler="LCMScheduler", time_cond_proj_dim=8, seed=4)
+    pipe = jaxdiff.load_pipeline(folder, upscaler="none", batch_size=2)
+    init = tmp_path / "init.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 40, 3), np.uint8)).save(init)
+    mask = tmp_path / "mask.png"
+    Image.fromarray(np.full((48, 40), 255, np.uint8)).save(mask)
+    strengths = [0.5, 1.0, 0.5, 1.0]
+    records = [{"id": f"r{i}", "prompt": f"shape {i}", "mode": "img2img", "init_image": str(init), "strength": s}
+               for i, s in enumerate(strengths)] + [{"id": "t", "prompt": "plain"}]
+    # A sample the engine cannot prepare (no LCM inpainting on a distilled model) is its failure.
+    records.append({"id": "bad", "prompt": "x", "mode": "inpaint", "init_image": str(init), "mask": str(mask)})
+    manifest_path = tmp_path / "m.jsonl"
+    manifest_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    prepared_on, batches = {}, []
+    prepare, render_samples = pipe.prepare, pipe.render_samples
+
+    def recording_prepare(sample):
+        prepared_on.setdefault(sample.id, threading.current_thread().name)  # where first prepared
+        return prepare(sample)
+
+    def recording_render(items):
+        batches.append([(item.sample.id, item.batch_key) if isinstance(item, jaxdiff.engine.PreparedSample)
+                        else (item.id, None) for item in items])
+        return render_samples(items)
+
+    pipe.prepare, pipe.render_samples = recording_prepare, recording_render
+    defaults = job.manifest_defaults(job.RenderConfig(steps=4, sampler="lcm", guidance=8.0))
+    spec = manifest.plan_shards([str(manifest_path)], 100)[0]
+    stats = job.render_shard(spec, str(tmp_path / "out"), pipe, defaults, model_info={})
+    assert (stats["rendered"], stats["failed"]) == (5, 1)
+    assert sorted(prepared_on) == ["bad", "r0", "r1", "r2", "r3", "t"]
+    assert all(name.startswith("record-reader") for name in prepared_on.values())
+    assert sorted(sorted(sample_id for sample_id, _ in batch) for batch in batches) == [
+        ["bad"], ["r0", "r2"], ["r1", "r3"], ["t"]]
+    assert all(len({key for _, key in batch}) == 1 for batch in batches)  # one program each
+    # The images are what the engine renders from the same samples handed to it directly.
+    raws = list(manifest.read_shard(spec))
+    direct = render_samples([s for raw in raws[:5] for s in manifest.to_samples(raw, defaults)])
+    shard = {item["__key__"]: np.asarray(Image.open(io.BytesIO(item["png"])))
+             for item in wds.WebDataset(str(tmp_path / "out" / "shard-00000.tar"), shardshuffle=False)}
+    assert len(shard) == 5
+    for position, expected in enumerate(direct):
+        got = shard[f"00000_{position:06d}"].astype(int)
+        assert np.abs(got - expected.image.astype(int)).max() <= 1, expected.id

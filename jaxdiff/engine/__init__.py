@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from jaxdiff.engine.pipeline import Pipeline, RenderError, RenderSettings, enable_compilation_cache, settings_for
+from jaxdiff.engine.pipeline import (Pipeline, PreparedSample, RenderError, RenderSettings, enable_compilation_cache,
+                                     settings_for)
 from jaxdiff.engine.sample import Rendered, Sample
 
 
@@ -35,5 +36,5 @@ def load_pipeline(model: str | None = None, upscaler: str | None = None, *, dtyp
     return Pipeline(base, up, batch_size=batch_size, settings=settings_for(base, up, **settings), devices=devices)
 
 
-__all__ = ["Pipeline", "RenderError", "RenderSettings", "Rendered", "Sample", "load_pipeline",
+__all__ = ["Pipeline", "PreparedSample", "RenderError", "RenderSettings", "Rendered", "Sample", "load_pipeline",
            "enable_compilation_cache", "settings_for"]
