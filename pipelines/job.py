@@ -410,6 +410,9 @@ def render_shard(spec, out: str, renderer, defaults, *, model_info: dict, image_
                         continue
                     if sample.id in rendered_ids:
                         continue
+                    if isinstance(item, _Refused):
+                        writes.submit(writer.add_failure, _failure(raw, item.reason, "render", sample.id))
+                        continue
                     key = f"{spec.index:05d}_{position:06d}" + (f"_{j}" if j else "")
                     bucket = buckets.setdefault(_batch_key(sample, item), [])
                     bucket.append((key, raw, sample, item))
@@ -445,11 +448,17 @@ def _prepare_record(raw, defaults, prepare: Callable | None):
     return [(sample, sample if prepare is None else _prepared(prepare, sample)) for sample in result]
 
 
+@dataclasses.dataclass(frozen=True)
+class _Refused:
+    """A sample the renderer's prepare refused: its failure, written as it is read."""
+    reason: str
+
+
 def _prepared(prepare: Callable, sample: Sample):
     try:
         return prepare(sample)
-    except ValueError:  # the engine's RenderError: rendering the sample itself reports it
-        return sample
+    except ValueError as e:  # the engine's RenderError: a sample it cannot render as asked
+        return _Refused(str(e))
 
 
 def _batch_key(sample: Sample, item) -> tuple:

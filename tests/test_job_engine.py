@@ -152,7 +152,9 @@ def test_the_job_prepares_samples_on_reader_threads_and_batches_them_as_the_engi
     assert sorted(prepared_on) == ["bad", "r0", "r1", "r2", "r3", "t"]
     assert all(name.startswith("record-reader") for name in prepared_on.values())
     assert sorted(sorted(sample_id for sample_id, _ in batch) for batch in batches) == [
-        ["bad"], ["r0", "r2"], ["r1", "r3"], ["t"]]
+        ["r0", "r2"], ["r1", "r3"], ["t"]]
+    (failure,) = [json.loads(line) for line in open(tmp_path / "out" / "failures" / "shard-00000.jsonl")]
+    assert failure["id"] == "bad" and failure["stage"] == "render" and "not mode inpaint" in failure["reason"]
     assert all(len({key for _, key in batch}) == 1 for batch in batches)  # one program each
     # The images are what the engine renders from the same samples handed to it directly.
     raws = list(manifest.read_shard(spec))
