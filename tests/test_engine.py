@@ -692,3 +692,14 @@ def test_samples_sharing_read_only_inputs_share_their_prepared_images(pipe):
     c, d = (pipe.prepare(jaxdiff.Sample(id=i, prompt="p", mode="img2img", init_image=writeable)) for i in "cd")
     assert c.image is not d.image
     np.testing.assert_array_equal(c.image, a.image)
+
+
+@pytest.mark.faults
+def test_outpaint_pixels_may_be_any_sequence_and_a_single_number_is_refused(pipe):
+    photo = _rgb(4)
+    for pads in ([8, 0, 0, 0], (8, 0, 0, 0), np.array([8, 0, 0, 0])):  # an array raised numpy's ValueError
+        prepared = pipe.prepare(jaxdiff.Sample(id="o", prompt="p", mode="outpaint", init_image=photo, outpaint=pads))
+        assert (prepared.width, prepared.height) == (24, 16)
+    (refused,) = pipe.render_samples([jaxdiff.Sample(id="n", prompt="p", mode="outpaint", init_image=photo,
+                                                     outpaint=8)])
+    assert "needs `outpaint` pixels (left, top, right, bottom)" in refused.error

@@ -350,7 +350,7 @@ class Pipeline:
         (an outpaint canvas sets its own). Samples that share read-only input arrays (a
         manifest record's variants) get the same result, made once per thread: each thread
         keeps its last one, and a record's variants are prepared one after another."""
-        key = (s.mode, s.outpaint, prep.width, prep.height)
+        key = (s.mode, repr(s.outpaint), prep.width, prep.height)  # repr: any outpaint value compares
         # Only arrays nobody can change in place may be known by identity.
         cacheable = all(a is None or (isinstance(a, np.ndarray) and not a.flags.writeable)
                         for a in (s.init_image, s.mask))
@@ -364,7 +364,10 @@ class Pipeline:
             raise RenderError(str(e)) from None
         width, height = prep.width, prep.height
         if s.mode == "outpaint":
-            pads = tuple(s.outpaint or ())
+            try:
+                pads = () if s.outpaint is None else tuple(s.outpaint)  # a list, a tuple, an array
+            except TypeError:  # a single number
+                pads = ()
             if len(pads) != 4 or not all(isinstance(p, (int, np.integer)) and p >= 0 for p in pads) or not any(pads):
                 raise RenderError(f"mode outpaint needs `outpaint` pixels (left, top, right, bottom): whole "
                                   f"numbers >= 0, not all 0; got {s.outpaint!r}")
