@@ -393,9 +393,9 @@ def render_shard(spec, out: str, renderer, defaults, *, model_info: dict, image_
         seen_lines = set()
         wanted = (raw for raw in manifest.read_shard(spec) if retry_lines is None or raw.line in retry_lines)
         depth = max(READ_AHEAD_BATCHES * renderer.batch_size, READER_THREADS)
-        prepare = getattr(renderer, "prepare", None)  # the engine's: init images to render size
-        reads = _read_ahead(wanted, lambda raw: _prepare_record(raw, defaults, prepare), threads.readers, depth,
-                            READ_AHEAD_BYTES, _input_bytes)
+        prepare_all = getattr(renderer, "prepare_all", None)  # the engine's: init images to render size
+        reads = _read_ahead(wanted, lambda raw: _prepare_record(raw, defaults, prepare_all), threads.readers,
+                            depth, READ_AHEAD_BYTES, _input_bytes)
         with contextlib.closing(reads) as prepared:  # a shard that fails stops its reads
             for raw, result in prepared:
                 seen_lines.add(raw.line)
@@ -439,26 +439,24 @@ def render_shard(spec, out: str, renderer, defaults, *, model_info: dict, image_
             threads.shutdown()
 
 
-def _prepare_record(raw, defaults, prepare: Callable | None):
-    """A record's Failure, or its (sample, what the renderer takes) pairs: the renderer's
-    own preparation, where it has one, done here on a reader thread."""
-    result = manifest.to_samples(raw, defaults)
-    if isinstance(result, manifest.Failure):
-        return result
-    return [(sample, sample if prepare is None else _prepared(prepare, sample)) for sample in result]
-
-
 @dataclasses.dataclass(frozen=True)
 class _Refused:
     """A sample the renderer's prepare refused: its failure, written as it is read."""
     reason: str
 
 
-def _prepared(prepare: Callable, sample: Sample):
-    try:
-        return prepare(sample)
-    except ValueError as e:  # the engine's RenderError: a sample it cannot render as asked
-        return _Refused(str(e))
+def _prepare_record(raw, defaults, prepare_all: Callable | None):
+    """A record's Failure, or its (sample, what the renderer takes) pairs: the renderer's
+    own preparation, where it has one, done here on a reader thread (a record's variants
+    share their prepared images)."""
+    result = manifest.to_samples(raw, defaults)
+    if isinstance(result, manifest.Failure):
+        return result
+    if prepare_all is None:
+        return [(sample, sample) for sample in result]
+    # The engine's RenderError (a ValueError): a sample it cannot render as asked.
+    return [(sample, _Refused(str(item)) if isinstance(item, ValueError) else item)
+            for sample, item in zip(result, prepare_all(result))]
 
 
 def _batch_key(sample: Sample, item) -> tuple:

@@ -679,19 +679,20 @@ def test_outpaint_and_sketch_render(pipe):
     assert sk.metadata["strength"] == 0.8 and sk.error is None
 
 
-def test_samples_sharing_read_only_inputs_share_their_prepared_images(pipe):
-    # A manifest record's variants (num_images) share one read-only init image: prepared
-    # once, not once per variant (a 2048 px render holds 48 MiB of float32 per copy).
+def test_samples_given_one_photo_share_its_prepared_image(pipe):
+    # A manifest record's variants (num_images) share one init image: prepared once, not
+    # once per variant (a 2048 px render holds 48 MiB of float32 per copy).
     photo = _rgb(3)
-    photo.setflags(write=False)
-    a, b = (pipe.prepare(jaxdiff.Sample(id=i, prompt="p", mode="img2img", init_image=photo)) for i in "ab")
+    a, b, wide, bad = pipe.prepare_all([
+        jaxdiff.Sample(id="a", prompt="p", mode="img2img", init_image=photo),
+        jaxdiff.Sample(id="b", prompt="p", mode="img2img", init_image=photo),
+        jaxdiff.Sample(id="w", prompt="p", mode="img2img", init_image=photo, width=32),
+        jaxdiff.Sample(id="x", prompt="p", mode="img2img", init_image=photo, strength=2.0)])
     assert a.image is b.image and a.seed != b.seed and not a.image.flags.writeable
-    wide = pipe.prepare(jaxdiff.Sample(id="c", prompt="p", mode="img2img", init_image=photo, width=32))
-    assert wide.image.shape == (16, 32, 3)
-    writeable = _rgb(3)  # may change in place between calls: never known by identity
-    c, d = (pipe.prepare(jaxdiff.Sample(id=i, prompt="p", mode="img2img", init_image=writeable)) for i in "cd")
-    assert c.image is not d.image
-    np.testing.assert_array_equal(c.image, a.image)
+    assert wide.image.shape == (16, 32, 3) and isinstance(bad, jaxdiff.engine.RenderError)
+    alone = pipe.prepare(jaxdiff.Sample(id="c", prompt="p", mode="img2img", init_image=photo))
+    assert alone.image is not a.image  # nothing kept between calls
+    np.testing.assert_array_equal(alone.image, a.image)
 
 
 @pytest.mark.faults

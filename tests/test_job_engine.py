@@ -133,18 +133,19 @@ def test_the_job_prepares_samples_on_reader_threads_and_batches_them_as_the_engi
     manifest_path = tmp_path / "m.jsonl"
     manifest_path.write_text("".join(json.dumps(r) + "\n" for r in records))
     prepared_on, batches = {}, []
-    prepare, render_samples = pipe.prepare, pipe.render_samples
+    prepare_all, render_samples = pipe.prepare_all, pipe.render_samples
 
-    def recording_prepare(sample):
-        prepared_on.setdefault(sample.id, threading.current_thread().name)  # where first prepared
-        return prepare(sample)
+    def recording_prepare(samples):
+        for sample in samples:
+            prepared_on.setdefault(sample.id, threading.current_thread().name)  # where first prepared
+        return prepare_all(samples)
 
     def recording_render(items):
         batches.append([(item.sample.id, item.batch_key) if isinstance(item, jaxdiff.engine.PreparedSample)
                         else (item.id, None) for item in items])
         return render_samples(items)
 
-    pipe.prepare, pipe.render_samples = recording_prepare, recording_render
+    pipe.prepare_all, pipe.render_samples = recording_prepare, recording_render
     defaults = job.manifest_defaults(job.RenderConfig(steps=4, sampler="lcm", guidance=8.0))
     spec = manifest.plan_shards([str(manifest_path)], 100)[0]
     stats = job.render_shard(spec, str(tmp_path / "out"), pipe, defaults, model_info={})

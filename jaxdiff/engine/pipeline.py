@@ -170,7 +170,6 @@ class Pipeline:
         self._schedule = samplers.NoiseSchedule.from_config(base.scheduler_config)
         self._samplers: dict[tuple, samplers.Sampler] = {}
         self._samplers_lock = threading.Lock()  # prepare() runs on a job's reader threads
-        self._last_images = threading.local()  # see _images_at_render_size
         # LCM-distilled: the guidance scale is an input of the UNet (time_cond_proj_dim), no CFG.
         self._guidance_distilled = base.unet_config.time_cond_proj_dim is not None
         unet_cfg, vae_cfg = base.unet_config, base.vae_config
@@ -242,9 +241,10 @@ class Pipeline:
         results: list[Rendered | None] = [None] * len(samples)
         groups: dict[tuple, list[int]] = {}
         prepared: list[PreparedSample | None] = []
+        shared: dict = {}  # samples given one photo share its prepared image
         for i, sample in enumerate(samples):
             try:
-                prep = sample if isinstance(sample, PreparedSample) else self.prepare(sample)
+                prep = sample if isinstance(sample, PreparedSample) else self._prepare(sample, shared)
             except RenderError as err:
                 results[i] = Rendered(sample.id, None, {"prompt": sample.prompt}, error=str(err))
                 prepared.append(None)
@@ -276,11 +276,27 @@ class Pipeline:
         """`s` checked, its settings resolved and its images converted to render size:
         RenderError if it cannot render. Safe on any thread, so a job can prepare the next
         batch while this one renders (resizing a 2048 px init image takes ~50 ms)."""
-        prep = self._prepare(s)
+        return self._prepare(s, {})
+
+    def prepare_all(self, samples: Sequence[Sample]) -> list[PreparedSample | RenderError]:
+        """`prepare` for each sample, or the RenderError that refuses it. Samples given the
+        same input arrays at one size (a manifest record's variants) share one prepared
+        image and mask, made once."""
+        shared: dict = {}
+        out: list[PreparedSample | RenderError] = []
+        for s in samples:
+            try:
+                out.append(self._prepare(s, shared))
+            except RenderError as err:
+                out.append(err)
+        return out
+
+    def _prepare(self, s: Sample, shared: dict) -> PreparedSample:
+        prep = self._prepare_settings_and_images(s, shared)
         prep.cfg = guidance_on(prep.guidance) and not self._guidance_distilled
         return prep
 
-    def _prepare(self, s: Sample) -> PreparedSample:
+    def _prepare_settings_and_images(self, s: Sample, shared: dict) -> PreparedSample:
         st = self.settings
         if s.mode not in MODES:
             raise RenderError(f"unknown mode {s.mode!r}: use one of {', '.join(MODES)}")
@@ -321,7 +337,7 @@ class Pipeline:
                               f"not mode {s.mode} (diffusers has no LCM {s.mode} pipeline): pick another sampler")
         if s.init_image is None:
             raise RenderError(f"mode {s.mode} needs an init_image")
-        prep.image, prep.mask, prep.width, prep.height = self._images_at_render_size(s, prep)
+        prep.image, prep.mask, prep.width, prep.height = self._images_at_render_size(s, prep, shared)
         if s.mode in ("img2img", "sketch"):
             prep.strength = s.strength if s.strength is not None else (
                 st.sketch_strength if s.mode == "sketch" else st.strength)
@@ -345,18 +361,15 @@ class Pipeline:
                               f"(int(steps x strength) = 0): raise the strength or the steps")
         return prep
 
-    def _images_at_render_size(self, s: Sample, prep: PreparedSample) -> tuple:
+    def _images_at_render_size(self, s: Sample, prep: PreparedSample, shared: dict) -> tuple:
         """(image in [-1, 1], mask in {0, 1} or None, width, height) for `s` at `prep`'s size
-        (an outpaint canvas sets its own). Samples that share read-only input arrays (a
-        manifest record's variants) get the same result, made once per thread: each thread
-        keeps its last one, and a record's variants are prepared one after another."""
-        key = (s.mode, repr(s.outpaint), prep.width, prep.height)  # repr: any outpaint value compares
-        # Only arrays nobody can change in place may be known by identity.
-        cacheable = all(a is None or (isinstance(a, np.ndarray) and not a.flags.writeable)
-                        for a in (s.init_image, s.mask))
-        last = getattr(self._last_images, "value", None)
-        if cacheable and last is not None and last[0] is s.init_image and last[1] is s.mask and last[2] == key:
-            return last[3]
+        (an outpaint canvas sets its own). `shared` holds what earlier samples of the same
+        call got: a sample with the same input arrays (by identity: they cannot change within
+        the call) at the same size gets the same result."""
+        # The arrays themselves are kept with the result, so their ids stay theirs.
+        key = (id(s.init_image), id(s.mask), s.mode, repr(s.outpaint), prep.width, prep.height)
+        if key in shared:
+            return shared[key][1]
         try:
             image = imgs.rgb_array(s.init_image)
             mask = None if s.mask is None else imgs.mask_array(s.mask)
@@ -383,10 +396,9 @@ class Pipeline:
             mask = None  # img2img and sketch repaint everywhere
         for array in (image, mask):
             if array is not None:
-                array.setflags(write=False)  # shared by the samples that hit the cache
+                array.setflags(write=False)  # may be shared by several samples
         result = (image, mask, width, height)
-        if cacheable:
-            self._last_images.value = (s.init_image, s.mask, key, result)
+        shared[key] = ((s.init_image, s.mask), result)
         return result
 
     def _check_size(self, width: int, height: int) -> None:
