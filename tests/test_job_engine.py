@@ -136,8 +136,9 @@ def test_the_job_prepares_samples_on_reader_threads_and_batches_them_as_the_engi
     prepare_all, render_samples = pipe.prepare_all, pipe.render_samples
 
     def recording_prepare(samples):
-        for sample in samples:
-            prepared_on.setdefault(sample.id, threading.current_thread().name)  # where first prepared
+        for sample in samples:  # render_samples passes prepared ones through it too
+            if isinstance(sample, jaxdiff.Sample):
+                prepared_on.setdefault(sample.id, threading.current_thread().name)  # where first prepared
         return prepare_all(samples)
 
     def recording_render(items):

@@ -240,17 +240,12 @@ class Pipeline:
             raise RenderError("no base model is loaded: this pipeline only upscales (see `upscale`)")
         results: list[Rendered | None] = [None] * len(samples)
         groups: dict[tuple, list[int]] = {}
-        prepared: list[PreparedSample | None] = []
-        shared: dict = {}  # samples given one photo share its prepared image
-        for i, sample in enumerate(samples):
-            try:
-                prep = sample if isinstance(sample, PreparedSample) else self._prepare(sample, shared)
-            except RenderError as err:
-                results[i] = Rendered(sample.id, None, {"prompt": sample.prompt}, error=str(err))
-                prepared.append(None)
-                continue
-            prepared.append(prep)
-            groups.setdefault(prep.batch_key, []).append(i)
+        prepared = self.prepare_all(samples)
+        for i, (sample, prep) in enumerate(zip(samples, prepared)):
+            if isinstance(prep, RenderError):
+                results[i] = Rendered(sample.id, None, {"prompt": sample.prompt}, error=str(prep))
+            else:
+                groups.setdefault(prep.batch_key, []).append(i)
         if noise is not None:  # checked whole before anything renders
             noise = np.asarray(noise)
             if len(noise) != len(samples):
@@ -278,34 +273,30 @@ class Pipeline:
         batch while this one renders (resizing a 2048 px init image takes ~50 ms)."""
         return self._prepare(s, {})
 
-    def prepare_all(self, samples: Sequence[Sample]) -> list[PreparedSample | RenderError]:
-        """`prepare` for each sample, or the RenderError that refuses it. Samples given the
-        same input arrays at one size (a manifest record's variants) share one prepared
-        image and mask, made once."""
+    def prepare_all(self, samples: Sequence[Sample | PreparedSample]) -> list[PreparedSample | RenderError]:
+        """`prepare` for each sample (one already prepared as it is), or the RenderError
+        that refuses it. Samples given the same input arrays at one size (a manifest
+        record's variants) share one prepared image and mask, made once."""
         shared: dict = {}
         out: list[PreparedSample | RenderError] = []
         for s in samples:
             try:
-                out.append(self._prepare(s, shared))
+                out.append(s if isinstance(s, PreparedSample) else self._prepare(s, shared))
             except RenderError as err:
                 out.append(err)
         return out
 
     def _prepare(self, s: Sample, shared: dict) -> PreparedSample:
-        prep = self._prepare_settings_and_images(s, shared)
-        prep.cfg = guidance_on(prep.guidance) and not self._guidance_distilled
-        return prep
-
-    def _prepare_settings_and_images(self, s: Sample, shared: dict) -> PreparedSample:
         st = self.settings
         if s.mode not in MODES:
             raise RenderError(f"unknown mode {s.mode!r}: use one of {', '.join(MODES)}")
+        guidance = st.guidance if s.guidance is None else float(s.guidance)
         prep = PreparedSample(
             sample=s, width=s.width or st.width or self.native_size, height=s.height or st.height or self.native_size,
-            steps=s.steps or st.steps, sampler=s.sampler or st.sampler,
-            guidance=st.guidance if s.guidance is None else float(s.guidance),
+            steps=s.steps or st.steps, sampler=s.sampler or st.sampler, guidance=guidance,
             seed=derive_seed(st.seed, s.id) if s.seed is None else int(s.seed),
-            negative_prompt=s.negative_prompt or st.negative_prompt)
+            negative_prompt=s.negative_prompt or st.negative_prompt,
+            cfg=guidance_on(guidance) and not self._guidance_distilled)
         if not 0 <= prep.seed < 2**32:
             raise RenderError(f"seed {prep.seed} is out of range: use a whole number from 0 to 2**32 - 1")
         if prep.sampler not in samplers.SAMPLER_NAMES:
