@@ -123,6 +123,49 @@ def test_auto_can_pick_for_another_backend_when_compiling_ahead_of_time():
     assert attention._choose(q) == ("cudnn" if jax.default_backend() == "gpu" else "xla")
 
 
+def _shape(tokens, head_dim, dtype=jnp.bfloat16):
+    return jax.ShapeDtypeStruct((32, tokens, 8, head_dim), dtype)
+
+
+def test_gpu_text_attention_pads_the_head_dims_where_cudnn_ran_faster(monkeypatch):
+    """SD 1.5's text attention at head dims 40 and 160 goes to cuDNN zero-padded to 64 and
+    192 (160 only where cuDNN takes it: Hopper on); every other shape keeps its path."""
+    text = _shape(77, 40)
+    with attention.dispatch(backend="gpu"):
+        assert attention._choose(_shape(4096, 40), text) == "cudnn_pad64"
+        assert attention._choose(_shape(4096, 40), _shape(4096, 40)) == "cudnn"  # self attention
+        assert attention._choose(_shape(1024, 80), _shape(77, 80)) == "cudnn"
+        assert attention._choose(_shape(4096, 40), text, plain_only=True) == "cudnn"  # masked
+        assert attention._choose(_shape(4096, 40, jnp.float32), text) == "xla"
+        monkeypatch.setattr(attention, "_cudnn_max_head_dim", lambda: 128)  # before Hopper
+        assert attention._choose(_shape(256, 160), _shape(77, 160)) == "xla"
+        monkeypatch.setattr(attention, "_cudnn_max_head_dim", lambda: 256)
+        assert attention._choose(_shape(256, 160), _shape(77, 160)) == "cudnn_pad192"
+        assert attention._choose(_shape(256, 160), _shape(256, 160)) == "xla"  # self: XLA ran faster
+        assert attention._choose(_shape(64, 160), _shape(77, 160)) == "xla"  # the 8x8 mid block
+        with attention.dispatch(implementation="cudnn"):
+            assert attention._choose(_shape(4096, 40), text) == "cudnn"  # forced: as it is
+
+
+def test_the_padded_cudnn_path_computes_unpadded_attention(monkeypatch):
+    """The routing and the padding, with XLA's attention standing in for cuDNN (no GPU
+    here): the output is the unpadded head dim's, scaled by its own 1/sqrt(d)."""
+    seen = []
+
+    def fake_cudnn(q, k, v, **kwargs):
+        seen.append(q.shape[-1])
+        return jax.nn.dot_product_attention(q, k, v, implementation="xla", **kwargs)
+
+    monkeypatch.setattr(attention, "_cudnn", fake_cudnn)
+    monkeypatch.setattr(attention, "_PADDED_TEXT_MIN_QUERIES", 16)
+    q, k, v = _qkv(jnp.bfloat16, tq=20, tk=7, dim=40)
+    with attention.dispatch(backend="gpu"):
+        out = attention.dot_product_attention(q, k, v)
+    assert seen == [64] and out.shape == q.shape
+    ref = _reference(q, k, v, causal=False)
+    assert np.linalg.norm(np.asarray(out, np.float64) - ref) / np.linalg.norm(ref) < 1e-2  # bf16
+
+
 def test_dispatch_block_restores_the_previous_choice():
     q, _, _ = _qkv(jnp.bfloat16)
     attention.set_attention_implementation("xla")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 
 TEXT_TOKENS = 77
@@ -70,16 +69,11 @@ def attention_sites(arch: str, batch: int, size: int | None = None) -> list[dict
 
 
 def padded_head_dim(attend, head_dim: int, multiple: int = 64):
-    """`attend` run with the head dim zero-padded to a multiple of `multiple`: zeros added
-    to q and k leave q.k as it was, and v's added columns are cut off the output."""
-    import jax.numpy as jnp
+    """`attend` run with the head dim zero-padded to a multiple of `multiple`, as the
+    dispatch pads it (jaxdiff.models.attention.with_padded_head_dim)."""
+    from jaxdiff.models.attention import with_padded_head_dim
 
-    padded = -(-head_dim // multiple) * multiple
-
-    def call(q, k, v):
-        pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, padded - head_dim)))
-        return attend(pad(q), pad(k), pad(v), scale=1.0 / math.sqrt(head_dim))[..., :head_dim]
-    return call
+    return with_padded_head_dim(attend, -(-head_dim // multiple) * multiple)
 
 
 def mosaic_fa3(block_q: int, block_kv: int):
@@ -138,7 +132,7 @@ def time_site(site: dict, dtype, reps: int) -> dict:
     flops = 4.0 * b * h * site["q_tokens"] * site["kv_tokens"] * d  # q.k and p.v
     from jaxdiff.models import attention
 
-    result = dict(site, gflop=float(f"{flops / 1e9:.4g}"), dispatch=attention._choose(q), paths={})
+    result = dict(site, gflop=float(f"{flops / 1e9:.4g}"), dispatch=attention._choose(q, k), paths={})
     reference = None
     for name, path in _paths(d).items():
         configs = path if isinstance(path, dict) else {None: path}
