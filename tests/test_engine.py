@@ -704,3 +704,13 @@ def test_outpaint_pixels_may_be_any_sequence_and_a_single_number_is_refused(pipe
     (refused,) = pipe.render_samples([jaxdiff.Sample(id="n", prompt="p", mode="outpaint", init_image=photo,
                                                      outpaint=8)])
     assert "needs `outpaint` pixels (left, top, right, bottom)" in refused.error
+
+
+def test_gpu_programs_take_cublas_gemms_unless_the_user_says_otherwise(monkeypatch):
+    from jaxdiff.engine.programs import compiler_options
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_autotune_level=2")
+    assert compiler_options("gpu") == {"xla_gpu_enable_triton_gemm": False}
+    assert compiler_options("cpu") is None and compiler_options("tpu") is None
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=true")
+    assert compiler_options("gpu") is None  # the user's own setting wins

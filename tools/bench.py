@@ -69,13 +69,15 @@ def _jit_module(module, method=None):
     import jax
     from flax import nnx
 
+    from jaxdiff.engine.programs import compiler_options
+
     graphdef, state = nnx.split(module)
 
     def call(state, *args):
         m = nnx.merge(graphdef, state)
         return (getattr(m, method) if method else m)(*args)
 
-    return jax.jit(call), state
+    return jax.jit(call, compiler_options=compiler_options()), state
 
 
 def arch_family(arch: str, dtype):
@@ -149,9 +151,14 @@ def bench_arch(args) -> dict:
     from jaxdiff.engine import Pipeline, RenderSettings, Sample
     from jaxdiff.engine.pipeline import enable_compilation_cache
 
+    start = time.perf_counter()
+    # Progress on stderr as it goes: a run cut off by a time limit still says where it was.
+    progress = lambda msg: print(f"[{time.perf_counter() - start:6.1f} s] {msg}", file=sys.stderr, flush=True)
     enable_compilation_cache(args.cache_dir)
     dtype = jnp.dtype(args.dtype or ("bfloat16" if jax.default_backend() != "cpu" else "float32"))
+    progress(f"{jax.default_backend()} backend up; building {args.arch} with random weights")
     family = arch_family(args.arch, dtype)
+    progress("models built")
     upscale = family.kind == "upscale"
     result = {"system": "jaxdiff", "arch": args.arch, "device": jax.devices()[0].device_kind,
               "device_count": jax.device_count(), "jax": jax.__version__, "dtype": str(dtype),
@@ -176,9 +183,11 @@ def bench_arch(args) -> dict:
             samples = [Sample(id=str(i), prompt=f"prompt {i}", seed=i) for i in range(B)]
             work = lambda: pipe.render_samples(samples)
             latent_hw = (side // vae_factor(family),) * 2
+        progress(f"batch {B}: first call (compiles, or loads from the cache)")
         t = time.perf_counter()
         work()
         first = time.perf_counter() - t
+        progress(f"batch {B}: first call took {first:.1f} s; timing {args.reps} more")
         batch_s = _median_time(work, args.reps)
         entry = {"first_call_s": round(first, 2), "batch_s": round(batch_s, 4),
                  "images_per_s": round(B / batch_s, 3)}

@@ -173,13 +173,15 @@ def _compile_for(target: str, chips: int, lower) -> str:
     import numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+    from jaxdiff.engine.programs import compiler_options
     from jaxdiff.models import attention
 
     devices, backend = _devices(target, chips)
     mesh = Mesh(np.array(devices), ("data",))
     with attention.dispatch(backend=backend), jax.set_mesh(mesh):
         lowered = lower(NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data")))
-    return lowered.compile().as_text()
+    # The engine's XLA options for the target's backend (on GPU: cuBLAS GEMMs, not Triton).
+    return lowered.compile(compiler_options=compiler_options(backend or jax.default_backend())).as_text()
 
 
 def compile_step(arch: str, batch: int, target: str, size: int | None = None,
