@@ -1,12 +1,25 @@
 #!/usr/bin/env bash
-# One GPU benchmark pass, sized for a short lease: jaxdiff vs diffusers (eager and
-# torch.compile) on SD 1.5 at batch 16, the UNet's time by op category, the same bench
-# with cuBLAS GEMMs only (no Triton), the x4 upscaler, a second process to time a warm
-# compilation cache, batch 32, and the autotuned step's ops and bytes (tools/step_hlo.py);
-# right after the profile, each attention shape alone on each kernel (tools/attention_bench.py).
-# Writes JSON and the logs under $OUT (or ./bench-out).
+# GPU benchmark steps, sized for a short lease. Usage: bash tools/gpu_bench.sh [STEP ...]
+# (no step: sd15 warm x4 profile attention, at most 9 minutes on an H200, so one 10-minute
+# call of a 15-minute lease holds them with its start). On an H200 a process spent 26-46 s
+# outside its compile and timed calls (imports, random weights at full size): each limit
+# allows for that; the bench's progress lines say where a step that ran out was.
+#   sd15       jaxdiff vs diffusers eager and torch.compile, SD 1.5 at batch 16, with stages
+#   jaxdiff    sd15 without diffusers or stages: jaxdiff's img/s and cold compile alone
+#   warm       a second process on the same program: the warm compilation cache (after sd15
+#              or jaxdiff)
+#   x4         the x4 upscaler, 128 -> 512, 20 steps, CFG, batch 8, vs diffusers eager
+#   profile    the UNet's op time by category (tools/op_profile.py)
+#   attention  each attention shape alone on each kernel (tools/attention_bench.py)
+#   triton     sd15 with Triton GEMMs allowed (the engine asks XLA for cuBLAS ones)
+#   b32        sd15 at batch 32
+#   hlo        the autotuned step's ops and bytes (tools/step_hlo.py)
+# Writes JSON and the logs under a scratch folder and, after each step, packs them all into
+# $OUT/gpu_bench.tgz (or ./bench-out): a lease hands back few files, and a step cut off by
+# the lease must not lose the ones before it.
 set -u
-OUT=${OUT:-bench-out}; mkdir -p "$OUT"
+FINAL=${OUT:-bench-out}; OUT=$(mktemp -d); mkdir -p "$FINAL"
+pack() { tar czf "$FINAL/gpu_bench.tgz.tmp" -C "$OUT" . && mv "$FINAL/gpu_bench.tgz.tmp" "$FINAL/gpu_bench.tgz"; }
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD
@@ -16,20 +29,32 @@ fi
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 JAXDIFF_CACHE_DIR=/tmp/jaxdiff-xla
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
 python3 -c "import jax, flax, diffusers, transformers; print('jax', jax.__version__, 'flax', flax.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, jax.devices())"
-timeout 200 python3 -m tools.bench --arch sd15 --batch-sizes 16 --steps 25 --reps 2 --compare both \
-  --out "$OUT/bench_sd15.json" 2>&1 | grep -v -i warning | tee "$OUT/bench_sd15.log"
-timeout 90 python3 -m tools.op_profile --arch sd15 --size 512 --batch 16 --out "$OUT/profile_sd15.json" \
-  2>&1 | grep -v -i warning | tee "$OUT/profile_sd15.log"
-timeout 45 python3 -m tools.attention_bench --arch sd15 --batch 16 --out "$OUT/attention_sd15.json" \
-  2>&1 | grep -v -i warning | tee "$OUT/attention_sd15.log"
-# Offline, the GPU compiler's cuBLAS path fused more bias and residual adds into GEMMs.
-XLA_FLAGS=--xla_gpu_enable_triton_gemm=false timeout 65 python3 -m tools.bench --arch sd15 --batch-sizes 16 \
-  --steps 25 --reps 1 --no-stages --out "$OUT/bench_sd15_cublas.json" 2>&1 | grep -v -i warning | tee "$OUT/bench_cublas.log"
-timeout 60 python3 -m tools.bench --arch x4-upscaler --size 128 --batch-sizes 8 --steps 20 --guidance 9 --reps 2 \
-  --no-stages --compare diffusers --out "$OUT/bench_x4.json" 2>&1 | grep -v -i warning | tee "$OUT/bench_x4.log"
-timeout 30 python3 -m tools.bench --arch sd15 --batch-sizes 16 --steps 25 --reps 1 --no-stages \
-  --out "$OUT/bench_sd15_warm_cache.json" 2>&1 | grep -v -i warning | tee "$OUT/bench_warm.log"
-timeout 50 python3 -m tools.bench --arch sd15 --batch-sizes 32 --steps 25 --reps 1 --no-stages \
-  --out "$OUT/bench_sd15_b32.json" 2>&1 | grep -v -i warning | tee "$OUT/bench_b32.log"
-timeout 35 python3 -m tools.step_hlo --arch sd15 --batch 16 --target local --out "$OUT/step_hlo_sd15.json" \
-  --hlo-out "$OUT/sd15_step_hlo.txt" 2>&1 | grep -v -i warning | tee "$OUT/step_hlo_sd15.log"
+
+# step NAME SECONDS COMMAND...: run it under a time limit, its output (warnings dropped) in NAME.log.
+step() {
+  local name=$1 limit=$2; shift 2
+  echo "== $name (limit ${limit} s)"
+  timeout "$limit" "$@" 2>&1 | grep --line-buffered -v -i warning | tee "$OUT/$name.log"
+  pack
+}
+sd15=(python3 -m tools.bench --arch sd15 --batch-sizes 16 --steps 25)
+run_step() {
+  case $1 in
+    sd15) step sd15 200 "${sd15[@]}" --reps 2 --compare both --out "$OUT/bench_sd15.json" ;;
+    jaxdiff) step jaxdiff 120 "${sd15[@]}" --reps 2 --no-stages --out "$OUT/bench_sd15_jaxdiff.json" ;;
+    warm) step warm 60 "${sd15[@]}" --reps 1 --no-stages --out "$OUT/bench_sd15_warm_cache.json" ;;
+    x4) step x4 120 python3 -m tools.bench --arch x4-upscaler --size 128 --batch-sizes 8 --steps 20 --guidance 9 \
+          --reps 2 --no-stages --compare diffusers --out "$OUT/bench_x4.json" ;;
+    profile) step profile 90 python3 -m tools.op_profile --arch sd15 --size 512 --batch 16 --out "$OUT/profile_sd15.json" ;;
+    attention) step attention 45 python3 -m tools.attention_bench --arch sd15 --batch 16 --out "$OUT/attention_sd15.json" ;;
+    triton) XLA_FLAGS=--xla_gpu_enable_triton_gemm=true step triton 90 "${sd15[@]}" --reps 1 --no-stages \
+              --out "$OUT/bench_sd15_triton.json" ;;
+    b32) step b32 100 python3 -m tools.bench --arch sd15 --batch-sizes 32 --steps 25 --reps 1 --no-stages \
+           --out "$OUT/bench_sd15_b32.json" ;;
+    hlo) step hlo 60 python3 -m tools.step_hlo --arch sd15 --batch 16 --target local --out "$OUT/step_hlo_sd15.json" \
+           --hlo-out "$OUT/sd15_step_hlo.txt" ;;
+    *) echo "unknown step: $1" >&2; exit 2 ;;
+  esac
+}
+steps=("$@"); [ ${#steps[@]} -gt 0 ] || steps=(sd15 warm x4 profile attention)
+for s in "${steps[@]}"; do run_step "$s"; done
