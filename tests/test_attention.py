@@ -133,6 +133,8 @@ def test_gpu_text_attention_pads_the_head_dims_where_cudnn_ran_faster(monkeypatc
     text = _shape(77, 40)
     with attention.dispatch(backend="gpu"):
         assert attention._choose(_shape(4096, 40), text) == "cudnn_pad64"
+        assert attention._choose(_shape(4096, 40), _shape(128, 40)) == "cudnn_pad64"
+        assert attention._choose(_shape(4096, 40), _shape(129, 40)) == "cudnn"
         assert attention._choose(_shape(4096, 40), _shape(4096, 40)) == "cudnn"  # self attention
         assert attention._choose(_shape(1024, 80), _shape(77, 80)) == "cudnn"
         assert attention._choose(_shape(4096, 40), text, plain_only=True) == "cudnn"  # masked
@@ -145,6 +147,33 @@ def test_gpu_text_attention_pads_the_head_dims_where_cudnn_ran_faster(monkeypatc
         assert attention._choose(_shape(64, 160), _shape(77, 160)) == "xla"  # the 8x8 mid block
         with attention.dispatch(implementation="cudnn"):
             assert attention._choose(_shape(4096, 40), text) == "cudnn"  # forced: as it is
+
+
+class _FakeGPU:
+    def __init__(self, compute_capability):
+        self.compute_capability = compute_capability
+
+
+@pytest.mark.parametrize("capability, max_head_dim", [
+    ("8.0", 128), ("8.9", 128), ("9.0", 256), ("10.0", 256),
+    ("gfx942", 128),  # a ROCm GPU names its architecture: no cuDNN there
+    (None, 128),      # no GPU in this process: compiling for one ahead of time
+])
+def test_cudnn_head_dim_limit_follows_the_held_gpu(monkeypatch, capability, max_head_dim):
+    def devices(backend=None):
+        if capability is None:
+            raise RuntimeError("Unknown backend: 'gpu' requested, but no platforms are instances of gpu")
+        return [_FakeGPU(capability)]
+
+    monkeypatch.setattr(jax, "devices", devices)
+    attention._cuda_capability.cache_clear()
+    try:
+        assert attention._cudnn_max_head_dim() == max_head_dim
+        monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # as if the process held it
+        expected = "xla" if capability in ("gfx942", None) else "cudnn"
+        assert attention._choose(_shape(4096, 40), _shape(4096, 40)) == expected
+    finally:
+        attention._cuda_capability.cache_clear()
 
 
 def test_the_padded_cudnn_path_computes_unpadded_attention(monkeypatch):

@@ -33,8 +33,9 @@ MAX_SCORES = 2 ** 30
 # Text attention (77 keys) on cuDNN, timed on an H200 at SD 1.5's shapes, batch 16
 # (tools/attention_bench.py): head dim 40 took 0.60 ms a call as it is and 0.48 zero-padded
 # to 64; head dim 160 took 0.48 on XLA, 0.38 on cuDNN as it is and 0.24 padded to 192.
-# Head dim 80 ran faster as it is (0.19 against 0.33 padded to 128), and so did self
-# attention at every head dim. With 64 queries (the 8x8 mid block) XLA was faster still.
+# Head dim 80 ran faster as it is (0.19 against 0.33 padded to 128). With 64 queries (the
+# 8x8 mid block) XLA was faster still. Self attention ran fastest on cuDNN as it is at head
+# dims 40 and 80, and on XLA at 160 (0.28 against 0.35 on cuDNN, 0.31 padded).
 _CUDNN_PADDED_TEXT_HEAD_DIM = {40: 64, 160: 192}
 _PADDED_TEXT_MAX_KEYS = 128
 _PADDED_TEXT_MIN_QUERIES = 256
@@ -70,14 +71,21 @@ def dispatch(implementation: str | None = None, backend: str | None = None):
 
 
 @functools.cache
+def _cuda_capability() -> tuple[int, ...] | None:
+    """The compute capability of this process's first CUDA GPU; None where it holds none
+    (a ROCm GPU names its architecture instead, "gfx942"; ahead-of-time compiles hold no
+    GPU at all)."""
+    try:
+        return tuple(int(x) for x in jax.devices("gpu")[0].compute_capability.split("."))
+    except (RuntimeError, AttributeError, ValueError):
+        return None
+
+
 def _cudnn_max_head_dim() -> int:
     """jax lets cuDNN take head dims up to 256 from compute capability 9.0 (Hopper) on, 128
-    before; without a GPU in this process (compiling for one ahead of time), 128."""
-    try:
-        capability = jax.devices("gpu")[0].compute_capability
-    except (RuntimeError, AttributeError):
-        return 128
-    return 256 if tuple(int(x) for x in capability.split(".")) >= (9, 0) else 128
+    before, and without a GPU in this process (compiling for one ahead of time)."""
+    capability = _cuda_capability()
+    return 256 if capability is not None and capability >= (9, 0) else 128
 
 
 def _choose(q: jax.Array, k: jax.Array | None = None, *, plain_only: bool = False) -> str:
@@ -93,10 +101,11 @@ def _choose(q: jax.Array, k: jax.Array | None = None, *, plain_only: bool = Fals
         return choice
     backend = _target_backend or jax.default_backend()
     if backend == "gpu":
-        # cuDNN flash attention ran ~6x faster than the XLA path on H200; it needs
-        # half precision and head dims that are multiples of 8 up to 128.
+        # cuDNN flash attention ran ~6x faster than the XLA path on H200; it needs CUDA,
+        # half precision, and head dims that are multiples of 8 up to cuDNN's limit.
         head_dim = q.shape[-1]
-        if q.dtype not in (jnp.bfloat16, jnp.float16):
+        held_gpu_is_not_cuda = _target_backend is None and _cuda_capability() is None
+        if q.dtype not in (jnp.bfloat16, jnp.float16) or held_gpu_is_not_cuda:
             return "xla"
         padded = _CUDNN_PADDED_TEXT_HEAD_DIM.get(head_dim)
         if (padded and not plain_only and k is not None and k.shape[1] <= _PADDED_TEXT_MAX_KEYS
