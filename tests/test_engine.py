@@ -707,10 +707,17 @@ def test_outpaint_pixels_may_be_any_sequence_and_a_single_number_is_refused(pipe
 
 
 def test_gpu_programs_take_cublas_gemms_unless_the_user_says_otherwise(monkeypatch):
-    from jaxdiff.engine.programs import compiler_options
+    from jaxdiff.engine import programs
 
-    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_autotune_level=2")
-    assert compiler_options("gpu") == {"xla_gpu_enable_triton_gemm": False}
-    assert compiler_options("cpu") is None and compiler_options("tpu") is None
-    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=true")
-    assert compiler_options("gpu") is None  # the user's own setting wins
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_autotune_level=2 --xla_gpu_enable_triton_gemm_int4=false")
+    assert programs.compiler_options("gpu") == {"xla_gpu_enable_triton_gemm": False}
+    assert programs.compiler_options("cpu") is None and programs.compiler_options("tpu") is None
+    for own in ("--xla_gpu_enable_triton_gemm=true", "--xla_gpu_enable_triton_gemm"):
+        monkeypatch.setenv("XLA_FLAGS", f"--xla_gpu_autotune_level=2 {own}")
+        assert programs.compiler_options("gpu") is None  # the user's own setting wins
+    # Every program is jitted with the options of the backend it runs on.
+    jitted = []
+    monkeypatch.setattr(programs, "compiler_options", lambda backend=None: {"xla_gpu_enable_triton_gemm": False})
+    monkeypatch.setattr(programs.jax, "jit", lambda f, **kwargs: jitted.append(kwargs) or f)
+    programs._jit(lambda: None)
+    assert jitted == [{"compiler_options": {"xla_gpu_enable_triton_gemm": False}}]

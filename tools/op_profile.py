@@ -148,9 +148,10 @@ def main(argv=None) -> dict:
         p.error("--batch and --reps must be at least 1")
     # XLA on GPU runs stretches of ops as one CUDA graph (a command buffer), one event in
     # the trace: with them off, each op is an event of its own. Read when the backend starts.
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_gpu_enable_command_buffer" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_gpu_enable_command_buffer=".strip()
+    from jaxdiff.engine.programs import xla_flag_given
+
+    if not xla_flag_given("xla_gpu_enable_command_buffer"):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_gpu_enable_command_buffer=".strip()
     result = profile_unet(args.arch, args.batch, args.size, args.dtype, args.reps)
     print(f"{result['arch']} {result['size']}px, UNet batch {result['unet_batch']}, {result['dtype']}, "
           f"{result['device']}: forward {result['forward_wall_s'] * 1e3:.2f} ms wall, "

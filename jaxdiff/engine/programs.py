@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Callable
 
 import jax
@@ -29,13 +30,21 @@ def compiler_options(backend: str | None = None) -> dict | None:
     """XLA options for jaxdiff's programs on `backend` (None: the default one).
 
     On GPU, GEMMs go to cuBLAS without Triton's autotuning. With Triton allowed, the
-    autotuner picked cuBLAS for every one of the SD 1.5 step's 148 GEMMs on an H200 anyway
-    (tools/step_hlo.py --target local), after timing Triton tilings for each: the program
-    at batch 16 compiled in 15.7 s against 32.3 s and ran 9.40 img/s against 9.30 (one run
-    each). A setting of the flag in the user's own XLA_FLAGS wins."""
-    if (backend or jax.default_backend()) != "gpu" or "xla_gpu_enable_triton_gemm" in os.environ.get("XLA_FLAGS", ""):
+    autotuner had picked cuBLAS for the SD 1.5 step's GEMMs on an H200 anyway (148 cuBLAS
+    calls, tools/step_hlo.py --target local), after timing Triton tilings for each, and
+    kept the fusions made for Triton; without it, XLA folds bias and residual adds into
+    cuBLAS's epilogue (memory-bound ops 7.9 -> 6.3 ms a step). The program at batch 16 had
+    its first call (compile and one batch) in 15.7 s against 32.3 s, and ran 9.40 img/s
+    (one timed batch) against 9.30 (median of two). A setting of the flag in the user's own
+    XLA_FLAGS wins."""
+    if (backend or jax.default_backend()) != "gpu" or xla_flag_given("xla_gpu_enable_triton_gemm"):
         return None
     return {"xla_gpu_enable_triton_gemm": False}
+
+
+def xla_flag_given(name: str) -> bool:
+    """Whether XLA_FLAGS sets `name` itself (not a longer flag that starts with it)."""
+    return re.search(rf"--{name}(=|\s|$)", os.environ.get("XLA_FLAGS", "")) is not None
 
 
 def _jit(program: Callable) -> Callable:
