@@ -384,3 +384,37 @@ def test_a_failed_child_keeps_what_it_measured_and_says_why(tmp_path):
 def test_comparisons_run_the_same_sampler_only():
     with pytest.raises(SystemExit):
         bench.main(["--arch", "tiny", "--sampler", "euler", "--compare", "diffusers"])
+
+
+def test_gpu_bench_script_runs_the_named_steps_and_packs_every_log(tmp_path):
+    """tools/gpu_bench.sh with stand-ins for python3 and nvidia-smi: each step's log and
+    exit status land in one tgz, the triton step alone gets Triton GEMMs back, and an
+    unknown step is refused before anything runs."""
+    import subprocess
+    import tarfile
+
+    script = os.path.join(bench.ROOT, "tools", "gpu_bench.sh")
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "python3").write_text('#!/bin/sh\necho "ran XLA_FLAGS=${XLA_FLAGS:-} $*"\n'
+                                   'case "$*" in *op_profile*) exit 3;; esac\n')
+    (stubs / "nvidia-smi").write_text("#!/bin/sh\necho stand-in GPU\n")
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "OUT": str(tmp_path / "out")}
+    env.pop("XLA_FLAGS", None)
+
+    refused = subprocess.run(["bash", script, "jaxdiff", "bogus"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True)
+    assert refused.returncode == 2 and "unknown step: bogus" in refused.stderr
+    assert "ran" not in refused.stdout and not (tmp_path / "out").exists()
+
+    done = subprocess.run(["bash", script, "jaxdiff", "triton", "profile"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    with tarfile.open(tmp_path / "out" / "gpu_bench.tgz") as tgz:
+        logs = {os.path.basename(m.name): tgz.extractfile(m).read().decode() for m in tgz.getmembers() if m.isfile()}
+    assert set(logs) == {"jaxdiff.log", "triton.log", "profile.log"}
+    assert "XLA_FLAGS=--xla_gpu_enable_triton_gemm=true" in logs["triton.log"]
+    assert "ran XLA_FLAGS= -m tools.bench --arch sd15" in logs["jaxdiff.log"]
+    assert logs["jaxdiff.log"].endswith("exit status 0\n") and logs["profile.log"].endswith("exit status 3\n")
