@@ -381,6 +381,12 @@ def test_a_failed_child_keeps_what_it_measured_and_says_why(tmp_path):
     assert bench._child_json([sys.executable, "-c", "print('no result')"])["error"]
 
 
+def test_the_jaxdiff_child_streams_its_stderr_and_names_its_failure(tmp_path, capsys):
+    result = bench._jaxdiff_in_child(["--arch", "no-such-arch", "--batch-sizes", "1"], str(tmp_path / "out.json"))
+    assert result["batches"] == {} and result["error"].startswith("exit status 1: ")
+    assert "no-such-arch" in result["error"] and "no-such-arch" in capsys.readouterr().err
+
+
 def test_comparisons_run_the_same_sampler_only():
     with pytest.raises(SystemExit):
         bench.main(["--arch", "tiny", "--sampler", "euler", "--compare", "diffusers"])

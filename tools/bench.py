@@ -17,6 +17,7 @@ the accelerator's memory while another runs. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import statistics
@@ -235,15 +236,20 @@ def compare_diffusers(args, compiled: bool, dtype: str | None) -> dict:
 
 def _jaxdiff_in_child(argv: list[str], out_path: str) -> dict:
     """bench_arch in a process of its own: XLA keeps the accelerator memory it took until
-    its process ends, and diffusers runs next."""
+    its process ends, and diffusers runs next. Its stderr (progress, errors) passes through
+    as it comes, so a run cut off by a time limit still shows where it was."""
     cmd = [sys.executable, "-m", "tools.bench", *argv, "--compare", "none", "--out", out_path]
-    out = subprocess.run(cmd, stderr=subprocess.PIPE, text=True, cwd=ROOT, check=False)
+    child = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    tail = collections.deque(maxlen=100)
+    for line in child.stderr:
+        sys.stderr.write(line)
+        tail.append(line)
+    child.wait()
     try:
         with open(out_path) as f:
             return json.load(f)["jaxdiff"]
     except (OSError, ValueError, KeyError):
-        sys.stderr.write(out.stderr[-4000:])
-        return {"error": f"exit status {out.returncode}: {out.stderr[-2000:]}", "batches": {}}
+        return {"error": f"exit status {child.returncode}: {''.join(tail)[-2000:]}", "batches": {}}
 
 
 def main(argv=None) -> dict:
