@@ -68,16 +68,12 @@ def attention_sites(arch: str, batch: int, size: int | None = None) -> list[dict
     return sites
 
 
-def padded_head_dim(attend, head_dim: int, multiple: int = 64):
-    """`attend` run with the head dim zero-padded to a multiple of `multiple`, as the
-    dispatch pads it (jaxdiff.models.attention.with_padded_head_dim)."""
-    from jaxdiff.models.attention import with_padded_head_dim
-
-    return with_padded_head_dim(attend, -(-head_dim // multiple) * multiple)
+def _round_up_64(head_dim: int) -> int:
+    return -(-head_dim // 64) * 64
 
 
 def mosaic_fa3(block_q: int, block_kv: int):
-    """jax's FlashAttention-3 style Hopper kernel as an `attend` for padded_head_dim. It
+    """jax's FlashAttention-3 style Hopper kernel as an `attend` for with_padded_head_dim. It
     takes a head dim that is a multiple of 64, kv tokens a multiple of block_kv, q tokens
     a multiple of 2 x block_q, and applies no softmax scale itself: q comes pre-scaled. Its
     shared-memory buffers are float16 whatever the input (bf16 fails to trace), so it runs
@@ -99,11 +95,15 @@ def _paths(head_dim: int) -> dict:
 
     import jax
 
+    from jaxdiff.models.attention import CUDNN_PADDED_TEXT_HEAD_DIM, with_padded_head_dim
+
     paths = {name: functools.partial(jax.nn.dot_product_attention, implementation=name)
              for name in ("xla", "cudnn")}
-    if head_dim % 64:
-        paths[f"cudnn_pad{-(-head_dim // 64) * 64}"] = padded_head_dim(paths["cudnn"], head_dim)
-    paths["mosaic_fa3"] = {f"block_q {bq} block_kv {bkv}": padded_head_dim(mosaic_fa3(bq, bkv), head_dim)
+    # Padded to a multiple of 64, and to whatever the dispatch pads this head dim to: each
+    # path the dispatch can name is timed.
+    for padded in sorted({_round_up_64(head_dim), CUDNN_PADDED_TEXT_HEAD_DIM.get(head_dim, head_dim)} - {head_dim}):
+        paths[f"cudnn_pad{padded}"] = with_padded_head_dim(paths["cudnn"], padded)
+    paths["mosaic_fa3"] = {f"block_q {bq} block_kv {bkv}": with_padded_head_dim(mosaic_fa3(bq, bkv), _round_up_64(head_dim))
                            for bq, bkv in FA3_BLOCKS}
     return paths
 
@@ -205,7 +205,7 @@ def main(argv=None) -> dict:
         shape = f"{s['batch']}x{s['q_tokens']}x{s['kv_tokens']} h{s['heads']} d{s['head_dim']}"
         cells = [f"{n} {r['ms']:.3f} ({r['tflop_s']:.4g})" + (f" [{r['config']}]" if "config" in r else "")
                  if "ms" in r else f"{n} -" for n, r in s["paths"].items()]
-        print(f"{s['site']:<22}{shape:<28}x{s['calls']:<3}{s['dispatch']:<7}" + "  ".join(cells), flush=True)
+        print(f"{s['site']:<22}{shape:<28}x{s['calls']:<3}{s['dispatch']:<13}" + "  ".join(cells), flush=True)
     totals = result["unet_step_ms"]
     print(f"UNet attention per step: {totals['dispatch']} ms on the paths the dispatch picks, "
           f"{totals['best']} ms on the fastest path of each site")

@@ -32,11 +32,13 @@ MAX_SCORES = 2 ** 30
 
 # Text attention (77 keys) on cuDNN, timed on an H200 at SD 1.5's shapes, batch 16
 # (tools/attention_bench.py): head dim 40 took 0.60 ms a call as it is and 0.48 zero-padded
-# to 64; head dim 160 took 0.48 on XLA, 0.38 on cuDNN as it is and 0.24 padded to 192.
+# to 64; head dim 160 took 0.48 on XLA, 0.38 on cuDNN as it is and 0.23 padded to 192.
 # Head dim 80 ran faster as it is (0.19 against 0.33 padded to 128). With 64 queries (the
 # 8x8 mid block) XLA was faster still. Self attention ran fastest on cuDNN as it is at head
-# dims 40 and 80, and on XLA at 160 (0.28 against 0.35 on cuDNN, 0.31 padded).
-_CUDNN_PADDED_TEXT_HEAD_DIM = {40: 64, 160: 192}
+# dims 40 and 80, and on XLA at 160 (0.28 against 0.35 on cuDNN, 0.31 padded). Only 77
+# keys, and 64 or at least 256 queries, were timed: the two limits below are cut-offs
+# placed between those points.
+CUDNN_PADDED_TEXT_HEAD_DIM = {40: 64, 160: 192}
 _PADDED_TEXT_MAX_KEYS = 128
 _PADDED_TEXT_MIN_QUERIES = 256
 
@@ -101,13 +103,14 @@ def _choose(q: jax.Array, k: jax.Array | None = None, *, plain_only: bool = Fals
         return choice
     backend = _target_backend or jax.default_backend()
     if backend == "gpu":
-        # cuDNN flash attention ran ~6x faster than the XLA path on H200; it needs CUDA,
-        # half precision, and head dims that are multiples of 8 up to cuDNN's limit.
+        # cuDNN flash attention ran 2-5x faster than XLA's on an H200 at head dims 40 and
+        # 80; it needs CUDA and half precision. Unpadded, it takes head dims that are
+        # multiples of 8 up to 128 here: past that (160) XLA ran self attention faster.
         head_dim = q.shape[-1]
         held_gpu_is_not_cuda = _target_backend is None and _cuda_capability() is None
         if q.dtype not in (jnp.bfloat16, jnp.float16) or held_gpu_is_not_cuda:
             return "xla"
-        padded = _CUDNN_PADDED_TEXT_HEAD_DIM.get(head_dim)
+        padded = CUDNN_PADDED_TEXT_HEAD_DIM.get(head_dim)
         if (padded and not plain_only and k is not None and k.shape[1] <= _PADDED_TEXT_MAX_KEYS
                 and q.shape[1] >= _PADDED_TEXT_MIN_QUERIES and padded <= _cudnn_max_head_dim()):
             return f"cudnn_pad{padded}"
