@@ -28,6 +28,7 @@ def test_bench_reports_throughput_stages_and_ratio(tmp_path):
             other["unet_gflop_per_forward_b1"], rel=1e-3)
     jaxdiff, other = result["jaxdiff"], result["diffusers_eager"]
     assert jaxdiff["unet_params"] == other["unet_params"] == 52004
+    assert jaxdiff["xla_options"] is None and "xla_flags" in jaxdiff
     assert (jaxdiff["dtype"], jaxdiff["size"], jaxdiff["steps"]) == (other["dtype"], other["size"], other["steps"])
 
 
@@ -124,12 +125,12 @@ def test_attention_with_a_zero_padded_head_dim_is_unchanged():
     import jax
     import numpy as np
 
-    from tools.attention_bench import padded_head_dim
+    from jaxdiff.models.attention import with_padded_head_dim
 
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((2, 50, 3, 40)).astype(np.float32) for _ in range(3))
     plain = jax.nn.dot_product_attention(q, k, v, implementation="xla")
-    padded = padded_head_dim(lambda *a, **kw: jax.nn.dot_product_attention(*a, implementation="xla", **kw), 40)
+    padded = with_padded_head_dim(lambda *a, **kw: jax.nn.dot_product_attention(*a, implementation="xla", **kw), 64)
     np.testing.assert_allclose(np.asarray(padded(q, k, v)), np.asarray(plain), rtol=1e-5, atol=1e-6)
 
 
@@ -139,7 +140,8 @@ def test_mosaic_attention_gets_a_prescaled_q_and_a_padded_head_dim(monkeypatch):
     import numpy as np
     from jax.experimental.pallas.ops.gpu import attention_mgpu
 
-    from tools.attention_bench import mosaic_fa3, padded_head_dim
+    from jaxdiff.models.attention import with_padded_head_dim
+    from tools.attention_bench import mosaic_fa3
 
     # The kernel's contract, on XLA: f16, a head dim that is a multiple of 64, no softmax scale.
     def kernel(q, k, v, config):
@@ -150,7 +152,7 @@ def test_mosaic_attention_gets_a_prescaled_q_and_a_padded_head_dim(monkeypatch):
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((2, 128, 3, 40)).astype(np.float32) for _ in range(3))
     plain = jax.nn.dot_product_attention(q, k, v, implementation="xla")
-    out = padded_head_dim(mosaic_fa3(64, 128), 40)(q, k, v)
+    out = with_padded_head_dim(mosaic_fa3(64, 128), 64)(q, k, v)
     assert out.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(out), np.asarray(plain), rtol=1e-2, atol=5e-3)
 
@@ -269,6 +271,7 @@ def test_step_hlo_reports_one_step_on_the_local_backend(tmp_path):
 
     out = tmp_path / "report.json"
     result = step_hlo.main(["--arch", "tiny", "--batch", "1", "--target", "local", "--out", str(out)])
+    assert result["xla_options"] is None and "xla_flags" in result  # CPU: the engine asks nothing
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     categories = result["categories"]
     for category in ("convolution", "attention", "matmul", "reduction"):
@@ -381,6 +384,34 @@ def test_a_failed_child_keeps_what_it_measured_and_says_why(tmp_path):
     assert bench._child_json([sys.executable, "-c", "print('no result')"])["error"]
 
 
+def test_flop_count_sees_all_of_a_chunked_attention(monkeypatch):
+    """Past MAX_SCORES XLA's attention loops over chunks of queries, and a loop's body counts
+    once: the count lowers attention whole, so it is the same however it is chunked."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from configs.architectures import ARCHITECTURES
+    from jaxdiff.models import attention
+    from jaxdiff.models.unet import UNet2DConditionModel, UNetConfig
+    from tools.hlo_ops import program_flops
+
+    text_cfg, unet_cfg = ARCHITECTURES["tiny"][:2]
+    cfg = UNetConfig.from_dict(unet_cfg)
+    unet = nnx.eval_shape(lambda: UNet2DConditionModel(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0)))
+    side = cfg.sample_size or 8
+    args = (jax.ShapeDtypeStruct((2, side, side, cfg.in_channels), jnp.float32),
+            jax.ShapeDtypeStruct((2,), jnp.float32),
+            jax.ShapeDtypeStruct((2, 77, text_cfg["hidden_size"]), jnp.float32))
+    whole = bench._flops(unet, args)
+    monkeypatch.setattr(attention, "MAX_SCORES", 64)  # every attention call chunked
+    fresh, state = bench._jit_module(unet)
+    with attention.dispatch(implementation="xla"):
+        chunked = program_flops(fresh.lower(state, *args).as_text(dialect="hlo"))
+    assert chunked < whole  # what a plain lowering would count
+    assert bench._flops(unet, args) == whole and attention.MAX_SCORES == 64
+
+
 def test_the_jaxdiff_child_streams_its_stderr_and_names_its_failure(tmp_path, capsys):
     result = bench._jaxdiff_in_child(["--arch", "no-such-arch", "--batch-sizes", "1"], str(tmp_path / "out.json"))
     assert result["batches"] == {} and result["error"].startswith("exit status 1: ")
@@ -420,7 +451,23 @@ def test_gpu_bench_script_runs_the_named_steps_and_packs_every_log(tmp_path):
     assert done.returncode == 0, done.stderr
     with tarfile.open(tmp_path / "out" / "gpu_bench.tgz") as tgz:
         logs = {os.path.basename(m.name): tgz.extractfile(m).read().decode() for m in tgz.getmembers() if m.isfile()}
-    assert set(logs) == {"jaxdiff.log", "triton.log", "profile.log"}
+    assert set(logs) == {"preamble.log", "jaxdiff.log", "triton.log", "profile.log"}
+    assert "stand-in GPU" in logs["preamble.log"]
     assert "XLA_FLAGS=--xla_gpu_enable_triton_gemm=true" in logs["triton.log"]
     assert "ran XLA_FLAGS= -m tools.bench --arch sd15" in logs["jaxdiff.log"]
     assert logs["jaxdiff.log"].endswith("exit status 0\n") and logs["profile.log"].endswith("exit status 3\n")
+
+
+def test_gpu_bench_default_steps_fit_the_time_its_header_states():
+    """The default steps' limits and the preamble's add up to what the header says: one
+    10-minute call of a device lease."""
+    import re
+
+    text = open(os.path.join(bench.ROOT, "tools", "gpu_bench.sh")).read()
+    defaults = re.search(r"steps=\(sd15 warm x4 profile attention\)", text)
+    limits = dict(re.findall(r"^\s+(\w+)\) step \w+ (\d+) ", text, re.MULTILINE))
+    preamble = re.findall(r"^\{? *timeout (\d+) ", text, re.MULTILINE)
+    stated = int(re.search(r"add up to (\d+) s", text).group(1))
+    assert defaults and len(preamble) == 2
+    assert sum(int(limits[s]) for s in ("sd15", "warm", "x4", "profile", "attention")) + sum(map(int, preamble)) == stated
+    assert stated <= 590

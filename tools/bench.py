@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 # bf16 dense peak per chip, TFLOP/s, from the vendors' datasheets.
@@ -49,18 +51,34 @@ def _peak(device) -> float | None:
     return None
 
 
+@contextlib.contextmanager
+def countable_attention():
+    """Attention as XLA's plain dots, whole, while a function is lowered for counting its
+    FLOPs: a fused kernel's custom call has no dots to count, and past MAX_SCORES the XLA
+    path runs chunks of queries in a loop whose body tools.hlo_ops.program_flops counts
+    once (SD 1.5's 64x64 self attention at UNet batch 32 counted a quarter of its FLOPs)."""
+    from jaxdiff.models import attention
+
+    chunk_limit = attention.MAX_SCORES
+    attention.MAX_SCORES = float("inf")
+    try:
+        with attention.dispatch(implementation="xla"):
+            yield
+    finally:
+        attention.MAX_SCORES = chunk_limit
+
+
 def _flops(module, args) -> float | None:
     """A module call's FLOPs as torch's FlopCounterMode (and the diffusers baseline) counts
     them: two per multiply-add of its matmuls, convolutions and attention, read off a
-    lowering with XLA's attention (a fused kernel's custom call has no dots to count).
-    Not XLA's cost analysis: it skips convolutions' padded positions and adds elementwise
-    work (790.5 against 803.3 GFLOP for SD 1.5's UNet at batch 1)."""
-    from jaxdiff.models import attention
+    lowering (not compiled) under countable_attention. Not XLA's cost analysis: it skips
+    convolutions' padded positions and adds elementwise work (790.5 against 803.3 GFLOP for
+    SD 1.5's UNet at batch 1)."""
     from tools.hlo_ops import program_flops
 
     # A fresh jit (its trace cache does not see the dispatch), lowered and not compiled.
     fresh, state = _jit_module(module)
-    with attention.dispatch(implementation="xla"):
+    with countable_attention():
         text = fresh.lower(state, *args).as_text(dialect="hlo")
     return program_flops(text) or None
 
@@ -151,6 +169,7 @@ def bench_arch(args) -> dict:
 
     from jaxdiff.engine import Pipeline, RenderSettings, Sample
     from jaxdiff.engine.pipeline import enable_compilation_cache
+    from jaxdiff.engine.programs import compiler_options
 
     start = time.perf_counter()
     # Progress on stderr as it goes: a run cut off by a time limit still says where it was.
@@ -165,7 +184,9 @@ def bench_arch(args) -> dict:
               "device_count": jax.device_count(), "jax": jax.__version__, "dtype": str(dtype),
               "steps": args.steps, "sampler": args.sampler, "guidance": args.guidance,
               "unet_params": sum(x.size for x in jax.tree.leaves(nnx.state(family.unet, nnx.Param))),
-              "timing": f"median of {args.reps} after a warm-up call, images on the host", "batches": {}}
+              "timing": f"median of {args.reps} after a warm-up call, images on the host",
+              # What the programs were compiled with, so runs with other options tell apart.
+              "xla_options": compiler_options(), "xla_flags": os.environ.get("XLA_FLAGS", ""), "batches": {}}
     side = args.size or native_side(family)
     result["size"] = side
     for B in [int(b) for b in args.batch_sizes.split(",")]:
@@ -204,12 +225,33 @@ def bench_arch(args) -> dict:
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _run_child(cmd: list[str], capture_stdout: bool) -> tuple[int, str, str]:
+    """Runs a child process whose stderr passes through as it comes, so a run cut off by a
+    time limit still shows where it was: (exit status, its stdout if captured, else "",
+    the tail of its stderr). An uncaptured stdout passes through too."""
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE if capture_stdout else None,
+                             stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    tail = collections.deque(maxlen=100)
+
+    def relay_stderr():
+        for line in child.stderr:
+            sys.stderr.write(line)
+            tail.append(line)
+
+    relay = threading.Thread(target=relay_stderr, daemon=True)
+    relay.start()
+    stdout = child.stdout.read() if capture_stdout else ""
+    child.wait()
+    relay.join()
+    return child.returncode, stdout, "".join(tail)
+
+
 def _child_json(cmd: list[str]) -> dict:
     """The last JSON line a child process printed (the children print one after each
     batch), with an error (exit status, stderr's tail) where it failed."""
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
+    status, stdout, stderr = _run_child(cmd, capture_stdout=True)
     result = {}
-    for line in reversed(out.stdout.splitlines()):
+    for line in reversed(stdout.splitlines()):
         try:
             result = json.loads(line)
         except json.JSONDecodeError:
@@ -217,8 +259,8 @@ def _child_json(cmd: list[str]) -> dict:
         if isinstance(result, dict):
             break
         result = {}
-    if out.returncode != 0 or not result:
-        result["error"] = f"exit status {out.returncode}: {(out.stderr or out.stdout)[-2000:]}"
+    if status != 0 or not result:
+        result["error"] = f"exit status {status}: {(stderr or stdout)[-2000:]}"
     return result
 
 
@@ -236,20 +278,14 @@ def compare_diffusers(args, compiled: bool, dtype: str | None) -> dict:
 
 def _jaxdiff_in_child(argv: list[str], out_path: str) -> dict:
     """bench_arch in a process of its own: XLA keeps the accelerator memory it took until
-    its process ends, and diffusers runs next. Its stderr (progress, errors) passes through
-    as it comes, so a run cut off by a time limit still shows where it was."""
+    its process ends, and diffusers runs next."""
     cmd = [sys.executable, "-m", "tools.bench", *argv, "--compare", "none", "--out", out_path]
-    child = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    tail = collections.deque(maxlen=100)
-    for line in child.stderr:
-        sys.stderr.write(line)
-        tail.append(line)
-    child.wait()
+    status, _, stderr = _run_child(cmd, capture_stdout=False)
     try:
         with open(out_path) as f:
             return json.load(f)["jaxdiff"]
     except (OSError, ValueError, KeyError):
-        return {"error": f"exit status {child.returncode}: {''.join(tail)[-2000:]}", "batches": {}}
+        return {"error": f"exit status {status}: {stderr[-2000:]}", "batches": {}}
 
 
 def main(argv=None) -> dict:

@@ -20,7 +20,8 @@ kernels, GEMM kernels. `--program base` compiles the engine's whole text-to-imag
 instead (text encoder, sampler scan, VAE decode) and counts its custom calls: the check
 that it compiles for that chip.
 
-Without a GPU there is no autotuning: the GEMM kernel (Triton or cuBLAS) and the conv
+Programs compile with the engine's XLA options (jaxdiff.engine.programs.compiler_options:
+on GPU, cuBLAS GEMMs and no Triton). Without a GPU there is no autotuning: the conv
 algorithms are XLA's defaults, not what a real run picks; fusion, layouts and the op
 sequence are the GPU compiler's own. GPU targets are XLA GpuTargetConfig files in
 tools/gpu_targets/; TPU targets are libtpu's own topologies, where the check is that the
@@ -195,8 +196,8 @@ def compile_step(arch: str, batch: int, target: str, size: int | None = None,
     import jax.numpy as jnp
     from flax import nnx
 
-    from jaxdiff.models import attention
     from jaxdiff.models.unet import UNet2DConditionModel, UNetConfig
+    from tools.bench import countable_attention
 
     configs = arch_configs(arch)
     cfg, context_dim = UNetConfig.from_dict(configs["unet"]), configs["text_encoder"]["hidden_size"]
@@ -230,10 +231,9 @@ def compile_step(arch: str, batch: int, target: str, size: int | None = None,
                 spec((n, latent, latent, extra), dtype) if extra else None)
         return jax.jit(scan).trace(*args).lower()
 
-    # FLOPs from a lowering with XLA's attention (a kernel's custom call has no dots to
-    # count), as tools/bench.py counts them; they do not depend on the backend. The loop's
-    # body counts once: that is one step.
-    with attention.dispatch(implementation="xla"):
+    # FLOPs from a lowering with XLA's whole attention, as tools/bench.py counts them; they
+    # do not depend on the backend. The loop's body counts once: that is one step.
+    with countable_attention():
         flops = program_flops(lowered_scan(None, None).as_text(dialect="hlo"))
     gflop = flops / 1e9 / chips if flops else float("nan")
     return _compile_for(target, chips, lowered_scan), gflop
@@ -332,7 +332,7 @@ def main(argv=None) -> dict:
     p.add_argument("--size", type=int, default=None, help="latent side (default: the config's sample_size)")
     p.add_argument("--target", default="h100", choices=[*CHIPS, "local"],
                    help="a chip to compile for without it, or this machine's own device "
-                        "(on a GPU machine: with autotuning, the kernels a real run picks)")
+                        "(on a GPU machine: with autotuning, the conv algorithms a real run picks)")
     p.add_argument("--chips", type=int, default=1,
                    help="shard the batch over this many chips, as the engine does (TPU targets "
                         "have 4, or 8 for v4; local: its devices); the report is one chip's")
@@ -367,6 +367,13 @@ def main(argv=None) -> dict:
         result = report(text, gflop, args.target)
         result.update(arch=args.arch, batch=args.batch, unet_batch=2 * args.batch, chips=args.chips)
         _print_step(result, gflop)
+    # What the compile was asked for, so reports of differently built programs tell apart.
+    import jax
+
+    from jaxdiff.engine.programs import compiler_options
+
+    backend = jax.default_backend() if args.target == "local" else {"cuda": "gpu", "tpu": "tpu"}[CHIPS[args.target][0]]
+    result.update(xla_options=compiler_options(backend), xla_flags=os.environ.get("XLA_FLAGS", ""))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
