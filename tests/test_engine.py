@@ -715,9 +715,13 @@ def test_gpu_programs_take_cublas_gemms_unless_the_user_says_otherwise(monkeypat
     for own in ("--xla_gpu_enable_triton_gemm=true", "--xla_gpu_enable_triton_gemm"):
         monkeypatch.setenv("XLA_FLAGS", f"--xla_gpu_autotune_level=2 {own}")
         assert programs.compiler_options("gpu") is None  # the user's own setting wins
-    # Every program is jitted with the options of the backend it runs on.
+    # Each kind of program is jitted with the options (built, not traced: no model needed).
     jitted = []
-    monkeypatch.setattr(programs, "compiler_options", lambda backend=None: {"xla_gpu_enable_triton_gemm": False})
+    options = {"xla_gpu_enable_triton_gemm": False}
+    monkeypatch.setattr(programs, "compiler_options", lambda backend=None: options)
     monkeypatch.setattr(programs.jax, "jit", lambda f, **kwargs: jitted.append(kwargs) or f)
-    programs._jit(lambda: None)
-    assert jitted == [{"compiler_options": {"xla_gpu_enable_triton_gemm": False}}]
+    kw = dict(clip_skip=0, scaling_factor=1.0, tile_pixels=None, on_trace=lambda: None)
+    programs.make_base_program(None, None, programs.BaseSignature(1, 64, 64, 2, "ddim", False), **kw)
+    programs.make_upscale_program(None, None, None, None, **kw)
+    programs.make_encode_program(None, scaling_factor=1.0, on_trace=lambda: None)
+    assert jitted == [{"compiler_options": options}] * 3

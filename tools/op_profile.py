@@ -11,7 +11,9 @@ or other. Each op's FLOPs (dots, convolutions, attention kernels) and bytes (ope
 result) are read off the HLO too (tools/hlo_ops.py), so each category says what it
 achieved in TFLOP/s and GB/s: the kernels' distance from the chip's peak and bandwidth.
 On a GPU the times are kernel times on the device; on a CPU they are summed over XLA's
-threads, so they add up to more than the wall time.
+threads, so they add up to more than the wall time. On a GPU the tool turns XLA's command
+buffers (CUDA graphs) off, or each graph of many ops would be one event: its forward's
+wall time is then not quite the engine's.
 """
 
 from __future__ import annotations

@@ -29,14 +29,15 @@ _AUG_NOISE, _UPSCALE_NOISE, _UPSCALE_SAMPLER_NOISE = 0, 1, 2
 def compiler_options(backend: str | None = None) -> dict | None:
     """XLA options for jaxdiff's programs on `backend` (None: the default one).
 
-    On GPU, GEMMs go to cuBLAS without Triton's autotuning. With Triton allowed, the
-    autotuner had picked cuBLAS for the SD 1.5 step's GEMMs on an H200 anyway (148 cuBLAS
-    calls, tools/step_hlo.py --target local), after timing Triton tilings for each, and
-    kept the fusions made for Triton; without it, XLA folds bias and residual adds into
-    cuBLAS's epilogue (memory-bound ops 7.9 -> 6.3 ms a step). The program at batch 16 had
-    its first call (compile and one batch) in 15.7 s against 32.3 s, and ran 9.40 img/s
-    (one timed batch) against 9.30 (median of two). A setting of the flag in the user's own
-    XLA_FLAGS wins."""
+    On GPU, GEMMs go to cuBLAS without Triton's autotuning. On an H200, with Triton allowed,
+    the autotuner had picked cuBLAS for the SD 1.5 step's GEMMs anyway (148 cuBLAS calls,
+    docs/bench/step-hlo-sd15-b16-autotuned-h200-2026-11-27.json), after timing Triton
+    tilings for each, and kept the fusions made for Triton. Without it XLA folds bias and
+    residual adds into cuBLAS's epilogue: compiled for an H200 without a device, the step's
+    memory-bound ops went from 7.8 to 6.3 ms at the memory bandwidth. The program at batch
+    16 had its first call (compile and one batch) in 15.7 s against 32.3 s, and ran 9.40
+    img/s (one timed batch) against 9.30 (median of two). A setting of the flag in the
+    user's own XLA_FLAGS wins."""
     if (backend or jax.default_backend()) != "gpu" or xla_flag_given("xla_gpu_enable_triton_gemm"):
         return None
     return {"xla_gpu_enable_triton_gemm": False}
