@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # GPU benchmark steps, sized for a short lease. Usage: bash tools/gpu_bench.sh [STEP ...]
-# (no step: sd15 warm x4 profile attention, at most 9.5 minutes on an H200, so one 10-minute
-# call of a 15-minute lease holds them with its start). On an H200 a process spent 26-46 s
-# outside its compile and timed calls (imports, random weights at full size): each limit
-# allows for that; the bench's progress lines say where a step that ran out was.
+# (no step: sd15 warm x4 profile attention). The default steps' time limits and the
+# preamble's add up to 585 s, plus a few seconds to install the carried wheels: one
+# 10-minute call of a 15-minute lease. Which steps of the 2026-11-27 H200 run finished
+# put a process's time outside its compile and timed calls (imports, random weights at
+# full size) at 26-46 s: the limits allow for it, and the bench's progress lines say where
+# a step that ran out of time was.
 #   sd15       jaxdiff vs diffusers eager and torch.compile, SD 1.5 at batch 16, with stages
 #   jaxdiff    sd15 without diffusers or stages: jaxdiff's img/s and cold compile alone
 #   warm       a second process on the same program: the warm compilation cache (after sd15
@@ -16,7 +18,7 @@
 #   hlo        the step as the device compiles it (conv algorithms autotuned): ops and bytes
 #              (tools/step_hlo.py --target local)
 # Writes JSON and the logs under a scratch folder and, after each step, packs them all into
-# $OUT/gpu_bench.tgz (or ./bench-out): a lease hands back few files, and a step cut off by
+# $OUT/gpu_bench.tgz (or ./bench-out/): a lease hands back few files, and a step cut off by
 # the lease must not lose the ones before it.
 set -u -o pipefail
 all_steps=" sd15 jaxdiff warm x4 profile attention triton b32 hlo "
@@ -24,8 +26,8 @@ steps=("$@"); [ ${#steps[@]} -gt 0 ] || steps=(sd15 warm x4 profile attention)
 for s in "${steps[@]}"; do
   [[ $all_steps == *" $s "* ]] || { echo "unknown step: $s (steps:$all_steps)" >&2; exit 2; }
 done
-FINAL=${OUT:-bench-out}; OUT=$(mktemp -d); mkdir -p "$FINAL"
-pack() { tar czf "$FINAL/gpu_bench.tgz.tmp" -C "$OUT" . && mv "$FINAL/gpu_bench.tgz.tmp" "$FINAL/gpu_bench.tgz"; }
+RESULTS=${OUT:-bench-out}; SCRATCH=$(mktemp -d); mkdir -p "$RESULTS"
+pack() { tar czf "$RESULTS/gpu_bench.tgz.tmp" -C "$SCRATCH" . && mv "$RESULTS/gpu_bench.tgz.tmp" "$RESULTS/gpu_bench.tgz"; }
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD
@@ -33,35 +35,36 @@ else
   export PYTHONPATH=$PWD
 fi
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 JAXDIFF_CACHE_DIR=/tmp/jaxdiff-xla
-timeout 20 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
-timeout 60 python3 -c "import jax, flax, diffusers, transformers; print('jax', jax.__version__, 'flax', flax.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, jax.devices())"
+{ timeout 10 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
+  timeout 30 python3 -c "import jax, flax, diffusers, transformers; print('jax', jax.__version__, 'flax', flax.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, jax.devices())"
+} 2>&1 | tee "$SCRATCH/preamble.log"
 
 # step NAME SECONDS COMMAND...: run it under a time limit, its output (warnings dropped) in
 # NAME.log, ending with its exit status (124: it ran out of time).
 step() {
   local name=$1 limit=$2 status; shift 2
   echo "== $name (limit ${limit} s)"
-  timeout "$limit" "$@" 2>&1 | grep --line-buffered -v -i warning | tee "$OUT/$name.log"
+  timeout "$limit" "$@" 2>&1 | grep --line-buffered -v -i warning | tee "$SCRATCH/$name.log"
   status=${PIPESTATUS[0]}
-  echo "== $name: exit status $status" | tee -a "$OUT/$name.log"
+  echo "== $name: exit status $status" | tee -a "$SCRATCH/$name.log"
   pack
 }
 sd15=(python3 -m tools.bench --arch sd15 --batch-sizes 16 --steps 25)
 run_step() {
   case $1 in
-    sd15) step sd15 200 "${sd15[@]}" --reps 2 --compare both --out "$OUT/bench_sd15.json" ;;
-    jaxdiff) step jaxdiff 120 "${sd15[@]}" --reps 2 --no-stages --out "$OUT/bench_sd15_jaxdiff.json" ;;
-    warm) step warm 60 "${sd15[@]}" --reps 1 --no-stages --out "$OUT/bench_sd15_warm_cache.json" ;;
+    sd15) step sd15 200 "${sd15[@]}" --reps 2 --compare both --out "$SCRATCH/bench_sd15.json" ;;
+    jaxdiff) step jaxdiff 120 "${sd15[@]}" --reps 2 --no-stages --out "$SCRATCH/bench_sd15_jaxdiff.json" ;;
+    warm) step warm 60 "${sd15[@]}" --reps 1 --no-stages --out "$SCRATCH/bench_sd15_warm_cache.json" ;;
     x4) step x4 150 python3 -m tools.bench --arch x4-upscaler --size 128 --batch-sizes 8 --steps 20 --guidance 9 \
-          --reps 2 --no-stages --compare diffusers --out "$OUT/bench_x4.json" ;;
-    profile) step profile 90 python3 -m tools.op_profile --arch sd15 --size 512 --batch 16 --out "$OUT/profile_sd15.json" ;;
-    attention) step attention 45 python3 -m tools.attention_bench --arch sd15 --batch 16 --out "$OUT/attention_sd15.json" ;;
+          --reps 2 --no-stages --compare diffusers --out "$SCRATCH/bench_x4.json" ;;
+    profile) step profile 90 python3 -m tools.op_profile --arch sd15 --size 512 --batch 16 --out "$SCRATCH/profile_sd15.json" ;;
+    attention) step attention 45 python3 -m tools.attention_bench --arch sd15 --batch 16 --out "$SCRATCH/attention_sd15.json" ;;
     triton) step triton 90 env XLA_FLAGS=--xla_gpu_enable_triton_gemm=true "${sd15[@]}" --reps 1 --no-stages \
-              --out "$OUT/bench_sd15_triton.json" ;;
+              --out "$SCRATCH/bench_sd15_triton.json" ;;
     b32) step b32 100 python3 -m tools.bench --arch sd15 --batch-sizes 32 --steps 25 --reps 1 --no-stages \
-           --out "$OUT/bench_sd15_b32.json" ;;
-    hlo) step hlo 60 python3 -m tools.step_hlo --arch sd15 --batch 16 --target local --out "$OUT/step_hlo_sd15.json" \
-           --hlo-out "$OUT/sd15_step_hlo.txt" ;;
+           --out "$SCRATCH/bench_sd15_b32.json" ;;
+    hlo) step hlo 60 python3 -m tools.step_hlo --arch sd15 --batch 16 --target local --out "$SCRATCH/step_hlo_sd15.json" \
+           --hlo-out "$SCRATCH/sd15_step_hlo.txt" ;;
   esac
 }
 for s in "${steps[@]}"; do run_step "$s"; done
