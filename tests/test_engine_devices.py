@@ -79,6 +79,27 @@ SCRIPT = textwrap.dedent("""
         uneven_err = float(np.abs(np.asarray(uneven) - np.asarray(jax.nn.dot_product_attention(q, q, q))).max())
         print(json.dumps({"kernel_batches": kernel_batches, "max_diff": int(np.abs(a - b).max()),
                           "uneven_kernel_calls": len(seen), "uneven_err": uneven_err}))
+    elif mode == "cudnn":
+        # The GPU dispatch inside the engine's batch-sharded programs, cuDNN stood in for by
+        # XLA's attention (no GPU here), with the tiny model's head dims in the padding
+        # table: the padded calls must partition over the devices (XLA splits them; the
+        # stand-in sees the whole batch's shapes) and change no image.
+        from jaxdiff.models import attention
+        seen = set()
+        def fake_cudnn(q, k, v, **kwargs):
+            seen.add((q.shape[0], k.shape[1], q.shape[-1]))
+            return jax.nn.dot_product_attention(q, k, v, implementation="xla", **kwargs)
+        render = lambda pipe: np.stack([r.image for r in pipe.render(prompts, seeds=[1, 2, 3, 4])]).astype(int)
+        load = lambda devices: jaxdiff.load_pipeline(folder, upscaler="none", steps=2, sampler="ddim", batch_size=4,
+                                                     dtype="bfloat16", devices=devices)
+        plain = render(load(jax.devices()[:1]))
+        attention._cudnn = fake_cudnn
+        attention.CUDNN_PADDED_TEXT_HEAD_DIM = {4: 8, 8: 16}
+        attention._PADDED_TEXT_MIN_QUERIES = 1
+        attention.set_attention_backend("gpu")
+        one, four = render(load(jax.devices()[:1])), render(load(jax.devices()))
+        print(json.dumps({"calls": sorted(seen), "four_vs_one": int(np.abs(four - one).max()),
+                          "padded_vs_plain": int(np.abs(one - plain).max())}))
     else:
         import time
         t = time.perf_counter()
@@ -127,6 +148,16 @@ def test_tpu_attention_runs_per_device_inside_sharded_programs(folder, tmp_path)
     assert result["kernel_batches"] == [1, 2], result
     assert result["max_diff"] <= 1
     assert result["uneven_kernel_calls"] == 0 and result["uneven_err"] < 1e-5, result
+
+
+def test_gpu_attention_dispatch_runs_per_device_inside_sharded_programs(folder, tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+               JAXDIFF_CACHE_DIR=str(tmp_path / "cache"))
+    result = _run([folder, "cudnn"], env)
+    # (UNet batch with CFG, keys, head dim as cuDNN got it): the UNet's text attention
+    # at head dim 8, padded to 16.
+    assert [8, 77, 16] in result["calls"], result
+    assert result["four_vs_one"] <= 1 and result["padded_vs_plain"] <= 1, result
 
 
 def test_second_process_reuses_compiled_programs(folder, tmp_path):

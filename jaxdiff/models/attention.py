@@ -202,6 +202,7 @@ def with_padded_head_dim(attend, padded: int):
 
 
 def _cudnn(q, k, v, **kwargs):
+    """cuDNN flash attention: every cuDNN call of the dispatch goes through here."""
     return jax.nn.dot_product_attention(q, k, v, implementation="cudnn", **kwargs)
 
 
@@ -215,5 +216,4 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
         return with_padded_head_dim(_cudnn, int(implementation.removeprefix("cudnn_pad")))(q, k, v)
     if implementation == "xla":
         return _xla_attention(q, k, v, is_causal=is_causal, mask=mask)
-    return jax.nn.dot_product_attention(
-        q, k, v, mask=mask, is_causal=is_causal, implementation=implementation)
+    return _cudnn(q, k, v, mask=mask, is_causal=is_causal)
