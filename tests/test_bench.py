@@ -119,6 +119,27 @@ def test_attention_bench_times_every_call_site_on_each_path(tmp_path):
         assert "cuDNN" in site["paths"]["cudnn"]["error"]  # no GPU here: named, not hidden
         fa3 = site["paths"]["mosaic_fa3"]  # timed or, with its reason, not: never missing
         assert fa3.get("ms", 0) > 0 or fa3["error"].split(": ", 1)[1]
+        # Few keys (text attention, the tiny model's short self attention) also run as two
+        # block-diagonal GEMMs.
+        assert ("blockdiag" in site["paths"]) == (site["kv_tokens"] <= attention_bench.BLOCKDIAG_MAX_KEYS)
+    assert sites["unet 8x8 text"]["paths"]["blockdiag"]["max_diff_vs_xla"] < 1e-5
+
+
+@pytest.mark.parametrize("queries, keys, heads, head_dim", [(50, 77, 3, 40), (16, 7, 8, 160), (9, 9, 1, 8)])
+def test_blockdiag_attention_is_attention(queries, keys, heads, head_dim):
+    import jax
+    import numpy as np
+
+    from tools.attention_bench import blockdiag_attention
+
+    rng = np.random.default_rng(queries)
+    q = rng.standard_normal((2, queries, heads, head_dim)).astype(np.float32)
+    k, v = (rng.standard_normal((2, keys, heads, head_dim)).astype(np.float32) for _ in range(2))
+    plain = jax.nn.dot_product_attention(q, k, v, implementation="xla")
+    np.testing.assert_allclose(np.asarray(blockdiag_attention(q, k, v)), np.asarray(plain), rtol=1e-5, atol=1e-5)
+    scaled = jax.nn.dot_product_attention(q, k, v, scale=0.3, implementation="xla")
+    np.testing.assert_allclose(np.asarray(blockdiag_attention(q, k, v, scale=0.3)), np.asarray(scaled),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_attention_with_a_zero_padded_head_dim_is_unchanged():
