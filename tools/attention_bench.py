@@ -70,10 +70,6 @@ def attention_sites(arch: str, batch: int, size: int | None = None) -> list[dict
     return sites
 
 
-def _round_up_64(head_dim: int) -> int:
-    return -(-head_dim // 64) * 64
-
-
 def mosaic_fa3(block_q: int, block_kv: int):
     """jax's FlashAttention-3 style Hopper kernel as an `attend` for with_padded_head_dim. It
     takes a head dim that is a multiple of 64, kv tokens a multiple of block_kv, q tokens
@@ -129,15 +125,15 @@ def _paths(head_dim: int, kv_tokens: int) -> dict:
 
     import jax
 
-    from jaxdiff.models.attention import CUDNN_PADDED_TEXT_HEAD_DIM, with_padded_head_dim
+    from jaxdiff.models.attention import CUDNN_PADDED_TEXT_HEAD_DIM, _round_up, with_padded_head_dim
 
     paths = {name: functools.partial(jax.nn.dot_product_attention, implementation=name)
              for name in ("xla", "cudnn")}
     # Padded to a multiple of 64, and to whatever the dispatch pads this head dim to: each
     # path the dispatch can name is timed.
-    for padded in sorted({_round_up_64(head_dim), CUDNN_PADDED_TEXT_HEAD_DIM.get(head_dim, head_dim)} - {head_dim}):
+    for padded in sorted({_round_up(head_dim, 64), CUDNN_PADDED_TEXT_HEAD_DIM.get(head_dim, head_dim)} - {head_dim}):
         paths[f"cudnn_pad{padded}"] = with_padded_head_dim(paths["cudnn"], padded)
-    paths["mosaic_fa3"] = {f"block_q {bq} block_kv {bkv}": with_padded_head_dim(mosaic_fa3(bq, bkv), _round_up_64(head_dim))
+    paths["mosaic_fa3"] = {f"block_q {bq} block_kv {bkv}": with_padded_head_dim(mosaic_fa3(bq, bkv), _round_up(head_dim, 64))
                            for bq, bkv in FA3_BLOCKS}
     if kv_tokens <= BLOCKDIAG_MAX_KEYS:
         paths["blockdiag"] = blockdiag_attention

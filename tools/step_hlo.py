@@ -131,6 +131,11 @@ def arch_configs(arch: str) -> dict:
     return {"text_encoder": text_cfg, "unet": unet_cfg, "vae": vae_cfg, "scheduler": scheduler}
 
 
+def _backend(target: str) -> str | None:
+    """The backend a target's chips are ("gpu", "tpu"); None for this machine's own."""
+    return None if target == "local" else {"cuda": "gpu", "tpu": "tpu"}[CHIPS[target][0]]
+
+
 def _devices(target: str, chips: int) -> tuple[list, str | None]:
     """(devices to compile for, backend whose attention kernels to pick) for a target."""
     import jax
@@ -152,7 +157,7 @@ def _devices(target: str, chips: int) -> tuple[list, str | None]:
                                      f"pip install 'jax[cuda12]' ({e})") from e
         else:
             topology = topologies.get_topology_desc(topology_name=where, platform="tpu")
-        devices, backend = topology.devices, {"cuda": "gpu", "tpu": "tpu"}[platform]
+        devices, backend = topology.devices, _backend(target)
     if chips > len(devices):
         raise ValueError(f"--chips {chips}: the {target} target has {len(devices)} device(s)")
     return list(devices[:chips]), backend
@@ -182,7 +187,7 @@ def _compile_for(target: str, chips: int, lower) -> str:
     with attention.dispatch(backend=backend), jax.set_mesh(mesh):
         lowered = lower(NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data")))
     # The engine's XLA options for the target's backend (on GPU: cuBLAS GEMMs, not Triton).
-    return lowered.compile(compiler_options=compiler_options(backend or jax.default_backend())).as_text()
+    return lowered.compile(compiler_options=compiler_options(backend)).as_text()
 
 
 def compile_step(arch: str, batch: int, target: str, size: int | None = None,
@@ -368,12 +373,9 @@ def main(argv=None) -> dict:
         result.update(arch=args.arch, batch=args.batch, unet_batch=2 * args.batch, chips=args.chips)
         _print_step(result, gflop)
     # What the compile was asked for, so reports of differently built programs tell apart.
-    import jax
-
     from jaxdiff.engine.programs import compiler_options
 
-    backend = jax.default_backend() if args.target == "local" else {"cuda": "gpu", "tpu": "tpu"}[CHIPS[args.target][0]]
-    result.update(xla_options=compiler_options(backend), xla_flags=os.environ.get("XLA_FLAGS", ""))
+    result.update(xla_options=compiler_options(_backend(args.target)), xla_flags=os.environ.get("XLA_FLAGS", ""))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
