@@ -492,3 +492,36 @@ def test_gpu_bench_default_steps_fit_the_time_its_header_states():
     assert defaults and len(preamble) == 2
     assert sum(int(limits[s]) for s in ("sd15", "warm", "x4", "profile", "attention")) + sum(map(int, preamble)) == stated
     assert stated <= 590
+
+
+def test_random_weights_fill_every_parameter_at_its_initialisers_scale():
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from configs.architectures import ARCHITECTURES
+    from jaxdiff.models.unet import UNet2DConditionModel, UNetConfig
+    from tools.random_family import random_weights
+
+    cfg = UNetConfig.from_dict(ARCHITECTURES["tiny"][1])
+    unet = random_weights(lambda: UNet2DConditionModel(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)), jnp.bfloat16)
+    reference = UNet2DConditionModel(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    ours, theirs = dict(nnx.to_flat_state(nnx.state(unet))), dict(nnx.to_flat_state(nnx.state(reference)))
+    assert ours.keys() == theirs.keys()
+    kernels = []
+    for path, variable in ours.items():
+        value, expected = np.asarray(variable.get_value(), np.float32), theirs[path].get_value()
+        assert (value.shape, variable.get_value().dtype) == (expected.shape, expected.dtype), path
+        if path[-1] == "bias":
+            assert not value.any(), path
+        elif path[-1] == "scale":
+            assert (value == 1).all(), path
+        else:  # kernels as lecun_normal draws them: std 1/sqrt(fan-in)
+            fan_in = int(np.prod(value.shape[:-1]))
+            if value.size >= 1000:
+                assert np.std(value) * np.sqrt(fan_in) == pytest.approx(1.0, rel=0.15), path
+            kernels.append(value.ravel()[:64])
+    assert len({k.tobytes() for k in kernels}) == len(kernels)  # each parameter starts elsewhere in the pool
+    x = jnp.ones((2, 8, 8, 4), jnp.bfloat16)
+    out = unet(x, jnp.array([10, 10]), jnp.ones((2, 77, cfg.cross_attention_dim[0]), jnp.bfloat16))
+    assert np.isfinite(np.asarray(out, np.float32)).all() and 0.1 < float(jnp.std(out.astype(jnp.float32))) < 10

@@ -5,7 +5,8 @@
 # 10-minute call of a 15-minute lease. Which steps of the 2026-11-27 H200 run finished
 # put a process's time outside its compile and timed calls (imports, random weights at
 # full size) at 26-46 s: the limits allow for it, and the bench's progress lines say where
-# a step that ran out of time was.
+# a step that ran out of time was. Random weights are now filled from the host instead of
+# by eager init (tools/random_family.py: SD 1.5's three models 31 -> 5 s on the 2-core CPU).
 #   sd15       jaxdiff vs diffusers eager and torch.compile, SD 1.5 at batch 16, with stages
 #   jaxdiff    sd15 without diffusers or stages: jaxdiff's img/s and cold compile alone
 #   warm       a second process on the same program: the warm compilation cache (after sd15
