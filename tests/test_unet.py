@@ -147,6 +147,31 @@ def test_upscaler_style_matches_diffusers():
 
 
 @pytest.mark.parity
+@pytest.mark.parametrize("config", [SD1_STYLE, SD2_STYLE, UPSCALER_STYLE], ids=["sd1", "sd2", "upscaler"])
+def test_samples_shared_by_two_contexts_match_diffusers_cfg_batch(config):
+    # CFG as diffusers runs it, each sample twice (here each beside its copy, against its
+    # uncond and cond contexts). jaxdiff takes the samples once and runs the UNet's part
+    # before the context once per sample: a resnet and a self attention (sd1, sd2), a whole
+    # level (upscaler).
+    torch_model = _randomised_torch_unet(config)
+    model = _jax_unet(torch_model, config)
+    gen = torch.Generator().manual_seed(2)
+    sample = torch.randn(2, config["in_channels"], 10, 13, generator=gen)
+    contexts = torch.randn(4, 5, config["cross_attention_dim"], generator=gen)
+    t, labels = torch.tensor([999.0, 17.25]), torch.tensor([20, 3])
+    kwargs = {"class_labels": labels} if "num_class_embeds" in config else {}
+    with torch.no_grad():
+        twice = lambda a: a.repeat_interleave(2, dim=0)
+        want = torch_model(twice(sample), twice(t), contexts, **{k: twice(v) for k, v in kwargs.items()}).sample
+    want = want.numpy().transpose(0, 2, 3, 1)
+    got = np.asarray(_forward(model, sample.numpy().transpose(0, 2, 3, 1), t.numpy(), contexts.numpy(),
+                              labels.numpy() if kwargs else None))
+    assert got.shape == want.shape == (4, 10, 13, 4)
+    assert np.max(np.abs(got - want)) / np.max(np.abs(want)) < 1e-5
+    assert np.max(np.abs(got[0::2] - got[1::2])) > 1e-2  # the two contexts give two answers
+
+
+@pytest.mark.parity
 def test_tpu_attention_kernel_path_matches_diffusers():
     # Every attention call through Pallas' TPU flash kernel, run by its TPU interpreter
     # on the CPU; a fresh jit so no trace of the XLA path is reused.
@@ -217,6 +242,14 @@ def test_context_of_wrong_width_is_an_error():
     model = nnx.eval_shape(lambda: UNet2DConditionModel(cfg, rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="encoder_hidden_states"):
         model(np.zeros((1, 8, 8, 4), np.float32), np.zeros((1,)), np.zeros((1, 3, 21), np.float32))
+
+
+@pytest.mark.faults
+def test_contexts_that_do_not_divide_among_the_samples_are_an_error():
+    cfg = UNetConfig.from_dict(SD1_STYLE)
+    model = nnx.eval_shape(lambda: UNet2DConditionModel(cfg, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="3 rows for 2 samples"):
+        model(np.zeros((2, 8, 8, 4), np.float32), np.zeros((2,)), np.zeros((3, 5, 20), np.float32))
 
 
 @pytest.mark.faults

@@ -125,13 +125,16 @@ def unet_dtype(unet) -> jnp.dtype:
 
 
 def _bind(graphdefs, states, inputs, clip_skip: int):
-    """The family's modules inside a traced program, and the CFG context [uncond; cond].
+    """The family's modules inside a traced program, and the CFG context: each sample's
+    negative prompt's row, then its prompt's (rows uncond_0, cond_0, uncond_1, ...), so a
+    sample's rows stay on the chip that holds the sample when the batch is sharded.
 
     clip_skip applies to the negative prompt too, as A1111 and ComfyUI do: diffusers' SD
     pipelines skip layers for the prompt only, so CFG subtracts embeddings of two layers.
     """
     text_encoder, unet, vae = (nnx.merge(g, st) for g, st in zip(graphdefs, states))
-    both = lambda name: jnp.concatenate([inputs["uncond_" + name], inputs[name]])
+    both = lambda name: jnp.stack([inputs["uncond_" + name], inputs[name]], axis=1).reshape(
+        (-1,) + inputs[name].shape[1:])
     context = encode_text(text_encoder, both("ids"), both("ids_mask"), clip_skip)
     return unet, vae, context.astype(unet_dtype(unet))
 
@@ -142,23 +145,25 @@ def _given_or_drawn(given_flags: jax.Array, given: jax.Array, drawn: jax.Array) 
 
 
 def _guided_denoiser(unet, context, guidance, conditioning=None, class_labels=None):
-    """denoise(x, t, i) for the samplers: one UNet call on [uncond; cond], then CFG.
+    """denoise(x, t, i) for the samplers: one UNet call on each sample's uncond and cond
+    contexts, then CFG.
 
+    The latents go in once with both contexts: the UNet runs what precedes its first
+    read of the context once per sample, not once per half of the CFG batch.
     `conditioning` (per sample, channels-last) is concatenated to the latents: the
     inpainting UNet's mask and masked latents, or the upscaler's low-res image.
     """
     dtype = context.dtype
-    extra = None if conditioning is None else jnp.concatenate([conditioning, conditioning]).astype(dtype)
-    labels = None if class_labels is None else jnp.concatenate([class_labels, class_labels])
+    extra = None if conditioning is None else conditioning.astype(dtype)
+    kwargs = {} if class_labels is None else {"class_labels": class_labels}
 
     def denoise(x_in, t, i):
-        model_in = jnp.concatenate([x_in, x_in]).astype(dtype)
+        model_in = x_in.astype(dtype)
         if extra is not None:
             model_in = jnp.concatenate([model_in, extra], axis=-1)
-        kwargs = {} if labels is None else {"class_labels": labels}
-        out = unet(model_in, jnp.concatenate([t, t]), context, **kwargs).astype(jnp.float32)
-        uncond, cond = jnp.split(out, 2)
-        return classifier_free_guidance(uncond, cond, guidance)
+        out = unet(model_in, t, context, **kwargs).astype(jnp.float32)
+        pairs = out.reshape((-1, 2) + out.shape[1:])  # each sample's (uncond, cond) rows
+        return classifier_free_guidance(pairs[:, 0], pairs[:, 1], guidance)
 
     return denoise
 
@@ -185,11 +190,11 @@ def _prompt_only_denoiser(unet, context, guidance, conditioning=None, class_labe
 
 
 def _denoiser(cfg: bool, unet, context, guidance, conditioning=None, class_labels=None):
-    """The program's denoise(x, t, i): with CFG on [uncond; cond], or (cfg False) on the
+    """The program's denoise(x, t, i): with CFG on (uncond, cond) context pairs, or (cfg False) on the
     prompt's half of the context alone."""
     if cfg:
         return _guided_denoiser(unet, context, guidance, conditioning, class_labels)
-    return _prompt_only_denoiser(unet, context[context.shape[0] // 2:], guidance, conditioning, class_labels)
+    return _prompt_only_denoiser(unet, context[1::2], guidance, conditioning, class_labels)
 
 
 def make_base_program(graphdefs, sampler, sig: BaseSignature, *, clip_skip: int,

@@ -61,6 +61,17 @@ def conv2d(in_channels: int, out_channels: int, kernel_size: int, *, stride: int
                     padding=padding, dtype=dtype, param_dtype=dtype, rngs=rngs)
 
 
+def repeat_batch(x: jax.Array, batch: int) -> jax.Array:
+    """Each row of `x` repeated in place to make `batch` rows (x0, x0, x1, x1, ...): where
+    features computed once per sample meet rows computed once per (sample, context) pair
+    (see UNet2DConditionModel)."""
+    if x.shape[0] == batch:
+        return x
+    if batch % x.shape[0]:
+        raise ValueError(f"a batch of {x.shape[0]} cannot be repeated to {batch} rows")
+    return jnp.repeat(x, batch // x.shape[0], axis=0)
+
+
 class ResnetBlock2D(nnx.Module):
     """Two 3x3 convolutions with pre-activation group norms, an optional time embedding
     added between them, and a 1x1 shortcut when the channel count changes."""
@@ -84,7 +95,8 @@ class ResnetBlock2D(nnx.Module):
         if self.time_emb_proj is not None:
             if temb is None:
                 raise ValueError("ResnetBlock2D: this block was built with a time embedding; pass temb")
-            h = h + self.time_emb_proj(jax.nn.silu(temb))[:, None, None, :]
+            emb = self.time_emb_proj(jax.nn.silu(temb))
+            h = h + repeat_batch(emb, h.shape[0])[:, None, None, :]
         h = self.conv2(jax.nn.silu(self.norm2(h)))
         shortcut = self.conv_shortcut(x) if self.conv_shortcut is not None else x
         out = shortcut + h

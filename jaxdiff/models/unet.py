@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdiff.models.blocks import (Attention, Downsample2D, ResnetBlock2D, UnsupportedConfig, Upsample2D,
+                                   repeat_batch,
                                    conv2d, group_norm, known_config_values)
 
 
@@ -241,7 +242,10 @@ class BasicTransformerBlock(nnx.Module):
         self.ff = FeedForward(dim, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        if self.only_cross_attention:
+            x = repeat_batch(x, context.shape[0])
         x = x + self.attn1(self.norm1(x), context if self.only_cross_attention else None)
+        x = repeat_batch(x, context.shape[0])  # self attention ran once per sample
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -272,8 +276,8 @@ class Transformer2DModel(nnx.Module):
         h = h.reshape(batch, height * width, h.shape[-1])
         for block in self.transformer_blocks:
             h = block(h, context)
-        h = self.proj_out(h.reshape(batch, height, width, h.shape[-1]))
-        return h + x
+        h = self.proj_out(h.reshape(h.shape[0], height, width, h.shape[-1]))
+        return h + repeat_batch(x, h.shape[0])
 
 
 class CrossAttnDownBlock2D(nnx.Module):
@@ -389,7 +393,7 @@ class CrossAttnUpBlock2D(nnx.Module):
 
     def __call__(self, x, skips, temb, context, upsample_size=None):
         for resnet, attention in zip(self.resnets, self.attentions):
-            x = jnp.concatenate([x, skips.pop()], axis=-1)
+            x = jnp.concatenate([x, repeat_batch(skips.pop(), x.shape[0])], axis=-1)
             x = attention(resnet(x, temb), context)
         if self.upsamplers is not None:
             x = self.upsamplers[0](x, upsample_size)
@@ -409,7 +413,7 @@ class UpBlock2D(nnx.Module):
     def __call__(self, x, skips, temb, context, upsample_size=None):
         del context  # no attention in this block
         for resnet in self.resnets:
-            x = resnet(jnp.concatenate([x, skips.pop()], axis=-1), temb)
+            x = resnet(jnp.concatenate([x, repeat_batch(skips.pop(), x.shape[0])], axis=-1), temb)
         if self.upsamplers is not None:
             x = self.upsamplers[0](x, upsample_size)
         return x
@@ -486,10 +490,18 @@ class UNet2DConditionModel(nnx.Module):
 
     def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,
                  class_labels: jax.Array | None = None, timestep_cond: jax.Array | None = None) -> jax.Array:
-        """(B, H, W, in_channels), (B,) or scalar, (B, T, D), (B,) int -> (B, H, W, out_channels).
+        """(B, H, W, in_channels), (B,) or scalar, (k*B, T, D), (B,) int -> (k*B, H, W, out_channels).
 
         `timestep_cond` (B, time_cond_proj_dim): a guidance-distilled model's embedding of
-        its guidance scale (`guidance_embedding`)."""
+        its guidance scale (`guidance_embedding`).
+
+        With k contexts per sample, each sample's adjacent (CFG's uncond and cond: k = 2),
+        output row i*k + j is sample i under context row i*k + j, as if each sample had
+        been repeated k times. It is not: what comes before the first read of the context
+        (conv_in, every block of a level without attention, a resnet and the self
+        attention before the first cross attention) runs once per sample, and its results
+        are repeated where they meet the context (`repeat_batch`). A sample's rows stay
+        together, so a batch sharded over chips needs no exchange between them."""
         c = self.config
         if sample.ndim != 4 or sample.shape[-1] != c.in_channels:
             raise ValueError(
@@ -500,6 +512,11 @@ class UNet2DConditionModel(nnx.Module):
             raise ValueError(
                 f"UNet: encoder_hidden_states has shape {encoder_hidden_states.shape}; "
                 f"expected (batch, tokens, {c.cross_attention_dim[0]})")
+        if encoder_hidden_states.shape[0] % sample.shape[0]:
+            raise ValueError(
+                f"UNet: encoder_hidden_states has {encoder_hidden_states.shape[0]} rows for "
+                f"{sample.shape[0]} samples; pass one context per sample, or k per sample, "
+                f"each sample's k rows together")
         if self.class_embedding is not None and class_labels is None:
             raise ValueError(
                 "UNet: this model has num_class_embeds set (e.g. the x4 upscaler's noise "
