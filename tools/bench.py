@@ -120,6 +120,40 @@ def native_side(family) -> int:
     return (family.unet_config.sample_size or 64) * (1 if family.kind == "upscale" else vae_factor(family))
 
 
+def guided_unet_inputs(cfg, context_dim: int, batch: int, latent_hw: tuple[int, int], dtype, make) -> tuple:
+    """The UNet's arguments as the engine's CFG step passes them (jaxdiff.engine.programs):
+    `batch` samples (latents, with the upscaler's low-res image or inpainting's mask
+    channels), their timesteps, two contexts per sample (uncond, cond), and the upscaler's
+    noise levels. `make(shape, dtype, seed)` makes each array; no noise levels: None."""
+    import jax.numpy as jnp
+
+    h, w = latent_hw
+    return (make((batch, h, w, cfg.in_channels), dtype, 0), make((batch,), jnp.float32, 1),
+            make((2 * batch, 77, context_dim), dtype, 2),
+            make((batch,), jnp.int32, 3) if cfg.num_class_embeds is not None else None)
+
+
+def random_input(shape, dtype, seed):
+    import jax.numpy as jnp
+    import numpy as np
+
+    if jnp.issubdtype(dtype, jnp.integer):  # timesteps and noise levels in range
+        return jnp.full(shape, 20, dtype)
+    if len(shape) == 1:
+        return jnp.full(shape, 500.0, dtype)
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
+
+
+def stacked(args: tuple) -> tuple:
+    """guided_unet_inputs as diffusers passes them: each per-sample input once per context,
+    so every row of the CFG batch runs the whole UNet."""
+    import jax.numpy as jnp
+
+    x, t, context, labels = args
+    twice = lambda a: None if a is None else jnp.repeat(a, 2, axis=0)
+    return twice(x), twice(t), context, twice(labels)
+
+
 def stage_times(family, batch: int, latent_hw: tuple[int, int], reps: int, low_res_hw=None) -> dict:
     """Each stage alone at this batch: text encoder, one UNet forward (CFG batch), VAE decode."""
     import jax
@@ -135,12 +169,9 @@ def stage_times(family, batch: int, latent_hw: tuple[int, int], reps: int, low_r
     out["text_s"] = _median_time(run, reps)
 
     unet, unet_state = _jit_module(family.unet)
-    cfg = family.unet_config
-    h, w = latent_hw
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((2 * batch, h, w, cfg.in_channels)), dtype)
-    t = jnp.full((2 * batch,), 500.0, jnp.float32)
-    ctx = jnp.asarray(np.random.default_rng(1).standard_normal((2 * batch, 77, family.text_encoder_config.hidden_size)), dtype)
-    args = (unet_state, x, t, ctx) + ((jnp.full((2 * batch,), 20, jnp.int32),) if family.kind == "upscale" else ())
+    inputs = guided_unet_inputs(family.unet_config, family.text_encoder_config.hidden_size, batch,
+                                latent_hw, dtype, random_input)
+    args = (unet_state,) + tuple(a for a in inputs if a is not None)
     compiled = unet.lower(*args).compile()
     run = lambda: jax.block_until_ready(compiled(*args))
     run()
@@ -148,13 +179,18 @@ def stage_times(family, batch: int, latent_hw: tuple[int, int], reps: int, low_r
     flops = _flops(family.unet, args[1:])
     if flops:
         out["unet_gflop_per_forward"] = float(f"{flops / 1e9:.4g}")
+        # The same forward with the samples stacked for each context, as diffusers runs
+        # it (and torch's FLOP count of it): what running the part before the context once
+        # per sample saves.
+        whole = _flops(family.unet, tuple(a for a in stacked(inputs) if a is not None))
+        out["unet_gflop_per_forward_stacked"] = float(f"{whole / 1e9:.4g}")
         out["unet_tflops"] = float(f"{flops / out['unet_forward_s'] / 1e12:.4g}")
         peak = _peak(jax.devices()[0])
         if peak:
             out["unet_share_of_peak"] = round(out["unet_tflops"] / peak, 3)
 
     decode, vae_state = _jit_module(family.vae, "decode")
-    z = jnp.asarray(np.random.default_rng(2).standard_normal((batch, h, w, family.vae_config.latent_channels)), dtype)
+    z = jnp.asarray(np.random.default_rng(2).standard_normal((batch, *latent_hw, family.vae_config.latent_channels)), dtype)
     run = lambda: jax.block_until_ready(decode(vae_state, z))
     run()
     out["decode_s"] = _median_time(run, reps)

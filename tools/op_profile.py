@@ -3,8 +3,8 @@
     python -m tools.op_profile --arch sd15 --size 512 --batch 16 --out profile.json   # GPU
     python -m tools.op_profile --arch tiny --batch 2                                  # CPU (tested in CI)
 
-One UNet forward at the CFG batch (2 x --batch), random weights at full size, runs a few
-times under jax.profiler. Each XLA op's time in the trace is given one category, read off
+One UNet forward as the engine's CFG step runs it (--batch samples, two contexts each),
+random weights at full size, runs a few times under jax.profiler. Each XLA op's time in the trace is given one category, read off
 the optimized HLO: convolution, attention (what the kernel in jaxdiff/models/attention.py
 became), matmul, reduction (group and layer norms), elementwise, layout (copies, transposes)
 or other. Each op's FLOPs (dots, convolutions, attention kernels) and bytes (operands and
@@ -58,9 +58,8 @@ def op_times(trace_dir: str, module_name: str) -> dict[str, float]:
 def profile_unet(arch: str, batch: int, size: int | None, dtype_name: str | None, reps: int) -> dict:
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
-    from tools.bench import _jit_module, arch_family, native_side, vae_factor
+    from tools.bench import _jit_module, random_input, arch_family, guided_unet_inputs, native_side, vae_factor
 
     dtype = jnp.dtype(dtype_name or ("bfloat16" if jax.default_backend() != "cpu" else "float32"))
     family = arch_family(arch, dtype)
@@ -70,13 +69,9 @@ def profile_unet(arch: str, batch: int, size: int | None, dtype_name: str | None
     latent = side if upscale else side // vae_factor(family)
     forward, state = _jit_module(family.unet)
 
-    rng = np.random.default_rng(0)
-    n = 2 * batch
-    args = (state, jnp.asarray(rng.standard_normal((n, latent, latent, cfg.in_channels)), dtype),
-            jnp.full((n,), 500.0, jnp.float32),
-            jnp.asarray(rng.standard_normal((n, 77, family.text_encoder_config.hidden_size)), dtype))
-    if upscale:
-        args += (jnp.full((n,), 20, jnp.int32),)
+    inputs = guided_unet_inputs(cfg, family.text_encoder_config.hidden_size, batch, (latent, latent), dtype,
+                                random_input)
+    args = (state,) + tuple(a for a in inputs if a is not None)
     compiled = forward.lower(*args).compile()
     jax.block_until_ready(compiled(*args))
     walls = []
@@ -121,7 +116,7 @@ def profile_unet(arch: str, batch: int, size: int | None, dtype_name: str | None
     top.sort(reverse=True)
     return {
         "arch": arch, "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
-        "dtype": str(dtype), "batch": batch, "unet_batch": n, "size": side, "latent": latent,
+        "dtype": str(dtype), "batch": batch, "unet_batch": 2 * batch, "size": side, "latent": latent,
         "forward_wall_s": round(statistics.median(walls), 6), "op_time_s": round(total, 6),
         "categories": per_category,
         "top_ops": [{"op": op, "category": c, "s": round(s, 6), "share": round(s / total, 4),

@@ -8,8 +8,8 @@
     python -m tools.step_hlo --arch sd15 --batch 16 --target local  # on a GPU machine: autotuned
     python -m tools.step_hlo --arch tiny --batch 1 --target local   # the CPU (tested in CI)
 
-The step (the UNet at the CFG batch, 2 x --batch) is compiled inside a scan, as the
-generation program runs it, so what XLA hoists out of the loop (weight transposes, merged
+The step (the UNet as the engine's CFG step calls it: --batch samples, two contexts each,
+so a CFG batch of 2 x --batch rows) is compiled inside a scan, as the generation program runs it, so what XLA hoists out of the loop (weight transposes, merged
 weight matrices) is not counted; with --chips the batch is sharded over several chips with
 their mesh in context, as the engine does, and the program is one chip's. Each top-level op
 of the loop body gets op_profile's category and its bytes moved: the sizes of its operands
@@ -202,15 +202,14 @@ def compile_step(arch: str, batch: int, target: str, size: int | None = None,
     from flax import nnx
 
     from jaxdiff.models.unet import UNet2DConditionModel, UNetConfig
-    from tools.bench import countable_attention
+    from tools.bench import countable_attention, guided_unet_inputs
 
     configs = arch_configs(arch)
     cfg, context_dim = UNetConfig.from_dict(configs["unet"]), configs["text_encoder"]["hidden_size"]
     dtype = _dtype(target)
     latent = size or cfg.sample_size or 64
-    n = 2 * batch
-    if n % chips:
-        raise ValueError(f"the UNet batch {n} does not split over {chips} chips")
+    if batch % chips:
+        raise ValueError(f"the batch {batch} does not split over {chips} chips")
     model = nnx.eval_shape(lambda: UNet2DConditionModel(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
     upscale = cfg.num_class_embeds is not None
@@ -218,22 +217,22 @@ def compile_step(arch: str, batch: int, target: str, size: int | None = None,
     def lowered_scan(weights_sharding, batch_sharding):
         # A fresh function per lowering: jit's trace cache does not see the attention
         # dispatch, which differs between the local and the target's lowering.
-        def scan(state, x, t, context, labels, image):
+        def scan(state, sample, t, context, labels):
+            # Inpainting and upscaling UNets also read fixed channels (mask and masked image,
+            # or the low-res image) beside the latent they denoise.
+            x, image = jnp.split(sample, [cfg.out_channels], axis=-1)
+
             def step(x, i):
                 model = nnx.merge(graphdef, state)
-                # Inpainting and upscaling UNets also read fixed channels (mask and masked
-                # image, or the low-res image) beside the latent they denoise.
-                sample = x if image is None else jnp.concatenate([x, image], axis=-1)
+                sample = jnp.concatenate([x, image], axis=-1)
                 out = model(sample, t + i, context, labels) if upscale else model(sample, t + i, context)
-                return out.astype(x.dtype), None
+                pairs = out.reshape((-1, 2) + out.shape[1:])  # CFG, as the engine's step combines them
+                return (pairs[:, 0] + 7.5 * (pairs[:, 1] - pairs[:, 0])).astype(x.dtype), None
             return jax.lax.scan(step, x, jnp.arange(3, dtype=jnp.float32))[0]
 
-        spec = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=batch_sharding)
-        extra = cfg.in_channels - cfg.out_channels
+        spec = lambda shape, dt, seed: jax.ShapeDtypeStruct(shape, dt, sharding=batch_sharding)
         args = (jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=weights_sharding), state),
-                spec((n, latent, latent, cfg.out_channels), dtype), spec((n,), jnp.float32),
-                spec((n, 77, context_dim), dtype), spec((n,), jnp.int32) if upscale else None,
-                spec((n, latent, latent, extra), dtype) if extra else None)
+                *guided_unet_inputs(cfg, context_dim, batch, (latent, latent), dtype, spec))
         return jax.jit(scan).trace(*args).lower()
 
     # FLOPs from a lowering with XLA's whole attention, as tools/bench.py counts them; they
