@@ -112,10 +112,13 @@ def test_attention_bench_times_every_call_site_on_each_path(tmp_path):
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     sites = {s["site"]: s for s in result["sites"]}
     # The tiny UNet attends at 8x8 (self and text), in its 4x4 mid block, and its VAE at 8x8.
-    assert set(sites) == {"unet 8x8 self", "unet 8x8 text", "unet mid 4x4 self", "unet mid 4x4 text",
-                          "vae mid 8x8"}
+    # Its first self attention comes before any text: once per sample, not per context.
+    assert set(sites) == {"unet 8x8 self 1st", "unet 8x8 self", "unet 8x8 text", "unet mid 4x4 self",
+                          "unet mid 4x4 text", "vae mid 8x8"}
     assert sites["unet 8x8 self"]["batch"] == 2 and sites["vae mid 8x8"]["batch"] == 1  # CFG doubles
-    assert sites["unet 8x8 text"]["kv_tokens"] == 77 and sites["unet 8x8 self"]["calls"] == 3
+    assert sites["unet 8x8 self 1st"]["batch"] == 1 and sites["unet 8x8 self 1st"]["calls"] == 1
+    assert sites["unet 8x8 text"]["kv_tokens"] == 77 and sites["unet 8x8 text"]["calls"] == 3
+    assert sites["unet 8x8 self"]["calls"] == 2
     for site in result["sites"]:
         assert site["paths"]["xla"]["tflop_s"] > 0
         assert "cuDNN" in site["paths"]["cudnn"]["error"]  # no GPU here: named, not hidden

@@ -6,7 +6,9 @@ TFLOP/s per path.
 
 The call sites: each UNet level with transformers (self or, where the config says
 only_cross_attention, text attention; then text attention), the mid block, all at the
-CFG batch (2 x --batch), and the VAE decoder's mid-block attention at the image batch.
+CFG batch (2 x --batch) but the first self attention, which comes before any text and runs
+once per sample (jaxdiff/models/unet.py), and the VAE decoder's mid-block attention at the
+image batch.
 Each is timed on every path: XLA's own attention, cuDNN flash attention, cuDNN with the
 head dim zero-padded to a multiple of 64 (flash kernels run a head dim of 40 as a wider
 one: is padding it ourselves free?), and jax's FlashAttention-3 style Hopper kernel
@@ -47,6 +49,7 @@ def attention_sites(arch: str, batch: int, size: int | None = None) -> list[dict
         sites.append({"site": name, "batch": n, "q_tokens": tokens, "kv_tokens": kv_tokens,
                       "heads": heads, "head_dim": head_dim, "calls": calls})
 
+    first = True  # the first transformer's self attention comes before any text: once per sample
     for i, block in enumerate(unet.down_block_types):
         if "CrossAttn" not in block:
             continue
@@ -56,8 +59,13 @@ def attention_sites(arch: str, batch: int, size: int | None = None) -> list[dict
         calls = unet.transformer_layers_per_block[i] * (2 * unet.layers_per_block[i] + 1)
         if unet.only_cross_attention[i]:  # both attentions of each transformer read the text
             add(f"unet {side}x{side} text", 2 * batch, side * side, TEXT_TOKENS, heads, head_dim, 2 * calls)
+            first = False
             continue
-        add(f"unet {side}x{side} self", 2 * batch, side * side, side * side, heads, head_dim, calls)
+        if first:
+            add(f"unet {side}x{side} self 1st", batch, side * side, side * side, heads, head_dim, 1)
+        add(f"unet {side}x{side} self", 2 * batch, side * side, side * side, heads, head_dim,
+            calls - 1 if first else calls)
+        first = False
         add(f"unet {side}x{side} text", 2 * batch, side * side, TEXT_TOKENS, heads, head_dim, calls)
     side, heads = latent // 2 ** (levels - 1), unet.attention_head_dim[-1]
     head_dim = unet.block_out_channels[-1] // heads
