@@ -528,6 +528,32 @@ def test_random_weights_fill_every_parameter_at_its_initialisers_scale():
                 assert np.std(value) * np.sqrt(fan_in) == pytest.approx(1.0, rel=0.15), path
             kernels.append(value.ravel()[:64])
     assert len({k.tobytes() for k in kernels}) == len(kernels)  # each parameter starts elsewhere in the pool
+    from jaxdiff.models.clip import CLIPTextConfig, CLIPTextModel
+
+    clip_cfg = CLIPTextConfig.from_dict(ARCHITECTURES["tiny"][0])
+    clip = random_weights(lambda: CLIPTextModel(clip_cfg, dtype=jnp.float32, rngs=nnx.Rngs(0)), jnp.float32)
+    table = np.asarray(clip.text_model.embeddings.token_embedding.embedding.get_value())
+    assert np.std(table) * np.sqrt(table.shape[-1]) == pytest.approx(1.0, rel=0.15)  # per row, as nnx.Embed
     x = jnp.ones((2, 8, 8, 4), jnp.bfloat16)
     out = unet(x, jnp.array([10, 10]), jnp.ones((2, 77, cfg.cross_attention_dim[0]), jnp.bfloat16))
     assert np.isfinite(np.asarray(out, np.float32)).all() and 0.1 < float(jnp.std(out.astype(jnp.float32))) < 10
+
+
+def test_attention_sites_put_the_first_self_attention_at_the_sample_batch():
+    from configs import architectures
+    from tools.attention_bench import attention_sites
+
+    # x4: its first transformers attend only to the text, so no self attention comes first.
+    x4 = {s["site"]: s for s in attention_sites("x4-upscaler", 8)}
+    assert not any(name.endswith("1st") for name in x4) and x4["unet 64x64 text"]["batch"] == 16
+    # No down level attends: the mid block's single self attention is the first.
+    architectures.ARCHITECTURES["tiny-plain"] = (
+        architectures.TINY_CLIP, dict(architectures.TINY_UNET, down_block_types=["DownBlock2D"] * 2,
+                                      up_block_types=["UpBlock2D"] * 2),
+        architectures.TINY_VAE, architectures.SD_SCHEDULER, None)
+    try:
+        sites = {s["site"]: s for s in attention_sites("tiny-plain", 4)}
+    finally:
+        del architectures.ARCHITECTURES["tiny-plain"]
+    assert sites["unet mid 4x4 self 1st"]["batch"] == 4 and "unet mid 4x4 self" not in sites
+    assert sites["unet mid 4x4 text"]["batch"] == 8

@@ -171,6 +171,53 @@ def test_samples_shared_by_two_contexts_match_diffusers_cfg_batch(config):
     assert np.max(np.abs(got[0::2] - got[1::2])) > 1e-2  # the two contexts give two answers
 
 
+def _forward_flops(model, *args) -> float:
+    # As tools/bench.py counts them: XLA's attention, whole, in a lowering.
+    import jax
+
+    from tools.bench import countable_attention
+    from tools.hlo_ops import program_flops
+
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda state, *a: nnx.merge(graphdef, state)(*a))
+    with countable_attention():
+        return program_flops(forward.lower(state, *args).as_text(dialect="hlo"))
+
+
+@pytest.mark.parametrize("config, most", [(SD1_STYLE, 0.99), (UPSCALER_STYLE, 0.95)], ids=["sd1", "upscaler"])
+def test_the_part_before_the_context_runs_once_per_sample(config, most):
+    # The same outputs (test above) for less work: conv_in, a resnet and a self attention
+    # (sd1), or a whole level and the next one's first resnet (upscaler) run at the
+    # sample batch.
+    cfg = UNetConfig.from_dict(config)
+    model = UNet2DConditionModel(cfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    sample = rng.standard_normal((2, 12, 12, cfg.in_channels)).astype(np.float32)
+    contexts = rng.standard_normal((4, 5, 20)).astype(np.float32)
+    extra = (np.array([20, 3]),) if cfg.num_class_embeds else ()
+    shared = _forward_flops(model, sample, np.array([999.0, 17.0]), contexts, *extra)
+    twice = lambda a: np.repeat(a, 2, axis=0)
+    stacked = _forward_flops(model, twice(sample), twice(np.array([999.0, 17.0])), contexts,
+                             *map(twice, extra))
+    assert shared < most * stacked, (shared, stacked)
+
+
+def test_three_contexts_per_sample_match_the_sample_repeated():
+    # Any k, and a guidance-distilled model's embedding (per sample, like the timestep).
+    cfg = UNetConfig.from_dict(dict(SD2_STYLE, time_cond_proj_dim=6))
+    model = UNet2DConditionModel(cfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(1)
+    sample = rng.standard_normal((2, 9, 13, 4)).astype(np.float32)
+    contexts = rng.standard_normal((6, 5, 28)).astype(np.float32)
+    t, cond = np.array([999.0, 17.0]), rng.standard_normal((2, 6)).astype(np.float32)
+    call = nnx.jit(lambda m, x, t, c, e: m(x, t, c, timestep_cond=e))
+    thrice = lambda a: np.repeat(a, 3, axis=0)
+    got = np.asarray(call(model, sample, t, contexts, cond))
+    want = np.asarray(call(model, thrice(sample), thrice(t), contexts, thrice(cond)))
+    assert got.shape == want.shape == (6, 9, 13, 4)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
 @pytest.mark.parity
 def test_tpu_attention_kernel_path_matches_diffusers():
     # Every attention call through Pallas' TPU flash kernel, run by its TPU interpreter

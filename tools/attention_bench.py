@@ -46,8 +46,9 @@ def attention_sites(arch: str, batch: int, size: int | None = None) -> list[dict
     sites = []
 
     def add(name, n, tokens, kv_tokens, heads, head_dim, calls):
-        sites.append({"site": name, "batch": n, "q_tokens": tokens, "kv_tokens": kv_tokens,
-                      "heads": heads, "head_dim": head_dim, "calls": calls})
+        if calls:
+            sites.append({"site": name, "batch": n, "q_tokens": tokens, "kv_tokens": kv_tokens,
+                          "heads": heads, "head_dim": head_dim, "calls": calls})
 
     first = True  # the first transformer's self attention comes before any text: once per sample
     for i, block in enumerate(unet.down_block_types):
@@ -70,7 +71,10 @@ def attention_sites(arch: str, batch: int, size: int | None = None) -> list[dict
     side, heads = latent // 2 ** (levels - 1), unet.attention_head_dim[-1]
     head_dim = unet.block_out_channels[-1] // heads
     calls = unet.transformer_layers_per_block[-1]
-    add(f"unet mid {side}x{side} self", 2 * batch, side * side, side * side, heads, head_dim, calls)
+    if first:  # no down level attends: the mid block's first self attention is the first
+        add(f"unet mid {side}x{side} self 1st", batch, side * side, side * side, heads, head_dim, 1)
+    add(f"unet mid {side}x{side} self", 2 * batch, side * side, side * side, heads, head_dim,
+        calls - 1 if first else calls)
     add(f"unet mid {side}x{side} text", 2 * batch, side * side, TEXT_TOKENS, heads, head_dim, calls)
     if vae.mid_block_add_attention:
         add(f"vae mid {latent}x{latent}", batch, latent * latent, latent * latent, 1,

@@ -9,7 +9,10 @@ not depend on values), DPM-Solver++ (2M), CFG, VAE decode to uint8 on the host i
 the text encoder runs too, on both sides (the baseline feeds random context: a few ms at
 most). `default` benchmarks the shipped model family. Times: the median of --reps calls
 after a warm-up call (compilation apart), each to its images on the host. UNet FLOPs
-are counted as the baseline counts them (tools/hlo_ops.program_flops). With --compare,
+are counted as the baseline counts them (tools/hlo_ops.program_flops), twice: as the
+engine runs the forward (each sample once before it meets its two contexts), which
+`unet_tflops` and `unet_share_of_peak` use, and as diffusers runs it, every sample twice
+(`unet_gflop_per_forward_stacked`, the baseline's work). With --compare,
 jaxdiff runs in a process of its own, then each diffusers variant in another: none holds
 the accelerator's memory while another runs. Prints a table and writes JSON.
 """

@@ -3,8 +3,8 @@
 Mirrors the work of ../shared/bench/diffusers_baseline.py (DPM-Solver++, CFG, VAE decode
 to uint8 on the host; with --compile, as diffusers_baseline_compiled.py: channels_last,
 fused QKV, UNet and VAE decode compiled) for any architecture in configs/architectures.py,
-with one addition: the text encoder runs on [uncond; cond] token ids, as jaxdiff's does
-(the baseline feeds random context). Prints a JSON line after each batch. Run by
+with one addition: the text encoder runs on the uncond and cond token ids, as jaxdiff's
+does (the baseline feeds random context). Prints a JSON line after each batch. Run by
 `tools/bench.py --compare diffusers`, or directly:
     python -m tools.bench_diffusers --arch sd15 --batch-sizes 8,32 --steps 25 [--compile]
 """

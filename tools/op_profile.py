@@ -116,7 +116,7 @@ def profile_unet(arch: str, batch: int, size: int | None, dtype_name: str | None
     top.sort(reverse=True)
     return {
         "arch": arch, "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
-        "dtype": str(dtype), "batch": batch, "unet_batch": 2 * batch, "size": side, "latent": latent,
+        "dtype": str(dtype), "batch": batch, "unet_rows": 2 * batch, "size": side, "latent": latent,
         "forward_wall_s": round(statistics.median(walls), 6), "op_time_s": round(total, 6),
         "categories": per_category,
         "top_ops": [{"op": op, "category": c, "s": round(s, 6), "share": round(s / total, 4),
@@ -150,7 +150,7 @@ def main(argv=None) -> dict:
     if not xla_flag_given("xla_gpu_enable_command_buffer"):
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_gpu_enable_command_buffer=".strip()
     result = profile_unet(args.arch, args.batch, args.size, args.dtype, args.reps)
-    print(f"{result['arch']} {result['size']}px, UNet batch {result['unet_batch']}, {result['dtype']}, "
+    print(f"{result['arch']} {result['size']}px, UNet {result['batch']} samples x 2 contexts, {result['dtype']}, "
           f"{result['device']}: forward {result['forward_wall_s'] * 1e3:.2f} ms wall, "
           f"{result['op_time_s'] * 1e3:.2f} ms in ops")
     print(f"{'category':<13}{'ms':>10}{'share':>8}{'ops':>6}{'GFLOP':>10}{'TFLOP/s':>9}{'GB':>8}{'GB/s':>8}")

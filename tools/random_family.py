@@ -47,13 +47,14 @@ def write_char_tokenizer(path: str, model_max_length: int = 77) -> int:
 
 def random_weights(build, dtype, seed: int = 0):
     """The module `build()` makes, its parameters filled from the host without running its
-    initialisers: normal values scaled by 1/sqrt(fan-in) for kernels and embeddings, ones
-    for norm scales, zeros for biases.
+    initialisers: normal values scaled by 1/sqrt(fan-in) for kernels, by 1/sqrt(width) for
+    embeddings' rows (as flax's defaults draw them), ones for norm scales, zeros for biases.
 
     Eager random init compiles and runs every initialiser op by op, per parameter shape:
     30-40 s for SD 1.5's three models, on the CPU as on a GPU. Here the values are slices
-    of one pool of normals, so building costs about a copy of the weights; speed does not
-    depend on the values, only on their scale staying sane.
+    of one pool of 2**20 normals (a larger parameter repeats it), so building costs about a
+    copy of the weights; speed does not depend on the values, only on their scale staying
+    sane.
     """
     import jax
     from flax import nnx
@@ -67,8 +68,8 @@ def random_weights(build, dtype, seed: int = 0):
             values = np.ones(shape, dtype)
         elif path[-1] == "bias" or not shape:
             values = np.zeros(shape, dtype)
-        else:  # kernels (fan-in: every axis but the last), embeddings (per row)
-            fan_in = math.prod(shape[:-1]) if len(shape) > 1 else 1
+        else:  # kernels: fan-in is every axis but the last; embeddings: the row's width
+            fan_in = shape[-1] if path[-1] == "embedding" else math.prod(shape[:-1])
             if fan_in not in pools:
                 pools[fan_in] = (normals / np.float32(math.sqrt(fan_in))).astype(dtype)
             values = np.resize(np.roll(pools[fan_in], 7919 * i), shape)  # a different start per parameter

@@ -369,7 +369,7 @@ def main(argv=None) -> dict:
               f"compiled for {args.target}; custom calls: {result['custom_calls']}")
     else:
         result = report(text, gflop, args.target)
-        result.update(arch=args.arch, batch=args.batch, unet_batch=2 * args.batch, chips=args.chips)
+        result.update(arch=args.arch, batch=args.batch, unet_rows=2 * args.batch, chips=args.chips)
         _print_step(result, gflop)
     # What the compile was asked for, so reports of differently built programs tell apart.
     from jaxdiff.engine.programs import compiler_options
@@ -383,7 +383,7 @@ def main(argv=None) -> dict:
 
 def _print_step(result: dict, gflop: float) -> None:
     amount = f"{gflop:,.0f}" if gflop >= 100 else f"{gflop:.4g}"
-    print(f"{result['arch']}, UNet batch {result['unet_batch']} over {result['chips']} chip(s), one step "
+    print(f"{result['arch']}, UNet {result['batch']} samples x 2 contexts over {result['chips']} chip(s), one step "
           f"for {result['target']}: {amount} GFLOP per chip")
     floors = "floors_ms" in result
     print(f"{'category':<13}{'ops':>6}{'MB':>11}{'GFLOP':>10}" + (f"{'ms@peak':>9}{'ms@bw':>8}" if floors else ""))

@@ -498,8 +498,8 @@ class UNet2DConditionModel(nnx.Module):
         With k contexts per sample, each sample's adjacent (CFG's uncond and cond: k = 2),
         output row i*k + j is sample i under context row i*k + j, as if each sample had
         been repeated k times. It is not: what comes before the first read of the context
-        (conv_in, every block of a level without attention, a resnet and the self
-        attention before the first cross attention) runs once per sample, and its results
+        (conv_in, the down blocks without attention before the first with it, that one's
+        first resnet and self attention) runs once per sample, and its results
         are repeated where they meet the context (`repeat_batch`). A sample's rows stay
         together, so a batch sharded over chips needs no exchange between them."""
         c = self.config
