@@ -284,19 +284,15 @@ def test_unsupported_config_names_the_field(key, value):
 
 
 @pytest.mark.faults
-def test_context_of_wrong_width_is_an_error():
+@pytest.mark.parametrize("samples, context_shape, message", [
+    (1, (1, 3, 21), "encoder_hidden_states has shape"),  # width: not the config's 20
+    (2, (3, 5, 20), "3 rows for 2 samples"),             # rows: not k per sample
+], ids=["width", "rows"])
+def test_context_of_wrong_shape_is_an_error(samples, context_shape, message):
     cfg = UNetConfig.from_dict(SD1_STYLE)
     model = nnx.eval_shape(lambda: UNet2DConditionModel(cfg, rngs=nnx.Rngs(0)))
-    with pytest.raises(ValueError, match="encoder_hidden_states"):
-        model(np.zeros((1, 8, 8, 4), np.float32), np.zeros((1,)), np.zeros((1, 3, 21), np.float32))
-
-
-@pytest.mark.faults
-def test_contexts_that_do_not_divide_among_the_samples_are_an_error():
-    cfg = UNetConfig.from_dict(SD1_STYLE)
-    model = nnx.eval_shape(lambda: UNet2DConditionModel(cfg, rngs=nnx.Rngs(0)))
-    with pytest.raises(ValueError, match="3 rows for 2 samples"):
-        model(np.zeros((2, 8, 8, 4), np.float32), np.zeros((2,)), np.zeros((3, 5, 20), np.float32))
+    with pytest.raises(ValueError, match=message):
+        model(np.zeros((samples, 8, 8, 4), np.float32), np.zeros((samples,)), np.zeros(context_shape, np.float32))
 
 
 @pytest.mark.faults
