@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxdiff.models.attention import dot_product_attention
@@ -129,6 +130,38 @@ def upsample_nearest(x: jax.Array, output_size: tuple[int, int] | None = None) -
     return x[:, rows][:, :, cols]
 
 
+# Which taps of a 3x3 kernel read which of two low-res rows, for each row phase of a 2x
+# nearest upsampling: output row 2i (phase 0) reads low-res rows i-1 (tap 0) and i (taps 1
+# and 2); row 2i+1 (phase 1) reads rows i (taps 0 and 1) and i+1 (tap 2). The same holds
+# for columns. Indexed (phase, row of the 2x2 window, tap).
+_PHASE_TAPS = np.array([[[1, 0, 0], [0, 1, 1]],
+                        [[1, 1, 0], [0, 0, 1]]], np.float32)
+
+
+def upsample_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> jax.Array:
+    """A 3x3 "same" convolution of `x` upsampled 2x by nearest neighbour, without the
+    upsampled image: each of the four output phases (row and column parity) is a 2x2
+    convolution of `x` itself, with the taps that read the same source pixel summed.
+
+    4 taps per output pixel instead of 9 (2.25x fewer FLOPs) and no 4x-sized input
+    written and read back. Equal to the plain form up to the rounding of the summed taps
+    (in the kernel's dtype)."""
+    batch, height, width, _ = x.shape
+    c_in, c_out = kernel.shape[2], kernel.shape[3]
+    taps = jnp.asarray(_PHASE_TAPS)
+    phases = jnp.einsum("ayk,bxl,klio->yxiabo", taps, taps, kernel.astype(jnp.float32))
+    phases = phases.reshape(2, 2, c_in, 4 * c_out).astype(kernel.dtype)
+    # One 2x2 convolution over x padded by one pixel gives every phase, on a grid one row
+    # and column larger: phase (a, b) of output pixel (i, j) sits at (i + a, j + b).
+    y = jax.lax.conv_general_dilated(x, phases, (1, 1), ((1, 1), (1, 1)),
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if bias is not None:  # on each phase's channels, where the GPU fuses it into the conv
+        y = y + jnp.tile(bias, 4)
+    y = y.reshape(batch, height + 1, width + 1, 2, 2, c_out)
+    rows = [jnp.stack([y[:, a:a + height, b:b + width, a, b] for b in (0, 1)], axis=3) for a in (0, 1)]
+    return jnp.stack(rows, axis=2).reshape(batch, 2 * height, 2 * width, c_out)
+
+
 class Upsample2D(nnx.Module):
     """Nearest-neighbour 2x (or to a given size) followed by a 3x3 convolution."""
 
@@ -136,7 +169,11 @@ class Upsample2D(nnx.Module):
         self.conv = conv2d(channels, channels, 3, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, output_size: tuple[int, int] | None = None) -> jax.Array:
-        return self.conv(upsample_nearest(x, output_size))
+        if output_size is not None and tuple(output_size) != (2 * x.shape[1], 2 * x.shape[2]):
+            return self.conv(upsample_nearest(x, output_size))
+        dtype = self.conv.dtype or x.dtype
+        bias = None if self.conv.bias is None else self.conv.bias.get_value().astype(dtype)
+        return upsample_conv(x.astype(dtype), self.conv.kernel.get_value().astype(dtype), bias)
 
 
 class Attention(nnx.Module):
