@@ -9,10 +9,11 @@ not depend on values), DPM-Solver++ (2M), CFG, VAE decode to uint8 on the host i
 the text encoder runs too, on both sides (the baseline feeds random context: a few ms at
 most). `default` benchmarks the shipped model family. Times: the median of --reps calls
 after a warm-up call (compilation apart), each to its images on the host. UNet FLOPs
-are counted as the baseline counts them (tools/hlo_ops.program_flops), twice: as the
-engine runs the forward (each sample once before it meets its two contexts), which
-`unet_tflops` and `unet_share_of_peak` use, and as diffusers runs it, every sample twice
-(`unet_gflop_per_forward_stacked`, the baseline's work). With --compare,
+are counted as the baseline counts them (tools/hlo_ops.program_flops) on the forward as
+the engine runs it (`unet_gflop_per_forward`, which `unet_tflops` and
+`unet_share_of_peak` use): fewer than the same work in diffusers (its side reports
+torch's count, `unet_gflop_per_forward_b1`), since each sample runs once before it meets
+its two contexts and upsampling convolutions run as 2x2 phases. With --compare,
 jaxdiff runs in a process of its own, then each diffusers variant in another: none holds
 the accelerator's memory while another runs. Prints a table and writes JSON.
 """
@@ -147,16 +148,6 @@ def random_input(shape, dtype, seed):
     return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
 
 
-def stacked(args: tuple) -> tuple:
-    """guided_unet_inputs as diffusers passes them: each per-sample input once per context,
-    so every row of the CFG batch runs the whole UNet."""
-    import jax.numpy as jnp
-
-    x, t, context, labels = args
-    twice = lambda a: None if a is None else jnp.repeat(a, 2, axis=0)
-    return twice(x), twice(t), context, twice(labels)
-
-
 def stage_times(family, batch: int, latent_hw: tuple[int, int], reps: int, low_res_hw=None) -> dict:
     """Each stage alone at this batch: text encoder, one UNet forward (CFG batch), VAE decode."""
     import jax
@@ -182,11 +173,6 @@ def stage_times(family, batch: int, latent_hw: tuple[int, int], reps: int, low_r
     flops = _flops(family.unet, args[1:])
     if flops:
         out["unet_gflop_per_forward"] = float(f"{flops / 1e9:.4g}")
-        # The same forward with the samples stacked for each context, as diffusers runs
-        # it (and torch's FLOP count of it): what running the part before the context once
-        # per sample saves.
-        whole = _flops(family.unet, tuple(a for a in stacked(inputs) if a is not None))
-        out["unet_gflop_per_forward_stacked"] = float(f"{whole / 1e9:.4g}")
         out["unet_tflops"] = float(f"{flops / out['unet_forward_s'] / 1e12:.4g}")
         peak = _peak(jax.devices()[0])
         if peak:
