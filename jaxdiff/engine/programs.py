@@ -190,8 +190,8 @@ def _prompt_only_denoiser(unet, context, guidance, conditioning=None, class_labe
 
 
 def _denoiser(cfg: bool, unet, context, guidance, conditioning=None, class_labels=None):
-    """The program's denoise(x, t, i): with CFG on (uncond, cond) context pairs, or (cfg False) on the
-    prompt's half of the context alone."""
+    """The program's denoise(x, t, i): with CFG on each sample's (uncond, cond) context
+    rows, or (cfg False) on the prompt's rows alone."""
     if cfg:
         return _guided_denoiser(unet, context, guidance, conditioning, class_labels)
     return _prompt_only_denoiser(unet, context[1::2], guidance, conditioning, class_labels)

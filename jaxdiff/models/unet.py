@@ -15,8 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdiff.models.blocks import (Attention, Downsample2D, ResnetBlock2D, UnsupportedConfig, Upsample2D,
-                                   repeat_batch,
-                                   conv2d, group_norm, known_config_values)
+                                   conv2d, group_norm, known_config_values, repeat_batch)
 
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
