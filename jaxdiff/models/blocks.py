@@ -149,7 +149,9 @@ def upsample_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> ja
     batch, height, width, _ = x.shape
     c_in, c_out = kernel.shape[2], kernel.shape[3]
     taps = jnp.asarray(_PHASE_TAPS)
-    phases = jnp.einsum("ayk,bxl,klio->yxiabo", taps, taps, kernel.astype(jnp.float32))
+    # Full float32 (not TF32 or one bf16 pass): the summed taps are the conv's weights.
+    phases = jnp.einsum("ayk,bxl,klio->yxiabo", taps, taps, kernel.astype(jnp.float32),
+                        precision=jax.lax.Precision.HIGHEST)
     phases = phases.reshape(2, 2, c_in, 4 * c_out).astype(kernel.dtype)
     # One 2x2 convolution over x padded by one pixel gives every phase, on a grid one row
     # and column larger: phase (a, b) of output pixel (i, j) sits at (i + a, j + b).
@@ -171,9 +173,11 @@ class Upsample2D(nnx.Module):
     def __call__(self, x: jax.Array, output_size: tuple[int, int] | None = None) -> jax.Array:
         if output_size is not None and tuple(output_size) != (2 * x.shape[1], 2 * x.shape[2]):
             return self.conv(upsample_nearest(x, output_size))
-        dtype = self.conv.dtype or x.dtype
-        bias = None if self.conv.bias is None else self.conv.bias.get_value().astype(dtype)
-        return upsample_conv(x.astype(dtype), self.conv.kernel.get_value().astype(dtype), bias)
+        kernel = self.conv.kernel.get_value()
+        bias = None if self.conv.bias is None else self.conv.bias.get_value()
+        # As nnx.Conv: its dtype, else the inputs' and parameters' common one.
+        dtype = self.conv.dtype or jnp.result_type(x, kernel, *([] if bias is None else [bias]))
+        return upsample_conv(x.astype(dtype), kernel.astype(dtype), None if bias is None else bias.astype(dtype))
 
 
 class Attention(nnx.Module):
