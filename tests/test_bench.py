@@ -369,7 +369,8 @@ def test_unet_flops_are_counted_as_the_diffusers_baseline_counts_them():
     as_run = bench._flops(unet, args) / 1e9
     # The model as diffusers computes it: upsampling as a resize, then a 3x3 convolution.
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(blocks.Upsample2D, "__call__", lambda self, x, size=None: self.conv(blocks.upsample_nearest(x, size)))
+        patch.setattr(blocks.Upsample2D, "__call__",
+                      lambda self, x, size=None: self.conv(blocks.upsample_nearest(x, size)))
         assert bench._flops(unet, args) / 1e9 == pytest.approx(803.3, abs=0.05)
     # jaxdiff's upsamplers (8->16 and 16->32 at 1280 channels, 32->64 at 640) run 4 taps a
     # pixel on a grid one larger instead of 9: 34.3 GFLOP fewer, plus summing their taps.

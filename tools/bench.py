@@ -141,18 +141,17 @@ def random_input(shape, dtype, seed):
     import jax.numpy as jnp
     import numpy as np
 
-    if jnp.issubdtype(dtype, jnp.integer):  # timesteps and noise levels in range
+    if jnp.issubdtype(dtype, jnp.integer):  # noise levels in range
         return jnp.full(shape, 20, dtype)
-    if len(shape) == 1:
+    if len(shape) == 1:  # timesteps: one per sample
         return jnp.full(shape, 500.0, dtype)
     return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
 
 
-def stage_times(family, batch: int, latent_hw: tuple[int, int], reps: int, low_res_hw=None) -> dict:
+def stage_times(family, batch: int, latent_hw: tuple[int, int], reps: int) -> dict:
     """Each stage alone at this batch: text encoder, one UNet forward (CFG batch), VAE decode."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     dtype = family.dtype
     out = {}
@@ -179,7 +178,7 @@ def stage_times(family, batch: int, latent_hw: tuple[int, int], reps: int, low_r
             out["unet_share_of_peak"] = round(out["unet_tflops"] / peak, 3)
 
     decode, vae_state = _jit_module(family.vae, "decode")
-    z = jnp.asarray(np.random.default_rng(2).standard_normal((batch, *latent_hw, family.vae_config.latent_channels)), dtype)
+    z = random_input((batch, *latent_hw, family.vae_config.latent_channels), dtype, 2)
     run = lambda: jax.block_until_ready(decode(vae_state, z))
     run()
     out["decode_s"] = _median_time(run, reps)

@@ -4,10 +4,10 @@
     python -m tools.op_profile --arch tiny --batch 2                                  # CPU (tested in CI)
 
 One UNet forward as the engine's CFG step runs it (--batch samples, two contexts each),
-random weights at full size, runs a few times under jax.profiler. Each XLA op's time in the trace is given one category, read off
-the optimized HLO: convolution, attention (what the kernel in jaxdiff/models/attention.py
-became), matmul, reduction (group and layer norms), elementwise, layout (copies, transposes)
-or other. Each op's FLOPs (dots, convolutions, attention kernels) and bytes (operands and
+random weights at full size, runs a few times under jax.profiler. Each XLA op's time in
+the trace is given one category, read off the optimized HLO: convolution, attention (what
+the kernel in jaxdiff/models/attention.py became), matmul, reduction (group and layer
+norms), elementwise, layout (copies, transposes) or other. Each op's FLOPs (dots, convolutions, attention kernels) and bytes (operands and
 result) are read off the HLO too (tools/hlo_ops.py), so each category says what it
 achieved in TFLOP/s and GB/s: the kernels' distance from the chip's peak and bandwidth.
 On a GPU the times are kernel times on the device; on a CPU they are summed over XLA's
@@ -59,7 +59,7 @@ def profile_unet(arch: str, batch: int, size: int | None, dtype_name: str | None
     import jax
     import jax.numpy as jnp
 
-    from tools.bench import _jit_module, random_input, arch_family, guided_unet_inputs, native_side, vae_factor
+    from tools.bench import _jit_module, arch_family, guided_unet_inputs, native_side, random_input, vae_factor
 
     dtype = jnp.dtype(dtype_name or ("bfloat16" if jax.default_backend() != "cpu" else "float32"))
     family = arch_family(arch, dtype)

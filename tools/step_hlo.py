@@ -9,8 +9,9 @@
     python -m tools.step_hlo --arch tiny --batch 1 --target local   # the CPU (tested in CI)
 
 The step (the UNet as the engine's CFG step calls it: --batch samples, two contexts each,
-so a CFG batch of 2 x --batch rows) is compiled inside a scan, as the generation program runs it, so what XLA hoists out of the loop (weight transposes, merged
-weight matrices) is not counted; with --chips the batch is sharded over several chips with
+so a CFG batch of 2 x --batch rows) is compiled inside a scan, as the generation program
+runs it, so what XLA hoists out of the loop (weight transposes, merged weight matrices)
+is not counted; with --chips the batch is sharded over several chips with
 their mesh in context, as the engine does, and the program is one chip's. Each top-level op
 of the loop body gets op_profile's category and its bytes moved: the sizes of its operands
 and results, an upper bound (the caches keep some). From them, two floors for one step:

@@ -173,11 +173,10 @@ class Upsample2D(nnx.Module):
     def __call__(self, x: jax.Array, output_size: tuple[int, int] | None = None) -> jax.Array:
         if output_size is not None and tuple(output_size) != (2 * x.shape[1], 2 * x.shape[2]):
             return self.conv(upsample_nearest(x, output_size))
-        kernel = self.conv.kernel.get_value()
         bias = None if self.conv.bias is None else self.conv.bias.get_value()
-        # As nnx.Conv: its dtype, else the inputs' and parameters' common one.
-        dtype = self.conv.dtype or jnp.result_type(x, kernel, *([] if bias is None else [bias]))
-        return upsample_conv(x.astype(dtype), kernel.astype(dtype), None if bias is None else bias.astype(dtype))
+        # Cast as the conv itself casts its input and parameters.
+        x, kernel, bias = self.conv.promote_dtype((x, self.conv.kernel.get_value(), bias), dtype=self.conv.dtype)
+        return upsample_conv(x, kernel, bias)
 
 
 class Attention(nnx.Module):
