@@ -617,15 +617,38 @@ def write_index(out: str, specs: list) -> dict:
 
 class ProgressWatcher(threading.Thread):
     """Polls the output for new stats markers and drives a tqdm bar over manifest records
-    (done / total, images/s, ETA); a shard's records count once its marker exists."""
+    (done / total, images rendered, images/s, ETA); a shard's records count once its marker
+    exists. `earlier`: the markers of shards rendered again (--retry-failures) as they were
+    before the run: such a shard counts once its marker changes, and only its new images."""
 
-    def __init__(self, out: str, records: dict[str, int], *, interval_s: float = 1.0, enabled: bool = True):
+    def __init__(self, out: str, records: dict[str, int], *, earlier: dict[str, dict] | None = None,
+                 interval_s: float = 1.0, enabled: bool = True):
         super().__init__(daemon=True, name="jaxdiff-progress")
         self._out, self._records, self._interval = out, dict(records), interval_s
+        self._earlier = dict(earlier or {})
         self._stopping = threading.Event()
         self._enabled = enabled
         self.images = 0
         self._t0 = time.time()
+
+    def poll(self, bar) -> None:
+        """Counts the shards committed since the last poll."""
+        try:
+            done = shards.complete_shards(self._out) & self._records.keys()
+        except Exception:  # a transient listing error must not end the run
+            done = set()
+        for name in done:
+            try:
+                stats = shards.read_stats(self._out, name)
+            except Exception:
+                continue
+            earlier = self._earlier.get(name)
+            if stats == earlier:
+                continue
+            self.images += stats["rendered"] - (earlier or {}).get("rendered", 0)
+            bar.update(self._records.pop(name))
+        rate = self.images / max(time.time() - self._t0, 1e-9)
+        bar.set_postfix(images=self.images, img_s=f"{rate:.1f}", refresh=False)
 
     def run(self):
         from tqdm import tqdm
@@ -634,18 +657,7 @@ class ProgressWatcher(threading.Thread):
                   file=sys.stderr, dynamic_ncols=True) as bar:
             while True:
                 stopping = self._stopping.wait(self._interval)
-                try:
-                    done = shards.complete_shards(self._out) & self._records.keys()
-                except Exception:  # a transient listing error must not end the run
-                    done = set()
-                for name in done:
-                    try:
-                        self.images += shards.read_stats(self._out, name)["samples"]
-                    except Exception:
-                        continue
-                    bar.update(self._records.pop(name))
-                rate = self.images / max(time.time() - self._t0, 1e-9)
-                bar.set_postfix(images=self.images, img_s=f"{rate:.1f}", refresh=False)
+                self.poll(bar)
                 if stopping:
                     break
 
@@ -661,6 +673,7 @@ class Summary:
     rendered: int             # in the whole output, this run and earlier ones
     failed: int
     processed_now: int        # samples this run rendered or recorded as failed
+    rendered_now: int         # images this run rendered
     shards: int
     rendered_shards: int
     skipped_shards: int
@@ -674,7 +687,7 @@ class Summary:
 
     @property
     def images_per_s(self) -> float:
-        return self.processed_now / max(self.seconds, 1e-9)
+        return self.rendered_now / max(self.seconds, 1e-9)
 
     def text(self) -> str:
         line = (f"rendered {self.rendered}, failed {self.failed} (see failures/), shards {self.shards} "
@@ -746,8 +759,11 @@ def run(manifests: list[str], out: str, config: RenderConfig, *, beam_args: Iter
     specs = manifest.plan_shards(files, config.shard_size)
     done = shards.complete_shards(out)
     pending = [s for s in specs if s.name not in done]
+    earlier: dict[str, dict] = {}  # markers of complete shards rendered again
     if retry_failures:
-        pending += [s for s in specs if s.name in done and shards.read_stats(out, s.name)["failed"]]
+        earlier = {s.name: shards.read_stats(out, s.name) for s in specs if s.name in done}
+        earlier = {name: stats for name, stats in earlier.items() if stats["failed"]}
+        pending += [s for s in specs if s.name in earlier]
     skipped = len(specs) - len(pending)
 
     options = pipeline_options(list(beam_args))
@@ -775,7 +791,7 @@ def run(manifests: list[str], out: str, config: RenderConfig, *, beam_args: Iter
     if pending:
         pipeline = build_pipeline(options, pending, out, renderer_factory, defaults, config,
                                   retry_failures=retry_failures, shared_handle=handle, all_specs=specs)
-        watcher = ProgressWatcher(out, {s.name: s.num_records for s in pending}, enabled=progress)
+        watcher = ProgressWatcher(out, {s.name: s.num_records for s in pending}, earlier=earlier, enabled=progress)
         watcher.start()
         try:
             result = pipeline.run()
@@ -790,9 +806,10 @@ def run(manifests: list[str], out: str, config: RenderConfig, *, beam_args: Iter
     done = shards.complete_shards(out)
     committed = [s for s in specs if s.name in done]
     index = write_index(out, committed)
-    processed_now = sum(e["nsamples"] + e["failed"] for e in index["shards"]
-                        if e["url"] in {s.name + ".tar" for s in pending})
+    now = [e for e in index["shards"] if e["url"] in {s.name + ".tar" for s in pending}]
+    rendered_now = sum(e["nsamples"] for e in now) - sum(stats["rendered"] for stats in earlier.values())
     return Summary(
-        rendered=index["rendered"], failed=index["failed"], processed_now=processed_now, shards=len(specs),
+        rendered=index["rendered"], failed=index["failed"], processed_now=sum(e["nsamples"] + e["failed"] for e in now),
+        rendered_now=rendered_now, shards=len(specs),
         rendered_shards=sum(s.name in done for s in pending), skipped_shards=skipped,
         missing_shards=[s.name for s in specs if s.name not in done], seconds=time.time() - started)

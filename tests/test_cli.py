@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -205,6 +208,23 @@ def test_cli_renders_and_reruns(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "out").glob("*.tar")) == ["shard-00000.tar", "shard-00001.tar"]
     assert cli.main(args) == cli.EXIT_OK
     assert "2 already complete" in capsys.readouterr().err
+
+
+@pytest.mark.pipeline
+@pytest.mark.faults
+def test_a_run_whose_every_record_fails_says_so_and_nothing_else(tmp_path):
+    """A fresh process, as a user runs it: stderr holds the progress bar and the summary,
+    no notice from Beam's import about BigQuery clients, and no images/s from failures."""
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"prompt": ""}\nnot json\n')
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys; from jaxdiff.cli import main; sys.exit(main())", "render", str(manifest),
+         "--out", str(tmp_path / "out"), "--dry-run", "--width", "8", "--height", "8"],
+        env=dict(os.environ, NO_GCE_CHECK="true", JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=120)
+    assert done.returncode == cli.EXIT_OK, done.stderr
+    assert "rendered 0, failed 2" in done.stderr and " 0.0 images/s" in done.stderr
+    assert "images=0" in done.stderr, "the progress bar counts images, not failed records"
+    assert "WARNING" not in done.stderr, done.stderr
 
 
 def test_dataflow_options_validate_and_graph_builds_offline(tmp_path):

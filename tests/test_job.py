@@ -15,6 +15,7 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import tqdm
 from PIL import Image
 
 from jaxdiff import storage
@@ -247,13 +248,22 @@ def test_retry_failures_renders_only_failed_ids(tmp_path):
     config = _config(shard_size=10)
     first = job.run([str(manifest_path)], out, config, progress=False)
     assert (first.rendered, first.failed) == (2, 1)
+    assert first.rendered_now == 2
     Image.fromarray(np.zeros((8, 16, 3), np.uint8)).save(late)
     hashes_before = pq.read_table(os.path.join(out, "shard-00000.parquet")).to_pylist()
     (tmp_path / "moved").mkdir()
     manifest_path = manifest_path.rename(tmp_path / "moved" / "m.jsonl")
 
+    earlier = {"shard-00000": shards.read_stats(out, "shard-00000")}
+    watcher = job.ProgressWatcher(out, {"shard-00000": 3}, earlier=earlier, enabled=False)
+    bar = tqdm.tqdm(total=3, file=io.StringIO())
+    watcher.poll(bar)  # the shard's marker is the earlier run's: not done yet
+    assert (bar.n, watcher.images) == (0, 0)
     second = job.run([str(manifest_path)], out, config, retry_failures=True, progress=False)
     assert (second.rendered, second.failed) == (3, 0)
+    assert second.rendered_now == 1, "images/s counts only the images this run rendered"
+    watcher.poll(bar)
+    assert (bar.n, watcher.images) == (3, 1)
     assert shards.read_failures(out, "shard-00000") == []
     table = pq.read_table(os.path.join(out, "shard-00000.parquet"))
     assert sorted(table.column("id").to_pylist()) == ["a", "b", "c"]

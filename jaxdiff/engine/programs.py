@@ -144,57 +144,37 @@ def _given_or_drawn(given_flags: jax.Array, given: jax.Array, drawn: jax.Array) 
     return jnp.where(given_flags[:, None, None, None], given, drawn)
 
 
-def _guided_denoiser(unet, context, guidance, conditioning=None, class_labels=None):
-    """denoise(x, t, i) for the samplers: one UNet call on each sample's uncond and cond
-    contexts, then CFG.
+def _denoiser(cfg: bool, unet, context, guidance, conditioning=None, class_labels=None):
+    """The samplers' denoise(x, t, i).
 
-    The latents go in once with both contexts: the UNet runs what precedes its first
-    read of the context once per sample, not once per half of the CFG batch.
+    With CFG (`cfg`), one UNet call on each sample's (uncond, cond) context rows, then
+    guidance: the latents go in once with both contexts, so the UNet runs what precedes
+    its first read of the context once per sample, not once per half of the CFG batch.
+    Without, one call on the prompt's rows alone, at half CFG's batch: where guidance is off
+    (<= 1, as in diffusers) or distilled into the UNet (LCM, time_cond_proj_dim), which then
+    gets the scale as its embedding, as diffusers' LCM pipeline gives it.
     `conditioning` (per sample, channels-last) is concatenated to the latents: the
     inpainting UNet's mask and masked latents, or the upscaler's low-res image.
     """
     dtype = context.dtype
     extra = None if conditioning is None else conditioning.astype(dtype)
     kwargs = {} if class_labels is None else {"class_labels": class_labels}
+    if not cfg:
+        context = context[1::2]
+        if unet.config.time_cond_proj_dim is not None:
+            kwargs["timestep_cond"] = guidance_embedding(guidance, unet.config.time_cond_proj_dim)
 
     def denoise(x_in, t, i):
         model_in = x_in.astype(dtype)
         if extra is not None:
             model_in = jnp.concatenate([model_in, extra], axis=-1)
         out = unet(model_in, t, context, **kwargs).astype(jnp.float32)
+        if not cfg:
+            return out
         pairs = out.reshape((-1, 2) + out.shape[1:])  # each sample's (uncond, cond) rows
         return classifier_free_guidance(pairs[:, 0], pairs[:, 1], guidance)
 
     return denoise
-
-
-def _prompt_only_denoiser(unet, context, guidance, conditioning=None, class_labels=None):
-    """denoise(x, t, i) with one UNet call on the prompt alone, at half CFG's batch: where
-    guidance is off (<= 1, as in diffusers), or distilled into the UNet (LCM,
-    time_cond_proj_dim), which then gets the scale as its embedding, as diffusers' LCM
-    pipeline gives it."""
-    dtype = context.dtype
-    embedded = None
-    if unet.config.time_cond_proj_dim is not None:
-        embedded = guidance_embedding(guidance, unet.config.time_cond_proj_dim)
-    extra = None if conditioning is None else conditioning.astype(dtype)
-    kwargs = {} if class_labels is None else {"class_labels": class_labels}
-
-    def denoise(x_in, t, i):
-        model_in = x_in.astype(dtype)
-        if extra is not None:
-            model_in = jnp.concatenate([model_in, extra], axis=-1)
-        return unet(model_in, t, context, timestep_cond=embedded, **kwargs).astype(jnp.float32)
-
-    return denoise
-
-
-def _denoiser(cfg: bool, unet, context, guidance, conditioning=None, class_labels=None):
-    """The program's denoise(x, t, i): with CFG on each sample's (uncond, cond) context
-    rows, or (cfg False) on the prompt's rows alone."""
-    if cfg:
-        return _guided_denoiser(unet, context, guidance, conditioning, class_labels)
-    return _prompt_only_denoiser(unet, context[1::2], guidance, conditioning, class_labels)
 
 
 def make_base_program(graphdefs, sampler, sig: BaseSignature, *, clip_skip: int,
