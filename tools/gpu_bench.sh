@@ -22,6 +22,10 @@
 #   b32        sd15 at batch 32
 #   hlo        the step as the device compiles it (conv algorithms autotuned): ops and bytes
 #              (tools/step_hlo.py --target local)
+# The device's image has jax, flax, torch and transformers; diffusers (for --compare) comes
+# as wheels in .whl/ (git-ignored), fetched on any machine with:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata==10.2.0
 # Writes JSON and the logs under a scratch folder and, after each step, packs them all into
 # $OUT/gpu_bench.tgz (or ./bench-out/): a lease hands back few files, and a step cut off by
 # the lease must not lose the ones before it.
