@@ -195,6 +195,37 @@ def test_the_padded_cudnn_path_computes_unpadded_attention(monkeypatch):
     assert np.linalg.norm(np.asarray(out, np.float64) - ref) / np.linalg.norm(ref) < 1e-2  # bf16
 
 
+@pytest.mark.parametrize("queries, keys, heads, head_dim", [(50, 77, 3, 40), (16, 7, 8, 160), (9, 9, 1, 8)])
+def test_blockdiag_attention_is_attention(queries, keys, heads, head_dim):
+    q, k, v = _qkv(jnp.float32, tq=queries, tk=keys, heads=heads, dim=head_dim)
+    ref = _reference(q, k, v, causal=False)
+    out = np.asarray(attention.blockdiag_attention(q, k, v), np.float64)
+    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-6
+    scaled = jax.nn.dot_product_attention(q, k, v, scale=0.3, implementation="xla")
+    np.testing.assert_allclose(np.asarray(attention.blockdiag_attention(q, k, v, scale=0.3)), np.asarray(scaled),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_forced_blockdiag_takes_text_attention_and_leaves_the_rest_to_auto(monkeypatch):
+    """JAXDIFF_ATTENTION=blockdiag: calls over at most BLOCKDIAG_MAX_KEYS keys, unmasked, run
+    the block-diagonal GEMMs; self attention over more keys, and CLIP's causal attention,
+    get what auto picks (here on a GPU, compiled ahead of time)."""
+    monkeypatch.setenv("JAXDIFF_ATTENTION", "blockdiag")
+    text_q, text_k = _shape(4096, 40), _shape(77, 40)
+    with attention.dispatch(backend="gpu"):
+        assert attention._choose(text_q, text_k) == "blockdiag"
+        assert attention._choose(text_q, _shape(4096, 40)) == "cudnn"
+        assert attention._choose(_shape(77, 64), _shape(77, 64), plain_only=True) == "cudnn"
+    with attention.dispatch(backend="tpu"):
+        assert attention._choose(text_q, _shape(4096, 40)) == "pallas"
+    q, k, v = _qkv(jnp.float32, tq=20, tk=77)
+    traced = str(jax.make_jaxpr(attention.dot_product_attention)(q, k, v))
+    assert traced.count("dot_general") == 4, "two einsums lay out k and v, two GEMMs attend"
+    ref = _reference(q, k, v, causal=False)
+    out = np.asarray(attention.dot_product_attention(q, k, v), np.float64)
+    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-6
+
+
 def test_dispatch_block_restores_the_previous_choice():
     q, _, _ = _qkv(jnp.bfloat16)
     attention.set_attention_implementation("xla")

@@ -15,6 +15,7 @@ def test_bench_reports_throughput_stages_and_ratio(tmp_path):
     result = bench.main(["--arch", "tiny", "--batch-sizes", "1,2", "--steps", "2", "--reps", "1",
                          "--compare", "diffusers", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["jaxdiff"]["attention"] == os.environ.get("JAXDIFF_ATTENTION", "auto")
     for batch in ("1", "2"):
         entry = result["jaxdiff"]["batches"][batch]
         assert entry["images_per_s"] > 0 and entry["first_call_s"] > 0
@@ -106,6 +107,7 @@ ENTRY %main (a: f32[2]) -> f32[2] {
 
 
 def test_attention_bench_times_every_call_site_on_each_path(tmp_path):
+    from jaxdiff.models import attention
     from tools import attention_bench
 
     out = tmp_path / "attention.json"
@@ -127,25 +129,8 @@ def test_attention_bench_times_every_call_site_on_each_path(tmp_path):
         assert fa3.get("ms", 0) > 0 or fa3["error"].split(": ", 1)[1]
         # Few keys (text attention, the tiny model's short self attention) also run as two
         # block-diagonal GEMMs.
-        assert ("blockdiag" in site["paths"]) == (site["kv_tokens"] <= attention_bench.BLOCKDIAG_MAX_KEYS)
+        assert ("blockdiag" in site["paths"]) == (site["kv_tokens"] <= attention.BLOCKDIAG_MAX_KEYS)
     assert sites["unet 8x8 text"]["paths"]["blockdiag"]["max_diff_vs_xla"] < 1e-5
-
-
-@pytest.mark.parametrize("queries, keys, heads, head_dim", [(50, 77, 3, 40), (16, 7, 8, 160), (9, 9, 1, 8)])
-def test_blockdiag_attention_is_attention(queries, keys, heads, head_dim):
-    import jax
-    import numpy as np
-
-    from tools.attention_bench import blockdiag_attention
-
-    rng = np.random.default_rng(queries)
-    q = rng.standard_normal((2, queries, heads, head_dim)).astype(np.float32)
-    k, v = (rng.standard_normal((2, keys, heads, head_dim)).astype(np.float32) for _ in range(2))
-    plain = jax.nn.dot_product_attention(q, k, v, implementation="xla")
-    np.testing.assert_allclose(np.asarray(blockdiag_attention(q, k, v)), np.asarray(plain), rtol=1e-5, atol=1e-5)
-    scaled = jax.nn.dot_product_attention(q, k, v, scale=0.3, implementation="xla")
-    np.testing.assert_allclose(np.asarray(blockdiag_attention(q, k, v, scale=0.3)), np.asarray(scaled),
-                               rtol=1e-5, atol=1e-5)
 
 
 def test_attention_with_a_zero_padded_head_dim_is_unchanged():
@@ -473,7 +458,7 @@ def test_gpu_bench_script_runs_the_named_steps_and_packs_every_log(tmp_path):
     script = os.path.join(bench.ROOT, "tools", "gpu_bench.sh")
     stubs = tmp_path / "bin"
     stubs.mkdir()
-    (stubs / "python3").write_text('#!/bin/sh\necho "ran XLA_FLAGS=${XLA_FLAGS:-} $*"\n'
+    (stubs / "python3").write_text('#!/bin/sh\necho "ran XLA_FLAGS=${XLA_FLAGS:-} JAXDIFF_ATTENTION=${JAXDIFF_ATTENTION:-} $*"\n'
                                    'case "$*" in *op_profile*) exit 3;; esac\n')
     (stubs / "nvidia-smi").write_text("#!/bin/sh\necho stand-in GPU\n")
     for stub in stubs.iterdir():
@@ -486,15 +471,16 @@ def test_gpu_bench_script_runs_the_named_steps_and_packs_every_log(tmp_path):
     assert refused.returncode == 2 and "unknown step: bogus" in refused.stderr
     assert "ran" not in refused.stdout and not (tmp_path / "out").exists()
 
-    done = subprocess.run(["bash", script, "jaxdiff", "triton", "profile"], cwd=tmp_path, env=env,
+    done = subprocess.run(["bash", script, "jaxdiff", "triton", "blockdiag", "profile"], cwd=tmp_path, env=env,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     with tarfile.open(tmp_path / "out" / "gpu_bench.tgz") as tgz:
         logs = {os.path.basename(m.name): tgz.extractfile(m).read().decode() for m in tgz.getmembers() if m.isfile()}
-    assert set(logs) == {"preamble.log", "jaxdiff.log", "triton.log", "profile.log"}
+    assert set(logs) == {"preamble.log", "jaxdiff.log", "triton.log", "blockdiag.log", "profile.log"}
     assert "stand-in GPU" in logs["preamble.log"]
     assert "XLA_FLAGS=--xla_gpu_enable_triton_gemm=true" in logs["triton.log"]
-    assert "ran XLA_FLAGS= -m tools.bench --arch sd15" in logs["jaxdiff.log"]
+    assert "ran XLA_FLAGS= JAXDIFF_ATTENTION= -m tools.bench --arch sd15" in logs["jaxdiff.log"]
+    assert "JAXDIFF_ATTENTION=blockdiag -m tools.bench --arch sd15" in logs["blockdiag.log"]
     assert logs["jaxdiff.log"].endswith("exit status 0\n") and logs["profile.log"].endswith("exit status 3\n")
 
 

@@ -14,7 +14,8 @@ head dim zero-padded to a multiple of 64 (flash kernels run a head dim of 40 as 
 one: is padding it ourselves free?), and jax's FlashAttention-3 style Hopper kernel
 (Pallas on Mosaic GPU, in f16, head dim padded the same way), best of a few block
 sizes; text attention (few keys) also as two dense GEMMs over all heads at once, the keys
-laid out block-diagonally (`blockdiag_attention`). A path the backend or shape does not
+laid out block-diagonally (`blockdiag_attention` in jaxdiff/models/attention.py, which
+`JAXDIFF_ATTENTION=blockdiag` runs in the UNet). A path the backend or shape does not
 take is reported with its reason. What this says on a GPU is which kernel
 jaxdiff/models/attention.py should dispatch per shape.
 """
@@ -99,45 +100,14 @@ def mosaic_fa3(block_q: int, block_kv: int):
     return attend
 
 
-# Keys up to this many (the 77 text tokens) also run the block-diagonal path: its score
-# array holds heads x keys columns per query, too many for self attention.
-BLOCKDIAG_MAX_KEYS = 128
-
-
-def blockdiag_attention(q, k, v, scale=None):
-    """Attention over few keys as two dense GEMMs per batch element, all heads at once: q's
-    (heads x head dim) columns times the keys laid out block-diagonally by head gives every
-    head's scores in one (queries, heads x keys) product, and the softmaxed scores times the
-    values laid out the same way give every head's output. The zero blocks cost FLOPs
-    (heads times the useful ones, small at 77 keys); in return both products are wide,
-    plain GEMMs, where text attention on a flash kernel ran at 7-34 TFLOP/s. Scores and
-    softmax in float32."""
-    import math
-
-    import jax
-    import jax.numpy as jnp
-
-    batch, queries, heads, head_dim = q.shape
-    keys = k.shape[1]
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    eye = jnp.eye(heads, dtype=q.dtype)
-    # keys_bd[b, (h, d), (g, s)] = k[b, s, g, d] where h == g, else 0; values_bd its transpose's layout.
-    keys_bd = jnp.einsum("bsgd,hg->bhdgs", k, eye).reshape(batch, heads * head_dim, heads * keys)
-    values_bd = jnp.einsum("bsgd,gh->bgshd", v, eye).reshape(batch, heads * keys, heads * head_dim)
-    scores = jnp.matmul(q.reshape(batch, queries, heads * head_dim), keys_bd, preferred_element_type=jnp.float32)
-    probs = jax.nn.softmax(scores.reshape(batch, queries, heads, keys) * scale, axis=-1)
-    out = jnp.matmul(probs.astype(q.dtype).reshape(batch, queries, heads * keys), values_bd,
-                     preferred_element_type=jnp.float32)
-    return out.reshape(batch, queries, heads, head_dim).astype(q.dtype)
-
-
 def _paths(head_dim: int, kv_tokens: int) -> dict:
     """name: attention fn, or {config: fn} for a path timed at each config, its best kept."""
     import functools
 
     import jax
 
-    from jaxdiff.models.attention import CUDNN_PADDED_TEXT_HEAD_DIM, _round_up, with_padded_head_dim
+    from jaxdiff.models.attention import (BLOCKDIAG_MAX_KEYS, CUDNN_PADDED_TEXT_HEAD_DIM, _round_up,
+                                          blockdiag_attention, with_padded_head_dim)
 
     paths = {name: functools.partial(jax.nn.dot_product_attention, implementation=name)
              for name in ("xla", "cudnn")}

@@ -210,7 +210,8 @@ def bench_arch(args) -> dict:
               "unet_params": sum(x.size for x in jax.tree.leaves(nnx.state(family.unet, nnx.Param))),
               "timing": f"median of {args.reps} after a warm-up call, images on the host",
               # What the programs were compiled with, so runs with other options tell apart.
-              "xla_options": compiler_options(), "xla_flags": os.environ.get("XLA_FLAGS", ""), "batches": {}}
+              "xla_options": compiler_options(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+              "attention": os.environ.get("JAXDIFF_ATTENTION", "auto"), "batches": {}}
     side = args.size or native_side(family)
     result["size"] = side
     for B in [int(b) for b in args.batch_sizes.split(",")]:

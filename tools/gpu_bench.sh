@@ -19,6 +19,8 @@
 #              stay two GEMMs, without the copies of the merged one's halves that cuDNN's
 #              attention needs (compiled for an H200 without a device: memory-bound ops
 #              6.20 -> 5.83 ms a step, 68 more cuBLAS calls)
+#   blockdiag  sd15 with JAXDIFF_ATTENTION=blockdiag: attention over few keys (text, and the
+#              8x8 self attention) as two block-diagonal GEMMs instead of cuDNN
 #   b32        sd15 at batch 32
 #   hlo        the step as the device compiles it (conv algorithms autotuned): ops and bytes
 #              (tools/step_hlo.py --target local)
@@ -30,7 +32,7 @@
 # $OUT/gpu_bench.tgz (or ./bench-out/): a lease hands back few files, and a step cut off by
 # the lease must not lose the ones before it.
 set -u -o pipefail
-all_steps=" sd15 jaxdiff warm x4 profile attention triton nomerge b32 hlo "
+all_steps=" sd15 jaxdiff warm x4 profile attention triton nomerge blockdiag b32 hlo "
 steps=("$@"); [ ${#steps[@]} -gt 0 ] || steps=(sd15 warm x4 profile attention)
 for s in "${steps[@]}"; do
   [[ $all_steps == *" $s "* ]] || { echo "unknown step: $s (steps:$all_steps)" >&2; exit 2; }
@@ -72,6 +74,8 @@ run_step() {
               --out "$SCRATCH/bench_sd15_triton.json" ;;
     nomerge) step nomerge 90 env XLA_FLAGS=--xla_gpu_dot_merger_threshold_mb=0 "${sd15[@]}" --reps 1 --no-stages \
                --out "$SCRATCH/bench_sd15_nomerge.json" ;;
+    blockdiag) step blockdiag 90 env JAXDIFF_ATTENTION=blockdiag "${sd15[@]}" --reps 1 --no-stages \
+                 --out "$SCRATCH/bench_sd15_blockdiag.json" ;;
     b32) step b32 100 python3 -m tools.bench --arch sd15 --batch-sizes 32 --steps 25 --reps 1 --no-stages \
            --out "$SCRATCH/bench_sd15_b32.json" ;;
     hlo) step hlo 60 python3 -m tools.step_hlo --arch sd15 --batch 16 --target local --out "$SCRATCH/step_hlo_sd15.json" \
