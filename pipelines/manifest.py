@@ -36,6 +36,7 @@ import math
 import os
 import posixpath
 import re
+import sys
 from typing import Any
 
 import numpy as np
@@ -225,7 +226,10 @@ def _is_int(value) -> bool:
 
 
 def _is_number(value) -> bool:
-    return (_is_int(value) or isinstance(value, (float, np.floating))) and math.isfinite(value)
+    """A finite int or float; an int too large for a float (JSON allows any) is not one."""
+    if _is_int(value):
+        return abs(value) <= sys.float_info.max
+    return isinstance(value, (float, np.floating)) and math.isfinite(value)
 
 
 def _integer(name: str, value) -> int:
@@ -242,6 +246,9 @@ def _integer(name: str, value) -> int:
 def _number(name: str, value) -> float:
     if _is_number(value):
         return float(value)
+    if _is_int(value):
+        raise _Invalid(f"{name} is a {len(str(abs(value)))}-digit integer, out of range: write a number, "
+                       f"e.g. {name}: 7.5")
     if isinstance(value, str):
         try:
             number = float(value)

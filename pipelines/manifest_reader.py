@@ -172,7 +172,7 @@ def expand_patterns(patterns: list[str]) -> list[str]:
         patterns = [patterns]
     if not patterns:
         raise ManifestError("no manifest given: name at least one file or glob pattern")
-    files: set[str] = set()
+    files: dict[str, str] = {}  # where the file is -> the name it was first given by
     for pattern in map(str, patterns):
         try:
             matched = _expand_gcs(pattern) if storage.is_gcs(pattern) else _expand_local(pattern)
@@ -184,8 +184,9 @@ def expand_patterns(patterns: list[str]) -> list[str]:
             raise ManifestError(f"manifest pattern {pattern!r} matches no file: check the path and the glob")
         for path in matched:
             file_format(path)
-            files.add(path)
-    return sorted(files)
+            # One file named two ways (x.jsonl, ./x.jsonl, an absolute path) is read once.
+            files.setdefault(path if storage.is_gcs(path) else os.path.realpath(path), path)
+    return sorted(files.values())
 
 
 class _RangeFile(io.RawIOBase):
@@ -495,7 +496,7 @@ def plan_shards(files: list[str], shard_size: int) -> list[ShardSpec]:
                 if fmt == "csv":
                     columns, offset, line = _csv_header(path, stream)
                     stream.seek(offset)
-                elif fmt == "jsonl" and not gzipped:
+                elif fmt == "jsonl":
                     _refuse_json_array(path, stream)
                 # (record number, offset, line) of the first record of each shard.
                 starts: list[tuple[int, int, int]] = []

@@ -141,6 +141,9 @@ def test_globs_several_files_sorted_once_each(tmp_path):
     files = expand_patterns([str(tmp_path / "*.jsonl"), str(tmp_path / "**/*.*"), str(tmp_path / "a.csv")])
     assert files == sorted(str(tmp_path / n) for n in ("a.csv", "b.jsonl", "sub/c.txt", "sub/deep/d.parquet"))
     assert [r.fields["prompt"] for r in _read_all(files, 1)] == ["a", "b", "c", "d"]
+    # One file named two ways is read once, under the first name given.
+    again = expand_patterns([str(tmp_path / "b.jsonl"), str(tmp_path / "sub" / ".." / "b.jsonl")])
+    assert again == [str(tmp_path / "b.jsonl")]
 
 
 @pytest.mark.faults
@@ -268,6 +271,10 @@ def test_file_level_mistakes_raise_manifest_errors(tmp_path):
     array.write_text(json.dumps([{"prompt": "a"}]))
     with pytest.raises(ManifestError, match="JSON array"):
         plan_shards([str(array)], 5)
+    with gzip.open(tmp_path / "arr.json.gz", "wt") as f:
+        f.write(json.dumps([{"prompt": "a"}, {"prompt": "b"}], indent=1))  # read as broken records, before
+    with pytest.raises(ManifestError, match="JSON array"):
+        plan_shards([str(tmp_path / "arr.json.gz")], 5)
     pq.write_table(pa.table({"caption": ["x"]}), tmp_path / "c.parquet")
     with pytest.raises(ManifestError, match="no 'prompt' column"):
         plan_shards([str(tmp_path / "c.parquet")], 5)
@@ -321,6 +328,9 @@ BAD_RECORDS = [
     ('{"id": "../etc/passwd", "prompt": "p"}', "id '../etc/passwd' is not usable"),
     ('{"prompt": "p", "mode": "img2img", "init_image": "missing.png"}', "does not exist"),
     ('{"prompt": "p", "seed": 1' + "0" * 5000 + "}", "malformed JSON"),  # past Python's int digits
+    ('{"prompt": "p", "guidance": 1' + "0" * 400 + "}", "guidance is a 401-digit integer, out of range"),
+    ('{"prompt": "p", "mode": "img2img", "init_image": "x.png", "strength": -1' + "0" * 400 + "}",
+     "strength is a 401-digit integer, out of range"),
     ('{"id": "half", "prompt": "a cat \\ud83d"}', "prompt holds a lone UTF-16 surrogate"),  # half a pair
 ]
 
