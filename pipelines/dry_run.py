@@ -20,6 +20,11 @@ from jaxdiff.engine.sample import Rendered, Sample, derive_seed
 # --dry-run is checked for real.
 SIZE_MULTIPLE = 8
 MAX_SIDE = 4096
+# An outpaint canvas (the init image plus the outpaint pixels) sets its own size: held to
+# what every SD 1.x/2.x checkpoint takes (the manifest's rule for records' sizes), since
+# the run's model is not loaded. The shipped model takes multiples of 16 as well.
+CANVAS_MULTIPLE = 64
+CANVAS_MAX_SIDE = 2048
 
 
 class DryRunRenderer:
@@ -59,6 +64,14 @@ class DryRunRenderer:
     def _render_one(self, sample: Sample) -> Rendered:
         seed = sample.seed if sample.seed is not None else derive_seed(self.seed, sample.id)
         width, height = sample.width or self.width, sample.height or self.height
+        if sample.mode == "outpaint" and sample.init_image is not None and sample.outpaint is not None:
+            left, top, right, bottom = sample.outpaint
+            image_height, image_width = np.shape(sample.init_image)[:2]
+            width, height = image_width + left + right, image_height + top + bottom
+            if width % CANVAS_MULTIPLE or height % CANVAS_MULTIPLE or max(width, height) > CANVAS_MAX_SIDE:
+                return Rendered(sample.id, None, {}, error=(
+                    f"unsupported size {width}x{height} (the init image plus the outpaint pixels): use "
+                    f"multiples of {CANVAS_MULTIPLE} up to {CANVAS_MAX_SIDE}, as SD checkpoints take it"))
         for name, side in (("width", width), ("height", height)):
             if side % SIZE_MULTIPLE or not SIZE_MULTIPLE <= side <= MAX_SIDE:
                 # Reported per sample, as the engine reports its RenderError.

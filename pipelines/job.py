@@ -32,6 +32,7 @@ from apache_beam.utils import shared
 
 import jaxdiff
 from jaxdiff import storage
+from jaxdiff.engine.pipeline import RenderSettings
 from jaxdiff.engine.sample import Sample, guidance_on
 from pipelines import dry_run, manifest, shards
 
@@ -345,7 +346,8 @@ def duplicate_ids(specs, defaults) -> beam.PTransform:
 def _duplicate_failure(raw, sample_id: str, first: tuple) -> dict:
     _, _, source, line = first
     return _failure(raw, f"duplicate id {sample_id!r}: the record at {source}:{line} gives an image the same "
-                         "id and comes first in the manifest, so the id is its; give every record its own id "
+                         "id and comes first in the manifest, so the id is its (its image's, or its failure's: "
+                         "see failures/); give every record its own id "
                          "(num_images > 1 also uses {id}_1, {id}_2, ...), or leave id out to derive one",
                     "manifest", sample_id)
 
@@ -401,7 +403,9 @@ def render_shard(spec, out: str, renderer, defaults, *, model_info: dict, image_
                 seen_lines.add(raw.line)
                 position = raw.index - spec.first_record
                 if isinstance(result, manifest.Failure):
-                    writes.submit(writer.add_failure, result.to_json())
+                    # One line for each id the record would have given ({id}, {id}_1, ...).
+                    for sample_id in manifest.sample_ids(raw, defaults) or [result.id]:
+                        writes.submit(writer.add_failure, dataclasses.replace(result, id=sample_id).to_json())
                     continue
                 for j, (sample, item) in enumerate(result):
                     first = (duplicates or {}).get(sample.id)
@@ -533,6 +537,16 @@ def _versions() -> dict:
     return versions
 
 
+# Settings that neither the command nor a model folder set render at the engine's own
+# defaults: a run that names such a default renders the same images as one that left it open.
+_ENGINE_DEFAULTS = ("steps", "sampler", "guidance", "upscale_steps", "upscale_guidance", "noise_level")
+
+
+def _with_engine_defaults(identity: dict) -> dict:
+    defaults = RenderSettings()
+    return {k: getattr(defaults, k) if k in _ENGINE_DEFAULTS and v is None else v for k, v in identity.items()}
+
+
 def _differences(old: dict, new: dict) -> list[str]:
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
@@ -550,7 +564,7 @@ def check_existing_run(out: str, fingerprint: str, config: RenderConfig) -> dict
     if "quality" not in recorded and recorded.get("image_format") in shards.FORMATS:
         # Recorded before --quality existed: jpg and webp were written at the default quality.
         recorded["quality"] = shards.save_options(recorded["image_format"]).get("quality")
-    diffs = _differences(recorded, config.identity())
+    diffs = _differences(_with_engine_defaults(recorded), _with_engine_defaults(config.identity()))
     if diffs:
         problems.append("with different settings (" + "; ".join(diffs) + ")")
     if problems:

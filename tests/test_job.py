@@ -273,6 +273,68 @@ def test_retry_failures_renders_only_failed_ids(tmp_path):
 
 
 @pytest.mark.pipeline
+def test_naming_the_default_a_run_left_open_resumes_it(tmp_path):
+    """steps, sampler and guidance left open render at the engine's defaults (no model
+    folder recommends others here): giving those defaults again is the same run."""
+    manifest_path = tmp_path / "m.jsonl"
+    manifest_path.write_text(json.dumps({"id": "a", "prompt": "one"}) + "\n")
+    out = str(tmp_path / "out")
+    job.run([str(manifest_path)], out, _config(steps=None), progress=False)
+    same = job.run([str(manifest_path)], out, _config(steps=25, sampler="dpmpp_2m", guidance=7.5), progress=False)
+    assert (same.skipped_shards, same.rendered_shards) == (1, 0)
+    with pytest.raises(job.RunConflict, match="steps: 25 -> 30"):
+        job.run([str(manifest_path)], out, _config(steps=30), progress=False)
+
+
+@pytest.mark.pipeline
+@pytest.mark.faults
+def test_dry_run_draws_and_checks_an_outpaint_canvas_at_its_own_size(tmp_path):
+    """The canvas is the init image plus the outpaint pixels: the dry run's placeholder has
+    its size, and a canvas no SD checkpoint takes fails there as in a real run."""
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(photo)
+    manifest_path = tmp_path / "m.jsonl"
+    manifest_path.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"id": "wide", "prompt": "p", "mode": "outpaint", "init_image": str(photo), "outpaint": [0, 0, 64, 0]},
+        {"id": "odd", "prompt": "p", "mode": "outpaint", "init_image": str(photo), "outpaint": [5, 0, 0, 0]}]))
+    out = str(tmp_path / "out")
+    summary = job.run([str(manifest_path)], out, _config(shard_size=10), progress=False)
+    assert (summary.rendered, summary.failed) == (1, 1)
+    (row,) = pq.read_table(os.path.join(out, "shard-00000.parquet")).to_pylist()
+    assert (row["id"], row["width"], row["height"]) == ("wide", 128, 64)
+    (failure,) = shards.read_failures(out, "shard-00000")
+    assert failure["id"] == "odd" and "unsupported size 69x64" in failure["reason"]
+
+
+@pytest.mark.pipeline
+@pytest.mark.faults
+def test_a_failed_record_fails_every_image_id_it_would_have_given(tmp_path):
+    """A record asking for num_images 3 that fails (a missing init image, a bad field) has
+    a failure line for {id}, {id}_1 and {id}_2: every id ends somewhere, and a later record
+    claiming one of them is told where."""
+    manifest_path = tmp_path / "m.jsonl"
+    manifest_path.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"id": "a", "prompt": "one"},
+        {"id": "b", "prompt": "two", "num_images": 3, "mode": "img2img", "init_image": str(tmp_path / "no.png")},
+        {"id": "c", "prompt": "three", "num_images": 2, "steps": 0},
+        {"id": "b_2", "prompt": "four"}]))
+    out = str(tmp_path / "out")
+    summary = job.run([str(manifest_path)], out, _config(shard_size=10), progress=False)
+    assert (summary.rendered, summary.failed) == (1, 6)
+    ids, failures = _ids_in_output(out, str(tmp_path / "copy"))
+    assert ids == ["a"]
+    by_id = {}
+    for f in failures:
+        by_id.setdefault(f["id"], []).append(f)
+    assert sorted(by_id) == ["b", "b_1", "b_2", "c", "c_1"]
+    assert [f["stage"] for f in by_id["b_1"]] == ["input-image"] and "does not exist" in by_id["b_1"][0]["reason"]
+    assert "steps 0 is out of range" in by_id["c_1"][0]["reason"]
+    assert sorted(f["line"] for f in by_id["b_2"]) == [2, 4]
+    assert "its failure's" in next(f for f in by_id["b_2"] if f["line"] == 4)["reason"]
+    assert shards.read_stats(out, "shard-00000")["samples"] == 7
+
+
+@pytest.mark.pipeline
 @pytest.mark.faults
 def test_an_id_used_twice_renders_once_and_fails_the_rest_naming_the_first(tmp_path):
     """Within a file and across files: the first record in manifest order is rendered, each
