@@ -598,7 +598,10 @@ def test_bad_sample_requests_are_reported_not_raised(pipe):
                jaxdiff.Sample(id="mode", prompt="a", mode="paint"),
                jaxdiff.Sample(id="good", prompt="a", seed=1)]
     samples += [jaxdiff.Sample(id="neg", prompt="a", seed=-1), jaxdiff.Sample(id="big", prompt="a", seed=2**32)]
-    size, noimg, mode, good, neg, big = pipe.render_samples(samples)
+    samples += [jaxdiff.Sample(id="zero steps", prompt="a", steps=0), jaxdiff.Sample(id="zero", prompt="a", width=0)]
+    size, noimg, mode, good, neg, big, zero_steps, zero = pipe.render_samples(samples)
+    # A 0 given is refused, not taken for "unset" (it rendered 25 steps at the native size).
+    assert "steps 0 is out of range" in zero_steps.error and "unsupported size 0x" in zero.error
     assert "unsupported size 18x16" in size.error
     assert "init_image" in noimg.error
     assert "unknown mode" in mode.error
@@ -627,6 +630,14 @@ def test_render_refuses_lists_that_do_not_match_the_prompts(pipe):
         pipe.render(["a"], seeds=[1, 2])  # the second seed was dropped
     with pytest.raises(ValueError, match="1 negative_prompts for 2 prompts"):
         pipe.render(["a", "b"], negative_prompts=["x"])  # an IndexError
+    with pytest.raises(ValueError, match="negative_prompts is one string"):
+        pipe.render(["a", "b"], negative_prompts="bw")  # one character a prompt
+    with pytest.raises(ValueError, match="ids is one string"):
+        pipe.render(["a", "b"], ids="xy")
+    with pytest.raises(ValueError, match=r"seed= is given per prompt here: pass seeds=\[...\]"):
+        pipe.render(["a"], seed=5)  # a TypeError: Sample() got multiple values for 'seed'
+    with pytest.raises(ValueError, match="negative_prompt= is given per prompt"):
+        pipe.render(["a"], negative_prompt="blurry")
 
 
 @pytest.mark.faults

@@ -217,7 +217,14 @@ class Pipeline:
         """Renders prompts; `fields` are Sample fields (mode, init_image, guidance, ...) for all."""
         if isinstance(prompts, str):
             raise ValueError("render: prompts is one string: give a list of prompts")
+        per_prompt = {"id": "ids", "prompt": "prompts", "negative_prompt": "negative_prompts", "seed": "seeds"}
+        clash = sorted(fields.keys() & per_prompt.keys())
+        if clash:
+            raise ValueError(f"render: {clash[0]}= is given per prompt here: pass {per_prompt[clash[0]]}=[...], "
+                             "one per prompt")
         for name, values in (("seeds", seeds), ("negative_prompts", negative_prompts), ("ids", ids)):
+            if isinstance(values, str):
+                raise ValueError(f"render: {name} is one string: give a list, one per prompt")
             if values is not None and len(values) != len(prompts):
                 raise ValueError(f"render: {len(values)} {name} for {len(prompts)} prompts: give one per prompt")
         samples = []
@@ -292,8 +299,10 @@ class Pipeline:
             raise RenderError(f"unknown mode {s.mode!r}: use one of {', '.join(MODES)}")
         guidance = st.guidance if s.guidance is None else float(s.guidance)
         prep = PreparedSample(
-            sample=s, width=s.width or st.width or self.native_size, height=s.height or st.height or self.native_size,
-            steps=s.steps or st.steps, sampler=s.sampler or st.sampler, guidance=guidance,
+            # A 0 given is refused below, not taken for "unset".
+            sample=s, width=s.width if s.width is not None else st.width or self.native_size,
+            height=s.height if s.height is not None else st.height or self.native_size,
+            steps=s.steps if s.steps is not None else st.steps, sampler=s.sampler or st.sampler, guidance=guidance,
             seed=derive_seed(st.seed, s.id) if s.seed is None else int(s.seed),
             negative_prompt=s.negative_prompt or st.negative_prompt,
             cfg=guidance_on(guidance) and not self._guidance_distilled)
