@@ -444,6 +444,16 @@ def test_wrong_shape_names_file_and_key(sd_folder, tmp_path):
     with pytest.raises(CheckpointError, match=r"'conv_in\.bias' has shape \(9,\)") as info:
         load_component(folder, "unet")
     assert weights in str(info.value)
+    # Kernels: the expected shape in the checkpoint's own (PyTorch) layout, as the key's is.
+    out_ch, in_ch = load_file(weights)["conv_in.weight"].shape[:2]
+
+    def nine_channel_conv_in(tensors):  # an inpainting UNet's weights under a 4-channel config
+        tensors["conv_in.bias"] = np.zeros(out_ch, np.float32)
+        tensors["conv_in.weight"] = np.zeros((out_ch, 9, 3, 3), np.float32)
+    _rewrite_unet(folder, nine_channel_conv_in)
+    expected = rf"'conv_in\.weight' has shape \({out_ch}, 9, 3, 3\), the model expects \({out_ch}, {in_ch}, 3, 3\)"
+    with pytest.raises(CheckpointError, match=expected + r" \(in PyTorch layout\)"):
+        load_component(folder, "unet")
 
 
 @pytest.mark.faults
@@ -502,6 +512,16 @@ def test_pickle_is_refused_unless_allowed(sd_folder, tmp_path):
     _assert_params_equal_torch(loaded.module, sd_folder[1]["unet"])
     with open(pickle_path, "rb") as f:
         assert loaded.sha256[pickle_path] == hashlib.sha256(f.read()).hexdigest()
+
+    # Beside a lone safetensors variant (non-EMA weights, say) the plain pickle is still the
+    # model's weights, as diffusers loads them: the variant does not stand in for them.
+    other = {k: v.numpy() + 1 for k, v in sd_folder[1]["unet"].state_dict().items()}
+    save_file(other, os.path.join(folder, "unet", "diffusion_pytorch_model.non_ema.safetensors"))
+    with pytest.raises(CheckpointError, match=r"diffusion_pytorch_model\.bin: pickle .*variant='non_ema'"):
+        load_component(folder, "unet")
+    _assert_params_equal_torch(load_component(folder, "unet", allow_pickle=True).module, sd_folder[1]["unet"])
+    as_variant = load_component(folder, "unet", variant="non_ema").module
+    assert np.allclose(np.asarray(as_variant.conv_in.bias.get_value()), other["conv_in.bias"])
 
 
 @pytest.mark.faults

@@ -35,7 +35,8 @@ class NoiseSchedule:
 
     `timestep_spacing` None means "not stated in the config": each sampler then uses
     the spacing its diffusers counterpart defaults to (leading for ddim / ddpm,
-    linspace for the others), so results equal `XScheduler.from_config(config)`.
+    linspace for the others), as `XScheduler.from_config(config)` does. One default is not
+    theirs: a config that does not state clip_sample reads as false (see from_config).
     """
 
     num_train_timesteps: int = 1000

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxdiff.weights.export import to_pytorch_layout
+
 
 class CheckpointError(ValueError):
     """A checkpoint does not fit the model it is loaded into."""
@@ -99,9 +101,11 @@ def load_state_dict(model: nnx.Module, tensors: Mapping[str, np.ndarray] | Itera
         array = np.asarray(array)
         value = to_nnx_layout(target[-1], array, want)
         if tuple(value.shape) != want:
+            conv_1x1 = array.ndim == 4 and len(want) == 2
+            expected = to_pytorch_layout(target[-1], np.broadcast_to(np.float32(0), want), as_conv_1x1=conv_1x1)
             raise CheckpointError(
                 f"{source}: key {key!r} has shape {tuple(array.shape)}, the model expects "
-                f"{want} (in PyTorch layout) from its config.json")
+                f"{tuple(expected.shape)} (in PyTorch layout) from its config.json")
         target_dtype = dtype or variable.get_value().dtype
         variable.set_value(_place(key, value, target_dtype, sharding))
         filled.add(target)

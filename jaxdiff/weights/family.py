@@ -139,13 +139,18 @@ def _file_digest(path: str) -> str:
     return hashlib.sha256(storage.read_bytes(path)).hexdigest()
 
 
-def _pickle_refusal(path: str) -> CheckpointError:
+def _pickle_refusal(path: str, variants: list[str] = ()) -> CheckpointError:
+    other = ""
+    if variants:
+        named = (f"variant={variants[0]!r} (--variant {variants[0]})" if len(variants) == 1
+                 else f"variant= one of {', '.join(variants)}")
+        other = f"; or load a safetensors variant beside it, other weights than these: {named}"
     return CheckpointError(
         f"{path}: pickle checkpoints can run code when loaded and are refused. Convert it to "
         f"safetensors once, e.g. in Python with diffusers: "
         f"`DiffusionPipeline.from_pretrained(folder).save_pretrained(out, safe_serialization=True)` "
         f"(or the component's class, e.g. UNet2DConditionModel), then load `out`; or, from Python "
-        f"(the command has no such option), pass allow_pickle=True if you trust the file")
+        f"(the command has no such option), pass allow_pickle=True if you trust the file{other}")
 
 
 def _safetensors_names(stem: str, variant: str | None) -> tuple[str, str]:
@@ -171,15 +176,18 @@ def _weight_files(folder: str, spec: _ComponentSpec, allow_pickle: bool, digests
                   variant: str | None = None) -> tuple[str, list[str]]:
     """("safetensors" | "pickle", [files]) for one component folder.
 
-    Without a variant: the plain files, else the one variant there is (a folder saved
-    with only fp16 files), else a pickle file. With one: that variant's files only.
+    Without a variant: the plain files, safetensors before pickle (as diffusers loads
+    them), else the one variant there is (a folder saved with only fp16 files), else a
+    pickle file. With one: that variant's files only.
     """
     try:
         names = set(storage.list_dir(folder))
     except FileNotFoundError:
         names = set()
     variants = _variants(names, spec)
-    candidates = [variant] if variant else [None] + (variants if len(variants) == 1 else [])
+    plain_pickles = sorted(names & {stem + suffix for stem in spec.weight_names for suffix in _PICKLE_SUFFIXES})
+    # A lone variant (non_ema, fp16) stands in for the plain weights only where there are none.
+    candidates = [variant] if variant else [None] + (variants if len(variants) == 1 and not plain_pickles else [])
     for candidate in candidates:
         for stem in spec.weight_names:
             single, index_name = _safetensors_names(stem, candidate)
@@ -195,11 +203,11 @@ def _weight_files(folder: str, spec: _ComponentSpec, allow_pickle: bool, digests
     if len(variants) > 1:
         raise CheckpointError(f"{folder}: no plain weights but variants {', '.join(variants)}; "
                               f"choose one with variant= (--variant)")
-    pickles = sorted(n for n in names if n.endswith(_PICKLE_SUFFIXES))
+    pickles = plain_pickles or sorted(n for n in names if n.endswith(_PICKLE_SUFFIXES))
     if pickles:
         path = storage.join(folder, pickles[0])
         if not allow_pickle:
-            raise _pickle_refusal(path)
+            raise _pickle_refusal(path, variants)
         return "pickle", [path]
     raise CheckpointError(f"missing file {storage.join(folder, expected)} (the weights; found {found})")
 
