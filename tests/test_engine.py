@@ -706,6 +706,22 @@ def test_samples_given_one_photo_share_its_prepared_image(pipe):
     np.testing.assert_array_equal(alone.image, a.image)
 
 
+def test_image_modes_render_at_the_init_images_size_unless_one_is_given(pipe):
+    # As diffusers' img2img and inpainting pipelines: a side not given is the photo's own
+    # (rounded down to the model's multiple), not the native square the photo was squashed to.
+    m = pipe.size_multiple
+    photo = np.random.default_rng(0).integers(0, 256, (2 * m + 3, 5 * m + 1, 3), dtype=np.uint8)
+    mask = np.zeros(photo.shape[:2], np.uint8)
+    for mode in ("img2img", "sketch", "inpaint"):
+        prepared = pipe.prepare(jaxdiff.Sample(id="p", prompt="p", mode=mode, init_image=photo, mask=mask))
+        assert (prepared.width, prepared.height) == (5 * m, 2 * m) and prepared.image.shape == (2 * m, 5 * m, 3)
+    narrow = pipe.prepare(jaxdiff.Sample(id="n", prompt="p", mode="img2img", init_image=photo, width=m))
+    assert (narrow.width, narrow.height) == (m, 2 * m)
+    tiny = pipe.prepare(jaxdiff.Sample(id="t", prompt="p", mode="img2img", init_image=photo[:3, :3]))
+    assert (tiny.width, tiny.height) == (m, m)
+    assert (pipe.prepare(jaxdiff.Sample(id="x", prompt="p")).width, pipe.native_size) == (pipe.native_size,) * 2
+
+
 @pytest.mark.faults
 def test_outpaint_pixels_may_be_any_sequence_and_a_single_number_is_refused(pipe):
     photo = _rgb(4)

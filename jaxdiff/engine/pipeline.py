@@ -299,9 +299,10 @@ class Pipeline:
             raise RenderError(f"unknown mode {s.mode!r}: use one of {', '.join(MODES)}")
         guidance = st.guidance if s.guidance is None else float(s.guidance)
         prep = PreparedSample(
-            # A 0 given is refused below, not taken for "unset".
-            sample=s, width=s.width if s.width is not None else st.width or self.native_size,
-            height=s.height if s.height is not None else st.height or self.native_size,
+            # A 0 given is refused below, not taken for "unset". Unset (None here): the native
+            # size for text-to-image, the init image's own for the other modes.
+            sample=s, width=s.width if s.width is not None else st.width,
+            height=s.height if s.height is not None else st.height,
             steps=s.steps if s.steps is not None else st.steps, sampler=s.sampler or st.sampler, guidance=guidance,
             seed=derive_seed(st.seed, s.id) if s.seed is None else int(s.seed),
             negative_prompt=s.negative_prompt or st.negative_prompt,
@@ -327,6 +328,8 @@ class Pipeline:
         except ValueError as e:
             raise RenderError(f"sampler {prep.sampler} at {prep.steps} steps: {e}") from None
         if s.mode == "txt2img":
+            prep.width = self.native_size if prep.width is None else prep.width
+            prep.height = self.native_size if prep.height is None else prep.height
             self._check_size(prep.width, prep.height)
             return prep
         # A guidance-distilled model renders as diffusers' LCM pipelines (txt2img, img2img); a
@@ -386,6 +389,12 @@ class Pipeline:
                                   f"numbers >= 0, not all 0; got {s.outpaint!r}")
             image, mask = imgs.outpaint_canvas(image, pads, self.vae_factor)
             width, height = image.shape[1], image.shape[0]
+        else:
+            # A side not given is the image's own, rounded down to the model's multiple, as
+            # diffusers' image-to-image and inpainting pipelines take it (they round to 8).
+            fit = lambda side: max(self.size_multiple, side // self.size_multiple * self.size_multiple)
+            width = fit(image.shape[1]) if width is None else width
+            height = fit(image.shape[0]) if height is None else height
         self._check_size(width, height)
         image = imgs.to_unit_range(imgs.resize_rgb(image, width, height))
         if s.mode in ("inpaint", "outpaint"):
