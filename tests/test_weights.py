@@ -18,7 +18,7 @@ from safetensors.numpy import load_file, save_file
 
 from jaxdiff import storage
 from jaxdiff.weights.convert import CheckpointError, to_nnx_layout
-from jaxdiff.weights.family import load_component, load_family
+from jaxdiff.weights.family import InitKeys, load_component, load_family
 from jaxdiff.weights.safetensors_stream import SafetensorsStream
 from tools.random_family import write_char_tokenizer
 
@@ -598,3 +598,20 @@ def test_a_dtype_the_models_cannot_compute_in_is_named(sd_folder, dtype):
         load_family(sd_folder[0], dtype=dtype)
     with pytest.raises(ValueError, match=f"dtype '{dtype}'"):
         load_component(sd_folder[0], "unet", dtype=dtype)
+
+
+def test_models_build_with_init_keys_as_with_nnx_rngs():
+    """InitKeys (the loader's stand-in for nnx.Rngs, fast under eval_shape) builds the same
+    variables, drawing a new key for each."""
+    from jaxdiff.models.unet import UNet2DConditionModel, UNetConfig
+
+    cfg = UNetConfig.from_dict(dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                                    cross_attention_dim=8, attention_head_dim=2,
+                                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")))
+    shapes = lambda model: jax.tree.map(lambda x: (x.shape, x.dtype), nnx.state(model))
+    build = lambda rngs: UNet2DConditionModel(cfg, dtype=jnp.float32, rngs=rngs)
+    assert shapes(nnx.eval_shape(lambda: build(InitKeys()))) == shapes(nnx.eval_shape(lambda: build(nnx.Rngs(0))))
+    keys = InitKeys(3)
+    first, second = (np.asarray(jax.random.key_data(keys.params())) for _ in range(2))
+    assert not np.array_equal(first, second)

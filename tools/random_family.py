@@ -80,12 +80,11 @@ def random_weights(build, dtype, seed: int = 0):
 def random_family(arch: str, dtype, seed: int = 0):
     """A ModelFamily of the named architecture (configs.architectures) with random weights."""
     import jax.numpy as jnp
-    from flax import nnx
 
     from jaxdiff.models.clip import CLIPTextConfig, CLIPTextModel, load_tokenizer
     from jaxdiff.models.unet import UNet2DConditionModel, UNetConfig
     from jaxdiff.models.vae import AutoencoderKL, VAEConfig
-    from jaxdiff.weights.family import ModelFamily
+    from jaxdiff.weights.family import InitKeys, ModelFamily
 
     text_cfg, unet_cfg, vae_cfg, scheduler, low_res = ARCHITECTURES[arch]
     with tempfile.TemporaryDirectory(prefix="jaxdiff-tokenizer-") as tok_dir:  # read whole when loaded
@@ -96,7 +95,7 @@ def random_family(arch: str, dtype, seed: int = 0):
     kind = {4: "text2image", 9: "inpaint", 7: "upscale"}[unet_cfg["in_channels"]]
 
     def build(model_class, config, offset):
-        return random_weights(lambda: model_class(config, dtype=dtype, rngs=nnx.Rngs(0)), dtype, seed + offset)
+        return random_weights(lambda: model_class(config, dtype=dtype, rngs=InitKeys()), dtype, seed + offset)
 
     return ModelFamily(
         path=f"random:{arch}", kind=kind, dtype=dtype,

@@ -139,6 +139,20 @@ def _file_digest(path: str) -> str:
     return hashlib.sha256(storage.read_bytes(path)).hexdigest()
 
 
+class InitKeys:
+    """Stands in for nnx.Rngs(seed) when a model is built (its layers draw their init keys
+    with `rngs.params()`), counting the keys in Python. nnx.Rngs counts them in an nnx
+    Variable, and under nnx.eval_shape each update of that traced count costs jax 0.10 a
+    scan of the whole trace: SD 1.5's UNet built abstractly in 7.0 s, with this in 0.5."""
+
+    def __init__(self, seed: int = 0):
+        self._key, self._drawn = jax.random.key(seed), 0
+
+    def params(self) -> jax.Array:
+        self._drawn += 1
+        return jax.random.fold_in(self._key, np.uint32(self._drawn))
+
+
 def _pickle_refusal(path: str, variants: list[str] = ()) -> CheckpointError:
     other = ""
     if variants:
@@ -314,7 +328,7 @@ def load_component(path: str, name: str, *, dtype=None, sharding=None,
     try:
         config = getattr(models, spec.config_class).from_dict(config_dict)
         model_class = getattr(models, spec.model_class)
-        abstract = nnx.eval_shape(lambda: model_class(config, dtype=dtype, rngs=nnx.Rngs(0)))
+        abstract = nnx.eval_shape(lambda: model_class(config, dtype=dtype, rngs=InitKeys()))
     except ValueError as e:  # UnsupportedConfig and invalid values
         raise _with_config_file(e, config_path) from e
 
