@@ -106,6 +106,29 @@ def _split_beam_flags(argv: list[str], parser: argparse.ArgumentParser) -> tuple
     return ours, beam_args
 
 
+def _check_typos(beam_args: list[str], parser: argparse.ArgumentParser) -> None:
+    """A flag that Beam does not know either and that is close to one of ours is a typo of
+    ours: Beam would only log that it discards it, and the run would go on without it."""
+    import difflib
+
+    from pipelines import job
+
+    options = job.pipeline_options(beam_args)
+    beam_logger = logging.getLogger("apache_beam.options.pipeline_options")
+    level = beam_logger.level
+    beam_logger.setLevel(logging.ERROR)  # its "Discarding unparseable args" notice: said better below
+    try:
+        unknown = set(options.get_all_options(retain_unknown_options=True)) - set(options.get_all_options())
+    finally:
+        beam_logger.setLevel(level)
+    ours = {flag[2:].replace("-", "_"): flag for action in parser._actions for flag in action.option_strings
+            if flag.startswith("--")}
+    for name in sorted(unknown):
+        close = difflib.get_close_matches(name, ours, n=1, cutoff=0.75)
+        if close:
+            parser.error(f"--{name}: did you mean {ours[close[0]]}? (neither jaxdiff nor Apache Beam knows --{name})")
+
+
 def render_command(args: argparse.Namespace, beam_args: list[str]) -> int:
     from pipelines import job
     from pipelines.manifest import ManifestError
@@ -155,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     # Beam logs every bundle at INFO; the progress bar and summary say what matters.
     logging.basicConfig(level=logging.WARNING)
     if args.command == "render":
+        _check_typos(beam_args, render)
         return render_command(args, beam_args)
     parser.error(f"unknown command {args.command}")
     return EXIT_ERROR

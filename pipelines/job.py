@@ -746,6 +746,18 @@ def _is_local(options: PipelineOptions) -> bool:
     return isinstance(runner, str) and runner.split(".")[-1] in LOCAL_RUNNERS
 
 
+def _check_reachable_from_workers(options: PipelineOptions, out: str, files: list[str]) -> None:
+    """On Dataflow the workers read the manifests and write the shards: a path on this
+    machine would fail there, or leave each worker's shards on its own disk."""
+    runner = options.view_as(StandardOptions).runner
+    if not (isinstance(runner, str) and runner.split(".")[-1] in ("DataflowRunner", "TestDataflowRunner")):
+        return
+    for flag, path in [("--out", out)] + [("manifest", f) for f in files]:
+        if not storage.is_gcs(path):
+            raise ValueError(f"{flag} {path} is on this machine, where Dataflow's workers cannot reach it: "
+                             f"give a gs:// path")
+
+
 def run(manifests: list[str], out: str, config: RenderConfig, *, beam_args: Iterable[str] = (),
         renderer_factory: Callable | None = None, fresh: bool = False, retry_failures: bool = False,
         progress: bool = True, shared_handle: shared.Shared | None = None) -> Summary:
@@ -763,6 +775,8 @@ def run(manifests: list[str], out: str, config: RenderConfig, *, beam_args: Iter
     config = with_model_defaults(config)
     defaults = manifest_defaults(config)  # bad settings fail here, before run.json is written
     files = manifest.expand_patterns(list(manifests))
+    options = pipeline_options(list(beam_args))
+    _check_reachable_from_workers(options, out, files)
     shards.check_writable(out)
     fingerprint = manifest.manifest_fingerprint(files)
     if fresh:
@@ -780,7 +794,6 @@ def run(manifests: list[str], out: str, config: RenderConfig, *, beam_args: Iter
         pending += [s for s in specs if s.name in earlier]
     skipped = len(specs) - len(pending)
 
-    options = pipeline_options(list(beam_args))
     renderer_factory = renderer_factory or RendererFactory(config)
     local = _is_local(options)
     model_info = {"model": config.model, "upscaler": config.upscaler}

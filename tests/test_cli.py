@@ -49,6 +49,15 @@ def test_abbreviated_flags_and_unknown_samplers_are_refused(tmp_path, capsys):
     sampler = next(a for a in render._actions if "--sampler" in a.option_strings)
     assert tuple(sampler.choices) == SAMPLER_NAMES
     assert render.parse_args(["m.jsonl", "--out", "o", "--sampler", "Euler_A"]).sampler == "euler_a"
+    # A typo of one of ours that Beam does not know either would be dropped with a log line.
+    for typo, meant in (["--guidence", "3"], "--guidance"), (["--batchsize=16"], "--batch-size"), \
+                       (["--keep_base"], "--keep-base"):
+        with pytest.raises(SystemExit):
+            cli.main(common + typo)
+        assert f"did you mean {meant}?" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    # Beam's own flags, even close to ours, still go to Beam.
+    assert cli.main(common + ["--dry_run=True", "--direct_num_workers=1", "--no-progress"]) == cli.EXIT_OK
 
 
 @pytest.mark.faults
@@ -225,6 +234,17 @@ def test_a_run_whose_every_record_fails_says_so_and_nothing_else(tmp_path):
     assert "rendered 0, failed 2" in done.stderr and " 0.0 images/s" in done.stderr
     assert "images=0" in done.stderr, "the progress bar counts images, not failed records"
     assert "WARNING" not in done.stderr, done.stderr
+
+
+@pytest.mark.faults
+def test_dataflow_refuses_paths_its_workers_cannot_reach(tmp_path, capsys):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"prompt": "a"}\n')
+    dataflow = ["--runner=DataflowRunner", "--project=p", "--region=us-central1", "--temp_location=gs://b/tmp"]
+    assert cli.main(["render", str(manifest), "--out", str(tmp_path / "out"), "--dry-run", *dataflow]) == cli.EXIT_ERROR
+    assert f"--out {tmp_path / 'out'} is on this machine, where Dataflow's workers cannot reach it: give a gs:// " \
+        in capsys.readouterr().err
+    assert not (tmp_path / "out").exists(), "refused before anything is written"
 
 
 def test_dataflow_options_validate_and_graph_builds_offline(tmp_path):

@@ -174,6 +174,13 @@ def test_gcs_manifest_with_relative_init_image(gcs_bucket):
     pq.write_table(pa.table({"prompt": ["pq0", "pq1", "pq2"], "seed": [1, None, 3]}), table, row_group_size=2)
     bucket.blob("run1/m/b.parquet").upload_from_string(table.getvalue())
     bucket.blob("run1/m/skip.txt.bak").upload_from_string("x")
+    bucket.blob("run1/odd/data[1].jsonl").upload_from_string('{"prompt": "bracketed"}\n')
+    bucket.blob("run1/odd/q?x.jsonl").upload_from_string('{"prompt": "question"}\n')
+    bucket.blob("run1/odd/qax.jsonl").upload_from_string('{"prompt": "another"}\n')
+    # An object named as it is, glob characters and all; a glob where none is so named.
+    assert expand_patterns([f"gs://{gcs_bucket}/run1/odd/data[1].jsonl"]) == [f"gs://{gcs_bucket}/run1/odd/data[1].jsonl"]
+    assert expand_patterns([f"gs://{gcs_bucket}/run1/odd/q?x.jsonl"]) == [f"gs://{gcs_bucket}/run1/odd/q?x.jsonl"]
+    assert expand_patterns([f"gs://{gcs_bucket}/run1/odd/qa?.jsonl"]) == [f"gs://{gcs_bucket}/run1/odd/qax.jsonl"]
 
     with pytest.raises(ManifestError, match=r"gs://jaxdiff-test/run1/none/\*\.jsonl"):
         expand_patterns([f"gs://{gcs_bucket}/run1/none/*.jsonl"])
