@@ -600,6 +600,21 @@ def test_a_dtype_the_models_cannot_compute_in_is_named(sd_folder, dtype):
         load_component(sd_folder[0], "unet", dtype=dtype)
 
 
+def test_a_float16_family_keeps_a_vae_that_asks_for_it_in_float32(sd_folder, tmp_path):
+    # As diffusers' pipelines upcast it (force_upcast: the x4 VAE's activations overflow
+    # float16); bfloat16 has float32's range and is kept.
+    folder = _copy_component(sd_folder[0], str(tmp_path), "vae")
+    config_path = os.path.join(folder, "vae", "config.json")
+    kernel_dtype = lambda dtype: load_component(folder, "vae", dtype=dtype).module.decoder.conv_in.kernel.get_value().dtype
+    for force_upcast, float16_as in ((True, jnp.float32), (False, jnp.float16)):
+        with open(config_path) as f:
+            config = json.load(f)
+        with open(config_path, "w") as f:
+            json.dump(dict(config, force_upcast=force_upcast), f)
+        assert kernel_dtype("float16") == float16_as
+        assert kernel_dtype("bfloat16") == jnp.bfloat16
+
+
 def test_models_build_with_init_keys_as_with_nnx_rngs():
     """InitKeys (the loader's stand-in for nnx.Rngs, fast under eval_shape) builds the same
     variables, drawing a new key for each."""

@@ -21,10 +21,10 @@ from jaxdiff.models.blocks import (Attention, Downsample2D, ResnetBlock2D, Unsup
 _EPS = 1e-6
 
 _REQUIRED_VALUES: dict[str, Any] = {"act_fn": "silu"}
-# Keys that do not change encode/decode: the nominal image size, precision advice for
-# PyTorch, and latent statistics only SDXL-class pipelines apply (diffusers' SD 1.x/2.x and
-# upscaler pipelines, like the engine, use scaling_factor alone).
-_IGNORED_KEYS = ("sample_size", "force_upcast", "latents_mean", "latents_std")
+# Keys that do not change encode/decode: the nominal image size, and latent statistics only
+# SDXL-class pipelines apply (diffusers' SD 1.x/2.x and upscaler pipelines, like the engine,
+# use scaling_factor alone).
+_IGNORED_KEYS = ("sample_size", "latents_mean", "latents_std")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +44,9 @@ class VAEConfig:
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
+    # Float16 overflows this VAE's activations: the loader keeps it in float32 when the rest
+    # of the family runs in float16, as diffusers' pipelines upcast it.
+    force_upcast: bool = True
 
     @property
     def downscale_factor(self) -> int:

@@ -327,6 +327,8 @@ def load_component(path: str, name: str, *, dtype=None, sharding=None,
     models = importlib.import_module(spec.module)
     try:
         config = getattr(models, spec.config_class).from_dict(config_dict)
+        if name == "vae" and config.force_upcast and jnp.dtype(dtype) == jnp.float16:
+            dtype = jnp.float32  # as diffusers upcasts it: float16 overflows its activations
         model_class = getattr(models, spec.model_class)
         abstract = nnx.eval_shape(lambda: model_class(config, dtype=dtype, rngs=InitKeys()))
     except ValueError as e:  # UnsupportedConfig and invalid values
