@@ -308,6 +308,12 @@ def test_upscale_matches_diffusers(sd_folder, upscaler_folder, monkeypatch):
                         aug_noise=_nhwc(aug))
     assert ours[0].shape == (32, 32, 3)
     _assert_close(np.stack(ours).astype(np.float32) / 255.0, ref)
+    # clip_skip is the base model's: the x4 stage reads its text encoder's last layer, as diffusers does.
+    skipping = jaxdiff.load_pipeline(sd_folder, upscaler=upscaler_folder, steps=STEPS, sampler="ddim", clip_skip=1,
+                                     upscale_steps=STEPS, upscale_guidance=9.0, noise_level=20, batch_size=2)
+    same = skipping.upscale(low, PROMPTS, seeds=[0, 1], negative_prompts=NEGATIVE, noise=_nhwc(noise),
+                            aug_noise=_nhwc(aug))
+    np.testing.assert_array_equal(np.stack(same), np.stack(ours))
 
 
 @pytest.mark.parity
@@ -620,6 +626,13 @@ def test_given_noise_must_fit_every_sample(pipe, monkeypatch):
     with pytest.raises(ValueError, match=r"sample 'wide' renders at 32x16, latents \(8, 16, 4\): noise= takes "
                                          "samples of one size"):  # before, numpy's "could not broadcast"
         pipe.render_samples(samples, noise=_nhwc(_noise(2, 8, 8)))
+
+
+@pytest.mark.faults
+def test_a_tile_size_that_cannot_be_used_is_refused_at_load(sd_folder):
+    for tile in (8.0, 32, True):  # 8.0 failed inside the first render, after the base stage's compile
+        with pytest.raises(ValueError, match=f"tile_pixels {tile!r}: give a whole number of pixels >= 64"):
+            jaxdiff.load_pipeline(sd_folder, upscaler="none", tile_pixels=tile)
 
 
 @pytest.mark.faults

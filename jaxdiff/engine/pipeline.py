@@ -60,7 +60,7 @@ class RenderSettings:
     upscale_sampler: str | None = None  # None: the upscaler checkpoint's own scheduler
     noise_level: int = 20
     keep_base: bool = False
-    tile_pixels: int = 768         # decode larger images in tiles of this side
+    tile_pixels: int | None = 768  # decode larger images in tiles of this side; None: never tiled
 
 
 def settings_for(base, upscaler=None, **given) -> RenderSettings:
@@ -141,6 +141,10 @@ class Pipeline:
         self._batched = NamedSharding(self.mesh, P("data"))
         self._programs: dict[Any, Any] = {}
         self.compile_count = 0
+        tile = self.settings.tile_pixels  # None: never tiled
+        if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < 64):
+            raise ValueError(f"tile_pixels {tile!r}: give a whole number of pixels >= 64, the side past which "
+                             "images decode in tiles")
         if upscaler is not None and not 0 <= self.settings.noise_level <= (upscaler.max_noise_level or 0):
             raise ValueError(f"noise_level {self.settings.noise_level} is out of range for the upscaler at "
                              f"{upscaler.path}: use 0 to its max_noise_level {upscaler.max_noise_level}")
@@ -600,7 +604,8 @@ class Pipeline:
         sig = UpscaleSignature(B, height, width, st.upscale_steps, sampler_name, guidance_on(st.upscale_guidance))
         program = self._program(("upscale", sig), lambda: make_upscale_program(
             self._up[0], self._upscale_solver, self._low_res_schedule, sig,
-            clip_skip=st.clip_skip, scaling_factor=float(fam.vae_config.scaling_factor),
+            # No clip skip: a base model's setting, which diffusers' upscale pipeline does not take.
+            clip_skip=0, scaling_factor=float(fam.vae_config.scaling_factor),
             tile_pixels=st.tile_pixels, on_trace=self._count_trace))
         token_inputs, _ = self._token_inputs(fam, list(prompts), list(negatives))
         C = int(fam.unet_config.out_channels)
