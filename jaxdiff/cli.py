@@ -11,6 +11,8 @@ committed, 2 for a whole-run error (bad manifest path, unwritable output, confli
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
 import math
 import os
@@ -117,8 +119,13 @@ def _check_typos(beam_args: list[str], parser: argparse.ArgumentParser) -> None:
     beam_logger = logging.getLogger("apache_beam.options.pipeline_options")
     level = beam_logger.level
     beam_logger.setLevel(logging.ERROR)  # its "Discarding unparseable args" notice: said better below
+    said = io.StringIO()
     try:
-        unknown = set(options.get_all_options(retain_unknown_options=True)) - set(options.get_all_options())
+        with contextlib.redirect_stderr(said):  # Beam's parser prints its whole usage on an error
+            unknown = set(options.get_all_options(retain_unknown_options=True)) - set(options.get_all_options())
+    except SystemExit:
+        reason = [line for line in said.getvalue().splitlines() if line.strip()][-1].split("error: ", 1)[-1]
+        parser.error(f"Apache Beam cannot read its flags: {reason}")
     finally:
         beam_logger.setLevel(level)
     ours = {flag[2:].replace("-", "_"): flag for action in parser._actions for flag in action.option_strings

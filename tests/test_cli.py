@@ -56,6 +56,11 @@ def test_abbreviated_flags_and_unknown_samplers_are_refused(tmp_path, capsys):
             cli.main(common + typo)
         assert f"did you mean {meant}?" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit):  # found before the model loads, in one line, not Beam's whole usage
+        cli.main(common + ["--dry_run"])
+    said = capsys.readouterr().err
+    assert "Apache Beam cannot read its flags: argument --dry_run: expected one argument" in said
+    assert "--s3_api_version" not in said
     # Beam's own flags, even close to ours, still go to Beam.
     assert cli.main(common + ["--dry_run=True", "--direct_num_workers=1", "--no-progress"]) == cli.EXIT_OK
 
