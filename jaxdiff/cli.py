@@ -124,8 +124,8 @@ def _check_typos(beam_args: list[str], parser: argparse.ArgumentParser) -> None:
         with contextlib.redirect_stderr(said):  # Beam's parser prints its whole usage on an error
             unknown = set(options.get_all_options(retain_unknown_options=True)) - set(options.get_all_options())
     except SystemExit:
-        reason = [line for line in said.getvalue().splitlines() if line.strip()][-1].split("error: ", 1)[-1]
-        parser.error(f"Apache Beam cannot read its flags: {reason}")
+        lines = [line for line in said.getvalue().splitlines() if line.strip()] or ["(it said nothing more)"]
+        parser.error(f"Apache Beam cannot read its flags: {lines[-1].split('error: ', 1)[-1]}")
     finally:
         beam_logger.setLevel(level)
     ours = {flag[2:].replace("-", "_"): flag for action in parser._actions for flag in action.option_strings
