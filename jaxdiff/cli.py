@@ -37,7 +37,8 @@ def _render_parser(sub) -> argparse.ArgumentParser:
         description="Render manifests into webdataset shards (tar + parquet + stats). Rerunning the same "
                     "command resumes: complete shards are skipped. Unknown --flags go to Apache Beam.")
     p.add_argument("manifests", nargs="+", metavar="MANIFEST",
-                   help="manifest files or glob patterns (.jsonl, .csv, .txt, .parquet; local or gs://)")
+                   help="manifest files or glob patterns (.jsonl, .json (JSON lines), .csv, .txt, each "
+                        "optionally .gz, or .parquet; local or gs://), read in sorted path order")
     p.add_argument("--out", required=True, help="output folder, local or gs://bucket/prefix")
     p.add_argument("--model", default=None, help="diffusers folder (local or gs://), or a Hub id already in the "
                                                  "local Hugging Face cache (owner/name); default: the shipped model")
@@ -57,7 +58,7 @@ def _render_parser(sub) -> argparse.ArgumentParser:
                    help="classifier-free guidance scale (default: the model's render_defaults.json; for an "
                         "LCMScheduler model 8.5, or 1 without a guidance-distilled UNet; else 7.5)")
     p.add_argument("--seed", type=int, default=0, help="run seed; records without a seed derive theirs from it")
-    p.add_argument("--batch-size", type=int, default=8, help="samples per device batch (default 8)")
+    p.add_argument("--batch-size", type=int, default=8, help="samples per batch, split over the local chips (default 8)")
     p.add_argument("--shard-size", type=int, default=1000, help="manifest records per shard (default 1000)")
     p.add_argument("--format", dest="image_format", default="png", choices=["png", "jpg", "webp"],
                    help="image format in the shards (default png)")

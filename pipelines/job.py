@@ -173,8 +173,7 @@ def manifest_defaults(config: RenderConfig) -> manifest.RenderDefaults:
     if config.dry_run:
         # The dry run draws any multiple of 8, so tiny images can test a huge manifest;
         # records' own sizes are checked as a real run checks them.
-        values.update(run_size_multiple=dry_run.SIZE_MULTIPLE, run_max_side=dry_run.MAX_SIDE,
-                      width=config.width or DRY_RUN_SIZE, height=config.height or DRY_RUN_SIZE)
+        values.update(run_size_multiple=dry_run.SIZE_MULTIPLE, run_max_side=dry_run.MAX_SIDE)
     try:
         return manifest.RenderDefaults(**values)
     except manifest.SettingError as e:
@@ -651,6 +650,7 @@ class ProgressWatcher(threading.Thread):
             done = shards.complete_shards(self._out) & self._records.keys()
         except Exception:  # a transient listing error must not end the run
             done = set()
+        records = 0
         for name in done:
             try:
                 stats = shards.read_stats(self._out, name)
@@ -660,9 +660,10 @@ class ProgressWatcher(threading.Thread):
             if stats == earlier:
                 continue
             self.images += stats["rendered"] - (earlier or {}).get("rendered", 0)
-            bar.update(self._records.pop(name))
+            records += self._records.pop(name)
         rate = self.images / max(time.time() - self._t0, 1e-9)
         bar.set_postfix(images=self.images, img_s=f"{rate:.1f}", refresh=False)
+        bar.update(records)  # after the postfix: the bar redraws the records and images together
 
     def run(self):
         from tqdm import tqdm
@@ -746,12 +747,18 @@ def _is_local(options: PipelineOptions) -> bool:
     return isinstance(runner, str) and runner.split(".")[-1] in LOCAL_RUNNERS
 
 
-def _check_reachable_from_workers(options: PipelineOptions, out: str, files: list[str]) -> None:
-    """On Dataflow the workers read the manifests and write the shards: a path on this
-    machine would fail there, or leave each worker's shards on its own disk."""
+def _check_dataflow(options: PipelineOptions, out: str, files: list[str]) -> None:
+    """Before anything is written, for a Dataflow job: the launcher has Beam's Dataflow
+    clients, and the paths the workers read and write are gs://. A path on this machine
+    would fail there, or leave each worker's shards on its own disk."""
     runner = options.view_as(StandardOptions).runner
     if not (isinstance(runner, str) and runner.split(".")[-1] in ("DataflowRunner", "TestDataflowRunner")):
         return
+    try:
+        from apache_beam.runners.dataflow.internal import apiclient  # noqa: F401
+    except ImportError as e:
+        raise ValueError(f"--runner {runner} needs Beam's Dataflow clients ({e}): install jaxdiff with them, "
+                         "pip install 'jaxdiff[dataflow]' (or -e '.[dataflow]' in a checkout)") from e
     for flag, path in [("--out", out)] + [("manifest", f) for f in files]:
         if not storage.is_gcs(path):
             raise ValueError(f"{flag} {path} is on this machine, where Dataflow's workers cannot reach it: "
@@ -776,7 +783,7 @@ def run(manifests: list[str], out: str, config: RenderConfig, *, beam_args: Iter
     defaults = manifest_defaults(config)  # bad settings fail here, before run.json is written
     files = manifest.expand_patterns(list(manifests))
     options = pipeline_options(list(beam_args))
-    _check_reachable_from_workers(options, out, files)
+    _check_dataflow(options, out, files)
     shards.check_writable(out)
     fingerprint = manifest.manifest_fingerprint(files)
     if fresh:

@@ -241,6 +241,26 @@ def test_a_run_whose_every_record_fails_says_so_and_nothing_else(tmp_path):
     assert "WARNING" not in done.stderr, done.stderr
 
 
+@pytest.mark.pipeline
+def test_the_documented_dataflow_command_builds_and_validates_its_job(gcs_bucket, capsys):
+    """docs/dataflow.md's command, with Beam's own --dry_run=True: the job is built, its
+    options validated against Dataflow and nothing submitted, so no shard commits (exit 1)."""
+    from jaxdiff import storage
+
+    bucket = f"gs://{gcs_bucket}"
+    storage.write_bytes(f"{bucket}/prompts/a.jsonl", b'{"prompt": "a red circle"}\n')
+    args = ["render", f"{bucket}/prompts/*.jsonl", "--out", f"{bucket}/renders/run1", "--dry-run", "--batch-size", "16",
+            "--runner=DataflowRunner", "--project=my-project", "--region=us-central1",
+            f"--temp_location={bucket}/tmp", "--sdk_container_image=us-central1-docker.pkg.dev/p/jaxdiff/worker-gpu:0.1.0",
+            "--dataflow_service_options=worker_accelerator=type:nvidia-l4;count:1;install-nvidia-driver",
+            "--machine_type=g2-standard-8", "--number_of_worker_harness_threads=1", "--experiments=use_runner_v2",
+            "--max_num_workers=16", "--dry_run=True"]
+    assert cli.main(args) == cli.EXIT_INCOMPLETE
+    assert "INCOMPLETE: 1 shards not committed" in capsys.readouterr().err
+    run = json.loads(storage.read_text(f"{bucket}/renders/run1/run.json"))
+    assert run["runner"] == "DataflowRunner"
+
+
 @pytest.mark.faults
 def test_dataflow_refuses_paths_its_workers_cannot_reach(tmp_path, capsys):
     manifest = tmp_path / "m.jsonl"

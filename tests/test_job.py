@@ -290,18 +290,23 @@ def test_naming_the_default_a_run_left_open_resumes_it(tmp_path):
 @pytest.mark.faults
 def test_dry_run_draws_and_checks_an_outpaint_canvas_at_its_own_size(tmp_path):
     """The canvas is the init image plus the outpaint pixels: the dry run's placeholder has
-    its size, and a canvas no SD checkpoint takes fails there as in a real run."""
-    photo = tmp_path / "photo.png"
+    its size, and a canvas no SD checkpoint takes fails there as in a real run. Other image
+    modes draw at their photo's size."""
+    photo, big = tmp_path / "photo.png", tmp_path / "big.png"
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(photo)
+    Image.fromarray(np.zeros((100, 250, 3), np.uint8)).save(big)
     manifest_path = tmp_path / "m.jsonl"
     manifest_path.write_text("".join(json.dumps(r) + "\n" for r in [
         {"id": "wide", "prompt": "p", "mode": "outpaint", "init_image": str(photo), "outpaint": [0, 0, 64, 0]},
-        {"id": "odd", "prompt": "p", "mode": "outpaint", "init_image": str(photo), "outpaint": [5, 0, 0, 0]}]))
+        {"id": "odd", "prompt": "p", "mode": "outpaint", "init_image": str(photo), "outpaint": [5, 0, 0, 0]},
+        {"id": "photo", "prompt": "p", "mode": "img2img", "init_image": str(big)}]))
     out = str(tmp_path / "out")
-    summary = job.run([str(manifest_path)], out, _config(shard_size=10), progress=False)
-    assert (summary.rendered, summary.failed) == (1, 1)
-    (row,) = pq.read_table(os.path.join(out, "shard-00000.parquet")).to_pylist()
-    assert (row["id"], row["width"], row["height"]) == ("wide", 128, 64)
+    summary = job.run([str(manifest_path)], out, _config(shard_size=10, width=None, height=None), progress=False)
+    assert (summary.rendered, summary.failed) == (2, 1)
+    rows = {row["id"]: row for row in pq.read_table(os.path.join(out, "shard-00000.parquet")).to_pylist()}
+    assert (rows["wide"]["width"], rows["wide"]["height"]) == (128, 64)
+    # An img2img record without a size: its photo's, rounded down as SD checkpoints take it.
+    assert (rows["photo"]["width"], rows["photo"]["height"]) == (192, 64)
     (failure,) = shards.read_failures(out, "shard-00000")
     assert failure["id"] == "odd" and "unsupported size 69x64" in failure["reason"]
 
