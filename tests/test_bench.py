@@ -490,12 +490,12 @@ def test_gpu_bench_default_steps_fit_the_time_its_header_states():
     import re
 
     text = open(os.path.join(bench.ROOT, "tools", "gpu_bench.sh")).read()
-    defaults = re.search(r"steps=\(sd15 warm x4 profile attention\)", text)
+    defaults = re.search(r"steps=\(sd15 warm x4 blockdiag nomerge\)", text)
     limits = dict(re.findall(r"^\s+(\w+)\) step \w+ (\d+) ", text, re.MULTILINE))
     preamble = re.findall(r"^\{? *timeout (\d+) ", text, re.MULTILINE)
     stated = int(re.search(r"add up to (\d+) s", text).group(1))
     assert defaults and len(preamble) == 2
-    assert sum(int(limits[s]) for s in ("sd15", "warm", "x4", "profile", "attention")) + sum(map(int, preamble)) == stated
+    assert sum(int(limits[s]) for s in ("sd15", "warm", "x4", "blockdiag", "nomerge")) + sum(map(int, preamble)) == stated
     assert stated <= 590
 
 

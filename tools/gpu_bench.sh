@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU benchmark steps, sized for a short lease. Usage: bash tools/gpu_bench.sh [STEP ...]
-# (no step: sd15 warm x4 profile attention). The default steps' time limits and the
+# (no step: sd15 warm x4 blockdiag nomerge). The default steps' time limits and the
 # preamble's add up to 585 s, plus a few seconds to install the carried wheels: one
 # 10-minute call of a 15-minute lease. Which steps of the 2026-11-27 H200 run finished
 # put a process's time outside its compile and timed calls (imports, random weights at
@@ -33,7 +33,7 @@
 # the lease must not lose the ones before it.
 set -u -o pipefail
 all_steps=" sd15 jaxdiff warm x4 profile attention triton nomerge blockdiag b32 hlo "
-steps=("$@"); [ ${#steps[@]} -gt 0 ] || steps=(sd15 warm x4 profile attention)
+steps=("$@"); [ ${#steps[@]} -gt 0 ] || steps=(sd15 warm x4 blockdiag nomerge)
 for s in "${steps[@]}"; do
   [[ $all_steps == *" $s "* ]] || { echo "unknown step: $s (steps:$all_steps)" >&2; exit 2; }
 done
@@ -72,9 +72,9 @@ run_step() {
     attention) step attention 60 python3 -m tools.attention_bench --arch sd15 --batch 16 --out "$SCRATCH/attention_sd15.json" ;;
     triton) step triton 90 env XLA_FLAGS=--xla_gpu_enable_triton_gemm=true "${sd15[@]}" --reps 1 --no-stages \
               --out "$SCRATCH/bench_sd15_triton.json" ;;
-    nomerge) step nomerge 90 env XLA_FLAGS=--xla_gpu_dot_merger_threshold_mb=0 "${sd15[@]}" --reps 1 --no-stages \
+    nomerge) step nomerge 75 env XLA_FLAGS=--xla_gpu_dot_merger_threshold_mb=0 "${sd15[@]}" --reps 1 --no-stages \
                --out "$SCRATCH/bench_sd15_nomerge.json" ;;
-    blockdiag) step blockdiag 90 env JAXDIFF_ATTENTION=blockdiag "${sd15[@]}" --reps 1 --no-stages \
+    blockdiag) step blockdiag 75 env JAXDIFF_ATTENTION=blockdiag "${sd15[@]}" --reps 1 --no-stages \
                  --out "$SCRATCH/bench_sd15_blockdiag.json" ;;
     b32) step b32 100 python3 -m tools.bench --arch sd15 --batch-sizes 32 --steps 25 --reps 1 --no-stages \
            --out "$SCRATCH/bench_sd15_b32.json" ;;
