@@ -375,12 +375,16 @@ def render_shard(spec, out: str, renderer, defaults, *, model_info: dict, image_
     try:
         rendered_ids: set[str] = set()
         if retry_failures and storage.exists(paths["stats"]):
+            stats = shards.read_stats(out, spec.name)
             old_failures = shards.read_failures(out, spec.name)
+            if len(old_failures) != stats["failed"]:
+                raise shards.DamagedShard(out, spec.name, f"failures/ holds {len(old_failures)} lines, its marker "
+                                                          f"counts {stats['failed']}")
             if not old_failures:
                 writer.abort()
-                return shards.read_stats(out, spec.name)
+                return stats
             retry_lines = {f["line"] for f in old_failures}
-            rendered_ids = writer.copy_committed()
+            rendered_ids = writer.copy_committed(stats)
 
         buckets: dict[tuple, list] = {}
 
@@ -420,8 +424,11 @@ def render_shard(spec, out: str, renderer, defaults, *, model_info: dict, image_
                     bucket = buckets.setdefault(_batch_key(sample, item), [])
                     bucket.append((key, raw, sample, item))
                     if len(bucket) == renderer.batch_size:
-                        render(bucket)
-                        buckets[_batch_key(sample, item)] = []
+                        render(buckets.pop(_batch_key(sample, item)))
+                    elif sum(map(len, buckets.values())) > READ_AHEAD_BATCHES * renderer.batch_size:
+                        # Samples of many shapes (photos of many sizes) would wait for batches that
+                        # may never fill, holding their images: the fullest goes part-filled.
+                        render(buckets.pop(max(buckets, key=lambda k: len(buckets[k]))))
         for bucket in buckets.values():
             if bucket:
                 render(bucket)
@@ -430,12 +437,15 @@ def render_shard(spec, out: str, renderer, defaults, *, model_info: dict, image_
                 writes.submit(writer.add_failure, failure)
         writes.drain()
         return writer.commit()
-    except BaseException:
+    except BaseException as e:
         try:
             writes.drain()
         except Exception:
             pass
         writer.abort()
+        if isinstance(e, Exception) and not isinstance(e, shards.DamagedShard):
+            raise RuntimeError(f"{spec.name} ({spec.file}, records {spec.first_record + 1} to {spec.end_record}): "
+                               f"{e.__class__.__name__}: {e}") from e
         raise
     finally:
         if own_threads:

@@ -173,6 +173,22 @@ def image_metadata(sample: Sample, rendered: Rendered, model: dict) -> dict:
     return meta
 
 
+class DamagedShard(RuntimeError):
+    """A committed shard whose files do not match its stats marker (found by --retry-failures)."""
+
+    def __init__(self, out: str, name: str, what: str):
+        super().__init__(f"{name} in {out} is damaged: {what}. Delete {shard_paths(out, name)['stats']} and "
+                         f"rerun the same command: the whole shard renders again")
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
@@ -243,21 +259,34 @@ class ShardWriter:
         """One failures/ line: a manifest.Failure's to_json()."""
         self._failures.append(to_json(failure))
 
-    def copy_committed(self) -> set[str]:
-        """Starts from this shard's committed tar and parquet (for --retry-failures); returns their ids."""
-        table = pq.read_table(io.BytesIO(storage.read_bytes(self.paths["parquet"])))
-        self._rows.extend(table.to_pylist())
-        keep_keys = {row["key"] for row in self._rows}
+    def copy_committed(self, stats: dict) -> set[str]:
+        """Starts from this shard's committed tar and parquet (for --retry-failures), checked
+        against its stats marker; returns their ids. DamagedShard where they do not match."""
         local = storage.local_temp_for(self.paths["tar"])
         try:
-            storage.download(self.paths["tar"], local)
+            try:
+                table = pq.read_table(io.BytesIO(storage.read_bytes(self.paths["parquet"])))
+                storage.download(self.paths["tar"], local)
+            except FileNotFoundError as e:
+                raise DamagedShard(self.out, self.name, f"a file is missing ({e})") from e
+            if _file_sha256(local) != stats["tar_sha256"]:
+                raise DamagedShard(self.out, self.name, "its tar's sha256 is not the one its marker records")
+            rows = table.to_pylist()
+            keep_keys = {row["key"] for row in rows}
+            copied = set()
             with tarfile.open(local) as old:
                 for member in old:
                     if member.name.split(".", 1)[0] in keep_keys:
                         _add_member(self._tar, member.name, old.extractfile(member).read())
+                        copied.add(member.name.split(".", 1)[0])
+            if copied != keep_keys:
+                raise DamagedShard(self.out, self.name, f"{len(keep_keys - copied)} parquet rows have no image in "
+                                                        "its tar")
         finally:
-            os.unlink(local)
-        return {row["id"] for row in self._rows}
+            if os.path.exists(local):
+                os.unlink(local)
+        self._rows.extend(rows)
+        return {row["id"] for row in rows}
 
     @property
     def rendered(self) -> int:
@@ -275,10 +304,7 @@ class ShardWriter:
         # here on leaves an incomplete shard, which the next run renders afresh.
         storage.delete(self.paths["stats"])
         tar_bytes = os.path.getsize(self._tar_path)
-        digest = hashlib.sha256()
-        with open(self._tar_path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        tar_sha256 = _file_sha256(self._tar_path)
         storage.put_file(self._tar_path, self.paths["tar"])
 
         parquet = io.BytesIO()
@@ -293,7 +319,7 @@ class ShardWriter:
             "samples": self.rendered + self.failed,
             "tar": os.path.basename(self.paths["tar"]),
             "tar_bytes": tar_bytes,
-            "tar_sha256": digest.hexdigest(),
+            "tar_sha256": tar_sha256,
             "parquet_bytes": len(parquet.getvalue()),
             "seconds": round(time.time() - self._started, 3),
             "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

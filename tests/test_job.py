@@ -341,6 +341,37 @@ def test_a_failed_record_fails_every_image_id_it_would_have_given(tmp_path):
 
 @pytest.mark.pipeline
 @pytest.mark.faults
+def test_retrying_a_damaged_shard_names_it_and_the_fix_instead_of_vouching_for_it(tmp_path):
+    """--retry-failures starts from a shard's committed files: a tar cut short, a missing
+    parquet or failures file must not be copied into a new, complete-looking shard."""
+    late = tmp_path / "late.png"
+    manifest_path = tmp_path / "m.jsonl"
+    manifest_path.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"id": "a", "prompt": "one"}, {"id": "b", "prompt": "two", "mode": "img2img", "init_image": str(late)},
+        {"id": "c", "prompt": "three"}]))
+    out = str(tmp_path / "out")
+    config = _config(shard_size=10)
+    paths = shards.shard_paths(out, "shard-00000")
+    damages = {
+        "tar": lambda: open(paths["tar"], "r+b").truncate(1536),  # at a member boundary: reads as a short tar
+        "parquet": lambda: os.remove(paths["parquet"]),
+        "failures": lambda: os.remove(paths["failures"]),
+    }
+    for part, damage in damages.items():
+        job.run([str(manifest_path)], out, config, fresh=True, progress=False)
+        marker = open(paths["stats"]).read()
+        damage()
+        with pytest.raises(job.JobError, match=r"shard-00000 in .* is damaged: .*Delete .*shard-00000\.stats\.json "
+                                               "and rerun the same command"):
+            job.run([str(manifest_path)], out, config, retry_failures=True, progress=False)
+        assert open(paths["stats"]).read() == marker, f"{part}: no new marker vouches for the damaged files"
+        os.remove(paths["stats"])  # as the message says
+        again = job.run([str(manifest_path)], out, config, progress=False)
+        assert (again.rendered, again.failed) == (2, 1), part
+
+
+@pytest.mark.pipeline
+@pytest.mark.faults
 def test_an_id_used_twice_renders_once_and_fails_the_rest_naming_the_first(tmp_path):
     """Within a file and across files: the first record in manifest order is rendered, each
     later one goes to the failures naming where the first is; a resumed run agrees."""
@@ -437,8 +468,9 @@ def test_a_committed_shard_rendered_again_withdraws_its_marker_first(tmp_path, m
         write_bytes(dest, data)
 
     monkeypatch.setattr(storage, "write_bytes", parquet_upload_fails)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(RuntimeError, match=rf"{spec.name} \(.*m\.jsonl, records 1 to 3\): OSError: simulated") as info:
         job.render_shard(spec, out, renderer, defaults, model_info={})
+    assert isinstance(info.value.__cause__, OSError)
     assert shards.complete_shards(out) == set()  # the next run renders it afresh
     assert not glob.glob(os.path.join(out, "**", "*.partial"), recursive=True)  # temp files gone too
 
@@ -613,6 +645,31 @@ def test_guidance_on_and_off_fill_batches_of_their_own(tmp_path):
                              model_info={})
     assert stats["rendered"] == len(guidance)
     assert renderer.batches == [["g0", "g2"], ["g1", "g3"], ["g4"], ["g5"]]
+
+
+@pytest.mark.pipeline
+def test_samples_of_many_shapes_render_part_filled_batches_as_they_come(tmp_path, monkeypatch):
+    # Each record its own size (photos of many sizes): batches never fill, and waiting for
+    # them held every record's images until the shard's end. Now at most two batches' worth
+    # wait, the fullest going part-filled.
+    from pipelines import manifest
+
+    prepared = []
+    prepare = job._prepare_record
+    monkeypatch.setattr(job, "_prepare_record", lambda *args: prepared.append(1) or prepare(*args))
+    manifest_path = tmp_path / "m.jsonl"
+    manifest_path.write_text("".join(json.dumps({"id": f"s{i}", "prompt": "p", "width": 64, "height": 64 * (i + 1)})
+                                     + "\n" for i in range(30)))
+    spec = manifest.plan_shards([str(manifest_path)], 100)[0]
+    renderer = _RecordingRenderer(4)
+    seen_at_render = []
+    record = renderer.render_samples
+    monkeypatch.setattr(renderer, "render_samples", lambda samples: seen_at_render.append(len(prepared)) or
+                        record(samples))
+    stats = job.render_shard(spec, str(tmp_path / "out"), renderer, job.manifest_defaults(_config(height=None)),
+                             model_info={})
+    assert stats["rendered"] == 30 and sorted(i for b in renderer.batches for i in b) == sorted(f"s{i}" for i in range(30))
+    assert seen_at_render[0] <= 2 * 4 + 1 + 2 * 4, "the first batch went before every record was read"
 
 
 @pytest.mark.pipeline
