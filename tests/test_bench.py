@@ -10,12 +10,15 @@ import pytest
 from tools import bench
 
 
-def test_bench_reports_throughput_stages_and_ratio(tmp_path):
+def test_bench_reports_throughput_stages_and_ratio(tmp_path, monkeypatch):
+    # Two chips in jaxdiff's process: against diffusers on one GPU it renders on one.
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
     out = tmp_path / "bench.json"
     result = bench.main(["--arch", "tiny", "--batch-sizes", "1,2", "--steps", "2", "--reps", "1",
                          "--compare", "diffusers", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert result["jaxdiff"]["attention"] == os.environ.get("JAXDIFF_ATTENTION", "auto")
+    assert (result["jaxdiff"]["device_count"], result["jaxdiff"]["chips"]) == (2, 1)
     for batch in ("1", "2"):
         entry = result["jaxdiff"]["batches"][batch]
         assert entry["images_per_s"] > 0 and entry["first_call_s"] > 0
@@ -482,6 +485,12 @@ def test_gpu_bench_script_runs_the_named_steps_and_packs_every_log(tmp_path):
     assert "ran XLA_FLAGS= JAXDIFF_ATTENTION= -m tools.bench --arch sd15" in logs["jaxdiff.log"]
     assert "JAXDIFF_ATTENTION=blockdiag -m tools.bench --arch sd15" in logs["blockdiag.log"]
     assert logs["jaxdiff.log"].endswith("exit status 0\n") and logs["profile.log"].endswith("exit status 3\n")
+
+
+def test_a_comparison_the_diffusers_side_cannot_run_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--arch", "default", "--compare", "diffusers"])  # its child failed with KeyError: 'default'
+    assert "the shipped model has no --compare" in capsys.readouterr().err
 
 
 def test_gpu_bench_default_steps_fit_the_time_its_header_states():

@@ -214,19 +214,23 @@ def bench_arch(args) -> dict:
               "attention": os.environ.get("JAXDIFF_ATTENTION", "auto"), "batches": {}}
     side = args.size or native_side(family)
     result["size"] = side
+    # Against diffusers on one GPU, jaxdiff runs on one chip; alone, on all of them. Decode is
+    # whole on both sides (the engine tiles past 768 px by default, diffusers does not).
+    devices = jax.local_devices()[:1] if args.one_chip else jax.local_devices()
+    result["chips"] = len(devices)
     for B in [int(b) for b in args.batch_sizes.split(",")]:
         if upscale:
             settings = RenderSettings(upscale_steps=args.steps, upscale_guidance=args.guidance,
-                                      upscale_sampler=args.sampler)
-            pipe = Pipeline(None, family, batch_size=B, settings=settings)
+                                      upscale_sampler=args.sampler, tile_pixels=None)
+            pipe = Pipeline(None, family, batch_size=B, settings=settings, devices=devices)
             low = [np.random.default_rng(i).integers(0, 256, (side, side, 3), np.uint8) for i in range(B)]
             prompts = [f"prompt {i}" for i in range(B)]
             work = lambda: pipe.upscale(low, prompts, seeds=list(range(B)))
             latent_hw = (side, side)
         else:
             settings = RenderSettings(width=side, height=side, steps=args.steps, sampler=args.sampler,
-                                      guidance=args.guidance)
-            pipe = Pipeline(family, None, batch_size=B, settings=settings)
+                                      guidance=args.guidance, tile_pixels=None)
+            pipe = Pipeline(family, None, batch_size=B, settings=settings, devices=devices)
             samples = [Sample(id=str(i), prompt=f"prompt {i}", seed=i) for i in range(B)]
             work = lambda: pipe.render_samples(samples)
             latent_hw = (side // vae_factor(family),) * 2
@@ -304,7 +308,7 @@ def compare_diffusers(args, compiled: bool, dtype: str | None) -> dict:
 def _jaxdiff_in_child(argv: list[str], out_path: str) -> dict:
     """bench_arch in a process of its own: XLA keeps the accelerator memory it took until
     its process ends, and diffusers runs next."""
-    cmd = [sys.executable, "-m", "tools.bench", *argv, "--compare", "none", "--out", out_path]
+    cmd = [sys.executable, "-m", "tools.bench", *argv, "--compare", "none", "--one-chip", "--out", out_path]
     status, _, stderr = _run_child(cmd, capture_stdout=False)
     try:
         with open(out_path) as f:
@@ -326,11 +330,15 @@ def main(argv=None) -> dict:
     p.add_argument("--no-stages", action="store_true", help="skip the per-stage timings")
     p.add_argument("--compare", default="none", choices=["none", "diffusers", "diffusers-compiled", "both"])
     p.add_argument("--cache-dir", default=None, help="persistent compilation cache (default ~/.cache/jaxdiff/xla)")
+    p.add_argument("--one-chip", action="store_true", help="jaxdiff on one chip (set with --compare)")
     p.add_argument("--out", default=None, help="write the JSON result here")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
     if args.compare != "none" and args.sampler != "dpmpp_2m":
         p.error("the diffusers side runs DPM-Solver++ (2M) only: compare with --sampler dpmpp_2m")
+    if args.compare != "none" and args.arch == "default":
+        p.error("the diffusers side builds named architectures only (configs/architectures.py): the shipped "
+                "model has no --compare")
 
     if args.compare == "none":
         result = {"jaxdiff": bench_arch(args)}

@@ -10,7 +10,7 @@
 #   sd15       jaxdiff vs diffusers eager and torch.compile, SD 1.5 at batch 16, with stages
 #   jaxdiff    sd15 without diffusers or stages: jaxdiff's img/s and cold compile alone
 #   warm       a second process on the same program: the warm compilation cache (after sd15
-#              or jaxdiff)
+#              in the same call)
 #   x4         the x4 upscaler, 128 -> 512, 20 steps, CFG, batch 8, vs diffusers eager
 #   profile    the UNet's op time by category (tools/op_profile.py)
 #   attention  each attention shape alone on each kernel (tools/attention_bench.py)
@@ -45,7 +45,10 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 else
   export PYTHONPATH=$PWD
 fi
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 JAXDIFF_CACHE_DIR=/tmp/jaxdiff-xla
+# One compilation cache for this call's steps, empty at its start (a warm machine keeps /tmp
+# between calls): sd15's first call is a cold compile and warm's a cache load of it. The
+# jaxdiff step gets a cache of its own, so its first call is a cold compile wherever it runs.
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 JAXDIFF_CACHE_DIR=$(mktemp -d)
 { timeout 10 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
   timeout 30 python3 -c "import jax, flax, diffusers, transformers; print('jax', jax.__version__, 'flax', flax.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, jax.devices())"
 } 2>&1 | tee "$SCRATCH/preamble.log"
@@ -64,7 +67,8 @@ sd15=(python3 -m tools.bench --arch sd15 --batch-sizes 16 --steps 25)
 run_step() {
   case $1 in
     sd15) step sd15 200 "${sd15[@]}" --reps 2 --compare both --out "$SCRATCH/bench_sd15.json" ;;
-    jaxdiff) step jaxdiff 120 "${sd15[@]}" --reps 2 --no-stages --out "$SCRATCH/bench_sd15_jaxdiff.json" ;;
+    jaxdiff) step jaxdiff 120 env JAXDIFF_CACHE_DIR="$(mktemp -d)" "${sd15[@]}" --reps 2 --no-stages \
+               --out "$SCRATCH/bench_sd15_jaxdiff.json" ;;
     warm) step warm 60 "${sd15[@]}" --reps 1 --no-stages --out "$SCRATCH/bench_sd15_warm_cache.json" ;;
     x4) step x4 135 python3 -m tools.bench --arch x4-upscaler --size 128 --batch-sizes 8 --steps 20 --guidance 9 \
           --reps 2 --no-stages --compare diffusers --out "$SCRATCH/bench_x4.json" ;;
