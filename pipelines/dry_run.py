@@ -12,6 +12,7 @@ import time
 import numpy as np
 
 import jaxdiff
+from jaxdiff.engine.images import size_at_aspect
 from jaxdiff.engine.sample import Rendered, Sample, derive_seed
 
 # The placeholders' sizes: any multiple of 8 (the VAE's downsampling factor), so tiny
@@ -20,11 +21,9 @@ from jaxdiff.engine.sample import Rendered, Sample, derive_seed
 # --dry-run is checked for real.
 SIZE_MULTIPLE = 8
 MAX_SIDE = 4096
-# Image modes render at their init image's size where no width or height is given, each
-# side rounded down to the model's multiple, and an outpaint canvas (the image plus the
-# outpaint pixels) sets its own: held to what every SD 1.x/2.x checkpoint takes (the
-# manifest's rule for records' sizes), since the run's model is not loaded. The shipped
-# model takes multiples of 16 as well.
+# An outpaint canvas (the init image plus the outpaint pixels) sets its own size: held to
+# what every SD 1.x/2.x checkpoint takes (the manifest's rule for records' sizes), since
+# the run's model is not loaded. The shipped model takes multiples of 16 as well.
 CANVAS_MULTIPLE = 64
 CANVAS_MAX_SIDE = 2048
 
@@ -67,10 +66,10 @@ class DryRunRenderer:
         seed = sample.seed if sample.seed is not None else derive_seed(self.seed, sample.id)
         width, height = sample.width or self.width, sample.height or self.height
         if sample.mode != "txt2img" and sample.init_image is not None:
-            fit = lambda side: max(CANVAS_MULTIPLE, side // CANVAS_MULTIPLE * CANVAS_MULTIPLE)
+            # As the engine: the photo's aspect ratio at about the placeholders' pixel count.
             image_height, image_width = np.shape(sample.init_image)[:2]
-            width = sample.width or fit(image_width)
-            height = sample.height or fit(image_height)
+            fitted = size_at_aspect(image_width, image_height, int(np.sqrt(self.width * self.height)), SIZE_MULTIPLE)
+            width, height = sample.width or fitted[0], sample.height or fitted[1]
         if sample.mode == "outpaint" and sample.init_image is not None and sample.outpaint is not None:
             left, top, right, bottom = sample.outpaint
             image_height, image_width = np.shape(sample.init_image)[:2]

@@ -481,20 +481,15 @@ def to_samples(raw: RawRecord, defaults: RenderDefaults) -> list[Sample] | Failu
         return failure(sample_id, f"mask is {mask.shape[1]}x{mask.shape[0]} but init_image is "
                                   f"{init_image.shape[1]}x{init_image.shape[0]}: make them the same size",
                        "input-image")
-    if init_image is not None:
-        # A side the record leaves open is the image's own (an outpaint canvas adds its
-        # pixels): held to the limit a record's own sizes are, so no photo asks a worker
-        # for a render past it.
-        height, width = init_image.shape[:2]
-        if options["mode"] == "outpaint":
-            left, top, right, bottom = options["outpaint"]
-            width, height = width + left + right, height + top + bottom
-        else:
-            width, height = options["width"] or width, options["height"] or height
+    if init_image is not None and options["mode"] == "outpaint":
+        # The canvas is the image plus its pixels: held to the limit a record's own sizes
+        # are, so no photo asks a worker for a render past it.
+        left, top, right, bottom = options["outpaint"]
+        width, height = init_image.shape[1] + left + right, init_image.shape[0] + top + bottom
         if max(width, height) > defaults.max_side:
-            return failure(sample_id, f"init_image {init_image.shape[1]}x{init_image.shape[0]} would render at "
-                                      f"{width}x{height}, past {defaults.max_side} a side: give the record a width "
-                                      f"and height to render at, or a smaller image", "input-image")
+            return failure(sample_id, f"init_image {init_image.shape[1]}x{init_image.shape[0]} with outpaint "
+                                      f"{list(options['outpaint'])} makes a {width}x{height} canvas, past "
+                                      f"{defaults.max_side} a side: use a smaller image", "input-image")
 
     seed, num_images = options["seed"], options["num_images"]
     kept = {k: options[k] for k in ("prompt", "negative_prompt", "guidance", "steps", "sampler", "width",

@@ -719,20 +719,24 @@ def test_samples_given_one_photo_share_its_prepared_image(pipe):
     np.testing.assert_array_equal(alone.image, a.image)
 
 
-def test_image_modes_render_at_the_init_images_size_unless_one_is_given(pipe):
-    # As diffusers' img2img and inpainting pipelines: a side not given is the photo's own
-    # (rounded down to the model's multiple), not the native square the photo was squashed to.
-    m = pipe.size_multiple
-    photo = np.random.default_rng(0).integers(0, 256, (2 * m + 3, 5 * m + 1, 3), dtype=np.uint8)
+def test_image_modes_keep_the_photos_shape_at_the_models_scale(pipe):
+    # A side not given follows the photo's aspect ratio at about the native pixel count: a
+    # non-square photo is no longer squashed to the native square, and a large one does not
+    # multiply the work. Given sides are taken as they are.
+    m, native = pipe.size_multiple, pipe.native_size
+    photo = np.random.default_rng(0).integers(0, 256, (6 * native + 3, 15 * native + 1, 3), dtype=np.uint8)
     mask = np.zeros(photo.shape[:2], np.uint8)
     for mode in ("img2img", "sketch", "inpaint"):
         prepared = pipe.prepare(jaxdiff.Sample(id="p", prompt="p", mode=mode, init_image=photo, mask=mask))
-        assert (prepared.width, prepared.height) == (5 * m, 2 * m) and prepared.image.shape == (2 * m, 5 * m, 3)
+        w, h = prepared.width, prepared.height
+        assert w % m == 0 and h % m == 0 and prepared.image.shape == (h, w, 3)
+        assert abs(w / h - 2.5) <= 2.5 * m / h, "the photo's aspect ratio, to a multiple"
+        assert abs(w * h - native ** 2) <= (w + h) * m, "about the native pixel count"
     narrow = pipe.prepare(jaxdiff.Sample(id="n", prompt="p", mode="img2img", init_image=photo, width=m))
-    assert (narrow.width, narrow.height) == (m, 2 * m)
-    tiny = pipe.prepare(jaxdiff.Sample(id="t", prompt="p", mode="img2img", init_image=photo[:3, :3]))
-    assert (tiny.width, tiny.height) == (m, m)
-    assert (pipe.prepare(jaxdiff.Sample(id="x", prompt="p")).width, pipe.native_size) == (pipe.native_size,) * 2
+    assert narrow.width == m
+    square = pipe.prepare(jaxdiff.Sample(id="s", prompt="p", mode="img2img", init_image=photo[:3, :3]))
+    assert (square.width, square.height) == (native, native)
+    assert (pipe.prepare(jaxdiff.Sample(id="x", prompt="p")).width, pipe.native_size) == (native, native)
 
 
 @pytest.mark.faults

@@ -291,7 +291,7 @@ def test_naming_the_default_a_run_left_open_resumes_it(tmp_path):
 def test_dry_run_draws_and_checks_an_outpaint_canvas_at_its_own_size(tmp_path):
     """The canvas is the init image plus the outpaint pixels: the dry run's placeholder has
     its size, and a canvas no SD checkpoint takes fails there as in a real run. Other image
-    modes draw at their photo's size."""
+    modes draw at their photo's shape."""
     photo, big = tmp_path / "photo.png", tmp_path / "big.png"
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(photo)
     Image.fromarray(np.zeros((100, 250, 3), np.uint8)).save(big)
@@ -305,8 +305,8 @@ def test_dry_run_draws_and_checks_an_outpaint_canvas_at_its_own_size(tmp_path):
     assert (summary.rendered, summary.failed) == (2, 1)
     rows = {row["id"]: row for row in pq.read_table(os.path.join(out, "shard-00000.parquet")).to_pylist()}
     assert (rows["wide"]["width"], rows["wide"]["height"]) == (128, 64)
-    # An img2img record without a size: its photo's, rounded down as SD checkpoints take it.
-    assert (rows["photo"]["width"], rows["photo"]["height"]) == (192, 64)
+    # An img2img record without a size: its photo's shape at the placeholders' pixel count.
+    assert (rows["photo"]["width"], rows["photo"]["height"]) == (104, 40)
     (failure,) = shards.read_failures(out, "shard-00000")
     assert failure["id"] == "odd" and "unsupported size 69x64" in failure["reason"]
 
@@ -352,10 +352,17 @@ def test_retrying_a_damaged_shard_names_it_and_the_fix_instead_of_vouching_for_i
     out = str(tmp_path / "out")
     config = _config(shard_size=10)
     paths = shards.shard_paths(out, "shard-00000")
+    def drop_a_row():  # a parquet that still reads
+        table = pq.read_table(paths["parquet"])
+        pq.write_table(table.slice(1), paths["parquet"])
+
     damages = {
         "tar": lambda: open(paths["tar"], "r+b").truncate(1536),  # at a member boundary: reads as a short tar
         "parquet": lambda: os.remove(paths["parquet"]),
+        "parquet cut short": lambda: open(paths["parquet"], "r+b").truncate(100),
+        "parquet row": drop_a_row,
         "failures": lambda: os.remove(paths["failures"]),
+        "failures cut short": lambda: open(paths["failures"], "r+b").truncate(20),
     }
     for part, damage in damages.items():
         job.run([str(manifest_path)], out, config, fresh=True, progress=False)

@@ -520,22 +520,18 @@ def test_a_dry_run_holds_records_to_the_real_runs_sizes(tmp_path):
 
 
 @pytest.mark.faults
-def test_an_image_that_would_render_past_the_size_limit_fails_its_record(tmp_path):
-    """Sides a record leaves open come from its init image (an outpaint canvas adds its
-    pixels): past max_side the record fails, naming the fix, before any worker renders it."""
-    (tmp_path / "wide.png").write_bytes(_png_bytes(np.zeros((16, 2112, 3), np.uint8)))
+def test_an_outpaint_canvas_past_the_size_limit_fails_its_record(tmp_path):
+    """The canvas is the init image plus its outpaint pixels: past max_side the record
+    fails, naming the fix, before any worker renders it."""
     (tmp_path / "edge.png").write_bytes(_png_bytes(np.zeros((16, 2000, 3), np.uint8)))
-    open_sides = RenderDefaults(steps=3, seed=11)
     records = [
-        {"id": "wide", "prompt": "p", "mode": "img2img", "init_image": "wide.png"},
-        {"id": "given", "prompt": "p", "mode": "img2img", "init_image": "wide.png", "width": 1024, "height": 64},
         {"id": "canvas", "prompt": "p", "mode": "outpaint", "init_image": "edge.png", "outpaint": [64, 0, 0, 0]},
         {"id": "fits", "prompt": "p", "mode": "outpaint", "init_image": "edge.png", "outpaint": [48, 0, 0, 0]},
+        {"id": "photo", "prompt": "p", "mode": "img2img", "init_image": "edge.png"},  # scaled to the model
     ]
     path = _write_jsonl(tmp_path / "m.jsonl", records)
-    results = {r.fields["id"]: to_samples(r, open_sides) for r in _read_all([path], 4)}
-    assert isinstance(results["wide"], Failure) and results["wide"].stage == "input-image"
-    assert "init_image 2112x16 would render at 2112x16, past 2048 a side: give the record a width" \
-        in results["wide"].reason
-    assert "would render at 2064x16" in results["canvas"].reason
-    assert isinstance(results["given"], list) and isinstance(results["fits"], list)
+    results = {r.fields["id"]: to_samples(r, RenderDefaults(steps=3, seed=11)) for r in _read_all([path], 4)}
+    assert isinstance(results["canvas"], Failure) and results["canvas"].stage == "input-image"
+    assert ("init_image 2000x16 with outpaint [64, 0, 0, 0] makes a 2064x16 canvas, past 2048 a side: use a "
+            "smaller image") in results["canvas"].reason
+    assert isinstance(results["fits"], list) and isinstance(results["photo"], list)

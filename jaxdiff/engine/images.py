@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from PIL import Image
 
@@ -94,6 +96,15 @@ def binary_mask(mask: np.ndarray, width: int, height: int) -> np.ndarray:
 def latent_mask(mask: np.ndarray, factor: int) -> np.ndarray:
     """Pixel mask (H, W, 1) -> latent grid by nearest sampling (as torch's `interpolate`)."""
     return mask[::factor, ::factor]
+
+
+def size_at_aspect(width: int, height: int, native: int, multiple: int) -> tuple[int, int]:
+    """A render size with the aspect ratio of a `width` x `height` image and about the pixel
+    count of a `native` square (what the model was trained at), each side a multiple of
+    `multiple`: the photo keeps its shape, and the render its cost and its model's scale."""
+    scale = native / math.sqrt(width * height)
+    fit = lambda side: max(multiple, round(side * scale / multiple) * multiple)
+    return fit(width), fit(height)
 
 
 def outpaint_canvas(image: np.ndarray, pads: tuple[int, int, int, int], factor: int = 1
