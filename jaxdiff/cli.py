@@ -129,6 +129,11 @@ def _check_typos(beam_args: list[str], parser: argparse.ArgumentParser) -> None:
         parser.error(f"Apache Beam cannot read its flags: {lines[-1].split('error: ', 1)[-1]}")
     finally:
         beam_logger.setLevel(level)
+    from apache_beam.options.pipeline_options import TestOptions
+
+    if options.view_as(TestOptions).dry_run and job.is_local(options):
+        parser.error("--dry_run is Apache Beam's (on Dataflow: build and validate the job, submit nothing) and "
+                     "this runner would render for real: for placeholder images without a model, write --dry-run")
     ours = {flag[2:].replace("-", "_"): flag for action in parser._actions for flag in action.option_strings
             if flag.startswith("--")}
     for name in sorted(unknown):

@@ -376,7 +376,10 @@ def render_shard(spec, out: str, renderer, defaults, *, model_info: dict, image_
         rendered_ids: set[str] = set()
         if retry_failures and storage.exists(paths["stats"]):
             stats = shards.read_stats(out, spec.name)
-            old_failures = shards.read_failures(out, spec.name)
+            try:
+                old_failures = shards.read_failures(out, spec.name)
+            except ValueError as e:  # a line cut short
+                raise shards.DamagedShard(out, spec.name, f"its failures file does not read ({e})") from e
             if len(old_failures) != stats["failed"]:
                 raise shards.DamagedShard(out, spec.name, f"failures/ holds {len(old_failures)} lines, its marker "
                                                           f"counts {stats['failed']}")
@@ -752,7 +755,7 @@ def build_pipeline(options: PipelineOptions, specs: list, out: str, renderer_fac
     return pipeline
 
 
-def _is_local(options: PipelineOptions) -> bool:
+def is_local(options: PipelineOptions) -> bool:
     runner = options.view_as(StandardOptions).runner
     return isinstance(runner, str) and runner.split(".")[-1] in LOCAL_RUNNERS
 
@@ -762,7 +765,9 @@ def _check_dataflow(options: PipelineOptions, out: str, files: list[str]) -> Non
     clients, and the paths the workers read and write are gs://. A path on this machine
     would fail there, or leave each worker's shards on its own disk."""
     runner = options.view_as(StandardOptions).runner
-    if not (isinstance(runner, str) and runner.split(".")[-1] in ("DataflowRunner", "TestDataflowRunner")):
+    # Beam takes the name in any case, with or without "Runner" (create_runner).
+    name = runner.split(".")[-1].lower().removesuffix("runner") if isinstance(runner, str) else ""
+    if name not in ("dataflow", "testdataflow"):
         return
     try:
         from apache_beam.runners.dataflow.internal import apiclient  # noqa: F401
@@ -812,7 +817,7 @@ def run(manifests: list[str], out: str, config: RenderConfig, *, beam_args: Iter
     skipped = len(specs) - len(pending)
 
     renderer_factory = renderer_factory or RendererFactory(config)
-    local = _is_local(options)
+    local = is_local(options)
     model_info = {"model": config.model, "upscaler": config.upscaler}
     handle = shared_handle or shared.Shared()
     renderer = None

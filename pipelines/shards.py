@@ -269,9 +269,14 @@ class ShardWriter:
                 storage.download(self.paths["tar"], local)
             except FileNotFoundError as e:
                 raise DamagedShard(self.out, self.name, f"a file is missing ({e})") from e
+            except pa.ArrowException as e:
+                raise DamagedShard(self.out, self.name, f"its parquet does not read ({e})") from e
             if _file_sha256(local) != stats["tar_sha256"]:
                 raise DamagedShard(self.out, self.name, "its tar's sha256 is not the one its marker records")
             rows = table.to_pylist()
+            if len(rows) != stats["rendered"]:
+                raise DamagedShard(self.out, self.name, f"its parquet holds {len(rows)} rows, its marker counts "
+                                                        f"{stats['rendered']} images")
             keep_keys = {row["key"] for row in rows}
             copied = set()
             with tarfile.open(local) as old:

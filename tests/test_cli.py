@@ -61,8 +61,12 @@ def test_abbreviated_flags_and_unknown_samplers_are_refused(tmp_path, capsys):
     said = capsys.readouterr().err
     assert "Apache Beam cannot read its flags: argument --dry_run: expected one argument" in said
     assert "--s3_api_version" not in said
-    # Beam's own flags, even close to ours, still go to Beam.
-    assert cli.main(common + ["--dry_run=True", "--direct_num_workers=1", "--no-progress"]) == cli.EXIT_OK
+    # Beam's --dry_run (Dataflow's: build and validate) with a local runner would render for real.
+    with pytest.raises(SystemExit):
+        cli.main(common + ["--dry_run=True"])
+    assert "for placeholder images without a model, write --dry-run" in capsys.readouterr().err
+    # Beam's own flags still go to Beam.
+    assert cli.main(common + ["--direct_num_workers=1", "--job_name=shapes", "--no-progress"]) == cli.EXIT_OK
 
 
 @pytest.mark.faults
@@ -265,11 +269,13 @@ def test_the_documented_dataflow_command_builds_and_validates_its_job(gcs_bucket
 def test_dataflow_refuses_paths_its_workers_cannot_reach(tmp_path, capsys):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text('{"prompt": "a"}\n')
-    dataflow = ["--runner=DataflowRunner", "--project=p", "--region=us-central1", "--temp_location=gs://b/tmp"]
-    assert cli.main(["render", str(manifest), "--out", str(tmp_path / "out"), "--dry-run", *dataflow]) == cli.EXIT_ERROR
-    assert f"--out {tmp_path / 'out'} is on this machine, where Dataflow's workers cannot reach it: give a gs:// " \
-        in capsys.readouterr().err
-    assert not (tmp_path / "out").exists(), "refused before anything is written"
+    for runner in ("DataflowRunner", "dataflow", "Dataflow"):  # Beam takes each of these for Dataflow
+        dataflow = [f"--runner={runner}", "--project=p", "--region=us-central1", "--temp_location=gs://b/tmp"]
+        assert cli.main(["render", str(manifest), "--out", str(tmp_path / "out"), "--dry-run", *dataflow]) == \
+            cli.EXIT_ERROR
+        assert f"--out {tmp_path / 'out'} is on this machine, where Dataflow's workers cannot reach it: give a " \
+            "gs:// " in capsys.readouterr().err
+        assert not (tmp_path / "out").exists(), "refused before anything is written"
 
 
 def test_dataflow_options_validate_and_graph_builds_offline(tmp_path):

@@ -522,6 +522,11 @@ def test_pickle_is_refused_unless_allowed(sd_folder, tmp_path):
     _assert_params_equal_torch(load_component(folder, "unet", allow_pickle=True).module, sd_folder[1]["unet"])
     as_variant = load_component(folder, "unet", variant="non_ema").module
     assert np.allclose(np.asarray(as_variant.conv_in.bias.get_value()), other["conv_in.bias"])
+    # SD 1.5's own unet folder: .bin, .fp16.safetensors and .non_ema.safetensors.
+    save_file(other, os.path.join(folder, "unet", "diffusion_pytorch_model.fp16.safetensors"))
+    with pytest.raises(CheckpointError, match=r"diffusion_pytorch_model\.bin: pickle .*variant= one of fp16, non_ema"):
+        load_component(folder, "unet")
+    _assert_params_equal_torch(load_component(folder, "unet", allow_pickle=True).module, sd_folder[1]["unet"])
 
 
 @pytest.mark.faults

@@ -214,7 +214,7 @@ def _weight_files(folder: str, spec: _ComponentSpec, allow_pickle: bool, digests
     if variant:
         raise CheckpointError(f"missing file {storage.join(folder, expected)} (the weights in variant "
                               f"{variant!r}; variants here: {', '.join(variants) or 'none'}; found {found})")
-    if len(variants) > 1:
+    if len(variants) > 1 and not plain_pickles:
         raise CheckpointError(f"{folder}: no plain weights but variants {', '.join(variants)}; "
                               f"choose one with variant= (--variant)")
     pickles = plain_pickles or sorted(n for n in names if n.endswith(_PICKLE_SUFFIXES))
