@@ -109,9 +109,11 @@ def _split_beam_flags(argv: list[str], parser: argparse.ArgumentParser) -> tuple
     return ours, beam_args
 
 
-def _check_typos(beam_args: list[str], parser: argparse.ArgumentParser) -> None:
-    """A flag that Beam does not know either and that is close to one of ours is a typo of
-    ours: Beam would only log that it discards it, and the run would go on without it."""
+def _check_beam_flags(beam_args: list[str], parser: argparse.ArgumentParser, placeholders: bool) -> None:
+    """Beam's flags, read as Beam reads them. A flag that Beam does not know either and that
+    is close to one of ours is a typo of ours: Beam would only log that it discards it, and
+    the run would go on without it. Beam's --dry_run with a local runner, without our
+    --dry-run (`placeholders`), is ours mistyped: the run would render for real."""
     import difflib
 
     from pipelines import job
@@ -131,7 +133,8 @@ def _check_typos(beam_args: list[str], parser: argparse.ArgumentParser) -> None:
         beam_logger.setLevel(level)
     from apache_beam.options.pipeline_options import TestOptions
 
-    if options.view_as(TestOptions).dry_run and job.is_local(options):
+    beam_dry_run = str(options.view_as(TestOptions).dry_run).lower() not in ("false", "0", "")
+    if beam_dry_run and job.is_local(options) and not placeholders:
         parser.error("--dry_run is Apache Beam's (on Dataflow: build and validate the job, submit nothing) and "
                      "this runner would render for real: for placeholder images without a model, write --dry-run")
     ours = {flag[2:].replace("-", "_"): flag for action in parser._actions for flag in action.option_strings
@@ -191,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     # Beam logs every bundle at INFO; the progress bar and summary say what matters.
     logging.basicConfig(level=logging.WARNING)
     if args.command == "render":
-        _check_typos(beam_args, render)
+        _check_beam_flags(beam_args, render, placeholders=args.dry_run)
         return render_command(args, beam_args)
     parser.error(f"unknown command {args.command}")
     return EXIT_ERROR

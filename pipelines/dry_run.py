@@ -68,8 +68,8 @@ class DryRunRenderer:
         if sample.mode != "txt2img" and sample.init_image is not None:
             # As the engine: the photo's aspect ratio at about the placeholders' pixel count.
             image_height, image_width = np.shape(sample.init_image)[:2]
-            fitted = size_at_aspect(image_width, image_height, int(np.sqrt(self.width * self.height)), SIZE_MULTIPLE)
-            width, height = sample.width or fitted[0], sample.height or fitted[1]
+            width, height = size_at_aspect(image_width, image_height, int(np.sqrt(self.width * self.height)),
+                                           SIZE_MULTIPLE, given_width=sample.width, given_height=sample.height)
         if sample.mode == "outpaint" and sample.init_image is not None and sample.outpaint is not None:
             left, top, right, bottom = sample.outpaint
             image_height, image_width = np.shape(sample.init_image)[:2]

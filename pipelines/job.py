@@ -36,7 +36,8 @@ from jaxdiff.engine.pipeline import RenderSettings
 from jaxdiff.engine.sample import Sample, guidance_on
 from pipelines import dry_run, manifest, shards
 
-LOCAL_RUNNERS = ("FnApiRunner", "DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner")
+# Runners in this process, by the name Beam takes in any case, with or without "Runner".
+LOCAL_RUNNERS = ("fnapi", "direct", "bundlebaseddirect", "switchingdirect")
 DRY_RUN_SIZE = 64  # a dry run's image side when --width / --height are not given
 RUN_FILE = "run.json"
 INDEX_FILE = "index.json"
@@ -755,9 +756,14 @@ def build_pipeline(options: PipelineOptions, specs: list, out: str, renderer_fac
     return pipeline
 
 
-def is_local(options: PipelineOptions) -> bool:
+def _runner_name(options: PipelineOptions) -> str:
+    """The runner as Beam's create_runner matches it: any case, "Runner" optional."""
     runner = options.view_as(StandardOptions).runner
-    return isinstance(runner, str) and runner.split(".")[-1] in LOCAL_RUNNERS
+    return runner.split(".")[-1].lower().removesuffix("runner") if isinstance(runner, str) else ""
+
+
+def is_local(options: PipelineOptions) -> bool:
+    return _runner_name(options) in LOCAL_RUNNERS
 
 
 def _check_dataflow(options: PipelineOptions, out: str, files: list[str]) -> None:
@@ -765,9 +771,7 @@ def _check_dataflow(options: PipelineOptions, out: str, files: list[str]) -> Non
     clients, and the paths the workers read and write are gs://. A path on this machine
     would fail there, or leave each worker's shards on its own disk."""
     runner = options.view_as(StandardOptions).runner
-    # Beam takes the name in any case, with or without "Runner" (create_runner).
-    name = runner.split(".")[-1].lower().removesuffix("runner") if isinstance(runner, str) else ""
-    if name not in ("dataflow", "testdataflow"):
+    if _runner_name(options) not in ("dataflow", "testdataflow"):
         return
     try:
         from apache_beam.runners.dataflow.internal import apiclient  # noqa: F401

@@ -177,6 +177,7 @@ class DamagedShard(RuntimeError):
     """A committed shard whose files do not match its stats marker (found by --retry-failures)."""
 
     def __init__(self, out: str, name: str, what: str):
+        what = " ".join(what.split())  # one line: a library's reason may hold newlines
         super().__init__(f"{name} in {out} is damaged: {what}. Delete {shard_paths(out, name)['stats']} and "
                          f"rerun the same command: the whole shard renders again")
 
@@ -269,7 +270,7 @@ class ShardWriter:
                 storage.download(self.paths["tar"], local)
             except FileNotFoundError as e:
                 raise DamagedShard(self.out, self.name, f"a file is missing ({e})") from e
-            except pa.ArrowException as e:
+            except (pa.ArrowException, OSError) as e:  # pyarrow raises OSError for a broken footer
                 raise DamagedShard(self.out, self.name, f"its parquet does not read ({e})") from e
             if _file_sha256(local) != stats["tar_sha256"]:
                 raise DamagedShard(self.out, self.name, "its tar's sha256 is not the one its marker records")

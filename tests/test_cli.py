@@ -61,10 +61,13 @@ def test_abbreviated_flags_and_unknown_samplers_are_refused(tmp_path, capsys):
     said = capsys.readouterr().err
     assert "Apache Beam cannot read its flags: argument --dry_run: expected one argument" in said
     assert "--s3_api_version" not in said
-    # Beam's --dry_run (Dataflow's: build and validate) with a local runner would render for real.
+    # Beam's --dry_run (Dataflow's: build and validate) with a local runner and without ours
+    # would render for real; --dry_run=False says what it means.
     with pytest.raises(SystemExit):
-        cli.main(common + ["--dry_run=True"])
+        cli.main(["render", str(manifest), "--out", str(tmp_path / "out"), "--dry_run=True"])
     assert "for placeholder images without a model, write --dry-run" in capsys.readouterr().err
+    assert cli.main(common + ["--dry_run=True", "--no-progress"]) == cli.EXIT_OK
+    assert cli.main(common + ["--dry_run=False", "--no-progress", "--fresh"]) == cli.EXIT_OK
     # Beam's own flags still go to Beam.
     assert cli.main(common + ["--direct_num_workers=1", "--job_name=shapes", "--no-progress"]) == cli.EXIT_OK
 

@@ -713,7 +713,7 @@ def test_samples_given_one_photo_share_its_prepared_image(pipe):
         jaxdiff.Sample(id="w", prompt="p", mode="img2img", init_image=photo, width=32),
         jaxdiff.Sample(id="x", prompt="p", mode="img2img", init_image=photo, strength=2.0)])
     assert a.image is b.image and a.seed != b.seed and not a.image.flags.writeable
-    assert wide.image.shape == (16, 32, 3) and isinstance(bad, jaxdiff.engine.RenderError)
+    assert wide.image.shape == (32, 32, 3) and isinstance(bad, jaxdiff.engine.RenderError)  # the photo is square
     alone = pipe.prepare(jaxdiff.Sample(id="c", prompt="p", mode="img2img", init_image=photo))
     assert alone.image is not a.image  # nothing kept between calls
     np.testing.assert_array_equal(alone.image, a.image)
@@ -732,8 +732,12 @@ def test_image_modes_keep_the_photos_shape_at_the_models_scale(pipe):
         assert w % m == 0 and h % m == 0 and prepared.image.shape == (h, w, 3)
         assert abs(w / h - 2.5) <= 2.5 * m / h, "the photo's aspect ratio, to a multiple"
         assert abs(w * h - native ** 2) <= (w + h) * m, "about the native pixel count"
-    narrow = pipe.prepare(jaxdiff.Sample(id="n", prompt="p", mode="img2img", init_image=photo, width=m))
-    assert narrow.width == m
+    # One side given: the other from it at the photo's aspect ratio.
+    given = pipe.prepare(jaxdiff.Sample(id="n", prompt="p", mode="img2img", init_image=photo, height=2 * m))
+    assert (given.width, given.height) == (5 * m, 2 * m)
+    # A panorama's long side stops at four native sides.
+    panorama = pipe.prepare(jaxdiff.Sample(id="w", prompt="p", mode="img2img", init_image=photo[:2]))
+    assert (panorama.width, panorama.height) == (4 * native, m)
     square = pipe.prepare(jaxdiff.Sample(id="s", prompt="p", mode="img2img", init_image=photo[:3, :3]))
     assert (square.width, square.height) == (native, native)
     assert (pipe.prepare(jaxdiff.Sample(id="x", prompt="p")).width, pipe.native_size) == (native, native)

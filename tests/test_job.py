@@ -339,6 +339,12 @@ def test_a_failed_record_fails_every_image_id_it_would_have_given(tmp_path):
     assert shards.read_stats(out, "shard-00000")["samples"] == 7
 
 
+def _overwrite_tail(path: str, count: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(-count, os.SEEK_END)
+        f.write(b"\xff" * (count - 8))  # the last 8 bytes (footer length, magic) stay
+
+
 @pytest.mark.pipeline
 @pytest.mark.faults
 def test_retrying_a_damaged_shard_names_it_and_the_fix_instead_of_vouching_for_it(tmp_path):
@@ -360,6 +366,7 @@ def test_retrying_a_damaged_shard_names_it_and_the_fix_instead_of_vouching_for_i
         "tar": lambda: open(paths["tar"], "r+b").truncate(1536),  # at a member boundary: reads as a short tar
         "parquet": lambda: os.remove(paths["parquet"]),
         "parquet cut short": lambda: open(paths["parquet"], "r+b").truncate(100),
+        "parquet footer": lambda: _overwrite_tail(paths["parquet"], 40),  # pyarrow's OSError, not ArrowException
         "parquet row": drop_a_row,
         "failures": lambda: os.remove(paths["failures"]),
         "failures cut short": lambda: open(paths["failures"], "r+b").truncate(20),

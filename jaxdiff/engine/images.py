@@ -98,13 +98,23 @@ def latent_mask(mask: np.ndarray, factor: int) -> np.ndarray:
     return mask[::factor, ::factor]
 
 
-def size_at_aspect(width: int, height: int, native: int, multiple: int) -> tuple[int, int]:
-    """A render size with the aspect ratio of a `width` x `height` image and about the pixel
-    count of a `native` square (what the model was trained at), each side a multiple of
-    `multiple`: the photo keeps its shape, and the render its cost and its model's scale."""
+def size_at_aspect(width: int, height: int, native: int, multiple: int, *, given_width: int | None = None,
+                   given_height: int | None = None) -> tuple[int, int]:
+    """A render size with the aspect ratio of a `width` x `height` image, each side a
+    multiple of `multiple`: the side given as it is and the other from it; with neither,
+    about the pixel count of a `native` square (what the model was trained at), so the
+    photo keeps its shape and the render its cost and its model's scale. A side worked out
+    here is at most four native sides long (a panorama's long side, say)."""
+    if given_width is not None and given_height is not None:
+        return given_width, given_height
+    top = max(multiple, 4 * native // multiple * multiple)
+    fit = lambda side: min(top, max(multiple, round(side / multiple) * multiple))
+    if given_width is not None:
+        return given_width, fit(given_width * height / width)
+    if given_height is not None:
+        return fit(given_height * width / height), given_height
     scale = native / math.sqrt(width * height)
-    fit = lambda side: max(multiple, round(side * scale / multiple) * multiple)
-    return fit(width), fit(height)
+    return fit(width * scale), fit(height * scale)
 
 
 def outpaint_canvas(image: np.ndarray, pads: tuple[int, int, int, int], factor: int = 1

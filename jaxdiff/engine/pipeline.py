@@ -393,14 +393,13 @@ class Pipeline:
                                   f"numbers >= 0, not all 0; got {s.outpaint!r}")
             image, mask = imgs.outpaint_canvas(image, pads, self.vae_factor)
             width, height = image.shape[1], image.shape[0]
-        elif width is None or height is None:
+        else:
             # The photo's shape at the model's scale: a side not given follows the photo's
-            # aspect ratio at about the native pixel count, so a non-square photo is not
-            # squashed and a large one does not multiply the work (diffusers renders at the
-            # photo's own size: give width and height for that).
-            fitted = imgs.size_at_aspect(image.shape[1], image.shape[0], self.native_size, self.size_multiple)
-            width = fitted[0] if width is None else width
-            height = fitted[1] if height is None else height
+            # aspect ratio (with neither, at about the native pixel count), so a non-square
+            # photo is not squashed and a large one does not multiply the work (diffusers
+            # renders at the photo's own size: give width and height for that).
+            width, height = imgs.size_at_aspect(image.shape[1], image.shape[0], self.native_size, self.size_multiple,
+                                                given_width=width, given_height=height)
         self._check_size(width, height)
         image = imgs.to_unit_range(imgs.resize_rgb(image, width, height))
         if s.mode in ("inpaint", "outpaint"):
