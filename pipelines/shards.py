@@ -266,10 +266,12 @@ class ShardWriter:
         local = storage.local_temp_for(self.paths["tar"])
         try:
             try:
-                table = pq.read_table(io.BytesIO(storage.read_bytes(self.paths["parquet"])))
+                parquet = storage.read_bytes(self.paths["parquet"])
                 storage.download(self.paths["tar"], local)
             except FileNotFoundError as e:
                 raise DamagedShard(self.out, self.name, f"a file is missing ({e})") from e
+            try:
+                table = pq.read_table(io.BytesIO(parquet))
             except (pa.ArrowException, OSError) as e:  # pyarrow raises OSError for a broken footer
                 raise DamagedShard(self.out, self.name, f"its parquet does not read ({e})") from e
             if _file_sha256(local) != stats["tar_sha256"]:
