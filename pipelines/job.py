@@ -850,6 +850,10 @@ def run(manifests: list[str], out: str, config: RenderConfig, *, beam_args: Iter
             result = pipeline.run()
             result.wait_until_finish()
         except Exception as e:
+            # The index lists what is committed now: shards this run committed (or, retried,
+            # committed anew) before the failure, not the checksums of their earlier files.
+            with contextlib.suppress(Exception):  # best effort: the run's own error is the one to report
+                write_index(out, [s for s in specs if s.name in shards.complete_shards(out)])
             raise JobError(f"the pipeline failed ({e.__class__.__name__}: {e}). Committed shards are kept: "
                            f"fix the cause and rerun the same command to render the rest.") from e
         finally:

@@ -187,6 +187,11 @@ def test_shard_that_raises_is_retried_without_duplicates(tmp_path):
     with pytest.raises(job.JobError, match="rerun the same command"):
         job.run([str(manifest_path)], out, config, renderer_factory=factory, progress=False)
     assert "shard-00002" not in shards.complete_shards(out)  # g09's shard
+    # The index still lists what is committed, as the stats markers say, after a failed run.
+    index = json.loads(storage.read_text(os.path.join(out, job.INDEX_FILE)))
+    assert sorted(e["url"] for e in index["shards"]) == sorted(n + ".tar" for n in shards.complete_shards(out))
+    for entry in index["shards"]:
+        assert entry["sha256"] == shards.read_stats(out, entry["url"][:-4])["tar_sha256"]
     summary = job.run([str(manifest_path)], out, config, renderer_factory=factory, progress=False)
     assert summary.complete
     ids, failures = _ids_in_output(out, str(tmp_path / "copy"))
