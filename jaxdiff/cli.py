@@ -116,7 +116,8 @@ def _check_beam_flags(beam_args: list[str], parser: argparse.ArgumentParser, pla
     --dry-run (`placeholders`), is ours mistyped: the run would render for real."""
     import difflib
 
-    from pipelines import job
+    from pipelines import job  # first: its package filters Beam's import-time notice
+    from apache_beam.options.pipeline_options import TestOptions
 
     options = job.pipeline_options(beam_args)
     beam_logger = logging.getLogger("apache_beam.options.pipeline_options")
@@ -131,8 +132,6 @@ def _check_beam_flags(beam_args: list[str], parser: argparse.ArgumentParser, pla
         parser.error(f"Apache Beam cannot read its flags: {lines[-1].split('error: ', 1)[-1]}")
     finally:
         beam_logger.setLevel(level)
-    from apache_beam.options.pipeline_options import TestOptions
-
     beam_dry_run = str(options.view_as(TestOptions).dry_run).lower() not in ("false", "0", "")
     if beam_dry_run and job.is_local(options) and not placeholders:
         parser.error("--dry_run is Apache Beam's (on Dataflow: build and validate the job, submit nothing) and "

@@ -66,18 +66,17 @@ class DryRunRenderer:
         seed = sample.seed if sample.seed is not None else derive_seed(self.seed, sample.id)
         width, height = sample.width or self.width, sample.height or self.height
         if sample.mode != "txt2img" and sample.init_image is not None:
-            # As the engine: the photo's aspect ratio at about the placeholders' pixel count.
             image_height, image_width = np.shape(sample.init_image)[:2]
-            width, height = size_at_aspect(image_width, image_height, int(np.sqrt(self.width * self.height)),
-                                           SIZE_MULTIPLE, given_width=sample.width, given_height=sample.height)
-        if sample.mode == "outpaint" and sample.init_image is not None and sample.outpaint is not None:
-            left, top, right, bottom = sample.outpaint
-            image_height, image_width = np.shape(sample.init_image)[:2]
-            width, height = image_width + left + right, image_height + top + bottom
-            if width % CANVAS_MULTIPLE or height % CANVAS_MULTIPLE or max(width, height) > CANVAS_MAX_SIDE:
-                return Rendered(sample.id, None, {}, error=(
-                    f"unsupported size {width}x{height} (the init image plus the outpaint pixels): use "
-                    f"multiples of {CANVAS_MULTIPLE} up to {CANVAS_MAX_SIDE}, as SD checkpoints take it"))
+            if sample.mode == "outpaint" and sample.outpaint is not None:
+                left, top, right, bottom = sample.outpaint
+                width, height = image_width + left + right, image_height + top + bottom
+                if width % CANVAS_MULTIPLE or height % CANVAS_MULTIPLE or max(width, height) > CANVAS_MAX_SIDE:
+                    return Rendered(sample.id, None, {}, error=(
+                        f"unsupported size {width}x{height} (the init image plus the outpaint pixels): use "
+                        f"multiples of {CANVAS_MULTIPLE} up to {CANVAS_MAX_SIDE}, as SD checkpoints take it"))
+            else:  # as the engine: the photo's aspect ratio at about the placeholders' pixel count
+                width, height = size_at_aspect(image_width, image_height, int(np.sqrt(self.width * self.height)),
+                                               SIZE_MULTIPLE, given_width=sample.width, given_height=sample.height)
         for name, side in (("width", width), ("height", height)):
             if side % SIZE_MULTIPLE or not SIZE_MULTIPLE <= side <= MAX_SIDE:
                 # Reported per sample, as the engine reports its RenderError.

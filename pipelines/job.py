@@ -756,6 +756,12 @@ def build_pipeline(options: PipelineOptions, specs: list, out: str, renderer_fac
     return pipeline
 
 
+def _index_committed(out: str, specs: list) -> tuple[set[str], dict]:
+    """(names of the committed shards, the index written for them)."""
+    done = shards.complete_shards(out)
+    return done, write_index(out, [s for s in specs if s.name in done])
+
+
 def _runner_name(options: PipelineOptions) -> str:
     """The runner as Beam's create_runner matches it: any case, "Runner" optional."""
     runner = options.view_as(StandardOptions).runner
@@ -853,16 +859,14 @@ def run(manifests: list[str], out: str, config: RenderConfig, *, beam_args: Iter
             # The index lists what is committed now: shards this run committed (or, retried,
             # committed anew) before the failure, not the checksums of their earlier files.
             with contextlib.suppress(Exception):  # best effort: the run's own error is the one to report
-                write_index(out, [s for s in specs if s.name in shards.complete_shards(out)])
+                _index_committed(out, specs)
             raise JobError(f"the pipeline failed ({e.__class__.__name__}: {e}). Committed shards are kept: "
                            f"fix the cause and rerun the same command to render the rest.") from e
         finally:
             watcher.stop()
 
     del renderer  # the shared map keeps it no longer than needed
-    done = shards.complete_shards(out)
-    committed = [s for s in specs if s.name in done]
-    index = write_index(out, committed)
+    done, index = _index_committed(out, specs)
     now = [e for e in index["shards"] if e["url"] in {s.name + ".tar" for s in pending}]
     rendered_now = sum(e["nsamples"] for e in now) - sum(stats["rendered"] for stats in earlier.values())
     return Summary(

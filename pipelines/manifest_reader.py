@@ -145,9 +145,10 @@ def _expand_gcs(pattern: str) -> list[str]:
     if not bucket or not name:
         raise ManifestError(f"{pattern!r} is not a gs://bucket/object pattern")
     client = storage.gcs_client()
-    exists = client.bucket(bucket).blob(name).exists()
-    if exists or not _has_wildcard(name):  # an object named as it is, even with [ ] * ? in its name
-        return [pattern] if exists else []
+    if client.bucket(bucket).blob(name).exists():  # an object named as it is, even with [ ] * ? in its name
+        return [pattern]
+    if not _has_wildcard(name):
+        return []
     literal = re.split(r"[*?\[]", name, maxsplit=1)[0]
     regex = _glob_regex(name)
     return [f"gs://{bucket}/{blob.name}" for blob in client.list_blobs(bucket, prefix=literal)

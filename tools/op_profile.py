@@ -7,8 +7,8 @@ One UNet forward as the engine's CFG step runs it (--batch samples, two contexts
 random weights at full size, runs a few times under jax.profiler. Each XLA op's time in
 the trace is given one category, read off the optimized HLO: convolution, attention (what
 the kernel in jaxdiff/models/attention.py became), matmul, reduction (group and layer
-norms), elementwise, layout (copies, transposes) or other. Each op's FLOPs (dots, convolutions, attention kernels) and bytes (operands and
-result) are read off the HLO too (tools/hlo_ops.py), so each category says what it
+norms), elementwise, layout (copies, transposes) or other. Each op's FLOPs (dots,
+convolutions, attention kernels) and bytes (operands and result) are read off the HLO too (tools/hlo_ops.py), so each category says what it
 achieved in TFLOP/s and GB/s: the kernels' distance from the chip's peak and bandwidth.
 On a GPU the times are kernel times on the device; on a CPU they are summed over XLA's
 threads, so they add up to more than the wall time. On a GPU the tool turns XLA's command

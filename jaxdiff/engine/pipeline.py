@@ -304,7 +304,7 @@ class Pipeline:
         guidance = st.guidance if s.guidance is None else float(s.guidance)
         prep = PreparedSample(
             # A 0 given is refused below, not taken for "unset". Unset (None here): the native
-            # size for text-to-image, the init image's own for the other modes.
+            # size for text-to-image; for the other modes, worked out from the init image.
             sample=s, width=s.width if s.width is not None else st.width,
             height=s.height if s.height is not None else st.height,
             steps=s.steps if s.steps is not None else st.steps, sampler=s.sampler or st.sampler, guidance=guidance,
