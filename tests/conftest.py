@@ -8,6 +8,9 @@ import socket
 # Never let anything probe a metadata server or a GPU from the test process.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("NO_GCE_CHECK", "true")
+# Both test workers compile for TPU topologies without a TPU: libtpu's lockfile, there to
+# keep two processes off one TPU, would fail whichever loads it second.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import pytest
 
