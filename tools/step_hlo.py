@@ -203,7 +203,7 @@ def compile_step(arch: str, batch: int, target: str, size: int | None = None,
     from flax import nnx
 
     from jaxdiff.models.unet import UNet2DConditionModel, UNetConfig
-    from jaxdiff.weights.family import InitKeys
+    from jaxdiff.weights.family import abstract_model
     from tools.bench import countable_attention, guided_unet_inputs
 
     configs = arch_configs(arch)
@@ -212,7 +212,7 @@ def compile_step(arch: str, batch: int, target: str, size: int | None = None,
     latent = size or cfg.sample_size or 64
     if batch % chips:
         raise ValueError(f"the batch {batch} does not split over {chips} chips")
-    model = nnx.eval_shape(lambda: UNet2DConditionModel(cfg, dtype=dtype, rngs=InitKeys()))
+    model = abstract_model(UNet2DConditionModel, cfg, dtype)
     graphdef, state = nnx.split(model)
     upscale = cfg.num_class_embeds is not None
 
@@ -259,14 +259,13 @@ def compile_base_program(arch: str, batch: int, target: str, size: int | None = 
     from jaxdiff.models.clip import CLIPTextConfig, CLIPTextModel
     from jaxdiff.models.unet import UNet2DConditionModel, UNetConfig
     from jaxdiff.models.vae import AutoencoderKL, VAEConfig
-    from jaxdiff.weights.family import InitKeys
+    from jaxdiff.weights.family import abstract_model
 
     configs = arch_configs(arch)
     dtype = _dtype(target)
     parts = ((CLIPTextModel, CLIPTextConfig, "text_encoder"), (UNet2DConditionModel, UNetConfig, "unet"),
              (AutoencoderKL, VAEConfig, "vae"))
-    models = [nnx.eval_shape(lambda m=m, c=c, k=k: m(c.from_dict(configs[k]), dtype=dtype, rngs=InitKeys()))
-              for m, c, k in parts]
+    models = [abstract_model(m, c.from_dict(configs[k]), dtype) for m, c, k in parts]
     graphdefs, states = zip(*(nnx.split(m) for m in models))
     vae_cfg, unet_cfg = configs["vae"], configs["unet"]
     factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)

@@ -153,6 +153,11 @@ class InitKeys:
         return jax.random.fold_in(self._key, np.uint32(self._drawn))
 
 
+def abstract_model(model_class, config, dtype):
+    """`model_class(config)` as shapes and dtypes only: no init, no memory."""
+    return nnx.eval_shape(lambda: model_class(config, dtype=dtype, rngs=InitKeys()))
+
+
 def _pickle_refusal(path: str, variants: list[str] = ()) -> CheckpointError:
     other = ""
     if variants:
@@ -330,7 +335,7 @@ def load_component(path: str, name: str, *, dtype=None, sharding=None,
         if name == "vae" and config.force_upcast and jnp.dtype(dtype) == jnp.float16:
             dtype = jnp.float32  # as diffusers upcasts it: float16 overflows its activations
         model_class = getattr(models, spec.model_class)
-        abstract = nnx.eval_shape(lambda: model_class(config, dtype=dtype, rngs=InitKeys()))
+        abstract = abstract_model(model_class, config, dtype)
     except ValueError as e:  # UnsupportedConfig and invalid values
         raise _with_config_file(e, config_path) from e
 
