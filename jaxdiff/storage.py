@@ -212,16 +212,44 @@ def open_reader(path: str) -> RangeReader:
 
 # ---- writing: build locally, then move into place in one step --------------------------
 
-def put_file(local_path: str, dest: str) -> None:
-    """Moves a finished local file to `dest` in one step."""
+def _local_version(st: os.stat_result) -> str:
+    # A file moved into place keeps its temporary file's inode: a new one each write.
+    return f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}"
+
+
+def put_file(local_path: str, dest: str) -> str:
+    """Moves a finished local file to `dest` in one step. Returns the version written,
+    which any later write of `dest` changes (GCS: the object's generation), as
+    `file_versions` lists them."""
     if is_gcs(dest):
         # The content type follows `dest`, not the temporary file's name.
         content_type = mimetypes.guess_type(posixpath.basename(dest))[0]
-        _blob(dest).upload_from_filename(local_path, content_type=content_type)
+        blob = _blob(dest)
+        blob.upload_from_filename(local_path, content_type=content_type)
         os.unlink(local_path)
-    else:
-        os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
-        os.replace(local_path, dest)
+        return str(blob.generation)
+    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+    os.replace(local_path, dest)
+    return _local_version(os.stat(dest))
+
+
+def file_versions(folder: str) -> dict[str, str]:
+    """{name: version} of the files directly in `folder`, in one listing; empty when it
+    does not exist."""
+    folder = str(folder)
+    if is_gcs(folder):
+        from google.api_core.exceptions import NotFound
+
+        bucket, name = _split_gcs(folder)
+        prefix = name.rstrip("/") + "/" if name.strip("/") else ""
+        try:
+            return {b.name[len(prefix):]: str(b.generation)
+                    for b in gcs_client().list_blobs(bucket, prefix=prefix, delimiter="/")}
+        except NotFound:
+            return {}
+    if not os.path.isdir(folder):
+        return {}
+    return {e.name: _local_version(e.stat()) for e in os.scandir(folder) if e.is_file()}
 
 
 def local_temp_for(dest: str) -> str:
@@ -240,13 +268,14 @@ def local_temp_for(dest: str) -> str:
     return path
 
 
-def write_bytes(dest: str, data: bytes) -> None:
-    """Writes `data` to `dest` so that readers see the old file or the whole new one."""
+def write_bytes(dest: str, data: bytes) -> str:
+    """Writes `data` to `dest` so that readers see the old file or the whole new one;
+    returns the version written (see put_file)."""
     tmp = local_temp_for(dest)
     try:
         with open(tmp, "wb") as f:
             f.write(data)
-        put_file(tmp, dest)
+        return put_file(tmp, dest)
     finally:
         if os.path.exists(tmp):  # a failed upload or move leaves no temporary file behind
             os.unlink(tmp)

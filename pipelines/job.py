@@ -617,16 +617,16 @@ def clear_output(out: str) -> None:
         storage.delete(storage.join(failures, name))
 
 
-def write_index(out: str, specs: list) -> dict:
-    """index.json: every shard with counts and checksums, readable by webdataset's `wids`."""
+def write_index(out: str, markers: list[dict]) -> dict:
+    """index.json: every shard (its stats marker) with counts and checksums, readable by
+    webdataset's `wids`."""
     entries, rendered, failed = [], 0, 0
-    for spec in specs:
-        stats = shards.read_stats(out, spec.name)
+    for stats in markers:
         rendered += stats["rendered"]
         failed += stats["failed"]
         entries.append({"url": stats["tar"], "nsamples": stats["rendered"], "failed": stats["failed"],
                         "filesize": stats["tar_bytes"], "sha256": stats["tar_sha256"],
-                        "parquet": spec.name + ".parquet"})
+                        "parquet": stats["shard"] + ".parquet"})
     index = {
         "wids_version": 1,
         "name": "jaxdiff render",
@@ -708,6 +708,7 @@ class Summary:
     skipped_shards: int
     missing_shards: list[str]
     seconds: float
+    withdrawn_shards: list[str] = dataclasses.field(default_factory=list)  # two attempts wrote them at once
 
     @property
     def complete(self) -> bool:
@@ -724,6 +725,9 @@ class Summary:
                 f"{self.seconds:.1f} s, {self.images_per_s:.1f} images/s")
         if self.missing_shards:
             line += f"; INCOMPLETE: {len(self.missing_shards)} shards not committed (rerun the same command)"
+        if self.withdrawn_shards:
+            line += (f"; {', '.join(self.withdrawn_shards)}: two attempts wrote its files at once, so its marker "
+                     f"was withdrawn and it renders again on the rerun")
         return line
 
 
@@ -756,10 +760,21 @@ def build_pipeline(options: PipelineOptions, specs: list, out: str, renderer_fac
     return pipeline
 
 
-def _index_committed(out: str, specs: list) -> tuple[set[str], dict]:
-    """(names of the committed shards, the index written for them)."""
+def _index_committed(out: str, specs: list, pending: list, earlier: dict[str, dict]) -> tuple[set[str], dict, list[str]]:
+    """(names of the committed shards, the index written for them, the shards whose markers
+    were withdrawn). Of the shards this run committed (`pending` rendered, `earlier` their
+    markers before), one whose files another attempt replaced since is withdrawn: it
+    renders again on the next run, where its checksums would be wrong. Shards committed
+    before are left as they are (a copied output folder has other versions throughout)."""
     done = shards.complete_shards(out)
-    return done, write_index(out, [s for s in specs if s.name in done])
+    markers = {s.name: shards.read_stats(out, s.name) for s in specs if s.name in done}
+    withdrawn = shards.overwritten_shards(out, {s.name: markers[s.name] for s in pending
+                                                if s.name in markers and markers[s.name] != earlier.get(s.name)})
+    for name in withdrawn:
+        storage.delete(shards.shard_paths(out, name)["stats"])
+        del markers[name]
+        done.discard(name)
+    return done, write_index(out, list(markers.values())), withdrawn
 
 
 def _runner_name(options: PipelineOptions) -> str:
@@ -859,18 +874,19 @@ def run(manifests: list[str], out: str, config: RenderConfig, *, beam_args: Iter
             # The index lists what is committed now: shards this run committed (or, retried,
             # committed anew) before the failure, not the checksums of their earlier files.
             with contextlib.suppress(Exception):  # best effort: the run's own error is the one to report
-                _index_committed(out, specs)
+                _index_committed(out, specs, pending, earlier)
             raise JobError(f"the pipeline failed ({e.__class__.__name__}: {e}). Committed shards are kept: "
                            f"fix the cause and rerun the same command to render the rest.") from e
         finally:
             watcher.stop()
 
     del renderer  # the shared map keeps it no longer than needed
-    done, index = _index_committed(out, specs)
+    done, index, withdrawn = _index_committed(out, specs, pending, earlier)
     now = [e for e in index["shards"] if e["url"] in {s.name + ".tar" for s in pending}]
-    rendered_now = sum(e["nsamples"] for e in now) - sum(stats["rendered"] for stats in earlier.values())
+    rendered_now = sum(e["nsamples"] - earlier.get(e["url"][:-4], {}).get("rendered", 0) for e in now)
     return Summary(
         rendered=index["rendered"], failed=index["failed"], processed_now=sum(e["nsamples"] + e["failed"] for e in now),
         rendered_now=rendered_now, shards=len(specs),
         rendered_shards=sum(s.name in done for s in pending), skipped_shards=skipped,
-        missing_shards=[s.name for s in specs if s.name not in done], seconds=time.time() - started)
+        missing_shards=[s.name for s in specs if s.name not in done], seconds=time.time() - started,
+        withdrawn_shards=withdrawn)

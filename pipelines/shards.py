@@ -116,6 +116,20 @@ def read_stats(out: str, name: str) -> dict:
     return json.loads(storage.read_text(shard_paths(out, name)["stats"]))
 
 
+def overwritten_shards(out: str, stats: dict[str, dict]) -> list[str]:
+    """Names of committed shards (name: its marker) whose files are no longer the ones
+    their marker vouches for. Dataflow can run a shard's work again while a lost worker's
+    first attempt still runs; when both commit at once, the marker that lands last may
+    name the other attempt's tar. Markers that record no versions are taken as they are."""
+    if not any("versions" in s for s in stats.values()):
+        return []
+    failures = storage.file_versions(storage.join(out, FAILURES_DIR))
+    present = storage.file_versions(out) | {f"{FAILURES_DIR}/{n}": v for n, v in failures.items()}
+    names = {"tar": "{}.tar", "parquet": "{}.parquet", "failures": FAILURES_DIR + "/{}.jsonl"}
+    return [name for name, s in stats.items()
+            if any(present.get(names[kind].format(name)) != version for kind, version in s.get("versions", {}).items())]
+
+
 def read_failures(out: str, name: str) -> list[dict]:
     path = shard_paths(out, name)["failures"]
     if not storage.exists(path):
@@ -313,12 +327,13 @@ class ShardWriter:
         storage.delete(self.paths["stats"])
         tar_bytes = os.path.getsize(self._tar_path)
         tar_sha256 = _file_sha256(self._tar_path)
-        storage.put_file(self._tar_path, self.paths["tar"])
+        versions = {"tar": storage.put_file(self._tar_path, self.paths["tar"])}
 
         parquet = io.BytesIO()
         pq.write_table(pa.Table.from_pylist(self._rows, schema=PARQUET_SCHEMA), parquet)
-        storage.write_bytes(self.paths["parquet"], parquet.getvalue())
-        storage.write_bytes(self.paths["failures"], "".join(line + "\n" for line in self._failures).encode())
+        versions["parquet"] = storage.write_bytes(self.paths["parquet"], parquet.getvalue())
+        versions["failures"] = storage.write_bytes(self.paths["failures"],
+                                                   "".join(line + "\n" for line in self._failures).encode())
 
         stats = {
             "shard": self.name,
@@ -329,6 +344,7 @@ class ShardWriter:
             "tar_bytes": tar_bytes,
             "tar_sha256": tar_sha256,
             "parquet_bytes": len(parquet.getvalue()),
+            "versions": versions,  # the files this marker vouches for (see overwritten_shards)
             "seconds": round(time.time() - self._started, 3),
             "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }

@@ -484,7 +484,7 @@ def test_a_committed_shard_rendered_again_withdraws_its_marker_first(tmp_path, m
     def parquet_upload_fails(dest, data):
         if dest.endswith(".parquet"):
             raise OSError("simulated upload failure")
-        write_bytes(dest, data)
+        return write_bytes(dest, data)
 
     monkeypatch.setattr(storage, "write_bytes", parquet_upload_fails)
     with pytest.raises(RuntimeError, match=rf"{spec.name} \(.*m\.jsonl, records 1 to 3\): OSError: simulated") as info:
@@ -492,6 +492,60 @@ def test_a_committed_shard_rendered_again_withdraws_its_marker_first(tmp_path, m
     assert isinstance(info.value.__cause__, OSError)
     assert shards.complete_shards(out) == set()  # the next run renders it afresh
     assert not glob.glob(os.path.join(out, "**", "*.partial"), recursive=True)  # temp files gone too
+
+
+@pytest.mark.pipeline
+@pytest.mark.faults
+@pytest.mark.parametrize("where", ["local", "gcs"])
+def test_a_marker_whose_files_another_attempt_replaced_is_withdrawn(where, tmp_path, request, monkeypatch):
+    """Dataflow can run a shard's work again while a lost worker's first attempt still
+    runs. When both commit at once, the marker that lands last can vouch for the other
+    attempt's tar: the run's end finds the files replaced since, withdraws that marker and
+    says so; the next run renders the shard again, and its checksums are the tar's."""
+    import hashlib
+
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in GOOD))
+    out = str(tmp_path / "out") if where == "local" else f"gs://{request.getfixturevalue('gcs_bucket')}/withdraw"
+    config = _config()
+    paths = shards.shard_paths(out, "shard-00001")
+    write_json, landed = shards.write_json, []
+
+    def other_attempts_tar_lands_after_the_marker(dest, value):
+        write_json(dest, value)
+        if dest == paths["stats"] and not landed:
+            landed.append(dest)
+            storage.write_bytes(paths["tar"], storage.read_bytes(paths["tar"])[:-1024])
+
+    monkeypatch.setattr(shards, "write_json", other_attempts_tar_lands_after_the_marker)
+    first = job.run([str(path)], out, config, progress=False)
+    assert (first.withdrawn_shards, first.missing_shards) == (["shard-00001"], ["shard-00001"])
+    assert "shard-00001: two attempts wrote its files at once" in first.text()
+    assert not storage.exists(paths["stats"])
+    index = json.loads(storage.read_text(storage.join(out, "index.json")))
+    assert [e["url"] for e in index["shards"]] == ["shard-00000.tar", "shard-00002.tar"]
+
+    second = job.run([str(path)], out, config, progress=False)
+    assert second.complete and second.rendered_shards == 1 and second.rendered_now == 5
+    index = json.loads(storage.read_text(storage.join(out, "index.json")))
+    entry = next(e for e in index["shards"] if e["url"] == "shard-00001.tar")
+    assert entry["sha256"] == hashlib.sha256(storage.read_bytes(paths["tar"])).hexdigest()
+    ids, _ = _ids_in_output(out, str(tmp_path / "copy"))
+    assert sorted(ids) == sorted(r["id"] for r in GOOD)
+
+
+@pytest.mark.pipeline
+def test_an_output_folder_copied_elsewhere_resumes_without_rendering_again(tmp_path):
+    """Copied files have other versions than their markers record: only shards a run
+    commits itself are checked against theirs."""
+    import shutil
+
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in GOOD))
+    job.run([str(path)], str(tmp_path / "out"), _config(), progress=False)
+    shutil.copytree(tmp_path / "out", tmp_path / "copy")
+    again = job.run([str(path)], str(tmp_path / "copy"), _config(), progress=False)
+    assert again.complete and (again.skipped_shards, again.withdrawn_shards) == (3, [])
 
 
 @pytest.mark.faults

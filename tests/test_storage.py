@@ -220,3 +220,19 @@ def test_gcs_client_is_shared_across_threads(gcs_bucket):
         t.join()
     assert all(c is first for c in clients)
     assert first.project == "jaxdiff-emulator"
+
+
+@pytest.mark.parametrize("where", ["local", "gcs"])
+def test_each_write_has_a_version_that_the_folder_listing_gives(where, tmp_path, request):
+    """A shard's marker records the versions of the files it vouches for; any later write of
+    a file, even of the same bytes, gives another."""
+    base = str(tmp_path / "v") if where == "local" else f"gs://{request.getfixturevalue('gcs_bucket')}/versions"
+    first = storage.write_bytes(storage.join(base, "a.tar"), b"same")
+    other = storage.write_bytes(storage.join(base, "b.json"), b"{}")
+    storage.write_bytes(storage.join(base, "sub", "c"), b"below")
+    assert storage.file_versions(base) == {"a.tar": first, "b.json": other}
+    local = tmp_path / "upload"
+    local.write_bytes(b"same")
+    again = storage.put_file(str(local), storage.join(base, "a.tar"))
+    assert again != first and storage.file_versions(base)["a.tar"] == again
+    assert storage.file_versions(storage.join(base, "none")) == {}
