@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 import jaxdiff
-from jaxdiff.engine.images import size_at_aspect
+from jaxdiff.engine.images import outpaint_size_problem, size_at_aspect
 from jaxdiff.engine.sample import Rendered, Sample, derive_seed
 
 # The placeholders' sizes: any multiple of 8 (the VAE's downsampling factor), so tiny
@@ -22,9 +22,8 @@ from jaxdiff.engine.sample import Rendered, Sample, derive_seed
 SIZE_MULTIPLE = 8
 MAX_SIDE = 4096
 # An outpaint canvas (the init image plus the outpaint pixels) sets its own size: held to
-# what every SD 1.x/2.x checkpoint takes (the manifest's rule for records' sizes), since
-# the run's model is not loaded. The shipped model takes multiples of 16 as well.
-CANVAS_MULTIPLE = 64
+# what the run's model takes (`canvas_multiple`: its configs say, 64 for SD), as records'
+# own sizes are.
 CANVAS_MAX_SIDE = 2048
 
 
@@ -32,12 +31,14 @@ class DryRunRenderer:
     """Renders a flat colour plus a noise pattern, both drawn from the sample's seed."""
 
     def __init__(self, batch_size: int = 4, *, width: int = 512, height: int = 512, steps: int = 25,
-                 guidance: float = 7.5, sampler: str = "dpmpp_2m", seed: int = 0, delay_s: float = 0.0):
+                 guidance: float = 7.5, sampler: str = "dpmpp_2m", seed: int = 0, canvas_multiple: int = 64,
+                 delay_s: float = 0.0):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
         self.width, self.height = width, height
         self.steps, self.guidance, self.sampler, self.seed = steps, guidance, sampler, seed
+        self.canvas_multiple = canvas_multiple
         self.delay_s = delay_s  # per batch: lets tests and demos watch progress or kill a run midway
 
     def describe(self) -> dict:
@@ -70,10 +71,11 @@ class DryRunRenderer:
             if sample.mode == "outpaint" and sample.outpaint is not None:
                 left, top, right, bottom = sample.outpaint
                 width, height = image_width + left + right, image_height + top + bottom
-                if width % CANVAS_MULTIPLE or height % CANVAS_MULTIPLE or max(width, height) > CANVAS_MAX_SIDE:
-                    return Rendered(sample.id, None, {}, error=(
-                        f"unsupported size {width}x{height} (the init image plus the outpaint pixels): use "
-                        f"multiples of {CANVAS_MULTIPLE} up to {CANVAS_MAX_SIDE}, as SD checkpoints take it"))
+                problem = outpaint_size_problem(image_width, image_height, sample.outpaint, self.canvas_multiple)
+                if max(width, height) > CANVAS_MAX_SIDE:
+                    problem = f"the outpaint canvas is {width}x{height}, past {CANVAS_MAX_SIDE} a side"
+                if problem:
+                    return Rendered(sample.id, None, {}, error=problem)
             else:  # as the engine: the photo's aspect ratio at about the placeholders' pixel count
                 width, height = size_at_aspect(image_width, image_height, int(np.sqrt(self.width * self.height)),
                                                SIZE_MULTIPLE, given_width=sample.width, given_height=sample.height)

@@ -130,6 +130,7 @@ class RendererFactory:
         if c.dry_run:
             return dry_run.DryRunRenderer(c.batch_size, width=c.width or DRY_RUN_SIZE,
                                           height=c.height or DRY_RUN_SIZE, seed=c.seed,
+                                          canvas_multiple=model_size_multiple(c),
                                           delay_s=c.dry_run_delay_s, **c.open_settings())
         from jaxdiff.engine import load_pipeline
 
@@ -162,9 +163,21 @@ def with_model_defaults(config: RenderConfig) -> RenderConfig:
     return dataclasses.replace(config, **{k: v for k, v in recommended.items() if getattr(config, k) is None})
 
 
+def model_size_multiple(config: RenderConfig) -> int:
+    """What the run's model takes each side of a render to be a multiple of (16 for the
+    shipped model, 64 for SD), read from its configs; SD's 64 where they cannot be read
+    here (the model's loader then names what is wrong)."""
+    from jaxdiff.checkpoints import resolve_model, size_multiple
+
+    try:
+        return size_multiple(resolve_model(config.model or "default"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return manifest.RenderDefaults.size_multiple
+
+
 def manifest_defaults(config: RenderConfig) -> manifest.RenderDefaults:
     """The run's defaults and limits for manifest records."""
-    values = {"seed": config.seed} | config.open_settings()
+    values = {"seed": config.seed, "size_multiple": model_size_multiple(config)} | config.open_settings()
     if values.get("sampler") not in manifest.RenderDefaults.samplers:
         values.pop("sampler", None)  # the engine names an unknown sampler in each failure
     if config.width is not None:

@@ -97,7 +97,7 @@ class RenderDefaults:
     negative_prompt: str = ""
     num_images: int = 1
     strength: float = 0.75
-    size_multiple: int = 64            # a record's width and height: multiples of this,
+    size_multiple: int = 64            # a record's width and height: multiples of this (the job: its model's),
     max_side: int = 2048               # up to this
     # The run's own width and height may keep a finer rule where its renderer draws any
     # size (the dry run: multiples of 8, so tiny placeholders can test a huge manifest);
@@ -176,40 +176,43 @@ class InputImageError(ValueError):
 # ----------------------------------------------------------------------------- images
 
 
-def _decode_image(uri: str, max_side: int):
+def _decode_image(uri: str, max_side: int, field: str):
+    """`field` (init_image or mask) read from `uri` and decoded; InputImageError naming both."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         data = storage.read_bytes(uri)
     except FileNotFoundError as e:
-        raise InputImageError(f"image {uri} does not exist") from e
+        raise InputImageError(f"{field} {uri} does not exist") from e
     except Exception as e:  # gs:// NotFound, permissions, network
-        raise InputImageError(f"cannot read image {uri}: {e}") from e
+        raise InputImageError(f"cannot read {field} {uri}: {e}") from e
     try:
         image = Image.open(io.BytesIO(data))
         if image.format not in IMAGE_FORMATS:
-            raise InputImageError(f"image {uri} is {image.format}: use PNG, JPEG or WebP")
+            raise InputImageError(f"{field} {uri} is {image.format}: use PNG, JPEG or WebP")
         if max(image.size) > max_side:
-            raise InputImageError(f"image {uri} is {image.size[0]}x{image.size[1]}: "
+            raise InputImageError(f"{field} {uri} is {image.size[0]}x{image.size[1]}: "
                                   f"use at most {max_side} pixels a side")
         image.load()  # decodes now, so a truncated or corrupt file fails here
         return ImageOps.exif_transpose(image)  # camera JPEGs store their rotation in EXIF
     except InputImageError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise InputImageError(f"cannot decode image {uri}: {e}") from e
+    except UnidentifiedImageError as e:  # its text names an in-memory buffer, not the file
+        raise InputImageError(f"{field} {uri} is not an image Pillow can read: use PNG, JPEG or WebP") from e
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise InputImageError(f"cannot decode {field} {uri}: {e}") from e
 
 
 def load_image(uri: str, *, max_side: int = 8192) -> np.ndarray:
     """A PNG / JPEG / WebP image (local path or gs://) as uint8 (H, W, 3) RGB."""
-    image = rgb_from_pil(_decode_image(uri, max_side))
+    image = rgb_from_pil(_decode_image(uri, max_side, "init_image"))
     image.setflags(write=False)  # shared by all variants of a record
     return image
 
 
 def load_mask(uri: str, *, max_side: int = 8192) -> np.ndarray:
     """A mask image as uint8 (H, W) grey levels, 255 = repaint."""
-    mask = grey_from_pil(_decode_image(uri, max_side))
+    mask = grey_from_pil(_decode_image(uri, max_side, "mask"))
     mask.setflags(write=False)
     return mask
 
@@ -243,12 +246,15 @@ def _integer(name: str, value) -> int:
     raise _Invalid(f"{name} {value!r} is not an integer: write a whole number, e.g. {name}: 42")
 
 
+_EXAMPLES = {"strength": 0.75, "guidance": 7.5}
+
+
 def _number(name: str, value) -> float:
     if _is_number(value):
         return float(value)
     if _is_int(value):
         raise _Invalid(f"{name} is a {len(str(abs(value)))}-digit integer, out of range: write a number, "
-                       f"e.g. {name}: 7.5")
+                       f"e.g. {name}: {_EXAMPLES.get(name, 1.5)}")
     if isinstance(value, str):
         try:
             number = float(value)
@@ -257,7 +263,7 @@ def _number(name: str, value) -> float:
         else:
             if math.isfinite(number):
                 return number
-    raise _Invalid(f"{name} {value!r} is not a finite number: write a number, e.g. {name}: 7.5")
+    raise _Invalid(f"{name} {value!r} is not a finite number: write a number, e.g. {name}: {_EXAMPLES.get(name, 1.5)}")
 
 
 def _text(name: str, value) -> str:
@@ -430,6 +436,9 @@ def _options(fields: dict[str, Any], defaults: RenderDefaults, source: str) -> d
         raise _Invalid("mode outpaint needs outpaint pixels: add outpaint [left, top, right, bottom]")
     if outpaint is not None and mode != "outpaint":
         raise _Invalid(f"outpaint given but mode is {mode}: set mode to outpaint")
+    if mode == "outpaint" and ("width" in fields or "height" in fields):
+        raise _Invalid("width/height given with mode outpaint, whose canvas (the init_image plus the outpaint "
+                       "pixels) sets the size: leave them out, or resize the image")
 
     sampler = None
     if "sampler" in fields:
@@ -489,7 +498,8 @@ def to_samples(raw: RawRecord, defaults: RenderDefaults) -> list[Sample] | Failu
         if max(width, height) > defaults.max_side:
             return failure(sample_id, f"init_image {init_image.shape[1]}x{init_image.shape[0]} with outpaint "
                                       f"{list(options['outpaint'])} makes a {width}x{height} canvas, past "
-                                      f"{defaults.max_side} a side: use a smaller image", "input-image")
+                                      f"{defaults.max_side} a side: use fewer outpaint pixels or a smaller "
+                                      f"image", "input-image")
 
     seed, num_images = options["seed"], options["num_images"]
     kept = {k: options[k] for k in ("prompt", "negative_prompt", "guidance", "steps", "sampler", "width",

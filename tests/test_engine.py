@@ -774,6 +774,11 @@ def test_outpaint_pixels_may_be_any_sequence_and_a_single_number_is_refused(pipe
     (refused,) = pipe.render_samples([jaxdiff.Sample(id="n", prompt="p", mode="outpaint", init_image=photo,
                                                      outpaint=8)])
     assert "needs `outpaint` pixels (left, top, right, bottom)" in refused.error
+    m = pipe.size_multiple
+    (odd,) = pipe.render_samples([jaxdiff.Sample(id="o", prompt="p", mode="outpaint", init_image=photo,
+                                                 outpaint=(3, 0, 0, m))])
+    assert odd.error == (f"the outpaint canvas is 19x{16 + m} (init_image 16x16 plus outpaint [3, 0, 0, {m}]): "
+                         f"each side must be a multiple of {m}, e.g. outpaint [3, 0, {-19 % m}, {m}]")
 
 
 def test_gpu_programs_take_cublas_gemms_unless_the_user_says_otherwise(monkeypatch):

@@ -295,8 +295,9 @@ def test_naming_the_default_a_run_left_open_resumes_it(tmp_path):
 @pytest.mark.faults
 def test_dry_run_draws_and_checks_an_outpaint_canvas_at_its_own_size(tmp_path):
     """The canvas is the init image plus the outpaint pixels: the dry run's placeholder has
-    its size, and a canvas no SD checkpoint takes fails there as in a real run. Other image
-    modes draw at their photo's shape."""
+    its size, and a canvas the run's model does not take (the shipped one: multiples of 16)
+    fails there as in a real run, naming pads it takes. Other image modes draw at their
+    photo's shape."""
     photo, big = tmp_path / "photo.png", tmp_path / "big.png"
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(photo)
     Image.fromarray(np.zeros((100, 250, 3), np.uint8)).save(big)
@@ -304,16 +305,43 @@ def test_dry_run_draws_and_checks_an_outpaint_canvas_at_its_own_size(tmp_path):
     manifest_path.write_text("".join(json.dumps(r) + "\n" for r in [
         {"id": "wide", "prompt": "p", "mode": "outpaint", "init_image": str(photo), "outpaint": [0, 0, 64, 0]},
         {"id": "odd", "prompt": "p", "mode": "outpaint", "init_image": str(photo), "outpaint": [5, 0, 0, 0]},
+        {"id": "sixteens", "prompt": "p", "mode": "outpaint", "init_image": str(photo), "outpaint": [16, 0, 16, 0]},
         {"id": "photo", "prompt": "p", "mode": "img2img", "init_image": str(big)}]))
     out = str(tmp_path / "out")
     summary = job.run([str(manifest_path)], out, _config(shard_size=10, width=None, height=None), progress=False)
-    assert (summary.rendered, summary.failed) == (2, 1)
+    assert (summary.rendered, summary.failed) == (3, 1)
     rows = {row["id"]: row for row in pq.read_table(os.path.join(out, "shard-00000.parquet")).to_pylist()}
     assert (rows["wide"]["width"], rows["wide"]["height"]) == (128, 64)
+    assert (rows["sixteens"]["width"], rows["sixteens"]["height"]) == (96, 64)
     # An img2img record without a size: its photo's shape at the placeholders' pixel count.
-    assert (rows["photo"]["width"], rows["photo"]["height"]) == (104, 40)
+    assert (rows["photo"]["width"], rows["photo"]["height"]) == (120, 48)
     (failure,) = shards.read_failures(out, "shard-00000")
-    assert failure["id"] == "odd" and "unsupported size 69x64" in failure["reason"]
+    assert failure["id"] == "odd" and failure["reason"] == (
+        "the outpaint canvas is 69x64 (init_image 64x64 plus outpaint [5, 0, 0, 0]): each side must be a multiple "
+        "of 16, e.g. outpaint [5, 0, 11, 0]")
+
+
+@pytest.mark.pipeline
+def test_records_sizes_are_held_to_what_the_runs_model_takes(tmp_path):
+    """Each side a multiple of the model's VAE and UNet downsampling, read from its configs:
+    16 for the shipped model (so a size it rendered on its own can be asked for), 64 for an
+    SD-shaped one."""
+    manifest_path = tmp_path / "m.jsonl"
+    manifest_path.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"id": "a", "prompt": "p", "width": 48, "height": 80}, {"id": "b", "prompt": "p", "width": 40}]))
+    summary = job.run([str(manifest_path)], str(tmp_path / "shipped"), _config(shard_size=10), progress=False)
+    assert (summary.rendered, summary.failed) == (1, 1)
+    (failure,) = shards.read_failures(str(tmp_path / "shipped"), "shard-00000")
+    assert failure["id"] == "b" and "use multiples of 16 up to 2048" in failure["reason"]
+
+    sd = tmp_path / "sd"
+    for part in ("unet", "vae"):
+        (sd / part).mkdir(parents=True)
+        (sd / part / "config.json").write_text(json.dumps({"block_out_channels": [320, 640, 1280, 1280]}))
+    summary = job.run([str(manifest_path)], str(tmp_path / "sd-out"), _config(shard_size=10, model=str(sd)),
+                      progress=False)
+    assert (summary.rendered, summary.failed) == (0, 2)
+    assert job.model_size_multiple(_config(model=str(tmp_path / "nothing"))) == 64  # the loader names what is wrong
 
 
 @pytest.mark.pipeline

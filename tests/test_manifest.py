@@ -467,17 +467,23 @@ def test_corrupt_or_unsupported_init_images_fail_at_input_image_stage(tmp_path):
     (tmp_path / "noise.jpg").write_bytes(b"\xff\xd8\xff" + bytes(range(256)) * 4)
     Image.new("RGB", (8, 8)).save(tmp_path / "anim.gif")
     Image.new("RGB", (80, 8)).save(tmp_path / "wide.png")
+    (tmp_path / "notes.png").write_text("not an image")
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
     path = _write_jsonl(tmp_path / "c.jsonl", [
         {"id": n.split(".")[0], "prompt": "p", "mode": "img2img", "init_image": n}
-        for n in ("truncated.png", "noise.jpg", "anim.gif", "wide.png")])
+        for n in ("truncated.png", "noise.jpg", "anim.gif", "wide.png", "notes.png")] + [
+        {"id": "mask", "prompt": "p", "mode": "inpaint", "init_image": "ok.png", "mask": "notes.png"}])
     limits = RenderDefaults(width=128, height=64, max_image_side=64)
     failures = [to_samples(r, limits) for r in _read_all([path], 10)]
     assert all(isinstance(f, Failure) and f.stage == "input-image" for f in failures)
     reasons = [f.reason for f in failures]
-    assert "cannot decode image" in reasons[0] and "truncated.png" in reasons[0]
-    assert "cannot decode image" in reasons[1]
+    assert "cannot decode init_image" in reasons[0] and "truncated.png" in reasons[0]
+    assert "init_image" in reasons[1] and "noise.jpg" in reasons[1]
     assert "is GIF: use PNG, JPEG or WebP" in reasons[2]
     assert "80x8: use at most 64 pixels a side" in reasons[3]
+    # The file and the field named, not the in-memory buffer Pillow read it from.
+    assert reasons[4].endswith("notes.png is not an image Pillow can read: use PNG, JPEG or WebP")
+    assert reasons[4].startswith("init_image ") and reasons[5].startswith("mask ") and "BytesIO" not in reasons[5]
 
 
 def test_sampler_names_match_the_engine():
@@ -512,10 +518,11 @@ def test_a_dry_run_holds_records_to_the_real_runs_sizes(tmp_path):
         ok, wrong_width, too_tall, _ = (to_samples(r, defaults) for r in records)
         assert (ok[0].width, ok[0].height) == (128, 192)
         for failure in (wrong_width, too_tall):
-            assert isinstance(failure, Failure) and "multiples of 64 up to 2048" in failure.reason
+            # The run's model is the shipped one: multiples of 16.
+            assert isinstance(failure, Failure) and "multiples of 16 up to 2048" in failure.reason
     (placeholder,) = to_samples(records[3], dry)
     assert (placeholder.width, placeholder.height) == (16, 8)
-    with pytest.raises(ValueError, match="multiple of 64 up to 2048"):
+    with pytest.raises(ValueError, match="multiple of 16 up to 2048"):
         job.manifest_defaults(job.RenderConfig(width=72))
 
 
@@ -532,6 +539,36 @@ def test_an_outpaint_canvas_past_the_size_limit_fails_its_record(tmp_path):
     path = _write_jsonl(tmp_path / "m.jsonl", records)
     results = {r.fields["id"]: to_samples(r, RenderDefaults(steps=3, seed=11)) for r in _read_all([path], 4)}
     assert isinstance(results["canvas"], Failure) and results["canvas"].stage == "input-image"
-    assert ("init_image 2000x16 with outpaint [64, 0, 0, 0] makes a 2064x16 canvas, past 2048 a side: use a "
-            "smaller image") in results["canvas"].reason
+    assert ("init_image 2000x16 with outpaint [64, 0, 0, 0] makes a 2064x16 canvas, past 2048 a side: use fewer "
+            "outpaint pixels or a smaller image") in results["canvas"].reason
     assert isinstance(results["fits"], list) and isinstance(results["photo"], list)
+
+
+@pytest.mark.faults
+def test_an_outpaint_record_giving_a_size_and_a_bad_strength_are_refused_with_their_fix(tmp_path):
+    Image.new("RGB", (16, 16)).save(tmp_path / "photo.png")
+    path = _write_jsonl(tmp_path / "m.jsonl", [
+        {"id": "sized", "prompt": "p", "mode": "outpaint", "init_image": "photo.png", "outpaint": [16, 0, 16, 0],
+         "width": 64},
+        {"id": "strength", "prompt": "p", "mode": "img2img", "init_image": "photo.png", "strength": "abc"}])
+    sized, strength = (to_samples(r, RenderDefaults()) for r in _read_all([path], 4))
+    assert "width/height given with mode outpaint, whose canvas (the init_image plus the outpaint pixels) sets " \
+           "the size" in sized.reason
+    assert strength.reason == "strength 'abc' is not a finite number: write a number, e.g. strength: 0.75"
+
+
+def test_a_png_transparent_by_key_colour_is_transparent_as_one_with_alpha(tmp_path):
+    """PNG optimisers store an all-or-nothing alpha as a tRNS key colour on a grey or RGB
+    image: a sketch on it is lines on white, and a mask's transparent area is kept."""
+    drawing = np.zeros((8, 8, 3), np.uint8)
+    drawing[2:6, 2:6] = (0, 200, 0)
+    Image.fromarray(drawing).save(tmp_path / "rgb.png", transparency=(0, 0, 0))
+    grey = np.zeros((8, 8), np.uint8)
+    grey[2:6, 2:6] = 255
+    Image.fromarray(grey).save(tmp_path / "grey.png", transparency=0)
+    rgba = np.dstack([drawing, np.where(drawing.any(-1), 255, 0).astype(np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    np.testing.assert_array_equal(load_image(str(tmp_path / "rgb.png")), load_image(str(tmp_path / "rgba.png")))
+    assert tuple(load_image(str(tmp_path / "rgb.png"))[0, 0]) == (255, 255, 255)
+    mask = load_mask(str(tmp_path / "grey.png"))
+    assert mask[0, 0] == 0 and mask[3, 3] == 255

@@ -4,6 +4,7 @@ Face cache (never downloaded here)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -62,3 +63,15 @@ def resolve_model(name: str) -> str:
             f"{name!r} is no folder here and not in the local Hugging Face cache "
             f"({constants.HF_HUB_CACHE}): download it there first (`hf download {name}`), "
             f"or pass the diffusers folder") from e
+
+
+def size_multiple(folder: str) -> int:
+    """What each side of a render on the model in `folder` must be a multiple of: the VAE's
+    downsampling times the UNet's, read from their configs (no JAX, no weights)."""
+    from jaxdiff import storage
+
+    def halvings(part: str) -> int:
+        config = json.loads(storage.read_text(storage.join(folder, part, "config.json")))
+        return len(config["block_out_channels"]) - 1
+
+    return 2 ** (halvings("vae") + halvings("unet"))

@@ -13,7 +13,7 @@ def rgb_from_pil(image: Image.Image) -> np.ndarray:
     composited onto white (a sketch on a transparent canvas is lines on white, as a
     viewer shows it, whatever colour the transparent pixels happen to store)."""
     image = _eight_bit(image)
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    if _has_transparency(image):
         rgba = image.convert("RGBA")
         return np.asarray(Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB"))
     return np.asarray(image.convert("RGB"))
@@ -23,10 +23,16 @@ def grey_from_pil(image: Image.Image) -> np.ndarray:
     """uint8 (H, W) grey levels of a decoded mask, 255 = repaint; where it has transparency,
     transparent means keep (strokes drawn on a transparent layer)."""
     image = _eight_bit(image)
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        grey, alpha = (np.asarray(c, np.float32) for c in image.convert("LA").split())
+    if _has_transparency(image):
+        grey, alpha = (np.asarray(c, np.float32) for c in image.convert("RGBA").convert("LA").split())
         return np.round(grey * alpha / 255.0).astype(np.uint8)
     return np.asarray(image.convert("L"))
+
+
+def _has_transparency(image: Image.Image) -> bool:
+    # An alpha channel, or a PNG tRNS key colour (palette, grey or RGB): PNG optimisers
+    # turn an RGBA drawing whose alpha is all-or-nothing into the latter.
+    return image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
 
 
 def _eight_bit(image: Image.Image) -> Image.Image:
@@ -130,6 +136,19 @@ def size_at_aspect(width: int, height: int, native: int, multiple: int, *, given
                   for w in range(multiple, top + 1, multiple)
                   for h in (math.floor(w / aspect / multiple) * multiple, math.ceil(w / aspect / multiple) * multiple)]
     return min(candidates, key=cost)
+
+
+def outpaint_size_problem(width: int, height: int, pads, multiple: int) -> str | None:
+    """Why the outpaint canvas of a `width` x `height` image plus `pads` (left, top, right,
+    bottom) cannot render at sides that are multiples of `multiple`, naming pads that can;
+    None when it can."""
+    left, top, right, bottom = (int(p) for p in pads)
+    canvas_w, canvas_h = width + left + right, height + top + bottom
+    if not canvas_w % multiple and not canvas_h % multiple:
+        return None
+    fixed = [left, top, right + -canvas_w % multiple, bottom + -canvas_h % multiple]
+    return (f"the outpaint canvas is {canvas_w}x{canvas_h} (init_image {width}x{height} plus outpaint "
+            f"{[left, top, right, bottom]}): each side must be a multiple of {multiple}, e.g. outpaint {fixed}")
 
 
 def outpaint_canvas(image: np.ndarray, pads: tuple[int, int, int, int], factor: int = 1

@@ -391,6 +391,9 @@ class Pipeline:
             if len(pads) != 4 or not all(isinstance(p, (int, np.integer)) and p >= 0 for p in pads) or not any(pads):
                 raise RenderError(f"mode outpaint needs `outpaint` pixels (left, top, right, bottom): whole "
                                   f"numbers >= 0, not all 0; got {s.outpaint!r}")
+            problem = imgs.outpaint_size_problem(image.shape[1], image.shape[0], pads, self.size_multiple)
+            if problem:
+                raise RenderError(problem)
             image, mask = imgs.outpaint_canvas(image, pads, self.vae_factor)
             width, height = image.shape[1], image.shape[0]
         else:
