@@ -177,7 +177,8 @@ class InputImageError(ValueError):
 
 
 def _decode_image(uri: str, max_side: int, field: str):
-    """`field` (init_image or mask) read from `uri` and decoded; InputImageError naming both."""
+    """(`field` (init_image or mask) read from `uri` and decoded, the sha256 of its file);
+    InputImageError naming both."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
@@ -194,7 +195,8 @@ def _decode_image(uri: str, max_side: int, field: str):
             raise InputImageError(f"{field} {uri} is {image.size[0]}x{image.size[1]}: "
                                   f"use at most {max_side} pixels a side")
         image.load()  # decodes now, so a truncated or corrupt file fails here
-        return ImageOps.exif_transpose(image)  # camera JPEGs store their rotation in EXIF
+        # Camera JPEGs store their rotation in EXIF.
+        return ImageOps.exif_transpose(image), hashlib.sha256(data).hexdigest()
     except InputImageError:
         raise
     except UnidentifiedImageError as e:  # its text names an in-memory buffer, not the file
@@ -203,18 +205,28 @@ def _decode_image(uri: str, max_side: int, field: str):
         raise InputImageError(f"cannot decode {field} {uri}: {e}") from e
 
 
+def _load_image(uri: str, max_side: int) -> tuple[np.ndarray, str]:
+    image, digest = _decode_image(uri, max_side, "init_image")
+    image = rgb_from_pil(image)
+    image.setflags(write=False)  # shared by all variants of a record
+    return image, digest
+
+
+def _load_mask(uri: str, max_side: int) -> tuple[np.ndarray, str]:
+    mask, digest = _decode_image(uri, max_side, "mask")
+    mask = grey_from_pil(mask)
+    mask.setflags(write=False)
+    return mask, digest
+
+
 def load_image(uri: str, *, max_side: int = 8192) -> np.ndarray:
     """A PNG / JPEG / WebP image (local path or gs://) as uint8 (H, W, 3) RGB."""
-    image = rgb_from_pil(_decode_image(uri, max_side, "init_image"))
-    image.setflags(write=False)  # shared by all variants of a record
-    return image
+    return _load_image(uri, max_side)[0]
 
 
 def load_mask(uri: str, *, max_side: int = 8192) -> np.ndarray:
     """A mask image as uint8 (H, W) grey levels, 255 = repaint."""
-    mask = grey_from_pil(_decode_image(uri, max_side, "mask"))
-    mask.setflags(write=False)
-    return mask
+    return _load_mask(uri, max_side)[0]
 
 
 # ----------------------------------------------------------------------------- field checks
@@ -479,11 +491,14 @@ def to_samples(raw: RawRecord, defaults: RenderDefaults) -> list[Sample] | Failu
         return failure(sample_id, str(e))
 
     init_image = mask = None
+    input_files = {}  # stored with each image: which files it started from
     try:
         if options["init_uri"] is not None:
-            init_image = load_image(options["init_uri"], max_side=defaults.max_image_side)
+            init_image, digest = _load_image(options["init_uri"], defaults.max_image_side)
+            input_files.update(init_image=options["init_uri"], init_image_sha256=digest)
         if options["mask_uri"] is not None:
-            mask = load_mask(options["mask_uri"], max_side=defaults.max_image_side)
+            mask, digest = _load_mask(options["mask_uri"], defaults.max_image_side)
+            input_files.update(mask=options["mask_uri"], mask_sha256=digest)
     except InputImageError as e:
         return failure(sample_id, str(e), "input-image")
     if mask is not None and mask.shape != init_image.shape[:2]:
@@ -509,5 +524,5 @@ def to_samples(raw: RawRecord, defaults: RenderDefaults) -> list[Sample] | Failu
         variant_id = sample_id if k == 0 else f"{sample_id}_{k}"
         variant_seed = (seed + k) % (MAX_SEED + 1) if seed is not None else derive_seed(defaults.seed, variant_id)
         samples.append(Sample(id=variant_id, seed=variant_seed, init_image=init_image, mask=mask,
-                              metadata=dict(options["metadata"]), **kept))
+                              metadata=dict(options["metadata"]), input_files=dict(input_files), **kept))
     return samples

@@ -108,8 +108,13 @@ def shard_paths(out: str, name: str) -> dict[str, str]:
 
 
 def complete_shards(out: str) -> set[str]:
-    """Names of the shards whose commit marker exists (one listing, not one probe per shard)."""
-    return {n[: -len(STATS_SUFFIX)] for n in list_files(out) if n.endswith(STATS_SUFFIX)}
+    """Names of the shards whose commit marker and files exist (two listings, not probes
+    per shard): a shard whose tar, parquet or failures file was deleted since its commit
+    renders again, and the index never lists a file that is not there."""
+    names = set(list_files(out))
+    failures = set(list_files(storage.join(out, FAILURES_DIR)))
+    marked = {n[: -len(STATS_SUFFIX)] for n in names if n.endswith(STATS_SUFFIX)}
+    return {s for s in marked if {s + ".tar", s + ".parquet"} <= names and s + ".jsonl" in failures}
 
 
 def read_stats(out: str, name: str) -> dict:
@@ -172,7 +177,9 @@ class EncodedImages:
 
 
 def image_metadata(sample: Sample, rendered: Rendered, model: dict) -> dict:
-    """What the shard's {key}.json says about one image: enough to reproduce it."""
+    """What the shard's {key}.json says about one image: enough to reproduce it, and
+    nothing that differs between two renders of it (timings), so a shard rendered again
+    is the same file."""
     meta = {
         "id": sample.id,
         "prompt": sample.prompt,
@@ -181,8 +188,10 @@ def image_metadata(sample: Sample, rendered: Rendered, model: dict) -> dict:
         "strength": sample.strength,
         "model": model,
         "manifest": dict(sample.metadata),
+        **sample.input_files,  # init_image and mask: path or URL, and sha256
     }
-    meta.update(rendered.metadata)  # seed, sampler, steps, guidance, sizes, timings as rendered
+    meta.update(rendered.metadata)  # seed, sampler, steps, guidance, sizes as rendered
+    meta.pop("timings", None)
     meta["model"] = model or meta.get("model")  # the run's model record (paths and checksums)
     return meta
 
@@ -264,6 +273,11 @@ class ShardWriter:
             "steps": meta.get("steps"),
             "guidance": meta.get("guidance"),
             "sampler": meta.get("sampler"),
+            "strength": meta.get("strength"),
+            "init_image": meta.get("init_image"),
+            "mask": meta.get("mask"),
+            "prompt_truncated": meta.get("prompt_truncated"),
+            "negative_prompt_truncated": meta.get("negative_prompt_truncated"),
             "format": self.image_format,
             "image_bytes": len(image),
             "image_sha256": encoded.sha256,
@@ -370,6 +384,11 @@ PARQUET_SCHEMA = pa.schema([
     ("steps", pa.int32()),
     ("guidance", pa.float64()),  # as the .json has it
     ("sampler", pa.string()),
+    ("strength", pa.float64()),        # image modes
+    ("init_image", pa.string()),       # path or URL as the manifest resolves it
+    ("mask", pa.string()),
+    ("prompt_truncated", pa.bool_()),  # cut to the text encoder's tokens
+    ("negative_prompt_truncated", pa.bool_()),
     ("format", pa.string()),
     ("image_bytes", pa.int64()),
     ("image_sha256", pa.string()),

@@ -699,8 +699,8 @@ def test_outpaint_and_sketch_render(pipe):
     out, sk = pipe.render_samples([
         jaxdiff.Sample(id="o", prompt="a", seed=1, mode="outpaint", init_image=_rgb(3, 8), outpaint=(4, 0, 4, 8)),
         jaxdiff.Sample(id="s", prompt="a", seed=1, mode="sketch", init_image=sketch)])
-    assert out.image.shape == (16, 16, 3) and out.error is None
-    assert sk.metadata["strength"] == 0.8 and sk.error is None
+    assert out.image.shape == (16, 16, 3) and out.error is None and out.metadata["outpaint"] == [4, 0, 4, 8]
+    assert sk.metadata["strength"] == 0.8 and sk.error is None and "outpaint" not in sk.metadata
 
 
 def test_samples_given_one_photo_share_its_prepared_image(pipe):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -33,7 +34,7 @@ def test_manifest_renders_through_base_and_upscaler_into_shards(tmp_path, monkey
         {"id": "b", "prompt": "a blue square " * 20},  # over-long: truncated, and recorded
         {"id": "c", "prompt": "a green circle", "mode": "img2img", "init_image": "init.png", "strength": 0.5},
         {"id": "d", "prompt": ""},                       # empty prompt: a failure record
-        {"id": "e", "prompt": "two shapes", "negative_prompt": "blurry", "guidance": 3.0, "num_images": 2},
+        {"id": "e", "prompt": "two shapes", "negative_prompt": "blurry " * 80, "guidance": 3.0, "num_images": 2},
     ]
     manifest_path = tmp_path / "prompts.jsonl"
     manifest_path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
@@ -57,7 +58,17 @@ def test_manifest_renders_through_base_and_upscaler_into_shards(tmp_path, monkey
     assert sorted(seen) == ["a", "b", "c", "e", "e_1"]
     assert metas["b"]["prompt_truncated"] is True and metas["a"]["prompt_truncated"] is False
     assert metas["c"]["mode"] == "img2img" and metas["c"]["strength"] == 0.5
-    assert metas["e"]["guidance"] == 3.0 and metas["e"]["negative_prompt"] == "blurry"
+    assert metas["e"]["guidance"] == 3.0 and metas["e"]["negative_prompt"] == "blurry " * 80
+    assert metas["e"]["negative_prompt_truncated"] is True and metas["b"]["negative_prompt_truncated"] is False
+    # Which file an image started from, and its checksum; no timings (a shard rendered again
+    # is the same file).
+    assert metas["c"]["init_image"] == str(init) and "mask" not in metas["c"] and "timings" not in metas["c"]
+    assert metas["c"]["init_image_sha256"] == hashlib.sha256(init.read_bytes()).hexdigest()
+    import pyarrow.parquet as pq
+
+    rows = {r["id"]: r for e in index["shards"] for r in pq.read_table(os.path.join(out, e["parquet"])).to_pylist()}
+    assert (rows["c"]["init_image"], rows["c"]["strength"], rows["a"]["init_image"]) == (str(init), 0.5, None)
+    assert (rows["b"]["prompt_truncated"], rows["e"]["negative_prompt_truncated"]) == (True, True)
     assert metas["a"]["guidance"] == 5.5 and metas["a"]["noise_level"] == 7 and metas["a"]["steps"] == 2
     assert metas["a"]["seed"] == 1 and metas["e_1"]["seed"] != metas["e"]["seed"]
     failures = [json.loads(line) for f in sorted(os.listdir(os.path.join(out, "failures")))

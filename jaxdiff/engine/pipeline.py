@@ -427,11 +427,12 @@ class Pipeline:
     def _put(self, array) -> jax.Array:
         return jax.device_put(array, self._batched)
 
-    def _token_inputs(self, family, prompts: list[str], negatives: list[str]) -> tuple[dict, list[bool]]:
-        """The programs' token inputs for prompts and negative prompts, and which prompts were cut."""
+    def _token_inputs(self, family, prompts: list[str], negatives: list[str]) -> tuple[dict, list[tuple[bool, bool]]]:
+        """The programs' token inputs for prompts and negative prompts, and for each sample
+        whether its prompt and its negative prompt were cut."""
         tokens, uncond = tokenize(family.tokenizer, prompts), tokenize(family.tokenizer, negatives)
         inputs = {"ids": tokens.ids, "ids_mask": tokens.mask, "uncond_ids": uncond.ids, "uncond_ids_mask": uncond.mask}
-        return inputs, tokens.truncated
+        return inputs, list(zip(tokens.truncated, uncond.truncated))
 
     def _lcm_grid(self, strength: float) -> int:
         """The LCM grid points an img2img strength keeps, which fix lcm's respaced steps; 0
@@ -633,16 +634,19 @@ class Pipeline:
         }
         return program(self._up[1], inputs)
 
-    def _metadata(self, p: PreparedSample, truncated: bool, size, timings) -> dict:
+    def _metadata(self, p: PreparedSample, truncated: tuple[bool, bool], size, timings) -> dict:
         s = p.sample
         meta = {
             "id": s.id, "prompt": s.prompt, "negative_prompt": p.negative_prompt, "seed": p.seed,
             "mode": s.mode, "sampler": p.sampler, "steps": p.steps, "guidance": p.guidance,
             "width": int(size[1]), "height": int(size[0]), "base_width": p.width, "base_height": p.height,
-            "prompt_truncated": bool(truncated), "model": self.base.path, "timings": timings,
+            "prompt_truncated": bool(truncated[0]), "negative_prompt_truncated": bool(truncated[1]),
+            "model": self.base.path, "timings": timings,
         }
         if p.strength is not None:
             meta["strength"] = p.strength
+        if s.mode == "outpaint":
+            meta["outpaint"] = [int(v) for v in s.outpaint]
         if self._up is not None and self.settings.upscale:
             st = self.settings
             meta.update(upscaler=self.upscaler.path, upscale_steps=st.upscale_steps,

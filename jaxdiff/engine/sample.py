@@ -35,6 +35,9 @@ class Sample:
     strength: float | None = None
     outpaint: tuple[int, int, int, int] | None = None  # pixels added (left, top, right, bottom)
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Where init_image and mask came from (path or URL, and the sha256 of each file), kept
+    # with the image by the job; the engine does not read it.
+    input_files: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
