@@ -697,9 +697,14 @@ class ProgressWatcher(threading.Thread):
 
         with tqdm(total=sum(self._records.values()), unit="record", disable=not self._enabled,
                   file=sys.stderr, dynamic_ncols=True) as bar:
+            wait = self._interval
             while True:
-                stopping = self._stopping.wait(self._interval)
+                stopping = self._stopping.wait(wait)
+                started = time.monotonic()
                 self.poll(bar)
+                # A large output on GCS takes a while to list: the bar then lists at most a
+                # fifth of the time, not without pause.
+                wait = max(self._interval, 4 * (time.monotonic() - started))
                 if stopping:
                     break
 

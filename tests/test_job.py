@@ -277,6 +277,24 @@ def test_retry_failures_renders_only_failed_ids(tmp_path):
         assert rows[before["id"]] == before
 
 
+def test_the_progress_bar_lists_a_slow_output_a_fifth_of_the_time_at_most(tmp_path, monkeypatch):
+    """Listing thousands of shards on GCS takes a while: polling without pause would list
+    them all the run long."""
+    calls = []
+
+    def slow_listing(out):
+        calls.append(time.monotonic())
+        time.sleep(0.1)
+        return set()
+
+    monkeypatch.setattr(shards, "complete_shards", slow_listing)
+    watcher = job.ProgressWatcher(str(tmp_path), {"shard-00000": 1}, interval_s=0.01, enabled=False)
+    watcher.start()
+    time.sleep(1.2)
+    watcher.stop()
+    assert 2 <= len(calls) <= 4  # at a 0.01 s interval alone, about 11
+
+
 @pytest.mark.pipeline
 def test_naming_the_default_a_run_left_open_resumes_it(tmp_path):
     """steps, sampler and guidance left open render at the engine's defaults (no model
