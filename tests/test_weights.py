@@ -488,6 +488,19 @@ def test_unknown_key_names_file_and_key(sd_folder, tmp_path):
 
 
 @pytest.mark.faults
+def test_an_unknown_text_encoder_key_is_named_as_in_the_file(sd_folder, tmp_path):
+    # A CLIPTextModelWithProjection's file: its projection has no place in a CLIPTextModel.
+    folder = _copy_component(sd_folder[0], str(tmp_path), "text_encoder")
+    weights = os.path.join(folder, "text_encoder", "model.safetensors")
+    tensors = load_file(weights)
+    tensors["text_projection.weight"] = np.zeros((12, 12), np.float32)
+    save_file(tensors, weights)
+    with pytest.raises(CheckpointError, match=r"unexpected key 'text_projection\.weight'") as info:
+        load_component(folder, "text_encoder")
+    assert weights in str(info.value) and "text_model.text_projection" not in str(info.value)
+
+
+@pytest.mark.faults
 def test_missing_key_names_file_and_key(sd_folder, tmp_path):
     folder = _copy_component(sd_folder[0], str(tmp_path))
     weights = _rewrite_unet(folder, lambda t: t.pop("conv_out.weight"))

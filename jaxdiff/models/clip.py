@@ -269,7 +269,12 @@ def with_text_model_prefix(tensors: Mapping[str, np.ndarray] | Iterable[tuple[st
     """
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
     for key, array in items:
-        yield (key if key.startswith("text_model.") else "text_model." + key), array
+        yield text_model_key(key), array
+
+
+def text_model_key(key: str) -> str:
+    """A checkpoint key under `text_model.` (see `with_text_model_prefix`)."""
+    return key if key.startswith("text_model.") else "text_model." + key
 
 
 # --- tokenizer -------------------------------------------------------------------------

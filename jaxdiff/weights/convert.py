@@ -15,7 +15,7 @@ the PyTorch module it reproduces (lists are `nnx.List`), so a checkpoint key
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -62,7 +62,8 @@ def _place(key: str, value: np.ndarray, dtype, sharding) -> jax.Array:
 
 def load_state_dict(model: nnx.Module, tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]],
                     *, dtype=None, source: str = "checkpoint",
-                    ignore: Iterable[str] = (), sharding=None) -> nnx.Module:
+                    ignore: Iterable[str] = (), sharding=None,
+                    rename: Callable[[str], str] | None = None) -> nnx.Module:
     """Fills `model` (concrete or from `nnx.eval_shape`) with PyTorch-named tensors.
 
     Strict: an unknown key, a wrong shape, or a parameter left without a value raises
@@ -71,7 +72,8 @@ def load_state_dict(model: nnx.Module, tensors: Mapping[str, np.ndarray] | Itera
     name ends with one of `ignore` (buffers such as `position_ids`) are skipped.
     `sharding` places each value: None puts it on the default device, a
     `jax.sharding.Sharding` is used for every value, a callable `(key, shape) -> Sharding`
-    chooses per parameter.
+    chooses per parameter. `rename` maps a key as the file names it to the model's name for
+    it (an added prefix, a legacy name); errors name the key as it is in the file.
     """
     graphdef, state = nnx.split(model)
     flat = dict(nnx.to_flat_state(state))
@@ -81,7 +83,7 @@ def load_state_dict(model: nnx.Module, tensors: Mapping[str, np.ndarray] | Itera
     for key, array in items:
         if ignore and key.endswith(ignore):
             continue
-        path = _nnx_path(key)
+        path = _nnx_path(rename(key) if rename is not None else key)
         leaf = path[-1]
         if leaf == "weight":
             candidates = [path[:-1] + (name,) for name in _WEIGHT_LEAVES]

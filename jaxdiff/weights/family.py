@@ -26,7 +26,7 @@ import json
 import os
 import re
 import tempfile
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -297,10 +297,8 @@ _LEGACY_VAE_ATTENTION = re.compile(r"(\.attentions\.\d+\.)(query|key|value|proj_
 _LEGACY_VAE_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
-def _renamed_legacy_vae_keys(tensors: Iterable[tuple[str, np.ndarray]]):
-    for key, array in tensors:
-        yield _LEGACY_VAE_ATTENTION.sub(
-            lambda m: m.group(1) + _LEGACY_VAE_NAMES[m.group(2)] + ".", key), array
+def _legacy_vae_key(key: str) -> str:
+    return _LEGACY_VAE_ATTENTION.sub(lambda m: m.group(1) + _LEGACY_VAE_NAMES[m.group(2)] + ".", key)
 
 
 def _with_config_file(error: ValueError, config_path: str) -> ValueError:
@@ -344,13 +342,12 @@ def load_component(path: str, name: str, *, dtype=None, sharding=None,
         tensors = _pickle_tensors(files[0], digests)
     else:
         tensors = _safetensors_tensors(files, digests)
-    if name == "vae":
-        tensors = _renamed_legacy_vae_keys(tensors)
-    if name == "text_encoder":
-        tensors = models.with_text_model_prefix(tensors)
+    # The model's name for a key the file names otherwise; errors name the file's key.
+    rename = (_legacy_vae_key if name == "vae" else models.text_model_key if name == "text_encoder"
+              else None)
     source = files[0] if len(files) == 1 else storage.join(folder, "*.safetensors.index*.json")
     module = load_state_dict(abstract, tensors, dtype=dtype, source=source,
-                             ignore=_IGNORED_KEYS, sharding=sharding)
+                             ignore=_IGNORED_KEYS, sharding=sharding, rename=rename)
     _check_concrete(module, source)
     return LoadedComponent(module=module, config=config, config_dict=config_dict, sha256=digests)
 
