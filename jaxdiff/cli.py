@@ -69,7 +69,8 @@ def _render_parser(sub) -> argparse.ArgumentParser:
                    help="model dtype (default: bfloat16 on accelerators, float32 on CPU)")
     p.add_argument("--variant", default=None,
                    help="the folders' weight variant, e.g. fp16 for diffusion_pytorch_model.fp16.safetensors "
-                        "(default: the plain files, or the only variant a folder has)")
+                        "(default: the plain files, or the only variant a folder has); a component "
+                        "without that variant's files loads its plain ones")
     p.add_argument("--keep-base", action="store_true", help="also store the base image before upscaling")
     p.add_argument("--dry-run", action="store_true",
                    help="skip the model: write deterministic placeholder images (checks manifests and output)")

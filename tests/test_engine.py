@@ -663,6 +663,26 @@ def test_load_pipeline_refuses_a_model_in_the_wrong_role(sd_folder, upscaler_fol
         jaxdiff.load_pipeline("")  # loaded the shipped model
 
 
+def test_a_variant_the_upscaler_lacks_loads_its_plain_files(sd_folder, upscaler_folder, tmp_path):
+    import shutil
+
+    from diffusers import StableDiffusionPipeline
+
+    # A base with fp16 files, the x4 without (as the shipped one): the run loads both.
+    base = str(tmp_path / "sd")
+    shutil.copytree(sd_folder, base)
+    StableDiffusionPipeline.from_pretrained(sd_folder).to(torch.float16).save_pretrained(
+        base, variant="fp16", safe_serialization=True)
+    pipe = jaxdiff.load_pipeline(base, upscaler=upscaler_folder, variant="fp16", steps=2, upscale_steps=2,
+                                 batch_size=1)
+    info = pipe.describe()
+    assert "unet/diffusion_pytorch_model.fp16.safetensors" in info["base"]["sha256"]
+    assert "unet/diffusion_pytorch_model.safetensors" in info["upscaler"]["sha256"]
+    # Neither folder has the variant: refused, naming the file it lacks.
+    with pytest.raises(ValueError, match=r"diffusion_pytorch_model\.bf16\.safetensors .*variant 'bf16'"):
+        jaxdiff.load_pipeline(base, upscaler=upscaler_folder, variant="bf16")
+
+
 def test_outpaint_repaints_every_latent_cell_that_holds_new_pixels():
     from jaxdiff.engine import images
 

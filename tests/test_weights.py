@@ -386,6 +386,38 @@ def test_fp16_variant_files_load_as_diffusers_loads_them(sd_folder, tmp_path):
         _assert_params_equal_torch(load_component(sharded, "unet", variant=variant).module, want)
 
 
+@pytest.mark.parity
+def test_a_variant_some_components_lack_loads_their_plain_files_as_diffusers(sd_folder, tmp_path):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    # fp16 files for the UNet and VAE, only the plain file for the text encoder.
+    partial = str(tmp_path / "partial")
+    shutil.copytree(sd_folder[0], partial)
+    _save_variant(sd_folder[0], partial, "fp16", "float16")
+    os.remove(os.path.join(partial, "text_encoder", "model.fp16.safetensors"))
+    theirs = StableDiffusionPipeline.from_pretrained(partial, variant="fp16", dtype=torch.float16,
+                                                     safety_checker=None, requires_safety_checker=False)
+    family = load_family(partial, variant="fp16")
+    _assert_params_equal_torch(family.unet, theirs.unet)
+    _assert_params_equal_torch(family.text_encoder, sd_folder[1]["text_encoder"], prefix="text_model.")
+    # The files read are the ones recorded.
+    assert {"unet/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors",
+            "text_encoder/model.safetensors"} <= set(family.sha256)
+    assert not {"unet/diffusion_pytorch_model.safetensors", "text_encoder/model.fp16.safetensors"} & set(family.sha256)
+
+    # Neither the variant's files nor plain ones: the component's error names both.
+    os.remove(os.path.join(partial, "text_encoder", "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"text_encoder.model\.safetensors .*none in variant 'fp16', "
+                                              r"and no plain ones"):
+        load_family(partial, variant="fp16")
+    # No component has the variant: refused, unless the caller allows the plain files.
+    with pytest.raises(CheckpointError, match=r"variant 'bf16'; variants here: none"):
+        load_family(sd_folder[0], variant="bf16")
+    _assert_params_equal_torch(load_family(sd_folder[0], variant="bf16", require_variant=False).unet,
+                               sd_folder[1]["unet"])
+
+
 def test_a_hub_id_loads_from_the_local_hugging_face_cache(sd_folder, sd_family, tmp_path, monkeypatch):
     from huggingface_hub import constants
 

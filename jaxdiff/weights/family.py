@@ -191,22 +191,43 @@ def _variants(names: set[str], spec: _ComponentSpec) -> list[str]:
     return sorted(found)
 
 
+def _has_variant(names: set[str], spec: _ComponentSpec, variant: str) -> bool:
+    """Whether a component folder holding `names` has safetensors weights in `variant`."""
+    return any(name in names for stem in spec.weight_names for name in _safetensors_names(stem, variant))
+
+
+def _list(folder: str) -> set[str]:
+    try:
+        return set(storage.list_dir(folder))
+    except FileNotFoundError:
+        return set()
+
+
+def folder_has_variant(path: str, variant: str) -> bool:
+    """Whether any model component of the pipeline folder `path` has weights in `variant`."""
+    path = resolve_model(str(path).rstrip("/"))
+    return any(_has_variant(_list(storage.join(path, name)), spec, variant) for name, spec in COMPONENTS.items())
+
+
 def _weight_files(folder: str, spec: _ComponentSpec, allow_pickle: bool, digests: dict,
-                  variant: str | None = None) -> tuple[str, list[str]]:
+                  variant: str | None = None, plain_without_variant: bool = False) -> tuple[str, list[str]]:
     """("safetensors" | "pickle", [files]) for one component folder.
 
     Without a variant: the plain files, safetensors before pickle (as diffusers loads
     them), else the one variant there is (a folder saved with only fp16 files), else a
-    pickle file. With one: that variant's files only.
+    pickle file. With one: that variant's files; where the component has none, its plain
+    files if `plain_without_variant` (as diffusers loads a pipeline: another component of
+    the folder has the variant), else an error.
     """
-    try:
-        names = set(storage.list_dir(folder))
-    except FileNotFoundError:
-        names = set()
+    names = _list(folder)
     variants = _variants(names, spec)
     plain_pickles = sorted(names & {stem + suffix for stem in spec.weight_names for suffix in _PICKLE_SUFFIXES})
-    # A lone variant (non_ema, fp16) stands in for the plain weights only where there are none.
-    candidates = [variant] if variant else [None] + (variants if len(variants) == 1 and not plain_pickles else [])
+    fallback = bool(variant) and plain_without_variant and not _has_variant(names, spec, variant)
+    if fallback:
+        candidates = [None]  # the plain files only: another variant does not stand in for them
+    else:
+        # A lone variant (non_ema, fp16) stands in for the plain weights only where there are none.
+        candidates = [variant] if variant else [None] + (variants if len(variants) == 1 and not plain_pickles else [])
     for candidate in candidates:
         for stem in spec.weight_names:
             single, index_name = _safetensors_names(stem, candidate)
@@ -214,20 +235,24 @@ def _weight_files(folder: str, spec: _ComponentSpec, allow_pickle: bool, digests
                 return "safetensors", [storage.join(folder, single)]
             if index_name in names:
                 return "safetensors", _shard_files(folder, index_name, digests)
-    expected = " or ".join(_safetensors_names(stem, variant)[0] for stem in spec.weight_names)
+    expected = " or ".join(_safetensors_names(stem, None if fallback else variant)[0] for stem in spec.weight_names)
     found = ", ".join(sorted(names)) if names else "nothing"
-    if variant:
+    if variant and not fallback:
         raise CheckpointError(f"missing file {storage.join(folder, expected)} (the weights in variant "
                               f"{variant!r}; variants here: {', '.join(variants) or 'none'}; found {found})")
-    if len(variants) > 1 and not plain_pickles:
+    if len(variants) > 1 and not plain_pickles and not fallback:
         raise CheckpointError(f"{folder}: no plain weights but variants {', '.join(variants)}; "
                               f"choose one with variant= (--variant)")
-    pickles = plain_pickles or sorted(n for n in names if n.endswith(_PICKLE_SUFFIXES))
+    pickles = plain_pickles or ([] if fallback else sorted(n for n in names if n.endswith(_PICKLE_SUFFIXES)))
     if pickles:
         path = storage.join(folder, pickles[0])
         if not allow_pickle:
             raise _pickle_refusal(path, variants)
         return "pickle", [path]
+    if fallback:
+        raise CheckpointError(f"missing file {storage.join(folder, expected)} (the weights: this component has "
+                              f"none in variant {variant!r}, and no plain ones; variants here: "
+                              f"{', '.join(variants) or 'none'}; found {found})")
     raise CheckpointError(f"missing file {storage.join(folder, expected)} (the weights; found {found})")
 
 
@@ -309,14 +334,15 @@ def _with_config_file(error: ValueError, config_path: str) -> ValueError:
         return CheckpointError(message)
 
 
-def load_component(path: str, name: str, *, dtype=None, sharding=None,
-                   allow_pickle: bool = False, variant: str | None = None) -> LoadedComponent:
+def load_component(path: str, name: str, *, dtype=None, sharding=None, allow_pickle: bool = False,
+                   variant: str | None = None, plain_without_variant: bool = False) -> LoadedComponent:
     """Loads one model component ("unet", "vae" or "text_encoder") of a pipeline folder.
 
     `path` is the pipeline folder (local or gs://); the component lives in `path/name/`.
     `sharding` is None (default device), a `jax.sharding.Sharding`, or a callable
     `(key, shape) -> Sharding`. `variant` picks diffusers' variant weight files
-    (`diffusion_pytorch_model.fp16.safetensors` for "fp16").
+    (`diffusion_pytorch_model.fp16.safetensors` for "fp16"); a component without them is
+    an error unless `plain_without_variant`, which loads its plain files instead.
     """
     if name not in COMPONENTS:
         raise ValueError(f"component {name!r} is not one of {sorted(COMPONENTS)}")
@@ -337,7 +363,7 @@ def load_component(path: str, name: str, *, dtype=None, sharding=None,
     except ValueError as e:  # UnsupportedConfig and invalid values
         raise _with_config_file(e, config_path) from e
 
-    kind, files = _weight_files(folder, spec, allow_pickle, digests, variant)
+    kind, files = _weight_files(folder, spec, allow_pickle, digests, variant, plain_without_variant)
     if kind == "pickle":
         tensors = _pickle_tensors(files[0], digests)
     else:
@@ -384,14 +410,16 @@ def _load_tokenizer(folder: str, digests: dict):
 
 
 def load_family(path: str, *, dtype=None, allow_pickle: bool = False, sharding=None,
-                variant: str | None = None) -> ModelFamily:
+                variant: str | None = None, require_variant: bool = True) -> ModelFamily:
     """Loads a diffusers pipeline folder (local path, gs:// URL, or a Hub id already in the
     local Hugging Face cache: see `resolve_model`) into a ModelFamily.
 
     `dtype` defaults to bfloat16 on accelerators and float32 on CPU. Pickle weight files
     (.bin/.ckpt/.pt) are refused unless `allow_pickle=True`. `variant` (e.g. "fp16") loads
-    diffusers' variant weight files; without it a component with no plain weights loads
-    the one variant it has.
+    diffusers' variant weight files, and as diffusers the plain files of a component that
+    has none; it is an error where no component has them, unless `require_variant=False`
+    (then the folder loads its plain files). Without a variant a component with no plain
+    weights loads the one variant it has. `sha256` names every file loaded.
     """
     path = resolve_model(str(path).rstrip("/"))
     dtype = _model_dtype(dtype)
@@ -417,10 +445,13 @@ def load_family(path: str, *, dtype=None, allow_pickle: bool = False, sharding=N
                 f"{index_path}: component {name!r} is {entry!r}; jaxdiff loads "
                 f"{' or '.join(spec.pytorch_classes)} here")
 
+    # As diffusers: a variant one component has, the others may lack (their plain files load);
+    # where none has it, each component's error names the variant's file it lacks.
+    plain_without_variant = bool(variant) and (not require_variant or folder_has_variant(path, variant))
     loaded = {}
     for name in COMPONENTS:
-        loaded[name] = load_component(path, name, dtype=dtype, sharding=sharding,
-                                      allow_pickle=allow_pickle, variant=variant)
+        loaded[name] = load_component(path, name, dtype=dtype, sharding=sharding, allow_pickle=allow_pickle,
+                                      variant=variant, plain_without_variant=plain_without_variant)
         digests.update(loaded[name].sha256)
     tokenizer = _load_tokenizer(storage.join(path, "tokenizer"), digests)
 
