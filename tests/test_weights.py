@@ -624,6 +624,33 @@ def test_an_upscalers_render_defaults_keep_under_its_max_noise_level(tmp_path):
     assert str(info.value).startswith(path)
 
 
+def _with_text_encoder(sd_folder, out: str, **changes) -> str:
+    """A copy of the tiny folder whose text encoder has other config values (another model's)."""
+    import transformers
+
+    shutil.copytree(sd_folder[0], out)
+    shutil.rmtree(os.path.join(out, "text_encoder"))
+    config = transformers.CLIPTextConfig(**{**sd_folder[1]["text_encoder"].config.to_dict(), **changes})
+    transformers.CLIPTextModel(config).save_pretrained(os.path.join(out, "text_encoder"))
+    return out
+
+
+@pytest.mark.faults
+def test_a_text_encoder_another_models_unet_or_tokenizer_would_not_fit_is_refused(sd_folder, tmp_path):
+    # Text states 16 wide for a UNet that attends to 12: every render failed, naming no file.
+    folder = _with_text_encoder(sd_folder, str(tmp_path / "wide"), hidden_size=16)
+    with pytest.raises(CheckpointError, match=r"text_encoder.config\.json and .*unet.config\.json do not match: "
+                                              r"the text encoder's hidden_size=16, the UNet's cross_attention_dim=12"):
+        load_family(folder)
+    # Token ids past the embedding table: rendered NaN.
+    vocab = sd_folder[1]["text_encoder"].config.vocab_size
+    folder = _with_text_encoder(sd_folder, str(tmp_path / "small"), vocab_size=vocab - 5)
+    with pytest.raises(CheckpointError, match=rf"tokenizer.vocab\.json and .*text_encoder.config\.json do not "
+                                              rf"match: the tokenizer gives token ids up to {vocab - 1} .*"
+                                              rf"vocab_size={vocab - 5}"):
+        load_family(folder)
+
+
 @pytest.mark.faults
 def test_an_sdxl_folder_is_named_unsupported(tmp_path):
     # SDXL's model_index.json, as diffusers writes it (its UNet config alone fails only on addition_embed_type).

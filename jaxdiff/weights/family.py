@@ -454,6 +454,7 @@ def load_family(path: str, *, dtype=None, allow_pickle: bool = False, sharding=N
                                       variant=variant, plain_without_variant=plain_without_variant)
         digests.update(loaded[name].sha256)
     tokenizer = _load_tokenizer(storage.join(path, "tokenizer"), digests)
+    _check_components_match(path, loaded, tokenizer)
 
     scheduler_path = storage.join(path, "scheduler", "scheduler_config.json")
     scheduler_config = _read_json(scheduler_path, "the noise schedule", digests)
@@ -489,6 +490,31 @@ def load_family(path: str, *, dtype=None, allow_pickle: bool = False, sharding=N
         scheduler_config=scheduler_config, low_res_scheduler_config=low_res_scheduler_config,
         max_noise_level=max_noise_level, model_index=model_index, sha256=relative,
         render_defaults=defaults)
+
+
+def _check_components_match(path: str, loaded: dict, tokenizer) -> None:
+    """The text encoder fits the UNet and the tokenizer: a mismatch (components from two
+    models) would fail every render without naming a file, or render NaN."""
+    te_config_path = storage.join(path, "text_encoder", "config.json")
+    unet_config_path = storage.join(path, "unet", "config.json")
+    hidden = loaded["text_encoder"].config.hidden_size
+    cross = sorted(set(loaded["unet"].config.cross_attention_dim))
+    if cross != [hidden]:
+        shown = cross[0] if len(cross) == 1 else cross
+        raise CheckpointError(
+            f"{te_config_path} and {unet_config_path} do not match: the text encoder's hidden_size={hidden}, "
+            f"the UNet's cross_attention_dim={shown} (the width of the text states it attends to); the "
+            f"text encoder comes from another model than the UNet")
+    vocab_size = loaded["text_encoder"].config.vocab_size
+    top = max(tokenizer.get_vocab().values(), default=-1)
+    if top >= vocab_size:
+        tokenizer_folder = storage.join(path, "tokenizer")
+        vocab_file = next((storage.join(tokenizer_folder, n) for n in ("vocab.json", "tokenizer.json")
+                           if storage.exists(storage.join(tokenizer_folder, n))), tokenizer_folder)
+        raise CheckpointError(
+            f"{vocab_file} and {te_config_path} do not match: the tokenizer gives token ids up to "
+            f"{top} ({len(tokenizer)} tokens), the text encoder's vocab_size={vocab_size} has embeddings for "
+            f"ids below {vocab_size}; the tokenizer comes from another model than the text encoder")
 
 
 def _render_defaults(path: str, kind: str, max_noise_level: int | None, digests: dict) -> dict:
