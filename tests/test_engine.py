@@ -513,14 +513,32 @@ def test_a_scheduler_config_the_samplers_cannot_follow_fails_at_load_or_per_samp
     config_path = folder / "scheduler" / "scheduler_config.json"
     config = json.loads(config_path.read_text())
     config_path.write_text(json.dumps({**config, "thresholding": True}))
-    with pytest.raises(ValueError, match="thresholding"):  # no sampler follows it: the model is refused
+    with pytest.raises(ValueError, match="thresholding") as info:  # no sampler follows it: the model is refused
         jaxdiff.load_pipeline(str(folder), upscaler="none", batch_size=2)
+    assert str(info.value).startswith(f"{folder}/scheduler/scheduler_config.json: ")  # as model configs
     # An option only DPM-Solver reads: a sample on that sampler fails, one on another renders.
     config_path.write_text(json.dumps({**config, "algorithm_type": "sde-dpmsolver++"}))
     pipe = jaxdiff.load_pipeline(str(folder), upscaler="none", steps=2, sampler="ddim", batch_size=2)
     dpm, ddim = pipe.render_samples([jaxdiff.Sample(id="d", prompt="a", sampler="dpmpp_2m"),
                                      jaxdiff.Sample(id="e", prompt="a")])
     assert "algorithm_type" in dpm.error and "sde-dpmsolver++" in dpm.error and ddim.error is None
+    assert f"{folder}/scheduler/scheduler_config.json: " in dpm.error
+
+
+@pytest.mark.faults
+def test_an_upscalers_scheduler_configs_are_named_when_refused(upscaler_folder, tmp_path):
+    import shutil
+
+    folder = tmp_path / "up"
+    shutil.copytree(upscaler_folder, folder)
+    for sub in ("scheduler", "low_res_scheduler"):
+        path = folder / sub / "scheduler_config.json"
+        before = path.read_text()
+        path.write_text(json.dumps({**json.loads(before), "trained_betas": [0.1, 0.2]}))
+        with pytest.raises(ValueError, match="trained_betas") as info:
+            jaxdiff.load_pipeline(None, upscaler=str(folder), batch_size=1)
+        assert str(info.value).startswith(f"{path}: ")
+        path.write_text(before)
 
 
 def test_two_stage_render_keeps_base(sd_folder, upscaler_folder):

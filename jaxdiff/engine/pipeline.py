@@ -20,12 +20,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxdiff import render_defaults, samplers
+from jaxdiff import render_defaults, samplers, storage
 from jaxdiff.engine import images as imgs
 from jaxdiff.engine.programs import (BaseSignature, UpscaleSignature, make_base_program,
                                      make_encode_program, make_upscale_program)
 from jaxdiff.engine.sample import MODES, Rendered, Sample, derive_seed, guidance_on
 from jaxdiff.models.clip import tokenize
+from jaxdiff.weights.family import with_config_file
 
 # Scheduler classes named in checkpoints -> our solvers. PNDM (SD 1.x's stored default)
 # has no equivalent here; DPM-Solver++ is the better sampler at equal steps anyway.
@@ -118,6 +119,18 @@ def enable_compilation_cache(path: str | None = None) -> str:
     return path
 
 
+def _config_path(family, folder: str = "scheduler") -> str:
+    return storage.join(family.path, folder, "scheduler_config.json")
+
+
+def _named(call, config_path: str):
+    """call(), with a scheduler config it cannot follow named by its file, as model configs are."""
+    try:
+        return call()
+    except samplers.UnsupportedConfig as e:
+        raise with_config_file(e, config_path) from None
+
+
 def _sampler_name(name: str | None, scheduler_config: dict, fallback: str) -> str:
     if name:
         return name
@@ -157,13 +170,16 @@ class Pipeline:
             # Karras sigmas as its scheduler config says, as diffusers' scheduler built from it.
             up_karras = (bool(upscaler.scheduler_config.get("use_karras_sigmas"))
                          and self._upscale_sampler in samplers.KARRAS_SAMPLERS)
-            self._upscale_solver = samplers.make_sampler(
-                self._upscale_sampler, samplers.NoiseSchedule.from_config(upscaler.scheduler_config),
-                self.settings.upscale_steps, karras_sigmas=up_karras)
+            up_schedule = _named(lambda: samplers.NoiseSchedule.from_config(upscaler.scheduler_config),
+                                 _config_path(upscaler))
+            self._upscale_solver = _named(lambda: samplers.make_sampler(
+                self._upscale_sampler, up_schedule, self.settings.upscale_steps, karras_sigmas=up_karras),
+                _config_path(upscaler))
             # Only add_noise is used from the low-res scheduler: its clip_sample setting (True in
             # DDPMScheduler's defaults) never applies.
-            self._low_res_schedule = samplers.NoiseSchedule.from_config(
-                {**upscaler.low_res_scheduler_config, "clip_sample": False})
+            self._low_res_schedule = _named(lambda: samplers.NoiseSchedule.from_config(
+                {**upscaler.low_res_scheduler_config, "clip_sample": False}),
+                _config_path(upscaler, "low_res_scheduler"))
         if base is None:  # an upscale-only pipeline: `upscale()` works, `render()` does not
             if upscaler is None:
                 raise ValueError("a Pipeline needs a base model family, an upscaler, or both")
@@ -171,7 +187,8 @@ class Pipeline:
         self._base = self._place(base)
         # Read at load: a scheduler config the samplers cannot follow fails here; which
         # sampler and step count a sample asks for is checked per sample (_base_sampler).
-        self._schedule = samplers.NoiseSchedule.from_config(base.scheduler_config)
+        self._schedule = _named(lambda: samplers.NoiseSchedule.from_config(base.scheduler_config),
+                                _config_path(base))
         self._samplers: dict[tuple, samplers.Sampler] = {}
         self._samplers_lock = threading.Lock()  # prepare() runs on a job's reader threads
         # LCM-distilled: the guidance scale is an input of the UNet (time_cond_proj_dim), no CFG.
@@ -450,8 +467,9 @@ class Pipeline:
         key = (name, steps, karras, self._lcm_grid(lcm_strength))
         with self._samplers_lock:
             if key not in self._samplers:
-                self._samplers[key] = samplers.make_sampler(name, self._schedule, steps, karras_sigmas=karras,
-                                                            strength=lcm_strength)
+                self._samplers[key] = _named(lambda: samplers.make_sampler(
+                    name, self._schedule, steps, karras_sigmas=karras, strength=lcm_strength),
+                    _config_path(self.base))
             return self._samplers[key], karras
 
     def _render_batch(self, preps: list[PreparedSample], height: int, width: int, steps: int, sampler_name: str,

@@ -326,7 +326,8 @@ def _legacy_vae_key(key: str) -> str:
     return _LEGACY_VAE_ATTENTION.sub(lambda m: m.group(1) + _LEGACY_VAE_NAMES[m.group(2)] + ".", key)
 
 
-def _with_config_file(error: ValueError, config_path: str) -> ValueError:
+def with_config_file(error: ValueError, config_path: str) -> ValueError:
+    """`error` (same type where it can be) with its message led by the config file it is about."""
     message = f"{config_path}: {error}"
     try:
         return type(error)(message)
@@ -361,7 +362,7 @@ def load_component(path: str, name: str, *, dtype=None, sharding=None, allow_pic
         model_class = getattr(models, spec.model_class)
         abstract = abstract_model(model_class, config, dtype)
     except ValueError as e:  # UnsupportedConfig and invalid values
-        raise _with_config_file(e, config_path) from e
+        raise with_config_file(e, config_path) from e
 
     kind, files = _weight_files(folder, spec, allow_pickle, digests, variant, plain_without_variant)
     if kind == "pickle":
