@@ -541,6 +541,23 @@ def test_an_upscalers_scheduler_configs_are_named_when_refused(upscaler_folder, 
         path.write_text(before)
 
 
+@pytest.mark.parity
+def test_a_zero_terminal_snr_model_matches_diffusers(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    # SD 2.1-style zero-SNR fine-tune: v-prediction, rescaled betas, trailing DDIM steps from t=999.
+    folder = make_sd_folder(str(tmp_path / "sd"), prediction_type="v_prediction", seed=4)
+    config_path = tmp_path / "sd" / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}))
+    noise = _noise(2, 8, 8, seed=3)
+    ref = StableDiffusionPipeline.from_pretrained(folder)(
+        PROMPTS, num_inference_steps=STEPS, guidance_scale=5.0, height=16, width=16, latents=noise,
+        output_type="np").images
+    pipe = jaxdiff.load_pipeline(folder, upscaler="none", steps=STEPS, sampler="ddim", guidance=5.0, batch_size=2)
+    _assert_close(_images(pipe.render(PROMPTS, seeds=[0, 1], noise=_nhwc(noise))), ref)
+
+
 def test_two_stage_render_keeps_base(sd_folder, upscaler_folder):
     pipe = jaxdiff.load_pipeline(sd_folder, upscaler=upscaler_folder, steps=2, sampler="ddim", upscale_steps=2,
                                  keep_base=True, batch_size=2)

@@ -342,6 +342,52 @@ def test_checkpoint_configs_match_diffusers(monkeypatch, config, name, num_steps
     assert_trajectories_close(sample_trajectory(sampler, fake_model_jax, x, keys), theirs)
 
 
+# Zero terminal SNR (SD 2.1-style fine-tunes): every sampler's diffusers class rescales the
+# betas; DPM-Solver and the Euler samplers keep the last alpha-bar at 2**-24, not 0.
+ZERO_SNR_CONFIG = {**SD_CONFIG, "_class_name": "DDIMScheduler", "prediction_type": "v_prediction",
+                   "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+
+
+@pytest.mark.parametrize("spacing", ["trailing", "leading", "linspace"])
+@pytest.mark.parametrize("name", SAMPLER_NAMES)
+def test_zero_terminal_snr_matches_diffusers(monkeypatch, name, spacing):
+    config = {**ZERO_SNR_CONFIG, "timestep_spacing": spacing}
+    schedule = NoiseSchedule.from_config(config)
+    theirs_sched = DIFFUSERS_CLASS[name].from_config(config)
+    assert schedule.alphas_cumprod[-1] == 0.0
+    # diffusers' float32 rescaling loses digits near the end, where sqrt(alpha-bar) nears its last value.
+    np.testing.assert_allclose(schedule.alphas_cumprod[:-1], theirs_sched.alphas_cumprod.numpy()[:-1], rtol=1e-4)
+    sampler = make_sampler(name, schedule, NUM_STEPS)
+    keys = keys_for(SHAPE[0], seed=18)
+    x = initial_latents(sampler, jax.random.normal(jax.random.key(19), SHAPE))
+    sched, theirs = diffusers_trajectory(monkeypatch, name, config, NUM_STEPS, x,
+                                         noises=our_noise(keys, NUM_STEPS, SHAPE[1:]))
+    np.testing.assert_array_equal(sampler.timesteps, sched.timesteps.numpy().astype(np.float64))
+    np.testing.assert_allclose(sampler.init_noise_sigma, float(sched.init_noise_sigma), rtol=1e-5)
+    if hasattr(sched, "sigmas"):  # Euler and DPM-Solver: ~4096 at the terminal step, not inf
+        ours_sigmas = np.asarray(sampler.noise_level) / np.asarray(sampler.signal_level)
+        np.testing.assert_allclose(ours_sigmas, sched.sigmas.numpy(), rtol=1e-4)
+    ours = np.asarray(sample_trajectory(sampler, fake_model_jax, x, keys))
+    if name in ("euler", "euler_a") and spacing != "leading":
+        # Their first step takes latents ~4096 wide down to ~10 in float32 on both sides: the
+        # difference is that cancellation's, a few float32 ulps of the starting latents.
+        start = float(np.abs(np.asarray(x)).max())
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=8 * np.finfo(np.float32).eps * start)
+    else:
+        assert_trajectories_close(ours, theirs)
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("name", ["ddim", "ddpm", "lcm"])
+def test_zero_terminal_snr_with_an_epsilon_model_at_the_last_step_is_named(name):
+    schedule = NoiseSchedule.from_config({**ZERO_SNR_CONFIG, "prediction_type": "epsilon"})
+    with pytest.raises(ValueError, match=r"steps from t=999.*rescale_betas_zero_snr.*no signal left") as info:
+        make_sampler(name, schedule, 4)
+    assert "false" not in str(info.value)
+    for other in ("dpmpp_2m", "euler", "euler_a"):  # 2**-24 keeps those finite, as in diffusers
+        make_sampler(other, schedule, 4)
+
+
 def test_unstated_spacing_follows_each_diffusers_default():
     schedule = NoiseSchedule.from_config(SD_CONFIG)
     for name in SPACED_SAMPLERS:
@@ -377,7 +423,7 @@ def test_full_start_returns_the_init_latents():
         ("prediction_type", "sample"),
         ("timestep_spacing", "karras"),
         ("clip_sample", True),
-        ("rescale_betas_zero_snr", True),
+        ("rescale_betas_zero_snr", 1),
         ("thresholding", True),
         ("trained_betas", [0.1, 0.2]),
         ("variance_type", "learned_range"),

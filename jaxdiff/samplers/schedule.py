@@ -65,6 +65,13 @@ class NoiseSchedule:
     lambda_min_clipped: float = -math.inf
     original_inference_steps: int = 50  # LCMScheduler: the distillation's step grid
     timestep_scaling: float = 10.0      # LCMScheduler: t's scale in the boundary condition
+    # Betas rescaled so the last training step has zero signal (Lin et al. 2023, "Common
+    # diffusion noise schedules and sample steps are flawed"), as every diffusers class here.
+    rescale_betas_zero_snr: bool = False
+    # Not a config key: alpha-bar at the last training step in place of a zero-SNR schedule's
+    # 0. The samplers whose diffusers classes set 2**-24 there (so that sigma stays finite)
+    # take a copy with it set; see solvers.make_sampler.
+    terminal_alpha_cumprod: float | None = None
 
     def __post_init__(self):
         if not (isinstance(self.num_train_timesteps, int) and self.num_train_timesteps >= 2):
@@ -83,6 +90,8 @@ class NoiseSchedule:
             )
         if not (isinstance(self.steps_offset, int) and self.steps_offset >= 0):
             raise _unsupported("steps_offset", self.steps_offset, "use a non-negative integer")
+        if not isinstance(self.rescale_betas_zero_snr, bool):
+            raise _unsupported("rescale_betas_zero_snr", self.rescale_betas_zero_snr, "use true or false")
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "NoiseSchedule":
@@ -94,21 +103,19 @@ class NoiseSchedule:
         refused = {
             "clip_sample": (False, "set it to false"),
             "thresholding": (False, "set it to false"),
-            "rescale_betas_zero_snr": (False, "set it to false"),
             "trained_betas": (None, "use a named beta_schedule instead"),
         }
         for field, (accepted, fix) in refused.items():
             value = config.get(field, accepted)
             if value != accepted:
                 raise _unsupported(field, value, fix)
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls)} - {"terminal_alpha_cumprod"}
         kwargs = {k: v for k, v in config.items() if k in known}
         if kwargs.get("variance_type") is None:
             kwargs.pop("variance_type", None)
         return cls(**kwargs)
 
-    @functools.cached_property
-    def betas(self) -> np.ndarray:
+    def _named_betas(self) -> np.ndarray:
         n = self.num_train_timesteps
         if self.beta_schedule == "linear":
             return np.linspace(self.beta_start, self.beta_end, n, dtype=np.float64)
@@ -121,15 +128,36 @@ class NoiseSchedule:
         return np.array([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)])
 
     @functools.cached_property
+    def betas(self) -> np.ndarray:
+        betas = self._named_betas()
+        return _zero_terminal_snr(betas) if self.rescale_betas_zero_snr else betas
+
+    @functools.cached_property
     def alphas_cumprod(self) -> np.ndarray:
         """alpha-bar_t for t = 0 .. num_train_timesteps-1 (float64)."""
-        return np.cumprod(1.0 - self.betas)
+        abar = np.cumprod(1.0 - self.betas)
+        if self.terminal_alpha_cumprod is not None and self.rescale_betas_zero_snr:
+            abar[-1] = self.terminal_alpha_cumprod
+        return abar
 
     @functools.cached_property
     def sigmas(self) -> np.ndarray:
-        """Variance-exploding noise level sqrt((1 - abar) / abar) per training timestep."""
+        """Variance-exploding noise level sqrt((1 - abar) / abar) per training timestep (inf
+        at a zero-SNR schedule's last step, unless terminal_alpha_cumprod is set)."""
         abar = self.alphas_cumprod
-        return np.sqrt((1.0 - abar) / abar)
+        with np.errstate(divide="ignore"):
+            return np.sqrt((1.0 - abar) / abar)
+
+
+def _zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Betas whose last alpha-bar is 0, sqrt(alpha-bar) shifted and scaled so its first value
+    stays (Lin et al. 2023, Algorithm 1; diffusers' rescale_zero_terminal_snr)."""
+    root = np.sqrt(np.cumprod(1.0 - betas))
+    first, last = root[0], root[-1]
+    root = (root - last) * (first / (first - last))
+    abar = root**2
+    alphas = np.concatenate([abar[:1], abar[1:] / abar[:-1]])
+    return 1.0 - alphas
 
 
 def spaced_timesteps(schedule: NoiseSchedule, num_steps: int, spacing: str, *, rounded: bool) -> np.ndarray:

@@ -18,6 +18,7 @@ import numpy as np
 
 from jaxdiff.samplers.schedule import (
     NoiseSchedule,
+    UnsupportedConfig,
     _unsupported,
     interpolate_sigmas,
     karras_sigmas,
@@ -27,6 +28,8 @@ from jaxdiff.samplers.schedule import (
 
 SAMPLER_NAMES = ("ddim", "dpmpp_2m", "euler", "euler_a", "ddpm", "lcm")
 KARRAS_SAMPLERS = ("dpmpp_2m", "euler")
+# Those whose classes keep a zero-SNR schedule's last alpha-bar off 0 (2**-24: sigma stays finite).
+_TERMINAL_ALPHA_CUMPROD = {"dpmpp_2m": 2.0**-24, "euler": 2.0**-24, "euler_a": 2.0**-24}
 # The spacing each diffusers scheduler defaults to when the config names none.
 DEFAULT_SPACING = {
     "ddim": "leading", "ddpm": "leading", "dpmpp_2m": "linspace", "euler": "linspace", "euler_a": "linspace",
@@ -106,6 +109,16 @@ def _make(name: str, num_steps: int, init_noise_sigma: float, **tables: np.ndarr
     return Sampler(name=name, num_steps=num_steps, init_noise_sigma=float(init_noise_sigma), **as_tuples)
 
 
+def _check_signal(schedule: NoiseSchedule, name: str, t: np.ndarray) -> None:
+    """An epsilon prediction gives no clean estimate at zero signal (a zero-SNR schedule's
+    last step, which these samplers take as 0): diffusers returns NaN there."""
+    if schedule.prediction_type == "epsilon" and np.any(schedule.alphas_cumprod[t] == 0.0):
+        raise UnsupportedConfig(
+            f"{name} steps from t={int(np.max(t))}, where this model's zero-terminal-SNR schedule "
+            f"(rescale_betas_zero_snr) has no signal left: an epsilon prediction gives no clean estimate "
+            f"there (diffusers returns NaN); zero-SNR models predict v (prediction_type v_prediction)")
+
+
 def _x0_coefficients(alpha: np.ndarray, sigma: np.ndarray, prediction_type: str):
     """x0 from variance-preserving latents x = alpha x0 + sigma eps and the model output."""
     if prediction_type == "epsilon":
@@ -131,6 +144,7 @@ def _ddim(schedule: NoiseSchedule, num_steps: int, spacing: str) -> Sampler:
     """DDIM with eta = 0 (Song et al. 2021), as diffusers' DDIMScheduler."""
     abar = schedule.alphas_cumprod
     t = _integer_timesteps(schedule, num_steps, spacing)
+    _check_signal(schedule, "ddim", t)
     # diffusers steps to t - T // N whatever the spacing; kept for parity.
     prev = t - schedule.num_train_timesteps // num_steps
     final = 1.0 if schedule.set_alpha_to_one else abar[0]
@@ -150,6 +164,7 @@ def _ddpm(schedule: NoiseSchedule, num_steps: int, spacing: str) -> Sampler:
     """Ancestral DDPM (Ho et al. 2020) posterior with the 'fixed_small' variance, as DDPMScheduler."""
     abar = schedule.alphas_cumprod
     t = _integer_timesteps(schedule, num_steps, spacing)
+    _check_signal(schedule, "ddpm", t)
     a = abar[t]
     a_prev = np.append(abar[t[1:]], 1.0)
     step_beta = 1 - a / a_prev
@@ -182,6 +197,7 @@ def _lcm(schedule: NoiseSchedule, num_steps: int, strength: float) -> Sampler:
                          f"than num_steps={num_steps}: raise the strength or lower the steps")
     grid = (np.arange(1, points + 1) * (n_train // original) - 1)[::-1]
     t = grid[np.floor(np.linspace(0, points, num_steps, endpoint=False)).astype(np.int64)]
+    _check_signal(schedule, "lcm", t)
     abar = schedule.alphas_cumprod
     a = abar[t]
     a_next = np.append(abar[t[1:]], 1.0)  # after the last step: the estimate, unscaled
@@ -329,6 +345,8 @@ def make_sampler(
         raise ValueError(f"strength {strength} is outside (0, 1]")
     if strength != 1.0 and name != "lcm":
         raise ValueError(f"strength respaces lcm's steps only; {name!r} starts img2img at a later step")
+    if schedule.rescale_betas_zero_snr and name in _TERMINAL_ALPHA_CUMPROD:
+        schedule = dataclasses.replace(schedule, terminal_alpha_cumprod=_TERMINAL_ALPHA_CUMPROD[name])
     if name == "lcm":  # steps from the distillation's grid, not a spacing
         return _lcm(schedule, num_steps, strength)
     spacing = schedule.timestep_spacing or DEFAULT_SPACING[name]
