@@ -523,6 +523,9 @@ def test_a_scheduler_config_the_samplers_cannot_follow_fails_at_load_or_per_samp
                                      jaxdiff.Sample(id="e", prompt="a")])
     assert "algorithm_type" in dpm.error and "sde-dpmsolver++" in dpm.error and ddim.error is None
     assert f"{folder}/scheduler/scheduler_config.json: " in dpm.error
+    # clip_sample, which only DDIM / DDPM / LCM read (and follow), refuses no model.
+    config_path.write_text(json.dumps({**config, "clip_sample": True}))
+    assert jaxdiff.load_pipeline(str(folder), upscaler="none", batch_size=2).describe()["base"] is not None
 
 
 @pytest.mark.faults

@@ -388,6 +388,39 @@ def test_zero_terminal_snr_with_an_epsilon_model_at_the_last_step_is_named(name)
         make_sampler(other, schedule, 4)
 
 
+@pytest.mark.parametrize("clip_range", [1.0, 0.05])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("name", ["ddim", "ddpm", "lcm"])
+def test_clip_sample_matches_diffusers(monkeypatch, name, prediction_type, clip_range):
+    config = {**SD_CONFIG, "prediction_type": prediction_type, "clip_sample": True,
+              "clip_sample_range": clip_range, "timestep_spacing": "leading"}
+    sampler = make_sampler(name, NoiseSchedule.from_config(config), NUM_STEPS)
+    assert sampler.clip_range == clip_range
+    keys = keys_for(SHAPE[0], seed=20)
+    x = initial_latents(sampler, jax.random.normal(jax.random.key(21), SHAPE))
+    sched, theirs = diffusers_trajectory(monkeypatch, name, config, NUM_STEPS, x,
+                                         noises=our_noise(keys, NUM_STEPS, SHAPE[1:]))
+    np.testing.assert_array_equal(sampler.timesteps, sched.timesteps.numpy().astype(np.float64))
+    ours = np.asarray(sample_trajectory(sampler, fake_model_jax, x, keys))
+    assert_trajectories_close(ours, theirs)
+    # The clipping bites: without it the trajectory is another.
+    unclipped = make_sampler(name, NoiseSchedule.from_config({**config, "clip_sample": False}), NUM_STEPS)
+    assert np.abs(np.asarray(sample_trajectory(unclipped, fake_model_jax, x, keys)) - ours).max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2m", "euler", "euler_a"])
+def test_clip_sample_is_ignored_where_diffusers_ignores_it(monkeypatch, name):
+    # PNDM / DPM-Solver / Euler configs may say clip_sample: their classes do not read it.
+    config = {**SD_CONFIG, "prediction_type": "epsilon", "clip_sample": True, "clip_sample_range": 0.05}
+    sampler = make_sampler(name, NoiseSchedule.from_config(config), NUM_STEPS)
+    assert sampler.clip_range == 0.0
+    keys = keys_for(SHAPE[0], seed=22)
+    x = initial_latents(sampler, jax.random.normal(jax.random.key(23), SHAPE))
+    _, theirs = diffusers_trajectory(monkeypatch, name, config, NUM_STEPS, x,
+                                     noises=our_noise(keys, NUM_STEPS, SHAPE[1:]))
+    assert_trajectories_close(sample_trajectory(sampler, fake_model_jax, x, keys), theirs)
+
+
 def test_unstated_spacing_follows_each_diffusers_default():
     schedule = NoiseSchedule.from_config(SD_CONFIG)
     for name in SPACED_SAMPLERS:
@@ -422,7 +455,8 @@ def test_full_start_returns_the_init_latents():
         ("beta_schedule", "sigmoid"),
         ("prediction_type", "sample"),
         ("timestep_spacing", "karras"),
-        ("clip_sample", True),
+        ("clip_sample", "yes"),
+        ("clip_sample_range", 0.0),
         ("rescale_betas_zero_snr", 1),
         ("thresholding", True),
         ("trained_betas", [0.1, 0.2]),

@@ -109,7 +109,7 @@ def _run(sampler, denoise, x, keys, start_step, after_step, keep_trajectory):
     _check_batch("start_step", start, batch)
     tab = {name: _table(getattr(sampler, name)) for name in (
         "model_timesteps", "input_scale", "x0_from_x", "x0_from_out", "keep_x", "take_x0",
-        "take_x0_multistep", "take_prev_x0", "noise_std")}
+        "take_x0_multistep", "take_prev_x0", "take_clipped_x0", "noise_std")}
 
     def step(carry, i):
         x, prev_x0 = carry
@@ -123,6 +123,8 @@ def _run(sampler, denoise, x, keys, start_step, after_step, keep_trajectory):
         new = tab["keep_x"][i] * x + _per_sample(take_x0, ndim) * x0
         if sampler.multistep:
             new = new + _per_sample(take_prev, ndim) * prev_x0
+        if sampler.clip_range > 0:  # clip_sample: the estimate also enters clipped
+            new = new + tab["take_clipped_x0"][i] * jnp.clip(x0, -sampler.clip_range, sampler.clip_range)
         if sampler.stochastic:
             new = new + tab["noise_std"][i] * _step_noise(keys, i, x.shape[1:])
         if after_step is not None:

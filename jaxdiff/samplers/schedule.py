@@ -65,6 +65,8 @@ class NoiseSchedule:
     lambda_min_clipped: float = -math.inf
     original_inference_steps: int = 50  # LCMScheduler: the distillation's step grid
     timestep_scaling: float = 10.0      # LCMScheduler: t's scale in the boundary condition
+    clip_sample: bool = False           # DDIM / DDPM / LCM: clip the x0 estimate to +-clip_sample_range
+    clip_sample_range: float = 1.0
     # Betas rescaled so the last training step has zero signal (Lin et al. 2023, "Common
     # diffusion noise schedules and sample steps are flawed"), as every diffusers class here.
     rescale_betas_zero_snr: bool = False
@@ -90,18 +92,18 @@ class NoiseSchedule:
             )
         if not (isinstance(self.steps_offset, int) and self.steps_offset >= 0):
             raise _unsupported("steps_offset", self.steps_offset, "use a non-negative integer")
-        if not isinstance(self.rescale_betas_zero_snr, bool):
-            raise _unsupported("rescale_betas_zero_snr", self.rescale_betas_zero_snr, "use true or false")
+        for flag in ("clip_sample", "rescale_betas_zero_snr"):
+            if not isinstance(getattr(self, flag), bool):
+                raise _unsupported(flag, getattr(self, flag), "use true or false")
+        if isinstance(self.clip_sample_range, bool) or not (
+                isinstance(self.clip_sample_range, (int, float)) and self.clip_sample_range > 0):
+            raise _unsupported("clip_sample_range", self.clip_sample_range, "use a positive number")
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "NoiseSchedule":
         """Reads a diffusers `scheduler_config.json` dict; keys for other options are ignored."""
         # Options that change the math and are not implemented: refuse rather than ignore.
-        # A config without clip_sample reads as false, though DDIMScheduler / DDPMScheduler
-        # default it to true: their own saved configs always state it, and clipping SD latents to
-        # [-1, 1] only happens when another class's config is loaded into them.
         refused = {
-            "clip_sample": (False, "set it to false"),
             "thresholding": (False, "set it to false"),
             "trained_betas": (None, "use a named beta_schedule instead"),
         }
@@ -109,6 +111,9 @@ class NoiseSchedule:
             value = config.get(field, accepted)
             if value != accepted:
                 raise _unsupported(field, value, fix)
+        # A config without clip_sample reads as false, though DDIMScheduler / DDPMScheduler
+        # default it to true: their own saved configs always state it, and clipping SD latents to
+        # [-1, 1] only happens when another class's config is loaded into them.
         known = {f.name for f in dataclasses.fields(cls)} - {"terminal_alpha_cumprod"}
         kwargs = {k: v for k, v in config.items() if k in known}
         if kwargs.get("variance_type") is None:

@@ -6,8 +6,10 @@ multistep solver only) and fresh noise:
 
     x_next = keep_x * x + take_x0 * x0 + take_prev_x0 * x0_prev + noise_std * noise
 
-so one loop (`sampling_loop.py`) runs them all, and each solver below is only the
-numpy that fills its tables to match its diffusers scheduler.
+(plus take_clipped_x0 * clip(x0) where a config's clip_sample clips the estimate: DDIM,
+DDPM and LCM read it, as their diffusers classes; the others ignore it, as theirs), so one
+loop (`sampling_loop.py`) runs them all, and each solver below is only the numpy that
+fills its tables to match its diffusers scheduler.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ ACCEPTED_OPTIONS = {
 
 _TABLES = (
     "model_timesteps", "input_scale", "x0_from_x", "x0_from_out", "keep_x", "take_x0",
-    "take_x0_multistep", "take_prev_x0", "noise_std", "signal_level", "noise_level",
+    "take_x0_multistep", "take_prev_x0", "take_clipped_x0", "noise_std", "signal_level", "noise_level",
 )
 
 
@@ -66,6 +68,7 @@ class Sampler:
       x0_from_x, x0_from_out: the clean-latent estimate from x and the model output.
       keep_x, take_x0: the update when the step is a sample's first (or the solver is one-step);
       take_x0_multistep, take_prev_x0: the update when a previous estimate exists.
+      take_clipped_x0: the update's share of the estimate clipped to +-clip_range (clip_range > 0 only).
       noise_std: scale of the fresh per-step noise (0 for deterministic solvers).
     Tables of length num_steps + 1, indexed by level i (the input of step i; i = num_steps is clean):
       signal_level, noise_level: latents at level i are signal * x0 + noise_level * noise.
@@ -82,9 +85,11 @@ class Sampler:
     take_x0: tuple[float, ...]
     take_x0_multistep: tuple[float, ...]
     take_prev_x0: tuple[float, ...]
+    take_clipped_x0: tuple[float, ...]
     noise_std: tuple[float, ...]
     signal_level: tuple[float, ...]
     noise_level: tuple[float, ...]
+    clip_range: float = 0.0  # > 0: the clean estimate is also taken clipped to +-clip_range
 
     @property
     def timesteps(self) -> np.ndarray:
@@ -100,13 +105,20 @@ class Sampler:
         return any(c != 0.0 for c in self.take_prev_x0)
 
 
-def _make(name: str, num_steps: int, init_noise_sigma: float, **tables: np.ndarray) -> Sampler:
+def _make(name: str, num_steps: int, init_noise_sigma: float, clip_range: float = 0.0,
+          **tables: np.ndarray) -> Sampler:
     tables.setdefault("take_x0_multistep", tables["take_x0"])
     tables.setdefault("take_prev_x0", np.zeros(num_steps))
+    tables.setdefault("take_clipped_x0", np.zeros(num_steps))
     tables.setdefault("noise_std", np.zeros(num_steps))
     tables.setdefault("input_scale", np.ones(num_steps))
     as_tuples = {k: tuple(float(v) for v in np.asarray(tables[k], dtype=np.float64)) for k in _TABLES}
-    return Sampler(name=name, num_steps=num_steps, init_noise_sigma=float(init_noise_sigma), **as_tuples)
+    return Sampler(name=name, num_steps=num_steps, init_noise_sigma=float(init_noise_sigma),
+                   clip_range=float(clip_range), **as_tuples)
+
+
+def _clip_range(schedule: NoiseSchedule) -> float:
+    return float(schedule.clip_sample_range) if schedule.clip_sample else 0.0
 
 
 def _check_signal(schedule: NoiseSchedule, name: str, t: np.ndarray) -> None:
@@ -152,10 +164,14 @@ def _ddim(schedule: NoiseSchedule, num_steps: int, spacing: str) -> Sampler:
     alpha, sigma = np.sqrt(a), np.sqrt(1 - a)
     alpha_prev, sigma_prev = np.sqrt(a_prev), np.sqrt(1 - a_prev)
     from_x, from_out = _x0_coefficients(alpha, sigma, schedule.prediction_type)
-    # x_prev = alpha_prev x0 + sigma_prev eps, with eps = (x - alpha x0) / sigma.
+    # x_prev = alpha_prev x0 + sigma_prev eps, with eps = (x - alpha x0) / sigma. clip_sample
+    # clips the first x0 only: diffusers keeps eps from the unclipped estimate.
+    clip = _clip_range(schedule)
+    take_eps_x0, take_x0 = -sigma_prev * alpha / sigma, alpha_prev
     return _make(
-        "ddim", num_steps, 1.0, model_timesteps=t, x0_from_x=from_x, x0_from_out=from_out,
-        keep_x=sigma_prev / sigma, take_x0=alpha_prev - sigma_prev * alpha / sigma,
+        "ddim", num_steps, 1.0, clip, model_timesteps=t, x0_from_x=from_x, x0_from_out=from_out,
+        keep_x=sigma_prev / sigma, take_x0=take_eps_x0 + (0.0 if clip else take_x0),
+        take_clipped_x0=take_x0 if clip else np.zeros(num_steps),
         signal_level=_with_clean(alpha, 1.0), noise_level=_with_clean(sigma, 0.0),
     )
 
@@ -170,9 +186,12 @@ def _ddpm(schedule: NoiseSchedule, num_steps: int, spacing: str) -> Sampler:
     step_beta = 1 - a / a_prev
     from_x, from_out = _x0_coefficients(np.sqrt(a), np.sqrt(1 - a), schedule.prediction_type)
     variance = np.maximum((1 - a_prev) / (1 - a) * step_beta, 1e-20)
+    clip = _clip_range(schedule)
+    take_x0 = np.sqrt(a_prev) * step_beta / (1 - a)
     return _make(
-        "ddpm", num_steps, 1.0, model_timesteps=t, x0_from_x=from_x, x0_from_out=from_out,
-        keep_x=np.sqrt(1 - step_beta) * (1 - a_prev) / (1 - a), take_x0=np.sqrt(a_prev) * step_beta / (1 - a),
+        "ddpm", num_steps, 1.0, clip, model_timesteps=t, x0_from_x=from_x, x0_from_out=from_out,
+        keep_x=np.sqrt(1 - step_beta) * (1 - a_prev) / (1 - a), take_x0=0.0 * take_x0 if clip else take_x0,
+        take_clipped_x0=take_x0 if clip else 0.0 * take_x0,
         noise_std=np.where(t > 0, np.sqrt(variance), 0.0),
         signal_level=_with_clean(np.sqrt(a), 1.0), noise_level=_with_clean(np.sqrt(1 - a), 0.0),
     )
@@ -206,9 +225,12 @@ def _lcm(schedule: NoiseSchedule, num_steps: int, strength: float) -> Sampler:
     c_skip = sigma_data ** 2 / (scaled ** 2 + sigma_data ** 2)
     c_out = scaled / np.sqrt(scaled ** 2 + sigma_data ** 2)
     from_x, from_out = _x0_coefficients(np.sqrt(a), np.sqrt(1 - a), schedule.prediction_type)
+    clip = _clip_range(schedule)
+    take_x0 = np.sqrt(a_next) * c_out
     return _make(
-        "lcm", num_steps, 1.0, model_timesteps=t, x0_from_x=from_x, x0_from_out=from_out,
-        keep_x=np.sqrt(a_next) * c_skip, take_x0=np.sqrt(a_next) * c_out, noise_std=np.sqrt(1 - a_next),
+        "lcm", num_steps, 1.0, clip, model_timesteps=t, x0_from_x=from_x, x0_from_out=from_out,
+        keep_x=np.sqrt(a_next) * c_skip, take_x0=0.0 * take_x0 if clip else take_x0,
+        take_clipped_x0=take_x0 if clip else 0.0 * take_x0, noise_std=np.sqrt(1 - a_next),
         signal_level=_with_clean(np.sqrt(a), 1.0), noise_level=_with_clean(np.sqrt(1 - a), 0.0),
     )
 
