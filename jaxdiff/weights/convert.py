@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Callable, Iterable, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -53,8 +52,8 @@ def to_nnx_layout(leaf: str, array: np.ndarray, target_shape: tuple) -> np.ndarr
 
 
 def _place(key: str, value: np.ndarray, dtype, sharding) -> jax.Array:
-    if sharding is None:
-        return jnp.asarray(value, dtype=dtype)
+    if sharding is None:  # cast on the host: jnp.asarray's cast compiles a program per shape
+        return jax.device_put(np.asarray(value, dtype=dtype))
     if callable(sharding) and not isinstance(sharding, jax.sharding.Sharding):
         sharding = sharding(key, value.shape)
     return jax.device_put(np.asarray(value, dtype=dtype), sharding)
