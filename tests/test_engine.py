@@ -839,15 +839,19 @@ def test_outpaint_pixels_may_be_any_sequence_and_a_single_number_is_refused(pipe
                          f"each side must be a multiple of {m}, e.g. outpaint [3, 0, {-19 % m}, {m}]")
 
 
-def test_gpu_programs_take_cublas_gemms_unless_the_user_says_otherwise(monkeypatch):
+def test_gpu_programs_take_cublas_gemms_and_cpu_ones_compile_at_level_1_unless_the_user_says_otherwise(
+        monkeypatch):
     from jaxdiff.engine import programs
 
     monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_autotune_level=2 --xla_gpu_enable_triton_gemm_int4=false")
     assert programs.compiler_options("gpu") == {"xla_gpu_enable_triton_gemm": False}
-    assert programs.compiler_options("cpu") is None and programs.compiler_options("tpu") is None
+    assert programs.compiler_options("cpu") == {"xla_backend_optimization_level": 1}
+    assert programs.compiler_options("tpu") is None
     for own in ("--xla_gpu_enable_triton_gemm=true", "--xla_gpu_enable_triton_gemm"):
         monkeypatch.setenv("XLA_FLAGS", f"--xla_gpu_autotune_level=2 {own}")
         assert programs.compiler_options("gpu") is None  # the user's own setting wins
+    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=2")
+    assert programs.compiler_options("cpu") is None
     # Each kind of program is jitted with the options (built, not traced: no model needed).
     jitted = []
     options = {"xla_gpu_enable_triton_gemm": False}
