@@ -852,13 +852,13 @@ def test_gpu_programs_take_cublas_gemms_and_cpu_ones_compile_at_level_1_unless_t
         assert programs.compiler_options("gpu") is None  # the user's own setting wins
     monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=2")
     assert programs.compiler_options("cpu") is None
-    # Each kind of program is jitted with the options (built, not traced: no model needed).
+    # Each kind of program is jitted with the options of the backend it runs on (built, not
+    # traced: no model needed).
     jitted = []
-    options = {"xla_gpu_enable_triton_gemm": False}
-    monkeypatch.setattr(programs, "compiler_options", lambda backend=None: options)
+    monkeypatch.setattr(programs, "compiler_options", lambda backend=None: {"for": backend})
     monkeypatch.setattr(programs.jax, "jit", lambda f, **kwargs: jitted.append(kwargs) or f)
-    kw = dict(clip_skip=0, scaling_factor=1.0, tile_pixels=None, on_trace=lambda: None)
+    kw = dict(clip_skip=0, scaling_factor=1.0, tile_pixels=None, on_trace=lambda: None, backend="gpu")
     programs.make_base_program(None, None, programs.BaseSignature(1, 64, 64, 2, "ddim", False), **kw)
     programs.make_upscale_program(None, None, None, None, **kw)
-    programs.make_encode_program(None, scaling_factor=1.0, on_trace=lambda: None)
-    assert jitted == [{"compiler_options": options}] * 3
+    programs.make_encode_program(None, scaling_factor=1.0, on_trace=lambda: None, backend="gpu")
+    assert jitted == [{"compiler_options": {"for": "gpu"}}] * 3

@@ -277,7 +277,7 @@ def compile_base_program(arch: str, batch: int, target: str, size: int | None = 
     sampler = samplers.make_sampler("dpmpp_2m", samplers.NoiseSchedule.from_config(configs["scheduler"]), steps)
     program = make_base_program(graphdefs, sampler, sig, clip_skip=0,
                                 scaling_factor=float(vae_cfg.get("scaling_factor", 0.18215)),
-                                tile_pixels=None, on_trace=lambda: None)
+                                tile_pixels=None, on_trace=lambda: None, backend=_backend(target))
 
     latents = (latent, latent, channels)
 
@@ -291,7 +291,7 @@ def compile_base_program(arch: str, batch: int, target: str, size: int | None = 
                   "masked_latents": spec(latents, jnp.float32), "noise": spec(latents, jnp.float32),
                   "noise_given": spec((), jnp.bool_)}
         weights = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), states)
-        return jax.jit(program).trace(weights, inputs).lower()
+        return program.trace(weights, inputs).lower()  # jitted with the target's options
 
     return _compile_for(target, chips, lower)
 

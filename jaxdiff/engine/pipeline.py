@@ -147,6 +147,7 @@ class Pipeline:
         self.settings = settings or RenderSettings()
         devices = list(devices or jax.local_devices())
         self.mesh = Mesh(np.array(devices), ("data",))
+        self._backend = devices[0].platform  # whose XLA options the programs compile with
         # The global batch splits evenly over the chips.
         n = len(devices)
         self.batch_size = -(-batch_size // n) * n
@@ -494,7 +495,7 @@ class Pipeline:
         if nine_channel or any(p.image is not None for p in padded):
             scale = float(self.base.vae_config.scaling_factor)
             encode = self._program(("encode", B, height, width), lambda: make_encode_program(
-                self._base[0][2], scaling_factor=scale, on_trace=self._count_trace))
+                self._base[0][2], scaling_factor=scale, on_trace=self._count_trace, backend=self._backend))
             pixels = np.stack([p.image if p.image is not None else np.zeros((height, width, 3), np.float32)
                                for p in padded])
             if any(p.image is not None for p in padded):
@@ -525,7 +526,7 @@ class Pipeline:
         sig = BaseSignature(B, height, width, steps, sampler_name, karras, preps[0].lcm_grid, cfg)
         program = self._program(("base", sig), lambda: make_base_program(
             self._base[0], sampler, sig, clip_skip=self.settings.clip_skip, scaling_factor=float(self.base.vae_config.scaling_factor),
-            tile_pixels=self.settings.tile_pixels, on_trace=self._count_trace))
+            tile_pixels=self.settings.tile_pixels, on_trace=self._count_trace, backend=self._backend))
         # jax returns before the device is done: each stage's time is taken when its
         # result is ready.
         base_u8, base_ok = jax.block_until_ready(program(self._base[1], {k: self._put(v) for k, v in inputs.items()}))
@@ -629,7 +630,7 @@ class Pipeline:
             self._up[0], self._upscale_solver, self._low_res_schedule, sig,
             # No clip skip: a base model's setting, which diffusers' upscale pipeline does not take.
             clip_skip=0, scaling_factor=float(fam.vae_config.scaling_factor),
-            tile_pixels=st.tile_pixels, on_trace=self._count_trace))
+            tile_pixels=st.tile_pixels, on_trace=self._count_trace, backend=self._backend))
         token_inputs, _ = self._token_inputs(fam, list(prompts), list(negatives))
         C = int(fam.unet_config.out_channels)
         noise_given = np.zeros((B,), bool)

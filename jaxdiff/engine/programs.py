@@ -58,8 +58,8 @@ def xla_flag_given(name: str) -> bool:
     return re.search(rf"--{name}(=|\s|$)", os.environ.get("XLA_FLAGS", "")) is not None
 
 
-def _jit(program: Callable) -> Callable:
-    return jax.jit(program, compiler_options=compiler_options())
+def _jit(program: Callable, backend: str | None) -> Callable:
+    return jax.jit(program, compiler_options=compiler_options(backend))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,8 +189,9 @@ def _denoiser(cfg: bool, unet, context, guidance, conditioning=None, class_label
 
 def make_base_program(graphdefs, sampler, sig: BaseSignature, *, clip_skip: int,
                       scaling_factor: float, tile_pixels: int | None,
-                      on_trace: Callable[[], None]) -> Callable:
-    """Text -> latents (CFG, any mode) -> decoded images, as one XLA program.
+                      on_trace: Callable[[], None], backend: str | None = None) -> Callable:
+    """Text -> latents (CFG, any mode) -> decoded images, as one XLA program, compiled
+    with the XLA options for `backend` (None: the default one).
 
     Modes share it: `init_flag` picks image-started latents (img2img, sketch, inpaint
     with strength < 1), `mask` (1 = repaint) blends known latents back after each step
@@ -228,10 +229,11 @@ def make_base_program(graphdefs, sampler, sig: BaseSignature, *, clip_skip: int,
         finite = all_finite(latents) & all_finite(images)
         return to_uint8(images), finite
 
-    return _jit(program)
+    return _jit(program, backend)
 
 
-def make_encode_program(vae_def, *, scaling_factor: float, on_trace: Callable[[], None]) -> Callable:
+def make_encode_program(vae_def, *, scaling_factor: float, on_trace: Callable[[], None],
+                        backend: str | None = None) -> Callable:
     """Images in [-1, 1] -> scaled latents (the posterior mean: deterministic per image)."""
 
     def program(vae_state, images):
@@ -240,12 +242,12 @@ def make_encode_program(vae_def, *, scaling_factor: float, on_trace: Callable[[]
         mean, _ = vae.encode(images.astype(vae_dtype(vae)))
         return mean.astype(jnp.float32) * scaling_factor
 
-    return _jit(program)
+    return _jit(program, backend)
 
 
 def make_upscale_program(graphdefs, sampler, low_res_schedule, sig: UpscaleSignature, *,
                          clip_skip: int, scaling_factor: float, tile_pixels: int | None,
-                         on_trace: Callable[[], None]) -> Callable:
+                         on_trace: Callable[[], None], backend: str | None = None) -> Callable:
     """The SD x4 upscaler: noise-augmented low-res image + latents -> 4x image."""
     def program(states, inputs):
         on_trace()
@@ -269,4 +271,4 @@ def make_upscale_program(graphdefs, sampler, low_res_schedule, sig: UpscaleSigna
         finite = all_finite(latents) & all_finite(images)
         return to_uint8(images), finite
 
-    return _jit(program)
+    return _jit(program, backend)
