@@ -376,7 +376,6 @@ def render_shard(spec, out: str, renderer, defaults, *, model_info: dict, image_
     `duplicates` (from `duplicate_ids`): a record whose id an earlier record carries goes
     to the failures instead of being rendered.
     """
-    paths = shards.shard_paths(out, spec.name)
     # Lines of the shard's file to render again; a shard is one file's range, so the line
     # alone names a record, wherever the manifest has moved since.
     retry_lines: set[int] | None = None
@@ -388,7 +387,8 @@ def render_shard(spec, out: str, renderer, defaults, *, model_info: dict, image_
     writes = _Writes(threads)
     try:
         rendered_ids: set[str] = set()
-        if retry_failures and storage.exists(paths["stats"]):
+        # A shard without all its files renders whole (its marker is withdrawn at commit).
+        if retry_failures and shards.is_complete(out, spec.name):
             stats = shards.read_stats(out, spec.name)
             try:
                 old_failures = shards.read_failures(out, spec.name)
@@ -778,16 +778,14 @@ def build_pipeline(options: PipelineOptions, specs: list, out: str, renderer_fac
     return pipeline
 
 
-def _index_committed(out: str, specs: list, pending: list, earlier: dict[str, dict]) -> tuple[set[str], dict, list[str]]:
+def _index_committed(out: str, specs: list, *, withdraw: bool = True) -> tuple[set[str], dict, list[str]]:
     """(names of the committed shards, the index written for them, the shards whose markers
-    were withdrawn). Of the shards this run committed (`pending` rendered, `earlier` their
-    markers before), one whose files another attempt replaced since is withdrawn: it
-    renders again on the next run, where its checksums would be wrong. Shards committed
-    before are left as they are (a copied output folder has other versions throughout)."""
+    were withdrawn). With `withdraw`, a shard whose files changed since its marker (another
+    attempt replaced them, or they were damaged) is withdrawn: it renders again on the next
+    run, where its checksums would be wrong."""
     done = shards.complete_shards(out)
     markers = {s.name: shards.read_stats(out, s.name) for s in specs if s.name in done}
-    withdrawn = shards.overwritten_shards(out, {s.name: markers[s.name] for s in pending
-                                                if s.name in markers and markers[s.name] != earlier.get(s.name)})
+    withdrawn = shards.overwritten_shards(out, markers) if withdraw else []
     for name in withdrawn:
         storage.delete(shards.shard_paths(out, name)["stats"])
         del markers[name]
@@ -892,14 +890,14 @@ def run(manifests: list[str], out: str, config: RenderConfig, *, beam_args: Iter
             # The index lists what is committed now: shards this run committed (or, retried,
             # committed anew) before the failure, not the checksums of their earlier files.
             with contextlib.suppress(Exception):  # best effort: the run's own error is the one to report
-                _index_committed(out, specs, pending, earlier)
+                _index_committed(out, specs, withdraw=False)
             raise JobError(f"the pipeline failed ({e.__class__.__name__}: {e}). Committed shards are kept: "
                            f"fix the cause and rerun the same command to render the rest.") from e
         finally:
             watcher.stop()
 
     del renderer  # the shared map keeps it no longer than needed
-    done, index, withdrawn = _index_committed(out, specs, pending, earlier)
+    done, index, withdrawn = _index_committed(out, specs)
     now = [e for e in index["shards"] if e["url"] in {s.name + ".tar" for s in pending}]
     rendered_now = sum(e["nsamples"] - earlier.get(e["url"][:-4], {}).get("rendered", 0) for e in now)
     return Summary(

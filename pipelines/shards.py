@@ -117,22 +117,36 @@ def complete_shards(out: str) -> set[str]:
     return {s for s in marked if {s + ".tar", s + ".parquet"} <= names and s + ".jsonl" in failures}
 
 
+def is_complete(out: str, name: str) -> bool:
+    """Whether one shard's marker and files exist (complete_shards, probing one shard)."""
+    return all(storage.exists(path) for path in shard_paths(out, name).values())
+
+
 def read_stats(out: str, name: str) -> dict:
     return json.loads(storage.read_text(shard_paths(out, name)["stats"]))
+
+
+def folder_id(out: str) -> str:
+    """The output folder as a marker records where it was written: gs:// URLs as they are,
+    local paths made absolute."""
+    return out if storage.is_gcs(out) else os.path.abspath(out)
 
 
 def overwritten_shards(out: str, stats: dict[str, dict]) -> list[str]:
     """Names of committed shards (name: its marker) whose files are no longer the ones
     their marker vouches for. Dataflow can run a shard's work again while a lost worker's
     first attempt still runs; when both commit at once, the marker that lands last may
-    name the other attempt's tar. Markers that record no versions are taken as they are."""
-    if not any("versions" in s for s in stats.values()):
+    name the other attempt's tar. Only markers written in `out` itself are checked: the
+    files of a copied output folder have other versions throughout, and markers from
+    before versions were recorded are taken as they are."""
+    here = {name: s["versions"] for name, s in stats.items() if s.get("versions", {}).get("folder") == folder_id(out)}
+    if not here:
         return []
     failures = storage.file_versions(storage.join(out, FAILURES_DIR))
     present = storage.file_versions(out) | {f"{FAILURES_DIR}/{n}": v for n, v in failures.items()}
     names = {"tar": "{}.tar", "parquet": "{}.parquet", "failures": FAILURES_DIR + "/{}.jsonl"}
-    return [name for name, s in stats.items()
-            if any(present.get(names[kind].format(name)) != version for kind, version in s.get("versions", {}).items())]
+    return [name for name, versions in here.items()
+            if any(present.get(names[kind].format(name)) != versions[kind] for kind in names)]
 
 
 def read_failures(out: str, name: str) -> list[dict]:
@@ -341,7 +355,7 @@ class ShardWriter:
         storage.delete(self.paths["stats"])
         tar_bytes = os.path.getsize(self._tar_path)
         tar_sha256 = _file_sha256(self._tar_path)
-        versions = {"tar": storage.put_file(self._tar_path, self.paths["tar"])}
+        versions = {"folder": folder_id(self.out), "tar": storage.put_file(self._tar_path, self.paths["tar"])}
 
         parquet = io.BytesIO()
         pq.write_table(pa.Table.from_pylist(self._rows, schema=PARQUET_SCHEMA), parquet)

@@ -415,13 +415,16 @@ def test_retrying_a_damaged_shard_names_it_and_the_fix_instead_of_vouching_for_i
 
     damages = {
         "tar": lambda: open(paths["tar"], "r+b").truncate(1536),  # at a member boundary: reads as a short tar
-        "parquet": lambda: os.remove(paths["parquet"]),
         "parquet cut short": lambda: open(paths["parquet"], "r+b").truncate(100),
         "parquet footer": lambda: _overwrite_tail(paths["parquet"], 40),  # pyarrow's OSError, not ArrowException
         "parquet row": drop_a_row,
-        "failures": lambda: os.remove(paths["failures"]),
         "failures cut short": lambda: open(paths["failures"], "r+b").truncate(20),
     }
+    for part in ("parquet", "failures"):  # a shard missing a file is not complete: it renders whole
+        job.run([str(manifest_path)], out, config, fresh=True, progress=False)
+        os.remove(paths[part])
+        again = job.run([str(manifest_path)], out, config, retry_failures=True, progress=False)
+        assert (again.rendered, again.failed, again.rendered_shards) == (2, 1, 1), part
     for part, damage in damages.items():
         job.run([str(manifest_path)], out, config, fresh=True, progress=False)
         marker = open(paths["stats"]).read()
@@ -594,8 +597,29 @@ def test_a_shard_whose_files_were_deleted_renders_again(tmp_path):
         os.remove(shards.shard_paths(out, name)[part])
         again = job.run([str(path)], out, _config(), progress=False)
         assert again.complete and again.rendered_shards == 1, part
+    for part, name in (("tar", "shard-00002"), ("failures", "shard-00000")):  # with failures, and without
+        os.remove(shards.shard_paths(out, name)[part])
+        again = job.run([str(path)], out, _config(), retry_failures=True, progress=False)
+        assert again.complete and shards.is_complete(out, name), part
     assert {name: open(shards.shard_paths(out, "shard-00002")[name], "rb").read() for name in before} == before
     _assert_every_id_once(*_ids_in_output(out, str(tmp_path / "copy")))
+
+
+@pytest.mark.pipeline
+@pytest.mark.faults
+def test_files_replaced_after_a_run_are_found_by_the_next_one_even_with_nothing_to_render(tmp_path):
+    """A stopped driver never checks the shards its job committed; rerunning the command
+    then renders nothing, and its end still finds a tar that is not the one its marker
+    vouches for."""
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in GOOD))
+    out = str(tmp_path / "out")
+    job.run([str(path)], out, _config(), progress=False)
+    tar = shards.shard_paths(out, "shard-00001")["tar"]
+    storage.write_bytes(tar, storage.read_bytes(tar)[:-1024])
+    again = job.run([str(path)], out, _config(), progress=False)
+    assert (again.rendered_shards, again.withdrawn_shards) == (0, ["shard-00001"]) and not again.complete
+    assert job.run([str(path)], out, _config(), progress=False).complete
 
 
 @pytest.mark.pipeline
