@@ -124,13 +124,14 @@ class RendererFactory:
     """Builds the renderer in a worker: the engine, or the dry-run renderer."""
 
     config: RenderConfig
+    size_multiple: int | None = None  # the model's, as the driver read it (None: read it here)
 
     def __call__(self):
         c = self.config
         if c.dry_run:
             return dry_run.DryRunRenderer(c.batch_size, width=c.width or DRY_RUN_SIZE,
                                           height=c.height or DRY_RUN_SIZE, seed=c.seed,
-                                          canvas_multiple=model_size_multiple(c),
+                                          canvas_multiple=self.size_multiple or model_size_multiple(c),
                                           delay_s=c.dry_run_delay_s, **c.open_settings())
         from jaxdiff.engine import load_pipeline
 
@@ -171,7 +172,7 @@ def model_size_multiple(config: RenderConfig) -> int:
 
     try:
         return size_multiple(resolve_model(config.model or "default"))
-    except (OSError, ValueError, KeyError, TypeError):
+    except Exception:  # missing, unreadable (permissions, credentials) or malformed configs
         return manifest.RenderDefaults.size_multiple
 
 
@@ -857,7 +858,7 @@ def run(manifests: list[str], out: str, config: RenderConfig, *, beam_args: Iter
         pending += [s for s in specs if s.name in earlier]
     skipped = len(specs) - len(pending)
 
-    renderer_factory = renderer_factory or RendererFactory(config)
+    renderer_factory = renderer_factory or RendererFactory(config, defaults.size_multiple)
     local = is_local(options)
     model_info = {"model": config.model, "upscaler": config.upscaler}
     handle = shared_handle or shared.Shared()
