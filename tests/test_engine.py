@@ -818,6 +818,7 @@ def test_a_photos_render_size_is_the_nearest_to_its_shape_not_each_side_rounded_
         rounded = [min(2048, max(64, round(side * alone / 64) * 64)) for side in (width, height)]
         skew = lambda a, b: abs(np.log(a / b / (width / height)))
         assert w % 64 == 0 and h % 64 == 0 and max(w, h) <= 2048
+        assert size_at_aspect(int(height), int(width), 512, 64) == (h, w), "its rotation, rotated"
         assert skew(w, h) <= skew(*rounded) + 1e-9, (width, height)
         if 1 / 4 <= width / height <= 4:  # past that, a side is at its shortest or longest
             assert 0.5 <= w * h / 512 ** 2 <= 1.5, (width, height)

@@ -119,23 +119,20 @@ def size_at_aspect(width: int, height: int, native: int, multiple: int, *, given
         return given_width, fit(given_width * height / width)
     if given_height is not None:
         return fit(given_height * width / height), given_height
+    if width < height:  # a photo and its rotation get rotated sizes
+        rotated = size_at_aspect(height, width, native, multiple)
+        return rotated[1], rotated[0]
     # Both sides rounded alone can skew the shape (a 3:4 photo at 64 px, multiples of 16:
-    # 48x80). The size chosen is the one nearest the photo's aspect ratio, trading a tenth
-    # as much for distance from the native pixel count (a 768x512 photo on SD: 576x384,
-    # exact, over 640x448); past 1.5x of that count either way, it weighs as much as the
-    # aspect ratio.
-    # For each width the best height is a neighbour of width/aspect.
-    aspect = width / height
-
-    def cost(size: tuple[int, int]) -> float:
-        w, h = size
-        pixels = abs(math.log(w * h / native ** 2))
-        return abs(math.log(w / h / aspect)) + 0.1 * pixels + max(0.0, pixels - math.log(1.5))
-
-    candidates = [(w, min(top, max(multiple, h)))
-                  for w in range(multiple, top + 1, multiple)
-                  for h in (math.floor(w / aspect / multiple) * multiple, math.ceil(w / aspect / multiple) * multiple)]
-    return min(candidates, key=cost)
+    # 48x80). Of all pairs of multiples, the one of least cost wins: its log distance from
+    # the photo's aspect ratio, plus a tenth of its log distance from the native pixel count,
+    # plus that distance again past 1.5x. A 768x512 photo on SD renders at 576x384, exact,
+    # not 640x448. Ties go to the pixel count nearest native, then to the wider.
+    sides = np.arange(multiple, top + 1, multiple, dtype=np.float64)
+    w, h = (grid.ravel() for grid in np.meshgrid(sides, sides, indexing="ij"))
+    pixels = np.abs(np.log(w * h / native**2))
+    cost = np.abs(np.log(w / h / (width / height))) + 0.1 * pixels + np.maximum(0.0, pixels - math.log(1.5))
+    best = np.lexsort((-w, pixels, np.round(cost, 9)))[0]
+    return int(w[best]), int(h[best])
 
 
 def outpaint_size_problem(width: int, height: int, pads, multiple: int) -> str | None:
