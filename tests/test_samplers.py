@@ -386,6 +386,11 @@ def test_zero_terminal_snr_with_an_epsilon_model_at_the_last_step_is_named(name)
     assert "false" not in str(info.value)
     for other in ("dpmpp_2m", "euler", "euler_a"):  # 2**-24 keeps those finite, as in diffusers
         make_sampler(other, schedule, 4)
+    assert "dpmpp_2m, euler or euler_a" in str(info.value)
+    assert ("timestep_spacing leading" in str(info.value)) == (name != "lcm")
+    if name != "lcm":  # as the message says
+        make_sampler(name, NoiseSchedule.from_config({**ZERO_SNR_CONFIG, "prediction_type": "epsilon",
+                                                      "timestep_spacing": "leading"}), 4)
 
 
 @pytest.mark.parametrize("clip_range", [1.0, 0.05])

@@ -125,10 +125,14 @@ def _check_signal(schedule: NoiseSchedule, name: str, t: np.ndarray) -> None:
     """An epsilon prediction gives no clean estimate at zero signal (a zero-SNR schedule's
     last step, which these samplers take as 0): diffusers returns NaN there."""
     if schedule.prediction_type == "epsilon" and np.any(schedule.alphas_cumprod[t] == 0.0):
+        leading = ("" if name == "lcm" else  # lcm keeps its own grid, whatever the spacing
+                   f", or timestep_spacing leading, which starts below the last timestep at fewer steps "
+                   f"than the schedule's {schedule.num_train_timesteps}")
         raise UnsupportedConfig(
             f"{name} steps from t={int(np.max(t))}, where this model's zero-terminal-SNR schedule "
             f"(rescale_betas_zero_snr) has no signal left: an epsilon prediction gives no clean estimate "
-            f"there (diffusers returns NaN); zero-SNR models predict v (prediction_type v_prediction)")
+            f"there (diffusers returns NaN). Use the dpmpp_2m, euler or euler_a sampler (they keep a "
+            f"little signal there){leading}")
 
 
 def _x0_coefficients(alpha: np.ndarray, sigma: np.ndarray, prediction_type: str):

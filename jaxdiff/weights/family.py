@@ -335,6 +335,18 @@ def with_config_file(error: ValueError, config_path: str) -> ValueError:
         return CheckpointError(message)
 
 
+def component_config(path: str, name: str, digests: dict) -> tuple[dict, Any]:
+    """(the config.json of component `name` of the pipeline folder `path`, as its model's
+    config class reads it); errors name the file."""
+    spec = COMPONENTS[name]
+    config_path = storage.join(str(path).rstrip("/"), name, "config.json")
+    config_dict = _read_json(config_path, f"the {name} config", digests)
+    try:
+        return config_dict, getattr(importlib.import_module(spec.module), spec.config_class).from_dict(config_dict)
+    except ValueError as e:  # UnsupportedConfig and invalid values
+        raise with_config_file(e, config_path) from e
+
+
 def load_component(path: str, name: str, *, dtype=None, sharding=None, allow_pickle: bool = False,
                    variant: str | None = None, plain_without_variant: bool = False) -> LoadedComponent:
     """Loads one model component ("unet", "vae" or "text_encoder") of a pipeline folder.
@@ -353,10 +365,9 @@ def load_component(path: str, name: str, *, dtype=None, sharding=None, allow_pic
     digests: dict[str, str] = {}
 
     config_path = storage.join(folder, "config.json")
-    config_dict = _read_json(config_path, f"the {name} config", digests)
+    config_dict, config = component_config(path, name, digests)
     models = importlib.import_module(spec.module)
     try:
-        config = getattr(models, spec.config_class).from_dict(config_dict)
         if name == "vae" and config.force_upcast and jnp.dtype(dtype) == jnp.float16:
             dtype = jnp.float32  # as diffusers upcasts it: float16 overflows its activations
         model_class = getattr(models, spec.model_class)
@@ -449,13 +460,15 @@ def load_family(path: str, *, dtype=None, allow_pickle: bool = False, sharding=N
     # As diffusers: a variant one component has, the others may lack (their plain files load);
     # where none has it, each component's error names the variant's file it lacks.
     plain_without_variant = bool(variant) and (not require_variant or folder_has_variant(path, variant))
+    # Components from two models are refused before any weights load (gigabytes, maybe remote).
+    tokenizer = _load_tokenizer(storage.join(path, "tokenizer"), digests)
+    _check_components_match(path, component_config(path, "text_encoder", {})[1],
+                            component_config(path, "unet", {})[1], tokenizer)
     loaded = {}
     for name in COMPONENTS:
         loaded[name] = load_component(path, name, dtype=dtype, sharding=sharding, allow_pickle=allow_pickle,
                                       variant=variant, plain_without_variant=plain_without_variant)
         digests.update(loaded[name].sha256)
-    tokenizer = _load_tokenizer(storage.join(path, "tokenizer"), digests)
-    _check_components_match(path, loaded, tokenizer)
 
     scheduler_path = storage.join(path, "scheduler", "scheduler_config.json")
     scheduler_config = _read_json(scheduler_path, "the noise schedule", digests)
@@ -493,20 +506,20 @@ def load_family(path: str, *, dtype=None, allow_pickle: bool = False, sharding=N
         render_defaults=defaults)
 
 
-def _check_components_match(path: str, loaded: dict, tokenizer) -> None:
+def _check_components_match(path: str, text_encoder_config, unet_config, tokenizer) -> None:
     """The text encoder fits the UNet and the tokenizer: a mismatch (components from two
     models) would fail every render without naming a file, or render NaN."""
     te_config_path = storage.join(path, "text_encoder", "config.json")
     unet_config_path = storage.join(path, "unet", "config.json")
-    hidden = loaded["text_encoder"].config.hidden_size
-    cross = sorted(set(loaded["unet"].config.cross_attention_dim))
+    hidden = text_encoder_config.hidden_size
+    cross = sorted(set(unet_config.cross_attention_dim))
     if cross != [hidden]:
         shown = cross[0] if len(cross) == 1 else cross
         raise CheckpointError(
             f"{te_config_path} and {unet_config_path} do not match: the text encoder's hidden_size={hidden}, "
             f"the UNet's cross_attention_dim={shown} (the width of the text states it attends to); the "
             f"text encoder comes from another model than the UNet")
-    vocab_size = loaded["text_encoder"].config.vocab_size
+    vocab_size = text_encoder_config.vocab_size
     top = max(tokenizer.get_vocab().values(), default=-1)
     if top >= vocab_size:
         tokenizer_folder = storage.join(path, "tokenizer")
