@@ -419,6 +419,8 @@ def test_upscale_converts_other_image_kinds_and_refuses_bad_input_by_name(sd_fol
         (dict(prompts=["a"]), "1 prompts for 2 images"),
         (dict(negative_prompts=["x"]), "1 negative_prompts for 2 images"),
         (dict(seeds=[0, -1]), r"seeds\[1\] is -1"),
+        (dict(seeds=[0, 0.5]), r"seeds\[1\] is 0.5: give whole numbers"),
+        (dict(seeds=1), "seeds is 1: give a list, one per image"),  # a TypeError from len()
         # Short noise would leave the images past its end drawn, not reproduced.
         (dict(noise=np.zeros((1, 8, 8, 4), np.float32), aug_noise=np.zeros((1, 8, 8, 3), np.float32)),
          "1 noise for 2 images"),
@@ -429,6 +431,8 @@ def test_upscale_converts_other_image_kinds_and_refuses_bad_input_by_name(sd_fol
         with pytest.raises(ValueError, match=match):
             up.upscale(**{**given, **change})
     assert up.upscale([], [], seeds=[]) == []
+    # Seeds follow render's rule: any whole number, 1.0 and numpy's ints as 1.
+    np.testing.assert_array_equal(up.upscale([low], ["a"], seeds=[np.float64(0.0)])[0], as_uint8)
 
 
 @pytest.mark.parity
@@ -689,6 +693,29 @@ def test_render_refuses_lists_that_do_not_match_the_prompts(pipe):
         pipe.render(["a"], seed=5)  # a TypeError: Sample() got multiple values for 'seed'
     with pytest.raises(ValueError, match="negative_prompt= is given per prompt"):
         pipe.render(["a"], negative_prompt="blurry")
+
+
+@pytest.mark.faults
+def test_whole_numbers_of_any_type_are_taken_and_fractions_or_text_refused_by_name(pipe, sd_folder):
+    one = pipe.render(["a"], seeds=[1])[0]
+    for seeds in ([1.0], [np.int64(1)], np.array([1])):
+        again = pipe.render(["a"], seeds=seeds)[0]
+        assert again.metadata["seed"] == 1
+        np.testing.assert_array_equal(again.image, one.image)
+    with pytest.raises(ValueError, match=r"render: seeds\[0\] is 1.7: give whole numbers in \[0, 2\*\*32\)"):
+        pipe.render(["a"], seeds=[1.7])  # rendered with seed 1
+    with pytest.raises(ValueError, match="render: seeds is 1: give a list, one per prompt"):
+        pipe.render(["a"], seeds=1)  # a TypeError from len()
+    (sized,) = pipe.render(["a"], seeds=[1], width=16.0, steps=np.int64(STEPS))  # width 16.0: a TypeError
+    np.testing.assert_array_equal(sized.image, one.image)
+    steps, guidance, seed = pipe.render_samples([jaxdiff.Sample(id="s", prompt="a", steps="4"),
+                                                 jaxdiff.Sample(id="g", prompt="a", guidance="7"),
+                                                 jaxdiff.Sample(id="f", prompt="a", seed=1.5)])
+    assert "steps is '4': give a whole number" in steps.error
+    assert "guidance is '7': give a number >= 0" in guidance.error
+    assert "seed is 1.5: give a whole number" in seed.error
+    with pytest.raises(ValueError, match=r"devices\[0\] is 0: give jax.Device objects"):
+        jaxdiff.load_pipeline(sd_folder, upscaler="none", devices=[0])  # an AttributeError
 
 
 @pytest.mark.faults

@@ -24,7 +24,7 @@ from jaxdiff import render_defaults, samplers, storage
 from jaxdiff.engine import images as imgs
 from jaxdiff.engine.programs import (BaseSignature, UpscaleSignature, make_base_program,
                                      make_encode_program, make_upscale_program)
-from jaxdiff.engine.sample import MODES, Rendered, Sample, derive_seed, guidance_on
+from jaxdiff.engine.sample import MODES, Rendered, Sample, derive_seed, guidance_on, real_number, whole_number
 from jaxdiff.models.clip import tokenize
 from jaxdiff.weights.family import with_config_file
 
@@ -145,7 +145,11 @@ class Pipeline:
         self.base = base
         self.upscaler = upscaler
         self.settings = settings or RenderSettings()
-        devices = list(devices or jax.local_devices())
+        devices = [devices] if isinstance(devices, jax.Device) else list(devices or jax.local_devices())
+        for i, device in enumerate(devices):
+            if not isinstance(device, jax.Device):
+                raise ValueError(f"devices[{i}] is {device!r}: give jax.Device objects, e.g. "
+                                 f"devices=jax.local_devices()[:2]")
         self.mesh = Mesh(np.array(devices), ("data",))
         self._backend = devices[0].platform  # whose XLA options the programs compile with
         # The global batch splits evenly over the chips.
@@ -247,14 +251,18 @@ class Pipeline:
         for name, values in (("seeds", seeds), ("negative_prompts", negative_prompts), ("ids", ids)):
             if isinstance(values, str):
                 raise ValueError(f"render: {name} is one string: give a list, one per prompt")
+            if values is not None and np.ndim(values) != 1:
+                raise ValueError(f"render: {name} is {values!r}: give a list, one per prompt")
             if values is not None and len(values) != len(prompts):
                 raise ValueError(f"render: {len(values)} {name} for {len(prompts)} prompts: give one per prompt")
+        if seeds is not None:
+            seeds = _seed_list("render", seeds)
         samples = []
         for i, prompt in enumerate(prompts):
             samples.append(Sample(
-                id=ids[i] if ids else f"{i:06d}", prompt=prompt,
-                negative_prompt=negative_prompts[i] if negative_prompts else self.settings.negative_prompt,
-                seed=None if seeds is None else int(seeds[i]), **fields))
+                id=ids[i] if ids is not None else f"{i:06d}", prompt=prompt,
+                negative_prompt=negative_prompts[i] if negative_prompts is not None else self.settings.negative_prompt,
+                seed=None if seeds is None else seeds[i], **fields))
         return self.render_samples(samples, noise=noise)
 
     def render_samples(self, samples: Sequence[Sample | PreparedSample], *,
@@ -319,14 +327,25 @@ class Pipeline:
         st = self.settings
         if s.mode not in MODES:
             raise RenderError(f"unknown mode {s.mode!r}: use one of {', '.join(MODES)}")
-        guidance = st.guidance if s.guidance is None else float(s.guidance)
+        given = {"width": s.width if s.width is not None else st.width,
+                 "height": s.height if s.height is not None else st.height,
+                 "steps": s.steps if s.steps is not None else st.steps, "seed": s.seed}
+        for name, value in given.items():  # None: unset
+            if value is not None and whole_number(value) is None:
+                raise RenderError(f"{name} is {value!r}: give a whole number (an int), not text or a fraction")
+            given[name] = None if value is None else whole_number(value)
+        guidance = st.guidance if s.guidance is None else s.guidance
+        if real_number(guidance) is None:
+            raise RenderError(f"guidance is {guidance!r}: give a number >= 0, e.g. guidance=7.5")
+        guidance = real_number(guidance)
+        if s.strength is not None and real_number(s.strength) is None:
+            raise RenderError(f"strength is {s.strength!r}: give a number in (0, 1], e.g. strength=0.6")
         prep = PreparedSample(
             # A 0 given is refused below, not taken for "unset". Unset (None here): the native
             # size for text-to-image; for the other modes, worked out from the init image.
-            sample=s, width=s.width if s.width is not None else st.width,
-            height=s.height if s.height is not None else st.height,
-            steps=s.steps if s.steps is not None else st.steps, sampler=s.sampler or st.sampler, guidance=guidance,
-            seed=derive_seed(st.seed, s.id) if s.seed is None else int(s.seed),
+            sample=s, width=given["width"], height=given["height"], steps=given["steps"],
+            sampler=s.sampler or st.sampler, guidance=guidance,
+            seed=derive_seed(st.seed, s.id) if given["seed"] is None else given["seed"],
             negative_prompt=s.negative_prompt or st.negative_prompt,
             cfg=guidance_on(guidance) and not self._guidance_distilled)
         if not 0 <= prep.seed < 2**32:
@@ -364,11 +383,11 @@ class Pipeline:
             raise RenderError(f"mode {s.mode} needs an init_image")
         prep.image, prep.mask, prep.width, prep.height = self._images_at_render_size(s, prep, shared)
         if s.mode in ("img2img", "sketch"):
-            prep.strength = s.strength if s.strength is not None else (
+            prep.strength = float(s.strength) if s.strength is not None else (
                 st.sketch_strength if s.mode == "sketch" else st.strength)
             prep.init_flag = True
         else:  # inpaint, outpaint
-            prep.strength = 1.0 if s.strength is None else s.strength
+            prep.strength = 1.0 if s.strength is None else float(s.strength)
             # At full strength the masked area starts from pure noise (as diffusers does).
             prep.init_flag = prep.strength < 1.0
         if not 0.0 < prep.strength <= 1.0:
@@ -567,7 +586,7 @@ class Pipeline:
             raise RenderError("no upscaler is loaded: pass upscaler=... to load_pipeline")
         if (noise is None) != (aug_noise is None):
             raise ValueError("pass noise and aug_noise together (a run is reproduced by both), or neither")
-        rgb = self._upscale_inputs(images, prompts, seeds, negative_prompts, noise, aug_noise)
+        rgb, seeds = self._upscale_inputs(images, prompts, seeds, negative_prompts, noise, aug_noise)
         out = []
         for start in range(0, len(rgb), self.batch_size):
             sl = slice(start, start + self.batch_size)
@@ -582,23 +601,24 @@ class Pipeline:
             out.extend(u8[i] if ok[i] else None for i in range(n))
         return out
 
-    def _upscale_inputs(self, images, prompts, seeds, negative_prompts, noise, aug_noise) -> list[np.ndarray]:
-        """`images` as uint8 RGB arrays, after checking that every list gives one entry per
-        image and that the images and any given noise share one size; else a ValueError that
-        names the input."""
+    def _upscale_inputs(self, images, prompts, seeds, negative_prompts, noise, aug_noise
+                        ) -> tuple[list[np.ndarray], list[int]]:
+        """`images` as uint8 RGB arrays and `seeds` as ints, after checking that every list
+        gives one entry per image and that the images and any given noise share one size; else
+        a ValueError that names the input."""
         count = len(images)
         per_image = {"prompts": prompts, "seeds": seeds, "negative_prompts": negative_prompts,
                      "noise": noise, "aug_noise": aug_noise}
         for name, values in per_image.items():
             if isinstance(values, str):
                 raise ValueError(f"upscale: {name} is one string: give a list, one per image")
+            if values is not None and np.ndim(values) == 0:
+                raise ValueError(f"upscale: {name} is {values!r}: give a list, one per image")
             # A short list would otherwise reach the program as a cryptic shape error, and short
             # noise would be drawn for the images past its end instead of reproduced.
             if values is not None and len(values) != count:
                 raise ValueError(f"upscale: {len(values)} {name} for {count} images: give one per image")
-        for i, seed in enumerate(seeds):
-            if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
-                raise ValueError(f"upscale: seeds[{i}] is {seed!r}: give whole numbers in [0, 2**32)")
+        seeds = _seed_list("upscale", seeds)
         rgb = []
         for i, image in enumerate(images):
             try:
@@ -606,7 +626,7 @@ class Pipeline:
             except ValueError as e:
                 raise ValueError(f"upscale: {str(e).replace('init_image', f'images[{i}]')}") from None
         if not rgb:
-            return rgb
+            return rgb, seeds
         height, width = rgb[0].shape[:2]
         for i, image in enumerate(rgb):
             if image.shape[:2] != (height, width):
@@ -618,7 +638,7 @@ class Pipeline:
                 if np.shape(array) != (count, height, width, c):
                     raise ValueError(f"upscale: {name} has shape {np.shape(array)}; expected "
                                      f"{(count, height, width, c)} (images, height, width, channels last)")
-        return rgb
+        return rgb, seeds
 
     def _upscale(self, prompts: list[str], negatives: list[str], seeds: list[int], base_u8: jax.Array,
                  noise: np.ndarray | None = None, aug_noise: np.ndarray | None = None):
@@ -672,6 +692,18 @@ class Pipeline:
                         upscale_guidance=st.upscale_guidance, noise_level=st.noise_level,
                         upscale_sampler=self._upscale_sampler)
         return meta  # what was rendered; the Sample keeps its own metadata
+
+
+def _seed_list(caller: str, seeds) -> list[int]:
+    """`seeds` as ints, each a whole number in [0, 2**32) (4 and 4.0 alike, not 4.5); else a
+    ValueError naming the caller and the seed."""
+    out = []
+    for i, seed in enumerate(seeds):
+        value = whole_number(seed)
+        if value is None or not 0 <= value < 2**32:
+            raise ValueError(f"{caller}: seeds[{i}] is {seed!r}: give whole numbers in [0, 2**32)")
+        out.append(value)
+    return out
 
 
 def _start_step(steps: int, strength: float) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import numpy as np
@@ -61,3 +62,23 @@ def derive_seed(run_seed: int, sample_id: str) -> int:
 
     digest = hashlib.sha256(f"{run_seed}:{sample_id}".encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def whole_number(value) -> int | None:
+    """`value` as an int where it is a whole number: an int, a numpy integer or an integral
+    float (4.0); None for anything else (1.7, NaN, text, bools), which callers refuse by name."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
+        return int(value)
+    return None
+
+
+def real_number(value) -> float | None:
+    """`value` as a float where it is a number (int, float or numpy's); None for text, bools
+    and anything else, which callers refuse by name."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return None
+    return float(value)
