@@ -492,9 +492,9 @@ def test_settings_and_samples_outside_what_the_models_take_are_refused(sd_folder
     up = jaxdiff.load_pipeline(None, upscaler=upscaler_folder, batch_size=1)
     with pytest.raises(ValueError, match="noise and aug_noise together"):
         up.upscale([_rgb(1, 8)], ["a"], seeds=[0], noise=np.zeros((1, 8, 8, 4), np.float32))
-    karras = jaxdiff.load_pipeline(sd_folder, upscaler="none", steps=2, sampler="ddim", karras=True, batch_size=2)
-    ddim, euler = karras.render_samples([jaxdiff.Sample(id="d", prompt="a", seed=1),
-                                         jaxdiff.Sample(id="e", prompt="a", seed=1, sampler="euler")])
+    karras = jaxdiff.load_pipeline(sd_folder, upscaler="none", steps=2, sampler="euler", karras=True, batch_size=2)
+    ddim, euler = karras.render_samples([jaxdiff.Sample(id="d", prompt="a", seed=1, sampler="ddim"),
+                                         jaxdiff.Sample(id="e", prompt="a", seed=1)])
     assert "Karras sigmas apply to" in ddim.error and euler.error is None
     steps, weak, good = pipe.render_samples([
         jaxdiff.Sample(id="s", prompt="a", steps=1001),
@@ -668,6 +668,31 @@ def test_given_noise_must_fit_every_sample(pipe, monkeypatch):
     with pytest.raises(ValueError, match=r"sample 'wide' renders at 32x16, latents \(8, 16, 4\): noise= takes "
                                          "samples of one size"):  # before, numpy's "could not broadcast"
         pipe.render_samples(samples, noise=_nhwc(_noise(2, 8, 8)))
+
+
+@pytest.mark.faults
+def test_run_settings_that_no_sample_could_render_with_are_refused_at_load(sd_folder):
+    # Each loaded, then failed in every sample, in range(), or rendered [None].
+    refused = [
+        (dict(sampler="dpm++"), "the run's settings: unknown sampler 'dpm\\+\\+': use one of"),
+        (dict(steps=0), "steps=0: give a whole number >= 1"),
+        (dict(steps=1001), "the run's settings: steps 1001 is out of range: use 1 to 1000"),
+        (dict(width=18), r"the run's settings: unsupported size 18x16 \(width x height\): use multiples of"),
+        (dict(guidance="7"), "guidance='7': give a finite number >= 0"),
+        (dict(karras=True, sampler="ddim"), "the run's settings: Karras sigmas apply to"),
+        (dict(clip_skip=3), "clip_skip=3: this model's text encoder has 2 layers; give 0 to 2"),
+        (dict(seed=-1), "seed=-1: give a whole number >= 0"),
+        (dict(strength=1.5), r"strength=1.5: give a number in \(0, 1\]"),
+        (dict(batch_size=0), "batch_size=0: give a whole number >= 1"),
+        (dict(batch_size=-1), "batch_size=-1: give a whole number >= 1"),
+    ]
+    for settings, match in refused:
+        with pytest.raises(ValueError, match=match):
+            jaxdiff.load_pipeline(sd_folder, upscaler="none", **settings)
+    with pytest.raises(ValueError, match="batch_size=0"):  # built directly, as load_pipeline does
+        jaxdiff.engine.Pipeline(None, None, batch_size=0)
+    taken = jaxdiff.load_pipeline(sd_folder, upscaler="none", steps=2.0, batch_size=np.int64(2))
+    assert (taken.settings.steps, taken.batch_size) == (2, 2) and type(taken.settings.steps) is int
 
 
 @pytest.mark.faults

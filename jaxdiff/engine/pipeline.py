@@ -74,6 +74,39 @@ def settings_for(base, upscaler=None, **given) -> RenderSettings:
     return RenderSettings(**merged)
 
 
+def check_settings(settings: RenderSettings, batch_size: int = 1) -> tuple[RenderSettings, int]:
+    """`settings` and `batch_size` with whole numbers as ints, or a ValueError naming the first
+    setting of the wrong kind or range. What depends on the model (the sampler, the steps it
+    allows, the size multiple) the Pipeline checks when it is built."""
+    def bad(name, value, rule):
+        raise ValueError(f"{name}={value!r}: {rule}")
+
+    if whole_number(batch_size) is None or batch_size < 1:
+        bad("batch_size", batch_size, "give a whole number >= 1, the images rendered at once")
+    wholes = {"steps": 1, "upscale_steps": 1, "noise_level": 0, "clip_skip": 0, "seed": 0, "width": 1, "height": 1}
+    fixed = {}
+    for name, low in wholes.items():
+        value = getattr(settings, name)
+        if value is None and name in ("width", "height"):  # the model's native size
+            continue
+        if whole_number(value) is None or value < low:
+            bad(name, value, f"give a whole number >= {low}")
+        fixed[name] = whole_number(value)
+    if fixed["seed"] >= 2**32:
+        bad("seed", settings.seed, "give a whole number from 0 to 2**32 - 1")
+    for name, rule in (("guidance", "a finite number >= 0"), ("upscale_guidance", "a finite number >= 0"),
+                       ("strength", "a number in (0, 1]"), ("sketch_strength", "a number in (0, 1]")):
+        value = real_number(getattr(settings, name))
+        if value is None or not math.isfinite(value) or value < 0 or ("strength" in name and not 0 < value <= 1):
+            bad(name, getattr(settings, name), f"give {rule}")
+        fixed[name] = value
+    for name in ("sampler", "negative_prompt", "upscale_sampler"):
+        value = getattr(settings, name)
+        if not isinstance(value, str) and not (value is None and name == "upscale_sampler"):
+            bad(name, value, "give text" if name == "negative_prompt" else "give a sampler's name, e.g. dpmpp_2m")
+    return dataclasses.replace(settings, **fixed), whole_number(batch_size)
+
+
 class RenderError(ValueError):
     """A sample that cannot be rendered as asked (reported per sample, not raised)."""
 
@@ -144,7 +177,7 @@ class Pipeline:
                  settings: RenderSettings | None = None, devices: Sequence[jax.Device] | None = None):
         self.base = base
         self.upscaler = upscaler
-        self.settings = settings or RenderSettings()
+        self.settings, batch_size = check_settings(settings or RenderSettings(), batch_size)
         devices = [devices] if isinstance(devices, jax.Device) else list(devices or jax.local_devices())
         for i, device in enumerate(devices):
             if not isinstance(device, jax.Device):
@@ -204,6 +237,16 @@ class Pipeline:
         # Each UNet downsampling halves the latents: sizes must survive all of them.
         self.size_multiple = self.vae_factor * 2 ** (len(unet_cfg.block_out_channels) - 1)
         self.latent_channels = int(vae_cfg.latent_channels)
+        layers = base.text_encoder_config.num_hidden_layers
+        if self.settings.clip_skip > layers:
+            raise ValueError(f"clip_skip={self.settings.clip_skip}: this model's text encoder has {layers} layers; "
+                             f"give 0 to {layers}")
+        # The run's settings pass the checks each sample's do, so that a bad one is refused
+        # here rather than in every sample.
+        try:
+            self._prepare(Sample(id="settings", prompt=""), {})
+        except RenderError as e:
+            raise ValueError(f"the run's settings: {e}") from None
 
     # -- setup ---------------------------------------------------------------------------
     def _place(self, family):
@@ -458,7 +501,7 @@ class Pipeline:
     def _check_size(self, width: int, height: int) -> None:
         multiple = self.size_multiple
         if width % multiple or height % multiple or min(width, height) < multiple:
-            raise RenderError(f"unsupported size {width}x{height}: use multiples of {multiple}")
+            raise RenderError(f"unsupported size {width}x{height} (width x height): use multiples of {multiple}")
 
     # -- batches -------------------------------------------------------------------------
     def _put(self, array) -> jax.Array:
