@@ -744,6 +744,17 @@ def test_whole_numbers_of_any_type_are_taken_and_fractions_or_text_refused_by_na
 
 
 @pytest.mark.faults
+def test_unknown_keywords_are_refused_by_the_function_taking_them_with_the_closest_one(sd_folder, pipe):
+    # Before: TypeErrors from RenderSettings.__init__ and Sample.__init__.
+    with pytest.raises(TypeError, match=r"^load_pipeline\(\) got an unknown keyword stpes=: did you mean steps=\?$"):
+        jaxdiff.load_pipeline(sd_folder, upscaler="none", stpes=4)
+    with pytest.raises(TypeError, match=r"^render\(\) got an unknown keyword guidence=: did you mean guidance=\?$"):
+        pipe.render(["a"], seeds=[1], guidence=3)
+    with pytest.raises(TypeError, match=r"unknown keyword num_inference_steps=: it takes guidance, height, ids"):
+        pipe.render(["a"], seeds=[1], num_inference_steps=3)
+
+
+@pytest.mark.faults
 def test_load_pipeline_refuses_a_model_in_the_wrong_role(sd_folder, upscaler_folder):
     with pytest.raises(ValueError, match="is an x4 upscaler, not a base model"):
         jaxdiff.load_pipeline(upscaler_folder, upscaler="none")  # rendered, then failed on a UNet shape

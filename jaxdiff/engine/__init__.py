@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from jaxdiff.engine.pipeline import (Pipeline, PreparedSample, RenderError, RenderSettings, check_settings,
                                      enable_compilation_cache, settings_for)
-from jaxdiff.engine.sample import Rendered, Sample
+from jaxdiff.engine.sample import Rendered, Sample, check_keywords
 
 
 def load_pipeline(model: str | None = None, upscaler: str | None = None, *, dtype=None,
@@ -26,6 +26,11 @@ def load_pipeline(model: str | None = None, upscaler: str | None = None, *, dtyp
     for name, value in (("model", model), ("upscaler", upscaler)):
         if value is not None and not str(value).strip():  # else "" would quietly mean the default
             raise ValueError(f"load_pipeline: {name} is empty: give a diffusers folder or Hub id, or None")
+    import dataclasses
+    import inspect
+
+    own = set(inspect.signature(load_pipeline).parameters) - {"settings"}
+    check_keywords("load_pipeline", settings, {f.name for f in dataclasses.fields(RenderSettings)} | own)
     # Settings of the wrong kind are refused before the weights load; the model checks the rest.
     check_settings(RenderSettings(**{k: v for k, v in settings.items() if v is not None}), batch_size)
     enable_compilation_cache(compilation_cache)

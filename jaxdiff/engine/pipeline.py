@@ -24,7 +24,8 @@ from jaxdiff import render_defaults, samplers, storage
 from jaxdiff.engine import images as imgs
 from jaxdiff.engine.programs import (BaseSignature, UpscaleSignature, make_base_program,
                                      make_encode_program, make_upscale_program)
-from jaxdiff.engine.sample import MODES, Rendered, Sample, derive_seed, guidance_on, real_number, whole_number
+from jaxdiff.engine.sample import (MODES, Rendered, Sample, check_keywords, derive_seed, guidance_on, real_number,
+                                   whole_number)
 from jaxdiff.models.clip import tokenize
 from jaxdiff.weights.family import with_config_file
 
@@ -291,6 +292,8 @@ class Pipeline:
         if clash:
             raise ValueError(f"render: {clash[0]}= is given per prompt here: pass {per_prompt[clash[0]]}=[...], "
                              "one per prompt")
+        check_keywords("render", fields, {f.name for f in dataclasses.fields(Sample)} - per_prompt.keys()
+                       | {"seeds", "negative_prompts", "ids", "noise"})
         for name, values in (("seeds", seeds), ("negative_prompts", negative_prompts), ("ids", ids)):
             if isinstance(values, str):
                 raise ValueError(f"render: {name} is one string: give a list, one per prompt")

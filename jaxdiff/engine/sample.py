@@ -64,6 +64,18 @@ def derive_seed(run_seed: int, sample_id: str) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
+def check_keywords(function: str, given, known) -> None:
+    """Refuses a keyword `function` does not take: a TypeError naming it and the closest one
+    it takes (stpes= for steps=), instead of one from the class the keywords go to."""
+    import difflib
+
+    for name in given:
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            fix = f"did you mean {close[0]}=?" if close else f"it takes {', '.join(sorted(known))}"
+            raise TypeError(f"{function}() got an unknown keyword {name}=: {fix}")
+
+
 def whole_number(value) -> int | None:
     """`value` as an int where it is a whole number: an int, a numpy integer or an integral
     float (4.0); None for anything else (1.7, NaN, text, bools), which callers refuse by name."""
