@@ -814,6 +814,27 @@ def test_image_inputs_of_other_kinds_convert_or_fail_per_sample(pipe):
     assert "whole numbers >= 0" in bad_pads.error and good.error is None
 
 
+@pytest.mark.faults
+def test_pil_images_are_read_as_decoded_files_are_and_paths_are_refused(pipe):
+    from PIL import Image
+
+    init = _rgb(3)
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:12, 4:12] = 255
+    palette = Image.fromarray(init).convert("P")  # read by np.asarray as palette indices, a grey image
+    as_array, as_pil = pipe.render_samples([
+        jaxdiff.Sample(id=k, prompt="a", seed=1, mode="inpaint", init_image=image, mask=m)
+        for k, image, m in (("array", np.asarray(palette.convert("RGB")), mask),
+                            ("pil", palette, Image.fromarray(mask).convert("P")))])
+    assert as_array.error is None
+    np.testing.assert_array_equal(as_pil.image, as_array.image)
+    path, mask_path = pipe.render_samples([
+        jaxdiff.Sample(id="p", prompt="a", mode="img2img", init_image="photo.png"),
+        jaxdiff.Sample(id="m", prompt="a", mode="inpaint", init_image=init, mask="mask.png")])
+    assert "init_image is 'photo.png', a path: the Python API takes arrays or PIL images" in path.error
+    assert "mask is 'mask.png', a path" in mask_path.error
+
+
 def test_outpaint_and_sketch_render(pipe):
     sketch = np.full((16, 16, 3), 255, np.uint8)
     sketch[4:12, 8] = 0

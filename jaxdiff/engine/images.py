@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 from PIL import Image
@@ -43,9 +44,19 @@ def _eight_bit(image: Image.Image) -> Image.Image:
     return image
 
 
-def rgb_array(image: np.ndarray) -> np.ndarray:
-    """An init image given as an array -> uint8 (H, W, 3): uint8 RGB as it is, grey (H, W)
-    repeated, RGBA composited onto white, floats in [0, 1] scaled; else ValueError."""
+def _refuse_path(name: str, value) -> None:
+    if isinstance(value, (str, bytes, os.PathLike)):
+        raise ValueError(f"{name} is {value!r}, a path: the Python API takes arrays or PIL images, e.g. "
+                         f"PIL.Image.open(path) (the manifest job takes paths)")
+
+
+def rgb_array(image: np.ndarray | Image.Image) -> np.ndarray:
+    """An init image given as an array or PIL image -> uint8 (H, W, 3): a PIL image as a
+    decoded file is (any mode: palette, grey, 16-bit, transparency), uint8 RGB as it is, grey
+    (H, W) repeated, RGBA composited onto white, floats in [0, 1] scaled; else ValueError."""
+    _refuse_path("init_image", image)
+    if isinstance(image, Image.Image):
+        return rgb_from_pil(image)
     image = np.asarray(image)
     if image.dtype != np.uint8:
         if not (np.issubdtype(image.dtype, np.floating) and image.size and 0.0 <= image.min()
@@ -61,9 +72,13 @@ def rgb_array(image: np.ndarray) -> np.ndarray:
     return image
 
 
-def mask_array(mask: np.ndarray) -> np.ndarray:
-    """A mask given as an array -> uint8 (H, W), 255 = repaint: bools and floats in [0, 1]
-    (as diffusers takes them) scaled, (H, W, C) made grey; else ValueError."""
+def mask_array(mask: np.ndarray | Image.Image) -> np.ndarray:
+    """A mask given as an array or PIL image -> uint8 (H, W), 255 = repaint: a PIL image as a
+    decoded mask file is, bools and floats in [0, 1] (as diffusers takes them) scaled,
+    (H, W, C) made grey; else ValueError."""
+    _refuse_path("mask", mask)
+    if isinstance(mask, Image.Image):
+        return grey_from_pil(mask)
     mask = np.asarray(mask)
     if mask.dtype == np.bool_:
         mask = mask.astype(np.uint8) * 255

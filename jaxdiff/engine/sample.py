@@ -31,8 +31,8 @@ class Sample:
     width: int | None = None
     height: int | None = None
     mode: str = "txt2img"
-    init_image: np.ndarray | None = None   # uint8 (H, W, 3), img2img / inpaint / sketch / outpaint
-    mask: np.ndarray | None = None         # uint8 (H, W), 255 = repaint
+    init_image: Any = None   # uint8 (H, W, 3) or a PIL image, img2img / inpaint / sketch / outpaint
+    mask: Any = None         # uint8 (H, W) or a PIL image, 255 (white) = repaint
     strength: float | None = None
     outpaint: tuple[int, int, int, int] | None = None  # pixels added (left, top, right, bottom)
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
