@@ -835,6 +835,23 @@ def test_pil_images_are_read_as_decoded_files_are_and_paths_are_refused(pipe):
     assert "mask is 'mask.png', a path" in mask_path.error
 
 
+@pytest.mark.faults
+def test_inputs_the_mode_does_not_use_are_refused_not_ignored(pipe):
+    init, mask = _rgb(3), np.full((16, 16), 255, np.uint8)
+    # Each rendered text-to-image, as if the input had not been given.
+    results = pipe.render(["a"] * 5, seeds=[1] * 5, init_image=init, strength=0.5)
+    assert all("init_image given but mode is txt2img: pass mode='img2img'" in r.error for r in results)
+    strength, mask_txt, mask_img, pads = pipe.render_samples([
+        jaxdiff.Sample(id="s", prompt="a", strength=0.5),
+        jaxdiff.Sample(id="m", prompt="a", mask=mask),
+        jaxdiff.Sample(id="i", prompt="a", mode="img2img", init_image=init, mask=mask),
+        jaxdiff.Sample(id="o", prompt="a", mode="inpaint", init_image=init, mask=mask, outpaint=(8, 0, 0, 0))])
+    assert "strength given but mode is txt2img" in strength.error
+    assert "mask given but mode is txt2img: masks are for mode='inpaint'" in mask_txt.error
+    assert "mask given but mode is img2img" in mask_img.error
+    assert "outpaint given but mode is inpaint: pass mode='outpaint'" in pads.error
+
+
 def test_outpaint_and_sketch_render(pipe):
     sketch = np.full((16, 16, 3), 255, np.uint8)
     sketch[4:12, 8] = 0
@@ -869,7 +886,8 @@ def test_image_modes_keep_the_photos_shape_at_the_models_scale(pipe):
     photo = np.random.default_rng(0).integers(0, 256, (6 * native + 3, 15 * native + 1, 3), dtype=np.uint8)
     mask = np.zeros(photo.shape[:2], np.uint8)
     for mode in ("img2img", "sketch", "inpaint"):
-        prepared = pipe.prepare(jaxdiff.Sample(id="p", prompt="p", mode=mode, init_image=photo, mask=mask))
+        prepared = pipe.prepare(jaxdiff.Sample(id="p", prompt="p", mode=mode, init_image=photo,
+                                               mask=mask if mode == "inpaint" else None))
         w, h = prepared.width, prepared.height
         assert w % m == 0 and h % m == 0 and prepared.image.shape == (h, w, 3)
         assert abs(w / h - 2.5) <= 2.5 * m / h, "the photo's aspect ratio, to a multiple"

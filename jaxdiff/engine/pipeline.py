@@ -373,6 +373,16 @@ class Pipeline:
         st = self.settings
         if s.mode not in MODES:
             raise RenderError(f"unknown mode {s.mode!r}: use one of {', '.join(MODES)}")
+        # Inputs the mode does not use are refused, as the manifest refuses them, not ignored.
+        for name in ("init_image", "strength"):
+            if s.mode == "txt2img" and getattr(s, name) is not None:
+                raise RenderError(f"{name} given but mode is txt2img: pass mode='img2img' (or inpaint, outpaint, "
+                                  f"sketch) to start from an image, or leave {name} out")
+        if s.mask is not None and s.mode != "inpaint":
+            raise RenderError(f"mask given but mode is {s.mode}: masks are for mode='inpaint' (outpaint masks its "
+                              "new pixels itself), or leave mask out")
+        if s.outpaint is not None and s.mode != "outpaint":
+            raise RenderError(f"outpaint given but mode is {s.mode}: pass mode='outpaint', or leave outpaint out")
         given = {"width": s.width if s.width is not None else st.width,
                  "height": s.height if s.height is not None else st.height,
                  "steps": s.steps if s.steps is not None else st.steps, "seed": s.seed}
