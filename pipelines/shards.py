@@ -279,7 +279,7 @@ class ShardWriter:
             "key": key,
             "id": sample.id,
             "prompt": sample.prompt,
-            "negative_prompt": sample.negative_prompt,
+            "negative_prompt": meta.get("negative_prompt"),  # as rendered: the sample's, or the run's
             "mode": sample.mode,
             "seed": meta.get("seed"),
             "width": meta.get("width"),

@@ -627,6 +627,20 @@ def test_one_compilation_for_many_batches_of_one_signature(sd_folder):
     assert pipe.compile_count == 2
 
 
+def test_an_empty_negative_prompt_given_overrides_the_runs(sd_folder, pipe):
+    run = jaxdiff.load_pipeline(sd_folder, upscaler="none", steps=STEPS, sampler="ddim", guidance=7.5,
+                                batch_size=2, negative_prompt="blurry")
+    (none,) = pipe.render(["a"], seeds=[1])  # a run without a negative prompt
+    (given,) = run.render(["a"], seeds=[1], negative_prompts=[""])  # rendered with "blurry"
+    sample, unset = run.render_samples([jaxdiff.Sample(id="s", prompt="a", seed=1, negative_prompt=""),
+                                        jaxdiff.Sample(id="u", prompt="a", seed=1)])
+    for result in (given, sample):
+        assert result.metadata["negative_prompt"] == ""
+        np.testing.assert_array_equal(result.image, none.image)
+    assert unset.metadata["negative_prompt"] == "blurry"
+    assert not np.array_equal(unset.image, none.image)  # the tiny model's text moves a pixel or so
+
+
 @pytest.mark.faults
 def test_non_finite_output_is_reported_per_sample(pipe):
     samples = [jaxdiff.Sample(id="ok", prompt="a", seed=1), jaxdiff.Sample(id="bad", prompt="a", seed=1)]

@@ -307,7 +307,7 @@ class Pipeline:
         for i, prompt in enumerate(prompts):
             samples.append(Sample(
                 id=ids[i] if ids is not None else f"{i:06d}", prompt=prompt,
-                negative_prompt=negative_prompts[i] if negative_prompts is not None else self.settings.negative_prompt,
+                negative_prompt=None if negative_prompts is None else negative_prompts[i],
                 seed=None if seeds is None else seeds[i], **fields))
         return self.render_samples(samples, noise=noise)
 
@@ -394,6 +394,8 @@ class Pipeline:
         if real_number(guidance) is None:
             raise RenderError(f"guidance is {guidance!r}: give a number >= 0, e.g. guidance=7.5")
         guidance = real_number(guidance)
+        if s.negative_prompt is not None and not isinstance(s.negative_prompt, str):
+            raise RenderError(f"negative_prompt is {s.negative_prompt!r}: give text (\"\" for none)")
         if s.strength is not None and real_number(s.strength) is None:
             raise RenderError(f"strength is {s.strength!r}: give a number in (0, 1], e.g. strength=0.6")
         prep = PreparedSample(
@@ -402,7 +404,7 @@ class Pipeline:
             sample=s, width=given["width"], height=given["height"], steps=given["steps"],
             sampler=s.sampler or st.sampler, guidance=guidance,
             seed=derive_seed(st.seed, s.id) if given["seed"] is None else given["seed"],
-            negative_prompt=s.negative_prompt or st.negative_prompt,
+            negative_prompt=st.negative_prompt if s.negative_prompt is None else s.negative_prompt,
             cfg=guidance_on(guidance) and not self._guidance_distilled)
         if not 0 <= prep.seed < 2**32:
             raise RenderError(f"seed {prep.seed} is out of range: use a whole number from 0 to 2**32 - 1")

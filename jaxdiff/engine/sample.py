@@ -23,7 +23,7 @@ class Sample:
 
     id: str
     prompt: str
-    negative_prompt: str = ""
+    negative_prompt: str | None = None  # None: the run's; "" is no negative prompt
     seed: int | None = None            # None: derived from the run seed and the id
     guidance: float | None = None
     steps: int | None = None
