@@ -616,6 +616,23 @@ def test_same_seed_same_image_anywhere_in_any_batch(sd_folder):
     assert np.abs(other.astype(int) - alone.astype(int)).max() > 10
 
 
+def test_without_seeds_a_prompts_seed_follows_its_text_not_its_place_in_the_list(pipe):
+    from jaxdiff.engine.sample import derive_seed
+
+    # Before, the seeds came from the positions: "a blue square" first or second drew other noise.
+    first = pipe.render(["a red circle", "a blue square", "a red circle"])
+    moved = pipe.render(["a blue square", "a red circle"])
+    seeds = [r.metadata["seed"] for r in first]
+    assert seeds[0] == 41723144  # sha256 of the run seed and the text: the same in every process
+    assert seeds[2] == 1587099726  # the prompt's second copy in a call: another image
+    assert [r.metadata["seed"] for r in moved] == [seeds[1], seeds[0]]
+    for a, b in ((moved[0], first[1]), (moved[1], first[0])):
+        assert np.abs(a.image.astype(int) - b.image.astype(int)).max() <= 1
+    # With ids, each seed comes from its id, as a job's record without a seed gets it.
+    (named,) = pipe.render(["a red circle"], ids=["x"])
+    assert named.metadata["seed"] == derive_seed(0, "x")
+
+
 def test_one_compilation_for_many_batches_of_one_signature(sd_folder):
     pipe = jaxdiff.load_pipeline(sd_folder, upscaler="none", steps=2, sampler="dpmpp_2m", batch_size=2)
     prompts = [f"prompt {i}" for i in range(7)]  # 4 batches, the last one short and padded

@@ -24,8 +24,8 @@ from jaxdiff import render_defaults, samplers, storage
 from jaxdiff.engine import images as imgs
 from jaxdiff.engine.programs import (BaseSignature, UpscaleSignature, make_base_program,
                                      make_encode_program, make_upscale_program)
-from jaxdiff.engine.sample import (MODES, Rendered, Sample, check_keywords, derive_seed, guidance_on, real_number,
-                                   whole_number)
+from jaxdiff.engine.sample import (MODES, Rendered, Sample, check_keywords, derive_seed, guidance_on, prompt_seed,
+                                   real_number, whole_number)
 from jaxdiff.models.clip import tokenize
 from jaxdiff.weights.family import with_config_file
 
@@ -284,7 +284,13 @@ class Pipeline:
     def render(self, prompts: Sequence[str], *, seeds: Sequence[int] | None = None,
                negative_prompts: Sequence[str] | None = None, ids: Sequence[str] | None = None,
                noise: np.ndarray | None = None, **fields) -> list[Rendered]:
-        """Renders prompts; `fields` are Sample fields (mode, init_image, guidance, ...) for all."""
+        """Renders prompts; `fields` are Sample fields (mode, init_image, guidance, ...) for all.
+
+        Without `seeds`, each prompt's seed comes from the run seed and its `ids` entry, as
+        the job's do; without ids either, from the run seed and the prompt's text (and, for
+        a prompt given again, how many times it came before), so a prompt renders the same
+        image wherever it sits in the list.
+        """
         if isinstance(prompts, str):
             raise ValueError("render: prompts is one string: give a list of prompts")
         per_prompt = {"id": "ids", "prompt": "prompts", "negative_prompt": "negative_prompts", "seed": "seeds"}
@@ -303,6 +309,12 @@ class Pipeline:
                 raise ValueError(f"render: {len(values)} {name} for {len(prompts)} prompts: give one per prompt")
         if seeds is not None:
             seeds = _seed_list("render", seeds)
+        elif ids is None:
+            seen: dict[str, int] = {}
+            seeds = []
+            for prompt in prompts:
+                seeds.append(prompt_seed(self.settings.seed, prompt, seen.get(prompt, 0)))
+                seen[prompt] = seen.get(prompt, 0) + 1
         samples = []
         for i, prompt in enumerate(prompts):
             samples.append(Sample(

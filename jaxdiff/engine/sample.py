@@ -58,9 +58,21 @@ def derive_seed(run_seed: int, sample_id: str) -> int:
     Stable across processes and Python versions (unlike `hash`), so a rerun, a retry or
     another worker draws the same noise for the same id.
     """
+    return _hash31(f"{run_seed}:{sample_id}")
+
+
+def prompt_seed(run_seed: int, prompt: str, occurrence: int) -> int:
+    """The seed `Pipeline.render` gives a prompt when neither seeds nor ids are given: a
+    stable 31-bit hash of (run seed, prompt, how many times the prompt came earlier in the
+    call), so a prompt's image does not depend on where it sits in the list, and a prompt
+    given twice gets two images. Stable across processes, as `derive_seed` is."""
+    return _hash31(f"{run_seed}:prompt:{occurrence}:{prompt}")
+
+
+def _hash31(text: str) -> int:
     import hashlib
 
-    digest = hashlib.sha256(f"{run_seed}:{sample_id}".encode()).digest()
+    digest = hashlib.sha256(text.encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
