@@ -752,6 +752,21 @@ def test_render_refuses_lists_that_do_not_match_the_prompts(pipe):
 
 
 @pytest.mark.faults
+def test_prompts_that_are_not_text_are_refused_before_anything_renders(pipe, monkeypatch):
+    # Before, the batches ahead of a bad prompt rendered, then the error named its place in its batch.
+    monkeypatch.setattr(pipe, "_render_batch", lambda *args: pytest.fail("a batch rendered before the check"))
+    with pytest.raises(ValueError, match=r"render: prompts\[3\] is None: give text"):
+        pipe.render(["a", "b", "c", None], seeds=[1, 2, 3, 4])
+    with pytest.raises(ValueError, match=r"render: prompts\[0\] is 123: give text"):
+        pipe.render([123])
+    with pytest.raises(ValueError, match=r"render: negative_prompts\[1\] is None: give text"):
+        pipe.render(["a", "b"], negative_prompts=["", None])
+    monkeypatch.undo()
+    (number,) = pipe.render_samples([jaxdiff.Sample(id="n", prompt=7, seed=1)])
+    assert number.error == "prompt is 7: give text"
+
+
+@pytest.mark.faults
 def test_whole_numbers_of_any_type_are_taken_and_fractions_or_text_refused_by_name(pipe, sd_folder):
     one = pipe.render(["a"], seeds=[1])[0]
     for seeds in ([1.0], [np.int64(1)], np.array([1])):

@@ -307,6 +307,11 @@ class Pipeline:
                 raise ValueError(f"render: {name} is {values!r}: give a list, one per prompt")
             if values is not None and len(values) != len(prompts):
                 raise ValueError(f"render: {len(values)} {name} for {len(prompts)} prompts: give one per prompt")
+        # All checked before any batch renders, and named by their place in the caller's lists.
+        for name, texts in (("prompts", prompts), ("negative_prompts", negative_prompts)):
+            for i, text in enumerate(() if texts is None else texts):
+                if not isinstance(text, str):
+                    raise ValueError(f"render: {name}[{i}] is {text!r}: give text")
         if seeds is not None:
             seeds = _seed_list("render", seeds)
         elif ids is None:
@@ -406,6 +411,8 @@ class Pipeline:
         if real_number(guidance) is None:
             raise RenderError(f"guidance is {guidance!r}: give a number >= 0, e.g. guidance=7.5")
         guidance = real_number(guidance)
+        if not isinstance(s.prompt, str):
+            raise RenderError(f"prompt is {s.prompt!r}: give text")
         if s.negative_prompt is not None and not isinstance(s.negative_prompt, str):
             raise RenderError(f"negative_prompt is {s.negative_prompt!r}: give text (\"\" for none)")
         if s.strength is not None and real_number(s.strength) is None:
