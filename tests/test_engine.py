@@ -421,6 +421,8 @@ def test_upscale_converts_other_image_kinds_and_refuses_bad_input_by_name(sd_fol
         (dict(seeds=[0, -1]), r"seeds\[1\] is -1"),
         (dict(seeds=[0, 0.5]), r"seeds\[1\] is 0.5: give whole numbers"),
         (dict(seeds=1), "seeds is 1: give a list, one per image"),  # a TypeError from len()
+        # Read as 8 images of one row each: "1 prompts for 8 images".
+        (dict(images=low, prompts=["a"], seeds=[0]), r"images is one image \(an array of shape \(8, 8, 3\)\)"),
         # Short noise would leave the images past its end drawn, not reproduced.
         (dict(noise=np.zeros((1, 8, 8, 4), np.float32), aug_noise=np.zeros((1, 8, 8, 3), np.float32)),
          "1 noise for 2 images"),

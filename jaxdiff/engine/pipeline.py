@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import PIL.Image
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -683,6 +684,12 @@ class Pipeline:
         """`images` as uint8 RGB arrays and `seeds` as ints, after checking that every list
         gives one entry per image and that the images and any given noise share one size; else
         a ValueError that names the input."""
+        single = isinstance(images, np.ndarray) and (images.ndim == 2 or
+                                                     images.ndim == 3 and images.shape[-1] in (3, 4))
+        if single or isinstance(images, PIL.Image.Image):
+            shape = f"an array of shape {images.shape}" if single else "a PIL image"
+            raise ValueError(f"upscale: images is one image ({shape}): pass a list of images, e.g. [image], "
+                             f"with one prompt and seed each")
         count = len(images)
         per_image = {"prompts": prompts, "seeds": seeds, "negative_prompts": negative_prompts,
                      "noise": noise, "aug_noise": aug_noise}
