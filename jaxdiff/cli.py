@@ -45,8 +45,11 @@ def _render_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--upscaler", default=None,
                    help="x4 upscaler folder or Hub id (as --model), or 'none'; default: the shipped x4 "
                         "with the shipped model, none with any other")
-    p.add_argument("--width", type=int, default=None, help="image width (default: the model's native size)")
-    p.add_argument("--height", type=int, default=None, help="image height (default: the model's native size)")
+    p.add_argument("--width", type=int, default=None,
+                   help="image width, a multiple of the model's (16 for the shipped model, 64 for SD); default: "
+                        "the native size for txt2img, the photo's aspect ratio for image modes, the canvas for "
+                        "outpaint")
+    p.add_argument("--height", type=int, default=None, help="image height (as --width)")
     p.add_argument("--steps", type=int, default=None,
                    help="denoising steps (default: the model's render_defaults.json; 4 for an LCMScheduler "
                         "model; else 25)")

@@ -6,8 +6,9 @@
 
 The driver writes `run.json` before the pipeline starts and `index.json` after it ends,
 and watches committed stats files for the progress bar. A `renderer_factory` (a
-picklable callable returning an object with `batch_size`, `render_samples(samples)` and
-`describe()`) is the only coupling to the engine.
+picklable callable returning an object with `batch_size`, `render_samples(samples)`,
+`describe()` and, where it prepares samples itself, `prepare_all(samples)`) is the coupling
+to the engine.
 """
 
 from __future__ import annotations
@@ -745,8 +746,9 @@ class Summary:
         if self.missing_shards:
             line += f"; INCOMPLETE: {len(self.missing_shards)} shards not committed (rerun the same command)"
         if self.withdrawn_shards:
-            line += (f"; {', '.join(self.withdrawn_shards)}: two attempts wrote its files at once, so its marker "
-                     f"was withdrawn and it renders again on the rerun")
+            line += (f"; {', '.join(self.withdrawn_shards)}: files changed since the marker (two attempts wrote "
+                     f"them at once, or they were edited), so the marker was withdrawn and the shard renders "
+                     f"again on the rerun")
         return line
 
 

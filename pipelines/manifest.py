@@ -22,8 +22,8 @@ Record fields (anything else passes through into Sample.metadata):
   sampler          one of RenderDefaults.samplers (the engine's sampler names)
 
 Fields the record leaves out take the run's RenderDefaults, filled in here, so every
-Sample says exactly what it will render (strength only for the modes that use it).
-The sampler is the exception: left None, the engine uses the run's own sampler.
+Sample says what it will render, except what the engine fills in: the sampler (the run's
+own), the native size, and sketch, inpaint and outpaint strength (their own defaults).
 """
 
 from __future__ import annotations

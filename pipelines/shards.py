@@ -5,7 +5,8 @@ A shard `shard-NNNNN` is four files under the output folder:
     shard-NNNNN.tar            webdataset: {key}.png|jpg|webp, {key}.json, {key}.txt, [{key}.base.png]
     shard-NNNNN.parquet        one row per rendered sample
     failures/shard-NNNNN.jsonl one line per id that could not be rendered (maybe empty)
-    shard-NNNNN.stats.json     the commit marker: counts, bytes, sha256 of the tar; written LAST
+    shard-NNNNN.stats.json     the commit marker: counts, bytes, sha256 of the tar, the versions of
+                               the files it vouches for; written LAST
 
 Each file is built in a local temporary file and then moved into place in one step
 (os.replace locally; one object upload on GCS), so a shard killed midway never has a
@@ -206,7 +207,9 @@ def image_metadata(sample: Sample, rendered: Rendered, model: dict) -> dict:
     }
     meta.update(rendered.metadata)  # seed, sampler, steps, guidance, sizes as rendered
     meta.pop("timings", None)
-    meta["model"] = model or meta.get("model")  # the run's model record (paths and checksums)
+    # The run's model record (paths, checksums, settings), less how the run batched and
+    # placed its work, which changes no image beyond rounding.
+    meta["model"] = {k: v for k, v in model.items() if k not in ("batch_size", "devices")} or meta.get("model")
     return meta
 
 

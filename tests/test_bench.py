@@ -495,7 +495,7 @@ def test_a_comparison_the_diffusers_side_cannot_run_is_refused(capsys):
 
 def test_gpu_bench_default_steps_fit_the_time_its_header_states():
     """The default steps' limits and the preamble's add up to what the header says: one
-    10-minute call of a device lease."""
+    10-minute call."""
     import re
 
     text = open(os.path.join(bench.ROOT, "tools", "gpu_bench.sh")).read()

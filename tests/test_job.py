@@ -569,7 +569,7 @@ def test_a_marker_whose_files_another_attempt_replaced_is_withdrawn(where, tmp_p
     monkeypatch.setattr(shards, "write_json", other_attempts_tar_lands_after_the_marker)
     first = job.run([str(path)], out, config, progress=False)
     assert (first.withdrawn_shards, first.missing_shards) == (["shard-00001"], ["shard-00001"])
-    assert "shard-00001: two attempts wrote its files at once" in first.text()
+    assert "shard-00001: files changed since the marker (two attempts wrote them at once" in first.text()
     assert not storage.exists(paths["stats"])
     index = json.loads(storage.read_text(storage.join(out, "index.json")))
     assert [e["url"] for e in index["shards"]] == ["shard-00000.tar", "shard-00002.tar"]

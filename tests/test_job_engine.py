@@ -63,6 +63,9 @@ def test_manifest_renders_through_base_and_upscaler_into_shards(tmp_path, monkey
     # Which file an image started from, and its checksum; no timings (a shard rendered again
     # is the same file).
     assert metas["c"]["init_image"] == str(init) and "mask" not in metas["c"] and "timings" not in metas["c"]
+    # How the run batched and placed its work stays in run.json: another --batch-size gives the same json.
+    assert "batch_size" not in metas["c"]["model"] and "devices" not in metas["c"]["model"]
+    assert metas["c"]["model"]["base"]["sha256"]
     assert metas["c"]["init_image_sha256"] == hashlib.sha256(init.read_bytes()).hexdigest()
     import pyarrow.parquet as pq
 

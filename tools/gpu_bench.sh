@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# GPU benchmark steps, sized for a short lease. Usage: bash tools/gpu_bench.sh [STEP ...]
+# GPU benchmark steps, sized for a 10-minute run. Usage: bash tools/gpu_bench.sh [STEP ...]
 # (no step: sd15 warm x4 blockdiag nomerge). The default steps' time limits and the
-# preamble's add up to 585 s, plus a few seconds to install the carried wheels: one
-# 10-minute call of a 15-minute lease. Which steps of the 2026-11-27 H200 run finished
+# preamble's add up to 585 s, plus a few seconds to install the wheels in .whl/: one
+# 10-minute call. Which steps of the 2026-11-27 H200 run finished
 # put a process's time outside its compile and timed calls (imports, random weights at
 # full size) at 26-46 s: the limits allow for it, and the bench's progress lines say where
 # a step that ran out of time was. Random weights are now filled from the host instead of
@@ -29,8 +29,8 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata==10.2.0
 # Writes JSON and the logs under a scratch folder and, after each step, packs them all into
-# $OUT/gpu_bench.tgz (or ./bench-out/): a lease hands back few files, and a step cut off by
-# the lease must not lose the ones before it.
+# $OUT/gpu_bench.tgz (or ./bench-out/): one file to copy back, and a step cut off by a time
+# limit must not lose the ones before it.
 set -u -o pipefail
 all_steps=" sd15 jaxdiff warm x4 profile attention triton nomerge blockdiag b32 hlo "
 steps=("$@"); [ ${#steps[@]} -gt 0 ] || steps=(sd15 warm x4 blockdiag nomerge)

@@ -1,6 +1,7 @@
 """The user-facing engine: prompts (or Samples) in, images out, over every local chip.
 
-Samples are grouped by what fixes a compiled program (size, steps, sampler), cut into
+Samples are grouped by what fixes a compiled program (size, steps, sampler, LCM grid,
+CFG on or off), cut into
 fixed-size batches (a short last batch is padded with copies and the copies dropped),
 and sent through the base program and, when an upscaler is loaded, the upscale program.
 """
@@ -391,7 +392,8 @@ class Pipeline:
         st = self.settings
         if s.mode not in MODES:
             raise RenderError(f"unknown mode {s.mode!r}: use one of {', '.join(MODES)}")
-        # Inputs the mode does not use are refused, as the manifest refuses them, not ignored.
+        # Inputs the mode does not use are refused, not ignored (the manifest refuses them too,
+        # but for a strength on a txt2img record: a table's strength column may fill every row).
         for name in ("init_image", "strength"):
             if s.mode == "txt2img" and getattr(s, name) is not None:
                 raise RenderError(f"{name} given but mode is txt2img: pass mode='img2img' (or inpaint, outpaint, "
