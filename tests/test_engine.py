@@ -712,7 +712,6 @@ def test_run_settings_that_no_sample_could_render_with_are_refused_at_load(sd_fo
         (dict(steps=1001), "the run's settings: steps 1001 is out of range: use 1 to 1000"),
         (dict(width=18), r"the run's settings: unsupported size 18x16 \(width x height\): use multiples of"),
         (dict(guidance="7"), "guidance='7': give a finite number >= 0"),
-        (dict(karras=True, sampler="ddim"), "the run's settings: Karras sigmas apply to"),
         (dict(clip_skip=3), "clip_skip=3: this model's text encoder has 2 layers; give 0 to 2"),
         (dict(seed=-1), "seed=-1: give a whole number >= 0"),
         (dict(strength=1.5), r"strength=1.5: give a number in \(0, 1\]"),
@@ -726,6 +725,8 @@ def test_run_settings_that_no_sample_could_render_with_are_refused_at_load(sd_fo
         jaxdiff.engine.Pipeline(None, None, batch_size=0)
     taken = jaxdiff.load_pipeline(sd_folder, upscaler="none", steps=2.0, batch_size=np.int64(2))
     assert (taken.settings.steps, taken.batch_size) == (2, 2) and type(taken.settings.steps) is int
+    # Karras sigmas with a run sampler that does not take them: a sample may pick one that does.
+    jaxdiff.load_pipeline(sd_folder, upscaler="none", sampler="ddim", karras=True)
 
 
 @pytest.mark.faults
@@ -761,17 +762,21 @@ def test_prompts_that_are_not_text_are_refused_before_anything_renders(pipe, mon
         pipe.render(["a", "b", "c", None], seeds=[1, 2, 3, 4])
     with pytest.raises(ValueError, match=r"render: prompts\[0\] is 123: give text"):
         pipe.render([123])
-    with pytest.raises(ValueError, match=r"render: negative_prompts\[1\] is None: give text"):
-        pipe.render(["a", "b"], negative_prompts=["", None])
+    with pytest.raises(ValueError, match=r"render: negative_prompts\[1\] is 3: give text"):
+        pipe.render(["a", "b"], negative_prompts=["", 3])
     monkeypatch.undo()
+    # None is the run's negative prompt, as a Sample takes it.
+    assert pipe.render(["a"], seeds=[1], negative_prompts=[None])[0].error is None
     (number,) = pipe.render_samples([jaxdiff.Sample(id="n", prompt=7, seed=1)])
     assert number.error == "prompt is 7: give text"
 
 
 @pytest.mark.faults
 def test_whole_numbers_of_any_type_are_taken_and_fractions_or_text_refused_by_name(pipe, sd_folder):
+    import jax.numpy as jnp
+
     one = pipe.render(["a"], seeds=[1])[0]
-    for seeds in ([1.0], [np.int64(1)], np.array([1])):
+    for seeds in ([1.0], [np.int64(1)], np.array([1]), jnp.array([1]), [np.array(1)]):  # jax.random gives arrays
         again = pipe.render(["a"], seeds=seeds)[0]
         assert again.metadata["seed"] == 1
         np.testing.assert_array_equal(again.image, one.image)

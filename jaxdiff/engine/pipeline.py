@@ -246,8 +246,13 @@ class Pipeline:
                              f"give 0 to {layers}")
         # The run's settings pass the checks each sample's do, so that a bad one is refused
         # here rather than in every sample.
+        probe = Sample(id="settings", prompt="")
+        if (self.settings.karras and self.settings.sampler in samplers.SAMPLER_NAMES
+                and self.settings.sampler not in samplers.KARRAS_SAMPLERS):
+            # Karras sigmas with a run sampler that does not take them: samples may pick one that does.
+            probe = dataclasses.replace(probe, sampler=samplers.KARRAS_SAMPLERS[0])
         try:
-            self._prepare(Sample(id="settings", prompt=""), {})
+            self._prepare(probe, {})
         except RenderError as e:
             raise ValueError(f"the run's settings: {e}") from None
 
@@ -305,14 +310,16 @@ class Pipeline:
         for name, values in (("seeds", seeds), ("negative_prompts", negative_prompts), ("ids", ids)):
             if isinstance(values, str):
                 raise ValueError(f"render: {name} is one string: give a list, one per prompt")
-            if values is not None and np.ndim(values) != 1:
+            if values is not None and (np.ndim(values) != 1 if isinstance(values, np.ndarray)
+                                       else not hasattr(values, "__len__")):
                 raise ValueError(f"render: {name} is {values!r}: give a list, one per prompt")
             if values is not None and len(values) != len(prompts):
                 raise ValueError(f"render: {len(values)} {name} for {len(prompts)} prompts: give one per prompt")
         # All checked before any batch renders, and named by their place in the caller's lists.
         for name, texts in (("prompts", prompts), ("negative_prompts", negative_prompts)):
             for i, text in enumerate(() if texts is None else texts):
-                if not isinstance(text, str):
+                # A negative prompt of None is the run's, as Sample takes it.
+                if not isinstance(text, str) and not (text is None and name == "negative_prompts"):
                     raise ValueError(f"render: {name}[{i}] is {text!r}: give text")
         if seeds is not None:
             seeds = _seed_list("render", seeds)

@@ -90,7 +90,9 @@ def check_keywords(function: str, given, known) -> None:
 
 def whole_number(value) -> int | None:
     """`value` as an int where it is a whole number: an int, a numpy integer or an integral
-    float (4.0); None for anything else (1.7, NaN, text, bools), which callers refuse by name."""
+    float (4.0), also held in a 0-d numpy or JAX array; None for anything else (1.7, NaN,
+    text, bools), which callers refuse by name."""
+    value = _scalar(value)
     if isinstance(value, (bool, np.bool_)):
         return None
     if isinstance(value, (int, np.integer)):
@@ -101,8 +103,14 @@ def whole_number(value) -> int | None:
 
 
 def real_number(value) -> float | None:
-    """`value` as a float where it is a number (int, float or numpy's); None for text, bools
-    and anything else, which callers refuse by name."""
+    """`value` as a float where it is a number (int, float or numpy's, also in a 0-d numpy or
+    JAX array); None for text, bools and anything else, which callers refuse by name."""
+    value = _scalar(value)
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         return None
     return float(value)
+
+
+def _scalar(value):
+    """The Python or numpy scalar a 0-d array holds (jax.random.randint gives seeds so)."""
+    return np.asarray(value)[()] if getattr(value, "shape", None) == () and not np.isscalar(value) else value
