@@ -80,6 +80,20 @@ def test_glob_matching_nothing_is_a_clear_error(tmp_path, capsys):
 
 
 @pytest.mark.faults
+def test_a_mistyped_model_name_is_named_with_the_closest_shipped_one(tmp_path, capsys):
+    from jaxdiff.checkpoints import upscaler_for
+
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"prompt": "a blue square"}) + "\n")
+    code = cli.main(["render", str(manifest), "--out", str(tmp_path / "out"), "--model", "defualt"])
+    assert code == cli.EXIT_ERROR
+    assert "model 'defualt' is no folder here, nor a shipped model (default, default-x4)" in capsys.readouterr().err
+    assert "did you mean 'default'?" in str(pytest.raises(FileNotFoundError, job.with_model_defaults,
+                                                          job.RenderConfig(model="defualt")).value)
+    assert upscaler_for("default", "None") is None and upscaler_for(None, " NONE ") is None
+
+
+@pytest.mark.faults
 def test_unwritable_output_is_a_clear_error(tmp_path, capsys):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps({"prompt": "a blue square"}) + "\n")

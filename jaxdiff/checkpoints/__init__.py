@@ -36,7 +36,7 @@ def upscaler_for(model: str | None, upscaler: str | None) -> str | None:
     shipped model unless told otherwise, the one named, or None ("none" or not given)."""
     if upscaler is None and model in (None, "default"):
         return "default-x4"
-    return None if upscaler in (None, "none", "") else upscaler
+    return None if upscaler is None or str(upscaler).strip().lower() in ("none", "") else upscaler
 _REPO_ID = re.compile(r"[\w.\-]+/[\w.\-]+")
 
 
@@ -51,6 +51,13 @@ def resolve_model(name: str) -> str:
     name = str(name)
     if name in _SHIPPED:
         return _SHIPPED[name]()
+    if not name.startswith("gs://") and not os.path.exists(name) and "/" not in name:
+        import difflib
+
+        close = difflib.get_close_matches(name.lower(), [*_SHIPPED, "none"], n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise FileNotFoundError(f"model {name!r} is no folder here, nor a shipped model ({', '.join(_SHIPPED)}): "
+                                f"give a diffusers folder, a gs:// URL or an owner/name Hub id{hint}")
     if name.startswith("gs://") or os.path.exists(name) or not _REPO_ID.fullmatch(name):
         return name
     import huggingface_hub
