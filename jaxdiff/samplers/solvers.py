@@ -121,6 +121,13 @@ def _clip_range(schedule: NoiseSchedule) -> float:
     return float(schedule.clip_sample_range) if schedule.clip_sample else 0.0
 
 
+def _x0_shares(take: np.ndarray, clip: float) -> tuple[np.ndarray, np.ndarray]:
+    """(take_x0, take_clipped_x0): the estimate's share of the update, moved to the clipped
+    estimate where clip_sample clips it."""
+    zero = np.zeros_like(take)
+    return (zero, take) if clip else (take, zero)
+
+
 def _check_signal(schedule: NoiseSchedule, name: str, t: np.ndarray) -> None:
     """An epsilon prediction gives no clean estimate at zero signal (a zero-SNR schedule's
     last step, which these samplers take as 0): diffusers returns NaN there."""
@@ -171,11 +178,10 @@ def _ddim(schedule: NoiseSchedule, num_steps: int, spacing: str) -> Sampler:
     # x_prev = alpha_prev x0 + sigma_prev eps, with eps = (x - alpha x0) / sigma. clip_sample
     # clips the first x0 only: diffusers keeps eps from the unclipped estimate.
     clip = _clip_range(schedule)
-    take_eps_x0, take_x0 = -sigma_prev * alpha / sigma, alpha_prev
+    take_x0, take_clipped_x0 = _x0_shares(alpha_prev, clip)
     return _make(
         "ddim", num_steps, 1.0, clip, model_timesteps=t, x0_from_x=from_x, x0_from_out=from_out,
-        keep_x=sigma_prev / sigma, take_x0=take_eps_x0 + (0.0 if clip else take_x0),
-        take_clipped_x0=take_x0 if clip else np.zeros(num_steps),
+        keep_x=sigma_prev / sigma, take_x0=take_x0 - sigma_prev * alpha / sigma, take_clipped_x0=take_clipped_x0,
         signal_level=_with_clean(alpha, 1.0), noise_level=_with_clean(sigma, 0.0),
     )
 
@@ -191,11 +197,10 @@ def _ddpm(schedule: NoiseSchedule, num_steps: int, spacing: str) -> Sampler:
     from_x, from_out = _x0_coefficients(np.sqrt(a), np.sqrt(1 - a), schedule.prediction_type)
     variance = np.maximum((1 - a_prev) / (1 - a) * step_beta, 1e-20)
     clip = _clip_range(schedule)
-    take_x0 = np.sqrt(a_prev) * step_beta / (1 - a)
+    take_x0, take_clipped_x0 = _x0_shares(np.sqrt(a_prev) * step_beta / (1 - a), clip)
     return _make(
         "ddpm", num_steps, 1.0, clip, model_timesteps=t, x0_from_x=from_x, x0_from_out=from_out,
-        keep_x=np.sqrt(1 - step_beta) * (1 - a_prev) / (1 - a), take_x0=0.0 * take_x0 if clip else take_x0,
-        take_clipped_x0=take_x0 if clip else 0.0 * take_x0,
+        keep_x=np.sqrt(1 - step_beta) * (1 - a_prev) / (1 - a), take_x0=take_x0, take_clipped_x0=take_clipped_x0,
         noise_std=np.where(t > 0, np.sqrt(variance), 0.0),
         signal_level=_with_clean(np.sqrt(a), 1.0), noise_level=_with_clean(np.sqrt(1 - a), 0.0),
     )
@@ -230,11 +235,11 @@ def _lcm(schedule: NoiseSchedule, num_steps: int, strength: float) -> Sampler:
     c_out = scaled / np.sqrt(scaled ** 2 + sigma_data ** 2)
     from_x, from_out = _x0_coefficients(np.sqrt(a), np.sqrt(1 - a), schedule.prediction_type)
     clip = _clip_range(schedule)
-    take_x0 = np.sqrt(a_next) * c_out
+    take_x0, take_clipped_x0 = _x0_shares(np.sqrt(a_next) * c_out, clip)
     return _make(
         "lcm", num_steps, 1.0, clip, model_timesteps=t, x0_from_x=from_x, x0_from_out=from_out,
-        keep_x=np.sqrt(a_next) * c_skip, take_x0=0.0 * take_x0 if clip else take_x0,
-        take_clipped_x0=take_x0 if clip else 0.0 * take_x0, noise_std=np.sqrt(1 - a_next),
+        keep_x=np.sqrt(a_next) * c_skip, take_x0=take_x0, take_clipped_x0=take_clipped_x0,
+        noise_std=np.sqrt(1 - a_next),
         signal_level=_with_clean(np.sqrt(a), 1.0), noise_level=_with_clean(np.sqrt(1 - a), 0.0),
     )
 
