@@ -205,28 +205,22 @@ def _decode_image(uri: str, max_side: int, field: str):
         raise InputImageError(f"cannot decode {field} {uri}: {e}") from e
 
 
-def _load_image(uri: str, max_side: int) -> tuple[np.ndarray, str]:
-    image, digest = _decode_image(uri, max_side, "init_image")
-    image = rgb_from_pil(image)
-    image.setflags(write=False)  # shared by all variants of a record
-    return image, digest
-
-
-def _load_mask(uri: str, max_side: int) -> tuple[np.ndarray, str]:
-    mask, digest = _decode_image(uri, max_side, "mask")
-    mask = grey_from_pil(mask)
-    mask.setflags(write=False)
-    return mask, digest
+def _load_input(uri: str, max_side: int, field: str) -> tuple[np.ndarray, str]:
+    """(`field` from `uri`: init_image as uint8 RGB, mask as grey levels; its file's sha256)."""
+    image, digest = _decode_image(uri, max_side, field)
+    array = rgb_from_pil(image) if field == "init_image" else grey_from_pil(image)
+    array.setflags(write=False)  # shared by all variants of a record
+    return array, digest
 
 
 def load_image(uri: str, *, max_side: int = 8192) -> np.ndarray:
     """A PNG / JPEG / WebP image (local path or gs://) as uint8 (H, W, 3) RGB."""
-    return _load_image(uri, max_side)[0]
+    return _load_input(uri, max_side, "init_image")[0]
 
 
 def load_mask(uri: str, *, max_side: int = 8192) -> np.ndarray:
     """A mask image as uint8 (H, W) grey levels, 255 = repaint."""
-    return _load_mask(uri, max_side)[0]
+    return _load_input(uri, max_side, "mask")[0]
 
 
 # ----------------------------------------------------------------------------- field checks
@@ -494,10 +488,10 @@ def to_samples(raw: RawRecord, defaults: RenderDefaults) -> list[Sample] | Failu
     input_files = {}  # stored with each image: which files it started from
     try:
         if options["init_uri"] is not None:
-            init_image, digest = _load_image(options["init_uri"], defaults.max_image_side)
+            init_image, digest = _load_input(options["init_uri"], defaults.max_image_side, "init_image")
             input_files.update(init_image=options["init_uri"], init_image_sha256=digest)
         if options["mask_uri"] is not None:
-            mask, digest = _load_mask(options["mask_uri"], defaults.max_image_side)
+            mask, digest = _load_input(options["mask_uri"], defaults.max_image_side, "mask")
             input_files.update(mask=options["mask_uri"], mask_sha256=digest)
     except InputImageError as e:
         return failure(sample_id, str(e), "input-image")

@@ -846,17 +846,17 @@ def test_the_next_batchs_input_images_load_while_a_batch_renders(tmp_path, monke
     manifest_path.write_text("".join(json.dumps(r) + "\n" for r in records))
     loaded, reader_threads = threading.Condition(), set()
     count = [0]
-    real_load = manifest._load_image
+    real_load = manifest._load_input
 
-    def counting_load(uri, max_side):
-        loaded_image = real_load(uri, max_side)
+    def counting_load(uri, max_side, field):
+        loaded_image = real_load(uri, max_side, field)
         with loaded:
             count[0] += 1
             reader_threads.add(threading.current_thread().name)
             loaded.notify_all()
         return loaded_image
 
-    monkeypatch.setattr(manifest, "_load_image", counting_load)
+    monkeypatch.setattr(manifest, "_load_input", counting_load)
 
     class WaitingRenderer(_RecordingRenderer):
         def render_samples(self, samples):
