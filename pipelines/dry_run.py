@@ -71,9 +71,10 @@ class DryRunRenderer:
             if sample.mode == "outpaint" and sample.outpaint is not None:
                 left, top, right, bottom = sample.outpaint
                 width, height = image_width + left + right, image_height + top + bottom
-                problem = outpaint_size_problem(image_width, image_height, sample.outpaint, self.canvas_multiple)
                 if max(width, height) > CANVAS_MAX_SIDE:
                     problem = f"the outpaint canvas is {width}x{height}, past {CANVAS_MAX_SIDE} a side"
+                else:
+                    problem = outpaint_size_problem(image_width, image_height, sample.outpaint, self.canvas_multiple)
                 if problem:
                     return Rendered(sample.id, None, {}, error=problem)
             else:  # as the engine: the photo's aspect ratio at about the placeholders' pixel count

@@ -728,7 +728,7 @@ class Summary:
     skipped_shards: int
     missing_shards: list[str]
     seconds: float
-    withdrawn_shards: list[str] = dataclasses.field(default_factory=list)  # two attempts wrote them at once
+    withdrawn_shards: list[str] = dataclasses.field(default_factory=list)  # files changed since their markers
 
     @property
     def complete(self) -> bool:

@@ -103,6 +103,10 @@ def check_settings(settings: RenderSettings, batch_size: int = 1) -> tuple[Rende
         if value is None or not math.isfinite(value) or value < 0 or ("strength" in name and not 0 < value <= 1):
             bad(name, getattr(settings, name), f"give {rule}")
         fixed[name] = value
+    tile = settings.tile_pixels  # None: never tiled; an int only (its own rule: 64.0 is refused)
+    if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < 64):
+        raise ValueError(f"tile_pixels {tile!r}: give a whole number of pixels >= 64, the side past which "
+                         "images decode in tiles")
     for name in ("sampler", "negative_prompt", "upscale_sampler"):
         value = getattr(settings, name)
         if not isinstance(value, str) and not (value is None and name == "upscale_sampler"):
@@ -195,10 +199,6 @@ class Pipeline:
         self._batched = NamedSharding(self.mesh, P("data"))
         self._programs: dict[Any, Any] = {}
         self.compile_count = 0
-        tile = self.settings.tile_pixels  # None: never tiled
-        if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < 64):
-            raise ValueError(f"tile_pixels {tile!r}: give a whole number of pixels >= 64, the side past which "
-                             "images decode in tiles")
         if upscaler is not None and not 0 <= self.settings.noise_level <= (upscaler.max_noise_level or 0):
             raise ValueError(f"noise_level {self.settings.noise_level} is out of range for the upscaler at "
                              f"{upscaler.path}: use 0 to its max_noise_level {upscaler.max_noise_level}")
