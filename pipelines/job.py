@@ -214,19 +214,23 @@ READER_THREADS = 4  # each holds an image mid-decode; four already hide 40 ms re
 
 class ShardThreads:
     """The threads behind the renders: a pool reads records' input images ahead, one thread
-    writes each shard's files in order, a pool compresses images. Pillow lets go of the GIL
-    while it decodes and compresses, and reads wait on storage, so none of this holds an
-    accelerator back (one encoder alone, 60 ms a 512 px PNG, would)."""
+    writes each shard's files in order, a pool compresses images, one thread commits each
+    finished shard (uploads its files) while the next one renders. Pillow lets go of the GIL
+    while it decodes and compresses, and reads and uploads wait on storage, so none of this
+    holds an accelerator back (one encoder alone, 60 ms a 512 px PNG, would; a shard's
+    upload, seconds, would leave it idle between shards)."""
 
     def __init__(self, encoders: int | None = None, readers: int = READER_THREADS):
         self.readers = concurrent.futures.ThreadPoolExecutor(readers, thread_name_prefix="record-reader")
         self.writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
+        self.committer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shard-committer")
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         self.encoders = concurrent.futures.ThreadPoolExecutor(encoders or cores or 1, thread_name_prefix="image-encoder")
 
     def shutdown(self) -> None:
         self.readers.shutdown(cancel_futures=True)
         self.writer.shutdown()
+        self.committer.shutdown()
         self.encoders.shutdown()
 
 
@@ -369,11 +373,19 @@ def _duplicate_failure(raw, sample_id: str, first: tuple) -> dict:
 
 # ---- rendering ----------------------------------------------------------------------------
 
-def render_shard(spec, out: str, renderer, defaults, *, model_info: dict, image_format: str = "png",
-                 quality: int | None = None, keep_base: bool = False, retry_failures: bool = False,
-                 threads: ShardThreads | None = None,
-                 duplicates: Mapping[str, tuple] | None = None) -> dict:
+def render_shard(spec, out: str, renderer, defaults, **options) -> dict:
     """Renders one shard and commits it; returns its stats. Raises on a whole-shard error.
+    `options`: those of `render_shard_files`."""
+    return render_shard_files(spec, out, renderer, defaults, **options)()
+
+
+def render_shard_files(spec, out: str, renderer, defaults, *, model_info: dict, image_format: str = "png",
+                       quality: int | None = None, keep_base: bool = False, retry_failures: bool = False,
+                       threads: ShardThreads | None = None,
+                       duplicates: Mapping[str, tuple] | None = None) -> Callable[[], dict]:
+    """Renders one shard's files; returns the call that commits them and returns the
+    shard's stats. Committing uploads the shard's tar (hundreds of MB to GCS), so a worker
+    runs it beside the next shard's renders (RenderShardFn). Raises on a whole-shard error.
 
     `duplicates` (from `duplicate_ids`): a record whose id an earlier record carries goes
     to the failures instead of being rendered.
@@ -401,7 +413,7 @@ def render_shard(spec, out: str, renderer, defaults, *, model_info: dict, image_
                                                           f"counts {stats['failed']}")
             if not old_failures:
                 writer.abort()
-                return stats
+                return lambda: stats
             retry_lines = {f["line"] for f in old_failures}
             rendered_ids = writer.copy_committed(stats)
 
@@ -455,20 +467,34 @@ def render_shard(spec, out: str, renderer, defaults, *, model_info: dict, image_
             if failure["line"] not in seen_lines:
                 writes.submit(writer.add_failure, failure)
         writes.drain()
-        return writer.commit()
     except BaseException as e:
         try:
             writes.drain()
         except Exception:
             pass
         writer.abort()
-        if isinstance(e, Exception) and not isinstance(e, shards.DamagedShard):
-            raise RuntimeError(f"{spec.name} ({spec.file}, records {spec.first_record + 1} to {spec.end_record}): "
-                               f"{e.__class__.__name__}: {e}") from e
-        raise
+        raise _shard_error(spec, e)
     finally:
         if own_threads:
             threads.shutdown()
+
+    def commit() -> dict:
+        try:
+            return writer.commit()
+        except BaseException as e:
+            writer.abort()
+            raise _shard_error(spec, e)
+    return commit
+
+
+def _shard_error(spec, e: BaseException) -> BaseException:
+    """The error to raise for a shard: what went wrong, naming the shard and its records."""
+    if isinstance(e, Exception) and not isinstance(e, shards.DamagedShard):
+        error = RuntimeError(f"{spec.name} ({spec.file}, records {spec.first_record + 1} to {spec.end_record}): "
+                             f"{e.__class__.__name__}: {e}")
+        error.__cause__ = e
+        return error
+    return e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -541,13 +567,46 @@ class RenderShardFn(beam.DoFn):
         self._model_info = self._renderer.describe()
         self._threads = ShardThreads()
 
+    def start_bundle(self):
+        self._commit = None  # the last shard's commit, running beside the next shard's renders
+
     def process(self, spec, duplicates=None):
-        stats = render_shard(spec, self._out, self._renderer, self._defaults, model_info=self._model_info,
-                             image_format=self._image_format, quality=self._quality, keep_base=self._keep_base,
-                             retry_failures=self._retry, threads=self._threads, duplicates=duplicates)
-        self._rendered.inc(stats["rendered"])
+        try:
+            commit = render_shard_files(
+                spec, self._out, self._renderer, self._defaults, model_info=self._model_info,
+                image_format=self._image_format, quality=self._quality, keep_base=self._keep_base,
+                retry_failures=self._retry, threads=self._threads, duplicates=duplicates)
+        except BaseException:
+            self._wait()
+            raise
+        # One thread commits, in order: the previous shard's commit is done (or failed)
+        # before this one's starts, so at most two shards' tars wait on disk.
+        previous, self._commit = self._commit, self._threads.committer.submit(commit)
+        yield from self._stats(previous)
+
+    def finish_bundle(self):
+        last, self._commit = self._commit, None
+        for stats in self._stats(last):
+            yield beam.transforms.window.GlobalWindows.windowed_value(stats)
+
+    def _stats(self, commit) -> Iterator[dict]:
+        """A shard's stats, once its commit is done; its error, if it failed."""
+        if commit is None:
+            return
+        try:
+            stats = commit.result()
+        except BaseException:
+            self._wait()
+            raise
+        self._rendered.inc(stats["rendered"])  # on the bundle's thread, where Beam's metrics count
         self._failed.inc(stats["failed"])
         yield stats
+
+    def _wait(self) -> None:
+        """Lets the commit in flight land before the bundle fails: its retry's commit of the
+        same shard then comes after it, not beside it."""
+        if self._commit is not None:
+            concurrent.futures.wait([self._commit])
 
     def teardown(self):
         if getattr(self, "_threads", None):

@@ -788,6 +788,71 @@ class _RecordingRenderer(DryRunRenderer):
         return super().render_samples(samples)
 
 
+# Which shards the renderer has been given samples of (ids r0.. r7, four a shard), shared
+# with the test: a local runner renders with the very renderer object the run loaded.
+_SHARDS_RENDERED: set[int] = set()
+
+
+class _ShardTrackingFactory:
+    def __call__(self):
+        class Renderer(DryRunRenderer):
+            def render_samples(self, samples):
+                _SHARDS_RENDERED.update(int(s.id[1:]) // 4 for s in samples)
+                return super().render_samples(samples)
+        return Renderer(2, width=16, height=8)
+
+
+@pytest.mark.pipeline
+def test_a_shards_upload_runs_while_the_next_shard_renders(tmp_path, monkeypatch):
+    """A worker commits a finished shard (uploads its tar: seconds on GCS) on a thread of its
+    own, so the accelerator renders the next shard meanwhile instead of waiting."""
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps({"id": f"r{i}", "prompt": f"p {i}"}) + "\n" for i in range(8)))
+    _SHARDS_RENDERED.clear()
+    put_file = storage.put_file
+    seen_during_first_upload: list[set[int]] = []
+
+    def upload(local_path, dest):
+        if dest.endswith(".tar") and not seen_during_first_upload:
+            uploading = int(os.path.basename(dest)[len("shard-"):-len(".tar")])
+            deadline = time.monotonic() + 30  # a commit that blocked the renders would wait it out
+            while not _SHARDS_RENDERED - {uploading} and time.monotonic() < deadline:
+                time.sleep(0.01)
+            seen_during_first_upload.append(set(_SHARDS_RENDERED))
+        return put_file(local_path, dest)
+
+    monkeypatch.setattr(storage, "put_file", upload)
+    summary = job.run([str(path)], str(tmp_path / "out"), _config(shard_size=4), progress=False,
+                      renderer_factory=_ShardTrackingFactory())
+    assert summary.complete and summary.rendered == 8
+    assert seen_during_first_upload == [{0, 1}], "the other shard rendered while the first one uploaded"
+
+
+@pytest.mark.pipeline
+@pytest.mark.faults
+def test_a_commit_that_fails_beside_the_next_shard_fails_the_run_naming_its_shard(tmp_path, monkeypatch):
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps({"id": f"r{i}", "prompt": f"p {i}"}) + "\n" for i in range(12)))
+    out = str(tmp_path / "out")
+    put_file = storage.put_file
+
+    def upload(local_path, dest):
+        if dest.endswith("shard-00001.tar"):
+            raise OSError("simulated upload failure")
+        return put_file(local_path, dest)
+
+    monkeypatch.setattr(storage, "put_file", upload)
+    with pytest.raises(job.JobError, match=r"shard-00001 \(.*m\.jsonl, records 5 to 8\): OSError: simulated"):
+        job.run([str(path)], out, _config(shard_size=4), progress=False)
+    assert "shard-00001" not in shards.complete_shards(out)
+    assert not glob.glob(os.path.join(out, "**", "*.partial"), recursive=True)
+    monkeypatch.setattr(storage, "put_file", put_file)
+    summary = job.run([str(path)], out, _config(shard_size=4), progress=False)
+    assert summary.complete and summary.rendered == 12
+    ids, failures = _ids_in_output(out, str(tmp_path / "copy"))
+    assert sorted(ids) == sorted(f"r{i}" for i in range(12)) and not failures
+
+
 @pytest.mark.pipeline
 def test_guidance_on_and_off_fill_batches_of_their_own(tmp_path):
     # The engine renders guidance <= 1 (CFG off) at half the batch in programs of their
@@ -876,15 +941,20 @@ def test_the_next_batchs_input_images_load_while_a_batch_renders(tmp_path, monke
 
 
 @pytest.mark.pipeline
-def test_image_read_benchmark_runs(gcs_emulator):
-    from tools import bench_image_reads
+def test_storage_benchmark_runs_reads_and_writes(gcs_emulator):
+    from tools import bench_storage
 
-    read_bytes = storage.read_bytes
-    result = bench_image_reads.main(["--n", "6", "--batch-size", "4", "--batch-seconds", "0",
-                                     "--read-latency", "0.01"])
+    read_bytes, put_file = storage.read_bytes, storage.put_file
+    result = bench_storage.main(["--n", "6", "--batch-size", "4", "--batch-seconds", "0",
+                                 "--read-latency", "0.01"])
     assert result["rendered"] == 6 and result["floor_seconds"] == 0 and result["seconds"] > 0
-    # The tests' own emulator and reads are back.
-    assert os.environ["STORAGE_EMULATOR_HOST"] == gcs_emulator and storage.read_bytes is read_bytes
+    result = bench_storage.main(["--mode", "txt2img", "--n", "6", "--batch-size", "4", "--batch-seconds", "0",
+                                 "--size", "32", "--format", "jpg", "--shard-size", "3",
+                                 "--upload-mb-per-s", "1000"])
+    assert result["rendered"] == 6 and result["mode"] == "txt2img"
+    # The tests' own emulator, reads and uploads are back.
+    assert os.environ["STORAGE_EMULATOR_HOST"] == gcs_emulator
+    assert storage.read_bytes is read_bytes and storage.put_file is put_file
 
 
 def test_read_ahead_keeps_order_and_stops_at_its_depth_or_its_bytes():

@@ -1,14 +1,21 @@
-"""Does reading records' input images hold the renders back? An img2img dry run whose init
-images are gs:// objects on a GCS emulator (a process of its own), with a sleep per batch standing in
-for the accelerator and, optionally, a delay added to each image read standing in for a
-remote bucket's round trip (the emulator on loopback answers in ~3 ms).
+"""Does storage hold the renders back? A dry run on a GCS emulator (a process of its own),
+with a sleep per batch standing in for the accelerator, and optional sleeps standing in for
+a remote bucket: a round trip added to each input image read (the emulator on loopback
+answers in ~3 ms), and each upload slowed to a bucket's bandwidth.
 
-    python -m tools.bench_image_reads --n 96 --batch-size 16 --batch-seconds 0.4 --read-latency 0.04
+Reads: img2img records whose init images are gs:// objects.
+
+    python -m tools.bench_storage --n 96 --batch-size 16 --batch-seconds 0.4 --read-latency 0.04
+
+Writes: text-to-image records whose shards go to gs://, at 100 MB/s of uploads.
+
+    python -m tools.bench_storage --mode txt2img --n 256 --batch-size 16 --batch-seconds 0.4 \
+        --size 1024 --format jpg --shard-size 64 --upload-mb-per-s 100
 
 Prints one JSON line: the run's seconds against the floor the batches alone take (n /
-batch size x batch seconds). Input images load on reader threads ahead of the renders
-(pipelines/job.py), so the two should differ by the first batch's reads and the run's
-fixed costs only.
+batch size x batch seconds). Input images load on reader threads ahead of the renders, and
+a shard's files upload while the next shard renders (pipelines/job.py), so the two should
+differ by the first batch's reads, the last shard's commit and the run's fixed costs only.
 """
 
 from __future__ import annotations
@@ -33,12 +40,19 @@ def _free_port() -> int:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m tools.bench_image_reads", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m tools.bench_storage", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=96, help="img2img records, each with its own 512 px init image")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--batch-seconds", type=float, default=0.4, help="the accelerator's time per batch")
     p.add_argument("--read-latency", type=float, default=0.0, help="seconds added to each image read")
+    p.add_argument("--mode", choices=["img2img", "txt2img"], default="img2img",
+                   help="img2img: records with their own 512 px init image; txt2img: prompts only")
+    p.add_argument("--size", type=int, default=64, help="the rendered images' side")
+    p.add_argument("--format", choices=["png", "jpg", "webp"], default="png")
+    p.add_argument("--shard-size", type=int, default=1000)
+    p.add_argument("--upload-mb-per-s", type=float, default=0.0,
+                   help="uploads slowed to this bandwidth (0: as fast as the emulator takes them)")
     args = p.parse_args(argv)
 
     # The emulator in a process of its own: in this one, its request handling would take
@@ -81,31 +95,41 @@ def _run(args) -> dict:
     rng = np.random.default_rng(0)
     lines = []
     for i in range(args.n):
-        png = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)).save(png, "PNG")
-        storage.write_bytes(f"gs://images/init/{i}.png", png.getvalue())
-        lines.append(json.dumps({"id": f"r{i}", "prompt": "p", "mode": "img2img",
-                                 "init_image": f"gs://images/init/{i}.png"}))
+        record = {"id": f"r{i}", "prompt": f"prompt {i}"}
+        if args.mode == "img2img":
+            png = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)).save(png, "PNG")
+            storage.write_bytes(f"gs://images/init/{i}.png", png.getvalue())
+            record.update(mode="img2img", init_image=f"gs://images/init/{i}.png")
+        lines.append(json.dumps(record))
     storage.write_bytes("gs://images/m.jsonl", ("\n".join(lines) + "\n").encode())
-    read_bytes = storage.read_bytes
+    read_bytes, put_file = storage.read_bytes, storage.put_file
 
     def remote_read(path):
         if "/init/" in str(path):
             time.sleep(args.read_latency)
         return read_bytes(path)
 
-    config = job.RenderConfig(dry_run=True, width=64, height=64, batch_size=args.batch_size,
+    def remote_upload(local_path, dest):
+        if args.upload_mb_per_s and storage.is_gcs(dest):
+            time.sleep(os.path.getsize(local_path) / (args.upload_mb_per_s * 1e6))
+        return put_file(local_path, dest)
+
+    config = job.RenderConfig(dry_run=True, width=args.size, height=args.size, batch_size=args.batch_size,
+                              shard_size=args.shard_size, image_format=args.format,
                               dry_run_delay_s=args.batch_seconds)
-    storage.read_bytes = remote_read
+    storage.read_bytes, storage.put_file = remote_read, remote_upload
     try:
         start = time.perf_counter()
         summary = job.run(["gs://images/m.jsonl"], "gs://images/out", config, progress=False, fresh=True)
         seconds = time.perf_counter() - start
     finally:
-        storage.read_bytes = read_bytes
+        storage.read_bytes, storage.put_file = read_bytes, put_file
     floor = -(-args.n // args.batch_size) * args.batch_seconds
-    result = {"n": args.n, "batch_size": args.batch_size, "batch_seconds": args.batch_seconds,
-              "read_latency": args.read_latency, "rendered": summary.rendered, "seconds": round(seconds, 2),
+    result = {"mode": args.mode, "n": args.n, "batch_size": args.batch_size, "batch_seconds": args.batch_seconds,
+              "size": args.size, "format": args.format, "shard_size": args.shard_size,
+              "read_latency": args.read_latency, "upload_mb_per_s": args.upload_mb_per_s,
+              "rendered": summary.rendered, "seconds": round(seconds, 2),
               "floor_seconds": round(floor, 2), "over_floor_seconds": round(seconds - floor, 2)}
     print(json.dumps(result), flush=True)
     return result
