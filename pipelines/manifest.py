@@ -16,7 +16,9 @@ Record fields (anything else passes through into Sample.metadata):
   mode             txt2img (default), img2img, sketch (need init_image), inpaint (needs
                    init_image and mask), outpaint (needs init_image and outpaint pixels)
   init_image, mask local paths or gs:// URLs; a relative path is relative to the manifest
-                   file's folder. PNG, JPEG or WebP.
+                   file's folder. PNG, JPEG or WebP. A mask of the init image's size or
+                   aspect ratio (within a pixel's rounding: 384x256 or 383x256 for a 768x512
+                   photo) is resized with it to the render size; another shape is refused.
   outpaint         pixels added at [left, top, right, bottom]: a list, an object with those
                    keys, or "l,t,r,b" text (CSV)
   sampler          one of RenderDefaults.samplers (the engine's sampler names)
@@ -42,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from jaxdiff import storage
-from jaxdiff.engine.images import grey_from_pil, rgb_from_pil
+from jaxdiff.engine.images import grey_from_pil, mask_size_problem, rgb_from_pil
 from jaxdiff.engine.sample import MODES, Sample, derive_seed
 from pipelines.manifest_reader import (
     ManifestError,
@@ -495,10 +497,11 @@ def to_samples(raw: RawRecord, defaults: RenderDefaults) -> list[Sample] | Failu
             input_files.update(mask=options["mask_uri"], mask_sha256=digest)
     except InputImageError as e:
         return failure(sample_id, str(e), "input-image")
-    if mask is not None and mask.shape != init_image.shape[:2]:
-        return failure(sample_id, f"mask is {mask.shape[1]}x{mask.shape[0]} but init_image is "
-                                  f"{init_image.shape[1]}x{init_image.shape[0]}: make them the same size",
-                       "input-image")
+    if mask is not None:  # the engine's rule: the init image's size or aspect ratio, resized with it
+        problem = mask_size_problem(mask.shape[1], mask.shape[0], init_image.shape[1], init_image.shape[0],
+                                    mask=f"mask {options['mask_uri']}", image=f"init_image {options['init_uri']}")
+        if problem:
+            return failure(sample_id, problem, "input-image")
     if init_image is not None and options["mode"] == "outpaint":
         # The canvas is the image plus its pixels: held to the limit a record's own sizes
         # are, so no photo asks a worker for a render past it.

@@ -888,6 +888,75 @@ def test_pil_images_are_read_as_decoded_files_are_and_paths_are_refused(pipe):
     assert "mask is 'mask.png', a path" in mask_path.error
 
 
+def test_a_mask_of_the_init_images_aspect_ratio_is_resized_with_it_in_the_api_and_the_manifest(pipe, tmp_path):
+    # A mask at half the photo's size (or a pixel off, from rounding) is resized with the
+    # photo to the render size, by the one rule the manifest job applies too. Here the half
+    # mask is at the render size, so its full-size twin, resized down, must give the same
+    # mask at render size, and so the same image.
+    from PIL import Image
+
+    from jaxdiff.engine import images
+    from pipelines.manifest import RenderDefaults, plan_shards, read_shard, to_samples
+
+    photo = np.random.default_rng(5).integers(0, 256, (16, 32, 3), dtype=np.uint8)
+    half = np.zeros((8, 16), np.uint8)
+    half[2:6, 4:12] = 255
+    full = np.repeat(np.repeat(half, 2, axis=0), 2, axis=1)
+    rounded = half[:, :15]  # 15x8 for a 32x16 photo: one side rounded down
+    size = {"width": 16, "height": 8}
+    samples = [jaxdiff.Sample(id=k, prompt="a", seed=1, mode="inpaint", init_image=photo, mask=m, **size)
+               for k, m in (("full", full), ("half", half), ("rounded", rounded))]
+    for name, array in (("photo", photo), ("full", full), ("half", half)):
+        Image.fromarray(array).save(tmp_path / f"{name}.png")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"id": f"m-{k}", "prompt": "a", "seed": 1, "mode": "inpaint",
+                                            "init_image": "photo.png", "mask": f"{k}.png", **size}) + "\n"
+                                for k in ("full", "half")))
+    records = [r for shard in plan_shards([str(manifest)], 10) for r in read_shard(shard)]
+    defaults = RenderDefaults(steps=STEPS, sampler="ddim", guidance=7.5, size_multiple=pipe.size_multiple)
+    from_manifest = [to_samples(r, defaults)[0] for r in records]
+    prepared = pipe.prepare_all(samples + from_manifest)
+    assert not [p for p in prepared if isinstance(p, jaxdiff.engine.RenderError)], prepared
+    full_p, half_p, rounded_p, m_full, m_half = prepared
+    np.testing.assert_array_equal(half_p.mask, images.binary_mask(half, 16, 8))
+    np.testing.assert_array_equal(rounded_p.mask, images.binary_mask(rounded, 16, 8))
+    assert set(np.unique(rounded_p.mask)) == {0.0, 1.0}  # resized, still a mask
+    for p in (full_p, m_full, m_half):
+        np.testing.assert_array_equal(p.mask, half_p.mask)
+    results = pipe.render_samples(prepared)
+    assert all(r.error is None for r in results), [r.error for r in results]
+    for r in results[:2] + results[3:]:
+        np.testing.assert_array_equal(r.image, results[0].image)
+
+
+@pytest.mark.faults
+def test_a_mask_of_another_aspect_ratio_is_refused_naming_both_sizes(pipe):
+    photo = _rgb(3)[:8]  # 16x8
+    square, rotated, good = pipe.render_samples([
+        jaxdiff.Sample(id="s", prompt="a", mode="inpaint", init_image=photo, mask=np.zeros((8, 8), np.uint8)),
+        jaxdiff.Sample(id="r", prompt="a", mode="inpaint", init_image=photo, mask=np.zeros((16, 8), np.uint8)),
+        jaxdiff.Sample(id="g", prompt="a", seed=1, mode="inpaint", init_image=photo,
+                       mask=np.zeros((4, 8), np.uint8))])
+    assert square.error.startswith("mask is 8x8 but init_image is 16x8, another aspect ratio: give a mask of "
+                                   "the init image's size (16x8) or aspect ratio (e.g. 8x4)")
+    assert "mask is 8x16 but init_image is 16x8" in rotated.error
+    assert good.error is None
+
+
+def test_the_mask_size_rule_allows_a_pixel_of_rounding_on_the_shorter_side():
+    from jaxdiff.engine.images import mask_size_problem
+
+    for mask in ((768, 512), (384, 256), (383, 256), (385, 256), (384, 255), (1536, 1024), (192, 128)):
+        assert mask_size_problem(*mask, 768, 512) is None, mask
+        assert mask_size_problem(768, 512, *mask) is None, mask  # the same either way round
+    for mask in ((384, 254), (381, 256), (512, 768), (768, 768), (0, 0)):
+        problem = mask_size_problem(*mask, 768, 512)
+        assert problem.startswith(f"mask is {mask[0]}x{mask[1]} but init_image is 768x512, another aspect ratio")
+    assert mask_size_problem(300, 100, 768, 512, mask="mask m.png", image="init_image p.png") == (
+        "mask m.png is 300x100 but init_image p.png is 768x512, another aspect ratio: give a mask of the init "
+        "image's size (768x512) or aspect ratio (e.g. 300x200); it is resized with the image to the render size")
+
+
 @pytest.mark.faults
 def test_inputs_the_mode_does_not_use_are_refused_not_ignored(pipe):
     init, mask = _rgb(3), np.full((16, 16), 255, np.uint8)

@@ -456,8 +456,36 @@ def test_modes_carry_their_images(tmp_path):
     assert inp[0].strength is None and skt[0].strength is None  # the engine picks per-mode defaults
     assert out[0].outpaint == (64, 0, 64, 0)
     assert [s.mode for s in skt] == ["sketch", "sketch"] and skt[0].init_image is skt[1].init_image
-    assert isinstance(mis, Failure) and mis.stage == "input-image" and "same size" in mis.reason
+    assert isinstance(mis, Failure) and mis.stage == "input-image"
+    assert mis.reason.startswith(f"mask {tmp_path / 'small-mask.png'} is 24x8 but init_image {tmp_path / 'init.png'} "
+                                 f"is 24x16, another aspect ratio: give a mask of the init image's size (24x16) or "
+                                 f"aspect ratio (e.g. 24x16)")
     assert load_mask(str(tmp_path / "mask.png")).shape == (16, 24)
+
+
+def test_a_mask_of_the_init_images_aspect_ratio_is_taken_and_another_fails_its_record(tmp_path):
+    # The engine's rule (jaxdiff.engine.images.mask_size_problem): a mask of the init image's
+    # aspect ratio, within a pixel of rounding, goes to the engine as it is, which resizes it
+    # with the image to the render size; another shape fails its record, not its neighbours'.
+    Image.fromarray(np.full((16, 24, 3), 90, np.uint8)).save(tmp_path / "init.png")
+    half = np.zeros((8, 12), np.uint8)
+    half[2:6, 3:9] = 255
+    Image.fromarray(half).save(tmp_path / "half.png")
+    Image.fromarray(half[:, :11]).save(tmp_path / "rounded.png")  # 11x8: 24x16 halved, rounded down
+    Image.fromarray(np.zeros((12, 12), np.uint8)).save(tmp_path / "square.png")
+    path = _write_jsonl(tmp_path / "masks.jsonl", [
+        {"id": k, "prompt": "p", "mode": "inpaint", "init_image": "init.png", "mask": f"{k}.png", "num_images": 2}
+        for k in ("half", "square", "rounded")])
+    half_s, square, rounded = (to_samples(r, DEFAULTS) for r in _read_all([path], 5))
+    assert [s.id for s in half_s] == ["half", "half_1"] and [s.id for s in rounded] == ["rounded", "rounded_1"]
+    np.testing.assert_array_equal(half_s[0].mask, half)
+    np.testing.assert_array_equal(rounded[1].mask, half[:, :11])
+    assert half_s[0].input_files["mask"] == str(tmp_path / "half.png")
+    assert isinstance(square, Failure) and square.stage == "input-image" and square.id == "square"
+    assert square.reason == (
+        f"mask {tmp_path / 'square.png'} is 12x12 but init_image {tmp_path / 'init.png'} is 24x16, another "
+        f"aspect ratio: give a mask of the init image's size (24x16) or aspect ratio (e.g. 12x8); it is resized "
+        f"with the image to the render size")
 
 
 @pytest.mark.faults

@@ -107,8 +107,43 @@ def to_unit_range(image: np.ndarray) -> np.ndarray:
     return image.astype(np.float32) / 127.5 - 1.0
 
 
+def mask_size_problem(mask_width: int, mask_height: int, image_width: int, image_height: int, *,
+                      mask: str = "mask", image: str = "init_image") -> str | None:
+    """Why a `mask_width` x `mask_height` mask cannot go with its `image_width` x
+    `image_height` init image, naming both as `mask` and `image` (a field, or a field and
+    its file); None when it can. A mask of the init image's size or aspect ratio can: it is
+    resized with the image to the render size (`binary_mask`), as diffusers resizes both.
+    A mask of another shape would stretch its strokes off what they mark, so it is refused.
+    The manifest job and the Python API both ask this."""
+    if (mask_width, mask_height) == (image_width, image_height):
+        return None
+    sizes = f"{mask} is {mask_width}x{mask_height} but {image} is {image_width}x{image_height}"
+    if min(mask_width, mask_height, image_width, image_height) >= 1:
+        # Equal aspect ratios within rounding. The tolerance: with the larger of the two
+        # scaled so that its longer side is the smaller one's, their shorter sides differ
+        # by at most one pixel. One made by resizing the other, each side rounded, is off
+        # by at most half a pixel a side; scaled so, the longer side's half pixel carries
+        # to the shorter side at most whole, so one pixel in all: a 768x512 photo takes a
+        # 384x256 or a 383x256 mask, not a 384x254 or a 512x768 one.
+        (small_w, small_h), (large_w, large_h) = sorted(
+            [(mask_width, mask_height), (image_width, image_height)], key=lambda size: size[0] * size[1])
+        if large_w >= large_h:
+            off = abs(small_h - large_h * small_w / large_w)
+        else:
+            off = abs(small_w - large_w * small_h / large_h)
+        if off <= 1:
+            return None
+    example = ""
+    if min(mask_width, image_width) >= 1:  # the mask's width kept
+        example = f" (e.g. {mask_width}x{max(1, round(mask_width * image_height / image_width))})"
+    return (f"{sizes}, another aspect ratio: give a mask of the init image's size ({image_width}x{image_height}) "
+            f"or aspect ratio{example}; it is resized with the image to the render size")
+
+
 def binary_mask(mask: np.ndarray, width: int, height: int) -> np.ndarray:
-    """uint8 (H, W) mask, 255 = repaint -> float32 {0, 1} (H, W, 1) at the render size."""
+    """uint8 (H, W) mask, 255 = repaint -> float32 {0, 1} (H, W, 1) at the render size:
+    resized with Lanczos (a mask of the init image's aspect ratio but another size, see
+    `mask_size_problem`, too), then thresholded at half, so it stays a mask."""
     if mask.shape != (height, width):
         mask = np.asarray(Image.fromarray(mask).resize((width, height), Image.LANCZOS))
     return (mask.astype(np.float32) / 255.0 >= 0.5).astype(np.float32)[..., None]

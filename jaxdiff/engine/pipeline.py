@@ -506,6 +506,10 @@ class Pipeline:
             mask = None if s.mask is None else imgs.mask_array(s.mask)
         except ValueError as e:
             raise RenderError(str(e)) from None
+        if mask is not None:  # one rule with the manifest's: the init image's size or aspect ratio
+            problem = imgs.mask_size_problem(mask.shape[1], mask.shape[0], image.shape[1], image.shape[0])
+            if problem:
+                raise RenderError(problem)
         width, height = prep.width, prep.height
         if s.mode == "outpaint":
             try:

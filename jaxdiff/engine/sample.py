@@ -32,7 +32,9 @@ class Sample:
     height: int | None = None
     mode: str = "txt2img"
     init_image: Any = None   # uint8 (H, W, 3) or a PIL image, img2img / inpaint / sketch / outpaint
-    mask: Any = None         # uint8 (H, W) or a PIL image, 255 (white) = repaint
+    # uint8 (H, W) or a PIL image, 255 (white) = repaint; the init image's size or aspect
+    # ratio (images.mask_size_problem), resized with it to the render size
+    mask: Any = None
     strength: float | None = None
     outpaint: tuple[int, int, int, int] | None = None  # pixels added (left, top, right, bottom)
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
