@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import DebugOptions, GoogleCloudOptions, PipelineOptions, StandardOptions
 from apache_beam.utils import shared
 
 import jaxdiff
@@ -812,12 +812,32 @@ class Summary:
 
 
 def pipeline_options(beam_args: list[str]) -> PipelineOptions:
-    """Beam options from pass-through flags; locally FnApiRunner (never Prism: it downloads a binary)."""
+    """Beam options from pass-through flags; locally FnApiRunner (never Prism: it downloads a
+    binary). On Dataflow workers with GPUs or TPUs, one SDK process a worker and one thread
+    in it, unless the flags say otherwise (`_one_renderer_per_worker`)."""
     options = PipelineOptions(list(beam_args))
     standard = options.view_as(StandardOptions)
     if not standard.runner:
         standard.runner = "FnApiRunner"
+    if _runner_name(options) in ("dataflow", "testdataflow"):
+        _one_renderer_per_worker(options)
     return options
+
+
+def _one_renderer_per_worker(options: PipelineOptions) -> None:
+    """Dataflow starts an SDK process per vCPU unless told not to: on an accelerator worker
+    each would load the model and claim the chips (JAX takes 75% of a GPU's memory a
+    process; a TPU's chips open in one process only), so all but the first fail. One
+    process renders on every local chip, and one thread keeps its batches full (a finished
+    shard's upload and its images' encoding have threads of their own)."""
+    service = options.view_as(GoogleCloudOptions).dataflow_service_options or []
+    if not any(o.strip().startswith("worker_accelerator") for o in service):
+        return
+    debug = options.view_as(DebugOptions)
+    if not {"use_multiple_sdk_containers", "no_use_multiple_sdk_containers"} & set(debug.experiments or []):
+        debug.add_experiment("no_use_multiple_sdk_containers")
+    if debug.number_of_worker_harness_threads is None:
+        debug.number_of_worker_harness_threads = 1
 
 
 def build_pipeline(options: PipelineOptions, specs: list, out: str, renderer_factory: Callable, defaults,

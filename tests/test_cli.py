@@ -319,6 +319,29 @@ def test_dataflow_options_validate_and_graph_builds_offline(tmp_path):
     assert {"PlannedShards", "SpreadShards", "RenderShards"} <= names
 
 
+def test_dataflow_accelerator_workers_run_one_sdk_process_with_one_thread():
+    """Dataflow's default, an SDK process per vCPU, would load the model in each, every one
+    claiming the GPU's memory or the TPU's chips."""
+    from apache_beam.options.pipeline_options import DebugOptions
+
+    dataflow = ["--runner=DataflowRunner", "--project=p", "--region=us-central1", "--temp_location=gs://b/tmp"]
+    gpu = "--dataflow_service_options=worker_accelerator=type:nvidia-l4;count:1;install-nvidia-driver"
+    tpu = "--dataflow_service_options=worker_accelerator=type:tpu-v5-lite-podslice;topology:1x1"
+    for accelerator in (gpu, tpu):
+        debug = job.pipeline_options([*dataflow, accelerator]).view_as(DebugOptions)
+        assert "no_use_multiple_sdk_containers" in debug.experiments
+        assert debug.number_of_worker_harness_threads == 1
+    # What the flags say stays.
+    debug = job.pipeline_options([*dataflow, gpu, "--experiments=use_multiple_sdk_containers,other",
+                                  "--number_of_worker_harness_threads=4"]).view_as(DebugOptions)
+    assert debug.experiments == ["use_multiple_sdk_containers", "other"]
+    assert debug.number_of_worker_harness_threads == 4
+    # CPU workers and local runs: Beam's defaults.
+    for args in (dataflow, [gpu]):
+        debug = job.pipeline_options(args).view_as(DebugOptions)
+        assert not debug.experiments and debug.number_of_worker_harness_threads is None
+
+
 @pytest.mark.faults
 def test_a_dry_run_delay_without_a_dry_run_is_refused(tmp_path, capsys):
     manifest = tmp_path / "m.jsonl"
