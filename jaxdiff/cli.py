@@ -60,6 +60,22 @@ def _render_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (default: the model's render_defaults.json; for an "
                         "LCMScheduler model 8.5, or 1 without a guidance-distilled UNet; else 7.5)")
+    p.add_argument("--negative-prompt", default="", metavar="TEXT",
+                   help="negative prompt of the records that give none (default: none)")
+    p.add_argument("--strength", type=float, default=None,
+                   help="img2img strength of the records that give none, in (0, 1] (default 0.75)")
+    p.add_argument("--clip-skip", type=int, default=0,
+                   help="text encoder layers to skip from the top, as some fine-tuned models ask (default 0)")
+    p.add_argument("--upscale-steps", type=int, default=None,
+                   help="x4 stage: denoising steps (default: the upscaler's render_defaults.json, else 20)")
+    p.add_argument("--upscale-sampler", default=None, type=str.lower,
+                   choices=["ddim", "dpmpp_2m", "euler", "euler_a", "ddpm", "lcm"],
+                   help="x4 stage: sampler (default: the upscaler's render_defaults.json, else its scheduler's)")
+    p.add_argument("--upscale-guidance", type=float, default=None,
+                   help="x4 stage: guidance scale (default: the upscaler's render_defaults.json, else 9)")
+    p.add_argument("--noise-level", type=int, default=None,
+                   help="x4 stage: noise added to the low-res image, 0 to the upscaler's max_noise_level "
+                        "(default: the upscaler's render_defaults.json, else 20)")
     p.add_argument("--seed", type=int, default=0, help="run seed; records without a seed derive theirs from it")
     p.add_argument("--batch-size", type=int, default=8, help="samples per batch, split over the local chips (default 8)")
     p.add_argument("--shard-size", type=int, default=1000, help="manifest records per shard (default 1000)")
@@ -156,6 +172,9 @@ def render_command(args: argparse.Namespace, beam_args: list[str]) -> int:
         config = job.RenderConfig(
             model=args.model, upscaler=args.upscaler, width=args.width, height=args.height, steps=args.steps,
             sampler=args.sampler, guidance=args.guidance, seed=args.seed, image_format=args.image_format,
+            negative_prompt=args.negative_prompt, strength=args.strength, clip_skip=args.clip_skip,
+            upscale_steps=args.upscale_steps, upscale_sampler=args.upscale_sampler,
+            upscale_guidance=args.upscale_guidance, noise_level=args.noise_level,
             quality=args.quality, keep_base=args.keep_base, shard_size=args.shard_size, dtype=args.dtype,
             variant=args.variant, dry_run=args.dry_run, batch_size=args.batch_size, dry_run_delay_s=args.dry_run_delay)
         summary = job.run(args.manifests, args.out, config, beam_args=beam_args, fresh=args.fresh,

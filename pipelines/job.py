@@ -69,6 +69,9 @@ class RenderConfig:
     upscale_sampler: str | None = None
     upscale_guidance: float | None = None
     noise_level: int | None = None
+    negative_prompt: str = ""         # for records without their own
+    strength: float | None = None     # img2img records without their own; None: the engine's 0.75
+    clip_skip: int = 0                # text encoder layers skipped from the top
     seed: int = 0
     image_format: str = "png"
     quality: int | None = None        # jpg / webp only; None: shards.DEFAULT_QUALITY
@@ -82,9 +85,13 @@ class RenderConfig:
 
     def __post_init__(self):
         shards.save_options(self.image_format, self.quality)
-        for name in ("steps", "shard_size", "batch_size"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name, low in (("steps", 1), ("shard_size", 1), ("batch_size", 1), ("upscale_steps", 1),
+                          ("noise_level", 0), ("clip_skip", 0)):
+            if getattr(self, name) is not None and getattr(self, name) < low:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
+        if self.upscale_guidance is not None and not (math.isfinite(self.upscale_guidance)
+                                                      and self.upscale_guidance >= 0):
+            raise ValueError(f"--upscale-guidance must be a finite number >= 0, got {self.upscale_guidance}")
         for name in ("width", "height"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -116,6 +123,7 @@ class RenderConfig:
         """Run-wide render defaults, as the engine's RenderSettings names them."""
         return {"width": self.width, "height": self.height, "steps": self.steps, "sampler": self.sampler,
                 "guidance": self.guidance, "seed": self.seed, "keep_base": self.keep_base,
+                "negative_prompt": self.negative_prompt, "strength": self.strength, "clip_skip": self.clip_skip,
                 "upscale_steps": self.upscale_steps, "upscale_sampler": self.upscale_sampler,
                 "upscale_guidance": self.upscale_guidance, "noise_level": self.noise_level}
 
@@ -179,7 +187,10 @@ def model_size_multiple(config: RenderConfig) -> int:
 
 def manifest_defaults(config: RenderConfig) -> manifest.RenderDefaults:
     """The run's defaults and limits for manifest records."""
-    values = {"seed": config.seed, "size_multiple": model_size_multiple(config)} | config.open_settings()
+    values = ({"seed": config.seed, "size_multiple": model_size_multiple(config),
+               "negative_prompt": config.negative_prompt} | config.open_settings())
+    if config.strength is not None:
+        values["strength"] = config.strength
     if values.get("sampler") not in manifest.RenderDefaults.samplers:
         values.pop("sampler", None)  # the engine names an unknown sampler in each failure
     if config.width is not None:
@@ -626,7 +637,7 @@ def _versions() -> dict:
 
 # Settings that neither the command nor a model folder set render at the engine's own
 # defaults: a run that names such a default renders the same images as one that left it open.
-_ENGINE_DEFAULTS = ("steps", "sampler", "guidance", "upscale_steps", "upscale_guidance", "noise_level")
+_ENGINE_DEFAULTS = ("steps", "sampler", "guidance", "upscale_steps", "upscale_guidance", "noise_level", "strength")
 
 
 def _with_engine_defaults(identity: dict) -> dict:
@@ -651,6 +662,10 @@ def check_existing_run(out: str, fingerprint: str, config: RenderConfig) -> dict
     if "quality" not in recorded and recorded.get("image_format") in shards.FORMATS:
         # Recorded before --quality existed: jpg and webp were written at the default quality.
         recorded["quality"] = shards.save_options(recorded["image_format"]).get("quality")
+    # A setting added since that run was recorded: the run rendered at its default.
+    fields = {f.name: f.default for f in dataclasses.fields(RenderConfig)}
+    for name in config.identity():
+        recorded.setdefault(name, fields[name])
     diffs = _differences(_with_engine_defaults(recorded), _with_engine_defaults(config.identity()))
     if diffs:
         problems.append("with different settings (" + "; ".join(diffs) + ")")

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import pyarrow.parquet as pq
 import pytest
 
 from jaxdiff import cli
@@ -342,6 +343,43 @@ def test_dataflow_accelerator_workers_run_one_sdk_process_with_one_thread():
         assert not debug.experiments and debug.number_of_worker_harness_threads is None
 
 
+@pytest.mark.pipeline
+def test_run_wide_negative_prompt_and_strength_fill_what_records_leave_out(tmp_path, capsys):
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "photo.png")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"id": "plain", "prompt": "a circle"},
+        {"id": "own", "prompt": "a square", "negative_prompt": "green"},
+        {"id": "photo", "prompt": "a circle", "mode": "img2img", "init_image": "photo.png"},
+        {"id": "photo_own", "prompt": "a circle", "mode": "img2img", "init_image": "photo.png", "strength": 0.3}]))
+    out = tmp_path / "out"
+
+    def render(*flags):
+        code = cli.main(["render", str(manifest), "--out", str(out), "--dry-run", "--no-progress", *flags])
+        return code, capsys.readouterr().err
+
+    assert render("--negative-prompt", "blurry", "--strength", "0.5")[0] == cli.EXIT_OK
+    rows = {r["id"]: r for r in pq.read_table(out / "shard-00000.parquet").to_pylist()}
+    assert {k: r["negative_prompt"] for k, r in rows.items()} == {
+        "plain": "blurry", "own": "green", "photo": "blurry", "photo_own": "blurry"}
+    assert (rows["photo"]["strength"], rows["photo_own"]["strength"], rows["plain"]["strength"]) == (0.5, 0.3, None)
+    # They decide the images: resuming with others is refused, naming them.
+    code, err = render("--negative-prompt", "grainy", "--strength", "0.5")
+    assert code == cli.EXIT_ERROR and "negative_prompt: 'blurry' -> 'grainy'" in err
+    # A run recorded before these options rendered without a negative prompt, at strength
+    # 0.75, clip skip 0: it resumes as such (0.75 named or not).
+    run_file = out / "run.json"
+    run = json.loads(run_file.read_text())
+    for name in ("negative_prompt", "strength", "clip_skip"):
+        del run["config"][name]
+    run_file.write_text(json.dumps(run))
+    assert render("--strength", "0.75")[0] == cli.EXIT_OK
+    code, err = render("--negative-prompt", "blurry")
+    assert code == cli.EXIT_ERROR and "negative_prompt: '' -> 'blurry'" in err
+
+
 @pytest.mark.faults
 def test_a_dry_run_delay_without_a_dry_run_is_refused(tmp_path, capsys):
     manifest = tmp_path / "m.jsonl"
@@ -357,7 +395,12 @@ def test_a_dry_run_delay_without_a_dry_run_is_refused(tmp_path, capsys):
     (["--steps", "2000"], "invalid run setting steps=2000: use 1 to 1000 (the command's --steps"),
     (["--guidance", "99"], "invalid run setting guidance=99.0: use a number from 0 to 50.0 (the command's --guidance"),
     (["--width", "100"], "invalid run setting width=100: use a multiple of 8 up to"),
-    (["--seed", "-1"], "invalid run setting seed=-1: use an integer from 0 to 4294967295 (the command's --seed)")])
+    (["--seed", "-1"], "invalid run setting seed=-1: use an integer from 0 to 4294967295 (the command's --seed)"),
+    (["--strength", "1.5"], "invalid run setting strength=1.5: use a number in (0, 1] (the command's --strength)"),
+    (["--upscale-steps", "0"], "--upscale-steps must be >= 1, got 0"),
+    (["--noise-level", "-1"], "--noise-level must be >= 0, got -1"),
+    (["--clip-skip", "-1"], "--clip-skip must be >= 0, got -1"),
+    (["--upscale-guidance", "nan"], "--upscale-guidance must be a finite number >= 0, got nan")])
 def test_run_settings_out_of_range_name_their_option(tmp_path, capsys, flags, message):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps({"prompt": "a blue square"}) + "\n")

@@ -181,3 +181,40 @@ def test_the_job_prepares_samples_on_reader_threads_and_batches_them_as_the_engi
     for position, expected in enumerate(direct):
         got = shard[f"00000_{position:06d}"].astype(int)
         assert np.abs(got - expected.image.astype(int)).max() <= 1, expected.id
+
+
+@pytest.mark.pipeline
+def test_the_commands_x4_and_text_options_reach_the_engine(tmp_path, monkeypatch):
+    import webdataset as wds
+
+    from jaxdiff import cli
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    os.makedirs(tmp_path / "tmp")
+    base = make_sd_folder(str(tmp_path / "sd"))
+    upscaler = make_upscaler_folder(str(tmp_path / "x4"))
+    manifest_path = tmp_path / "m.jsonl"
+    manifest_path.write_text(json.dumps({"id": "a", "prompt": "a red circle", "seed": 3}) + "\n")
+
+    def render(out, *flags):
+        code = cli.main(["render", str(manifest_path), "--out", str(tmp_path / out), "--model", base,
+                         "--upscaler", upscaler, "--steps", "2", "--sampler", "ddim", "--no-progress", *flags])
+        assert code == cli.EXIT_OK
+        (item,) = [(json.loads(s["json"]), np.asarray(Image.open(io.BytesIO(s["png"]))))
+                   for s in wds.WebDataset(str(tmp_path / out / "shard-00000.tar"), shardshuffle=False)]
+        return item
+
+    meta, image = render("plain")
+    meta_set, image_set = render("set", "--negative-prompt", "blurry", "--clip-skip", "1", "--upscale-steps", "3",
+                                 "--upscale-sampler", "euler", "--upscale-guidance", "2", "--noise-level", "5")
+    assert (meta["upscale_steps"], meta["noise_level"]) == (20, 20)  # the engine's defaults
+    assert {k: meta_set[k] for k in ("negative_prompt", "upscale_steps", "upscale_sampler", "upscale_guidance",
+                                     "noise_level")} == {"negative_prompt": "blurry", "upscale_steps": 3,
+                                                         "upscale_sampler": "euler", "upscale_guidance": 2.0,
+                                                         "noise_level": 5}
+    assert meta_set["model"]["settings"]["clip_skip"] == 1
+    assert not np.array_equal(image, image_set)
+    # Each of the text options alone changes the image: they reach the programs.
+    _, image_skip = render("skip", "--clip-skip", "1")
+    _, image_negative = render("negative", "--negative-prompt", "blurry")
+    assert not np.array_equal(image, image_skip) and not np.array_equal(image, image_negative)
