@@ -1087,3 +1087,37 @@ def test_gpu_programs_take_cublas_gemms_and_cpu_ones_compile_at_level_1_unless_t
     programs.make_upscale_program(None, None, None, None, **kw)
     programs.make_encode_program(None, scaling_factor=1.0, on_trace=lambda: None, backend="gpu")
     assert jitted == [{"compiler_options": {"for": "gpu"}}] * 3
+
+
+@pytest.mark.faults
+def test_running_out_of_device_memory_names_the_stage_batch_size_and_the_fix(sd_folder, upscaler_folder,
+                                                                             monkeypatch):
+    import jax
+
+    from jaxdiff.engine import DeviceMemoryError
+    from jaxdiff.engine import pipeline as engine
+
+    def failing(message):
+        def make_program(*args, **kwargs):
+            def program(*inputs):  # what XLA raises when a buffer does not fit
+                raise jax.errors.JaxRuntimeError(message)
+            return program
+        return make_program
+
+    up = jaxdiff.load_pipeline(sd_folder, upscaler=upscaler_folder, steps=2, sampler="ddim", upscale_steps=2,
+                               batch_size=2)
+    monkeypatch.setattr(engine, "make_upscale_program",
+                        failing("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 3.21GiB.\nmore"))
+    with pytest.raises(DeviceMemoryError) as info:
+        up.render(["a red circle"], seeds=[1])
+    message = str(info.value)
+    side = up.native_size
+    assert f"out of device memory in the upscale stage at batch 2, {side}x{side} (its low-res input" in message
+    assert "(RESOURCE_EXHAUSTED: Out of memory while trying to allocate 3.21GiB.)" in message
+    assert "lower the batch size (--batch-size, or batch_size= of load_pipeline; 2 now)" in message
+    assert isinstance(info.value.__cause__, jax.errors.JaxRuntimeError)
+    # Any other runtime error is XLA's own.
+    monkeypatch.setattr(engine, "make_base_program", failing("INTERNAL: something else"))
+    up._programs.clear()
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL: something else"):
+        up.render(["a red circle"], seeds=[1])

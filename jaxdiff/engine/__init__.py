@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from jaxdiff.engine.pipeline import (Pipeline, PreparedSample, RenderError, RenderSettings, check_settings,
-                                     enable_compilation_cache, settings_for)
+from jaxdiff.engine.pipeline import (DeviceMemoryError, Pipeline, PreparedSample, RenderError, RenderSettings,
+                                     check_settings, enable_compilation_cache, settings_for)
 from jaxdiff.engine.sample import Rendered, Sample, check_keywords
 
 
@@ -47,5 +47,5 @@ def load_pipeline(model: str | None = None, upscaler: str | None = None, *, dtyp
     return Pipeline(base, up, batch_size=batch_size, settings=settings_for(base, up, **settings), devices=devices)
 
 
-__all__ = ["Pipeline", "PreparedSample", "RenderError", "RenderSettings", "Rendered", "Sample", "load_pipeline",
+__all__ = ["DeviceMemoryError", "Pipeline", "PreparedSample", "RenderError", "RenderSettings", "Rendered", "Sample", "load_pipeline",
            "enable_compilation_cache", "settings_for"]

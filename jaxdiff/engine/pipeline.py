@@ -118,6 +118,11 @@ class RenderError(ValueError):
     """A sample that cannot be rendered as asked (reported per sample, not raised)."""
 
 
+class DeviceMemoryError(RuntimeError):
+    """A program needed more accelerator memory than there is: raised for the whole batch,
+    naming the stage, batch size and image size, and what to lower."""
+
+
 @dataclasses.dataclass
 class PreparedSample:
     """A sample checked and made ready to render (its settings resolved, its images at render
@@ -274,10 +279,27 @@ class Pipeline:
                 # Traced with the mesh in context, so that kernels XLA cannot partition
                 # (Pallas attention on TPU) run per chip over the batch.
                 with jax.set_mesh(mesh):
-                    return jitted(*args)
+                    try:
+                        # Waited for here: a device runs out of memory when it runs a program.
+                        return jax.block_until_ready(jitted(*args))
+                    except jax.errors.JaxRuntimeError as e:
+                        if "RESOURCE_EXHAUSTED" not in str(e):
+                            raise
+                        raise DeviceMemoryError(self._memory_advice(key, e)) from e
 
             self._programs[key] = run
         return self._programs[key]
+
+    def _memory_advice(self, key, error: Exception) -> str:
+        stage, sig = key[0], key[1] if len(key) == 2 else None
+        batch, height, width = (sig.batch, sig.height, sig.width) if sig is not None else key[1:4]
+        size = f"{width}x{height}" + (" (its low-res input; 4x that out)" if stage == "upscale" else "")
+        devices = list(self.mesh.devices.flat)
+        first_line = str(error).strip().splitlines()[0]
+        return (f"out of device memory in the {stage} stage at batch {batch}, {size}, on "
+                f"{len(devices)} x {devices[0].device_kind} ({first_line}): lower the "
+                f"batch size (--batch-size, or batch_size= of load_pipeline; {self.batch_size} now), the size, "
+                f"or use a device with more memory")
 
     # -- public API ----------------------------------------------------------------------
     def describe(self) -> dict:
@@ -637,9 +659,8 @@ class Pipeline:
         program = self._program(("base", sig), lambda: make_base_program(
             self._base[0], sampler, sig, clip_skip=self.settings.clip_skip, scaling_factor=float(self.base.vae_config.scaling_factor),
             tile_pixels=self.settings.tile_pixels, on_trace=self._count_trace, backend=self._backend))
-        # jax returns before the device is done: each stage's time is taken when its
-        # result is ready.
-        base_u8, base_ok = jax.block_until_ready(program(self._base[1], {k: self._put(v) for k, v in inputs.items()}))
+        # Each program returns once its results are ready (`_program`): the stages' times are theirs.
+        base_u8, base_ok = program(self._base[1], {k: self._put(v) for k, v in inputs.items()})
         base_time = time.perf_counter() - t0
 
         final_u8, final_ok, up_time = base_u8, base_ok, 0.0
@@ -648,7 +669,7 @@ class Pipeline:
             final_u8, final_ok = self._upscale([p.sample.prompt for p in padded],
                                                [p.negative_prompt for p in padded],
                                                [p.seed for p in padded], base_u8)
-            final_u8, final_ok = jax.block_until_ready((final_u8, final_ok & base_ok))
+            final_ok = final_ok & base_ok
             up_time = time.perf_counter() - t1
         final_u8, final_ok = np.asarray(final_u8), np.asarray(final_ok)
         base_np = np.asarray(base_u8) if self.settings.keep_base and self._up is not None else None
