@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Optional, Sequence
 
+import numpy as np
 from apache_beam.ml.inference.base import ModelHandler
 
 from jaxdiff.engine.sample import Rendered, Sample
@@ -54,8 +55,16 @@ class JaxDiffusionModelHandler(ModelHandler[Sample, Rendered, Any]):
         return self._share
 
     def get_num_bytes(self, batch: Sequence[Sample]) -> int:
-        return sum(len(s.prompt.encode()) + (s.init_image.nbytes if s.init_image is not None else 0)
-                   for s in batch)
+        return sum(len(s.prompt.encode()) + _image_bytes(s.init_image) + _image_bytes(s.mask) for s in batch)
 
     def get_metrics_namespace(self) -> str:
         return "jaxdiff"
+
+
+def _image_bytes(image) -> int:
+    """An input image's size in memory: a numpy array's bytes, a PIL image's pixels x bands."""
+    if isinstance(image, np.ndarray):
+        return image.nbytes
+    if hasattr(image, "getbands"):  # PIL
+        return image.width * image.height * len(image.getbands())
+    return 0

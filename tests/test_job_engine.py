@@ -218,3 +218,35 @@ def test_the_commands_x4_and_text_options_reach_the_engine(tmp_path, monkeypatch
     _, image_skip = render("skip", "--clip-skip", "1")
     _, image_negative = render("negative", "--negative-prompt", "blurry")
     assert not np.array_equal(image, image_skip) and not np.array_equal(image, image_negative)
+
+
+@pytest.mark.pipeline
+def test_run_inference_renders_every_mode_with_the_engine_from_arrays_and_pil_images(tmp_path):
+    import apache_beam as beam
+    from apache_beam.ml.inference.base import RunInference
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from jaxdiff.engine.sample import Sample
+    from pipelines.handler import JaxDiffusionModelHandler
+
+    base = make_sd_folder(str(tmp_path / "sd"))
+    factory = job.RendererFactory(job.RenderConfig(model=base, upscaler="none", steps=2, sampler="ddim",
+                                                   batch_size=2))
+    photo = np.random.default_rng(0).integers(0, 256, (16, 16, 3), np.uint8)
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:12, 4:12] = 255
+    samples = [
+        Sample(id="text", prompt="a red circle", seed=1),
+        Sample(id="array", prompt="a red circle", mode="img2img", init_image=photo, strength=0.5, seed=2),
+        Sample(id="pil", prompt="a red circle", mode="img2img", init_image=Image.fromarray(photo), seed=3),
+        Sample(id="inpaint", prompt="a red circle", mode="inpaint", init_image=Image.fromarray(photo),
+               mask=Image.fromarray(mask), seed=4),
+        Sample(id="bad", prompt="a red circle", mode="inpaint", init_image=photo, mask=mask[:, :4], seed=5),
+    ]
+    with beam.Pipeline("FnApiRunner") as p:
+        results = (p | beam.Create(samples) | RunInference(JaxDiffusionModelHandler(factory, batch_size=2))
+                   | beam.Map(lambda r: (r.id, None if r.image is None else r.image.shape,
+                                         r.error and r.error.split(":")[0])))
+        assert_that(results, equal_to([("text", (16, 16, 3), None), ("array", (16, 16, 3), None),
+                                       ("pil", (16, 16, 3), None), ("inpaint", (16, 16, 3), None),
+                                       ("bad", None, "mask is 4x16 but init_image is 16x16, another aspect ratio")]))
