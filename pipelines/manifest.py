@@ -23,6 +23,10 @@ Record fields (anything else passes through into Sample.metadata):
                    keys, or "l,t,r,b" text (CSV)
   sampler          one of RenderDefaults.samplers (the engine's sampler names)
 
+Whole-number fields (seed, steps, width, height, num_images, outpaint) take integers, floats
+with nothing after the point (12.0) and their text ("12", "12.0", as pandas writes a column
+holding a NaN); 12.5 is refused.
+
 Fields the record leaves out take the run's RenderDefaults, filled in here, so every
 Sample says what it will render, except what the engine fills in: the sampler (the run's
 own), the native size, and sketch, inpaint and outpaint strength (their own defaults).
@@ -244,13 +248,16 @@ def _is_number(value) -> bool:
 
 
 def _integer(name: str, value) -> int:
-    """An int from an int, an integral float, or integer text (CSV); never from a bool."""
+    """An int from an int, an integral float, or whole-number text ("12", "12.0"); never from a bool."""
     if _is_int(value):
         return int(value)
     if isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
         return int(value)
-    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d{1,100}\s*", value):
-        return int(value)  # 100 digits: past any limit, and far inside Python's int-from-text one
+    # "12.0" too: pandas writes a whole-number column holding a NaN as floats. 100 digits:
+    # past any limit, and far inside Python's int-from-text one.
+    whole = re.fullmatch(r"\s*([+-]?\d{1,100})(?:\.0*)?\s*", value) if isinstance(value, str) else None
+    if whole:
+        return int(whole[1])
     raise _Invalid(f"{name} {value!r} is not an integer: write a whole number, e.g. {name}: 42")
 
 

@@ -390,6 +390,17 @@ def test_bad_csv_and_text_records_keep_their_lines(tmp_path):
     assert [o[0].prompt for o in (out[0], out[2])] == ["fine", "also fine"]
 
 
+def test_whole_numbers_written_as_floats_are_taken_in_text(tmp_path):
+    # pandas writes an int column holding a NaN as floats: 12.0 in CSV, as JSON and Parquet may give it.
+    path = _write_csv(tmp_path / "p.csv", ["id", "prompt", "seed", "steps", "num_images"],
+                      [["a", "p", "12.0", "2.", ""], ["b", "p", " +7.00 ", "", "2.0"], ["c", "p", "12.5", "", ""]])
+    a, b, c = (to_samples(r, DEFAULTS) for r in _read_all([path], 5))
+    assert (a[0].seed, a[0].steps) == (12, 2)
+    assert [(s.id, s.seed) for s in b] == [("b", 7), ("b_1", 8)]
+    assert isinstance(c, Failure) and c.id == "c" and c.line == 4
+    assert c.reason == "seed '12.5' is not an integer: write a whole number, e.g. seed: 42"
+
+
 # ----------------------------------------------------------------------------- init images
 
 
