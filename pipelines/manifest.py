@@ -4,9 +4,10 @@ The reading side (finding files, planning shards, reading a shard) lives in
 `pipelines.manifest_reader` and is re-exported here, so the pipeline imports one module.
 
 Record fields (anything else passes through into Sample.metadata):
-  id               letters, digits, '.', '_', '-' (at most 128). When absent, derived from
-                   the file's base name, the record number and the prompt, so it is stable
-                   across runs; give files distinct base names or explicit ids.
+  id               letters, digits, '.', '_', '-' (at most 128); a number, 12 or 12.0, is "12".
+                   When absent, derived from the file's base name, the record number and the
+                   prompt, so it is stable across runs; give files distinct base names or
+                   explicit ids.
   prompt           required, non-empty text
   negative_prompt, seed (0..2**32-1), guidance, steps, width, height, strength (0 < s <= 1)
   num_images       variants of the record. Variant 0 keeps the record's id and variant k > 0
@@ -25,7 +26,7 @@ Record fields (anything else passes through into Sample.metadata):
 
 Whole-number fields (seed, steps, width, height, num_images, outpaint) take integers, floats
 with nothing after the point (12.0) and their text ("12", "12.0", as pandas writes a column
-holding a NaN); 12.5 is refused.
+holding a NaN); 12.5 is refused. Numbers may also be Parquet decimals.
 
 Fields the record leaves out take the run's RenderDefaults, filled in here, so every
 Sample says what it will render, except what the engine fills in: the sampler (the run's
@@ -35,6 +36,7 @@ own), the native size, and sketch, inpaint and outpaint strength (their own defa
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import hashlib
 import io
 import json
@@ -241,9 +243,12 @@ def _is_int(value) -> bool:
 
 
 def _is_number(value) -> bool:
-    """A finite int or float; an int too large for a float (JSON allows any) is not one."""
+    """A finite int, float or Decimal (a Parquet decimal column); an int too large for a float
+    (JSON allows any) is not one."""
     if _is_int(value):
         return abs(value) <= sys.float_info.max
+    if isinstance(value, decimal.Decimal):
+        return value.is_finite() and abs(value) <= sys.float_info.max
     return isinstance(value, (float, np.floating)) and math.isfinite(value)
 
 
@@ -252,6 +257,8 @@ def _integer(name: str, value) -> int:
     if _is_int(value):
         return int(value)
     if isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
+        return int(value)
+    if isinstance(value, decimal.Decimal) and value.is_finite() and value == value.to_integral_value():
         return int(value)
     # "12.0" too: pandas writes a whole-number column holding a NaN as floats. 100 digits:
     # past any limit, and far inside Python's int-from-text one.
@@ -303,6 +310,8 @@ def _record_id(raw: RawRecord, fields: dict[str, Any] | None) -> str:
         return hashlib.sha1(f"{name}\n{raw.index}\n{prompt}".encode("utf-8", "surrogatepass")).hexdigest()[:20]
     if _is_int(value):
         value = str(value)
+    elif isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
+        value = str(int(value))  # 12.0: pandas' int column holding a NaN, as written to Parquet
     if not isinstance(value, str) or not _ID.match(value):
         raise _Invalid(f"id {value!r} is not usable: use up to 128 letters, digits, '.', '_' or '-' "
                        f"(not starting with '.' or '-'), or leave id out to derive one")

@@ -401,6 +401,22 @@ def test_whole_numbers_written_as_floats_are_taken_in_text(tmp_path):
     assert c.reason == "seed '12.5' is not an integer: write a whole number, e.g. seed: 42"
 
 
+def test_parquet_decimals_and_integral_float_ids_are_taken(tmp_path):
+    # A Parquet decimal column reads as decimal.Decimal; pandas writes an int id column that
+    # holds a NaN as float64 (12.0).
+    from decimal import Decimal
+
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({
+        "id": pa.array([12.0, 2.5, None]), "prompt": ["a", "b", "c"],
+        "guidance": pa.array([Decimal("7.5"), Decimal("2"), None], pa.decimal128(4, 1)),
+        "seed": pa.array([Decimal("5.0"), None, None], pa.decimal128(4, 1))}), path)
+    a, b, c = (to_samples(r, DEFAULTS) for r in _read_all([str(path)], 5))
+    assert [(s.id, s.guidance, s.seed) for s in a] == [("12", 7.5, 5)]
+    assert isinstance(b, Failure) and b.line == 2 and b.reason.startswith("id 2.5 is not usable")
+    assert c[0].guidance == 5.0 and len(c[0].id) == 20  # no id: derived
+
+
 # ----------------------------------------------------------------------------- init images
 
 
