@@ -330,11 +330,13 @@ def record_id(raw: RawRecord) -> str | None:
 
 def sample_ids(raw: RawRecord, defaults: RenderDefaults) -> list[str]:
     """The ids `to_samples` gives this record's images ({id}, {id}_1, ...), or only the
-    record's id where its num_images is unusable (it then fails under that id); [] when
-    the record fails before it has an id."""
+    record's id where its num_images is unusable or the record unreadable (it then fails
+    under that id); [] when the record fails before it has an id."""
     first = record_id(raw)
     if first is None:
         return []
+    if raw.error is not None:  # unreadable: its own num_images is not known
+        return [first]
     try:
         count = _num_images({k: v for k, v in raw.fields.items() if v is not None}, defaults)
     except _Invalid:
@@ -490,8 +492,12 @@ def to_samples(raw: RawRecord, defaults: RenderDefaults) -> list[Sample] | Failu
     def failure(sample_id: str, reason: str, stage: str = "manifest") -> Failure:
         return Failure(sample_id, raw.source, raw.line, reason, stage, record)
 
-    if raw.fields is None:
-        return failure(_record_id(raw, None), raw.error or "unreadable record")
+    if raw.error is not None or raw.fields is None:
+        # Its fields hold at most the id it plainly gives, which then names it.
+        try:
+            return failure(_record_id(raw, raw.fields), raw.error or "unreadable record")
+        except _Invalid:
+            return failure(_record_id(raw, None), raw.error or "unreadable record")
     fields = {k: v for k, v in raw.fields.items() if v is not None}  # null = absent, as in Parquet
     try:
         sample_id = _record_id(raw, fields)

@@ -82,7 +82,7 @@ class RawRecord:
     line: int                        # 1-based physical line (Parquet: row number)
     index: int                       # 0-based record number within the file
     fields: dict[str, Any] | None    # None when the record could not be parsed
-    error: str | None = None         # the parse error, when fields is None
+    error: str | None = None         # the parse error; fields then hold at most the id it plainly gives
     text: str | None = None          # the raw line(s) for text formats
 
 
@@ -258,8 +258,10 @@ def _line_records(fmt: str, source: str, stream, offset: int, line: int, index: 
         try:
             text = raw.decode("utf-8").rstrip("\r\n")
         except UnicodeDecodeError as e:
-            yield start, RawRecord(source, number, index, None, f"line is not valid UTF-8: {e}",
-                                   raw.decode("utf-8", "replace").rstrip("\r\n"))
+            text = raw.decode("utf-8", "replace").rstrip("\r\n")
+            yield start, RawRecord(source, number, index, _plain_id(text) if fmt == "jsonl" else None,
+                                   f"line is not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} "
+                                   f"of the line): save the file as UTF-8", text)
             index += 1
             continue
         if fmt == "txt":
@@ -279,6 +281,19 @@ def _line_records(fmt: str, source: str, stream, offset: int, line: int, index: 
         index += 1
 
 
+def _plain_id(text: str) -> dict[str, Any] | None:
+    """{"id": its id} for a JSON line that fails for another reason, where the id reads
+    plainly, so the failure names the record by its own id."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    given = value.get("id") if isinstance(value, dict) else None
+    if isinstance(given, (str, int, float)) and "\ufffd" not in str(given):  # U+FFFD: a byte not UTF-8
+        return {"id": given}
+    return None
+
+
 class _CsvLines:
     """Feeds decoded lines to csv.reader while remembering where the rows start and end."""
 
@@ -286,7 +301,7 @@ class _CsvLines:
         self._lines = _lines(stream, offset, line)
         self.end = offset          # byte offset just past the last line handed out
         self.next_line = line      # line number of the next line to hand out
-        self.bad_utf8 = False
+        self.bad_byte: int | None = None  # the row's first byte that is not UTF-8
         self.texts: list[str] = []
 
     def __iter__(self):
@@ -297,8 +312,9 @@ class _CsvLines:
         self.next_line = number + 1
         try:
             text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            self.bad_utf8 = True
+        except UnicodeDecodeError as e:
+            if self.bad_byte is None:
+                self.bad_byte = raw[e.start]
             text = raw.decode("utf-8", "replace")
         self.texts.append(text)
         return text
@@ -310,8 +326,9 @@ class _CsvRow(NamedTuple):
     line: int              # line the row begins on
     next_line: int         # line just past this row
     text: str              # the row's raw text
-    cells: list[str] | None
+    cells: list[str] | None  # None when error
     error: str | None
+    bad_byte: int | None   # the first byte that is not UTF-8 (its cell then holds U+FFFD)
 
 
 def _csv_rows(stream, offset: int, line: int) -> Iterator[_CsvRow]:
@@ -324,21 +341,19 @@ def _csv_rows(stream, offset: int, line: int) -> Iterator[_CsvRow]:
     reader = csv.reader(feed)
     while True:
         start, number = feed.end, feed.next_line
-        feed.bad_utf8, feed.texts = False, []
+        feed.bad_byte, feed.texts = None, []
         try:
-            cells = next(reader)
-            error = "row is not valid UTF-8" if feed.bad_utf8 else None
+            cells, error = next(reader), None
         except StopIteration:
             return
         except csv.Error as e:
             cells, error = None, f"malformed CSV: {e}"
-        if cells is not None and not error and not any(cell.strip() for cell in cells):
+        if cells is not None and not any(cell.strip() for cell in cells):
             continue  # a blank line
         # The row begins on the first non-blank line the reader took.
         skipped = next((i for i, t in enumerate(feed.texts) if t.strip()), 0)
         text = "".join(feed.texts[skipped:]).rstrip("\r\n")
-        yield _CsvRow(start, feed.end, number + skipped, feed.next_line, text,
-                      None if error else cells, error)
+        yield _CsvRow(start, feed.end, number + skipped, feed.next_line, text, cells, error, feed.bad_byte)
 
 
 def _csv_header(source: str, stream) -> tuple[list[str], int, int]:
@@ -346,6 +361,9 @@ def _csv_header(source: str, stream) -> tuple[list[str], int, int]:
     for row in _csv_rows(stream, 0, 1):
         if row.error:
             raise ManifestError(f"{source} line {row.line}: cannot read the CSV header row: {row.error}")
+        if row.bad_byte is not None:
+            raise ManifestError(f"{source} line {row.line}: the CSV header row is not valid UTF-8 "
+                                f"(byte 0x{row.bad_byte:02x}): save the file as UTF-8")
         columns = [c.strip() for c in row.cells]
         if "prompt" not in columns:
             raise ManifestError(
@@ -362,18 +380,25 @@ def _csv_records(source: str, stream, columns: list[str], offset: int, line: int
                  ) -> Iterator[tuple[int, RawRecord]]:
     """(start offset, record) for the data rows of a CSV file."""
     for row in _csv_rows(stream, offset, line):
-        error = row.error
-        if row.cells is not None and len(row.cells) != len(columns):
+        error, plain_id = row.error, None
+        if not error and row.bad_byte is not None:
+            cells = dict(zip(columns, row.cells)) if len(row.cells) == len(columns) else {}
+            bad = [repr(c) for c, v in cells.items() if c and "\ufffd" in v]  # U+FFFD: a byte not UTF-8
+            error = (f"row is not valid UTF-8 (byte 0x{row.bad_byte:02x}"
+                     f"{' in column ' + ', '.join(bad) if bad else ''}): save the file as UTF-8")
+            if cells.get("id") and "\ufffd" not in cells["id"]:
+                plain_id = {"id": cells["id"]}  # so the failure names the record by its own id
+        elif not error and len(row.cells) != len(columns):
             error = (f"row has {len(row.cells)} fields but the header names {len(columns)}: "
                      f"quote fields that contain commas")
-        if not error:
+        elif not error:
             # Spreadsheets export trailing unnamed columns; they must stay empty.
             unnamed = [i + 1 for i, (c, v) in enumerate(zip(columns, row.cells)) if not c and v.strip()]
             if unnamed:
                 error = (f"column {unnamed[0]} has a value but no name in the header row: name it there, "
                          f"or leave its cells empty")
         if error:
-            yield row.start, RawRecord(source, row.line, index, None, error, row.text)
+            yield row.start, RawRecord(source, row.line, index, plain_id, error, row.text)
         else:
             # CSV has no null: an empty cell means the field is absent.
             fields = {c: v for c, v in zip(columns, row.cells) if c and v != ""}

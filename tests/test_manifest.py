@@ -417,6 +417,31 @@ def test_parquet_decimals_and_integral_float_ids_are_taken(tmp_path):
     assert c[0].guidance == 5.0 and len(c[0].id) == 20  # no id: derived
 
 
+@pytest.mark.faults
+def test_a_record_not_in_utf8_keeps_its_own_id_and_says_to_save_as_utf8(tmp_path):
+    from pipelines.manifest import sample_ids
+
+    latin1 = tmp_path / "l.csv"
+    latin1.write_bytes(b"id,prompt\nr1,caf\xe9\nr\xe92,x\nr3,ok\n")
+    r1, r2, r3 = _read_all([str(latin1)], 5)
+    one, two = to_samples(r1, DEFAULTS), to_samples(r2, DEFAULTS)
+    assert (one.id, one.line, one.reason) == (
+        "r1", 2, "row is not valid UTF-8 (byte 0xe9 in column 'prompt'): save the file as UTF-8")
+    assert sample_ids(r1, RenderDefaults(num_images=3)) == ["r1"]  # its own num_images is not known
+    assert len(two.id) == 20 and "in column 'id'" in two.reason  # its id is the unreadable cell: derived
+    assert _samples(r3)[0].id == "r3"
+    jsonl = tmp_path / "l.jsonl"
+    jsonl.write_bytes(b'{"id": "j1", "prompt": "caf\xe9"}\n')
+    (failure,) = [to_samples(r, DEFAULTS) for r in _read_all([str(jsonl)], 5)]
+    assert (failure.id, failure.reason) == (
+        "j1", "line is not valid UTF-8 (byte 0xe9 at byte 28 of the line): save the file as UTF-8")
+    header = tmp_path / "h.csv"
+    header.write_bytes(b"id,prompt,l\xe9gende\nr1,p,x\n")
+    with pytest.raises(ManifestError, match=rf"^{header} line 1: the CSV header row is not valid UTF-8 \(byte 0xe9\): "
+                                            r"save the file as UTF-8$"):
+        plan_shards([str(header)], 5)
+
+
 # ----------------------------------------------------------------------------- init images
 
 
