@@ -3,7 +3,8 @@
 A manifest is one or more files of prompt records, local or gs://, in one of these
 formats (chosen by extension, case-insensitive):
 
-  .jsonl / .json   JSON Lines: one JSON object a line; blank lines skipped
+  .jsonl / .json   JSON Lines: one JSON object a line; blank lines skipped; a key given
+                   twice fails its record (JSON would keep only the last)
   .csv             a header row naming the fields, then one record a row
   .txt             one prompt a line; blank lines skipped
   .parquet         one record a row, columns named as the fields
@@ -268,7 +269,12 @@ def _line_records(fmt: str, source: str, stream, offset: int, line: int, index: 
             yield start, RawRecord(source, number, index, {"prompt": text.strip()}, None, text)
         else:
             try:
-                value = json.loads(text)
+                value = json.loads(text, object_pairs_hook=_object_once)
+            except _RepeatedKey as e:
+                key = e.args[0]
+                yield start, RawRecord(source, number, index, None if key == "id" else _plain_id(text),
+                                       f"key {key!r} is given more than once, and JSON would keep only the "
+                                       f"last: keep one", text)
             except (ValueError, RecursionError) as e:  # JSONDecodeError, ints past Python's digit limit
                 yield start, RawRecord(source, number, index, None, f"malformed JSON: {e}", text)
             else:
@@ -279,6 +285,19 @@ def _line_records(fmt: str, source: str, stream, offset: int, line: int, index: 
                                            f"line is JSON {type(value).__name__}, not an object: "
                                            f'write one object a line, e.g. {{"prompt": "..."}}', text)
         index += 1
+
+
+class _RepeatedKey(ValueError):
+    """A JSON object naming a key twice (args[0]): json.loads would silently keep the last."""
+
+
+def _object_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads' object_pairs_hook: the object, or _RepeatedKey for a key given twice."""
+    value = dict(pairs)
+    if len(value) < len(pairs):
+        seen: set[str] = set()
+        raise _RepeatedKey(next(key for key, _ in pairs if key in seen or seen.add(key)))
+    return value
 
 
 def _plain_id(text: str) -> dict[str, Any] | None:

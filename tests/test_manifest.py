@@ -442,6 +442,20 @@ def test_a_record_not_in_utf8_keeps_its_own_id_and_says_to_save_as_utf8(tmp_path
         plan_shards([str(header)], 5)
 
 
+@pytest.mark.faults
+def test_a_json_key_given_twice_fails_its_record_naming_the_key(tmp_path):
+    # json.loads keeps the last of a repeated key: the record would render "second" silently.
+    path = _write_jsonl(tmp_path / "d.jsonl", [
+        '{"id": "j7", "prompt": "first", "prompt": "second"}', '{"id": "j8", "id": "j9", "prompt": "p"}',
+        '{"id": "j10", "prompt": "p", "style": {"a": 1, "a": 2}}', '{"id": "ok", "prompt": "fine"}'])
+    j7, j8, j10, ok = (to_samples(r, DEFAULTS) for r in _read_all([path], 5))
+    assert (j7.id, j7.line, j7.reason) == (
+        "j7", 1, "key 'prompt' is given more than once, and JSON would keep only the last: keep one")
+    assert len(j8.id) == 20 and j8.reason.startswith("key 'id' is given more than once")  # which id? derived
+    assert j10.id == "j10" and j10.reason.startswith("key 'a' is given more than once")
+    assert [s.prompt for s in ok] == ["fine"]
+
+
 # ----------------------------------------------------------------------------- init images
 
 
