@@ -9,7 +9,8 @@ formats (chosen by extension, case-insensitive):
   .txt             one prompt a line; blank lines skipped
   .parquet         one record a row, columns named as the fields
 
-The text formats may be gzip-compressed (`.jsonl.gz`, `.csv.gz`, `.txt.gz`).
+The text formats may be gzip-compressed (`.jsonl.gz`, `.csv.gz`, `.txt.gz`), and are UTF-8:
+a UTF-16 or UTF-32 file (a byte-order mark, or NUL bytes near its start) is refused.
 
 A shard is a contiguous record range of ONE file. Planning makes one streaming pass
 over each text file and keeps only the byte offset of every `shard_size`-th record, so
@@ -25,6 +26,7 @@ Record numbers (`index`) count records from 0 in each file and ignore blank line
 
 from __future__ import annotations
 
+import codecs
 import csv
 import dataclasses
 import glob
@@ -444,6 +446,20 @@ def _record_starts(fmt: str, source: str, stream, offset: int, line: int,
             yield start, number
 
 
+def _refuse_utf16(path: str, stream) -> None:
+    """UTF-16 (Windows PowerShell's default) or UTF-32 text would read as prompts full of
+    NULs: say so up front."""
+    head = stream.peek(_READ_BUFFER)[:_READ_BUFFER] if hasattr(stream, "peek") else b""
+    for encoding, boms in (("UTF-32", (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)),
+                           ("UTF-16", (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))):
+        if head.startswith(boms):
+            raise ManifestError(f"{path} is {encoding} text (Windows PowerShell writes UTF-16 by default): save "
+                                f"it as UTF-8, e.g. iconv -f {encoding} -t UTF-8 old > new")
+    if b"\0" in head:
+        raise ManifestError(f"{path} holds NUL bytes, so it is not UTF-8 text (UTF-16 or UTF-32 without a "
+                            f"byte-order mark, or not text at all): save it as UTF-8")
+
+
 def _refuse_cr_line_ends(path: str, stream) -> None:
     """Lines ended by \\r alone (classic Mac) would all read as one record: say so up front."""
     head = stream.peek(_READ_BUFFER)[:_READ_BUFFER] if hasattr(stream, "peek") else b""
@@ -538,6 +554,7 @@ def plan_shards(files: list[str], shard_size: int) -> list[ShardSpec]:
         try:
             with _open(path, gzipped) as stream:
                 columns, offset, line = None, 0, 1
+                _refuse_utf16(path, stream)
                 _refuse_cr_line_ends(path, stream)
                 if fmt == "csv":
                     columns, offset, line = _csv_header(path, stream)

@@ -299,6 +299,22 @@ def test_file_level_mistakes_raise_manifest_errors(tmp_path):
             plan_shards([str(tmp_path / name)], 5)
 
 
+@pytest.mark.faults
+def test_a_utf16_or_utf32_file_is_refused_with_the_fix(tmp_path):
+    # Windows PowerShell writes UTF-16 by default: read as UTF-8 its prompts would be full of NULs.
+    (tmp_path / "ps.txt").write_text("a cat\r\na dog\r\n", encoding="utf-16")
+    (tmp_path / "wide.csv").write_text("prompt\na cat\n", encoding="utf-32")
+    (tmp_path / "nobom.jsonl").write_text('{"prompt": "a cat"}\n', encoding="utf-16-le")
+    (tmp_path / "ps.txt.gz").write_bytes(gzip.compress((tmp_path / "ps.txt").read_bytes()))
+    for name, encoding in (("ps.txt", "UTF-16"), ("wide.csv", "UTF-32"), ("ps.txt.gz", "UTF-16")):
+        with pytest.raises(ManifestError, match=rf"^{tmp_path / name} is {encoding} text \(Windows PowerShell "
+                                                rf"writes UTF-16 by default\): save it as UTF-8, e\.g\. iconv"):
+            plan_shards([str(tmp_path / name)], 5)
+    with pytest.raises(ManifestError, match=rf"^{tmp_path / 'nobom.jsonl'} holds NUL bytes, so it is not UTF-8 "
+                                            r"text .*: save it as UTF-8$"):
+        plan_shards([str(tmp_path / "nobom.jsonl")], 5)
+
+
 def test_a_file_named_with_glob_characters_is_that_file(tmp_path):
     path = _write_jsonl(tmp_path / "prompts [v2].jsonl", [{"prompt": "a"}])
     assert expand_patterns([path]) == [path]
