@@ -4,7 +4,8 @@ A manifest is one or more files of prompt records, local or gs://, in one of the
 formats (chosen by extension, case-insensitive):
 
   .jsonl / .json   JSON Lines: one JSON object a line; blank lines skipped; a key given
-                   twice fails its record (JSON would keep only the last)
+                   twice fails its record (JSON would keep only the last). A file holding
+                   a JSON array, or objects pretty-printed over several lines, is refused
   .csv             a header row naming the fields, then one record a row
   .txt             one prompt a line; blank lines skipped
   .parquet         one record a row, columns named as the fields
@@ -468,11 +469,26 @@ def _refuse_cr_line_ends(path: str, stream) -> None:
                             f"\\r\\n: convert the file, e.g. tr '\\r' '\\n' < old > new")
 
 
-def _refuse_json_array(path: str, stream) -> None:
-    """A .json file holding one array is a common mix-up with JSON Lines: say so up front."""
-    head = stream.peek(64)[:64] if hasattr(stream, "peek") else b""
-    if head.lstrip(_BOM + b" \t\r\n").startswith(b"["):
+def _refuse_json_document(path: str, stream) -> None:
+    """A .json file holding one array, or objects pretty-printed over several lines, is a
+    common mix-up with JSON Lines (each of its lines would fail on its own): say so up front."""
+    head = stream.peek(_READ_BUFFER)[:_READ_BUFFER] if hasattr(stream, "peek") else b""
+    body = head.lstrip(_BOM + b" \t\r\n")
+    if body.startswith(b"["):
         raise ManifestError(f"{path} holds a JSON array; write one JSON object a line (JSON Lines)")
+    if not body.startswith(b"{"):
+        return
+    # Spread over lines: the first object ends past its first line, or (cut off in the
+    # head, or broken) that line is a lone brace. A broken first record of a JSON Lines
+    # file is not refused: it fails on its own.
+    text = body.decode("utf-8", "replace")
+    try:
+        end = json.JSONDecoder().raw_decode(text)[1]
+    except (ValueError, RecursionError):
+        end = len(text) if text.split("\n", 1)[0].strip() == "{" else 0
+    if "\n" in text[:end]:
+        raise ManifestError(f"{path} holds a JSON object spread over several lines (pretty-printed); write "
+                            f"one JSON object a line (JSON Lines), e.g. jq -c . old.json > new.jsonl")
 
 
 # ----------------------------------------------------------------------------- Parquet
@@ -560,7 +576,7 @@ def plan_shards(files: list[str], shard_size: int) -> list[ShardSpec]:
                     columns, offset, line = _csv_header(path, stream)
                     stream.seek(offset)
                 elif fmt == "jsonl":
-                    _refuse_json_array(path, stream)
+                    _refuse_json_document(path, stream)
                 # (record number, offset, line) of the first record of each shard.
                 starts: list[tuple[int, int, int]] = []
                 count = 0

@@ -300,6 +300,24 @@ def test_file_level_mistakes_raise_manifest_errors(tmp_path):
 
 
 @pytest.mark.faults
+def test_pretty_printed_json_is_refused_saying_to_write_one_object_a_line(tmp_path):
+    # Read as JSON Lines, each of its lines would fail on its own under a derived id.
+    record = {"id": "p1", "prompt": "a cat", "seed": 3}
+    (tmp_path / "one.json").write_text(json.dumps(record, indent=2) + "\n")
+    (tmp_path / "stream.jsonl").write_text("\n".join(json.dumps(record, indent=1) for _ in range(2)))  # jq .
+    (tmp_path / "cut.json.gz").write_bytes(gzip.compress(b'{\n  "prompt": "a cat",\n'))  # broken after a lone {
+    for name in ("one.json", "stream.jsonl", "cut.json.gz"):
+        with pytest.raises(ManifestError, match=rf"^{tmp_path / name} holds a JSON object spread over several "
+                                                r"lines \(pretty-printed\); write one JSON object a line \(JSON "
+                                                r"Lines\), e\.g\. jq -c \. old\.json > new\.jsonl$"):
+            plan_shards([str(tmp_path / name)], 5)
+    # A JSON Lines file whose first record is broken is read: that record fails on its own.
+    path = _write_jsonl(tmp_path / "lines.jsonl", ['{"id": "b1", "prompt": "a cat"', json.dumps(record)])
+    broken, good = (to_samples(r, DEFAULTS) for r in _read_all([path], 5))
+    assert isinstance(broken, Failure) and "malformed JSON" in broken.reason and good[0].id == "p1"
+
+
+@pytest.mark.faults
 def test_a_utf16_or_utf32_file_is_refused_with_the_fix(tmp_path):
     # Windows PowerShell writes UTF-16 by default: read as UTF-8 its prompts would be full of NULs.
     (tmp_path / "ps.txt").write_text("a cat\r\na dog\r\n", encoding="utf-16")
