@@ -6,12 +6,15 @@ formats (chosen by extension, case-insensitive):
   .jsonl / .json   JSON Lines: one JSON object a line; blank lines skipped; a key given
                    twice fails its record (JSON would keep only the last). A file holding
                    a JSON array, or objects pretty-printed over several lines, is refused
-  .csv             a header row naming the fields, then one record a row
+  .csv             a header row naming the fields, then one record a row; a row repeating
+                   the header (files joined with cat) fails
   .txt             one prompt a line; blank lines skipped
   .parquet         one record a row, columns named as the fields
 
 The text formats may be gzip-compressed (`.jsonl.gz`, `.csv.gz`, `.txt.gz`), and are UTF-8:
-a UTF-16 or UTF-32 file (a byte-order mark, or NUL bytes near its start) is refused.
+a UTF-16 or UTF-32 file (a byte-order mark, or NUL bytes near its start) is refused. A
+UTF-8 byte-order mark starting any line (or CSV row) is dropped, as files joined with cat
+carry them.
 
 A shard is a contiguous record range of ONE file. Planning makes one streaming pass
 over each text file and keeps only the byte offset of every `shard_size`-th record, so
@@ -247,8 +250,10 @@ def _lines(stream, offset: int, line: int) -> Iterator[tuple[int, int, int, byte
     """(start offset, end offset, line number, bytes) for each physical line from the stream's position."""
     for raw in stream:
         end = offset + len(raw)
-        if offset == 0 and raw.startswith(_BOM):
-            raw = raw[len(_BOM):]  # a UTF-8 byte-order mark is not part of the first record
+        if raw.startswith(_BOM):
+            # A UTF-8 byte-order mark is no part of a record: at the file's start, or at
+            # any line's where files were joined with cat.
+            raw = raw[len(_BOM):]
         yield offset, end, line, raw
         offset, line = end, line + 1
 
@@ -330,7 +335,9 @@ class _CsvLines:
         return self
 
     def __next__(self) -> str:
-        _, self.end, number, raw = next(self._lines)
+        start, self.end, number, raw = next(self._lines)
+        if self.end - start > len(raw) and any(t.strip() for t in self.texts):
+            raw = _BOM + raw  # a line inside a quoted cell: its U+FEFF is the cell's own
         self.next_line = number + 1
         try:
             text = raw.decode("utf-8")
@@ -413,6 +420,9 @@ def _csv_records(source: str, stream, columns: list[str], offset: int, line: int
         elif not error and len(row.cells) != len(columns):
             error = (f"row has {len(row.cells)} fields but the header names {len(columns)}: "
                      f"quote fields that contain commas")
+        elif not error and [c.strip() for c in row.cells] == columns:
+            error = ("row repeats the header row, as where CSV files were joined with cat: remove it, or "
+                     "join the files without their header rows (tail -n +2)")
         elif not error:
             # Spreadsheets export trailing unnamed columns; they must stay empty.
             unnamed = [i + 1 for i, (c, v) in enumerate(zip(columns, row.cells)) if not c and v.strip()]

@@ -102,6 +102,21 @@ def test_csv_quoted_newlines_blank_rows_bom_and_crlf(tmp_path):
     assert [s.seed for r in records for s in _samples(r)][::2] == [1, 3]
 
 
+def test_byte_order_marks_of_files_joined_with_cat_are_not_read_as_text(tmp_path):
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "c.txt").write_bytes(bom + b"one\ntwo\n" + bom + b"three\n" + bom + b"\n")
+    assert [r.fields["prompt"] for r in _read_all([str(tmp_path / "c.txt")], 2)] == ["one", "two", "three"]
+    (tmp_path / "c.jsonl").write_bytes(bom + b'{"id": "a", "prompt": "one"}\n' + bom + b'{"id": "b", "prompt": "two"}\n')
+    assert [(r.fields["id"], r.line) for r in _read_all([str(tmp_path / "c.jsonl")], 1)] == [("a", 1), ("b", 2)]
+    # Joined CSV files repeat their header row; a U+FEFF starting a line inside a quoted cell is the cell's own.
+    (tmp_path / "c.csv").write_bytes(bom + b'id,prompt\na,one\n' + bom + b'id,prompt\nb,"two\n' + bom + b'lines"\n')
+    a, header, b = (to_samples(r, DEFAULTS) for r in _read_all([str(tmp_path / "c.csv")], 2))
+    assert [s.prompt for s in a + b] == ["one", "two\n\ufefflines"]
+    assert isinstance(header, Failure) and header.line == 3 and header.reason == (
+        "row repeats the header row, as where CSV files were joined with cat: remove it, or join the files "
+        "without their header rows (tail -n +2)")
+
+
 def test_unknown_fields_pass_through_and_defaults_fill_in(tmp_path):
     path = _write_jsonl(tmp_path / "m.jsonl", [
         {"id": "k1", "prompt": "a circle", "style": {"palette": "warm"}, "split": "train", "sampler": "Euler_A"},
