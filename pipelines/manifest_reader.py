@@ -7,7 +7,8 @@ formats (chosen by extension, case-insensitive):
                    twice fails its record (JSON would keep only the last). A file holding
                    a JSON array, or objects pretty-printed over several lines, is refused
   .csv             a header row naming the fields, then one record a row; a row repeating
-                   the header (files joined with cat) fails
+                   the header (files joined with cat) fails. Quoting is strict: a stray
+                   quote fails its row, and a quote left open over later lines refuses the file
   .txt             one prompt a line; blank lines skipped
   .parquet         one record a row, columns named as the fields
 
@@ -360,14 +361,21 @@ class _CsvRow(NamedTuple):
     bad_byte: int | None   # the first byte that is not UTF-8 (its cell then holds U+FFFD)
 
 
-def _csv_rows(stream, offset: int, line: int) -> Iterator[_CsvRow]:
+def _csv_rows(source: str, stream, offset: int, line: int) -> Iterator[_CsvRow]:
     """Each non-blank CSV row from the stream's position.
 
     A row starts where the previous one ended, so a slice that begins there parses
-    exactly as the whole file does.
+    exactly as the whole file does. Parsing is strict (a closing quote must be followed
+    by a comma or the line end), since the lenient parser reads a stray quote into the
+    cell, or an unclosed one through the rest of the file, without a word.
+
+    A quoting error on one line fails that row. One in a row that runs over several lines
+    raises ManifestError: the lines after the bad quote were read into that row, so their
+    records can no longer be told apart, and failing them as one record would lose them.
+    Planning reads every row, so such a file is refused before anything renders.
     """
     feed = _CsvLines(stream, offset, line)
-    reader = csv.reader(feed)
+    reader = csv.reader(feed, strict=True)
     while True:
         start, number = feed.end, feed.next_line
         feed.bad_byte, feed.texts = None, []
@@ -376,18 +384,26 @@ def _csv_rows(stream, offset: int, line: int) -> Iterator[_CsvRow]:
         except StopIteration:
             return
         except csv.Error as e:
-            cells, error = None, f"malformed CSV: {e}"
+            cells, error = None, str(e)
         if cells is not None and not any(cell.strip() for cell in cells):
             continue  # a blank line
         # The row begins on the first non-blank line the reader took.
         skipped = next((i for i, t in enumerate(feed.texts) if t.strip()), 0)
+        quote_fix = 'close the quote, and write a quote inside a quoted cell as two ("")'
+        if error and len(feed.texts) - skipped > 1:
+            raise ManifestError(f"{source} line {number + skipped}: a quote opened in the CSV row starting on this "
+                                f"line is not closed where it should be, so lines {number + skipped} to "
+                                f"{feed.next_line - 1} read as one row ({error}): {quote_fix}")
+        if error:
+            error = (f"malformed CSV ({error}): " + (f"keep each cell under {csv.field_size_limit()} characters"
+                                                    if "field limit" in error else quote_fix))
         text = "".join(feed.texts[skipped:]).rstrip("\r\n")
         yield _CsvRow(start, feed.end, number + skipped, feed.next_line, text, cells, error, feed.bad_byte)
 
 
 def _csv_header(source: str, stream) -> tuple[list[str], int, int]:
     """(column names, byte offset just past the header row, line just past it)."""
-    for row in _csv_rows(stream, 0, 1):
+    for row in _csv_rows(source, stream, 0, 1):
         if row.error:
             raise ManifestError(f"{source} line {row.line}: cannot read the CSV header row: {row.error}")
         if row.bad_byte is not None:
@@ -408,7 +424,7 @@ def _csv_header(source: str, stream) -> tuple[list[str], int, int]:
 def _csv_records(source: str, stream, columns: list[str], offset: int, line: int, index: int
                  ) -> Iterator[tuple[int, RawRecord]]:
     """(start offset, record) for the data rows of a CSV file."""
-    for row in _csv_rows(stream, offset, line):
+    for row in _csv_rows(source, stream, offset, line):
         error, plain_id = row.error, None
         if not error and row.bad_byte is not None:
             cells = dict(zip(columns, row.cells)) if len(row.cells) == len(columns) else {}

@@ -505,6 +505,28 @@ def test_a_json_key_given_twice_fails_its_record_naming_the_key(tmp_path):
     assert [s.prompt for s in ok] == ["fine"]
 
 
+@pytest.mark.faults
+def test_csv_quoting_errors_fail_their_row_or_refuse_a_file_whose_rows_they_swallow(tmp_path):
+    # A stray quote fails its own row; the lenient parser read it into the cell, mangled.
+    path = tmp_path / "q.csv"
+    path.write_text('id,prompt\nr1,ok\nr2,"a 12" vinyl record on a table"\nr3,bad "quote" inside\nr4,"last\n')
+    r1, r2, r3, r4 = (to_samples(r, DEFAULTS) for r in _read_all([str(path)], 2))
+    assert [s.prompt for s in r1 + r3] == ["ok", 'bad "quote" inside']  # a quote inside an unquoted cell is text
+    assert isinstance(r2, Failure) and (r2.line, r2.record) == (3, 'r2,"a 12" vinyl record on a table"')
+    assert r2.reason == ("malformed CSV (',' expected after '\"'): close the quote, and write a quote inside a "
+                         'quoted cell as two ("")')
+    assert isinstance(r4, Failure) and r4.line == 5 and "unexpected end of data" in r4.reason  # nothing after it
+    # A quote never closed reads the rows after it into its cell (lenient: u2 and u3 lost, exit 0):
+    # refused when planned, naming the line and the fix.
+    for body, last in (('u1,"oops unterminated\nu2,second\nu3,third\n', 4), ('u1,"oops\nu2,x\nu3,"third"\nu4,ok\n', 4)):
+        path.write_text("id,prompt\n" + body)
+        with pytest.raises(ManifestError, match=rf'^{path} line 2: a quote opened in the CSV row starting on this '
+                                                rf'line is not closed where it should be, so lines 2 to {last} read '
+                                                r'as one row \(.+\): close the quote, and write a quote inside a '
+                                                r'quoted cell as two \(""\)$'):
+            plan_shards([str(path)], 2)
+
+
 # ----------------------------------------------------------------------------- init images
 
 
