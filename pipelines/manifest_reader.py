@@ -15,7 +15,9 @@ formats (chosen by extension, case-insensitive):
 The text formats may be gzip-compressed (`.jsonl.gz`, `.csv.gz`, `.txt.gz`), and are UTF-8:
 a UTF-16 or UTF-32 file (a byte-order mark, or NUL bytes near its start) is refused. A
 UTF-8 byte-order mark starting any line (or CSV row) is dropped, as files joined with cat
-carry them.
+carry them. Lines end in \\n or \\r\\n: a carriage return alone (classic Mac, Excel for Mac
+CSV) would merge records, so a file whose lines all end so, or a CSV row ending so, refuses
+the file, and a JSON-lines or text line holding one fails.
 
 A shard is a contiguous record range of ONE file. Planning makes one streaming pass
 over each text file and keeps only the byte offset of every `shard_size`-th record, so
@@ -52,6 +54,8 @@ _FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".txt": "txt", "
 _GZIP_FORMATS = ("jsonl", "csv", "txt")
 _READ_BUFFER = 1 << 20
 _BOM = b"\xef\xbb\xbf"
+# Converts only the lone carriage returns, so CRLF line ends stay as they are.
+_CR_FIX = "lines must end in \\n or \\r\\n: convert the file, e.g. perl -pe 's/\\r(?!\\n)/\\n/g' old > new"
 
 
 class ManifestError(ValueError):
@@ -274,7 +278,11 @@ def _line_records(fmt: str, source: str, stream, offset: int, line: int, index: 
                                    f"of the line): save the file as UTF-8", text)
             index += 1
             continue
-        if fmt == "txt":
+        if "\r" in text:
+            # A \r alone ends a line in some editors: the line may hold several records.
+            yield start, RawRecord(source, number, index, _plain_id(text) if fmt == "jsonl" else None,
+                                   f"line holds a carriage return (\\r) alone; {_CR_FIX}", text)
+        elif fmt == "txt":
             yield start, RawRecord(source, number, index, {"prompt": text.strip()}, None, text)
         else:
             try:
@@ -389,6 +397,9 @@ def _csv_rows(source: str, stream, offset: int, line: int) -> Iterator[_CsvRow]:
             continue  # a blank line
         # The row begins on the first non-blank line the reader took.
         skipped = next((i for i, t in enumerate(feed.texts) if t.strip()), 0)
+        if error and "new-line character" in error:  # csv's words for a \r alone outside quotes
+            raise ManifestError(f"{source} line {number + skipped}: a CSV row ends in a carriage return (\\r) "
+                                f"alone; {_CR_FIX}")
         quote_fix = 'close the quote, and write a quote inside a quoted cell as two ("")'
         if error and len(feed.texts) - skipped > 1:
             raise ManifestError(f"{source} line {number + skipped}: a quote opened in the CSV row starting on this "
@@ -491,8 +502,7 @@ def _refuse_cr_line_ends(path: str, stream) -> None:
     """Lines ended by \\r alone (classic Mac) would all read as one record: say so up front."""
     head = stream.peek(_READ_BUFFER)[:_READ_BUFFER] if hasattr(stream, "peek") else b""
     if b"\r" in head and b"\n" not in head:
-        raise ManifestError(f"{path}: its lines end in a carriage return (\\r) alone; they must end in \\n or "
-                            f"\\r\\n: convert the file, e.g. tr '\\r' '\\n' < old > new")
+        raise ManifestError(f"{path}: its lines end in a carriage return (\\r) alone; {_CR_FIX}")
 
 
 def _refuse_json_document(path: str, stream) -> None:

@@ -506,6 +506,32 @@ def test_a_json_key_given_twice_fails_its_record_naming_the_key(tmp_path):
 
 
 @pytest.mark.faults
+def test_a_carriage_return_alone_in_a_line_fails_it_or_refuses_the_csv(tmp_path):
+    # A \r alone ends a line in some editors: read as part of the line, records merged silently.
+    fix = r"lines must end in \n or \r\n: convert the file, e.g. perl -pe 's/\r(?!\n)/\n/g' old > new"
+    txt = tmp_path / "m.txt"
+    txt.write_bytes(b"one\rtwo\rthree\nfour\r\n")
+    merged, four = (to_samples(r, DEFAULTS) for r in _read_all([str(txt)], 5))
+    assert isinstance(merged, Failure) and (merged.line, merged.record) == (1, "one\rtwo\rthree")
+    assert merged.reason == "line holds a carriage return (\\r) alone; " + fix
+    assert [s.prompt for s in four] == ["four"]
+    jsonl = tmp_path / "m.jsonl"
+    jsonl.write_bytes(b'{"id": "a", "prompt": "x"}\r{"id": "b", "prompt": "y"}\n{"id": "c", "prompt": "z"}\n')
+    merged, c = (to_samples(r, DEFAULTS) for r in _read_all([str(jsonl)], 5))
+    assert isinstance(merged, Failure) and merged.line == 1 and merged.reason.startswith("line holds a carriage return")
+    assert [s.id for s in c] == ["c"]
+    # Excel for Mac: rows end in \r, line breaks inside cells are \n; a row ending in \r alone later on.
+    csv_path = tmp_path / "m.csv"
+    for body, line in ((b'id,prompt\rr1,a cat\rr2,"multi\nline"\rr3,a dog\r', 1), (b"id,prompt\nc1,a\rb\nc2,x\n", 2)):
+        csv_path.write_bytes(body)
+        with pytest.raises(ManifestError) as refused:
+            plan_shards([str(csv_path)], 5)
+        assert str(refused.value) == f"{csv_path} line {line}: a CSV row ends in a carriage return (\\r) alone; " + fix
+    csv_path.write_bytes(b'id,prompt\nc1,"a\rb"\n')  # inside quotes a \r is the cell's own
+    assert [r.fields["prompt"] for r in _read_all([str(csv_path)], 5)] == ["a\rb"]
+
+
+@pytest.mark.faults
 def test_csv_quoting_errors_fail_their_row_or_refuse_a_file_whose_rows_they_swallow(tmp_path):
     # A stray quote fails its own row; the lenient parser read it into the cell, mangled.
     path = tmp_path / "q.csv"
