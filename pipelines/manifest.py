@@ -3,7 +3,9 @@
 The reading side (finding files, planning shards, reading a shard) lives in
 `pipelines.manifest_reader` and is re-exported here, so the pipeline imports one module.
 
-Record fields (anything else passes through into Sample.metadata):
+Record fields (anything else passes through into Sample.metadata, except a name that differs
+from one only in case, spaces, hyphens or underscores, "Seed" or "negative-prompt": that is a
+mistake, and a CSV or Parquet column so named refuses the file, a JSON key fails its record):
   id               letters, digits, '.', '_', '-' (at most 128); a number, 12 or 12.0, is "12".
                    When absent, derived from the file's base name, the record number and the
                    prompt, so it is stable across runs; give files distinct base names or
@@ -53,11 +55,13 @@ from jaxdiff import storage
 from jaxdiff.engine.images import grey_from_pil, mask_size_problem, rgb_from_pil
 from jaxdiff.engine.sample import MODES, Sample, derive_seed
 from pipelines.manifest_reader import (
+    KNOWN_FIELDS,
     ManifestError,
     RawRecord,
     ShardSpec,
     expand_patterns,
     file_format,
+    field_meant,
     manifest_fingerprint,
     plan_shards,
     read_shard,
@@ -76,10 +80,6 @@ MAX_SEED = 2**32 - 1
 # Extra fields are written back as JSON with each image; far deeper nesting than any real
 # metadata would overflow the writer's recursion and fail the whole shard.
 MAX_METADATA_DEPTH = 64
-KNOWN_FIELDS = frozenset({
-    "id", "prompt", "negative_prompt", "seed", "guidance", "steps", "width", "height",
-    "num_images", "mode", "init_image", "mask", "strength", "outpaint", "sampler",
-})
 _ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}\Z")
 _URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
@@ -413,6 +413,11 @@ def _nesting(value: Any) -> int:
 
 def _options(fields: dict[str, Any], defaults: RenderDefaults, source: str) -> dict[str, Any]:
     """Validated Sample fields, with the run's defaults filled in, plus num_images and image URIs."""
+    for name in fields:
+        meant = field_meant(name)
+        if meant:
+            raise _Invalid(f"field {name!r} looks like {meant!r}: write it {meant} (field names are exact; as "
+                           f"it is, it would pass through as metadata)")
     if "prompt" not in fields:
         raise _Invalid("missing prompt: every record needs a non-empty 'prompt'")
     prompt = _text("prompt", fields["prompt"])

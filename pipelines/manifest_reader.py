@@ -58,6 +58,13 @@ _BOM = b"\xef\xbb\xbf"
 _CR_FIX = "lines must end in \\n or \\r\\n: convert the file, e.g. perl -pe 's/\\r(?!\\n)/\\n/g' old > new"
 
 
+KNOWN_FIELDS = frozenset({
+    "id", "prompt", "negative_prompt", "seed", "guidance", "steps", "width", "height",
+    "num_images", "mode", "init_image", "mask", "strength", "outpaint", "sampler",
+})
+_FIELD_SPELLINGS = {re.sub(r"[\s_-]", "", name): name for name in KNOWN_FIELDS}
+
+
 class ManifestError(ValueError):
     """A whole-run problem: a pattern matching nothing, an unreadable file, an unknown format."""
 
@@ -96,6 +103,15 @@ class RawRecord:
     fields: dict[str, Any] | None    # None when the record could not be parsed
     error: str | None = None         # the parse error; fields then hold at most the id it plainly gives
     text: str | None = None          # the raw line(s) for text formats
+
+
+def field_meant(name: str) -> str | None:
+    """The known field a name differs from only in case, spaces, hyphens or underscores
+    ("Seed", "negative-prompt"), else None. Such a name is a mistake: as unknown fields
+    pass through as metadata, the record would take the default for the field meant."""
+    if name in KNOWN_FIELDS:
+        return None
+    return _FIELD_SPELLINGS.get(re.sub(r"[\s_-]", "", name).lower())
 
 
 def file_format(path: str) -> tuple[str, bool]:
@@ -421,6 +437,12 @@ def _csv_header(source: str, stream) -> tuple[list[str], int, int]:
             raise ManifestError(f"{source} line {row.line}: the CSV header row is not valid UTF-8 "
                                 f"(byte 0x{row.bad_byte:02x}): save the file as UTF-8")
         columns = [c.strip() for c in row.cells]
+        for column in columns:
+            meant = field_meant(column)
+            if meant:
+                raise ManifestError(f"{source}: the CSV header names {column!r}, which looks like the field "
+                                    f"{meant!r}: rename the column {meant} (field names are exact; as it is, "
+                                    f"it would pass through as metadata)")
         if "prompt" not in columns:
             raise ManifestError(
                 f"{source}: the CSV header row has no 'prompt' column (columns: {', '.join(columns)}); "
@@ -539,6 +561,13 @@ def _parquet_file(path: str):
     except Exception as e:
         stream.close()
         raise ManifestError(f"cannot read Parquet file {path}: {e}") from e
+    for column in parquet.schema_arrow.names:
+        meant = field_meant(column)
+        if meant:
+            stream.close()
+            raise ManifestError(f"{path}: the Parquet file has a column {column!r}, which looks like the field "
+                                f"{meant!r}: rename the column {meant} (field names are exact; as it is, it "
+                                f"would pass through as metadata)")
     if "prompt" not in parquet.schema_arrow.names:
         stream.close()
         raise ManifestError(f"{path}: the Parquet file has no 'prompt' column "

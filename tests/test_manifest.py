@@ -132,6 +132,31 @@ def test_unknown_fields_pass_through_and_defaults_fill_in(tmp_path):
         "blur", 2.0, 2, 64, 192, 5)
 
 
+@pytest.mark.faults
+def test_a_field_name_off_only_in_case_spaces_or_hyphens_is_a_mistake(tmp_path):
+    # As metadata, "Seed" would pass through while the record renders with the run's seed.
+    path = _write_jsonl(tmp_path / "k.jsonl", [
+        {"id": "j1", "prompt": "p", "Seed": 5}, {"id": "j2", "prompt": "p", "negative-prompt": "blur"},
+        {"id": "j3", "prompt": "p", "Seeds": 1, "seed_note": "kept"}])
+    j1, j2, j3 = (to_samples(r, DEFAULTS) for r in _read_all([path], 5))
+    assert (j1.id, j1.line, j1.reason) == ("j1", 1, "field 'Seed' looks like 'seed': write it seed (field names are "
+                                                   "exact; as it is, it would pass through as metadata)")
+    assert j2.id == "j2" and j2.reason.startswith("field 'negative-prompt' looks like 'negative_prompt'")
+    assert j3[0].metadata == {"Seeds": 1, "seed_note": "kept"}  # unknown fields still pass through
+    csv_path = _write_csv(tmp_path / "k.csv", ["id", "prompt", " Guidance"], [["c1", "p", "3"]])
+    with pytest.raises(ManifestError) as refused:
+        plan_shards([csv_path], 5)
+    assert str(refused.value) == (f"{csv_path}: the CSV header names 'Guidance', which looks like the field "
+                                  f"'guidance': rename the column guidance (field names are exact; as it is, it "
+                                  f"would pass through as metadata)")
+    with pytest.raises(ManifestError, match="the CSV header names 'Prompt', which looks like the field 'prompt'"):
+        plan_shards([_write_csv(tmp_path / "p.csv", ["Prompt"], [["p"]])], 5)  # not "no 'prompt' column"
+    pq.write_table(pa.table({"prompt": ["p"], "Num Images": [2]}), tmp_path / "k.parquet")
+    with pytest.raises(ManifestError, match=r"k\.parquet: the Parquet file has a column 'Num Images', which looks "
+                                            r"like the field 'num_images': rename the column num_images"):
+        plan_shards([str(tmp_path / "k.parquet")], 5)
+
+
 def test_num_images_variants_have_own_ids_and_seeds(tmp_path):
     path = _write_jsonl(tmp_path / "v.jsonl", [
         {"id": "cat", "prompt": "a cat", "num_images": 3},
