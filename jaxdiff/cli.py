@@ -16,9 +16,12 @@ import io
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_ERROR = 0, 1, 2
+EXIT_INTERRUPTED = 130  # as a shell reports a command ended by Ctrl-C
 
 
 def _seconds(text: str) -> float:
@@ -164,6 +167,33 @@ def _check_beam_flags(beam_args: list[str], parser: argparse.ArgumentParser, pla
             parser.error(f"--{name}: did you mean {ours[close[0]]}? (neither jaxdiff nor Apache Beam knows --{name})")
 
 
+@contextlib.contextmanager
+def _exit_on_interrupt():
+    """Ctrl-C ends the command and its worker processes at once. Beam's cleanup after an
+    interrupt can wait forever for its workers (--direct_running_mode=multi_processing),
+    which then outlive the command, and its traceback says nothing useful. Ending so is
+    safe, as after a kill: a shard counts only once its marker is written, after its files."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        import psutil
+
+        print("\njaxdiff render: interrupted. Committed shards are kept: rerun the same command to render "
+              "the rest.", file=sys.stderr, flush=True)
+        for worker in psutil.Process().children(recursive=True):  # Beam's worker processes
+            with contextlib.suppress(psutil.Error):
+                worker.kill()
+        os._exit(EXIT_INTERRUPTED)
+
+    previous = signal.signal(signal.SIGINT, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def render_command(args: argparse.Namespace, beam_args: list[str]) -> int:
     from pipelines import job
     from pipelines.manifest import ManifestError
@@ -216,8 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     # Beam logs every bundle at INFO; the progress bar and summary say what matters.
     logging.basicConfig(level=logging.WARNING)
     if args.command == "render":
-        _check_beam_flags(beam_args, render, placeholders=args.dry_run)
-        return render_command(args, beam_args)
+        with _exit_on_interrupt():  # from the imports on (seconds of them before Beam starts)
+            _check_beam_flags(beam_args, render, placeholders=args.dry_run)
+            return render_command(args, beam_args)
     parser.error(f"unknown command {args.command}")
     return EXIT_ERROR
 

@@ -240,6 +240,46 @@ def test_killed_run_resumes_with_two_worker_processes(tmp_path):
 
 
 @pytest.mark.pipeline
+@pytest.mark.faults
+def test_ctrl_c_ends_the_command_and_its_worker_processes_at_once_and_the_rerun_completes(tmp_path):
+    """Beam's own cleanup after an interrupt could wait forever for its worker processes."""
+    import psutil
+
+    manifest_path = tmp_path / "m.jsonl"
+    manifest_path.write_text("\n".join(_manifest_lines()) + "\n")
+    out = tmp_path / "out"
+    common = [str(manifest_path), "--out", str(out), "--dry-run", "--width", "16", "--height", "8",
+              "--shard-size", "3", "--batch-size", "1", "--no-progress",
+              "--direct_num_workers", "2", "--direct_running_mode", "multi_processing"]
+    env = dict(os.environ, NO_GCE_CHECK="true", JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen(_cli(*common, "--dry-run-delay", "0.4"), env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while len(psutil.Process(proc.pid).children(recursive=True)) < 2:  # the workers are up
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.time() < deadline, "no worker processes in time"
+            time.sleep(0.05)
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        os.kill(proc.pid, signal.SIGINT)  # as `kill -INT` or a supervisor sends it
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130
+    assert err.strip().splitlines()[-1] == ("jaxdiff render: interrupted. Committed shards are kept: rerun the "
+                                            "same command to render the rest.")
+    psutil.wait_procs(workers, timeout=10)
+    assert not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
+
+    rerun = subprocess.run(_cli(*common), env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    ids, failures = _ids_in_output(str(out), str(tmp_path / "copy"))
+    _assert_every_id_once(ids, failures)
+
+
+@pytest.mark.pipeline
 def test_retry_failures_renders_only_failed_ids(tmp_path):
     """--retry-failures: an init image missing at first, present later, moves from failures/
     to the shard, though the manifest was moved in between (same content, other path)."""
