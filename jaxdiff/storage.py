@@ -8,6 +8,7 @@ project, so nothing ever looks for credentials or probes a metadata server.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import mimetypes
 import os
@@ -252,11 +253,18 @@ def file_versions(folder: str) -> dict[str, str]:
     return {e.name: _local_version(e.stat()) for e in os.scandir(folder) if e.is_file()}
 
 
+def _upload_temp_dir() -> str:
+    return os.path.join(tempfile.gettempdir(), "jaxdiff-uploads")
+
+
 def local_temp_for(dest: str) -> str:
-    """A temporary file on the same filesystem as `dest` (so os.replace is atomic)."""
+    """A temporary file on the same filesystem as `dest` (so os.replace is atomic); for a
+    gs:// `dest`, one in the temp folder's jaxdiff-uploads/, named with this process's id
+    (see remove_stale_uploads)."""
     prefix = "." + os.path.basename(dest) + "."
     if is_gcs(dest):
-        fd, path = tempfile.mkstemp(prefix=prefix, suffix=".partial")
+        os.makedirs(_upload_temp_dir(), exist_ok=True)
+        fd, path = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}.", suffix=".partial", dir=_upload_temp_dir())
     else:
         folder = os.path.dirname(dest) or "."
         os.makedirs(folder, exist_ok=True)
@@ -266,6 +274,22 @@ def local_temp_for(dest: str) -> str:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     os.close(fd)
     return path
+
+
+def remove_stale_uploads() -> list[str]:
+    """Deletes the temporary files of gs:// uploads whose process is gone (a killed worker's
+    shard tar: hundreds of MB each), leaving those of running processes; returns their paths."""
+    import psutil
+
+    removed = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(_upload_temp_dir()):
+            parts = entry.name.removesuffix(".partial").rsplit(".", 2)  # .{name}.{pid}.{random}
+            if len(parts) == 3 and parts[1].isdigit() and not psutil.pid_exists(int(parts[1])):
+                with contextlib.suppress(FileNotFoundError):  # another process's sweep took it
+                    os.unlink(entry.path)
+                    removed.append(entry.path)
+    return removed
 
 
 def write_bytes(dest: str, data: bytes) -> str:

@@ -574,6 +574,7 @@ class RenderShardFn(beam.DoFn):
         self._failed = beam.metrics.Metrics.counter("jaxdiff", "failed")
 
     def setup(self):
+        storage.remove_stale_uploads()  # what killed workers on this machine left on its disk
         self._renderer = self._shared.acquire(self._factory)
         self._model_info = self._renderer.describe()
         self._threads = ShardThreads()

@@ -236,3 +236,21 @@ def test_each_write_has_a_version_that_the_folder_listing_gives(where, tmp_path,
     again = storage.put_file(str(local), storage.join(base, "a.tar"))
     assert again != first and storage.file_versions(base)["a.tar"] == again
     assert storage.file_versions(storage.join(base, "none")) == {}
+
+
+@pytest.mark.faults
+def test_upload_temp_files_of_gone_processes_are_removed_and_live_ones_kept(tmp_path, monkeypatch):
+    """A worker killed mid-shard leaves its gs:// shard's local tar behind: the next worker
+    on the machine removes it, not the files of a process still writing."""
+    import subprocess
+    import sys
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    mine = storage.local_temp_for("gs://bucket/run/shard-00000.tar")
+    assert os.path.dirname(mine) == str(tmp_path / "jaxdiff-uploads")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = str(tmp_path / "jaxdiff-uploads" / f".shard-00001.tar.{int(gone.stdout)}.abc123.partial")
+    open(stale, "wb").close()
+    assert storage.remove_stale_uploads() == [stale]
+    assert os.path.exists(mine) and not os.path.exists(stale)
