@@ -17,7 +17,8 @@ a UTF-16 or UTF-32 file (a byte-order mark, or NUL bytes near its start) is refu
 UTF-8 byte-order mark starting any line (or CSV row) is dropped, as files joined with cat
 carry them. Lines end in \\n or \\r\\n: a carriage return alone (classic Mac, Excel for Mac
 CSV) would merge records, so a file whose lines all end so, or a CSV row ending so, refuses
-the file, and a JSON-lines or text line holding one fails.
+the file, and a JSON-lines or text line holding one fails (one ending the file's last line
+merges nothing and is dropped).
 
 A shard is a contiguous record range of ONE file. Planning makes one streaming pass
 over each text file and keeps only the byte offset of every `shard_size`-th record, so

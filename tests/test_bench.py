@@ -565,3 +565,30 @@ def test_attention_sites_put_the_first_self_attention_at_the_sample_batch():
         del architectures.ARCHITECTURES["tiny-plain"]
     assert sites["unet mid 4x4 self 1st"]["batch"] == 4 and "unet mid 4x4 self" not in sites
     assert sites["unet mid 4x4 text"]["batch"] == 8
+
+
+def test_contact_sheet_lays_out_each_rendered_image_once_in_manifest_order(tmp_path):
+    import io
+    import json
+    import tarfile
+
+    from PIL import Image
+
+    from tools.contact_sheet import contact_sheet, read_rendered
+
+    def png(colour):
+        data = io.BytesIO()
+        Image.new("RGB", (8, 8), colour).save(data, "PNG")
+        return data.getvalue()
+
+    with tarfile.open(tmp_path / "shard-00000.tar", "w") as tar:
+        for key, prompt, colour in (("00000_000001", "second", "blue"), ("00000_000000", "first", "red")):
+            for name, data in ((f"{key}.png", png(colour)), (f"{key}.base.png", png("black")),
+                               (f"{key}.json", json.dumps({"id": prompt, "prompt": prompt}).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    pairs = read_rendered(str(tmp_path), limit=10)
+    assert [caption for _, caption in pairs] == ["first", "second"]  # --keep-base's images left out
+    assert [tuple(image[0, 0]) for image, _ in pairs] == [(255, 0, 0), (0, 0, 255)]
+    assert contact_sheet(pairs, columns=2, cell=16).size[0] == 32

@@ -4,8 +4,9 @@
         --prompts examples/prompts.jsonl --out docs/example.png  # render, then lay out
     python -m tools.contact_sheet --rendered RENDER_DIR --out sheet.png   # lay out finished shards
 
-A rendered folder holds `shard-NNNNN.tar` shards of `<id>.png` (or .jpg) + `<id>.json` with a
-"prompt" field, as `jaxdiff render` writes them.
+A rendered folder holds `shard-NNNNN.tar` shards of `<key>.png` (or .jpg, .webp) + `<key>.json`
+with a "prompt" field, as `jaxdiff render` writes them (key: shard and record number, so the
+sheet is in manifest order; `--keep-base`'s `<key>.base.png` images are left out).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 
 def read_rendered(folder: str, limit: int) -> list[tuple[np.ndarray, str]]:
-    """(image, caption) pairs from the shards of a rendered output folder, in id order."""
+    """(image, caption) pairs from the shards of a rendered output folder, in key (manifest) order."""
     shards = sorted(glob.glob(os.path.join(folder, "*.tar")))
     if not shards:
         raise FileNotFoundError(f"{folder}: no *.tar shards; pass the output folder of `jaxdiff render`")
@@ -34,7 +35,7 @@ def read_rendered(folder: str, limit: int) -> list[tuple[np.ndarray, str]]:
             for member in tar.getmembers():
                 stem, ext = os.path.splitext(member.name)
                 data = tar.extractfile(member)
-                if data is None:
+                if data is None or stem.endswith(".base"):  # --keep-base's image before the x4 stage
                     continue
                 if ext in (".png", ".jpg", ".jpeg", ".webp"):
                     items.setdefault(stem, {})["image"] = np.asarray(Image.open(io.BytesIO(data.read())).convert("RGB"))
