@@ -107,7 +107,8 @@ class RenderConfig:
         """The settings a resumed run must share with the run that wrote the output: each
         that changes an image, in one spelling."""
         out = dataclasses.asdict(self)
-        # An image does not depend on batch size (beyond rounding); the delay only slows a dry run.
+        # The batch size changes an image only through rounding (README "Python API"): a
+        # resumed run may take another. The delay only slows a dry run.
         del out["batch_size"], out["dry_run_delay_s"]
         out["model"] = self.model or "default"
         out["upscaler"] = self.upscaler_path()

@@ -208,7 +208,7 @@ def image_metadata(sample: Sample, rendered: Rendered, model: dict) -> dict:
     meta.update(rendered.metadata)  # seed, sampler, steps, guidance, sizes as rendered
     meta.pop("timings", None)
     # The run's model record (paths, checksums, settings), less how the run batched and
-    # placed its work, which changes no image beyond rounding.
+    # placed its work, which changes an image only through rounding.
     meta["model"] = {k: v for k, v in model.items() if k not in ("batch_size", "devices")} or meta.get("model")
     return meta
 

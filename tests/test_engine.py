@@ -1121,3 +1121,21 @@ def test_running_out_of_device_memory_names_the_stage_batch_size_and_the_fix(sd_
     up._programs.clear()
     with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL: something else"):
         up.render(["a red circle"], seeds=[1])
+
+
+def test_in_bfloat16_a_samples_image_is_bit_for_bit_the_same_whatever_its_neighbours_and_place(sd_folder):
+    """At one batch size an image is its own, bit for bit, also in bfloat16, where another
+    batch size's rounding would grow over the steps (README "Python API")."""
+    pipe = jaxdiff.load_pipeline(sd_folder, upscaler="none", steps=3, sampler="dpmpp_2m", batch_size=4,
+                                 dtype="bfloat16")
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:12, 4:12] = 255
+    target = jaxdiff.Sample(id="t", prompt="a red circle", seed=4)
+    first = [target, jaxdiff.Sample(id="a", prompt="x", seed=5),
+             jaxdiff.Sample(id="b", prompt="a blue square", seed=6, guidance=1.5)]
+    second = [jaxdiff.Sample(id="c", prompt="two shapes", seed=7, mode="img2img", init_image=_rgb(8)),
+              jaxdiff.Sample(id="d", prompt="y", seed=8, mode="inpaint", init_image=_rgb(9), mask=mask),
+              jaxdiff.Sample(id="e", prompt="z", seed=9), target]
+    alone = pipe.render_samples([target])[0].image  # padded with copies of itself
+    assert np.array_equal(pipe.render_samples(first)[0].image, alone)
+    assert np.array_equal(pipe.render_samples(second)[3].image, alone)
