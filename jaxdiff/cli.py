@@ -93,6 +93,9 @@ def _render_parser(sub) -> argparse.ArgumentParser:
                    help="the folders' weight variant, e.g. fp16 for diffusion_pytorch_model.fp16.safetensors "
                         "(default: the plain files, or the only variant a folder has); a component "
                         "without that variant's files loads its plain ones")
+    p.add_argument("--compilation-cache", default=None, metavar="FOLDER",
+                   help="where compiled programs persist, a local folder or gs://bucket/prefix that all of a "
+                        "Dataflow job's workers share (default: $JAXDIFF_CACHE_DIR, else ~/.cache/jaxdiff/xla)")
     p.add_argument("--keep-base", action="store_true", help="also store the base image before upscaling")
     p.add_argument("--dry-run", action="store_true",
                    help="skip the model: write deterministic placeholder images (checks manifests and output)")
@@ -206,7 +209,8 @@ def render_command(args: argparse.Namespace, beam_args: list[str]) -> int:
             upscale_steps=args.upscale_steps, upscale_sampler=args.upscale_sampler,
             upscale_guidance=args.upscale_guidance, noise_level=args.noise_level,
             quality=args.quality, keep_base=args.keep_base, shard_size=args.shard_size, dtype=args.dtype,
-            variant=args.variant, dry_run=args.dry_run, batch_size=args.batch_size, dry_run_delay_s=args.dry_run_delay)
+            variant=args.variant, dry_run=args.dry_run, batch_size=args.batch_size, dry_run_delay_s=args.dry_run_delay,
+            compilation_cache=args.compilation_cache)
         summary = job.run(args.manifests, args.out, config, beam_args=beam_args, fresh=args.fresh,
                           retry_failures=args.retry_failures, progress=not args.no_progress)
     except (ManifestError, job.RunConflict, job.JobError, OSError, ValueError) as e:
@@ -237,10 +241,11 @@ def main(argv: list[str] | None = None) -> int:
         empty = {"out": "an output folder, local or gs://",
                  "model": "a diffusers folder or Hub id, or leave --model out for the shipped model",
                  "upscaler": "an upscaler folder or Hub id, or none",
-                 "variant": "a weight variant such as fp16, or leave --variant out"}
+                 "variant": "a weight variant such as fp16, or leave --variant out",
+                 "compilation_cache": "a local folder or gs://bucket/prefix, or leave --compilation-cache out"}
         for name, fix in empty.items():
             if getattr(args, name) is not None and not getattr(args, name).strip():
-                render.error(f"--{name} is empty: give {fix}")
+                render.error(f"--{name.replace('_', '-')} is empty: give {fix}")
         if args.dry_run_delay and not args.dry_run:
             render.error("--dry-run-delay applies to --dry-run only: add --dry-run, or leave the delay out")
     # Beam logs every bundle at INFO; the progress bar and summary say what matters.

@@ -54,7 +54,7 @@ class JobError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class RenderConfig:
-    """Run-wide settings. All but batch_size and dry_run_delay_s decide the images."""
+    """Run-wide settings. All but batch_size, dry_run_delay_s and compilation_cache decide the images."""
 
     model: str | None = None          # None: the shipped default model
     upscaler: str | None = None       # None: checkpoints.upscaler_for's choice; "none": no upscaling
@@ -82,6 +82,9 @@ class RenderConfig:
     dry_run: bool = False
     batch_size: int = 8
     dry_run_delay_s: float = 0.0
+    # Where compiled programs persist (None: $JAXDIFF_CACHE_DIR or ~/.cache/jaxdiff/xla); a
+    # gs:// folder serves all of a job's workers.
+    compilation_cache: str | None = None
 
     def __post_init__(self):
         shards.save_options(self.image_format, self.quality)
@@ -108,8 +111,9 @@ class RenderConfig:
         that changes an image, in one spelling."""
         out = dataclasses.asdict(self)
         # The batch size changes an image only through rounding (README "Python API"): a
-        # resumed run may take another. The delay only slows a dry run.
-        del out["batch_size"], out["dry_run_delay_s"]
+        # resumed run may take another. The delay only slows a dry run; the cache only
+        # spares compiles.
+        del out["batch_size"], out["dry_run_delay_s"], out["compilation_cache"]
         out["model"] = self.model or "default"
         out["upscaler"] = self.upscaler_path()
         out["keep_base"] = self.keep_base and out["upscaler"] is not None
@@ -146,7 +150,7 @@ class RendererFactory:
         from jaxdiff.engine import load_pipeline
 
         return load_pipeline(c.model, c.upscaler_path() or "none", dtype=c.dtype, variant=c.variant,
-                             batch_size=c.batch_size,
+                             batch_size=c.batch_size, compilation_cache=c.compilation_cache,
                              **c.settings())
 
 

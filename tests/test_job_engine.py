@@ -250,3 +250,47 @@ def test_run_inference_renders_every_mode_with_the_engine_from_arrays_and_pil_im
         assert_that(results, equal_to([("text", (16, 16, 3), None), ("array", (16, 16, 3), None),
                                        ("pil", (16, 16, 3), None), ("inpaint", (16, 16, 3), None),
                                        ("bad", None, "mask is 4x16 but init_image is 16x16, another aspect ratio")]))
+
+
+@pytest.mark.pipeline
+def test_a_compilation_cache_on_gcs_serves_the_next_process(gcs_bucket, tmp_path):
+    """--compilation-cache gs://...: a job's workers share compiled programs; a process that
+    finds them there loads them instead of compiling."""
+    import subprocess
+    import sys
+
+    base = make_sd_folder(str(tmp_path / "sd"))
+    manifest_path = tmp_path / "m.jsonl"
+    manifest_path.write_text(json.dumps({"id": "a", "prompt": "a red circle", "seed": 3}) + "\n")
+    cache = f"gs://{gcs_bucket}/xla-cache"
+    command = [sys.executable, "-c", "import sys; from jaxdiff.cli import main; sys.exit(main())", "render",
+               str(manifest_path), "--model", base, "--upscaler", "none", "--steps", "2", "--no-progress",
+               "--compilation-cache", cache]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", NO_GCE_CHECK="true", TMPDIR=str(tmp_path),
+               JAX_LOG_COMPILES="0", JAX_DEBUG_LOG_MODULES="jax._src.compilation_cache,jax._src.compiler")
+
+    def run(out):
+        done = subprocess.run([*command, "--out", str(tmp_path / out)], env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr
+        return done.stderr
+
+    first = run("first")
+    entries = storage.list_dir(cache)
+    assert any(name.startswith("jit_") for name in entries), entries
+    second = run("second")
+    assert "Persistent compilation cache hit" in second and "Persistent compilation cache hit" not in first
+    assert storage.list_dir(cache) == entries  # nothing compiled anew
+
+
+@pytest.mark.faults
+def test_a_gcs_compilation_cache_without_gcsfs_names_the_package(monkeypatch):
+    import importlib.util
+
+    from jaxdiff.engine import enable_compilation_cache
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gcsfs" else find_spec(name, *a))
+    with pytest.raises(ValueError, match=r"compilation cache gs://b/xla: a gs:// cache needs the gcsfs package: "
+                                         r"pip install 'jaxdiff\[dataflow\]'"):
+        enable_compilation_cache("gs://b/xla")

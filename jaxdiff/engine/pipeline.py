@@ -9,6 +9,7 @@ and sent through the base program and, when an upscaler is loaded, the upscale p
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import threading
@@ -154,10 +155,17 @@ class PreparedSample:
 
 
 def enable_compilation_cache(path: str | None = None) -> str:
-    """Turns on JAX's persistent compilation cache, so a second process does not compile again."""
+    """Turns on JAX's persistent compilation cache, so a second process does not compile again.
+    A gs:// folder serves every worker of a job: each one after the first loads the programs
+    instead of compiling them, with the kernels the first one's GPU autotuner chose."""
     path = path or os.environ.get("JAXDIFF_CACHE_DIR") or os.path.join(
         os.path.expanduser("~"), ".cache", "jaxdiff", "xla")
-    os.makedirs(path, exist_ok=True)
+    if storage.is_gcs(path):
+        if importlib.util.find_spec("gcsfs") is None:  # JAX reaches gs:// through etils and gcsfs
+            raise ValueError(f"compilation cache {path}: a gs:// cache needs the gcsfs package: "
+                             f"pip install 'jaxdiff[dataflow]'")
+    else:
+        os.makedirs(path, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
