@@ -299,6 +299,9 @@ def _line_records(fmt: str, source: str, stream, offset: int, line: int, index: 
             # A \r alone ends a line in some editors: the line may hold several records.
             yield start, RawRecord(source, number, index, _plain_id(text) if fmt == "jsonl" else None,
                                    f"line holds a carriage return (\\r) alone; {_CR_FIX}", text)
+        elif fmt == "txt" and "\0" in text:  # JSON refuses control characters on its own
+            yield start, RawRecord(source, number, index, None, "line holds a NUL byte, which no prompt has (the "
+                                   "file may be UTF-16 text or not text): save it as UTF-8", text)
         elif fmt == "txt":
             yield start, RawRecord(source, number, index, {"prompt": text.strip()}, None, text)
         else:

@@ -373,6 +373,18 @@ def test_a_utf16_or_utf32_file_is_refused_with_the_fix(tmp_path):
         plan_shards([str(tmp_path / "nobom.jsonl")], 5)
 
 
+@pytest.mark.faults
+def test_a_text_line_holding_a_nul_byte_past_the_files_start_fails_that_line(tmp_path):
+    # Past the first MiB that the file's encoding check reads.
+    path = tmp_path / "long.txt"
+    path.write_bytes(b"a cat\n" * 200_000 + b"a d\0g\n" + b"a bird\n")
+    records = _read_all([str(path)], 1_000_000)
+    assert [r.fields["prompt"] for r in records if r.fields][-1] == "a bird"
+    (bad,) = [r for r in records if r.error]
+    assert bad.line == 200_001 and "holds a NUL byte" in bad.error and "save it as UTF-8" in bad.error
+    assert isinstance(to_samples(bad, DEFAULTS), Failure)
+
+
 def test_a_file_named_with_glob_characters_is_that_file(tmp_path):
     path = _write_jsonl(tmp_path / "prompts [v2].jsonl", [{"prompt": "a"}])
     assert expand_patterns([path]) == [path]
