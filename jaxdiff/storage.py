@@ -254,16 +254,18 @@ def file_versions(folder: str) -> dict[str, str]:
 
 
 def _upload_temp_dir() -> str:
-    return os.path.join(tempfile.gettempdir(), "jaxdiff-uploads")
+    # One a user: another user's folder in a shared temp folder is not writable.
+    return os.path.join(tempfile.gettempdir(), f"jaxdiff-uploads-{os.getuid()}" if hasattr(os, "getuid")
+                        else "jaxdiff-uploads")
 
 
 def local_temp_for(dest: str) -> str:
     """A temporary file on the same filesystem as `dest` (so os.replace is atomic); for a
-    gs:// `dest`, one in the temp folder's jaxdiff-uploads/, named with this process's id
+    gs:// `dest`, one in the temp folder's jaxdiff-uploads-UID/, named with this process's id
     (see remove_stale_uploads)."""
     prefix = "." + os.path.basename(dest) + "."
     if is_gcs(dest):
-        os.makedirs(_upload_temp_dir(), exist_ok=True)
+        os.makedirs(_upload_temp_dir(), mode=0o700, exist_ok=True)
         fd, path = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}.", suffix=".partial", dir=_upload_temp_dir())
     else:
         folder = os.path.dirname(dest) or "."
@@ -286,7 +288,7 @@ def remove_stale_uploads() -> list[str]:
         for entry in os.scandir(_upload_temp_dir()):
             parts = entry.name.removesuffix(".partial").rsplit(".", 2)  # .{name}.{pid}.{random}
             if len(parts) == 3 and parts[1].isdigit() and not psutil.pid_exists(int(parts[1])):
-                with contextlib.suppress(FileNotFoundError):  # another process's sweep took it
+                with contextlib.suppress(FileNotFoundError, PermissionError):  # another's sweep took it
                     os.unlink(entry.path)
                     removed.append(entry.path)
     return removed

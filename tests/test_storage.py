@@ -248,9 +248,10 @@ def test_upload_temp_files_of_gone_processes_are_removed_and_live_ones_kept(tmp_
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     mine = storage.local_temp_for("gs://bucket/run/shard-00000.tar")
-    assert os.path.dirname(mine) == str(tmp_path / "jaxdiff-uploads")
+    folder = tmp_path / f"jaxdiff-uploads-{os.getuid()}"  # a user's own: another's would not be writable
+    assert os.path.dirname(mine) == str(folder) and stat.S_IMODE(os.stat(folder).st_mode) == 0o700
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = str(tmp_path / "jaxdiff-uploads" / f".shard-00001.tar.{int(gone.stdout)}.abc123.partial")
+    stale = str(folder / f".shard-00001.tar.{int(gone.stdout)}.abc123.partial")
     open(stale, "wb").close()
     assert storage.remove_stale_uploads() == [stale]
     assert os.path.exists(mine) and not os.path.exists(stale)
