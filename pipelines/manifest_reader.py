@@ -16,9 +16,9 @@ The text formats may be gzip-compressed (`.jsonl.gz`, `.csv.gz`, `.txt.gz`), and
 a UTF-16 or UTF-32 file (a byte-order mark, or NUL bytes near its start) is refused. A
 UTF-8 byte-order mark starting any line (or CSV row) is dropped, as files joined with cat
 carry them. Lines end in \\n or \\r\\n: a carriage return alone (classic Mac, Excel for Mac
-CSV) would merge records, so a file whose lines all end so, or a CSV row ending so, refuses
-the file, and a JSON-lines or text line holding one fails (one ending the file's last line
-merges nothing and is dropped).
+CSV) would merge records, so a file whose lines all end so refuses the file (a CSV one at
+its header row), and a JSON-lines or text line, or a CSV row outside quotes, holding one
+fails (one ending the file's last line merges nothing and is dropped).
 
 A shard is a contiguous record range of ONE file. Planning makes one streaming pass
 over each text file and keeps only the byte offset of every `shard_size`-th record, so
@@ -110,8 +110,8 @@ def field_meant(name: str) -> str | None:
     """The known field a name differs from only in case, spaces, hyphens or underscores
     ("Seed", "negative-prompt"), else None. Such a name is a mistake: as unknown fields
     pass through as metadata, the record would take the default for the field meant."""
-    if name in KNOWN_FIELDS:
-        return None
+    if name in KNOWN_FIELDS or name.strip().startswith("_") or name.strip().endswith("_"):
+        return None  # "_id" is another system's field (MongoDB, Elasticsearch exports), not ours
     return _FIELD_SPELLINGS.get(re.sub(r"[\s_-]", "", name).lower())
 
 
@@ -417,15 +417,17 @@ def _csv_rows(source: str, stream, offset: int, line: int) -> Iterator[_CsvRow]:
             continue  # a blank line
         # The row begins on the first non-blank line the reader took.
         skipped = next((i for i, t in enumerate(feed.texts) if t.strip()), 0)
-        if error and "new-line character" in error:  # csv's words for a \r alone outside quotes
-            raise ManifestError(f"{source} line {number + skipped}: a CSV row ends in a carriage return (\\r) "
-                                f"alone; {_CR_FIX}")
         quote_fix = 'close the quote, and write a quote inside a quoted cell as two ("")'
-        if error and len(feed.texts) - skipped > 1:
+        if error and "new-line character" in error:  # csv's words for a \r alone outside quotes
+            # Fails the row; in the header row (where a file whose rows end in \r alone, as
+            # Excel for Mac writes them, stops) it refuses the file (_csv_header).
+            error = (f"malformed CSV: a carriage return (\\r) alone outside quotes: quote a cell that holds "
+                     f"one; {_CR_FIX}")
+        elif error and len(feed.texts) - skipped > 1:
             raise ManifestError(f"{source} line {number + skipped}: a quote opened in the CSV row starting on this "
                                 f"line is not closed where it should be, so lines {number + skipped} to "
                                 f"{feed.next_line - 1} read as one row ({error}): {quote_fix}")
-        if error:
+        elif error:
             error = (f"malformed CSV ({error}): " + (f"keep each cell under {csv.field_size_limit()} characters"
                                                     if "field limit" in error else quote_fix))
         text = "".join(feed.texts[skipped:]).rstrip("\r\n")

@@ -137,12 +137,13 @@ def test_a_field_name_off_only_in_case_spaces_or_hyphens_is_a_mistake(tmp_path):
     # As metadata, "Seed" would pass through while the record renders with the run's seed.
     path = _write_jsonl(tmp_path / "k.jsonl", [
         {"id": "j1", "prompt": "p", "Seed": 5}, {"id": "j2", "prompt": "p", "negative-prompt": "blur"},
-        {"id": "j3", "prompt": "p", "Seeds": 1, "seed_note": "kept"}])
+        {"id": "j3", "prompt": "p", "Seeds": 1, "seed_note": "kept", "_id": {"$oid": "65a1"}, "mask_": 1}])
     j1, j2, j3 = (to_samples(r, DEFAULTS) for r in _read_all([path], 5))
     assert (j1.id, j1.line, j1.reason) == ("j1", 1, "field 'Seed' looks like 'seed': write it seed (field names are "
                                                    "exact; as it is, it would pass through as metadata)")
     assert j2.id == "j2" and j2.reason.startswith("field 'negative-prompt' looks like 'negative_prompt'")
-    assert j3[0].metadata == {"Seeds": 1, "seed_note": "kept"}  # unknown fields still pass through
+    # Unknown fields still pass through, another system's "_id" (MongoDB, Elasticsearch) too.
+    assert j3[0].metadata == {"Seeds": 1, "seed_note": "kept", "_id": {"$oid": "65a1"}, "mask_": 1}
     csv_path = _write_csv(tmp_path / "k.csv", ["id", "prompt", " Guidance"], [["c1", "p", "3"]])
     with pytest.raises(ManifestError) as refused:
         plan_shards([csv_path], 5)
@@ -557,13 +558,18 @@ def test_a_carriage_return_alone_in_a_line_fails_it_or_refuses_the_csv(tmp_path)
     merged, c = (to_samples(r, DEFAULTS) for r in _read_all([str(jsonl)], 5))
     assert isinstance(merged, Failure) and merged.line == 1 and merged.reason.startswith("line holds a carriage return")
     assert [s.id for s in c] == ["c"]
-    # Excel for Mac: rows end in \r, line breaks inside cells are \n; a row ending in \r alone later on.
+    # Excel for Mac: rows end in \r, line breaks inside cells are \n: the header row tells.
     csv_path = tmp_path / "m.csv"
-    for body, line in ((b'id,prompt\rr1,a cat\rr2,"multi\nline"\rr3,a dog\r', 1), (b"id,prompt\nc1,a\rb\nc2,x\n", 2)):
-        csv_path.write_bytes(body)
-        with pytest.raises(ManifestError) as refused:
-            plan_shards([str(csv_path)], 5)
-        assert str(refused.value) == f"{csv_path} line {line}: a CSV row ends in a carriage return (\\r) alone; " + fix
+    cr = "malformed CSV: a carriage return (\\r) alone outside quotes: quote a cell that holds one; " + fix
+    csv_path.write_bytes(b'id,prompt\rr1,a cat\rr2,"multi\nline"\rr3,a dog\r')
+    with pytest.raises(ManifestError) as refused:
+        plan_shards([str(csv_path)], 5)
+    assert str(refused.value) == f"{csv_path} line 1: cannot read the CSV header row: " + cr
+    # A data row holding one, as Python's csv module writes a cell with a \r: that row fails.
+    csv_path.write_bytes(b"id,prompt\nc1,a\rb\nc2,x\n")
+    bad, good = (to_samples(r, DEFAULTS) for r in _read_all([str(csv_path)], 5))
+    assert isinstance(bad, Failure) and (bad.line, bad.record, bad.reason) == (2, "c1,a\rb", cr)
+    assert [s.id for s in good] == ["c2"]
     csv_path.write_bytes(b'id,prompt\nc1,"a\rb"\n')  # inside quotes a \r is the cell's own
     assert [r.fields["prompt"] for r in _read_all([str(csv_path)], 5)] == ["a\rb"]
 
