@@ -135,11 +135,12 @@ def _split_beam_flags(argv: list[str], parser: argparse.ArgumentParser) -> tuple
     return ours, beam_args
 
 
-def _check_beam_flags(beam_args: list[str], parser: argparse.ArgumentParser, placeholders: bool) -> None:
-    """Beam's flags, read as Beam reads them. A flag that Beam does not know either and that
-    is close to one of ours is a typo of ours: Beam would only log that it discards it, and
-    the run would go on without it. Beam's --dry_run with a local runner, without our
-    --dry-run (`placeholders`), is ours mistyped: the run would render for real."""
+def _check_beam_flags(beam_args: list[str], parser: argparse.ArgumentParser, placeholders: bool) -> bool:
+    """Beam's flags, read as Beam reads them; returns whether they name a local runner. A flag
+    that Beam does not know either and that is close to one of ours is a typo of ours: Beam
+    would only log that it discards it, and the run would go on without it. Beam's --dry_run
+    with a local runner, without our --dry-run (`placeholders`), is ours mistyped: the run
+    would render for real."""
     import difflib
 
     from pipelines import job  # first: its package filters Beam's import-time notice
@@ -168,6 +169,7 @@ def _check_beam_flags(beam_args: list[str], parser: argparse.ArgumentParser, pla
         close = difflib.get_close_matches(name, ours, n=1, cutoff=0.75)
         if close:
             parser.error(f"--{name}: did you mean {ours[close[0]]}? (neither jaxdiff nor Apache Beam knows --{name})")
+    return job.is_local(options)
 
 
 @contextlib.contextmanager
@@ -175,9 +177,11 @@ def _exit_on_interrupt():
     """Ctrl-C ends the command and its worker processes at once. Beam's cleanup after an
     interrupt can wait forever for its workers (--direct_running_mode=multi_processing),
     which then outlive the command, and its traceback says nothing useful. Ending so is
-    safe, as after a kill: a shard counts only once its marker is written, after its files."""
+    safe, as after a kill: a shard counts only once its marker is written, after its files.
+    Yields the call that gives Ctrl-C back to Python: a remote runner's job goes on without
+    this command, which then only says so (render_command)."""
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield lambda: None
         return
 
     def stop(signum, frame):
@@ -192,7 +196,7 @@ def _exit_on_interrupt():
 
     previous = signal.signal(signal.SIGINT, stop)
     try:
-        yield
+        yield lambda: signal.signal(signal.SIGINT, previous)
     finally:
         signal.signal(signal.SIGINT, previous)
 
@@ -216,6 +220,11 @@ def render_command(args: argparse.Namespace, beam_args: list[str]) -> int:
     except (ManifestError, job.RunConflict, job.JobError, OSError, ValueError) as e:
         print(f"jaxdiff render: error: {e}", file=sys.stderr)
         return EXIT_ERROR
+    except KeyboardInterrupt:  # a remote runner's (a local one's ends in _exit_on_interrupt)
+        print("\njaxdiff render: interrupted. A job submitted to a remote runner goes on without this "
+              "command: cancel it there (on Dataflow: gcloud dataflow jobs cancel JOB_ID --region REGION), or let "
+              "it finish and rerun the same command, which then writes index.json.", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as e:  # a failed pipeline: say what failed, keep the details in the log
         logging.getLogger("jaxdiff").debug("render failed", exc_info=True)
         print(f"jaxdiff render: error: the pipeline failed: {e.__class__.__name__}: {e}", file=sys.stderr)
@@ -251,8 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     # Beam logs every bundle at INFO; the progress bar and summary say what matters.
     logging.basicConfig(level=logging.WARNING)
     if args.command == "render":
-        with _exit_on_interrupt():  # from the imports on (seconds of them before Beam starts)
-            _check_beam_flags(beam_args, render, placeholders=args.dry_run)
+        with _exit_on_interrupt() as python_interrupts:  # from the imports on (seconds before Beam starts)
+            if not _check_beam_flags(beam_args, render, placeholders=args.dry_run):
+                python_interrupts()
             return render_command(args, beam_args)
     parser.error(f"unknown command {args.command}")
     return EXIT_ERROR

@@ -381,6 +381,28 @@ def test_run_wide_negative_prompt_and_strength_fill_what_records_leave_out(tmp_p
 
 
 @pytest.mark.faults
+def test_ctrl_c_while_a_remote_runner_works_says_the_job_goes_on(tmp_path, capsys, monkeypatch):
+    """A Dataflow job goes on without the command that submitted it: Ctrl-C there must not say
+    to rerun (a second job would render the same shards), nor end the command unasked."""
+    import signal
+
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"prompt": "a"}\n')
+    handlers = []
+
+    def interrupted(*args, **kwargs):
+        handlers.append(signal.getsignal(signal.SIGINT))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(job, "run", interrupted)
+    code = cli.main(["render", str(manifest), "--out", "gs://b/out", "--dry-run", "--runner=DataflowRunner",
+                     "--project=p", "--region=us-central1", "--temp_location=gs://b/tmp"])
+    assert code == cli.EXIT_INTERRUPTED and handlers == [signal.default_int_handler]
+    assert "A job submitted to a remote runner goes on without this command: cancel it there" in \
+        capsys.readouterr().err
+
+
+@pytest.mark.faults
 def test_a_dry_run_delay_without_a_dry_run_is_refused(tmp_path, capsys):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps({"prompt": "a blue square"}) + "\n")
