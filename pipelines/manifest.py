@@ -53,7 +53,7 @@ import numpy as np
 
 from jaxdiff import storage
 from jaxdiff.engine.images import grey_from_pil, mask_size_problem, rgb_from_pil
-from jaxdiff.engine.sample import MODES, Sample, derive_seed
+from jaxdiff.engine.sample import MODES, Sample, derive_seed, whole_number
 from pipelines.manifest_reader import (
     KNOWN_FIELDS,
     ManifestError,
@@ -254,10 +254,8 @@ def _is_number(value) -> bool:
 
 def _integer(name: str, value) -> int:
     """An int from an int, an integral float, or whole-number text ("12", "12.0"); never from a bool."""
-    if _is_int(value):
-        return int(value)
-    if isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
-        return int(value)
+    if whole_number(value) is not None:  # the engine's rule for numbers: ints and integral floats
+        return whole_number(value)
     if isinstance(value, decimal.Decimal) and value.is_finite() and value == value.to_integral_value():
         return int(value)
     # "12.0" too: pandas writes a whole-number column holding a NaN as floats. 100 digits:
@@ -308,10 +306,8 @@ def _record_id(raw: RawRecord, fields: dict[str, Any] | None) -> str:
         name = posixpath.basename(raw.source) if storage.is_gcs(raw.source) else os.path.basename(raw.source)
         # surrogatepass: the id of a record that then fails on its text must still be made.
         return hashlib.sha1(f"{name}\n{raw.index}\n{prompt}".encode("utf-8", "surrogatepass")).hexdigest()[:20]
-    if _is_int(value):
-        value = str(value)
-    elif isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
-        value = str(int(value))  # 12.0: pandas' int column holding a NaN, as written to Parquet
+    if whole_number(value) is not None:  # 12.0 too: pandas' int column holding a NaN, as written to Parquet
+        value = str(whole_number(value))
     if not isinstance(value, str) or not _ID.match(value):
         raise _Invalid(f"id {value!r} is not usable: use up to 128 letters, digits, '.', '_' or '-' "
                        f"(not starting with '.' or '-'), or leave id out to derive one")
