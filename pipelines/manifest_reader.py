@@ -512,10 +512,9 @@ def _record_starts(fmt: str, source: str, stream, offset: int, line: int,
             yield start, number
 
 
-def _refuse_utf16(path: str, stream) -> None:
+def _refuse_utf16(path: str, head: bytes) -> None:
     """UTF-16 (Windows PowerShell's default) or UTF-32 text would read as prompts full of
     NULs: say so up front."""
-    head = stream.peek(_READ_BUFFER)[:_READ_BUFFER] if hasattr(stream, "peek") else b""
     for encoding, boms in (("UTF-32", (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)),
                            ("UTF-16", (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))):
         if head.startswith(boms):
@@ -526,17 +525,15 @@ def _refuse_utf16(path: str, stream) -> None:
                             f"byte-order mark, or not text at all): save it as UTF-8")
 
 
-def _refuse_cr_line_ends(path: str, stream) -> None:
+def _refuse_cr_line_ends(path: str, head: bytes) -> None:
     """Lines ended by \\r alone (classic Mac) would all read as one record: say so up front."""
-    head = stream.peek(_READ_BUFFER)[:_READ_BUFFER] if hasattr(stream, "peek") else b""
     if b"\r" in head and b"\n" not in head:
         raise ManifestError(f"{path}: its lines end in a carriage return (\\r) alone; {_CR_FIX}")
 
 
-def _refuse_json_document(path: str, stream) -> None:
+def _refuse_json_document(path: str, head: bytes) -> None:
     """A .json file holding one array, or objects pretty-printed over several lines, is a
     common mix-up with JSON Lines (each of its lines would fail on its own): say so up front."""
-    head = stream.peek(_READ_BUFFER)[:_READ_BUFFER] if hasattr(stream, "peek") else b""
     body = head.lstrip(_BOM + b" \t\r\n")
     if body.startswith(b"["):
         raise ManifestError(f"{path} holds a JSON array; write one JSON object a line (JSON Lines)")
@@ -641,13 +638,15 @@ def plan_shards(files: list[str], shard_size: int) -> list[ShardSpec]:
         try:
             with _open(path, gzipped) as stream:
                 columns, offset, line = None, 0, 1
-                _refuse_utf16(path, stream)
-                _refuse_cr_line_ends(path, stream)
+                # The file's first MiB, which the checks below read, left in the stream's buffer.
+                head = stream.peek(_READ_BUFFER)[:_READ_BUFFER] if hasattr(stream, "peek") else b""
+                _refuse_utf16(path, head)
+                _refuse_cr_line_ends(path, head)
                 if fmt == "csv":
                     columns, offset, line = _csv_header(path, stream)
                     stream.seek(offset)
                 elif fmt == "jsonl":
-                    _refuse_json_document(path, stream)
+                    _refuse_json_document(path, head)
                 # (record number, offset, line) of the first record of each shard.
                 starts: list[tuple[int, int, int]] = []
                 count = 0
