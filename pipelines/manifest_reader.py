@@ -115,6 +115,16 @@ def field_meant(name: str) -> str | None:
     return _FIELD_SPELLINGS.get(re.sub(r"[\s_-]", "", name).lower())
 
 
+def _refuse_misnamed_columns(where: str, columns: list[str]) -> None:
+    """A CSV or Parquet column named off a field (`field_meant`) refuses the file: every
+    record would take the default for the field meant. `where` starts the message."""
+    for column in columns:
+        meant = field_meant(column)
+        if meant:
+            raise ManifestError(f"{where} {column!r}, which looks like the field {meant!r}: rename the column "
+                                f"{meant} (field names are exact; as it is, it would pass through as metadata)")
+
+
 def file_format(path: str) -> tuple[str, bool]:
     """(format, gzipped) for a manifest path, or ManifestError naming the path."""
     name = path.lower()
@@ -443,12 +453,7 @@ def _csv_header(source: str, stream) -> tuple[list[str], int, int]:
             raise ManifestError(f"{source} line {row.line}: the CSV header row is not valid UTF-8 "
                                 f"(byte 0x{row.bad_byte:02x}): save the file as UTF-8")
         columns = [c.strip() for c in row.cells]
-        for column in columns:
-            meant = field_meant(column)
-            if meant:
-                raise ManifestError(f"{source}: the CSV header names {column!r}, which looks like the field "
-                                    f"{meant!r}: rename the column {meant} (field names are exact; as it is, "
-                                    f"it would pass through as metadata)")
+        _refuse_misnamed_columns(f"{source}: the CSV header names", columns)
         if "prompt" not in columns:
             raise ManifestError(
                 f"{source}: the CSV header row has no 'prompt' column (columns: {', '.join(columns)}); "
@@ -564,13 +569,11 @@ def _parquet_file(path: str):
     except Exception as e:
         stream.close()
         raise ManifestError(f"cannot read Parquet file {path}: {e}") from e
-    for column in parquet.schema_arrow.names:
-        meant = field_meant(column)
-        if meant:
-            stream.close()
-            raise ManifestError(f"{path}: the Parquet file has a column {column!r}, which looks like the field "
-                                f"{meant!r}: rename the column {meant} (field names are exact; as it is, it "
-                                f"would pass through as metadata)")
+    try:
+        _refuse_misnamed_columns(f"{path}: the Parquet file has a column", parquet.schema_arrow.names)
+    except ManifestError:
+        stream.close()
+        raise
     if "prompt" not in parquet.schema_arrow.names:
         stream.close()
         raise ManifestError(f"{path}: the Parquet file has no 'prompt' column "
