@@ -202,15 +202,21 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-c", "import sys; from jaxdiff.cli import main; sys.exit(main())", "render", *args]
 
 
-@pytest.mark.pipeline
-@pytest.mark.faults
-def test_killed_run_resumes_with_two_worker_processes(tmp_path):
+def _dry_run_command(tmp_path, *flags: str) -> tuple:
+    """(output folder, the dry run's arguments over the test manifest, the environment) for a
+    run of the command in a process of its own, one record a batch, three a shard."""
     manifest_path = tmp_path / "m.jsonl"
     manifest_path.write_text("\n".join(_manifest_lines()) + "\n")
     out = tmp_path / "out"
     common = [str(manifest_path), "--out", str(out), "--dry-run", "--width", "16", "--height", "8",
-              "--shard-size", "3", "--batch-size", "1", "--no-progress"]
-    env = dict(os.environ, NO_GCE_CHECK="true", JAX_PLATFORMS="cpu")
+              "--shard-size", "3", "--batch-size", "1", "--no-progress", *flags]
+    return out, common, dict(os.environ, NO_GCE_CHECK="true", JAX_PLATFORMS="cpu")
+
+
+@pytest.mark.pipeline
+@pytest.mark.faults
+def test_killed_run_resumes_with_two_worker_processes(tmp_path):
+    out, common, env = _dry_run_command(tmp_path)
 
     proc = subprocess.Popen(_cli(*common, "--dry-run-delay", "0.4"), env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -245,13 +251,8 @@ def test_ctrl_c_ends_the_command_and_its_worker_processes_at_once_and_the_rerun_
     """Beam's own cleanup after an interrupt could wait forever for its worker processes."""
     import psutil
 
-    manifest_path = tmp_path / "m.jsonl"
-    manifest_path.write_text("\n".join(_manifest_lines()) + "\n")
-    out = tmp_path / "out"
-    common = [str(manifest_path), "--out", str(out), "--dry-run", "--width", "16", "--height", "8",
-              "--shard-size", "3", "--batch-size", "1", "--no-progress",
-              "--direct_num_workers", "2", "--direct_running_mode", "multi_processing"]
-    env = dict(os.environ, NO_GCE_CHECK="true", JAX_PLATFORMS="cpu")
+    out, common, env = _dry_run_command(tmp_path, "--direct_num_workers", "2",
+                                        "--direct_running_mode", "multi_processing")
     proc = subprocess.Popen(_cli(*common, "--dry-run-delay", "0.4"), env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
