@@ -259,6 +259,14 @@ def main(argv: list[str] | None = None) -> int:
             render.error("--dry-run-delay applies to --dry-run only: add --dry-run, or leave the delay out")
     # Beam logs every bundle at INFO; the progress bar and summary say what matters.
     logging.basicConfig(level=logging.WARNING)
+    # The job's own warnings read as the command's other messages, on this call's stderr.
+    job_log = logging.getLogger("pipelines")
+    job_log.handlers = [h for h in job_log.handlers if h.get_name() != "jaxdiff render"]
+    handler = logging.StreamHandler(sys.stderr)
+    handler.set_name("jaxdiff render")
+    handler.setFormatter(logging.Formatter("jaxdiff render: warning: %(message)s"))
+    job_log.addHandler(handler)
+    job_log.propagate = False
     if args.command == "render":
         with _exit_on_interrupt() as python_interrupts:  # from the imports on (seconds before Beam starts)
             if not _check_beam_flags(beam_args, render, placeholders=args.dry_run):

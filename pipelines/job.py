@@ -18,6 +18,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import platform
@@ -42,6 +43,7 @@ LOCAL_RUNNERS = ("fnapi", "direct", "bundlebaseddirect", "switchingdirect")
 DRY_RUN_SIZE = 64  # a dry run's image side when --width / --height are not given
 RUN_FILE = "run.json"
 INDEX_FILE = "index.json"
+log = logging.getLogger(__name__)
 
 
 class RunConflict(RuntimeError):
@@ -701,6 +703,34 @@ def check_same_models(out: str, recorded: dict, loaded: dict) -> None:
                           f"choose another --out.")
 
 
+def _per_chip(record: dict) -> int | None:
+    """Samples per chip of a run.json: from the loaded renderer's record where the driver had
+    one (batch size padded to the chips), else None."""
+    model = record.get("model") or {}
+    if isinstance(model.get("batch_size"), int) and model.get("devices"):
+        return model["batch_size"] // len(model["devices"])
+    return None
+
+
+def batch_shape_note(out: str, recorded: dict, now: dict) -> str | None:
+    """A note when this run splits its batches otherwise than the run recorded in `out`: the
+    batch size is not part of a run's identity, but its images differ by rounding at another
+    per-chip batch (README "Python API"), visibly in bfloat16."""
+    before, after = _per_chip(recorded), _per_chip(now)
+    unit = "per chip"
+    if before is None or after is None:  # a remote runner's record: only the command's batch size
+        before, after, unit = recorded.get("batch_size"), now.get("batch_size"), "a batch"
+    if before is None or before == after:
+        return None
+    dtypes = {part.get("dtype") for part in ((now.get("model") or {}).get(p) for p in ("base", "upscaler"))
+              if isinstance(part, dict)}
+    effect = ("one level at most (float32)" if dtypes == {"float32"}
+              else "a few levels, some edges by tens, in bfloat16 or float16")
+    return (f"{out} was rendered {before} samples {unit}, this run renders {after}: its images differ from "
+            f"what the earlier batch size renders by rounding, {effect}. To render the rest as before, rerun "
+            f"with the earlier --batch-size ({recorded.get('batch_size')}) on as many chips.")
+
+
 def clear_output(out: str) -> None:
     """Deletes what a run wrote to `out` (markers first, so nothing half-deleted looks complete)."""
     names = shards.list_files(out)
@@ -971,7 +1001,7 @@ def run(manifests: list[str], out: str, config: RenderConfig, *, beam_args: Iter
         renderer = handle.acquire(renderer_factory)
         model_info = renderer.describe()
         check_same_models(out, (existing or {}).get("model", {}), model_info)
-    shards.write_json(storage.join(out, RUN_FILE), {
+    record = {
         "config": config.identity(),
         "batch_size": config.batch_size,
         "manifest": {"files": files, "fingerprint": fingerprint, "shards": len(specs)},
@@ -979,7 +1009,11 @@ def run(manifests: list[str], out: str, config: RenderConfig, *, beam_args: Iter
         "versions": _versions(),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "runner": str(options.view_as(StandardOptions).runner),
-    })
+    }
+    note = existing and done and pending and not config.dry_run and batch_shape_note(out, existing, record)
+    if note:
+        log.warning(note)
+    shards.write_json(storage.join(out, RUN_FILE), record)
 
     if pending:
         pipeline = build_pipeline(options, pending, out, renderer_factory, defaults, config,

@@ -350,6 +350,24 @@ def test_naming_the_default_a_run_left_open_resumes_it(tmp_path):
         job.run([str(manifest_path)], out, _config(steps=30), progress=False)
 
 
+def test_a_resume_at_another_batch_shape_is_noted_per_chip_or_by_the_commands_batch_size():
+    """Per chip where the driver loaded the renderer (8 on 4 chips is 2 on 1: the same
+    programs); by the command's batch size where a remote runner's record has no devices."""
+    def local(batch_size, chips, dtype="bfloat16"):
+        return {"batch_size": batch_size, "model": {"batch_size": batch_size, "devices": ["d"] * chips,
+                                                    "base": {"dtype": dtype}}}
+
+    assert job.batch_shape_note("out", local(8, 4), local(2, 1)) is None
+    note = job.batch_shape_note("out", local(8, 4), local(8, 1))
+    assert "out was rendered 2 samples per chip, this run renders 8" in note
+    assert "bfloat16" in note and "--batch-size (8) on as many chips" in note
+    assert "float32" in job.batch_shape_note("out", local(8, 1, "float32"), local(4, 1, "float32"))
+    remote = {"batch_size": 16, "model": {"model": None, "upscaler": None}}
+    assert "rendered 16 samples a batch, this run renders 32" in job.batch_shape_note(
+        "gs://b/run", remote, dict(remote, batch_size=32))
+    assert job.batch_shape_note("gs://b/run", remote, remote) is None
+
+
 @pytest.mark.pipeline
 @pytest.mark.faults
 def test_dry_run_draws_and_checks_an_outpaint_canvas_at_its_own_size(tmp_path):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
+import logging
 import os
 
 import numpy as np
@@ -12,12 +14,12 @@ import pytest
 from PIL import Image
 
 from jaxdiff import storage
-from pipelines import job
+from pipelines import job, shards
 from tiny_models import make_sd_folder, make_upscaler_folder
 
 
 @pytest.mark.pipeline
-def test_manifest_renders_through_base_and_upscaler_into_shards(tmp_path, monkeypatch):
+def test_manifest_renders_through_base_and_upscaler_into_shards(tmp_path, monkeypatch, caplog):
     import webdataset as wds
 
     monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
@@ -97,6 +99,18 @@ def test_manifest_renders_through_base_and_upscaler_into_shards(tmp_path, monkey
             job.run([str(manifest_path)], out, config, progress=False)
     again = job.run([str(manifest_path)], out, config, progress=False)
     assert again.complete and again.rendered_shards == 0
+
+    # The batch size is not part of the run, but a resume at another one is told what that changes.
+    os.remove(os.path.join(out, "shard-00001" + shards.STATS_SUFFIX))
+    with caplog.at_level(logging.WARNING, logger="pipelines.job"):
+        job.run([str(manifest_path)], out, dataclasses.replace(config, batch_size=1), progress=False)
+    assert "rendered 2 samples per chip, this run renders 1" in caplog.text
+    assert "one level at most (float32)" in caplog.text and "--batch-size (2)" in caplog.text
+    caplog.clear()
+    os.remove(os.path.join(out, "shard-00001" + shards.STATS_SUFFIX))
+    with caplog.at_level(logging.WARNING, logger="pipelines.job"):
+        assert job.run([str(manifest_path)], out, dataclasses.replace(config, batch_size=1), progress=False).complete
+    assert "samples per chip" not in caplog.text
 
 
 @pytest.mark.pipeline
