@@ -83,12 +83,17 @@ def test_last_hidden_state_and_pooled_match_transformers(hidden_act):
 
 @pytest.mark.parity
 def test_legacy_eos_token_id_pools_at_highest_id():
-    # SD 1.x / 2.x configs say eos_token_id=2; transformers then pools at argmax(ids).
+    # SD 1.x / 2.x configs say eos_token_id=2; transformers then pools at argmax(ids), the
+    # first EOS. SD's tokenizer pads with EOS, so each row holds it many times: the pooled
+    # state must be the first one's (4 and 8), not a later padding position's.
     reference, model = torch_and_jax(tiny_config(eos_token_id=2, hidden_act="gelu"))
     ids = prompt_ids(EOS)  # EOS (40) is the highest id in each row
+    ids[0, 5:], ids[1, 9:] = EOS, EOS
     expected = run_reference(reference, ids)
     out = model(jnp.asarray(ids, jnp.int32))
     np.testing.assert_allclose(out.pooled, expected.pooler_output.numpy(), atol=ATOL, rtol=RTOL)
+    np.testing.assert_allclose(out.pooled[0], out.last_hidden_state[0, 4], atol=0)
+    np.testing.assert_allclose(out.pooled[1], out.last_hidden_state[1, 8], atol=0)
 
 
 @pytest.mark.parity
