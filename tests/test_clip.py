@@ -12,6 +12,7 @@ import torch
 import transformers
 from flax import nnx
 
+from jaxdiff.models import attention
 from jaxdiff.models.clip import (CLIPTextConfig, CLIPTextModel, UnsupportedConfig, load_tokenizer,
                                  tokenize, with_text_model_prefix)
 from jaxdiff.weights.convert import load_state_dict
@@ -34,8 +35,9 @@ def tiny_config(**overrides) -> dict:
     return config
 
 
-def torch_and_jax(config: dict):
-    """A random transformers CLIPTextModel and our model loaded from its weights."""
+def torch_and_jax(config: dict, dtype=jnp.float32):
+    """A random transformers CLIPTextModel and our model loaded from its weights (in
+    `dtype`; the reference keeps float32, its weights rounded to `dtype`)."""
     torch.manual_seed(0)
     torch_config = transformers.CLIPTextConfig(**config)
     torch_config._attn_implementation = "eager"
@@ -45,12 +47,16 @@ def torch_and_jax(config: dict):
         for name, p in reference.named_parameters():
             if "layer_norm" in name:
                 p.add_(0.1 * torch.randn_like(p))
+        if dtype == jnp.bfloat16:
+            for p in reference.parameters():
+                p.copy_(p.to(torch.bfloat16).float())
     # transformers 5 drops the `text_model.` prefix; a diffusers checkpoint file has it,
     # and often the `position_ids` buffer too.
     tensors = {"text_model." + k: v.numpy() for k, v in reference.state_dict().items()}
     tensors["text_model.embeddings.position_ids"] = np.arange(config["max_position_embeddings"])[None]
-    abstract = nnx.eval_shape(lambda: CLIPTextModel(CLIPTextConfig.from_dict(config), rngs=nnx.Rngs(0)))
-    model = load_state_dict(abstract, tensors, ignore=("position_ids",))
+    abstract = nnx.eval_shape(lambda: CLIPTextModel(CLIPTextConfig.from_dict(config), dtype=dtype,
+                                                    rngs=nnx.Rngs(0)))
+    model = load_state_dict(abstract, tensors, dtype=dtype, ignore=("position_ids",))
     return reference, model
 
 
@@ -141,6 +147,40 @@ def test_attention_mask_matches_transformers():
     np.testing.assert_allclose(out.pooled, expected.pooler_output.numpy(), atol=ATOL, rtol=RTOL)
     unmasked = run_reference(reference, ids).last_hidden_state.numpy()
     assert not np.allclose(out.last_hidden_state[0, 5:], unmasked[0, 5:], atol=1e-3)
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("masked", [False, True], ids=["causal", "causal-and-padding-mask"])
+def test_cudnn_path_of_causal_attention_matches_transformers(monkeypatch, masked):
+    # On a GPU, bf16 CLIP attention at a head dim that is a multiple of 8 goes to cuDNN
+    # (the tiny config's head dim 5 stays on XLA). Here XLA's attention stands in for cuDNN
+    # (no GPU), taking the keywords the dispatch passes, so a call that drops is_causal or
+    # the padding mask on its way shows against transformers.
+    calls = []
+
+    def fake_cudnn(q, k, v, **kwargs):
+        calls.append(kwargs)
+        return jax.nn.dot_product_attention(q, k, v, implementation="xla", **kwargs)
+
+    monkeypatch.setattr(attention, "_cudnn", fake_cudnn)
+    config = tiny_config(hidden_size=32, num_attention_heads=4, use_attention_mask=masked)
+    reference, model = torch_and_jax(config, dtype=jnp.bfloat16)
+    ids = prompt_ids(EOS)
+    mask = np.zeros_like(ids)
+    mask[0, :5], mask[1, :9] = 1, 1
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask) if masked else None)
+    with attention.dispatch(backend="gpu"):
+        out = model(jnp.asarray(ids, jnp.int32), attention_mask=jnp.asarray(mask) if masked else None)
+    # Every layer's attention went to cuDNN, told it is causal (and given the mask).
+    assert [kwargs.get("is_causal") for kwargs in calls] == [True] * config["num_hidden_layers"]
+    assert all((kwargs.get("mask") is not None) == masked for kwargs in calls)
+    assert out.last_hidden_state.dtype == jnp.bfloat16
+    # bf16 activations against float32 ones (same bf16 weights): about 1% of the scale.
+    for got, want in ((out.last_hidden_state, expected.last_hidden_state), (out.pooled, expected.pooler_output)):
+        got, want = np.asarray(got, np.float32), want.numpy()
+        err = np.max(np.abs(got - want)) / np.max(np.abs(want))
+        assert err < 3e-2, f"bf16 cuDNN path: error {err:.2e} relative to output scale"
 
 
 def test_bfloat16_stays_close_to_float32():
