@@ -121,7 +121,8 @@ def test_resnet_out_scale_factor_changes_nothing_in_sd_blocks_as_in_diffusers():
     dict(center_input_sample=True, flip_sin_to_cos=False, freq_shift=1),
     dict(downsample_padding=0, mid_block_scale_factor=2.0, norm_eps=1e-2),
     dict(time_embedding_dim=48, timestep_post_act="silu", conv_in_kernel=5, conv_out_kernel=1),
-    dict(layers_per_block=[1, 2, 1], transformer_layers_per_block=[1, 2, 3], attention_head_dim=[2, 4, 5]),
+    # Not a palindrome: the up path must take the lists reversed.
+    dict(layers_per_block=[2, 1, 1], transformer_layers_per_block=[1, 2, 3], attention_head_dim=[2, 4, 5]),
     # A single bool also sets mid_block_only_cross_attention, which the SD mid block ignores.
     dict(only_cross_attention=True),
 ], ids=["input-and-time-features", "padding-scale-eps", "time-dim-post-act-kernels", "per-block-lists",
