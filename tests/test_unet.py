@@ -268,6 +268,26 @@ def test_bfloat16_model_stays_close_to_float32():
     assert err < 5e-2, f"bf16 error {err:.2e} relative to output scale"
 
 
+def test_bfloat16_model_embeds_timesteps_in_float32():
+    # bf16 holds integers in [512, 1024) only to multiples of 4: timesteps 995 and 997 are
+    # both 996 there. Their sinusoids differ (the fastest turns a radian a step), so the
+    # two rows must too. One level, random weights: compiled in about a second.
+    import jax
+
+    cfg = UNetConfig.from_dict(dict(block_out_channels=(8,), down_block_types=("DownBlock2D",),
+                                    up_block_types=("UpBlock2D",), layers_per_block=1, norm_num_groups=4,
+                                    cross_attention_dim=8, attention_head_dim=2))
+    graphdef, state = nnx.split(nnx.eval_shape(
+        lambda: UNet2DConditionModel(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))))
+    rng = np.random.default_rng(0)
+    model = nnx.merge(graphdef, jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape) * 0.5, x.dtype),
+                                             state))
+    sample = np.repeat(rng.standard_normal((1, 8, 8, 4), np.float32), 2, axis=0)
+    context = np.repeat(rng.standard_normal((1, 5, 8), np.float32), 2, axis=0)
+    out = np.asarray(_forward(model, sample, np.array([995.0, 997.0], np.float32), context, None), np.float32)
+    assert np.max(np.abs(out[0] - out[1])) > 1e-2 * np.max(np.abs(out))  # bf16 rounds to ~0.4%
+
+
 def test_config_keeps_per_block_fields():
     cfg = UNetConfig.from_dict({**SD2_STYLE, "_class_name": "UNet2DConditionModel",
                                 "_diffusers_version": "0.42.1", "dropout": 0.0})
