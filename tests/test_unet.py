@@ -407,6 +407,31 @@ def test_published_configs_parse(config):
 
 
 @pytest.mark.parity
+@pytest.mark.parametrize("config", [SD15_CONFIG, SD21_CONFIG, UPSCALER_CONFIG],
+                         ids=["sd15", "sd21", "x4-upscaler"])
+def test_published_configs_read_as_diffusers_reads_them(config):
+    # These files leave out most keys (timestep_post_act, time_embedding_dim, the conv
+    # kernels, ...): every field jaxdiff derives must be what diffusers' model takes from
+    # the same file, defaults included (built on torch's "meta" device: no memory).
+    import dataclasses
+
+    from jaxdiff.models.unet import _REQUIRED_VALUES
+
+    with torch.device("meta"):
+        theirs = diffusers.UNet2DConditionModel.from_config(config).config
+    ours = UNetConfig.from_dict(config)
+    blocks = len(ours.block_out_channels)
+    for field in dataclasses.fields(UNetConfig):
+        value = theirs[field.name]
+        if isinstance(getattr(ours, field.name), tuple):  # per-block: one value for all, or a list
+            value = tuple(value) if isinstance(value, (list, tuple)) else (value,) * blocks
+        assert getattr(ours, field.name) == value, f"{field.name}: {getattr(ours, field.name)!r} != {value!r}"
+    # A key jaxdiff accepts at one value only means, when absent, diffusers' default.
+    for key, value in _REQUIRED_VALUES.items():
+        assert theirs[key] == value, key
+
+
+@pytest.mark.parity
 def test_full_size_upscaler_has_diffusers_parameter_count():
     # Built without memory on both sides (torch "meta" device, nnx.eval_shape); the
     # tensor count and total size must match exactly.
