@@ -683,13 +683,20 @@ def test_a_float16_family_keeps_a_vae_that_asks_for_it_in_float32(sd_folder, tmp
     folder = _copy_component(sd_folder[0], str(tmp_path), "vae")
     config_path = os.path.join(folder, "vae", "config.json")
     kernel_dtype = lambda dtype: load_component(folder, "vae", dtype=dtype).module.decoder.conv_in.kernel.get_value().dtype
-    for force_upcast, float16_as in ((True, jnp.float32), (False, jnp.float16)):
+    # The published SD 1.5, 2.1 and x4 VAE config.json files have no force_upcast key: as
+    # in diffusers, that means True.
+    for force_upcast, float16_as in ((True, jnp.float32), (False, jnp.float16), (None, jnp.float32)):
         with open(config_path) as f:
             config = json.load(f)
+        config = {k: v for k, v in config.items() if k != "force_upcast"}
         with open(config_path, "w") as f:
-            json.dump(dict(config, force_upcast=force_upcast), f)
-        assert kernel_dtype("float16") == float16_as
+            json.dump(config if force_upcast is None else dict(config, force_upcast=force_upcast), f)
+        assert kernel_dtype("float16") == float16_as, (
+            f"force_upcast: {'absent' if force_upcast is None else force_upcast}")
         assert kernel_dtype("bfloat16") == jnp.bfloat16
+    from jaxdiff.models.vae import VAEConfig
+
+    assert "force_upcast" not in config and VAEConfig.from_dict(config).force_upcast
 
 
 def test_models_build_with_init_keys_as_with_nnx_rngs():
