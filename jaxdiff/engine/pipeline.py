@@ -516,7 +516,7 @@ class Pipeline:
                 raise RenderError(str(e)) from None
             prep.lcm_grid = self._lcm_grid(prep.strength)
             return prep
-        prep.start_step = _start_step(prep.steps, prep.strength)
+        prep.start_step = int(samplers.host_start_steps(prep.steps, prep.strength)[0])
         if prep.start_step >= prep.steps:  # diffusers refuses this too
             raise RenderError(f"strength {prep.strength} at {prep.steps} steps leaves no step to take "
                               f"(int(steps x strength) = 0): raise the strength or the steps")
@@ -830,12 +830,6 @@ def _seed_list(caller: str, seeds) -> list[int]:
             raise ValueError(f"{caller}: seeds[{i}] is {seed!r}: give whole numbers in [0, 2**32)")
         out.append(value)
     return out
-
-
-def _start_step(steps: int, strength: float) -> int:
-    """First step an image-started sample takes (diffusers' img2img rule)."""
-    init_steps = min(int(steps * strength), steps)
-    return max(steps - init_steps, 0)
 
 
 def _family_info(family) -> dict:

@@ -4,6 +4,7 @@ No model inside: the sampling loop takes the denoiser as a function.
 """
 
 from jaxdiff.samplers.sampling_loop import (
+    host_start_steps,
     initial_latents,
     noise_to_step,
     sample,
@@ -20,6 +21,7 @@ __all__ = [
     "Sampler",
     "UnsupportedConfig",
     "add_noise",
+    "host_start_steps",
     "initial_latents",
     "make_sampler",
     "noise_to_step",

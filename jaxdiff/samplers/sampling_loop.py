@@ -36,17 +36,22 @@ def start_step_for_strength(num_steps: int, strength) -> jax.Array:
     Host values are evaluated in float64 (exactly the pipelines' rule); traced ones in float32.
     """
     try:
-        s = np.atleast_1d(np.asarray(strength, dtype=np.float64))
+        return jnp.asarray(host_start_steps(num_steps, strength))
     except jax.errors.TracerArrayConversionError:
         # Out-of-range strengths cannot raise under jit: clamp so the start stays a valid step.
         init = jnp.clip(jnp.floor(num_steps * jnp.asarray(strength, jnp.float32)), 0, num_steps)
         return (num_steps - init).astype(jnp.int32).reshape(-1)
+
+
+def host_start_steps(num_steps: int, strength) -> np.ndarray:
+    """start_step_for_strength of host values, as a NumPy array (no device round trip)."""
+    s = np.atleast_1d(np.asarray(strength, dtype=np.float64))
     if not np.all((s >= 0.0) & (s <= 1.0)):
         raise ValueError(
             f"strength must lie in [0, 1], got {s.tolist()}; 1 ignores the init image, 0 keeps it"
         )
     init = np.minimum(np.floor(num_steps * s), num_steps)
-    return jnp.asarray(np.maximum(num_steps - init, 0).astype(np.int32))
+    return np.maximum(num_steps - init, 0).astype(np.int32)
 
 
 def _check_batch(name: str, v: jax.Array, batch: int):
