@@ -187,11 +187,18 @@ def _exit_on_interrupt():
     def stop(signum, frame):
         import psutil
 
-        print("\njaxdiff render: interrupted. Committed shards are kept: rerun the same command to render "
-              "the rest.", file=sys.stderr, flush=True)
+        # Past this point the command says one thing: Beam's threads that see their workers
+        # die would print tracebacks of it, so stderr goes to /dev/null and the message to
+        # the terminal's own descriptor.
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        terminal = os.dup(2)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
         for worker in psutil.Process().children(recursive=True):  # Beam's worker processes
             with contextlib.suppress(psutil.Error):
                 worker.kill()
+        os.write(terminal, b"\njaxdiff render: interrupted. Committed shards are kept: rerun the same command "
+                           b"to render the rest.\n")
         os._exit(EXIT_INTERRUPTED)
 
     previous = signal.signal(signal.SIGINT, stop)
