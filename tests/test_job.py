@@ -58,34 +58,43 @@ def _config(**kw) -> job.RenderConfig:
 
 
 def _ids_in_output(out: str, local_copy: str) -> tuple[list[str], list[dict]]:
-    """(ids in the tar files, read with webdataset; failure records), checking parquet agrees."""
+    """(ids in the tar files, read with webdataset; failure records), checking parquet and
+    index.json agree."""
+    import hashlib
+
     import webdataset as wds
 
     os.makedirs(local_copy, exist_ok=True)
     index = json.loads(storage.read_text(storage.join(out, "index.json")))
     assert index["wids_version"] == 1
+    # wids cannot index an empty tar: the shardlist holds the shards with images, all of them.
+    assert index["shardlist"] == [{"url": e["url"], "nsamples": e["nsamples"]} for e in index["shards"]
+                                  if e["nsamples"]]
     tar_paths = []
     for entry in index["shards"]:
         local = os.path.join(local_copy, entry["url"])
         storage.download(storage.join(out, entry["url"]), local)
         tar_paths.append(local)
-    ids = []
+    ids, failures = [], []
     for entry, local in zip(index["shards"], tar_paths):
-        n = 0
+        with open(local, "rb") as f:
+            tar_bytes = f.read()
+        assert (entry["filesize"], entry["sha256"]) == (len(tar_bytes), hashlib.sha256(tar_bytes).hexdigest())
+        n, shard_ids = 0, []
         for item in wds.WebDataset(local, shardshuffle=False, empty_check=False):
             meta = json.loads(item["json"])
             image = np.asarray(Image.open(io.BytesIO(item["png"])))
             assert image.shape == (meta["height"], meta["width"], 3)
             assert item["txt"].decode() == meta["prompt"]
-            ids.append(meta["id"])
+            shard_ids.append(meta["id"])
             n += 1
         assert n == entry["nsamples"]
         table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(out, entry["parquet"]))))
         assert table.num_rows == n
-    failures = []
-    for entry in index["shards"]:
-        name = entry["url"][: -len(".tar")]
-        failures += shards.read_failures(out, name)
+        ids += shard_ids
+        shard_failures = shards.read_failures(out, entry["url"][: -len(".tar")])
+        assert entry["failed"] == len(shard_failures)
+        failures += shard_failures
     return ids, failures
 
 
@@ -447,6 +456,25 @@ def test_a_failed_record_fails_every_image_id_it_would_have_given(tmp_path):
     assert sorted(f["line"] for f in by_id["b_2"]) == [2, 4]
     assert "its failure's" in next(f for f in by_id["b_2"] if f["line"] == 4)["reason"]
     assert shards.read_stats(out, "shard-00000")["samples"] == 7
+
+
+@pytest.mark.pipeline
+@pytest.mark.faults
+def test_a_shard_whose_every_record_failed_is_indexed_but_left_out_of_the_shardlist(tmp_path):
+    """index.json lists every committed shard with its counts; wids, which reads the
+    shardlist, cannot index a tar without samples."""
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"id": "x", "prompt": ""}\nnot json\n{"id": "ok", "prompt": "one"}\n')
+    out = str(tmp_path / "out")
+    summary = job.run([str(path)], out, _config(shard_size=2), progress=False)
+    assert summary.complete and (summary.rendered, summary.failed) == (1, 2)
+    index = json.loads(storage.read_text(os.path.join(out, job.INDEX_FILE)))
+    assert [(e["url"], e["nsamples"], e["failed"]) for e in index["shards"]] == [
+        ("shard-00000.tar", 0, 2), ("shard-00001.tar", 1, 0)]
+    assert index["shardlist"] == [{"url": "shard-00001.tar", "nsamples": 1}]
+    assert (index["rendered"], index["failed"]) == (1, 2)
+    ids, failures = _ids_in_output(out, str(tmp_path / "copy"))
+    assert ids == ["ok"] and len(failures) == 2
 
 
 def _overwrite_tail(path: str, count: int) -> None:
