@@ -59,7 +59,7 @@ def _config(**kw) -> job.RenderConfig:
 
 def _ids_in_output(out: str, local_copy: str) -> tuple[list[str], list[dict]]:
     """(ids in the tar files, read with webdataset; failure records), checking parquet and
-    index.json agree."""
+    index.json agree with the files."""
     import hashlib
 
     import webdataset as wds
@@ -80,6 +80,10 @@ def _ids_in_output(out: str, local_copy: str) -> tuple[list[str], list[dict]]:
         with open(local, "rb") as f:
             tar_bytes = f.read()
         assert (entry["filesize"], entry["sha256"]) == (len(tar_bytes), hashlib.sha256(tar_bytes).hexdigest())
+        # webdataset groups members by key: two images under one key would read as one sample.
+        with tarfile.open(local) as tar:
+            names = tar.getnames()
+        assert len(names) == len(set(names)), f"{entry['url']}: a member name repeats"
         n, shard_ids = 0, []
         for item in wds.WebDataset(local, shardshuffle=False, empty_check=False):
             meta = json.loads(item["json"])
@@ -90,7 +94,9 @@ def _ids_in_output(out: str, local_copy: str) -> tuple[list[str], list[dict]]:
             n += 1
         assert n == entry["nsamples"]
         table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(out, entry["parquet"]))))
-        assert table.num_rows == n
+        keys = table.column("key").to_pylist()
+        assert len(keys) == len(set(keys)) and set(keys) == {name.split(".", 1)[0] for name in names}
+        assert sorted(table.column("id").to_pylist()) == sorted(shard_ids)
         ids += shard_ids
         shard_failures = shards.read_failures(out, entry["url"][: -len(".tar")])
         assert entry["failed"] == len(shard_failures)
@@ -576,6 +582,8 @@ def test_a_record_id_equal_to_another_records_variant_id_renders_once(tmp_path, 
     table = pq.read_table(os.path.join(out, "shard-00000.parquet")).to_pylist()
     rows = {r["id"]: r["prompt"] for r in table}
     assert rows == {"cat": "cats", "cat_1": "cats" if variant_first else "one cat"}
+    ids, _ = _ids_in_output(out, str(tmp_path / "copy"))  # each image its own key in the tar
+    assert sorted(ids) == ["cat", "cat_1"]
     (failure,) = shards.read_failures(out, "shard-00000")
     assert failure["id"] == "cat_1" and failure["line"] == 2
     assert f"duplicate id 'cat_1': the record at {path}:1" in failure["reason"]
