@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import io
 import json
@@ -595,6 +596,37 @@ def test_options_spelled_two_ways_are_one_run():
     assert job.RenderConfig().identity() == job.RenderConfig(model="default").identity()
     assert job.RenderConfig().upscaler_path() == "default-x4"
     assert job.RenderConfig(upscaler="none").identity() != job.RenderConfig().identity()
+
+
+# Settings that do not decide the images: a resumed run may change them.
+_NOT_IDENTITY = ("batch_size", "dry_run_delay_s", "compilation_cache")
+# Another value for each setting that decides the images, valid with _config(image_format="webp").
+_OTHER_SETTINGS = {
+    "model": "/models/other", "upscaler": "none", "width": 32, "height": 16, "steps": 4, "sampler": "euler",
+    "guidance": 3.0, "upscale_steps": 5, "upscale_sampler": "ddim", "upscale_guidance": 4.0, "noise_level": 7,
+    "negative_prompt": "blurry", "strength": 0.5, "clip_skip": 1, "seed": 1, "image_format": "png",
+    "quality": 80, "keep_base": True, "shard_size": 4, "dtype": "float32", "variant": "fp16", "dry_run": False,
+}
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(job.RenderConfig) if f.name not in _NOT_IDENTITY])
+def test_resuming_with_any_setting_that_decides_the_images_changed_is_refused_naming_it(tmp_path, name):
+    """Each such setting is part of the run: resumed at another shard size, say, the
+    committed shards would hold other records than their names say, and records would be
+    in no shard. A setting added without a case here fails this test."""
+    if name not in _OTHER_SETTINGS:
+        pytest.fail(f"RenderConfig.{name} is new: add another value for it to _OTHER_SETTINGS, or to "
+                    f"_NOT_IDENTITY if it does not change an image")
+    before = _config(image_format="webp")
+    changed = dataclasses.replace(before, **{name: _OTHER_SETTINGS[name]})
+    assert getattr(changed, name) != getattr(before, name)
+    out = str(tmp_path / "out")
+    shards.write_json(storage.join(out, job.RUN_FILE), {"config": before.identity(),
+                                                         "manifest": {"fingerprint": "sha256:m"}})
+    assert job.check_existing_run(out, "sha256:m", before) is not None  # the same settings resume
+    with pytest.raises(job.RunConflict, match=rf"with different settings \((.*; )?{name}: "):
+        job.check_existing_run(out, "sha256:m", changed)
 
 
 @pytest.mark.faults
