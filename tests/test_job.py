@@ -494,12 +494,13 @@ def _overwrite_tail(path: str, count: int) -> None:
 @pytest.mark.faults
 def test_retrying_a_damaged_shard_names_it_and_the_fix_instead_of_vouching_for_it(tmp_path):
     """--retry-failures starts from a shard's committed files: a tar cut short, a missing
-    parquet or failures file must not be copied into a new, complete-looking shard."""
+    parquet or failures file, a failures file a line short (its id would be lost) must not
+    be copied into a new, complete-looking shard."""
     late = tmp_path / "late.png"
     manifest_path = tmp_path / "m.jsonl"
     manifest_path.write_text("".join(json.dumps(r) + "\n" for r in [
         {"id": "a", "prompt": "one"}, {"id": "b", "prompt": "two", "mode": "img2img", "init_image": str(late)},
-        {"id": "c", "prompt": "three"}]))
+        {"id": "c", "prompt": "three"}, {"id": "d", "prompt": "four", "mode": "img2img", "init_image": str(late)}]))
     out = str(tmp_path / "out")
     config = _config(shard_size=10)
     paths = shards.shard_paths(out, "shard-00000")
@@ -507,18 +508,24 @@ def test_retrying_a_damaged_shard_names_it_and_the_fix_instead_of_vouching_for_i
         table = pq.read_table(paths["parquet"])
         pq.write_table(table.slice(1), paths["parquet"])
 
+    def drop_a_failure_line():  # a failures file that still reads
+        lines = storage.read_text(paths["failures"]).splitlines(keepends=True)
+        assert len(lines) == 2
+        storage.write_bytes(paths["failures"], "".join(lines[1:]).encode())
+
     damages = {
         "tar": lambda: open(paths["tar"], "r+b").truncate(1536),  # at a member boundary: reads as a short tar
         "parquet cut short": lambda: open(paths["parquet"], "r+b").truncate(100),
         "parquet footer": lambda: _overwrite_tail(paths["parquet"], 40),  # pyarrow's OSError, not ArrowException
         "parquet row": drop_a_row,
         "failures cut short": lambda: open(paths["failures"], "r+b").truncate(20),
+        "failures line dropped": drop_a_failure_line,
     }
     for part in ("parquet", "failures"):  # a shard missing a file is not complete: it renders whole
         job.run([str(manifest_path)], out, config, fresh=True, progress=False)
         os.remove(paths[part])
         again = job.run([str(manifest_path)], out, config, retry_failures=True, progress=False)
-        assert (again.rendered, again.failed, again.rendered_shards) == (2, 1, 1), part
+        assert (again.rendered, again.failed, again.rendered_shards) == (2, 2, 1), part
     for part, damage in damages.items():
         job.run([str(manifest_path)], out, config, fresh=True, progress=False)
         marker = open(paths["stats"]).read()
@@ -529,7 +536,7 @@ def test_retrying_a_damaged_shard_names_it_and_the_fix_instead_of_vouching_for_i
         assert open(paths["stats"]).read() == marker, f"{part}: no new marker vouches for the damaged files"
         os.remove(paths["stats"])  # as the message says
         again = job.run([str(manifest_path)], out, config, progress=False)
-        assert (again.rendered, again.failed) == (2, 1), part
+        assert (again.rendered, again.failed) == (2, 2), part
 
 
 @pytest.mark.pipeline
