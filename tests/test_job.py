@@ -334,6 +334,49 @@ def test_retry_failures_renders_only_failed_ids(tmp_path):
         assert rows[before["id"]] == before
 
 
+class FailsOneImageOnce:
+    """The dry run, but the first render of one image id fails for that image alone (as the
+    engine reports a sample's error); a marker file remembers it across runs."""
+
+    def __init__(self, marker: str, image_id: str):
+        self.marker, self.image_id = marker, image_id
+
+    def __call__(self):
+        marker, image_id = self.marker, self.image_id
+
+        class Renderer(DryRunRenderer):
+            def render_samples(self, samples):
+                results = super().render_samples(samples)
+                for result in results:
+                    if result.id == image_id and not os.path.exists(marker):
+                        open(marker, "w").close()
+                        result.image, result.error = None, "simulated: out of memory"
+                return results
+
+        return Renderer(2, width=16, height=8)
+
+
+@pytest.mark.pipeline
+@pytest.mark.faults
+def test_retry_failures_renders_a_failed_variant_alone_and_leaves_shards_without_failures(tmp_path):
+    """A num_images 3 record whose second image failed: the retry renders a_1 only (a and
+    a_2 are in the shard already, and rendering them again would put each in it twice); the
+    other shard has nothing to retry and counts as complete, not as rendered now."""
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"id": "a", "prompt": "cats", "num_images": 3}\n{"id": "b", "prompt": "a dog"}\n')
+    out = str(tmp_path / "out")
+    factory = FailsOneImageOnce(str(tmp_path / "failed-once"), "a_1")
+    config = _config(shard_size=1)
+    first = job.run([str(path)], out, config, renderer_factory=factory, progress=False)
+    assert (first.rendered, first.failed) == (3, 1)
+    assert [f["id"] for f in shards.read_failures(out, "shard-00000")] == ["a_1"]
+    second = job.run([str(path)], out, config, renderer_factory=factory, retry_failures=True, progress=False)
+    assert second.complete and (second.rendered, second.failed, second.rendered_now) == (4, 0, 1)
+    assert (second.rendered_shards, second.skipped_shards) == (1, 1)
+    ids, failures = _ids_in_output(out, str(tmp_path / "copy"))  # each id once, each tar member name once
+    assert sorted(ids) == ["a", "a_1", "a_2", "b"] and failures == []
+
+
 def test_the_progress_bar_lists_a_slow_output_a_fifth_of_the_time_at_most(tmp_path, monkeypatch):
     """Listing thousands of shards on GCS takes a while: polling without pause would list
     them all the run long."""
