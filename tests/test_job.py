@@ -786,17 +786,29 @@ def test_a_shard_whose_files_were_deleted_renders_again(tmp_path):
 @pytest.mark.faults
 def test_files_replaced_after_a_run_are_found_by_the_next_one_even_with_nothing_to_render(tmp_path):
     """A stopped driver never checks the shards its job committed; rerunning the command
-    then renders nothing, and its end still finds a tar that is not the one its marker
-    vouches for."""
+    then renders nothing, and its end still finds a tar, a parquet or a failures file that
+    is not the one its marker vouches for."""
     path = tmp_path / "m.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in GOOD))
+    path.write_text("\n".join(_manifest_lines()) + "\n")  # shard-00001 has failures
     out = str(tmp_path / "out")
     job.run([str(path)], out, _config(), progress=False)
-    tar = shards.shard_paths(out, "shard-00001")["tar"]
-    storage.write_bytes(tar, storage.read_bytes(tar)[:-1024])
-    again = job.run([str(path)], out, _config(), progress=False)
-    assert (again.rendered_shards, again.withdrawn_shards) == (0, ["shard-00001"]) and not again.complete
-    assert job.run([str(path)], out, _config(), progress=False).complete
+    paths = shards.shard_paths(out, "shard-00001")
+
+    def without_a_row(data: bytes) -> bytes:
+        table, buffer = pq.read_table(io.BytesIO(data)), io.BytesIO()
+        pq.write_table(table.slice(1), buffer)
+        return buffer.getvalue()
+
+    replaced = {"tar": lambda data: data[:-1024], "parquet": without_a_row,
+                "failures": lambda data: b"".join(data.splitlines(keepends=True)[1:])}
+    for part, replace in replaced.items():
+        storage.write_bytes(paths[part], replace(storage.read_bytes(paths[part])))
+        again = job.run([str(path)], out, _config(), progress=False)
+        assert (again.rendered_shards, again.withdrawn_shards) == (0, ["shard-00001"]), part
+        assert not again.complete and not storage.exists(paths["stats"]), part
+        rendered = job.run([str(path)], out, _config(), progress=False)
+        assert rendered.complete and rendered.rendered_shards == 1, part
+    _assert_every_id_once(*_ids_in_output(out, str(tmp_path / "copy")))
 
 
 @pytest.mark.pipeline
