@@ -640,6 +640,20 @@ def test_a_record_id_equal_to_another_records_variant_id_renders_once(tmp_path, 
     assert f"duplicate id 'cat_1': the record at {path}:1" in failure["reason"]
 
 
+@pytest.mark.pipeline
+def test_records_without_ids_in_two_files_render_under_ids_of_their_own(tmp_path):
+    """A derived id hashes the file's base name with the record number and the prompt: two
+    prompt lists starting with the same line must not give one id (the second would fail
+    as a duplicate)."""
+    for name in ("cats.txt", "more-cats.txt"):
+        (tmp_path / name).write_text("a cat\n")
+    out = str(tmp_path / "out")
+    summary = job.run([str(tmp_path / "*.txt")], out, _config(), progress=False)
+    assert (summary.shards, summary.rendered, summary.failed) == (2, 2, 0)
+    ids, _ = _ids_in_output(out, str(tmp_path / "copy"))
+    assert len(set(ids)) == 2
+
+
 def test_options_spelled_two_ways_are_one_run():
     explicit = job.RenderConfig(model="/m", upscaler="none", keep_base=True)
     assert explicit.identity() == job.RenderConfig(model="/m").identity()  # no upscaler, no base kept
