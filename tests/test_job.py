@@ -693,6 +693,37 @@ def test_resuming_with_any_setting_that_decides_the_images_changed_is_refused_na
         job.check_existing_run(out, "sha256:m", changed)
 
 
+class _DescribedWeights:
+    """The dry run, describing its model as the engine does: the weights' path, sha256 and dtype."""
+
+    def __call__(self):
+        class Renderer(DryRunRenderer):
+            def describe(self):
+                return super().describe() | {"base": {"path": "/models/sd", "sha256": "a" * 64, "dtype": "float32"}}
+
+        return Renderer(2, width=16, height=8)
+
+
+@pytest.mark.pipeline
+@pytest.mark.faults
+def test_resuming_with_other_weights_behind_the_same_path_is_refused(tmp_path):
+    """The settings name the model by its path: weights replaced there render other images."""
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps({"id": "a", "prompt": "one"}) + "\n")
+    out = str(tmp_path / "out")
+
+    def run():
+        return job.run([str(path)], out, _config(), renderer_factory=_DescribedWeights(), progress=False)
+
+    run()
+    assert run().skipped_shards == 1  # the same weights resume
+    record = json.loads(storage.read_text(os.path.join(out, job.RUN_FILE)))
+    record["model"]["base"]["sha256"] = "b" * 64
+    shards.write_json(os.path.join(out, job.RUN_FILE), record)
+    with pytest.raises(job.RunConflict, match=r"other models \(base weights at /models/sd changed \(sha256\)\)"):
+        run()
+
+
 @pytest.mark.faults
 def test_a_bad_setting_is_refused_before_the_run_is_recorded(tmp_path):
     """A setting refused for manifests (a width the model cannot take) leaves no run.json
