@@ -654,6 +654,18 @@ def test_records_without_ids_in_two_files_render_under_ids_of_their_own(tmp_path
     assert len(set(ids)) == 2
 
 
+def test_merged_id_counts_keep_the_earliest_record():
+    """Dataflow combines an id's places in parts and merges them, in any order (the local
+    runner never merges): the record that keeps a repeated id is still the first in the
+    manifest."""
+    combine = job.FirstOccurrence()
+    early, late = job._pack_place(0, 1, 2), job._pack_place(3, 40, 41)
+    parts = [combine.add_input(combine.create_accumulator(), late), combine.create_accumulator(),
+             combine.add_input(combine.add_input(combine.create_accumulator(), early), late)]
+    for order in (parts, parts[::-1]):
+        assert combine.extract_output(combine.merge_accumulators(order)) == (3, early)
+
+
 def test_options_spelled_two_ways_are_one_run():
     explicit = job.RenderConfig(model="/m", upscaler="none", keep_base=True)
     assert explicit.identity() == job.RenderConfig(model="/m").identity()  # no upscaler, no base kept
