@@ -666,6 +666,15 @@ def test_merged_id_counts_keep_the_earliest_record():
         assert combine.extract_output(combine.merge_accumulators(order)) == (3, early)
 
 
+def test_local_runs_use_the_fnapi_runner_unless_told_otherwise():
+    # Beam's own default may be Prism, which downloads a binary.
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    options = job.pipeline_options([])
+    assert options.view_as(StandardOptions).runner == "FnApiRunner" and job.is_local(options)
+    assert job.pipeline_options(["--runner=DirectRunner"]).view_as(StandardOptions).runner == "DirectRunner"
+
+
 def test_options_spelled_two_ways_are_one_run():
     explicit = job.RenderConfig(model="/m", upscaler="none", keep_base=True)
     assert explicit.identity() == job.RenderConfig(model="/m").identity()  # no upscaler, no base kept
