@@ -438,11 +438,12 @@ def test_dry_run_draws_and_checks_an_outpaint_canvas_at_its_own_size(tmp_path):
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(photo)
     Image.fromarray(np.zeros((100, 250, 3), np.uint8)).save(big)
     manifest_path = tmp_path / "m.jsonl"
-    manifest_path.write_text("".join(json.dumps(r) + "\n" for r in [
+    records = [
         {"id": "wide", "prompt": "p", "mode": "outpaint", "init_image": str(photo), "outpaint": [0, 0, 64, 0]},
         {"id": "odd", "prompt": "p", "mode": "outpaint", "init_image": str(photo), "outpaint": [5, 0, 0, 0]},
         {"id": "sixteens", "prompt": "p", "mode": "outpaint", "init_image": str(photo), "outpaint": [16, 0, 16, 0]},
-        {"id": "photo", "prompt": "p", "mode": "img2img", "init_image": str(big)}]))
+        {"id": "photo", "prompt": "p", "mode": "img2img", "init_image": str(big)}]
+    manifest_path.write_text("".join(json.dumps(r) + "\n" for r in records))
     out = str(tmp_path / "out")
     summary = job.run([str(manifest_path)], out, _config(shard_size=10, width=None, height=None), progress=False)
     assert (summary.rendered, summary.failed) == (3, 1)
@@ -452,6 +453,7 @@ def test_dry_run_draws_and_checks_an_outpaint_canvas_at_its_own_size(tmp_path):
     # An img2img record without a size: its photo's shape at the placeholders' pixel count.
     assert (rows["photo"]["width"], rows["photo"]["height"]) == (120, 48)
     (failure,) = shards.read_failures(out, "shard-00000")
+    assert failure["stage"] == "render" and failure["record"] == json.dumps(records[1])  # the line as written
     assert failure["id"] == "odd" and failure["reason"] == (
         "the outpaint canvas is 69x64 (init_image 64x64 plus outpaint [5, 0, 0, 0]): each side must be a multiple "
         "of 16, e.g. outpaint [5, 0, 11, 0]")
@@ -602,6 +604,9 @@ def test_an_id_used_twice_renders_once_and_fails_the_rest_naming_the_first(tmp_p
     assert sorted((f["source"], f["line"]) for f in failures) == [(str(a), 3), (str(b), 2)]
     for f in failures:
         assert f["id"] == "dup" and f["stage"] == "manifest"
+        # The line as written, so the record can be fixed and found again.
+        prompt = "again in a" if f["source"] == str(a) else "again in b"
+        assert f["record"] == json.dumps({"id": "dup", "prompt": prompt})
         assert f"duplicate id 'dup': the record at {a}:1 gives an image the same id and comes first" in f["reason"]
     table = pq.read_table(os.path.join(out, "shard-00000.parquet"))
     assert table.to_pylist()[0]["prompt"] == "first"
