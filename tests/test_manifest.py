@@ -669,6 +669,20 @@ def test_modes_carry_their_images(tmp_path):
     assert load_mask(str(tmp_path / "mask.png")).shape == (16, 24)
 
 
+def test_outpaint_pixels_read_as_left_top_right_bottom_in_every_form(tmp_path):
+    """A list, an object (missing sides 0), or "l,t,r,b" text as a CSV cell holds it: each
+    side where it was asked for (a swapped pair would grow the canvas on the wrong side)."""
+    Image.new("RGB", (16, 16)).save(tmp_path / "init.png")
+    common = {"prompt": "p", "mode": "outpaint", "init_image": "init.png"}
+    jsonl = _write_jsonl(tmp_path / "o.jsonl", [
+        dict(common, outpaint=[8, 16, 0, 0]), dict(common, outpaint={"left": 8, "top": 16}),
+        dict(common, outpaint={"right": 24, "bottom": 32}), dict(common, outpaint="8 16 0 0")])
+    csv_path = _write_csv(tmp_path / "o.csv", ["prompt", "mode", "init_image", "outpaint"],
+                          [["p", "outpaint", "init.png", "8,16,0,0"], ["p", "outpaint", "init.png", "0, 0, 24, 32"]])
+    pads = [_samples(r)[0].outpaint for r in _read_all([jsonl, csv_path], 10)]
+    assert pads == [(8, 16, 0, 0), (8, 16, 0, 0), (0, 0, 24, 32), (8, 16, 0, 0), (8, 16, 0, 0), (0, 0, 24, 32)]
+
+
 def test_a_mask_of_the_init_images_aspect_ratio_is_taken_and_another_fails_its_record(tmp_path):
     # The engine's rule (jaxdiff.engine.images.mask_size_problem): a mask of the init image's
     # aspect ratio, within a pixel of rounding, goes to the engine as it is, which resizes it
