@@ -146,6 +146,21 @@ def test_local_write_bytes_makes_folders_replaces_and_leaves_no_temp(tmp_path):
     assert os.listdir(dest.parent) == ["x.json"]
 
 
+def test_a_local_write_replaces_the_file_and_never_writes_into_the_old_one(tmp_path):
+    """Readers of the old file (a hard link, an open reader, a copy in progress) keep its
+    whole bytes: the new file is moved into place, not written over the old one."""
+    dest, link = tmp_path / "x.json", tmp_path / "link.json"
+    storage.write_bytes(str(dest), b"old")
+    os.link(dest, link)
+    storage.write_bytes(str(dest), b"new")
+    assert (dest.read_bytes(), link.read_bytes()) == (b"new", b"old")
+    local = tmp_path / "upload"
+    local.write_bytes(b"newer")
+    storage.put_file(str(local), str(dest))
+    assert (dest.read_bytes(), link.read_bytes()) == (b"newer", b"old")
+    assert os.stat(dest).st_ino != os.stat(link).st_ino
+
+
 def test_local_writes_get_the_usual_file_mode(tmp_path):
     dest = tmp_path / "x.json"
     storage.write_bytes(str(dest), b"{}")
