@@ -185,6 +185,28 @@ def test_gcs_put_file_uploads_and_removes_the_local_file(gcs_bucket, tmp_path):
     assert storage.read_bytes(f"gs://{gcs_bucket}/put/shard.tar") == b"t" * 1000
 
 
+@pytest.mark.faults
+def test_a_gcs_upload_is_retried_after_a_transient_error(gcs_bucket, monkeypatch):
+    """GCS answers a few requests in a large job with 503 or drops the connection: one such
+    answer must not fail a shard's commit (and with it the whole run, after its retries)."""
+    from google.api_core.exceptions import ServiceUnavailable
+
+    http = storage.gcs_client()._http
+    request, uploads = http.request, []
+
+    def flaky(method, url, *args, **kwargs):
+        if "/upload/" in url:
+            uploads.append(url)
+            if len(uploads) == 1:
+                raise ServiceUnavailable("simulated: backend unavailable")
+        return request(method, url, *args, **kwargs)
+
+    monkeypatch.setattr(http, "request", flaky)
+    storage.write_bytes(f"gs://{gcs_bucket}/flaky/x.json", b"{}")
+    assert len(uploads) == 2
+    assert storage.read_bytes(f"gs://{gcs_bucket}/flaky/x.json") == b"{}"
+
+
 def test_gcs_upload_content_type_follows_the_object_name(gcs_bucket):
     storage.write_bytes(f"gs://{gcs_bucket}/ctype/x.json", b"{}")
     storage.write_bytes(f"gs://{gcs_bucket}/ctype/x.parquet", b"PAR1")
