@@ -296,6 +296,23 @@ def test_dataflow_refuses_paths_its_workers_cannot_reach(tmp_path, capsys):
         assert not (tmp_path / "out").exists(), "refused before anything is written"
 
 
+@pytest.mark.faults
+def test_dataflow_refuses_a_manifest_on_this_machine_with_a_gcs_output(gcs_bucket, tmp_path, capsys):
+    """The workers read the manifest: one on the launcher's disk is not there for them,
+    though --out is on GCS. Beam's --dry_run builds and validates the job, submitting nothing."""
+    from jaxdiff import storage
+
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"prompt": "a"}\n')
+    out = f"gs://{gcs_bucket}/local-manifest/out"
+    dataflow = ["--runner=DataflowRunner", "--project=my-project", "--region=us-central1",
+                f"--temp_location=gs://{gcs_bucket}/tmp", "--dry_run=True"]
+    assert cli.main(["render", str(manifest), "--out", out, "--dry-run", "--no-progress", *dataflow]) == cli.EXIT_ERROR
+    assert f"manifest {manifest} is on this machine, where Dataflow's workers cannot reach it: give a gs:// " in \
+        capsys.readouterr().err
+    assert not storage.exists(out), "refused before anything is written"
+
+
 def test_dataflow_options_validate_and_graph_builds_offline(tmp_path):
     from apache_beam.options.pipeline_options_validator import PipelineOptionsValidator
     from apache_beam.runners.dataflow.dataflow_runner import DataflowRunner
