@@ -420,6 +420,24 @@ def test_ctrl_c_while_a_remote_runner_works_says_the_job_goes_on(tmp_path, capsy
 
 
 @pytest.mark.faults
+def test_a_pipeline_that_fails_unexpectedly_is_a_whole_run_error(tmp_path, capsys, monkeypatch):
+    """Exit 1 says some shards are not committed yet and a rerun finishes them; an error
+    the job did not foresee is 2, as the other whole-run errors, and names what failed."""
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"prompt": "a"}\n')
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("simulated runner crash")
+
+    monkeypatch.setattr(job, "run", fails)
+    code = cli.main(["render", str(manifest), "--out", str(tmp_path / "out"), "--dry-run", "--no-progress"])
+    assert code == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "jaxdiff render: error: the pipeline failed: RuntimeError: simulated runner crash" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.faults
 def test_a_dry_run_delay_without_a_dry_run_is_refused(tmp_path, capsys):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps({"prompt": "a blue square"}) + "\n")
