@@ -14,6 +14,13 @@ from tiny_models import make_sd_folder, make_upscaler_folder
 STEPS = 3
 # uint8 rounding is 0.5/255; fp32 XLA vs PyTorch adds a little on top.
 PIXEL_TOL = 2.5 / 255
+# Parity is checked on the final latents: the tiny VAE maps a latent change of a few
+# hundredths (what guidance, a mask or the noise level move) to a level or two of uint8,
+# under PIXEL_TOL, while fp32 XLA and PyTorch latents agree to about 1e-5.
+LATENT_RTOL, LATENT_ATOL = 1e-4, 1e-4
+# A feature a parity test checks must move diffusers' own latents by this much, or the
+# test could not see it go wrong.
+SEEN = 100 * LATENT_ATOL
 PROMPTS = ["a red circle", "a small blue square on the left"]
 NEGATIVE = ["", "blurry"]
 
@@ -39,6 +46,13 @@ def pipe(sd_folder):
                                  batch_size=2)
 
 
+@pytest.fixture(scope="module")
+def latent_pipe(sd_folder):
+    """`pipe`'s twin for `_latents`: its programs are compiled to return latents."""
+    return jaxdiff.load_pipeline(sd_folder, upscaler="none", steps=STEPS, sampler="ddim", guidance=7.5,
+                                 batch_size=2)
+
+
 def _noise(n, h, w, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn((n, 4, h, w), generator=g)
@@ -56,6 +70,38 @@ def _images(results) -> np.ndarray:
 def _assert_close(ours, theirs, tol=PIXEL_TOL):
     diff = np.abs(ours - theirs)
     assert diff.max() <= tol, f"max abs diff {diff.max() * 255:.2f}/255 over tolerance"
+
+
+def _latent_results(render, *args, **kwargs) -> list:
+    """What `render(*args, **kwargs)` (a pipeline's render, render_samples or upscale)
+    returns, with each image replaced by its final latents (H, W, C), undecoded: the programs
+    it compiles here return them. Give it a pipeline that renders nothing else, as its
+    programs stay compiled so."""
+    from jaxdiff.engine import programs
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(programs, "decode_latents", lambda vae, latents, *args: latents)
+        patch.setattr(programs, "to_uint8", lambda images: images)
+        return render(*args, **kwargs)
+
+
+def _latents(render, *args, **kwargs) -> np.ndarray:
+    """`_latent_results`' latents, stacked (N, H, W, C)."""
+    results = _latent_results(render, *args, **kwargs)
+    if all(isinstance(r, jaxdiff.Rendered) for r in results):
+        assert all(r.error is None for r in results), [r.error for r in results]
+        results = [r.image for r in results]
+    return np.stack(results)
+
+
+def _assert_latents_close(ours, theirs: torch.Tensor):
+    np.testing.assert_allclose(ours, _nhwc(theirs), rtol=LATENT_RTOL, atol=LATENT_ATOL)
+
+
+def _assert_seen(reference: torch.Tensor, without: torch.Tensor, what: str):
+    """diffusers' latents move by more than SEEN when the feature under test changes."""
+    moved = (reference - without).abs().max().item()
+    assert moved > SEEN, f"{what} moves diffusers' latents by {moved:.2e} only: the test cannot see it"
 
 
 def _rgb(seed, size=16):
@@ -76,15 +122,24 @@ def _patch_posterior_mean(monkeypatch, module):
 
 
 @pytest.mark.parity
-def test_text_to_image_matches_diffusers(pipe, sd_folder):
+def test_text_to_image_matches_diffusers(pipe, latent_pipe, sd_folder):
     from diffusers import StableDiffusionPipeline
 
+    reference = StableDiffusionPipeline.from_pretrained(sd_folder)
     noise = _noise(2, 8, 8)
-    ref = StableDiffusionPipeline.from_pretrained(sd_folder)(
-        PROMPTS, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=7.5, height=16, width=16,
-        latents=noise, output_type="np").images
+    run = lambda guidance, negative=NEGATIVE: reference(
+        PROMPTS, negative_prompt=negative, num_inference_steps=STEPS, guidance_scale=guidance, height=16, width=16,
+        latents=noise, output_type="latent").images
+    ref = run(7.5)
+    _assert_seen(ref, run(1.0), "guidance 7.5 against 1")
+    _assert_seen(ref, run(7.5, PROMPTS), "the negative prompt")
+    _assert_latents_close(_latents(latent_pipe.render, PROMPTS, negative_prompts=NEGATIVE, seeds=[0, 1],
+                                   noise=_nhwc(noise)), ref)
+    # The decoded images, as uint8, too.
+    with torch.no_grad():
+        decoded = reference.vae.decode(ref / reference.vae.config.scaling_factor).sample
     ours = _images(pipe.render(PROMPTS, negative_prompts=NEGATIVE, seeds=[0, 1], noise=_nhwc(noise)))
-    _assert_close(ours, ref)
+    _assert_close(ours, reference.image_processor.postprocess(decoded, output_type="np"))
 
 
 @pytest.mark.parity
@@ -438,21 +493,24 @@ def test_upscale_converts_other_image_kinds_and_refuses_bad_input_by_name(sd_fol
 
 
 @pytest.mark.parity
-def test_guidance_of_one_or_less_is_the_prompt_alone_as_in_diffusers(pipe, sd_folder):
+def test_guidance_of_one_or_less_is_the_prompt_alone_as_in_diffusers(latent_pipe, sd_folder):
     """diffusers turns guidance off at a scale <= 1 (the prompt's prediction alone); the CFG
     formula below 1 would lean toward the negative prompt instead."""
     from diffusers import StableDiffusionPipeline
 
-    noise = _noise(1, 8, 8, seed=3)
-    ref = StableDiffusionPipeline.from_pretrained(sd_folder)(
-        PROMPTS[:1], negative_prompt=["blurry"], num_inference_steps=STEPS, guidance_scale=0.0, height=16,
-        width=16, latents=noise, output_type="np").images
-    zero, one = (pipe.render(PROMPTS[:1], negative_prompts=["blurry"], seeds=[0], noise=_nhwc(noise), guidance=g)
-                 for g in (0.0, 1.0))
-    _assert_close(_images(zero), ref)
-    np.testing.assert_array_equal(zero[0].image, one[0].image)
+    reference = StableDiffusionPipeline.from_pretrained(sd_folder)
+    noise = _noise(2, 8, 8, seed=3)
+    run = lambda prompts: reference(
+        prompts, negative_prompt=["blurry"] * 2, num_inference_steps=STEPS, guidance_scale=0.0, height=16,
+        width=16, latents=noise, output_type="latent").images
+    ref = run(PROMPTS)
+    _assert_seen(ref, run(["blurry"] * 2), "the prompts' text against the negative prompt's")
+    zero, one = (_latents(latent_pipe.render, PROMPTS, negative_prompts=["blurry"] * 2, seeds=[0, 1],
+                          noise=_nhwc(noise), guidance=g) for g in (0.0, 1.0))
+    _assert_latents_close(zero, ref)
+    np.testing.assert_array_equal(zero, one)
     # Rendered by a program of its own that calls the UNet on the prompt alone (half CFG's batch).
-    assert any(key[0] == "base" and not key[1].cfg for key in pipe._programs)
+    assert any(key[0] == "base" and not key[1].cfg for key in latent_pipe._programs)
 
 
 def test_an_inpainting_unet_renders_a_sample_the_same_next_to_any_other(inpaint_folder):
