@@ -303,22 +303,27 @@ def test_an_lcm_scheduler_on_a_plain_unet_recommends_no_cfg(tmp_path):
 
 @pytest.mark.parity
 @pytest.mark.parametrize("guidance", [7.5, 0.5])  # 0.5: no CFG, the negative prompt unused
-def test_image_to_image_matches_diffusers(pipe, sd_folder, monkeypatch, guidance):
+def test_image_to_image_matches_diffusers(latent_pipe, sd_folder, monkeypatch, guidance):
     from PIL import Image
     from diffusers import StableDiffusionImg2ImgPipeline
     from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img as module
 
+    reference = StableDiffusionImg2ImgPipeline.from_pretrained(sd_folder)
     init = [_rgb(1), _rgb(2)]
     noise = _noise(2, 8, 8, seed=5)
-    _patch_noise(monkeypatch, module, [noise])
     _patch_posterior_mean(monkeypatch, module)
-    ref = StableDiffusionImg2ImgPipeline.from_pretrained(sd_folder)(
-        PROMPTS, negative_prompt=["blurry"] * 2, image=[Image.fromarray(i) for i in init],
-        strength=0.7, num_inference_steps=STEPS, guidance_scale=guidance, output_type="np").images
+
+    def run(images):
+        _patch_noise(monkeypatch, module, [noise])
+        return reference(PROMPTS, negative_prompt=["blurry"] * 2, image=[Image.fromarray(i) for i in images],
+                         strength=0.7, num_inference_steps=STEPS, guidance_scale=guidance,
+                         output_type="latent").images
+
+    ref = run(init)
+    _assert_seen(ref, run(init[::-1]), "the init image")
     samples = [jaxdiff.Sample(id=str(i), prompt=p, negative_prompt="blurry", seed=i, mode="img2img",
                               init_image=init[i], strength=0.7, guidance=guidance) for i, p in enumerate(PROMPTS)]
-    ours = _images(pipe.render_samples(samples, noise=_nhwc(noise)))
-    _assert_close(ours, ref)
+    _assert_latents_close(_latents(latent_pipe.render_samples, samples, noise=_nhwc(noise)), ref)
 
 
 @pytest.mark.parity
@@ -893,6 +898,26 @@ def test_a_variant_the_upscaler_lacks_loads_its_plain_files(sd_folder, upscaler_
     # Neither folder has the variant: refused, naming the file it lacks.
     with pytest.raises(ValueError, match=r"diffusion_pytorch_model\.bf16\.safetensors .*variant 'bf16'"):
         jaxdiff.load_pipeline(base, upscaler=upscaler_folder, variant="bf16")
+
+
+def test_init_images_scale_to_minus_one_to_one_and_masks_sample_the_latent_grid_as_in_diffusers():
+    from PIL import Image
+    from diffusers.image_processor import VaeImageProcessor
+
+    from jaxdiff.engine import images
+
+    levels = np.repeat(np.arange(256, dtype=np.uint8).reshape(16, 16, 1), 3, axis=-1)
+    unit = images.to_unit_range(levels)
+    assert (unit.min(), unit.max()) == (-1.0, 1.0)
+    np.testing.assert_allclose(unit, _nhwc(VaeImageProcessor().preprocess(Image.fromarray(levels)))[0], atol=1e-6)
+    # The latent mask is the pixel mask at torch's nearest interpolation, as diffusers' inpaint
+    # pipeline downsizes it: random masks, so no cell boundary hides an offset.
+    rng = np.random.default_rng(0)
+    for factor in (2, 4, 8):
+        mask = (rng.random((48, 32, 1)) < 0.5).astype(np.float32)
+        theirs = torch.nn.functional.interpolate(torch.from_numpy(mask[None, ..., 0][None]),
+                                                 size=(48 // factor, 32 // factor))
+        np.testing.assert_array_equal(images.latent_mask(mask, factor)[..., 0], theirs[0, 0].numpy())
 
 
 def test_outpaint_repaints_every_latent_cell_that_holds_new_pixels():
