@@ -329,24 +329,39 @@ def test_image_to_image_matches_diffusers(latent_pipe, sd_folder, monkeypatch, g
 @pytest.mark.parity
 @pytest.mark.parametrize("channels, guidance", [(9, 7.5), (4, 7.5), (9, 0.8)])  # 0.8: no CFG
 def test_inpainting_matches_diffusers(channels, guidance, inpaint_folder, sd_folder, monkeypatch):
+    """Two samples: a photo at strength 1 (the masked area from pure noise) whose mask's
+    edges lie inside latent cells (2 px here), and a 24x24 photo and mask at strength 0.7
+    (started from the photo), resized to the 16x16 render as diffusers resizes them."""
     from PIL import Image
     from diffusers import StableDiffusionInpaintPipeline
     from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_inpaint as module
 
     folder = inpaint_folder if channels == 9 else sd_folder
-    init = _rgb(7)
+    reference = StableDiffusionInpaintPipeline.from_pretrained(folder)
     mask = np.zeros((16, 16), np.uint8)
-    mask[4:12, 2:10] = 255
-    noise = _noise(1, 8, 8, seed=9)
+    mask[5:11, 3:9] = 255
+    # 4 px blocks, 2.7 px at the render size: how it is resized moves its edges.
+    large_mask = np.kron(np.random.default_rng(1).integers(0, 2, (6, 6)), np.ones((4, 4), np.uint8)) * 255
+    inputs = [(_rgb(7), mask, 1.0), (_rgb(8, 24), large_mask.astype(np.uint8), 0.7)]
+    noise = _noise(2, 8, 8, seed=9)
     _patch_posterior_mean(monkeypatch, module)
-    ref = StableDiffusionInpaintPipeline.from_pretrained(folder)(
-        PROMPTS[:1], image=Image.fromarray(init), mask_image=Image.fromarray(mask), height=16, width=16,
-        strength=1.0, num_inference_steps=STEPS, guidance_scale=guidance, latents=noise, output_type="np").images
-    pipe = jaxdiff.load_pipeline(folder, upscaler="none", steps=STEPS, sampler="ddim", batch_size=1)
-    sample = jaxdiff.Sample(id="0", prompt=PROMPTS[0], seed=0, mode="inpaint", init_image=init, mask=mask,
-                            guidance=guidance)
-    ours = _images(pipe.render_samples([sample], noise=_nhwc(noise)))
-    _assert_close(ours, ref)
+
+    def run(i, image=None, mask_image=None):
+        init, m, strength = inputs[i]
+        _patch_noise(monkeypatch, module, [noise[i:i + 1]])  # latents= would drop the image below strength 1
+        return reference(PROMPTS[:1], image=Image.fromarray(init if image is None else image),
+                         mask_image=Image.fromarray(m if mask_image is None else mask_image), height=16, width=16,
+                         strength=strength, num_inference_steps=STEPS, guidance_scale=guidance,
+                         output_type="latent").images
+
+    ref = torch.cat([run(0), run(1)])
+    _assert_seen(ref[:1], run(0, mask_image=255 - mask), "the mask against its inverse")
+    _assert_seen(ref[1:], run(1, image=_rgb(9, 24)), "the init image at strength 0.7")
+    pipe = jaxdiff.load_pipeline(folder, upscaler="none", steps=STEPS, sampler="ddim", batch_size=2)
+    samples = [jaxdiff.Sample(id=str(i), prompt=PROMPTS[0], seed=i, mode="inpaint", init_image=init, mask=m,
+                              strength=strength, guidance=guidance, width=16, height=16)
+               for i, (init, m, strength) in enumerate(inputs)]
+    _assert_latents_close(_latents(pipe.render_samples, samples, noise=_nhwc(noise)), ref)
 
 
 @pytest.mark.parity
