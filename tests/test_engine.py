@@ -370,25 +370,33 @@ def test_upscale_matches_diffusers(sd_folder, upscaler_folder, monkeypatch):
     from diffusers import StableDiffusionUpscalePipeline
     from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_upscale as module
 
+    # A high noise level: the low-res image's augmentation noise and the UNet's class label
+    # (the level) both count; the other upscale tests check the decoded pixels at level 20.
+    reference = StableDiffusionUpscalePipeline.from_pretrained(upscaler_folder)
     low = [_rgb(11, 8), _rgb(12, 8)]
     aug = torch.randn((2, 3, 8, 8), generator=torch.Generator().manual_seed(2))
     noise = _noise(2, 8, 8, seed=4)
-    _patch_noise(monkeypatch, module, [aug])
-    ref = StableDiffusionUpscalePipeline.from_pretrained(upscaler_folder)(
-        PROMPTS, image=[Image.fromarray(i) for i in low], negative_prompt=NEGATIVE, num_inference_steps=STEPS,
-        guidance_scale=9.0, noise_level=20, latents=noise, output_type="np").images
+
+    def run(noise_level, guidance=9.0):
+        _patch_noise(monkeypatch, module, [aug])
+        return reference(PROMPTS, image=[Image.fromarray(i) for i in low], negative_prompt=NEGATIVE,
+                         num_inference_steps=STEPS, guidance_scale=guidance, noise_level=noise_level, latents=noise,
+                         output_type="latent").images
+
+    ref = run(150)
+    _assert_seen(ref, run(20), "noise level 150 against 20")
+    _assert_seen(ref, run(150, guidance=1.0), "guidance 9 against 1")
     pipe = jaxdiff.load_pipeline(sd_folder, upscaler=upscaler_folder, steps=STEPS, sampler="ddim",
-                                 upscale_steps=STEPS, upscale_guidance=9.0, noise_level=20, batch_size=2)
-    ours = pipe.upscale(low, PROMPTS, seeds=[0, 1], negative_prompts=NEGATIVE, noise=_nhwc(noise),
-                        aug_noise=_nhwc(aug))
-    assert ours[0].shape == (32, 32, 3)
-    _assert_close(np.stack(ours).astype(np.float32) / 255.0, ref)
+                                 upscale_steps=STEPS, upscale_guidance=9.0, noise_level=150, batch_size=2)
+    ours = _latents(pipe.upscale, low, PROMPTS, seeds=[0, 1], negative_prompts=NEGATIVE, noise=_nhwc(noise),
+                    aug_noise=_nhwc(aug))
+    _assert_latents_close(ours, ref)
     # clip_skip is the base model's: the x4 stage reads its text encoder's last layer, as diffusers does.
     skipping = jaxdiff.load_pipeline(sd_folder, upscaler=upscaler_folder, steps=STEPS, sampler="ddim", clip_skip=1,
-                                     upscale_steps=STEPS, upscale_guidance=9.0, noise_level=20, batch_size=2)
-    same = skipping.upscale(low, PROMPTS, seeds=[0, 1], negative_prompts=NEGATIVE, noise=_nhwc(noise),
-                            aug_noise=_nhwc(aug))
-    np.testing.assert_array_equal(np.stack(same), np.stack(ours))
+                                     upscale_steps=STEPS, upscale_guidance=9.0, noise_level=150, batch_size=2)
+    same = _latents(skipping.upscale, low, PROMPTS, seeds=[0, 1], negative_prompts=NEGATIVE, noise=_nhwc(noise),
+                    aug_noise=_nhwc(aug))
+    np.testing.assert_array_equal(same, ours)
 
 
 @pytest.mark.parity
