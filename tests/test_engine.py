@@ -923,6 +923,19 @@ def test_a_variant_the_upscaler_lacks_loads_its_plain_files(sd_folder, upscaler_
         jaxdiff.load_pipeline(base, upscaler=upscaler_folder, variant="bf16")
 
 
+def test_the_outpaint_canvas_repeats_the_photos_edge_pixels():
+    from jaxdiff.engine import images
+
+    photo = _rgb(5, 8)[:6]  # 6 rows, 8 columns
+    canvas, _ = images.outpaint_canvas(photo, (3, 2, 5, 4))
+    assert canvas.shape == (12, 16, 3)
+    np.testing.assert_array_equal(canvas[2:8, 3:11], photo)
+    np.testing.assert_array_equal(canvas[:2, 3:11], np.broadcast_to(photo[:1], (2, 8, 3)))
+    np.testing.assert_array_equal(canvas[8:, 3:11], np.broadcast_to(photo[-1:], (4, 8, 3)))
+    np.testing.assert_array_equal(canvas[:, :3], np.broadcast_to(canvas[:, 3:4], (12, 3, 3)))
+    np.testing.assert_array_equal(canvas[:, 11:], np.broadcast_to(canvas[:, 10:11], (12, 5, 3)))
+
+
 def test_init_images_scale_to_minus_one_to_one_and_masks_sample_the_latent_grid_as_in_diffusers():
     from PIL import Image
     from diffusers.image_processor import VaeImageProcessor
@@ -1080,14 +1093,30 @@ def test_inputs_the_mode_does_not_use_are_refused_not_ignored(pipe):
     assert "outpaint given but mode is inpaint: pass mode='outpaint'" in pads.error
 
 
-def test_outpaint_and_sketch_render(pipe):
+def test_sketch_is_img2img_at_the_sketch_strength_and_outpaint_is_inpaint_on_the_canvas(latent_pipe):
+    # Sketch: img2img from the drawing at sketch_strength (0.8). Outpaint: inpaint of the
+    # photo on a canvas of its edge pixels, every latent cell (2 px) holding new pixels masked.
+    # Latents compared: the tiny VAE decodes even another drawing to within a few levels.
     sketch = np.full((16, 16, 3), 255, np.uint8)
     sketch[4:12, 8] = 0
-    out, sk = pipe.render_samples([
-        jaxdiff.Sample(id="o", prompt="a", seed=1, mode="outpaint", init_image=_rgb(3, 8), outpaint=(4, 0, 4, 8)),
-        jaxdiff.Sample(id="s", prompt="a", seed=1, mode="sketch", init_image=sketch)])
-    assert out.image.shape == (16, 16, 3) and out.error is None and out.metadata["outpaint"] == [4, 0, 4, 8]
-    assert sk.metadata["strength"] == 0.8 and sk.error is None and "outpaint" not in sk.metadata
+    photo = _rgb(3, 8)
+    canvas = np.pad(photo, ((0, 8), (4, 4), (0, 0)), mode="edge")
+    mask = np.full((16, 16), 255, np.uint8)
+    mask[:8, 4:12] = 0
+    samples = [
+        jaxdiff.Sample(id="o", prompt="a", seed=1, mode="outpaint", init_image=photo, outpaint=(4, 0, 4, 8)),
+        jaxdiff.Sample(id="p", prompt="a", seed=1, mode="inpaint", init_image=canvas, mask=mask),
+        jaxdiff.Sample(id="s", prompt="a", seed=1, mode="sketch", init_image=sketch),
+        jaxdiff.Sample(id="i", prompt="a", seed=1, mode="img2img", init_image=sketch, strength=0.8),
+        jaxdiff.Sample(id="x", prompt="a", seed=1, mode="img2img", init_image=255 - sketch, strength=0.8)]
+    results = _latent_results(latent_pipe.render_samples, samples)
+    assert [r.error for r in results] == [None] * 5
+    out, inpainted, sk, img2img, other = (r.image for r in results)
+    assert results[0].metadata["outpaint"] == [4, 0, 4, 8] and out.shape == (8, 8, 4)  # the 16x16 canvas
+    np.testing.assert_array_equal(out, inpainted)
+    assert results[2].metadata["strength"] == 0.8 and "outpaint" not in results[2].metadata
+    np.testing.assert_array_equal(sk, img2img)
+    assert np.abs(other - img2img).max() > SEEN  # the drawing counts
 
 
 def test_samples_given_one_photo_share_its_prepared_image(pipe):
