@@ -956,6 +956,21 @@ def test_init_images_scale_to_minus_one_to_one_and_masks_sample_the_latent_grid_
         np.testing.assert_array_equal(images.latent_mask(mask, factor)[..., 0], theirs[0, 0].numpy())
 
 
+def test_images_round_to_uint8_as_diffusers_postprocess_does():
+    import jax.numpy as jnp
+    from diffusers.image_processor import VaeImageProcessor
+
+    from jaxdiff.engine.programs import to_uint8
+
+    # Each level, and a third and two thirds of a level past it, from past black to past white.
+    ramp = ((np.arange(-10, 266)[:, None] + [0.0, 0.3, 0.7]).ravel() / 127.5 - 1.0).astype(np.float32)
+    ours = np.asarray(to_uint8(jnp.asarray(ramp)))
+    as_image = torch.from_numpy(ramp).reshape(1, 1, 1, -1).expand(1, 3, 1, -1)
+    theirs = np.asarray(VaeImageProcessor().postprocess(as_image, output_type="pil")[0])[0, :, 0]
+    np.testing.assert_array_equal(ours, theirs)
+    assert ours.dtype == np.uint8 and (ours.min(), ours.max()) == (0, 255)
+
+
 def test_outpaint_repaints_every_latent_cell_that_holds_new_pixels():
     from jaxdiff.engine import images
 
