@@ -446,7 +446,8 @@ def _options(fields: dict[str, Any], defaults: RenderDefaults, source: str) -> d
         if strength is not None and not 0 < strength <= 1:
             raise _Invalid(f"strength {strength} is out of range: use a number in (0, 1]")
     elif "strength" in fields:
-        _number("strength", fields["strength"])  # still a typo check; txt2img does not use it
+        raise _Invalid("strength given but mode is txt2img, which starts from noise: set mode to img2img "
+                       "(with an init_image), or leave strength out")
 
     init_uri = _image_uri("init_image", fields["init_image"], source) if "init_image" in fields else None
     mask_uri = _image_uri("mask", fields["mask"], source) if "mask" in fields else None

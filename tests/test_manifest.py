@@ -416,6 +416,7 @@ BAD_RECORDS = [
     ('{"prompt": "p", "mode": "outpaint", "init_image": "x.png"}', "mode outpaint needs outpaint pixels"),
     ('{"prompt": "p", "mode": "outpaint", "init_image": "x.png", "outpaint": [1, 2]}', "not four pixel counts"),
     ('{"prompt": "p", "init_image": "x.png"}', "init_image given but mode is txt2img"),
+    ('{"prompt": "p", "strength": 0.5}', "strength given but mode is txt2img"),
     ('{"prompt": "p", "mode": "img2img", "init_image": "http://host/x.png"}', "only local paths and gs://"),
     ('{"prompt": "p", "num_images": 0}', "num_images 0 is out of range"),
     ('{"prompt": "p", "sampler": "plms"}', "unknown sampler 'plms'"),
