@@ -1,8 +1,16 @@
 """jaxdiff: offline latent-diffusion rendering in JAX."""
 
-from jaxdiff.engine.sample import Rendered, Sample
-
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Sample and Rendered come with the engine's package, which imports JAX: the command
+    # answers --help and bad flags without it.
+    if name in ("Rendered", "Sample"):
+        from jaxdiff.engine import sample
+
+        return getattr(sample, name)
+    raise AttributeError(f"module 'jaxdiff' has no attribute {name!r}")
 
 
 def load_pipeline(*args, **kwargs):

@@ -3,7 +3,8 @@
     jaxdiff render MANIFEST... --out DIR [options] [Beam pipeline options]
 
 Flags jaxdiff does not know are passed to Apache Beam as pipeline options
-(`--runner=DataflowRunner`, `--direct_num_workers=4`, ...). Exit status: 0 when every
+(`--runner=DataflowRunner`, `--direct_num_workers=4`, ...); one Beam does not know either is
+refused. Exit status: 0 when every
 manifest id is accounted for (rendered or in failures/), 1 when some shards are not
 committed, 2 for a whole-run error (bad manifest path, unwritable output, conflicting run).
 """
@@ -38,7 +39,8 @@ def _render_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "render", help="render every record of one or more manifests into image shards",
         description="Render manifests into webdataset shards (tar + parquet + stats). Rerunning the same "
-                    "command resumes: complete shards are skipped. Unknown --flags go to Apache Beam.")
+                    "command resumes: complete shards are skipped. Other --flags go to Apache Beam as its pipeline "
+                    "options.")
     p.add_argument("manifests", nargs="+", metavar="MANIFEST",
                    help="manifest files or glob patterns (.jsonl, .json (JSON lines), .csv, .txt, each "
                         "optionally .gz, or .parquet; local or gs://), read in sorted path order")
@@ -137,8 +139,8 @@ def _split_beam_flags(argv: list[str], parser: argparse.ArgumentParser) -> tuple
 
 def _check_beam_flags(beam_args: list[str], parser: argparse.ArgumentParser, placeholders: bool) -> bool:
     """Beam's flags, read as Beam reads them; returns whether they name a local runner. A flag
-    that Beam does not know either and that is close to one of ours is a typo of ours: Beam
-    would only log that it discards it, and the run would go on without it. Beam's --dry_run
+    that Beam does not know either is refused (Beam would only log that it discards it, and
+    the run would go on without it), as a typo of ours where it is close to one. Beam's --dry_run
     with a local runner, without our --dry-run (`placeholders`), is ours mistyped: the run
     would render for real."""
     import difflib
@@ -151,9 +153,12 @@ def _check_beam_flags(beam_args: list[str], parser: argparse.ArgumentParser, pla
     level = beam_logger.level
     beam_logger.setLevel(logging.ERROR)  # its "Discarding unparseable args" notice: said better below
     said = io.StringIO()
+    parsers: list[argparse.ArgumentParser] = []
     try:
         with contextlib.redirect_stderr(said):  # Beam's parser prints its whole usage on an error
-            unknown = set(options.get_all_options(retain_unknown_options=True)) - set(options.get_all_options())
+            options.get_all_options(add_extra_args_fn=parsers.append)  # Beam's parser, every option it knows
+            unknown = {arg.split("=", 1)[0][2:] for arg in parsers[0].parse_known_args(beam_args)[1]
+                       if arg.startswith("--")}
     except SystemExit:
         lines = [line for line in said.getvalue().splitlines() if line.strip()] or ["(it said nothing more)"]
         parser.error(f"Apache Beam cannot read its flags: {lines[-1].split('error: ', 1)[-1]}")
@@ -169,6 +174,11 @@ def _check_beam_flags(beam_args: list[str], parser: argparse.ArgumentParser, pla
         close = difflib.get_close_matches(name, ours, n=1, cutoff=0.75)
         if close:
             parser.error(f"--{name}: did you mean {ours[close[0]]}? (neither jaxdiff nor Apache Beam knows --{name})")
+        beams = [flag for flag in parsers[0]._option_string_actions if flag.startswith("--")]
+        close = difflib.get_close_matches(f"--{name}", beams, n=1, cutoff=0.75)
+        hint = f"did you mean Beam's {close[0]}? " if close else ""
+        parser.error(f"--{name}: {hint}Neither jaxdiff nor Apache Beam knows this flag (jaxdiff render --help "
+                     f"lists jaxdiff's; the rest go to Beam as pipeline options)")
     return job.is_local(options)
 
 

@@ -22,6 +22,18 @@ def own_tmpdir(tmp_path, monkeypatch):
     monkeypatch.setenv("TMPDIR", str(folder))
 
 
+def test_the_command_answers_help_and_bad_flags_without_importing_jax():
+    """`jaxdiff --help` and an argument error answer at once (JAX's import takes seconds, and a
+    Ctrl-C before the command's own handler is in place would print Python's traceback)."""
+    code = ("import sys, jaxdiff, jaxdiff.cli\n"
+            "try:\n    jaxdiff.cli.main(['render', '--help'])\nexcept SystemExit:\n    pass\n"
+            "assert 'jax' not in sys.modules, 'jax imported'\n"
+            "assert jaxdiff.Sample.__name__ == 'Sample'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "usage: jaxdiff render" in done.stdout
+
+
 def test_unknown_flags_go_to_beam():
     parser = cli.argparse.ArgumentParser()
     render = cli._render_parser(parser.add_subparsers())
@@ -56,6 +68,13 @@ def test_abbreviated_flags_and_unknown_samplers_are_refused(tmp_path, capsys):
         with pytest.raises(SystemExit):
             cli.main(common + typo)
         assert f"did you mean {meant}?" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # Beam's spelt as ours: Beam would discard it with a log line
+        cli.main(common + ["--direct-num-workers", "4"])
+    assert ("--direct-num-workers: did you mean Beam's --direct_num_workers? Neither jaxdiff nor Apache Beam "
+            "knows this flag") in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # close to no flag at all
+        cli.main(common + ["--colour=red"])
+    assert "--colour: Neither jaxdiff nor Apache Beam knows this flag" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     with pytest.raises(SystemExit):  # found before the model loads, in one line, not Beam's whole usage
         cli.main(common + ["--dry_run"])
