@@ -182,6 +182,8 @@ def test_globs_several_files_sorted_once_each(tmp_path):
     files = expand_patterns([str(tmp_path / "*.jsonl"), str(tmp_path / "**/*.*"), str(tmp_path / "a.csv")])
     assert files == sorted(str(tmp_path / n) for n in ("a.csv", "b.jsonl", "sub/c.txt", "sub/deep/d.parquet"))
     assert [r.fields["prompt"] for r in _read_all(files, 1)] == ["a", "b", "c", "d"]
+    # A glob matching a folder beside the files (sub) names the files only.
+    assert expand_patterns([str(tmp_path / "*")]) == [str(tmp_path / "a.csv"), str(tmp_path / "b.jsonl")]
     # One file named two ways is read once, under the first name given.
     again = expand_patterns([str(tmp_path / "b.jsonl"), str(tmp_path / "sub" / ".." / "b.jsonl")])
     assert again == [str(tmp_path / "b.jsonl")]
@@ -215,6 +217,7 @@ def test_gcs_manifest_with_relative_init_image(gcs_bucket):
     pq.write_table(pa.table({"prompt": ["pq0", "pq1", "pq2"], "seed": [1, None, 3]}), table, row_group_size=2)
     bucket.blob("run1/m/b.parquet").upload_from_string(table.getvalue())
     bucket.blob("run1/m/skip.txt.bak").upload_from_string("x")
+    bucket.blob("run1/m/old/z.jsonl").upload_from_string('{"prompt": "a folder down"}\n')  # not matched by m/*
     bucket.blob("run1/odd/data[1].jsonl").upload_from_string('{"prompt": "bracketed"}\n')
     bucket.blob("run1/odd/q?x.jsonl").upload_from_string('{"prompt": "question"}\n')
     bucket.blob("run1/odd/qax.jsonl").upload_from_string('{"prompt": "another"}\n')
@@ -222,6 +225,7 @@ def test_gcs_manifest_with_relative_init_image(gcs_bucket):
     assert expand_patterns([f"gs://{gcs_bucket}/run1/odd/data[1].jsonl"]) == [f"gs://{gcs_bucket}/run1/odd/data[1].jsonl"]
     assert expand_patterns([f"gs://{gcs_bucket}/run1/odd/q?x.jsonl"]) == [f"gs://{gcs_bucket}/run1/odd/q?x.jsonl"]
     assert expand_patterns([f"gs://{gcs_bucket}/run1/odd/qa?.jsonl"]) == [f"gs://{gcs_bucket}/run1/odd/qax.jsonl"]
+    assert expand_patterns([f"gs://{gcs_bucket}/run1/odd/q[!a]x.jsonl"]) == [f"gs://{gcs_bucket}/run1/odd/q?x.jsonl"]
 
     with pytest.raises(ManifestError, match=r"gs://jaxdiff-test/run1/none/\*\.jsonl"):
         expand_patterns([f"gs://{gcs_bucket}/run1/none/*.jsonl"])
@@ -238,8 +242,19 @@ def test_gcs_manifest_with_relative_init_image(gcs_bucket):
     assert records[6].fields == {"prompt": "pq1"}  # a null is an absent field
     sample = _samples(records[3])[0]
     np.testing.assert_array_equal(sample.init_image, rgb)
-    assert manifest_fingerprint(files) == manifest_fingerprint(files)
-    assert manifest_fingerprint(files).startswith("sha256:")
+    before = manifest_fingerprint(files)
+    assert manifest_fingerprint(files) == before and before.startswith("sha256:")
+    # Changed content of the same size is a changed manifest, as it is locally.
+    text = bucket.blob("run1/m/a.jsonl").download_as_bytes()
+    bucket.blob("run1/m/a.jsonl").upload_from_string(text.replace(b"gs prompt 0", b"gs prompt 9"))
+    assert manifest_fingerprint(files) != before
+    # A relative path climbing out of the bucket is the record's mistake, named as such.
+    from pipelines.manifest import RawRecord
+
+    up = RawRecord(files[0], 7, 6, {"id": "up", "prompt": "p", "mode": "img2img", "init_image": "../../../x.png"})
+    failure = to_samples(up, DEFAULTS)
+    assert isinstance(failure, Failure) and failure.stage == "manifest"
+    assert failure.reason == f"init_image '../../../x.png' points above the bucket gs://{gcs_bucket}"
 
 
 # ----------------------------------------------------------------------------- shard plans
@@ -287,6 +302,30 @@ def test_plans_and_ids_are_stable_across_calls(tmp_path):
     assert len({i for group in ids for i in group}) == len(PROMPTS)
 
 
+def test_derived_ids_follow_the_files_base_name_and_each_records_place(tmp_path):
+    """A record without an id gets one from its file's base name, its record number and its
+    prompt: a prompt given twice renders twice, and a manifest moved to another folder keeps
+    its ids (and the images made under them)."""
+    lines = ["a cat", "a cat", "a dog"]
+    for folder in ("one", "two/deeper"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "p.txt").write_text("\n".join(lines) + "\n")
+    ids = [[_samples(r)[0].id for r in _read_all([str(tmp_path / f / "p.txt")], 10)] for f in ("one", "two/deeper")]
+    assert ids[0] == ids[1] and len(set(ids[0])) == 3
+
+
+@pytest.mark.faults
+def test_a_record_that_fails_to_read_keeps_its_place_in_the_numbering(tmp_path):
+    """Record numbers count every record, unreadable ones too, so the ids derived after a
+    bad line are the same whatever the shard size (a resumed or retried run finds them)."""
+    (tmp_path / "b.txt").write_bytes(b"fine\n\xff broken\nafter\n")
+    (tmp_path / "b.jsonl").write_bytes(b'{"prompt": "fine"}\n{"prompt": "caf\xe9"}\n{"prompt": "after"}\n')
+    for path in (str(tmp_path / "b.txt"), str(tmp_path / "b.jsonl")):
+        whole, sliced = _read_all([path], 10), _read_all([path], 1)
+        assert [r.index for r in whole] == [r.index for r in sliced] == [0, 1, 2], path
+        assert _samples(whole[2])[0].id == _samples(sliced[2])[0].id
+
+
 def test_fingerprint_follows_content(tmp_path):
     path = _write_jsonl(tmp_path / "f.jsonl", [{"prompt": "a"}, {"prompt": "b"}])
     before = manifest_fingerprint([path])
@@ -315,6 +354,9 @@ def test_file_level_mistakes_raise_manifest_errors(tmp_path):
     no_prompt = _write_csv(tmp_path / "n.csv", ["id", "text"], [["a", "b"]])
     with pytest.raises(ManifestError, match="no 'prompt' column"):
         plan_shards([no_prompt], 5)
+    twice = _write_csv(tmp_path / "twice.csv", ["id", "prompt", "seed", "seed"], [["a", "b", "1", "2"]])
+    with pytest.raises(ManifestError, match=r"twice\.csv: the CSV header names seed more than once$"):
+        plan_shards([twice], 5)  # one of the two seeds would be dropped without a word
     array = tmp_path / "arr.json"
     array.write_text(json.dumps([{"prompt": "a"}]))
     with pytest.raises(ManifestError, match="JSON array"):
