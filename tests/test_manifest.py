@@ -469,6 +469,19 @@ BAD_RECORDS = [
     ('{"prompt": "p", "mode": "img2img", "init_image": "x.png", "strength": -1' + "0" * 400 + "}",
      "strength is a 401-digit integer, out of range"),
     ('{"id": "half", "prompt": "a cat \\ud83d"}', "prompt holds a lone UTF-16 surrogate"),  # half a pair
+    ('{"id": "' + "a" * 129 + '", "prompt": "p"}', "is not usable: use up to 128 letters"),
+    ('{"prompt": "p", "num_images": 65}', "num_images 65 is out of range: use 1 to 64"),
+    ('{"prompt": "p", "steps": 1001}', "steps 1001 is out of range: use 1 to 1000"),
+    ('{"prompt": "p", "strength": "high"}', "strength 'high' is not a finite number"),  # unused by txt2img: a typo
+    # A field the mode does not use is a mistake, not something to drop without a word.
+    ('{"prompt": "p", "mode": "img2img", "init_image": "x.png", "mask": "x.png"}',
+     "mask given but mode is img2img: masks are for mode inpaint"),
+    ('{"prompt": "p", "mode": "img2img", "init_image": "x.png", "outpaint": [8, 0, 0, 0]}',
+     "outpaint given but mode is img2img: set mode to outpaint"),
+    ('{"prompt": "p", "mode": "outpaint", "init_image": "x.png", "outpaint": [0, 0, 0, 0]}',
+     "outpaint [0, 0, 0, 0]: pixel counts must be >= 0 and at least one > 0"),
+    ('{"prompt": "p", "mode": "outpaint", "init_image": "x.png", "outpaint": [-8, 0, 16, 0]}',
+     "outpaint [-8, 0, 16, 0]: pixel counts must be >= 0 and at least one > 0"),
 ]
 
 
@@ -494,14 +507,58 @@ def test_each_bad_record_fails_with_reason_and_line_while_good_ones_pass(tmp_pat
         assert Failure.from_json(failure.to_json()) == failure
 
 
+def test_a_value_at_either_end_of_its_range_is_taken(tmp_path):
+    """The ranges include their ends: strength 1 (img2img repainting everything), guidance 0
+    (no guidance) and 50, seed 0, 64 images, 1000 steps, a 2048-pixel side and an init image
+    at the image size limit all render. BAD_RECORDS holds values just past them."""
+    (tmp_path / "x.png").write_bytes(_png_bytes(np.zeros((8, 8, 3), np.uint8)))
+    path = _write_jsonl(tmp_path / "ends.jsonl", [
+        {"id": "strength", "prompt": "p", "mode": "img2img", "init_image": "x.png", "strength": 1},
+        {"id": "g0", "prompt": "p", "guidance": 0}, {"id": "g50", "prompt": "p", "guidance": 50},
+        {"id": "images", "prompt": "p", "num_images": 64, "seed": 0},
+        {"id": "steps", "prompt": "p", "steps": 1000}, {"id": "side", "prompt": "p", "width": 2048}])
+    limits = RenderDefaults(width=128, height=64, max_image_side=8)
+    strength, g0, g50, images, steps, side = (_samples(r, limits) for r in _read_all([path], 10))
+    assert strength[0].strength == 1.0 and strength[0].init_image.shape == (8, 8, 3)
+    assert (g0[0].guidance, g50[0].guidance) == (0.0, 50.0)
+    assert len(images) == 64 and images[-1].id == "images_63" and images[0].seed == 0
+    assert steps[0].steps == 1000 and (side[0].width, side[0].height) == (2048, 64)
+
+
+def test_records_leaving_out_negative_prompt_or_num_images_take_the_runs(tmp_path):
+    """The run's negative prompt (--negative-prompt) and image count apply to every record
+    that gives none; a record giving "" has no negative prompt. The ids the job checks for
+    repeats are the ids rendered."""
+    from pipelines.manifest import sample_ids
+
+    path = _write_jsonl(tmp_path / "d.jsonl", [
+        {"id": "a", "prompt": "p"}, {"id": "b", "prompt": "p", "negative_prompt": "", "num_images": 1}])
+    defaults = RenderDefaults(width=128, height=64, negative_prompt="blurry, text", num_images=2)
+    a, b = _read_all([path], 10)
+    assert [(s.id, s.negative_prompt) for s in _samples(a, defaults)] == [("a", "blurry, text"), ("a_1", "blurry, text")]
+    assert [(s.id, s.negative_prompt) for s in _samples(b, defaults)] == [("b", "")]
+    assert (sample_ids(a, defaults), sample_ids(b, defaults)) == (["a", "a_1"], ["b"])
+
+
+def test_mode_and_sampler_cells_padded_with_spaces_are_read(tmp_path):
+    """A hand-written CSV puts spaces after its commas: " Img2Img" is img2img, as seeds and
+    steps so padded are numbers."""
+    (tmp_path / "x.png").write_bytes(_png_bytes(np.zeros((8, 8, 3), np.uint8)))
+    path = tmp_path / "s.csv"
+    path.write_text("id,prompt,mode,init_image,sampler,seed\nr1,a cat, Img2Img ,x.png, Euler_A , 7\n")
+    (sample,) = _samples(_read_all([str(path)], 5)[0])
+    assert (sample.mode, sample.sampler, sample.seed, sample.strength) == ("img2img", "euler_a", 7, 0.75)
+
+
 @pytest.mark.faults
 def test_bad_csv_and_text_records_keep_their_lines(tmp_path):
     path = tmp_path / "b.csv"
-    path.write_bytes(b"prompt,seed\ngood,1\ntoo,many,fields\nbad utf8 \xff,2\nfine,\n")
+    path.write_bytes(b"prompt,seed\ngood,1\ntoo,many,fields\nbad utf8 \xff,2\nfine,\nno seed cell\n")
     out = [to_samples(r, DEFAULTS) for r in _read_all([str(path)], 2)]
-    assert [type(o).__name__ for o in out] == ["list", "Failure", "Failure", "list"]
-    assert (out[1].line, out[2].line) == (3, 4)
+    assert [type(o).__name__ for o in out] == ["list", "Failure", "Failure", "list", "Failure"]
+    assert (out[1].line, out[2].line, out[4].line) == (3, 4, 6)
     assert "3 fields but the header names 2" in out[1].reason and "UTF-8" in out[2].reason
+    assert "row has 1 fields but the header names 2" in out[4].reason  # a cell short: which one is missing?
     # Spreadsheets add unnamed trailing columns: empty, they are ignored; a value in one is
     # that row's failure. A number past any limit is a bad value, not a crash.
     path = tmp_path / "u.csv"
