@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 
@@ -740,6 +741,22 @@ def test_sixteen_bit_transparent_and_camera_images_load_as_seen(tmp_path):
     assert np.abs(load_image(str(tmp_path / "camera.jpg")).astype(int) - [200, 30, 30]).max() < 8
 
 
+def test_a_photo_with_an_exif_rotation_loads_upright_as_viewers_show_it(tmp_path):
+    """Cameras store a portrait photo's rotation in EXIF rather than turning its pixels: the
+    init image (and a mask) is the picture as a viewer shows it, as Pillow's exif_transpose
+    turns it, not lying on its side."""
+    from PIL import ImageOps
+
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 6, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to view
+    Image.fromarray(pixels).save(tmp_path / "portrait.png", exif=exif)
+    upright = np.asarray(ImageOps.exif_transpose(Image.open(tmp_path / "portrait.png")).convert("RGB"))
+    assert upright.shape == (6, 4, 3)
+    np.testing.assert_array_equal(load_image(str(tmp_path / "portrait.png")), upright)
+    assert load_mask(str(tmp_path / "portrait.png")).shape == (6, 4)
+
+
 def test_modes_carry_their_images(tmp_path):
     rgb = np.full((16, 24, 3), 90, np.uint8)
     mask = np.zeros((16, 24), np.uint8)
@@ -800,7 +817,11 @@ def test_a_mask_of_the_init_images_aspect_ratio_is_taken_and_another_fails_its_r
     assert [s.id for s in half_s] == ["half", "half_1"] and [s.id for s in rounded] == ["rounded", "rounded_1"]
     np.testing.assert_array_equal(half_s[0].mask, half)
     np.testing.assert_array_equal(rounded[1].mask, half[:, :11])
-    assert half_s[0].input_files["mask"] == str(tmp_path / "half.png")
+    # Each image keeps which files it started from, and each file's sha256.
+    assert half_s[1].input_files == {
+        "init_image": str(tmp_path / "init.png"),
+        "init_image_sha256": hashlib.sha256((tmp_path / "init.png").read_bytes()).hexdigest(),
+        "mask": str(tmp_path / "half.png"), "mask_sha256": hashlib.sha256((tmp_path / "half.png").read_bytes()).hexdigest()}
     assert isinstance(square, Failure) and square.stage == "input-image" and square.id == "square"
     assert square.reason == (
         f"mask {tmp_path / 'square.png'} is 12x12 but init_image {tmp_path / 'init.png'} is 24x16, another "
