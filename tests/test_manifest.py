@@ -895,13 +895,34 @@ def test_a_dry_run_holds_records_to_the_real_runs_sizes(tmp_path):
         job.manifest_defaults(job.RenderConfig(width=72))
 
 
+def test_dry_run_placeholders_follow_each_samples_seed_and_settings():
+    """The dry run's image is drawn from the sample's seed (the same seed, the same image;
+    another, another), and its metadata, written to the shards, says what the sample asked
+    for: guidance 0 stays 0, not the run's guidance."""
+    from jaxdiff.engine.sample import Sample
+    from pipelines.dry_run import DryRunRenderer
+
+    renderer = DryRunRenderer(4, width=16, height=8, guidance=7.5, seed=3)
+    a, again, other, unguided = renderer.render_samples([
+        Sample(id="a", prompt="p", seed=1), Sample(id="b", prompt="p", seed=1), Sample(id="c", prompt="p", seed=2),
+        Sample(id="d", prompt="p", seed=1, guidance=0.0, steps=4, width=32)])
+    assert a.image.shape == (8, 16, 3) and unguided.image.shape == (8, 32, 3)
+    np.testing.assert_array_equal(a.image, again.image)
+    assert not np.array_equal(a.image, other.image)
+    assert (a.metadata["seed"], other.metadata["seed"], a.metadata["guidance"]) == (1, 2, 7.5)
+    assert {k: unguided.metadata[k] for k in ("guidance", "steps", "width", "height")} == {
+        "guidance": 0.0, "steps": 4, "width": 32, "height": 8}
+
+
 @pytest.mark.faults
 def test_an_outpaint_canvas_past_the_size_limit_fails_its_record(tmp_path):
     """The canvas is the init image plus its outpaint pixels: past max_side the record
     fails, naming the fix, before any worker renders it."""
     (tmp_path / "edge.png").write_bytes(_png_bytes(np.zeros((16, 2000, 3), np.uint8)))
+    (tmp_path / "tall.png").write_bytes(_png_bytes(np.zeros((2000, 16, 3), np.uint8)))
     records = [
         {"id": "canvas", "prompt": "p", "mode": "outpaint", "init_image": "edge.png", "outpaint": [64, 0, 0, 0]},
+        {"id": "tall", "prompt": "p", "mode": "outpaint", "init_image": "tall.png", "outpaint": [0, 64, 0, 0]},
         {"id": "fits", "prompt": "p", "mode": "outpaint", "init_image": "edge.png", "outpaint": [48, 0, 0, 0]},
         {"id": "photo", "prompt": "p", "mode": "img2img", "init_image": "edge.png"},  # scaled to the model
     ]
@@ -910,6 +931,7 @@ def test_an_outpaint_canvas_past_the_size_limit_fails_its_record(tmp_path):
     assert isinstance(results["canvas"], Failure) and results["canvas"].stage == "input-image"
     assert ("init_image 2000x16 with outpaint [64, 0, 0, 0] makes a 2064x16 canvas, past 2048 a side: use fewer "
             "outpaint pixels or a smaller image") in results["canvas"].reason
+    assert isinstance(results["tall"], Failure) and "makes a 16x2064 canvas, past 2048 a side" in results["tall"].reason
     assert isinstance(results["fits"], list) and isinstance(results["photo"], list)
 
 
