@@ -18,10 +18,11 @@ mistake, and a CSV or Parquet column so named refuses the file, a JSON key fails
                    else derive_seed(run seed, variant id).
   mode             txt2img (default), img2img, sketch (need init_image), inpaint (needs
                    init_image and mask), outpaint (needs init_image and outpaint pixels)
-  init_image, mask local paths or gs:// URLs; a relative path is relative to the manifest
-                   file's folder. PNG, JPEG or WebP. A mask of the init image's size or
-                   aspect ratio (within a pixel's rounding: 384x256 or 383x256 for a 768x512
-                   photo) is resized with it to the render size; another shape is refused.
+  init_image, mask local paths or gs:// URLs (another URL, or a data: URI, fails its record);
+                   a relative path is relative to the manifest file's folder. PNG, JPEG
+                   or WebP. A mask of the init image's size or aspect ratio (within a
+                   pixel's rounding: 384x256 or 383x256 for a 768x512 photo) is resized
+                   with it to the render size; another shape is refused.
   outpaint         pixels added at [left, top, right, bottom]: a list, an object with those
                    keys, or "l,t,r,b" text (CSV)
   sampler          one of RenderDefaults.samplers (the engine's sampler names)
@@ -82,6 +83,7 @@ MAX_SEED = 2**32 - 1
 MAX_METADATA_DEPTH = 64
 _ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}\Z")
 _URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+_DATA_URI = re.compile(r"data:[^,]*,", re.IGNORECASE)  # data:image/png;base64,...
 
 
 class SettingError(ValueError):
@@ -384,6 +386,10 @@ def _image_uri(name: str, value, source: str) -> str:
         return uri
     if _URL_SCHEME.match(uri):
         raise _Invalid(f"{name} {uri!r}: only local paths and gs:// URLs are supported")
+    if _DATA_URI.match(uri):  # read as a relative path it "does not exist", or is "too long"
+        shown = uri if len(uri) <= 40 else uri[:40] + "..."
+        raise _Invalid(f"{name} {shown!r} is a data: URI: only local paths and gs:// URLs are supported; "
+                       f"write the image to a file and give its path")
     # Relative to the manifest's folder, so a manifest travels with its images.
     if storage.is_gcs(source):
         bucket, _, folder = source[len(storage.GCS_PREFIX):].partition("/")

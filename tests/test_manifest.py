@@ -461,6 +461,10 @@ BAD_RECORDS = [
     ('{"prompt": "p", "init_image": "x.png"}', "init_image given but mode is txt2img"),
     ('{"prompt": "p", "strength": 0.5}', "strength given but mode is txt2img"),
     ('{"prompt": "p", "mode": "img2img", "init_image": "http://host/x.png"}', "only local paths and gs://"),
+    # Not read as a path beside the manifest, which "does not exist" or is too long to open.
+    ('{"prompt": "p", "mode": "img2img", "init_image": "data:image/png;base64,' + "iVBORw0KGgo" * 400 + '"}',
+     "init_image 'data:image/png;base64,iVBORw0KGgoiVBORw0...' is a data: URI: only local paths and gs:// URLs "
+     "are supported; write the image to a file and give its path"),
     ('{"prompt": "p", "num_images": 0}', "num_images 0 is out of range"),
     ('{"prompt": "p", "sampler": "plms"}', "unknown sampler 'plms'"),
     ('{"id": "../etc/passwd", "prompt": "p"}', "id '../etc/passwd' is not usable"),
