@@ -477,7 +477,6 @@ BAD_RECORDS = [
     ('{"id": "' + "a" * 129 + '", "prompt": "p"}', "is not usable: use up to 128 letters"),
     ('{"prompt": "p", "num_images": 65}', "num_images 65 is out of range: use 1 to 64"),
     ('{"prompt": "p", "steps": 1001}', "steps 1001 is out of range: use 1 to 1000"),
-    ('{"prompt": "p", "strength": "high"}', "strength 'high' is not a finite number"),  # unused by txt2img: a typo
     # A field the mode does not use is a mistake, not something to drop without a word.
     ('{"prompt": "p", "mode": "img2img", "init_image": "x.png", "mask": "x.png"}',
      "mask given but mode is img2img: masks are for mode inpaint"),
