@@ -213,26 +213,36 @@ def test_mixed_start_steps_equal_each_sample_alone(name):
         np.testing.assert_allclose(np.asarray(batched[b : b + 1]), np.asarray(alone), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["ddim", "euler", "dpmpp_2m"])
-def test_inpaint_blend_matches_diffusers_loop(name):
+# euler_a and ddpm draw noise at each step: the known region must still be exactly the
+# re-noised init image after the blend, with no step noise on top.
+@pytest.mark.parametrize("name", ["ddim", "euler", "dpmpp_2m", "euler_a", "ddpm"])
+def test_inpaint_blend_matches_diffusers_loop(monkeypatch, name):
     config, sampler = make_case(name, "epsilon", None)
     x0 = jax.random.normal(jax.random.key(9), SHAPE)
     noise = jax.random.normal(jax.random.key(10), SHAPE)
     mask = (jnp.arange(SHAPE[-1]) < 3).astype(jnp.float32)  # 1 = repaint
+    keys = keys_for(SHAPE[0], seed=24) if sampler.stochastic else None
+    step_noise = our_noise(keys, NUM_STEPS, SHAPE[1:]) if sampler.stochastic else None
 
     def blend(x, i):
         return (1 - mask) * noise_to_step(sampler, x0, noise, i) + mask * x
 
     x = initial_latents(sampler, noise)
-    ours = sample_trajectory(sampler, fake_model_jax, x, None, after_step=blend)
+    ours = sample_trajectory(sampler, fake_model_jax, x, keys, after_step=blend)
 
-    # As diffusers' legacy inpaint pipeline: re-noise the known region to the next step's t.
+    # As diffusers' inpaint pipeline on a 4-channel UNet: step, then put back the known
+    # region re-noised to the next step's t.
     sched = DIFFUSERS_CLASS[name].from_config(config)
     sched.set_timesteps(NUM_STEPS)
+    current = {"step": 0}
+    for module in (scheduling_ddpm, scheduling_euler_ancestral_discrete):
+        monkeypatch.setattr(module, "randn_tensor",
+                            lambda shape, **kw: torch.from_numpy(step_noise[current["step"]]).reshape(shape))
     tx0, tnoise, tmask = (torch.from_numpy(np.array(a)) for a in (x0, noise, mask))
     xt = torch.from_numpy(np.array(x))
     theirs = []
     for i, t in enumerate(sched.timesteps):
+        current["step"] = i
         xt = sched.step(fake_model_torch(sched.scale_model_input(xt, t), t), t, xt).prev_sample
         known = tx0
         if i < NUM_STEPS - 1:
