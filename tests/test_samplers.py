@@ -424,6 +424,21 @@ def test_clip_sample_matches_diffusers(monkeypatch, name, prediction_type, clip_
     assert np.abs(np.asarray(sample_trajectory(unclipped, fake_model_jax, x, keys)) - ours).max() > 1e-3
 
 
+@pytest.mark.parametrize("name", ["ddim", "ddpm", "lcm"])
+def test_a_config_that_does_not_state_clip_sample_does_not_clip(monkeypatch, name):
+    """A scheduler_config.json without clip_sample (one saved by a class that has no such
+    option) renders unclipped with the samplers that can clip: clipping SD latents to
+    [-1, 1] would flatten the image. The trajectory is diffusers' with clip_sample false."""
+    config = {k: v for k, v in SD_CONFIG.items() if k != "clip_sample"}
+    sampler = make_sampler(name, NoiseSchedule.from_config(config), NUM_STEPS)
+    assert sampler.clip_range == 0.0
+    keys = keys_for(SHAPE[0], seed=25)
+    x = initial_latents(sampler, jax.random.normal(jax.random.key(26), SHAPE))
+    _, theirs = diffusers_trajectory(monkeypatch, name, {**config, "clip_sample": False}, NUM_STEPS, x,
+                                     noises=our_noise(keys, NUM_STEPS, SHAPE[1:]))
+    assert_trajectories_close(sample_trajectory(sampler, fake_model_jax, x, keys), theirs)
+
+
 @pytest.mark.parametrize("name", ["dpmpp_2m", "euler", "euler_a"])
 def test_clip_sample_is_ignored_where_diffusers_ignores_it(monkeypatch, name):
     # PNDM / DPM-Solver / Euler configs may say clip_sample: their classes do not read it.
