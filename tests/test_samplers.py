@@ -297,6 +297,10 @@ def test_trailing_spacing_runs_exactly_num_steps(monkeypatch, name):
         ("dpmpp_2m", {"lower_order_final": False, "euler_at_final": True}),
         ("dpmpp_2m", {"use_karras_sigmas": True, "sigma_min": 0.1, "sigma_max": 10.0}),
         ("euler", {"use_karras_sigmas": True, "sigma_min": 0.1, "sigma_max": 10.0}),
+        # Bounds past the schedule's own sigmas (SD's run 0.029 to 14.6): the model is fed
+        # timesteps clamped to the training range, 999 and 0, as diffusers does.
+        ("dpmpp_2m", {"use_karras_sigmas": True, "sigma_min": 0.002, "sigma_max": 20.0}),
+        ("euler", {"use_karras_sigmas": True, "sigma_min": 0.002, "sigma_max": 20.0}),
         # Other classes' options do not apply, as in diffusers' from_config.
         ("ddim", {"solver_order": 3, "final_sigmas_type": "sigma_min", "use_exponential_sigmas": True}),
         ("euler_a", {"interpolation_type": "log_linear", "final_sigmas_type": "sigma_min",
