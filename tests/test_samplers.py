@@ -565,11 +565,14 @@ def test_bad_sampler_arguments_are_refused():
         sample(sampler, fake_model_jax, jnp.zeros(SHAPE), None)
 
 
-@pytest.mark.parametrize("num_steps, original, prediction_type", [
-    (1, 50, "epsilon"), (4, 50, "epsilon"), (8, 50, "v_prediction"), (3, 7, "epsilon")])
-def test_lcm_steps_and_trajectory_match_diffusers(monkeypatch, num_steps, original, prediction_type):
+# A config's timestep_scaling sets the boundary condition's c_skip / c_out (0.1: the
+# estimate keeps a visible share of the latents at every step).
+@pytest.mark.parametrize("num_steps, original, prediction_type, scaling", [
+    (1, 50, "epsilon", 10.0), (4, 50, "epsilon", 10.0), (8, 50, "v_prediction", 10.0), (3, 7, "epsilon", 10.0),
+    (4, 50, "epsilon", 0.1)])
+def test_lcm_steps_and_trajectory_match_diffusers(monkeypatch, num_steps, original, prediction_type, scaling):
     config = {**SD_CONFIG, "_class_name": "LCMScheduler", "original_inference_steps": original,
-              "timestep_scaling": 10.0, "prediction_type": prediction_type}
+              "timestep_scaling": scaling, "prediction_type": prediction_type}
     sampler = make_sampler("lcm", NoiseSchedule.from_config(config), num_steps)
     keys = keys_for(SHAPE[0], seed=9)
     x = initial_latents(sampler, jax.random.normal(jax.random.key(10), SHAPE))
