@@ -563,6 +563,9 @@ def test_bad_sampler_arguments_are_refused():
     sampler = make_sampler("euler_a", schedule, 3)
     with pytest.raises(ValueError, match="keys"):
         sample(sampler, fake_model_jax, jnp.zeros(SHAPE), None)
+    # One key for a batch of two would broadcast: both samples would draw the same noise.
+    with pytest.raises(ValueError, match=r"one PRNG key per sample \(2\), got shape \(1,\)"):
+        sample(sampler, fake_model_jax, jnp.zeros(SHAPE), keys_for(1))
 
 
 # A config's timestep_scaling sets the boundary condition's c_skip / c_out (0.1: the
