@@ -558,7 +558,7 @@ def test_bad_sampler_arguments_are_refused():
         make_sampler("ddim", schedule, 5, karras_sigmas=True)
     with pytest.raises(ValueError, match="num_steps=0"):
         make_sampler("euler", schedule, 0)
-    with pytest.raises(ValueError, match="strength"):
+    with pytest.raises(ValueError, match=r"strength must lie in \[0, 1\], got \[1\.5\]"):
         start_step_for_strength(5, 1.5)
     sampler = make_sampler("euler_a", schedule, 3)
     with pytest.raises(ValueError, match="keys"):
@@ -570,6 +570,25 @@ def test_bad_sampler_arguments_are_refused():
 
 # A config's timestep_scaling sets the boundary condition's c_skip / c_out (0.1: the
 # estimate keeps a visible share of the latents at every step).
+@pytest.mark.faults
+def test_per_sample_inputs_that_would_broadcast_are_refused():
+    """initial_latents and sample refuse per-sample inputs for the wrong batch rather than
+    broadcast them: start steps or init latents for one sample given for a batch of two
+    would start every sample at the first one's step or from its image. A start step without
+    the init latents it starts from is refused too (it would run a partial txt2img)."""
+    _, sampler = make_case("ddim", "epsilon", None)
+    x0, noise = jnp.ones(SHAPE), jnp.zeros(SHAPE)
+    one = jnp.array([2], jnp.int32)
+    with pytest.raises(ValueError, match=r"start_step must have shape \(batch,\) = \(2,\), got \(1,\)"):
+        initial_latents(sampler, noise, x0, one)
+    with pytest.raises(ValueError, match=r"start_step must have shape \(batch,\) = \(2,\), got \(1,\)"):
+        sample(sampler, fake_model_jax, noise, None, start_step=one)
+    with pytest.raises(ValueError, match=r"x0 shape \(1, 3, 5, 7\) must equal noise shape \(2, 3, 5, 7\)"):
+        initial_latents(sampler, noise, x0[:1])
+    with pytest.raises(ValueError, match="start_step needs x0"):
+        initial_latents(sampler, noise, start_step=jnp.array([2, 2], jnp.int32))
+
+
 @pytest.mark.parametrize("num_steps, original, prediction_type, scaling", [
     (1, 50, "epsilon", 10.0), (4, 50, "epsilon", 10.0), (8, 50, "v_prediction", 10.0), (3, 7, "epsilon", 10.0),
     (4, 50, "epsilon", 0.1)])
