@@ -305,6 +305,8 @@ def test_trailing_spacing_runs_exactly_num_steps(monkeypatch, name):
         ("ddim", {"solver_order": 3, "final_sigmas_type": "sigma_min", "use_exponential_sigmas": True}),
         ("euler_a", {"interpolation_type": "log_linear", "final_sigmas_type": "sigma_min",
                      "timestep_type": "continuous"}),
+        # EulerDiscreteScheduler's continuous timesteps change a v-prediction model's input only.
+        ("euler", {"timestep_type": "continuous", "prediction_type": "epsilon"}),
     ],
 )
 def test_scheduler_options_match_diffusers(monkeypatch, name, options):
@@ -605,9 +607,15 @@ def test_lcm_steps_and_trajectory_match_diffusers(monkeypatch, num_steps, origin
 
 
 def test_lcm_refuses_more_steps_than_its_grid():
-    schedule = NoiseSchedule.from_config({**SD_CONFIG, "original_inference_steps": 50})
+    """LCM runs up to its grid's original_inference_steps, all of them as diffusers does,
+    and refuses more."""
+    config = {**SD_CONFIG, "_class_name": "LCMScheduler", "original_inference_steps": 50}
+    schedule = NoiseSchedule.from_config(config)
     with pytest.raises(ValueError, match="original_inference_steps"):
         make_sampler("lcm", schedule, 51)
+    sched = LCMScheduler.from_config(config)
+    sched.set_timesteps(50)
+    np.testing.assert_array_equal(make_sampler("lcm", schedule, 50).timesteps, sched.timesteps.numpy())
 
 
 @pytest.mark.parametrize("num_steps, strength", [(4, 0.6), (2, 0.5), (3, 1.0)])
