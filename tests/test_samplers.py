@@ -301,6 +301,10 @@ def test_trailing_spacing_runs_exactly_num_steps(monkeypatch, name):
         # timesteps clamped to the training range, 999 and 0, as diffusers does.
         ("dpmpp_2m", {"use_karras_sigmas": True, "sigma_min": 0.002, "sigma_max": 20.0}),
         ("euler", {"use_karras_sigmas": True, "sigma_min": 0.002, "sigma_max": 20.0}),
+        # A cosine schedule's Karras timesteps stay fractional. (diffusers' DPM-Solver means to
+        # keep them so, then casts them to int64: 998 three times over at 6 steps, where its
+        # step count goes wrong; jaxdiff's dpmpp_2m feeds the fractions.)
+        ("euler", {"use_karras_sigmas": True, "beta_schedule": "squaredcos_cap_v2"}),
         # Other classes' options do not apply, as in diffusers' from_config.
         ("ddim", {"solver_order": 3, "final_sigmas_type": "sigma_min", "use_exponential_sigmas": True}),
         ("euler_a", {"interpolation_type": "log_linear", "final_sigmas_type": "sigma_min",
@@ -318,6 +322,20 @@ def test_scheduler_options_match_diffusers(monkeypatch, name, options):
     sched, theirs = diffusers_trajectory(monkeypatch, name, config, 6, x, noises=our_noise(keys, 6, SHAPE[1:]))
     np.testing.assert_allclose(sampler.timesteps, sched.timesteps.numpy(), rtol=3e-5, atol=1e-6)
     assert_trajectories_close(sample_trajectory(sampler, fake_model_jax, x, keys), theirs)
+
+
+def test_dpmpp_karras_on_a_cosine_schedule_feeds_the_model_fractional_timesteps():
+    """A cosine schedule's Karras sigmas crowd near t = 999: rounded, several steps would feed
+    the model one timestep (diffusers keeps them unrounded for this schedule, then cuts them
+    to int64: 998 three times at 6 steps, where its step count goes wrong). jaxdiff keeps
+    the fractions."""
+    config = {**SD_CONFIG, "use_karras_sigmas": True, "beta_schedule": "squaredcos_cap_v2"}
+    sampler = make_sampler("dpmpp_2m", NoiseSchedule.from_config(config), 6, karras_sigmas=True)
+    theirs = DPMSolverMultistepScheduler.from_config(config)
+    theirs.set_timesteps(6)
+    t = np.asarray(sampler.timesteps)
+    assert len(np.unique(np.round(t))) < len(t) == len(np.unique(t))  # rounding would merge steps
+    np.testing.assert_allclose(t, theirs.timesteps.numpy(), atol=1.0)
 
 
 # Other checkpoints' scheduler_config.json, as published (fields diffusers saves that no
