@@ -134,6 +134,53 @@ def test_stream_reads_each_dtype_and_hashes_the_whole_file(tmp_path):
         assert stream.sha256 == hashlib.sha256(f.read()).hexdigest()
 
 
+def test_stream_hashes_a_file_whose_header_lists_tensors_out_of_data_order(tmp_path):
+    """Writers other than safetensors' own may list tensors in any order: the file still
+    reads whole and gets its sha256 (a weights file without one would drop out of the
+    fingerprint a resumed run checks)."""
+    path = str(tmp_path / "t.safetensors")
+    tensors = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(4, np.float32),
+               "c": np.full(3, 7, np.float32)}
+    save_file(tensors, path)
+    with open(path, "rb") as f:
+        raw = f.read()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    listed = dict(sorted(header.items(), key=lambda kv: -kv[1]["data_offsets"][0] if "data_offsets" in kv[1] else 1))
+    assert list(listed) != list(header)
+    text = json.dumps(listed, separators=(",", ":")).encode().ljust(n)
+    assert len(text) == n
+    with open(path, "wb") as f:
+        f.write(raw[:8] + text + raw[8 + n:])
+    stream = SafetensorsStream(path)
+    got = dict(stream)
+    for key, value in tensors.items():
+        np.testing.assert_array_equal(got[key], value)
+    with open(path, "rb") as f:
+        assert stream.sha256 == hashlib.sha256(f.read()).hexdigest()
+
+
+@pytest.mark.faults
+def test_a_header_whose_byte_span_does_not_fit_the_shape_names_the_tensor(tmp_path):
+    """A corrupt safetensors header (a tensor's byte range too short for its shape) is a
+    CheckpointError naming the file and tensor, before any tensor is read."""
+    path = str(tmp_path / "t.safetensors")
+    save_file({"a": np.zeros((2, 3), np.float32), "b": np.ones(4, np.float32)}, path)
+    with open(path, "rb") as f:
+        raw = f.read()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    header["a"]["shape"] = [2, 2]  # 16 bytes for a 24-byte span
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(n)
+    assert len(text) == n
+    with open(path, "wb") as f:
+        f.write(raw[:8] + text + raw[8 + n:])
+    with pytest.raises(CheckpointError, match=r"tensor 'a' spans bytes 0\.\.24, which does not fit its shape "
+                                              r"\(2, 2\) and dtype F32") as info:
+        SafetensorsStream(path)
+    assert str(info.value).startswith(path)
+
+
 # --- loading a pipeline folder -----------------------------------------------------------
 
 def test_loaded_family_equals_the_torch_modules(sd_folder, sd_family):
