@@ -204,6 +204,21 @@ def test_loaded_family_equals_the_torch_modules(sd_folder, sd_family):
             assert family.sha256[rel] == hashlib.sha256(f.read()).hexdigest(), rel
 
 
+def test_schedules_and_recommended_settings_are_fingerprinted(tmp_path):
+    """The noise schedules and render_defaults.json decide the images as much as the weights:
+    each is in the family's sha256 (what a resumed run compares), so editing one is seen."""
+    from tiny_models import make_upscaler_folder
+
+    folder = make_upscaler_folder(str(tmp_path / "x4"))
+    with open(os.path.join(folder, "render_defaults.json"), "w") as f:
+        json.dump({"guidance": 3.0}, f)
+    family = load_family(folder)
+    for rel in ("scheduler/scheduler_config.json", "low_res_scheduler/scheduler_config.json",
+                "render_defaults.json", "unet/diffusion_pytorch_model.safetensors"):
+        with open(os.path.join(folder, rel), "rb") as f:
+            assert family.sha256.get(rel) == hashlib.sha256(f.read()).hexdigest(), rel
+
+
 @pytest.mark.parity
 def test_loaded_family_forward_matches_torch(sd_folder, sd_family):
     import torch
