@@ -292,6 +292,29 @@ def test_sharded_checkpoint_bf16_and_explicit_sharding(sd_folder, tmp_path):
     assert len([k for k in loaded.sha256 if k.endswith(".safetensors")]) == 2
 
 
+@pytest.mark.faults
+def test_a_shard_index_naming_files_outside_the_folder_is_refused(sd_folder, tmp_path):
+    """A sharded index may only name shard files in its own component folder: a weight_map
+    pointing elsewhere (`../`) is refused, naming the index, rather than loading some other
+    file's tensors; an index with no tensors at all is named as such."""
+    folder = _copy_component(sd_folder[0], str(tmp_path / "family"))
+    weights = os.path.join(folder, UNET_WEIGHTS)
+    outside = str(tmp_path / "outside.safetensors")
+    shutil.move(weights, outside)  # a complete, loadable file: only the index's name is wrong
+    index_path = os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors.index.json")
+    with open(index_path, "w") as f:
+        json.dump({"weight_map": {k: "../../outside.safetensors" for k in load_file(outside)}}, f)
+    with pytest.raises(CheckpointError, match=r"shard name '\.\./\.\./outside\.safetensors' must be a plain "
+                                              r"file name") as info:
+        load_component(folder, "unet")
+    assert str(info.value).startswith(index_path)
+    with open(index_path, "w") as f:
+        json.dump({"metadata": {}, "weight_map": {}}, f)
+    with pytest.raises(CheckpointError, match=r"has no 'weight_map' of tensor name -> file") as info:
+        load_component(folder, "unet")
+    assert str(info.value).startswith(index_path)
+
+
 def test_legacy_vae_attention_names_load(sd_folder, tmp_path):
     folder = _copy_component(sd_folder[0], str(tmp_path), "vae")
     weights = os.path.join(folder, "vae", "diffusion_pytorch_model.safetensors")
@@ -304,6 +327,19 @@ def test_legacy_vae_attention_names_load(sd_folder, tmp_path):
     assert any(".query." in k for k in tensors)
     save_file(tensors, weights)
     _assert_params_equal_torch(load_component(folder, "vae").module, sd_folder[1]["vae"])
+
+
+def test_a_text_encoder_file_with_its_position_ids_buffer_loads(sd_folder, tmp_path):
+    """SD 1.x's published text_encoder/model.safetensors holds the `position_ids` buffer
+    older transformers saved: it is not a parameter, and the file loads."""
+    folder = _copy_component(sd_folder[0], str(tmp_path), "text_encoder")
+    weights = os.path.join(folder, "text_encoder", "model.safetensors")
+    tensors = load_file(weights)
+    positions = sd_folder[1]["text_encoder"].config.max_position_embeddings
+    tensors["text_model.embeddings.position_ids"] = np.arange(positions, dtype=np.int64)[None]
+    save_file(tensors, weights, metadata={"format": "pt"})
+    loaded = load_component(folder, "text_encoder")
+    _assert_params_equal_torch(loaded.module, sd_folder[1]["text_encoder"], prefix="text_model.")
 
 
 @pytest.mark.parametrize("in_channels,kind", [(9, "inpaint"), (7, "upscale")])
@@ -636,6 +672,32 @@ def test_pickle_is_refused_unless_allowed(sd_folder, tmp_path):
     _assert_params_equal_torch(load_component(folder, "unet", allow_pickle=True).module, sd_folder[1]["unet"])
 
 
+def test_a_bfloat16_pickle_checkpoint_loads_its_values(sd_folder, tmp_path):
+    """A trusted .bin saved in bfloat16 (as many fine-tunes are) loads the same numbers
+    torch holds, not their bit patterns read as integers."""
+    import torch
+
+    folder = _copy_component(sd_folder[0], str(tmp_path))
+    os.remove(os.path.join(folder, UNET_WEIGHTS))
+    bf16 = {k: v.to(torch.bfloat16) for k, v in sd_folder[1]["unet"].state_dict().items()}
+    torch.save(bf16, os.path.join(folder, "unet", "diffusion_pytorch_model.bin"))
+    loaded = _params(load_component(folder, "unet", allow_pickle=True).module)
+    want = bf16["conv_in.weight"].float().numpy().transpose(2, 3, 1, 0)
+    np.testing.assert_array_equal(loaded[("conv_in", "kernel")], want)
+
+
+def test_a_trainers_ckpt_wrapping_its_state_dict_loads(sd_folder, tmp_path):
+    """A trusted .ckpt as training frameworks save it, {"state_dict": {...}}, loads the
+    tensors inside the wrapper."""
+    import torch
+
+    folder = _copy_component(sd_folder[0], str(tmp_path))
+    os.remove(os.path.join(folder, UNET_WEIGHTS))
+    torch.save({"state_dict": sd_folder[1]["unet"].state_dict(), "global_step": 7},
+               os.path.join(folder, "unet", "diffusion_pytorch_model.ckpt"))
+    _assert_params_equal_torch(load_component(folder, "unet", allow_pickle=True).module, sd_folder[1]["unet"])
+
+
 @pytest.mark.faults
 def test_unsupported_config_names_the_config_file(sd_folder, tmp_path):
     folder = _copy_component(sd_folder[0], str(tmp_path))
@@ -704,12 +766,12 @@ def test_a_text_encoder_another_models_unet_or_tokenizer_would_not_fit_is_refuse
     with pytest.raises(CheckpointError, match=r"text_encoder.config\.json and .*unet.config\.json do not match: "
                                               r"the text encoder's hidden_size=16, the UNet's cross_attention_dim=12"):
         load_family(folder)
-    # Token ids past the embedding table: rendered NaN.
+    # Token ids past the embedding table: rendered NaN. One id past it is already too many.
     vocab = sd_folder[1]["text_encoder"].config.vocab_size
-    folder = _with_text_encoder(sd_folder, str(tmp_path / "small"), vocab_size=vocab - 5)
+    folder = _with_text_encoder(sd_folder, str(tmp_path / "small"), vocab_size=vocab - 1)
     with pytest.raises(CheckpointError, match=rf"tokenizer.vocab\.json and .*text_encoder.config\.json do not "
                                               rf"match: the tokenizer gives token ids up to {vocab - 1} .*"
-                                              rf"vocab_size={vocab - 5}"):
+                                              rf"vocab_size={vocab - 1}"):
         load_family(folder)
 
 
@@ -726,6 +788,24 @@ def test_an_sdxl_folder_is_named_unsupported(tmp_path):
                                               r"models\); jaxdiff loads Stable Diffusion 1\.x / 2\.x") as info:
         load_family(str(tmp_path))
     assert str(info.value).startswith(str(tmp_path / "model_index.json"))
+
+
+@pytest.mark.faults
+def test_a_component_of_another_class_is_named(sd_folder, tmp_path):
+    """model_index.json naming a component class jaxdiff does not implement (an SD 3 T5
+    text encoder, say) is refused naming the file and the component, not loaded as if it
+    were the class jaxdiff has."""
+    folder = str(tmp_path / "family")
+    shutil.copytree(sd_folder[0], folder)
+    index_path = os.path.join(folder, "model_index.json")
+    with open(index_path) as f:
+        index = json.load(f)
+    with open(index_path, "w") as f:
+        json.dump(dict(index, text_encoder=["transformers", "T5EncoderModel"]), f)
+    with pytest.raises(CheckpointError, match=r"component 'text_encoder' is \['transformers', 'T5EncoderModel'\]; "
+                                              r"jaxdiff loads CLIPTextModel here") as info:
+        load_family(folder)
+    assert str(info.value).startswith(index_path)
 
 
 @pytest.mark.faults
