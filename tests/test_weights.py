@@ -741,11 +741,94 @@ def test_an_upscalers_render_defaults_keep_under_its_max_noise_level(tmp_path):
     with open(path, "w") as f:
         json.dump({"guidance": 3.0, "noise_level": 20}, f)
     assert load_family(folder).render_defaults == {"guidance": 3.0, "noise_level": 20}
+    with open(path, "w") as f:  # the highest level the model takes is one it may recommend
+        json.dump({"noise_level": 350}, f)
+    assert load_family(folder).render_defaults == {"noise_level": 350}
     with open(path, "w") as f:
         json.dump({"noise_level": 351}, f)
     with pytest.raises(CheckpointError, match="noise_level 351 is above the model's max_noise_level 350") as info:
         load_family(folder)
     assert str(info.value).startswith(path)
+
+
+def _settings_folder(path, *, in_channels=4, scheduler="DDIMScheduler", time_cond_proj_dim=None, train_steps=1000,
+                     defaults=None):
+    """The files render_defaults.read looks at: the UNet and scheduler configs, and the
+    folder's own render_defaults.json if `defaults` is given."""
+    for rel, value in (("unet/config.json", {"in_channels": in_channels, "time_cond_proj_dim": time_cond_proj_dim}),
+                       ("scheduler/scheduler_config.json", {"_class_name": scheduler, "num_train_timesteps": train_steps})):
+        os.makedirs(os.path.dirname(os.path.join(path, rel)), exist_ok=True)
+        with open(os.path.join(path, rel), "w") as f:
+            json.dump(value, f)
+    if defaults is not None:
+        with open(os.path.join(path, "render_defaults.json"), "w") as f:
+            json.dump(defaults, f)
+    return str(path)
+
+
+def test_a_folders_own_settings_win_over_what_its_lcm_scheduler_implies(tmp_path):
+    """An LCM folder's render_defaults.json is what its makers measured: its guidance or
+    steps replace LCM's usual 8.5 and 4, which still fill what the file leaves out."""
+    from jaxdiff import render_defaults
+
+    folder = _settings_folder(tmp_path / "lcm", scheduler="LCMScheduler", time_cond_proj_dim=8,
+                              defaults={"guidance": 2.0})
+    assert render_defaults.read(folder) == {"sampler": "lcm", "steps": 4, "guidance": 2.0}
+    _settings_folder(folder, scheduler="LCMScheduler", time_cond_proj_dim=8, defaults={"steps": 6})
+    assert render_defaults.read(folder) == {"sampler": "lcm", "steps": 6, "guidance": 8.5}
+
+
+def test_recommended_settings_at_their_limits_are_accepted(tmp_path):
+    """The bounds are inclusive: steps up to the model's num_train_timesteps, guidance 0
+    (the unconditional model)."""
+    from jaxdiff import render_defaults
+
+    folder = _settings_folder(tmp_path / "sd", defaults={"steps": 1000, "guidance": 0})
+    assert render_defaults.read(folder) == {"steps": 1000, "guidance": 0.0}
+
+
+@pytest.mark.faults
+def test_an_upscalers_recommended_steps_keep_to_its_schedule(tmp_path):
+    """An x4 folder recommending more steps than its schedule has is named, as a base
+    folder's is, instead of failing in the sampler."""
+    from jaxdiff import render_defaults
+
+    folder = _settings_folder(tmp_path / "x4", in_channels=7, train_steps=500, defaults={"steps": 501})
+    with pytest.raises(render_defaults.RenderDefaultsError, match=r"steps is 501; use 1 to 500") as info:
+        render_defaults.read(folder, "upscale")
+    assert str(info.value).startswith(os.path.join(folder, "render_defaults.json"))
+
+
+def test_an_upscalers_recommended_steps_set_the_upscale_stage_only(tmp_path):
+    """The x4 folder's "steps" and "guidance" are its own stage's (upscale_steps,
+    upscale_guidance): they leave the base model's steps and guidance as they were."""
+    from types import SimpleNamespace
+
+    from jaxdiff import render_defaults
+    from jaxdiff.engine.pipeline import RenderSettings, settings_for
+
+    folder = _settings_folder(tmp_path / "x4", in_channels=7,
+                              defaults={"steps": 7, "guidance": 3.5, "sampler": "ddim", "noise_level": 5})
+    up = SimpleNamespace(render_defaults=render_defaults.read(folder, "upscale"))
+    base = SimpleNamespace(render_defaults={"guidance": 2.5})
+    settings = settings_for(base, up)
+    assert (settings.upscale_steps, settings.upscale_guidance, settings.upscale_sampler, settings.noise_level) == \
+        (7, 3.5, "ddim", 5)
+    assert (settings.steps, settings.guidance, settings.sampler) == (RenderSettings().steps, 2.5,
+                                                                     RenderSettings().sampler)
+
+
+@pytest.mark.faults
+def test_only_an_x4_upscaler_is_taken_as_the_upscaler(tmp_path):
+    """An inpainting model (9 input channels) given as the upscaler is refused up front,
+    as a text-to-image one is, not left to fail mid-render on tensor shapes."""
+    from jaxdiff import render_defaults
+
+    for in_channels in (4, 9):
+        folder = _settings_folder(tmp_path / f"unet{in_channels}", in_channels=in_channels)
+        with pytest.raises(ValueError, match=rf"is not an x4 upscaler \(its UNet takes {in_channels} input channels"):
+            render_defaults.read(folder, "upscale")
+        assert render_defaults.read(folder, "base") == {}
 
 
 def _with_text_encoder(sd_folder, out: str, **changes) -> str:
