@@ -939,3 +939,18 @@ def test_models_build_with_init_keys_as_with_nnx_rngs():
     keys = InitKeys(3)
     first, second = (np.asarray(jax.random.key_data(keys.params())) for _ in range(2))
     assert not np.array_equal(first, second)
+
+
+def test_export_writes_the_dtype_asked_for(tmp_path):
+    """save_safetensors(dtype=float16), as the trainer exports the shipped folders, writes
+    float16 tensors holding the model's values: half the bytes, the same weights."""
+    from jaxdiff.weights.export import save_safetensors, state_dict
+
+    model = nnx.Sequential(nnx.Conv(3, 5, (3, 2), rngs=nnx.Rngs(0)), nnx.Linear(5, 4, rngs=nnx.Rngs(1)))
+    path = str(tmp_path / "model.safetensors")
+    save_safetensors(model, path, dtype=np.float16)
+    written, full = load_file(path), state_dict(model)
+    assert written.keys() == full.keys()
+    for key, value in full.items():
+        assert value.dtype == np.float32 and written[key].dtype == np.float16, key
+        np.testing.assert_array_equal(written[key], value.astype(np.float16), err_msg=key)
