@@ -105,6 +105,11 @@ def _ids_in_output(out: str, local_copy: str) -> tuple[list[str], list[dict]]:
     return ids, failures
 
 
+def _partials(out: str) -> list[str]:
+    """The temporary files (hidden: .NAME.RANDOM.partial) anywhere under `out`."""
+    return glob.glob(os.path.join(out, "**", "*.partial"), recursive=True, include_hidden=True)
+
+
 def _assert_every_id_once(ids: list[str], failures: list[dict]) -> None:
     good_ids = [r["id"] for r in GOOD]
     assert sorted(ids) == sorted(good_ids), "each good id exactly once in the shards"
@@ -788,7 +793,7 @@ def test_a_committed_shard_rendered_again_withdraws_its_marker_first(tmp_path, m
         job.render_shard(spec, out, renderer, defaults, model_info={})
     assert isinstance(info.value.__cause__, OSError)
     assert shards.complete_shards(out) == set()  # the next run renders it afresh
-    assert not glob.glob(os.path.join(out, "**", "*.partial"), recursive=True)  # temp files gone too
+    assert not _partials(out)  # temp files gone too
 
 
 @pytest.mark.pipeline
@@ -894,6 +899,53 @@ def test_an_output_folder_copied_elsewhere_resumes_without_rendering_again(tmp_p
     shutil.copytree(tmp_path / "out", tmp_path / "copy")
     again = job.run([str(path)], str(tmp_path / "copy"), _config(), progress=False)
     assert again.complete and (again.skipped_shards, again.withdrawn_shards) == (3, [])
+
+
+def _committed_shard(out: str, samples, **writer_options) -> dict:
+    """Commits one shard of `samples` (dry-run images) with a ShardWriter; returns its marker."""
+    renderer = DryRunRenderer(len(samples), width=16, height=8)
+    writer = shards.ShardWriter(out, "shard-00000", **writer_options)
+    for k, (sample, rendered) in enumerate(zip(samples, renderer.render_samples(samples))):
+        writer.add(f"00000_{k:06d}", sample, rendered)
+    return writer.commit()
+
+
+@pytest.mark.faults
+def test_retrying_a_committed_shard_leaves_no_copy_of_its_tar_behind(tmp_path):
+    """--retry-failures starts from a local copy of the committed tar (hundreds of MB for a
+    real shard): it is removed when the retried shard commits, and when the shard turns out
+    damaged."""
+    from jaxdiff.engine.sample import Sample
+
+    out = str(tmp_path / "out")
+    samples = [Sample(id=f"s{i}", prompt=f"shape {i}") for i in range(3)]
+    stats = _committed_shard(out, samples)
+    writer = shards.ShardWriter(out, "shard-00000")
+    assert writer.copy_committed(stats) == {"s0", "s1", "s2"}
+    assert writer.commit()["tar_sha256"] == stats["tar_sha256"]  # the same members, byte for byte
+    assert not _partials(out)
+
+    damaged = dict(stats, tar_sha256="0" * 64)
+    writer = shards.ShardWriter(out, "shard-00000")
+    with pytest.raises(shards.DamagedShard, match="sha256"):
+        writer.copy_committed(damaged)
+    writer.abort()
+    assert not _partials(out)
+
+
+@pytest.mark.faults
+def test_a_run_starts_by_removing_what_a_killed_run_left_half_written(tmp_path):
+    """A worker killed while writing leaves temporary files in the output folder and in its
+    failures/ folder; the next run removes both, and nothing else."""
+    out = str(tmp_path / "out")
+    paths = shards.shard_paths(out, "shard-00000")
+    for path in paths.values():
+        storage.write_bytes(path, b"committed\n")
+    partials = [storage.local_temp_for(paths[part]) for part in ("tar", "parquet", "failures", "stats")]
+    assert {os.path.dirname(p) for p in partials} == {out, os.path.join(out, shards.FAILURES_DIR)}
+    shards.remove_partials(out)
+    assert not any(os.path.exists(p) for p in partials)
+    assert all(storage.read_bytes(path) == b"committed\n" for path in paths.values())
 
 
 @pytest.mark.faults
@@ -1105,7 +1157,7 @@ def test_a_commit_that_fails_beside_the_next_shard_fails_the_run_naming_its_shar
     with pytest.raises(job.JobError, match=r"shard-00001 \(.*m\.jsonl, records 5 to 8\): OSError: simulated"):
         job.run([str(path)], out, _config(shard_size=4), progress=False)
     assert "shard-00001" not in shards.complete_shards(out)
-    assert not glob.glob(os.path.join(out, "**", "*.partial"), recursive=True)
+    assert not _partials(out)
     monkeypatch.setattr(storage, "put_file", put_file)
     summary = job.run([str(path)], out, _config(shard_size=4), progress=False)
     assert summary.complete and summary.rendered == 12
