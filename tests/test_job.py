@@ -910,6 +910,50 @@ def _committed_shard(out: str, samples, **writer_options) -> dict:
     return writer.commit()
 
 
+def test_a_shards_parquet_rows_give_the_size_and_sha256_of_the_images_in_its_tar(tmp_path):
+    """Users check or pick images by the parquet alone: each row's image_bytes and
+    image_sha256 are those of the image file under its key in the tar, as webdataset reads it,
+    and its other columns are the .json's."""
+    import hashlib
+
+    import webdataset as wds
+
+    from jaxdiff.engine.sample import Sample
+
+    out = str(tmp_path / "out")
+    samples = [Sample(id="a", prompt="a red circle", seed=7),
+               Sample(id="b", prompt="a blue square", negative_prompt="blurry", guidance=3.0, width=32,
+                      mode="img2img", strength=0.4, init_image=np.zeros((8, 16, 3), np.uint8),
+                      input_files={"init_image": "gs://b/photo.png", "init_image_sha256": "ab" * 32})]
+    _committed_shard(out, samples, image_format="jpg")
+    tar = {s["__key__"]: s for s in wds.WebDataset(os.path.join(out, "shard-00000.tar"), shardshuffle=False)}
+    rows = pq.read_table(os.path.join(out, "shard-00000.parquet")).to_pylist()
+    assert sorted(row["key"] for row in rows) == sorted(tar) and len(rows) == 2
+    for row in rows:
+        image, meta = tar[row["key"]]["jpg"], json.loads(tar[row["key"]]["json"])
+        assert (row["image_bytes"], row["image_sha256"]) == (len(image), hashlib.sha256(image).hexdigest())
+        assert row["format"] == "jpg" and Image.open(io.BytesIO(image)).format == "JPEG"
+        for name in ("id", "prompt", "negative_prompt", "mode", "seed", "width", "height", "steps", "guidance",
+                     "sampler", "strength"):
+            assert row[name] == meta.get(name), name
+        assert row["init_image"] == meta.get("init_image") and row["mask"] == meta.get("mask")
+    assert {row["id"]: row["init_image"] for row in rows} == {"a": None, "b": "gs://b/photo.png"}
+
+
+def test_the_largest_seed_a_manifest_takes_is_written_to_the_parquet(tmp_path):
+    """Manifests take seeds up to 2**32 - 1: the shard holding one commits, and its parquet
+    row gives the seed the image was rendered with."""
+    from jaxdiff.engine.sample import Sample
+    from pipelines.manifest import MAX_SEED
+
+    out = str(tmp_path / "out")
+    stats = _committed_shard(out, [Sample(id="top", prompt="a circle", seed=MAX_SEED),
+                                   Sample(id="zero", prompt="a circle", seed=0)])
+    assert stats["rendered"] == 2
+    rows = pq.read_table(os.path.join(out, "shard-00000.parquet")).to_pylist()
+    assert {row["id"]: row["seed"] for row in rows} == {"top": MAX_SEED, "zero": 0}
+
+
 @pytest.mark.faults
 def test_retrying_a_committed_shard_leaves_no_copy_of_its_tar_behind(tmp_path):
     """--retry-failures starts from a local copy of the committed tar (hundreds of MB for a
