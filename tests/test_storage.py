@@ -57,6 +57,20 @@ def test_gcs_list_dir_names_a_file_and_folder_of_one_name_once(gcs_bucket):
     assert storage.list_dir(f"gs://{gcs_bucket}/dup") == ["x"]
 
 
+def test_gcs_list_dir_names_files_and_sub_folders_as_a_local_folder_does(gcs_bucket, tmp_path):
+    """An output folder's listing on GCS holds its sub-folders (failures/) and nothing of a
+    sibling folder whose name starts with the same letters (out2, out-old), as on a local disk."""
+    files = ["out/a.json", "out/failures/x.jsonl", "out/deep/er/y", "out2/b.json", "out-old/c", "outer"]
+    for name in files:
+        storage.write_bytes(f"gs://{gcs_bucket}/siblings/{name}", b"x")
+        storage.write_bytes(str(tmp_path / "siblings" / name), b"x")
+    for folder in ("siblings", "siblings/out", "siblings/out/deep", "siblings/out2"):
+        local = storage.list_dir(str(tmp_path / folder))
+        assert storage.list_dir(f"gs://{gcs_bucket}/{folder}") == local
+        assert storage.list_dir(f"gs://{gcs_bucket}/{folder}/") == local
+    assert storage.list_dir(f"gs://{gcs_bucket}/siblings/out") == ["a.json", "deep", "failures"]
+
+
 def test_gcs_list_dir_missing_folder_is_empty_and_local_raises(gcs_bucket, tmp_path):
     assert storage.list_dir(f"gs://{gcs_bucket}/no-such-folder") == []
     with pytest.raises(FileNotFoundError):
@@ -94,6 +108,7 @@ def test_range_reader_bounds(where, gcs_bucket, tmp_path):
     reader = storage.open_reader(storage.join(base, "five"))
     assert reader.size == 5
     assert bytes(reader.read(3, 2)) == b"34"
+    assert bytes(reader.read(1, 2)) == b"12" and bytes(reader.read(0, 5)) == b"01234"
     assert bytes(reader.read(5, 0)) == b""
     for start, length in [(3, 5), (5, 1), (9, 1)]:
         with pytest.raises(EOFError):
