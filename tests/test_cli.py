@@ -44,6 +44,29 @@ def test_unknown_flags_go_to_beam():
     assert beam_args == ["--runner", "DataflowRunner", "--project=p", "--no_auth"]
 
 
+def test_a_beam_flag_without_a_value_leaves_the_next_flag_and_what_follows_double_dash_to_jaxdiff():
+    """A Beam flag written without a value (--no_auth, --save_main_session) takes no value
+    that starts with "-": the --out after it stays the command's. After "--" the words are
+    manifests: "-b.jsonl" is one, not a flag."""
+    parser = cli.argparse.ArgumentParser()
+    render = cli._render_parser(parser.add_subparsers())
+    ours, beam_args = cli._split_beam_flags(
+        ["a.jsonl", "--no_auth", "--out", "o", "--save_main_session", "--dry-run"], render)
+    assert (ours, beam_args) == (["a.jsonl", "--out", "o", "--dry-run"], ["--no_auth", "--save_main_session"])
+    ours, beam_args = cli._split_beam_flags(["--out", "o", "--runner=DirectRunner", "--", "a.jsonl", "-b.jsonl"],
+                                            render)
+    assert (ours, beam_args) == (["--out", "o", "--", "a.jsonl", "-b.jsonl"], ["--runner=DirectRunner"])
+    assert render.parse_args(ours).manifests == ["a.jsonl", "-b.jsonl"]
+
+
+def test_dry_run_delay_takes_zero_and_fractions_of_a_second():
+    """--dry-run-delay 0 is no delay, as leaving it out; a fraction sleeps that long."""
+    parser = cli.argparse.ArgumentParser()
+    render = cli._render_parser(parser.add_subparsers())
+    for text, seconds in (("0", 0.0), ("0.25", 0.25), ("3", 3.0)):
+        assert render.parse_args(["m.jsonl", "--out", "o", "--dry-run-delay", text]).dry_run_delay == seconds
+
+
 @pytest.mark.faults
 def test_abbreviated_flags_and_unknown_samplers_are_refused(tmp_path, capsys):
     from jaxdiff.samplers import SAMPLER_NAMES
@@ -122,7 +145,8 @@ def test_unwritable_output_is_a_clear_error(tmp_path, capsys):
     code = cli.main(["render", str(manifest), "--out", str(blocker / "out"), "--dry-run"])
     assert code == cli.EXIT_ERROR
     err = capsys.readouterr().err
-    assert "cannot write to the output folder" in err and str(blocker / "out") in err
+    assert f"jaxdiff render: error: cannot write to the output folder '{blocker / 'out'}'" in err
+    assert "the pipeline failed" not in err and "Traceback" not in err  # nothing ran: it was refused before
 
 
 @pytest.mark.faults
@@ -228,7 +252,8 @@ def test_a_file_given_as_the_model_folder_is_named(tmp_path, capsys):
     (["--dtype", "float8"], "argument --dtype: invalid choice: 'float8'"),  # else accepted by a dry run
     (["--out", ""], "--out is empty"),  # else written to the working folder, never seen as complete
     (["--dry-run-delay", "-1"], "'-1' is not a finite number of seconds >= 0"),  # else a traceback from Beam
-    (["--dry-run-delay", "inf"], "'inf' is not a finite number of seconds >= 0")])  # else a failed pipeline
+    (["--dry-run-delay", "inf"], "'inf' is not a finite number of seconds >= 0"),  # else a failed pipeline
+    (["--dry-run-delay", "nan"], "'nan' is not a finite number of seconds >= 0")])  # else a failed pipeline
 def test_empty_and_out_of_range_options_are_refused(tmp_path, capsys, monkeypatch, flags, message):
     monkeypatch.chdir(tmp_path)
     manifest = tmp_path / "m.jsonl"
