@@ -978,6 +978,32 @@ def test_retrying_a_committed_shard_leaves_no_copy_of_its_tar_behind(tmp_path):
 
 
 @pytest.mark.faults
+@pytest.mark.parametrize("where", ["local", "gcs"])
+def test_the_output_folder_check_leaves_nothing_behind_and_names_a_folder_it_cannot_write(
+        where, tmp_path, request, monkeypatch):
+    """A run first checks that it can write --out: the check's probe file is removed again,
+    and any refusal, a local OSError or a GCS permission error alike, names the folder."""
+    import re
+
+    from google.api_core.exceptions import Forbidden
+
+    out = str(tmp_path / "out") if where == "local" else f"gs://{request.getfixturevalue('gcs_bucket')}/probe"
+    storage.write_bytes(storage.join(out, "keep.txt"), b"x")
+    shards.check_writable(out)
+    assert storage.list_dir(out) == ["keep.txt"]
+
+    def refused(dest, data):
+        if where == "local":
+            raise PermissionError(13, "Permission denied", dest)
+        raise Forbidden(f"POST {dest}: caller does not have storage.objects.create access")
+
+    monkeypatch.setattr(storage, "write_bytes", refused)
+    refusal = re.escape(f"cannot write to the output folder '{out}'") + ".*with write permission"
+    with pytest.raises(OSError, match=refusal):
+        shards.check_writable(out)
+
+
+@pytest.mark.faults
 def test_a_run_starts_by_removing_what_a_killed_run_left_half_written(tmp_path):
     """A worker killed while writing leaves temporary files in the output folder and in its
     failures/ folder; the next run removes both, and nothing else."""
@@ -1014,6 +1040,25 @@ def test_metadata_is_strict_json_and_parquet_agrees_with_it(tmp_path):
     assert isinstance(meta["model"], dict)  # the run's model record, not the record's field
     row = pq.read_table(os.path.join(out, "shard-00000.parquet")).to_pylist()[0]
     assert strict(row["metadata"]) == meta["manifest"] and row["guidance"] == meta["guidance"] == 7.3
+
+
+@pytest.mark.faults
+def test_failures_lines_are_strict_json_when_the_record_holds_nan(tmp_path):
+    """A failed record from a parquet manifest is kept in failures/ as its fields: a NaN or
+    infinite number among them is written as text, so that every line reads as strict JSON."""
+    import pyarrow as pa
+
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"id": ["ok", "empty"], "prompt": ["a circle", ""],
+                             "score": [0.5, float("nan")], "w": [1.0, float("-inf")]}), path)
+    out = str(tmp_path / "out")
+    summary = job.run([str(path)], out, _config(), progress=False)
+    assert (summary.rendered, summary.failed) == (1, 1)
+    text = storage.read_text(shards.shard_paths(out, "shard-00000")["failures"])
+    failure = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert failure["id"] == "empty" and "empty prompt" in failure["reason"]
+    assert (failure["record"]["score"], failure["record"]["w"]) == ("NaN", "-Infinity")
+    assert shards.read_failures(out, "shard-00000") == [failure]
 
 
 @pytest.mark.pipeline
