@@ -307,6 +307,29 @@ def test_a_run_whose_every_record_fails_says_so_and_nothing_else(tmp_path):
     assert "WARNING" not in done.stderr, done.stderr
 
 
+@pytest.mark.faults
+def test_a_warning_of_the_job_is_said_once_as_the_commands_own(tmp_path):
+    """A fresh process, as a user runs it: the job's warning (a resume at another batch
+    shape, say) reads once, as "jaxdiff render: warning: ...", not again in logging's raw form."""
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"prompt": "a"}\n')
+    code = ("import logging, sys, types\n"
+            "from pipelines import job\n"
+            "def run(*args, **kwargs):\n"
+            "    logging.getLogger('pipelines.job').warning('resumed at another batch shape')\n"
+            "    return types.SimpleNamespace(text=lambda: 'rendered 1', complete=True)\n"
+            "job.run = run\n"
+            "from jaxdiff.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    done = subprocess.run([sys.executable, "-c", code, "render", str(manifest), "--out", str(tmp_path / "out"),
+                           "--dry-run", "--no-progress"],
+                          env=dict(os.environ, NO_GCE_CHECK="true", JAX_PLATFORMS="cpu"), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == cli.EXIT_OK, done.stderr
+    assert done.stderr.splitlines() == ["jaxdiff render: warning: resumed at another batch shape",
+                                        "jaxdiff render: rendered 1"]
+
+
 @pytest.mark.pipeline
 def test_the_documented_dataflow_command_builds_and_validates_its_job(gcs_bucket, capsys):
     """docs/dataflow.md's command, with Beam's own --dry_run=True: the job is built, its
