@@ -176,7 +176,10 @@ class _GcsReader:
     def __init__(self, url: str):
         self.path = url
         blob = _blob(url)
-        blob.reload()  # fetches the size; raises NotFound for a missing object
+        # Fetches the size and the generation, which every range read then asks for: an object
+        # replaced while it is read (a checkpoint uploaded again) fails the read rather than
+        # mixing two files' bytes. Raises NotFound for a missing object.
+        blob.reload()
         self._blob = blob
         self.size = int(blob.size)
 
@@ -189,7 +192,13 @@ class _GcsReader:
             return b""
         # `end` is inclusive in google-cloud-storage. Ranged reads skip the whole-object
         # checksum; callers that need integrity hash the bytes themselves.
-        data = self._blob.download_as_bytes(start=start, end=start + length - 1, checksum=None)
+        from google.api_core.exceptions import NotFound
+
+        try:
+            data = self._blob.download_as_bytes(start=start, end=start + length - 1, checksum=None)
+        except NotFound as e:
+            raise FileNotFoundError(f"{self.path} was replaced or deleted while it was read (generation "
+                                    f"{self._blob.generation} is gone): read it again") from e
         if len(data) != length:
             raise EOFError(f"{self.path}: wanted bytes {start}..{start + length}, object has {self.size}")
         return data

@@ -129,6 +129,29 @@ def test_gcs_range_reader_stays_within_the_size_it_reported(gcs_bucket):
         reader.read(5, 2)
 
 
+def test_gcs_range_reads_ask_for_the_generation_opened(gcs_bucket, monkeypatch):
+    """A checkpoint replaced on GCS while it loads must not give tensors from two files: each
+    range asks for the object's generation as opened (GCS then answers 404, not new bytes)."""
+    url = f"gs://{gcs_bucket}/pinned"
+    storage.write_bytes(url, b"01234")
+    reader = storage.open_reader(url)
+    generation = storage.gcs_client().bucket(gcs_bucket).get_blob("pinned").generation
+    http = storage.gcs_client()._http
+    request, urls = http.request, []
+
+    def record(method, request_url, *args, **kwargs):
+        urls.append(request_url)
+        return request(method, request_url, *args, **kwargs)
+
+    monkeypatch.setattr(http, "request", record)
+    assert bytes(reader.read(1, 3)) == b"123"
+    assert urls and all(f"generation={generation}" in u for u in urls)
+    monkeypatch.setattr(http, "request", request)
+    storage.delete(url)
+    with pytest.raises(FileNotFoundError, match="pinned was replaced or deleted while it was read"):
+        reader.read(0, 2)
+
+
 @pytest.mark.parametrize("where", ["local", "gcs"])
 def test_download_of_missing_file_keeps_the_existing_destination(where, gcs_bucket, tmp_path):
     source = f"gs://{gcs_bucket}/missing.bin" if where == "gcs" else str(tmp_path / "missing.bin")
