@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 
@@ -26,6 +27,15 @@ def test_bench_reports_throughput_stages_and_ratio(tmp_path, monkeypatch):
         assert stages["unet_gflop_per_forward"] > 0 and stages["decode_s"] > 0 and stages["text_s"] > 0
         assert result["diffusers_eager"]["batches"][batch]["images_per_s"] > 0
         assert result["ratios"][f"vs_diffusers_eager_b{batch}"] > 0
+        # images/s is the batch's images over its median time, on both sides, and the ratio
+        # is jaxdiff's over diffusers' (above 1: jaxdiff is faster).
+        theirs = result["diffusers_eager"]["batches"][batch]
+        # (Each figure is rounded: to 3 decimals, times to 4 or 5.)
+        assert entry["images_per_s"] == pytest.approx(int(batch) / entry["batch_s"], rel=1e-2, abs=2e-3)
+        assert theirs["images_per_s"] == pytest.approx(int(batch) / theirs["batch_s"], rel=1e-2, abs=2e-3)
+        assert result["ratios"][f"vs_diffusers_eager_b{batch}"] == pytest.approx(
+            entry["images_per_s"] / theirs["images_per_s"], rel=1e-2, abs=2e-3)
+        assert stages["denoise_s"] == pytest.approx(2 * stages["unet_forward_s"], rel=1e-3, abs=1e-4)  # 2 steps
         # Same work on both sides, counted the same way (CFG doubles diffusers' batch): jaxdiff
         # does less of it, running the part before the first cross attention once per
         # sample (test_unet_flops_are_counted_as_the_diffusers_baseline_counts_them checks
@@ -50,10 +60,24 @@ def test_bench_runs_the_upscaler_architecture(tmp_path):
         architectures.TINY_VAE, architectures.X4_SCHEDULER, architectures.X4_LOW_RES_SCHEDULER)
     try:
         result = bench.main(["--arch", "tiny-x4", "--batch-sizes", "1", "--steps", "2", "--reps", "1",
-                             "--size", "8", "--no-stages", "--cache-dir", str(tmp_path / "cache")])
+                             "--size", "8", "--cache-dir", str(tmp_path / "cache")])
+        unet_cfg, context_dim = architectures.ARCHITECTURES["tiny-x4"][1], architectures.TINY_CLIP["hidden_size"]
     finally:
         del architectures.ARCHITECTURES["tiny-x4"]
     assert result["jaxdiff"]["batches"]["1"]["images_per_s"] > 0
+    # The upscaler's stages run at its low-res side: --size 8 is an 8x8 latent (no VAE factor).
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxdiff.models.unet import UNet2DConditionModel, UNetConfig
+
+    cfg = UNetConfig.from_dict(unet_cfg)
+    unet = nnx.eval_shape(lambda: UNet2DConditionModel(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0)))
+    args = (jax.ShapeDtypeStruct((1, 8, 8, 7), jnp.float32), jax.ShapeDtypeStruct((1,), jnp.float32),
+            jax.ShapeDtypeStruct((2, 77, context_dim), jnp.float32), jax.ShapeDtypeStruct((1,), jnp.int32))
+    stages = result["jaxdiff"]["batches"]["1"]["stages"]
+    assert stages["unet_gflop_per_forward"] == pytest.approx(bench._flops(unet, args) / 1e9, rel=1e-3)
 
 
 def test_op_profile_puts_every_op_in_a_category(tmp_path, monkeypatch):
@@ -68,10 +92,13 @@ def test_op_profile_puts_every_op_in_a_category(tmp_path, monkeypatch):
     result = op_profile.main(["--arch", "tiny", "--batch", "1", "--reps", "2", "--out", str(out)])
     assert os.environ["XLA_FLAGS"] == "--xla_gpu_enable_command_buffer="
     assert {"op": "command_buffer_7", "category": "other"}.items() <= result["top_ops"][0].items()
+    # Times are per forward: the trace's 1 s over its 2 forwards is 0.5 s, in its category too.
+    assert result["top_ops"][0]["s"] == 0.5 and 0.5 <= result["categories"]["other"]["s"] < 0.6
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     categories = result["categories"]
     assert set(categories) == set(op_profile.CATEGORIES)
     assert abs(sum(c["s"] for c in categories.values()) - result["op_time_s"]) < 1e-5
+    assert sum(c["share"] for c in categories.values()) == pytest.approx(1.0, abs=1e-3)  # of the ops' time
     # The tiny UNet has convolutions and cross-attention: both must be found by name.
     assert categories["convolution"]["s"] > 0 and categories["attention"]["s"] > 0
     assert categories["matmul"]["ops"] > 0
@@ -79,6 +106,8 @@ def test_op_profile_puts_every_op_in_a_category(tmp_path, monkeypatch):
     for category in ("convolution", "attention", "matmul"):
         entry = categories[category]
         assert entry["gflop"] > 0 and entry["tflop_s"] > 0 and entry["gb_s"] > 0, category
+        assert entry["tflop_s"] == pytest.approx(entry["gflop"] / entry["s"] / 1e3, rel=0.01), category
+        assert entry["gb_s"] == pytest.approx(entry["gb"] / entry["s"], rel=0.01), category
     assert categories["elementwise"]["gflop"] == 0 and categories["elementwise"]["gb"] > 0
     assert result["top_ops"] and all(o["category"] in categories for o in result["top_ops"])
 
@@ -134,6 +163,53 @@ def test_attention_bench_times_every_call_site_on_each_path(tmp_path):
         # block-diagonal GEMMs.
         assert ("blockdiag" in site["paths"]) == (site["kv_tokens"] <= attention.BLOCKDIAG_MAX_KEYS)
     assert sites["unet 8x8 text"]["paths"]["blockdiag"]["max_diff_vs_xla"] < 1e-5
+    # Each site's FLOPs are what XLA's attention at its shape counts as, and its rates those
+    # FLOPs over its time.
+    import jax
+
+    from tools.hlo_ops import program_flops
+
+    for s in result["sites"]:
+        q = jax.ShapeDtypeStruct((s["batch"], s["q_tokens"], s["heads"], s["head_dim"]), jax.numpy.float32)
+        kv = jax.ShapeDtypeStruct((s["batch"], s["kv_tokens"], s["heads"], s["head_dim"]), jax.numpy.float32)
+        lowered = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla")).lower(q, kv, kv)
+        assert s["gflop"] == pytest.approx(program_flops(lowered.as_text(dialect="hlo")) / 1e9, rel=1e-3), s["site"]
+        xla = s["paths"]["xla"]
+        assert xla["tflop_s"] == pytest.approx(s["gflop"] / xla["ms"], rel=0.01), s["site"]
+
+
+def test_attention_step_totals_weigh_each_unet_site_by_its_calls():
+    """The UNet's attention time per step: each UNet site's time on the dispatch's path (or
+    its fastest) times its calls per step; the VAE's attention is no part of a step."""
+    from tools.attention_bench import _step_totals
+
+    sites = [{"site": "unet 8x8 self", "calls": 2, "dispatch": "cudnn",
+              "paths": {"xla": {"ms": 3.0}, "cudnn": {"ms": 2.0}, "mosaic_fa3": {"error": "no GPU"}}},
+             {"site": "unet 8x8 text", "calls": 3, "dispatch": "xla",
+              "paths": {"xla": {"ms": 1.0}, "blockdiag": {"ms": 0.5}}},
+             {"site": "vae mid 8x8", "calls": 1, "dispatch": "xla", "paths": {"xla": {"ms": 100.0}}}]
+    assert _step_totals(sites) == {"dispatch": 2 * 2.0 + 3 * 1.0, "best": 2 * 2.0 + 3 * 0.5}
+
+
+def test_attention_bench_sets_each_path_against_xlas_output(monkeypatch):
+    """A path whose output differs from XLA's attention shows it in max_diff_vs_xla,
+    whichever path was timed before it."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from tools import attention_bench
+
+    wrong = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla") + 1.0
+    monkeypatch.setattr(attention_bench, "_paths", lambda d, kv: {
+        "xla": functools.partial(jax.nn.dot_product_attention, implementation="xla"), "wrong": wrong,
+        "same": functools.partial(jax.nn.dot_product_attention, implementation="xla")})
+    site = {"site": "unet 4x4 self", "batch": 1, "q_tokens": 16, "kv_tokens": 16, "heads": 2, "head_dim": 8,
+            "calls": 1}
+    paths = attention_bench.time_site(site, jnp.float32, reps=1)["paths"]
+    assert paths["xla"]["max_diff_vs_xla"] == 0 and paths["wrong"]["max_diff_vs_xla"] == pytest.approx(1.0)
+    assert paths["same"]["max_diff_vs_xla"] < 1e-6
 
 
 def test_attention_with_a_zero_padded_head_dim_is_unchanged():
@@ -215,12 +291,78 @@ ENTRY %main (a: f32[3,5,11], b: f32[3,11,7], x: f32[2,8,8,4], w: f32[3,3,4,16], 
                      "fmha": 4 * 2 * 4 * 64 * 77 * 40, "e": 0}
 
 
-def test_step_hlo_counts_bytes_of_the_loop_body_ops():
-    from tools import hlo_ops, step_hlo
+def test_hlo_ops_flops_agree_with_xlas_own_count_where_there_is_no_padding():
+    """Grouped and strided convolutions and dots with several batch and contracting dims are
+    counted as XLA's cost analysis counts them (unpadded, where the two counts agree)."""
+    import jax
+    import jax.numpy as jnp
 
-    # One step's body with a GEMM custom call and an elementwise fusion; the entry's own
-    # ops (outside the loop) are not counted.
+    from tools import hlo_ops
+
+    def grouped(x, w):
+        return jax.lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                            feature_group_count=4)
+
+    def strided(x, w):
+        return jax.lax.conv_general_dilated(x, w, (2, 2), "VALID", dimension_numbers=("NCHW", "OIHW", "NCHW"))
+
+    def dots(a, b):
+        return jnp.einsum("bhij,bhjk->bhik", a, b), jnp.einsum("hij,hjk->ik", a[0], b[0])
+
+    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+    for fn, args in ((grouped, (f32(2, 10, 10, 16), f32(3, 3, 4, 32))), (strided, (f32(2, 6, 11, 11), f32(8, 6, 3, 3))),
+                     (dots, (f32(2, 3, 5, 11), f32(2, 3, 11, 7)))):
+        lowered = jax.jit(fn).lower(*args)
+        assert hlo_ops.program_flops(lowered.as_text(dialect="hlo")) == lowered.cost_analysis()["flops"], fn
+
+
+def test_a_gemm_the_attention_code_emits_is_counted_as_attention():
+    """On a GPU, XLA's own attention becomes cuBLAS GEMM calls: those that come from
+    jaxdiff/models/attention.py are attention time, not matmul time."""
+    from tools import hlo_ops
+
     hlo = """HloModule m
+
+ENTRY %main (a: f32[16,32], b: f32[32,8]) -> f32[16,8] {
+  %a = f32[16,32]{1,0} parameter(0)
+  %b = f32[32,8]{1,0} parameter(1)
+  %scores = (f32[16,8]{1,0}, s8[0]{0}) custom-call(%a, %b), custom_call_target="__cublas$gemm", metadata={op_name="jit(f)/dot_general" source_file="/src/jaxdiff/models/attention.py" source_line=120}
+  %proj = (f32[16,8]{1,0}, s8[0]{0}) custom-call(%a, %b), custom_call_target="__cublas$gemm", metadata={op_name="jit(f)/dot_general" source_file="/src/jaxdiff/models/blocks.py" source_line=40}
+  ROOT %r = f32[16,8]{1,0} get-tuple-element(%scores), index=0
+}
+"""
+    instructions, computations = hlo_ops.parse_hlo(hlo)
+    assert hlo_ops.categorize("scores", instructions, computations) == "attention"
+    assert hlo_ops.categorize("proj", instructions, computations) == "matmul"
+
+
+def _scaled(x):
+    return x * 2
+
+
+def _shifted(x):
+    return _scaled(x) + 1
+
+
+def test_ops_are_traced_back_through_every_caller():
+    """Each op's source is its whole call chain as XLA prints it, innermost first: an op is
+    put in the attention category when any of its callers is in attention.py, and reports
+    name the model line it comes from."""
+    import jax
+    import jax.numpy as jnp
+
+    from tools import hlo_ops
+
+    text = jax.jit(_shifted).lower(jax.ShapeDtypeStruct((4,), jnp.float32)).compile().as_text()
+    chains = hlo_ops.stack_locations(text)
+    frame = int(re.search(r"multiply\(.*stack_frame_id=(\d+)", text).group(1))
+    assert [location.split(" ")[1] for location in chains[frame][:3]] == ["_scaled", "_shifted",
+                                                                          "test_ops_are_traced_back_through_every_caller"]
+    assert "test_bench.py" in hlo_ops.stack_files(text)[frame]
+
+# One step's body with a GEMM custom call and an elementwise fusion; the entry's own ops
+# (outside the loop) are not counted.
+LOOP_HLO = """HloModule m
 
 %fused_add (p: f32[16,8]) -> f32[16,8] {
   %p = f32[16,8]{1,0} parameter(0)
@@ -259,8 +401,23 @@ ENTRY %main (a0: f32[16,8], b0: bf16[8,8]) -> f32[16,8] {
   ROOT %r = f32[16,8]{1,0} get-tuple-element(%loop), index=1
 }
 """
+
+
+def test_step_hlo_counts_bytes_of_the_loop_body_ops():
+    from tools import hlo_ops, step_hlo
+
+    hlo = LOOP_HLO
     assert hlo_ops.type_bytes("(f32[16,8]{1,0}, s8[0]{0})") == 512
     assert hlo_ops.loop_body(hlo) == "body"
+    # A loop inside a computation the step calls (chunked attention) is printed before the
+    # entry: the step is still the entry's loop.
+    chunked = hlo.replace("ENTRY %main", """%chunks (c: (s32[], f32[16,8], /*index=2*/bf16[8,8])) -> (s32[], f32[16,8], /*index=2*/bf16[8,8]) {
+  %c = (s32[], f32[16,8]{1,0}, bf16[8,8]{1,0}) parameter(0)
+  ROOT %w = (s32[], f32[16,8]{1,0}, bf16[8,8]{1,0}) while(%c), condition=%cond, body=%fused_add
+}
+
+ENTRY %main""")
+    assert hlo_ops.parse_hlo(chunked)[1]["chunks"] == ["c", "w"] and hlo_ops.loop_body(chunked) == "body"
     summary = step_hlo.summarize(hlo, chip_rates=(1.0, 1.0))
     categories = summary["categories"]
     # GEMM: f32 x (512 B) and bf16 w (128 B) in, f32 (512 B) out, 16 x 8 x 8 multiply-adds;
@@ -273,6 +430,45 @@ ENTRY %main (a0: f32[16,8], b0: bf16[8,8]) -> f32[16,8] {
     assert summary["roofline_ms"] == pytest.approx((2048 + 1024 + 256) / 1e9)
     assert sum(c["ops"] for c in categories.values()) == 3  # the entry's transpose is hoisted work
     assert summary["kernels"] == {"fusion:kLoop": 2, "__cublas$lt$matmul": 1}
+
+
+def test_step_hlo_floors_use_the_target_chips_peak_and_bandwidth():
+    """The floors a report gives: compute is the step's FLOPs at the chip's bf16 peak,
+    memory the memory-bound ops' bytes (not the GEMMs') at its bandwidth, the roofline
+    each op at the slower of the two; per category, its FLOPs at peak and bytes at bandwidth."""
+    from tools import step_hlo
+
+    # The loop above at a million times the elements: 2048 GFLOP of GEMM moving 1.152 GB,
+    # 1.024 GB of elementwise and 0.256 GB of layout work.
+    hlo = LOOP_HLO.replace("[16,8]", "[16000,8000]").replace("[8,8]", "[8000,8000]").replace("[4,8]", "[4000,8000]")
+    for chip, peak, bandwidth in (("h100", 989.0, 3.35), ("h200", 989.0, 4.8)):
+        result = step_hlo.report(hlo, 2048.0, chip)
+        categories = result["categories"]
+        assert (categories["matmul"]["gflop"], categories["matmul"]["gb"]) == (2048.0, 1.152)
+        assert categories["elementwise"]["gb"] == 1.024 and categories["layout"]["gb"] == 0.256
+        assert categories["matmul"]["ms_at_peak"] == round(2048 / peak, 3)
+        assert categories["elementwise"]["ms_at_bandwidth"] == round(1.024 / bandwidth, 3)
+        assert result["floors_ms"] == {
+            "compute": round(2048 / peak, 3), "memory_bound_ops": round((1.024 + 0.256) / bandwidth, 3),
+            "roofline": round(2048 / peak + (1.024 + 0.256) / bandwidth, 3)}, chip
+
+
+def test_step_hlo_on_a_local_card_uses_that_cards_own_figures(monkeypatch):
+    """--target local on a GPU machine gets the floors of the card it runs on; the H100's
+    PCIe and NVL cards, slower than the SXM figures, get none rather than wrong ones."""
+    from types import SimpleNamespace
+
+    import jax
+
+    from tools import step_hlo
+
+    found = {}
+    for kind in ("NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200", "TPU v5 lite",
+                 "TPU v5", "cpu"):
+        monkeypatch.setattr(jax, "devices", lambda kind=kind: [SimpleNamespace(device_kind=kind)])
+        found[kind] = step_hlo._chip("local")
+    assert found == {"NVIDIA H100 80GB HBM3": "h100", "NVIDIA H100 PCIe": None, "NVIDIA H100 NVL": None,
+                     "NVIDIA H200": "h200", "TPU v5 lite": "v5e", "TPU v5": "v5p", "cpu": None}
 
 
 def test_step_hlo_reports_one_step_on_the_local_backend(tmp_path):
@@ -321,6 +517,19 @@ def test_step_hlo_compiles_the_sharded_step_for_a_tpu_without_one():
     assert result["chip"] == "v5e" and result["chips"] == 4
     assert result["kernels"].get("tpu_custom_call", 0) >= 2  # self and cross attention at 16x16
     assert result["categories"]["attention"]["ops"] > 0 and "floors_ms" not in result
+    # The report is one chip's: a quarter of the batch, one sample's step.
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from configs.architectures import ARCHITECTURES
+    from jaxdiff.models.unet import UNet2DConditionModel, UNetConfig
+
+    cfg = UNetConfig.from_dict(ARCHITECTURES["tiny"][1])
+    unet = nnx.eval_shape(lambda: UNet2DConditionModel(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    args = (jax.ShapeDtypeStruct((1, 16, 16, cfg.in_channels), jnp.bfloat16), jax.ShapeDtypeStruct((1,), jnp.float32),
+            jax.ShapeDtypeStruct((2, 77, ARCHITECTURES["tiny"][0]["hidden_size"]), jnp.bfloat16))
+    assert result["unet_gflop_per_step"] * 1e9 == pytest.approx(bench._flops(unet, args), rel=1e-3)
 
 
 def test_step_hlo_compiles_the_engines_text_to_image_program_for_a_tpu_slice():
@@ -394,9 +603,49 @@ def test_peak_is_the_cards_own_bf16_dense_figure():
 
     peaks = {kind: bench._peak(SimpleNamespace(device_kind=kind))
              for kind in ("NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200",
-                          "TPU v5 lite", "cpu")}
+                          "NVIDIA A100-SXM4-80GB", "NVIDIA L4", "TPU v5 lite", "TPU v5", "TPU v6 lite", "cpu")}
+    # Dense figures: the datasheets' larger "with sparsity" numbers are twice these.
     assert peaks == {"NVIDIA H100 80GB HBM3": 989.0, "NVIDIA H100 PCIe": 756.0, "NVIDIA H100 NVL": 835.0,
-                     "NVIDIA H200": 989.0, "TPU v5 lite": 197.0, "cpu": None}
+                     "NVIDIA H200": 989.0, "NVIDIA A100-SXM4-80GB": 312.0, "NVIDIA L4": 121.0,
+                     "TPU v5 lite": 197.0, "TPU v5": 459.0, "TPU v6 lite": 918.0, "cpu": None}
+
+
+def test_step_times_are_the_median_call_so_one_stall_does_not_skew_them(monkeypatch):
+    """One slow call among the timed ones (a pause of the host, another process on the
+    card) leaves the reported time, and so images/s, at the typical call's."""
+    from types import SimpleNamespace
+
+    clock = iter([0.0, 1.0, 1.0, 2.0, 2.0, 12.0])  # calls of 1 s, 1 s and 10 s
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    assert bench._median_time(lambda: None, 3) == 1.0
+
+
+def test_stage_times_give_the_unets_tflop_s_and_its_share_of_the_cards_peak(monkeypatch):
+    """The UNet's achieved TFLOP/s is its counted FLOPs over one forward's time, and its
+    share of peak that rate over the card's peak."""
+    import jax.numpy as jnp
+
+    from tools.random_family import random_family
+
+    monkeypatch.setattr(bench, "_peak", lambda device: 2.0)
+    family = random_family("tiny", jnp.float32)
+    stages = bench.stage_times(family, 1, (8, 8), reps=1)
+    tflops = stages["unet_gflop_per_forward"] / stages["unet_forward_s"] / 1e3
+    assert stages["unet_tflops"] == pytest.approx(tflops, rel=0.02)
+    assert stages["unet_share_of_peak"] == pytest.approx(stages["unet_tflops"] / 2.0, abs=1e-3)
+
+
+def test_the_diffusers_side_renders_the_same_size_and_dtype(monkeypatch):
+    """The diffusers child is asked for the image size and dtype jaxdiff ran at, so the
+    ratio compares the same work."""
+    commands = []
+    monkeypatch.setattr(bench, "_child_json", lambda cmd: commands.append(cmd) or {})
+    args = bench.argparse.Namespace(arch="sd15", batch_sizes="1,8", steps=25, guidance=7.5, reps=3, size=384)
+    bench.compare_diffusers(args, compiled=True, dtype="float16")
+    cmd = commands[0]
+    assert cmd[cmd.index("--size") + 1] == "384" and cmd[cmd.index("--dtype") + 1] == "float16"
+    assert cmd[cmd.index("--batch-sizes") + 1] == "1,8" and cmd[cmd.index("--steps") + 1] == "25"
+    assert "--compile" in cmd
 
 
 def test_a_failed_child_keeps_what_it_measured_and_says_why(tmp_path):
@@ -439,6 +688,17 @@ def test_flop_count_sees_all_of_a_chunked_attention(monkeypatch):
     assert chunked < whole  # what a plain lowering would count
     assert bench._flops(unet, args) == whole and attention.MAX_SCORES == 64
 
+
+def test_flop_count_leaves_attention_as_it_was_when_lowering_fails():
+    """A lowering that fails while FLOPs are counted (a shape the model refuses, say) leaves
+    attention chunked as before: later programs in the same process keep their memory bound."""
+    from jaxdiff.models import attention
+
+    before = attention.MAX_SCORES
+    with pytest.raises(ValueError, match="no such shape"):
+        with bench.countable_attention():
+            raise ValueError("no such shape")
+    assert attention.MAX_SCORES == before
 
 def test_the_jaxdiff_child_streams_its_stderr_and_names_its_failure(tmp_path, capsys):
     result = bench._jaxdiff_in_child(["--arch", "no-such-arch", "--batch-sizes", "1"], str(tmp_path / "out.json"))
@@ -566,6 +826,18 @@ def test_attention_sites_put_the_first_self_attention_at_the_sample_batch():
     assert sites["unet mid 4x4 self 1st"]["batch"] == 4 and "unet mid 4x4 self" not in sites
     assert sites["unet mid 4x4 text"]["batch"] == 8
 
+
+
+def test_attention_sites_have_each_levels_heads_the_mid_block_included():
+    """SD 2.1 has a head count per level (diffusers' attention_head_dim: 5, 10, 20, 20, each
+    head 64 wide): each site, the mid block's included, gets its own level's."""
+    from tools.attention_bench import attention_sites
+
+    sites = {s["site"]: (s["heads"], s["head_dim"]) for s in attention_sites("sd21", 1, 64)}
+    assert sites == {"unet 64x64 self 1st": (5, 64), "unet 64x64 self": (5, 64), "unet 64x64 text": (5, 64),
+                     "unet 32x32 self": (10, 64), "unet 32x32 text": (10, 64), "unet 16x16 self": (20, 64),
+                     "unet 16x16 text": (20, 64), "unet mid 8x8 self": (20, 64), "unet mid 8x8 text": (20, 64),
+                     "vae mid 64x64": (1, 512)}
 
 def test_contact_sheet_lays_out_each_rendered_image_once_in_manifest_order(tmp_path):
     import io
