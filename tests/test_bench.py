@@ -455,7 +455,8 @@ def test_step_hlo_floors_use_the_target_chips_peak_and_bandwidth():
 
 def test_step_hlo_on_a_local_card_uses_that_cards_own_figures(monkeypatch):
     """--target local on a GPU machine gets the floors of the card it runs on; the H100's
-    PCIe and NVL cards, slower than the SXM figures, get none rather than wrong ones."""
+    PCIe and NVL cards and the H200's NVL card, slower than the SXM figures, get none
+    rather than wrong ones."""
     from types import SimpleNamespace
 
     import jax
@@ -463,12 +464,12 @@ def test_step_hlo_on_a_local_card_uses_that_cards_own_figures(monkeypatch):
     from tools import step_hlo
 
     found = {}
-    for kind in ("NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200", "TPU v5 lite",
-                 "TPU v5", "cpu"):
+    for kind in ("NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200", "NVIDIA H200 NVL",
+                 "TPU v5 lite", "TPU v5", "cpu"):
         monkeypatch.setattr(jax, "devices", lambda kind=kind: [SimpleNamespace(device_kind=kind)])
         found[kind] = step_hlo._chip("local")
     assert found == {"NVIDIA H100 80GB HBM3": "h100", "NVIDIA H100 PCIe": None, "NVIDIA H100 NVL": None,
-                     "NVIDIA H200": "h200", "TPU v5 lite": "v5e", "TPU v5": "v5p", "cpu": None}
+                     "NVIDIA H200": "h200", "NVIDIA H200 NVL": None, "TPU v5 lite": "v5e", "TPU v5": "v5p", "cpu": None}
 
 
 def test_step_hlo_reports_one_step_on_the_local_backend(tmp_path):
@@ -603,10 +604,11 @@ def test_peak_is_the_cards_own_bf16_dense_figure():
 
     peaks = {kind: bench._peak(SimpleNamespace(device_kind=kind))
              for kind in ("NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200",
-                          "NVIDIA A100-SXM4-80GB", "NVIDIA L4", "TPU v5 lite", "TPU v5", "TPU v6 lite", "cpu")}
+                          "NVIDIA H200 NVL", "NVIDIA A100-SXM4-80GB", "NVIDIA L4", "TPU v5 lite", "TPU v5",
+                          "TPU v6 lite", "cpu")}
     # Dense figures: the datasheets' larger "with sparsity" numbers are twice these.
     assert peaks == {"NVIDIA H100 80GB HBM3": 989.0, "NVIDIA H100 PCIe": 756.0, "NVIDIA H100 NVL": 835.0,
-                     "NVIDIA H200": 989.0, "NVIDIA A100-SXM4-80GB": 312.0, "NVIDIA L4": 121.0,
+                     "NVIDIA H200": 989.0, "NVIDIA H200 NVL": 835.0, "NVIDIA A100-SXM4-80GB": 312.0, "NVIDIA L4": 121.0,
                      "TPU v5 lite": 197.0, "TPU v5": 459.0, "TPU v6 lite": 918.0, "cpu": None}
 
 

@@ -52,10 +52,10 @@ CHIPS = {
     "v5p": ("tpu", 459.0, 2.765, "v5p:2x2x1"),
     "v6e": ("tpu", 918.0, 1.64, "v6e:2x2"),
 }
-# jax device_kind -> chip, first match; the H100's PCIe and NVL cards have other peaks
-# and bandwidths than the SXM figures: no floors.
+# jax device_kind -> chip, first match; the H100's PCIe and NVL cards and the H200's NVL
+# card have other peaks and bandwidths than the SXM figures: no floors.
 _KINDS = (("TPU v5 lite", "v5e"), ("TPU v6 lite", "v6e"), ("TPU v5", "v5p"), ("H100 PCIe", None),
-          ("H100 NVL", None), ("H100", "h100"), ("H200", "h200"))
+          ("H100 NVL", None), ("H100", "h100"), ("H200 NVL", None), ("H200", "h200"))
 MEMORY_BOUND = ("elementwise", "reduction", "layout", "other")
 
 _NOT_KERNELS = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant"}
