@@ -200,6 +200,39 @@ def test_evaluator_ground_truth_self_test(tmp_path):
     assert report["summary"]["all"]["correct"] == 1.0 and report["summary"]["heldout"]["n"] == 5
     assert len(report["examples"]) == 10
     assert {e["split"] for e in report["examples"]} == {"unseen", "heldout"}
+    # Each example is filed under the group its summary counts it in.
+    assert {e["group"] for e in report["examples"]} <= {"one_object", "two_objects", "heldout"}
+    assert sum(e["group"] == "heldout" for e in report["examples"]) == 5
+
+
+def test_evaluator_self_test_fails_when_the_scorer_disagrees(monkeypatch, tmp_path):
+    """`--ground-truth` is the scorer's self-test: it exits non-zero when any drawing is
+    scored wrong, so a broken scorer or generator cannot pass unnoticed."""
+    real = evaluate.ground_truth_renderer
+
+    def one_blank(resolution):
+        render = real(resolution)
+
+        def blanked(captions, seeds):
+            images = render(captions, seeds)
+            images[0] = np.full_like(images[0], sw.PALETTE[sw.parse_caption(captions[0]).background])
+            return images
+
+        return blanked
+
+    monkeypatch.setattr(evaluate, "ground_truth_renderer", one_blank)
+    assert evaluate.main(["--ground-truth", "--n", "4", "--seed", "4", "--out", str(tmp_path / "r.json")]) == 1
+
+
+def test_ground_truth_at_64_scores_the_64_pixel_drawings():
+    """`--ground-truth --resolution 64` scores the base stage's 64 x 64 images (the area
+    average of the 256 drawing), not the 256 drawings themselves."""
+    captions = [s.caption for s in evaluate.evaluation_scenes(2, seed=3)]
+    small = evaluate.ground_truth_renderer(64)(captions, [5, 6])
+    full = evaluate.ground_truth_renderer(256)(captions, [5, 6])
+    for low, high in zip(small, full):
+        assert low.shape == (64, 64, 3) and high.shape == (256, 256, 3)
+        np.testing.assert_array_equal(low, sw.downsample(high, 64))
 
 
 def test_evaluator_scores_a_renderer_that_draws_nothing():
@@ -334,3 +367,14 @@ def test_scorer_ignores_specks_under_one_percent_of_the_canvas():
     assert sw.score(specked, ex.caption)["correct"]
     specked[220:247, 220:247] = SPEC_PALETTE[colour]    # 729 pixels: 1.1% of the canvas
     _only_wrong(sw.score(specked, ex.caption), "count")
+
+
+def test_evaluation_captions_follow_the_seed():
+    """`--seed` picks the captions scored: the same seed gives the same captions, another
+    seed other ones (so repeated evaluations can cover more of the world)."""
+    def captions(n, seed):
+        return [s.caption for s in evaluate.evaluation_scenes(n, seed)]
+
+    assert captions(6, 0) == captions(6, 0)
+    assert captions(6, 0) != captions(6, 1)
+    assert [s.split for s in evaluate.evaluation_scenes(6, 0)] == ["unseen"] * 3 + ["heldout"] * 3
