@@ -858,7 +858,7 @@ def test_contact_sheet_lays_out_each_rendered_image_once_in_manifest_order(tmp_p
     with tarfile.open(tmp_path / "shard-00000.tar", "w") as tar:
         for key, prompt, colour in (("00000_000001", "second", "blue"), ("00000_000000", "first", "red")):
             for name, data in ((f"{key}.png", png(colour)), (f"{key}.base.png", png("black")),
-                               (f"{key}.json", json.dumps({"id": prompt, "prompt": prompt}).encode())):
+                               (f"{key}.json", json.dumps({"id": f"id-{key}", "prompt": prompt}).encode())):
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
@@ -866,3 +866,23 @@ def test_contact_sheet_lays_out_each_rendered_image_once_in_manifest_order(tmp_p
     assert [caption for _, caption in pairs] == ["first", "second"]  # --keep-base's images left out
     assert [tuple(image[0, 0]) for image, _ in pairs] == [(255, 0, 0), (0, 0, 255)]
     assert contact_sheet(pairs, columns=2, cell=16).size[0] == 32
+    assert [caption for _, caption in read_rendered(str(tmp_path), limit=1)] == ["first"]
+
+
+def test_contact_sheet_puts_each_caption_under_its_image_and_keeps_the_last_row():
+    """A sheet of 3 images in 2 columns has 2 rows of image-plus-caption; the second row
+    starts below the first row's captions, so no image covers a caption."""
+    import numpy as np
+
+    from tools.contact_sheet import contact_sheet
+
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+    pairs = [(np.full((8, 8, 3), c, np.uint8), f"caption {i}") for i, c in enumerate(colours)]
+    sheet = np.asarray(contact_sheet(pairs, columns=2, cell=16))
+    height = sheet.shape[0] // 2  # one row: an image and its caption band
+    assert sheet.shape[:2] == (2 * height, 32) and height > 16
+    for i, colour in enumerate(colours):
+        x, y = (i % 2) * 16, (i // 2) * height
+        assert (sheet[y:y + 16, x:x + 16] == colour).all(), i
+        band = sheet[y + 16:y + height, x:x + 16]
+        assert (band.max(-1) < 128).any(), i  # dark caption text under the image
