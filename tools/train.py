@@ -247,6 +247,14 @@ def vae_loss(models, batch: int):
     return loss_fn
 
 
+def training_schedules() -> dict[str, NoiseSchedule]:
+    """The forward processes the stages train with ("base", "x4", and "low_res" for the x4
+    stage's noise augmentation): those of the scheduler configs the folders are exported
+    with, so that sampling removes the noise exactly as training added it."""
+    return {"base": NoiseSchedule.from_config(BASE_SCHEDULER), "x4": NoiseSchedule.from_config(X4_SCHEDULER),
+            "low_res": NoiseSchedule.from_config(LOW_RES_SCHEDULER)}
+
+
 def _drop_captions(key, ids, empty_ids):
     drop = jax.random.uniform(key, (ids.shape[0],)) < CFG_DROP
     return jnp.where(drop[:, None], empty_ids[None, :], ids)
@@ -591,9 +599,8 @@ def train(out: str, *, plan: Plan, budget_s: float, seed: int = 0, workers: int 
     log["params"] = {name: param_count(m.params) for name, m in models.items()}
     print("[models] parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in log["params"].items()), flush=True)
     key = jax.random.key(seed)
-    schedule = NoiseSchedule.from_config(BASE_SCHEDULER)
-    x4_schedule = NoiseSchedule.from_config(X4_SCHEDULER)
-    low_res_schedule = NoiseSchedule.from_config(LOW_RES_SCHEDULER)
+    schedules = training_schedules()
+    schedule, x4_schedule, low_res_schedule = schedules["base"], schedules["x4"], schedules["low_res"]
 
     # VAE.
     tx = make_optimizer(plan.vae_lr)
