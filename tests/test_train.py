@@ -60,6 +60,17 @@ def test_quick_run_writes_both_folders_and_a_log(trained):
     assert x4["_class_name"] == "StableDiffusionUpscalePipeline" and x4["max_noise_level"] == 350
     text = json.load(open(os.path.join(out, "default", "text_encoder", "config.json")))
     assert text["model_type"] == "clip_text_model" and text["architectures"] == ["CLIPTextModel"]
+    # The base VAE's scaling_factor is the one its UNet was trained with (1 / std of the
+    # latents); the x4 folder's is the one diffusers' upscale pipeline imposes.
+    vae = json.load(open(os.path.join(out, "default", "vae", "config.json")))
+    x4_vae = json.load(open(os.path.join(out, "default-x4", "vae", "config.json")))
+    assert vae["scaling_factor"] == pytest.approx(log["scaling_factor"]) and log["scaling_factor"] != 1.0
+    assert x4_vae["scaling_factor"] == pytest.approx(train.X4_SCALING_FACTOR)
+    # Each folder recommends its own stage's sampling settings.
+    from jaxdiff import render_defaults
+
+    assert render_defaults.read(os.path.join(out, "default"), "base") == train.BASE_RENDER_DEFAULTS
+    assert render_defaults.read(os.path.join(out, "default-x4"), "upscale") == train.X4_RENDER_DEFAULTS
 
 
 def test_resume_continues_a_finished_stage_and_keeps_the_earlier_log(trained, tmp_path):
@@ -79,6 +90,10 @@ def test_resume_continues_a_finished_stage_and_keeps_the_earlier_log(trained, tm
     assert sorted(log["earlier_runs"][0]["stages"]) == ["base", "data", "export", "vae", "x4"]
     info = train.checkpoint_info(os.path.join(again, "checkpoint", "base.npz"))
     assert info["done"] and info["restarts"] == 1 and info["step"] == 4
+    # The optimizer state came along: its step counts (and Adam's moments) carry on from 2.
+    with np.load(os.path.join(again, "checkpoint", "base.npz")) as saved:
+        counts = {k: int(saved[k]) for k in saved.files if k.startswith("opt") and k.endswith(".count")}
+    assert counts and set(counts.values()) == {4}, counts
 
 
 def test_folders_load_and_render_64_to_256(trained):
@@ -204,6 +219,11 @@ def test_tokenizer_covers_every_caption_word_for_word(tmp_path):
     for caption, ids in zip(captions, tok(captions)["input_ids"]):
         tokens = tok.convert_ids_to_tokens(ids)
         assert tokens == [train_data.BOS] + [w + "</w>" for w in caption.split()] + [train_data.EOS], caption
+    # Training reads one row of token ids per example, in the examples' order (repeats included).
+    some = [captions[9], captions[2], captions[9], captions[5000], captions[0]]
+    rows = train._token_ids(tok, some)
+    for caption, row in zip(some, rows):
+        np.testing.assert_array_equal(row, tok([caption], padding="max_length", max_length=77)["input_ids"][0])
 
 
 def test_checkpoint_round_trips_params_and_optimizer_state(tmp_path):
@@ -233,3 +253,138 @@ def test_evaluator_scores_one_stage_on_the_drawings(trained, tmp_path, stage):
     report = json.loads(report_path.read_text())
     assert report["stage"] == stage and report["summary"]["all"]["n"] == 4
     assert all("error" not in e for e in report["examples"])  # every image was made and scored
+
+
+class _Fake:
+    """Stands in for a Trainable: `bind(params)` gives a function of the model's inputs."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def bind(self, params):
+        return lambda *args, **kwargs: self.fn(params, *args, **kwargs)
+
+
+def _exported_alphas_cumprod(config: dict) -> jnp.ndarray:
+    import diffusers
+
+    scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
+    return jnp.asarray(scheduler.alphas_cumprod.numpy(), jnp.float32)
+
+
+def _text_stub():
+    return _Fake(lambda params, ids: type("Out", (), {"last_hidden_state": jnp.zeros(ids.shape + (8,))})())
+
+
+def test_base_loss_is_zero_for_the_exact_noise_under_the_exported_schedule():
+    """The base UNet learns to predict the added noise (epsilon, as its exported scheduler
+    says) under the very schedule diffusers reads from the exported folder: a model that
+    returns the true noise of that schedule has zero loss."""
+    x0 = jax.random.normal(jax.random.key(0), (1, 16, 16, 4))
+    abar = _exported_alphas_cumprod(train.BASE_SCHEDULER)
+    assert train.BASE_SCHEDULER["prediction_type"] == "epsilon"
+
+    def oracle(params, x_t, t, context):
+        a = abar[t][:, None, None, None]
+        return (x_t - jnp.sqrt(a) * x0) / jnp.sqrt(1.0 - a)
+
+    models = {"text": _text_stub(), "base": _Fake(oracle)}
+    data = {"latents64": jnp.repeat(x0, 6, axis=0), "ids": jnp.zeros((6, 77), jnp.int32),
+            "empty_ids": jnp.ones((77,), jnp.int32)}
+    loss_fn = jax.jit(train.base_loss(models, 64, train.training_schedules()["base"]))
+    losses = [float(loss_fn({"text": None, "unet": None}, None, data, jax.random.key(k))) for k in range(3)]
+    assert max(losses) < 1e-6, losses
+
+
+def test_x4_loss_is_zero_for_the_exact_velocity_under_the_exported_schedule():
+    """The x4 UNet learns v = sqrt(abar) noise - sqrt(1 - abar) x0 (v_prediction, as its
+    exported scheduler says) under the schedule diffusers reads from the exported folder: a
+    model that returns that v has zero loss."""
+    assert train.X4_SCHEDULER["prediction_type"] == "v_prediction"
+    abar = _exported_alphas_cumprod(train.X4_SCHEDULER)
+    # Constant over space, so every training crop of it is the same array.
+    x0 = jnp.array([0.7, -1.2, 0.3, 1.5])
+
+    def oracle(params, x, t, context, class_labels):
+        a = abar[t][:, None, None, None]
+        x_t = x[..., :4]
+        noise = (x_t - jnp.sqrt(a) * x0) / jnp.sqrt(1.0 - a)
+        return jnp.sqrt(a) * noise - jnp.sqrt(1.0 - a) * x0
+
+    models = {"text": _text_stub(), "x4": _Fake(oracle)}
+    data = {"latents256": jnp.broadcast_to(x0, (3, 64, 64, 4)) + 0.0,
+            "low_res": jnp.full((3, 64, 64, 3), 128, jnp.uint8), "ids256": jnp.zeros((3, 77), jnp.int32),
+            "empty_ids": jnp.ones((77,), jnp.int32)}
+    schedules = train.training_schedules()
+    loss_fn = jax.jit(train.x4_loss(models, 32, 8, schedules["x4"], schedules["low_res"]))
+    losses = [float(loss_fn(None, None, data, jax.random.key(k))) for k in range(3)]
+    assert max(losses) < 1e-6, losses
+
+
+def test_about_one_caption_in_ten_is_dropped_for_guidance():
+    """Classifier-free guidance needs the model to learn the empty prompt too: about 10% of
+    the captions (not 90%) are replaced by the empty prompt's tokens, the rest kept."""
+    ids = jnp.arange(4000 * 3, dtype=jnp.int32).reshape(4000, 3)
+    empty = jnp.full((3,), -1, jnp.int32)
+    out = np.asarray(train._drop_captions(jax.random.key(0), ids, empty))
+    dropped = (out == -1).all(1)
+    assert 0.08 < dropped.mean() < 0.12
+    np.testing.assert_array_equal(out[~dropped], np.asarray(ids)[~dropped])
+
+
+def test_training_data_is_the_train_split_in_index_order():
+    """The images and captions trained on are shapes-world examples 0..count-1 of the
+    "train" split for the seed, each caption beside its own image: no held-out pair and no
+    "unseen" caption is trained on, and the first count_256 are kept at 256 too."""
+    captions, images64, images256 = train_data.generate(3, 40, 5, workers=1)
+    assert len(captions) == 40 and images64.shape == (40, 64, 64, 3) and images256.shape == (5, 256, 256, 3)
+    for i in (0, 17, 39):
+        ex = shapes_world.example(3, i, "train")
+        assert captions[i] == ex.caption
+        np.testing.assert_array_equal(images64[i], ex.image64)
+    np.testing.assert_array_equal(images256[4], shapes_world.example(3, 4, "train").image256)
+    assert all(shapes_world.parse_caption(c).split == "train" for c in captions)
+
+
+def test_learning_rate_warms_up_then_decays_to_a_tenth():
+    """The stage schedule: linear warmup to the peak, then cosine decay to 10% of it by the
+    end of the stage's time."""
+    assert train.learning_rate(1e-3, 0, 0.0, 10) == pytest.approx(1e-4)
+    assert train.learning_rate(1e-3, 50, 0.0, 10) == pytest.approx(1e-3)
+    assert train.learning_rate(1e-3, 50, 0.5, 10) == pytest.approx(0.55e-3)
+    assert train.learning_rate(1e-3, 50, 1.0, 10) == pytest.approx(1e-4)
+
+
+def test_saved_latents_are_reused_only_for_the_same_vae_and_data(tmp_path):
+    """A resumed run skips re-encoding only when the saved latents came from the same VAE
+    checkpoint step, seed and example counts; otherwise it encodes afresh rather than train
+    on latents of other images or another VAE."""
+    key = {"vae_step": 2, "seed": 0, "count": 24, "count_256": 8}
+    latents64, latents256 = np.ones((24, 4, 4, 4), np.float32), np.zeros((8, 16, 16, 4), np.float32)
+    train.save_checkpoint(str(tmp_path / "latents.npz"), {"latents64": latents64, "latents256": latents256}, key)
+    cached = train._cached_latents(str(tmp_path), key)
+    assert cached is not None
+    np.testing.assert_array_equal(cached[0], latents64)
+    np.testing.assert_array_equal(cached[1], latents256)
+    for changed in ({"vae_step": 3}, {"seed": 1}, {"count": 25}, {"count_256": 4}):
+        assert train._cached_latents(str(tmp_path), key | changed) is None, changed
+    assert train._cached_latents(None, key) is None
+
+
+def test_continuing_a_finished_stage_restarts_its_schedule(tmp_path):
+    """`--continue STAGE` trains a finished stage on from its weights and optimizer, with its
+    learning-rate schedule started over (at half the peak); without it the stage stays done."""
+    params = {"w": jnp.arange(3.0)}
+    tx = train.make_optimizer(1e-3)
+    templates = {"params": params, "opt": tx.init(params)}
+    train.save_checkpoint(str(tmp_path / "base.npz"), templates,
+                          {"stage": "base", "step": 7, "progress": 1.0, "done": True, "restarts": 0})
+    _, info = train._stage_start(str(tmp_path), "base", templates)
+    assert info["done"] and info["step"] == 7
+    trees, info = train._stage_start(str(tmp_path), "base", templates, reopen=("base",))
+    assert not info["done"] and info["progress"] == 0.0 and info["step"] == 7 and info["restarts"] == 1
+    assert train.restart_scale(info) == 0.5
+    np.testing.assert_array_equal(trees["params"]["w"], params["w"])
+    # The schedule starts over from the (halved) peak, not from the end of the last cycle.
+    assert train.learning_rate(1e-3 * train.restart_scale(info), info["step"], info["progress"], 1) \
+        == pytest.approx(0.5e-3)
