@@ -4,9 +4,9 @@
 
 Flags jaxdiff does not know are passed to Apache Beam as pipeline options
 (`--runner=DataflowRunner`, `--direct_num_workers=4`, ...); one Beam does not know either is
-refused. Exit status: 0 when every
-manifest id is accounted for (rendered or in failures/), 1 when some shards are not
-committed, 2 for a whole-run error (bad manifest path, unwritable output, conflicting run).
+refused. Exit status: 0 when every manifest id is accounted for (rendered or in failures/),
+1 when some shards are not committed, 2 for a whole-run error (bad manifest path,
+unwritable output, conflicting run).
 """
 
 from __future__ import annotations
