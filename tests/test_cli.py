@@ -479,8 +479,14 @@ def test_ctrl_c_while_a_remote_runner_works_says_the_job_goes_on(tmp_path, capsy
         raise KeyboardInterrupt
 
     monkeypatch.setattr(job, "run", interrupted)
-    code = cli.main(["render", str(manifest), "--out", "gs://b/out", "--dry-run", "--runner=DataflowRunner",
-                     "--project=p", "--region=us-central1", "--temp_location=gs://b/tmp"])
+    # Python's own handler as the command starts (a shell's background job inherits SIGINT
+    # ignored, which the command would then give back as it found it).
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        code = cli.main(["render", str(manifest), "--out", "gs://b/out", "--dry-run", "--runner=DataflowRunner",
+                         "--project=p", "--region=us-central1", "--temp_location=gs://b/tmp"])
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     assert code == cli.EXIT_INTERRUPTED and handlers == [signal.default_int_handler]
     assert "A job submitted to a remote runner goes on without this command: cancel it there" in \
         capsys.readouterr().err
