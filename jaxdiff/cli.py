@@ -17,8 +17,10 @@ import io
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_ERROR = 0, 1, 2
@@ -189,10 +191,15 @@ def _exit_on_interrupt():
     which then outlive the command, and its traceback says nothing useful. Ending so is
     safe, as after a kill: a shard counts only once its marker is written, after its files.
     Yields the call that gives Ctrl-C back to Python: a remote runner's job goes on without
-    this command, which then only says so (render_command)."""
+    this command, which then only says so (render_command). The command's temporary files
+    (Beam's pipeline folder, its workers') go to a folder of its own, removed however it ends:
+    an interrupt ends the process before Beam's cleanup."""
     if threading.current_thread() is not threading.main_thread():
         yield lambda: None
         return
+    scratch = tempfile.mkdtemp(prefix="jaxdiff-render-")
+    given_tmpdir, given_tempdir = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"] = tempfile.tempdir = scratch  # TMPDIR: Beam's worker processes inherit it
 
     def stop(signum, frame):
         import psutil
@@ -207,6 +214,7 @@ def _exit_on_interrupt():
         for worker in psutil.Process().children(recursive=True):  # Beam's worker processes
             with contextlib.suppress(psutil.Error):
                 worker.kill()
+        shutil.rmtree(scratch, ignore_errors=True)
         os.write(terminal, b"\njaxdiff render: interrupted. Committed shards are kept: rerun the same command "
                            b"to render the rest.\n")
         os._exit(EXIT_INTERRUPTED)
@@ -216,6 +224,12 @@ def _exit_on_interrupt():
         yield lambda: signal.signal(signal.SIGINT, previous)
     finally:
         signal.signal(signal.SIGINT, previous)
+        tempfile.tempdir = given_tempdir
+        if given_tmpdir is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = given_tmpdir
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def render_command(args: argparse.Namespace, beam_args: list[str]) -> int:

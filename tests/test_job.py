@@ -269,13 +269,16 @@ def test_killed_run_resumes_with_two_worker_processes(tmp_path):
 @pytest.mark.pipeline
 @pytest.mark.faults
 def test_ctrl_c_ends_the_command_and_its_worker_processes_at_once_and_the_rerun_completes(tmp_path):
-    """Beam's own cleanup after an interrupt could wait forever for its worker processes."""
+    """Beam's own cleanup after an interrupt could wait forever for its worker processes. The
+    command ends without it, and leaves no temporary folder behind."""
     import psutil
 
     out, common, env = _dry_run_command(tmp_path, "--direct_num_workers", "2",
                                         "--direct_running_mode", "multi_processing")
-    proc = subprocess.Popen(_cli(*common, "--dry-run-delay", "0.4"), env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    proc = subprocess.Popen(_cli(*common, "--dry-run-delay", "0.4"), env=dict(env, TMPDIR=str(temp)),
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
         while len(psutil.Process(proc.pid).children(recursive=True)) < 2:  # the workers are up
@@ -294,6 +297,7 @@ def test_ctrl_c_ends_the_command_and_its_worker_processes_at_once_and_the_rerun_
                                             "same command to render the rest.")
     psutil.wait_procs(workers, timeout=10)
     assert not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
+    assert not list(temp.iterdir()), "the command's temporary files (Beam's pipeline folder) are removed"
 
     rerun = subprocess.run(_cli(*common), env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
