@@ -454,22 +454,32 @@ def test_step_hlo_floors_use_the_target_chips_peak_and_bandwidth():
 
 
 def test_step_hlo_on_a_local_card_uses_that_cards_own_figures(monkeypatch):
-    """--target local on a GPU machine gets the floors of the card it runs on; the H100's
-    PCIe and NVL cards and the H200's NVL card, slower than the SXM figures, get none
-    rather than wrong ones."""
+    """--target local on a GPU machine gets the floors of the card it runs on: the H100's
+    PCIe and NVL cards and the H200's NVL card are slower than the SXM figures; a card whose
+    variants differ in bandwidth (A100) gets none rather than wrong ones, as TPUs, whose
+    byte counts include copies between memory spaces."""
     from types import SimpleNamespace
 
     import jax
 
     from tools import step_hlo
 
+    hlo = LOOP_HLO.replace("[16,8]", "[16000,8000]").replace("[8,8]", "[8000,8000]").replace("[4,8]", "[4000,8000]")
     found = {}
     for kind in ("NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200", "NVIDIA H200 NVL",
-                 "TPU v5 lite", "TPU v5", "cpu"):
+                 "NVIDIA A100-SXM4-80GB", "TPU v5 lite", "TPU v5", "cpu"):
         monkeypatch.setattr(jax, "devices", lambda kind=kind: [SimpleNamespace(device_kind=kind)])
-        found[kind] = step_hlo._chip("local")
-    assert found == {"NVIDIA H100 80GB HBM3": "h100", "NVIDIA H100 PCIe": None, "NVIDIA H100 NVL": None,
-                     "NVIDIA H200": "h200", "NVIDIA H200 NVL": None, "TPU v5 lite": "v5e", "TPU v5": "v5p", "cpu": None}
+        result = step_hlo.report(hlo, 2048.0, "local")
+        found[kind] = (result["chip"], result.get("floors_ms", {}).get("compute"),
+                       result.get("floors_ms", {}).get("memory_bound_ops"))
+    # 2048 GFLOP at the peak; 1.28 GB of memory-bound ops at the bandwidth.
+    assert found == {"NVIDIA H100 80GB HBM3": ("h100", round(2048 / 989, 3), round(1.28 / 3.35, 3)),
+                     "NVIDIA H100 PCIe": ("h100-pcie", round(2048 / 756, 3), round(1.28 / 2.0, 3)),
+                     "NVIDIA H100 NVL": ("h100-nvl", round(2048 / 835, 3), round(1.28 / 3.9, 3)),
+                     "NVIDIA H200": ("h200", round(2048 / 989, 3), round(1.28 / 4.8, 3)),
+                     "NVIDIA H200 NVL": ("h200-nvl", round(2048 / 835, 3), round(1.28 / 4.8, 3)),
+                     "NVIDIA A100-SXM4-80GB": ("a100", None, None),
+                     "TPU v5 lite": ("v5e", None, None), "TPU v5": ("v5p", None, None), "cpu": (None, None, None)}
 
 
 def test_step_hlo_reports_one_step_on_the_local_backend(tmp_path):

@@ -32,11 +32,7 @@ import tempfile
 import threading
 import time
 
-# bf16 dense peak per chip, TFLOP/s, from the vendors' datasheets.
-# First match on the device kind: the H100's PCIe and NVL cards, and the H200's NVL card,
-# run at lower clocks than the SXM ones.
-PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200 NVL": 835.0, "H200": 989.0,
-               "A100": 312.0, "L4": 121.0, "TPU v5 lite": 197.0, "TPU v5": 459.0, "TPU v6 lite": 918.0}
+from tools.chips import chip_of
 
 
 def _median_time(fn, reps: int) -> float:
@@ -49,11 +45,9 @@ def _median_time(fn, reps: int) -> float:
 
 
 def _peak(device) -> float | None:
-    kind = getattr(device, "device_kind", "")
-    for name, tflops in PEAK_TFLOPS.items():
-        if name in kind:
-            return tflops
-    return None
+    """The device's bf16 dense peak, TFLOP/s (tools/chips.py); None for a CPU."""
+    chip = chip_of(getattr(device, "device_kind", ""))
+    return chip.peak_tflops if chip else None
 
 
 @contextlib.contextmanager

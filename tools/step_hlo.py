@@ -39,23 +39,11 @@ import os
 import re
 import sys
 
+from tools.chips import TARGETS, Chip, chip_of
 from tools.hlo_ops import (CATEGORIES, bytes_moved, categorize, loop_body, op_flops, parse_hlo, program_flops,
                            stack_files, stack_locations)
 
 TARGETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_targets")
-# chip: (platform, bf16 dense peak TFLOP/s, memory TB/s (datasheets), what XLA compiles
-# for: a GpuTargetConfig file in gpu_targets/ or a TPU topology).
-CHIPS = {
-    "h100": ("cuda", 989.0, 3.35, "h100.txtpb"),
-    "h200": ("cuda", 989.0, 4.8, "h200.txtpb"),
-    "v5e": ("tpu", 197.0, 0.819, "v5e:2x2"),
-    "v5p": ("tpu", 459.0, 2.765, "v5p:2x2x1"),
-    "v6e": ("tpu", 918.0, 1.64, "v6e:2x2"),
-}
-# jax device_kind -> chip, first match; the H100's PCIe and NVL cards and the H200's NVL
-# card have other peaks and bandwidths than the SXM figures: no floors.
-_KINDS = (("TPU v5 lite", "v5e"), ("TPU v6 lite", "v6e"), ("TPU v5", "v5p"), ("H100 PCIe", None),
-          ("H100 NVL", None), ("H100", "h100"), ("H200 NVL", None), ("H200", "h200"))
 MEMORY_BOUND = ("elementwise", "reduction", "layout", "other")
 
 _NOT_KERNELS = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant"}
@@ -134,7 +122,7 @@ def arch_configs(arch: str) -> dict:
 
 def _backend(target: str) -> str | None:
     """The backend a target's chips are ("gpu", "tpu"); None for this machine's own."""
-    return None if target == "local" else {"cuda": "gpu", "tpu": "tpu"}[CHIPS[target][0]]
+    return None if target == "local" else {"cuda": "gpu", "tpu": "tpu"}[TARGETS[target].platform]
 
 
 def _devices(target: str, chips: int) -> tuple[list, str | None]:
@@ -146,7 +134,7 @@ def _devices(target: str, chips: int) -> tuple[list, str | None]:
     else:
         from jax.experimental import topologies
 
-        platform, _, _, where = CHIPS[target]
+        platform, where = TARGETS[target].platform, TARGETS[target].compile_for
         if platform == "cuda":
             with open(os.path.join(TARGETS_DIR, where)) as f:
                 # One device: the GPU plugin's deviceless topologies are single-host.
@@ -296,24 +284,25 @@ def compile_base_program(arch: str, batch: int, target: str, size: int | None = 
     return _compile_for(target, chips, lower)
 
 
-def _chip(target: str) -> str | None:
-    """The CHIPS entry compiled for; `local` on an accelerator machine is its own chip
-    (and compiled with autotuning on a GPU: the kernels a real run picks)."""
+def _chip(target: str) -> Chip | None:
+    """The chip compiled for; `local` on an accelerator machine is its own chip (and compiled
+    with autotuning on a GPU: the kernels a real run picks)."""
     if target != "local":
-        return target
+        return TARGETS[target]
     import jax
-    kind = jax.devices()[0].device_kind
-    return next((chip for name, chip in _KINDS if name in kind), None)
+    return chip_of(jax.devices()[0].device_kind)
 
 
 def report(text: str, gflop: float, target: str) -> dict:
     chip = _chip(target)
     # On TPU the byte counts include async copies between memory spaces (HBM, VMEM):
     # there the compile itself and the kernels are the findings, not floors.
-    rates = CHIPS[chip][1:3] if chip and CHIPS[chip][0] == "cuda" else None
+    rates = ((chip.peak_tflops, chip.memory_tbps) if chip and chip.platform == "cuda" and chip.memory_tbps
+             else None)
     summary = summarize(text, chip_rates=rates)
     roofline_ms = summary.pop("roofline_ms", None)
-    result = {"target": target, "chip": chip, "unet_gflop_per_step": float(f"{gflop:.4g}"), **summary}
+    result = {"target": target, "chip": chip and chip.name, "unet_gflop_per_step": float(f"{gflop:.4g}"),
+              **summary}
     for entry in result["categories"].values():
         entry["gb"] = round(entry.pop("bytes") / 1e9, 4)
         entry["gflop"] = float(f"{entry.pop('flops') / 1e9:.4g}")
@@ -336,7 +325,7 @@ def main(argv=None) -> dict:
     p.add_argument("--arch", default="sd15", help="sd15, sd21, x4-upscaler, default or tiny")
     p.add_argument("--batch", type=int, default=16, help="images per batch; the UNet runs 2x this (CFG)")
     p.add_argument("--size", type=int, default=None, help="latent side (default: the config's sample_size)")
-    p.add_argument("--target", default="h100", choices=[*CHIPS, "local"],
+    p.add_argument("--target", default="h100", choices=[*TARGETS, "local"],
                    help="a chip to compile for without it, or this machine's own device "
                         "(on a GPU machine: with autotuning, the conv algorithms a real run picks)")
     p.add_argument("--chips", type=int, default=1,
@@ -350,7 +339,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.batch < 1 or args.chips < 1:
         p.error("--batch and --chips must be at least 1")
-    if args.target != "local" and CHIPS[args.target][0] == "cuda":
+    if args.target != "local" and TARGETS[args.target].platform == "cuda":
         # The CUDA plugin refuses to load without a driver unless told the checks are moot.
         os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
     try:
