@@ -773,6 +773,20 @@ def test_a_bad_setting_is_refused_before_the_run_is_recorded(tmp_path):
 
 
 @pytest.mark.faults
+def test_run_settings_take_their_whole_range_and_refuse_what_is_past_it():
+    """--upscale-guidance 0 is valid (guidance at 1 or below turns the x4 stage's CFG off,
+    as for the base); a width or height of 0 is refused where it is given, naming the
+    option, instead of rendering at some default size."""
+    assert job.RenderConfig(upscale_guidance=0.0).upscale_guidance == 0.0
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="--upscale-guidance must be a finite number >= 0"):
+            job.RenderConfig(upscale_guidance=bad)
+    for name in ("width", "height"):
+        with pytest.raises(ValueError, match=rf"--{name} must be >= 1, got 0"):
+            job.RenderConfig(dry_run=True, **{name: 0})
+
+
+@pytest.mark.faults
 def test_a_committed_shard_rendered_again_withdraws_its_marker_first(tmp_path, monkeypatch):
     """A retried bundle can render a committed shard again: if that attempt dies after the
     new tar and before the new marker, no stale marker may vouch for the new tar."""
