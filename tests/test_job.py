@@ -728,6 +728,23 @@ def test_resuming_with_any_setting_that_decides_the_images_changed_is_refused_na
         job.check_existing_run(out, "sha256:m", changed)
 
 
+# Another value for each setting that does not decide the images.
+_OTHER_RUN_ONLY_SETTINGS = {"batch_size": 3, "dry_run_delay_s": 0.5, "compilation_cache": "gs://bucket/xla"}
+
+
+@pytest.mark.parametrize("name", _NOT_IDENTITY)
+def test_resuming_with_a_setting_that_does_not_decide_the_images_changed_is_allowed(tmp_path, name):
+    """Another batch size, dry-run delay or compilation cache folder renders the same
+    images: a run resumed with one picks up where the earlier run stopped."""
+    before = _config(image_format="webp")
+    changed = dataclasses.replace(before, **{name: _OTHER_RUN_ONLY_SETTINGS[name]})
+    assert getattr(changed, name) != getattr(before, name)
+    out = str(tmp_path / "out")
+    shards.write_json(storage.join(out, job.RUN_FILE), {"config": before.identity(),
+                                                         "manifest": {"fingerprint": "sha256:m"}})
+    assert job.check_existing_run(out, "sha256:m", changed) is not None
+
+
 class _DescribedWeights:
     """The dry run, describing its model as the engine does: the weights' path, sha256 and dtype."""
 
@@ -770,6 +787,21 @@ def test_a_bad_setting_is_refused_before_the_run_is_recorded(tmp_path):
         job.run([str(path)], out, _config(width=12), progress=False)
     assert not os.path.exists(os.path.join(out, job.RUN_FILE))
     assert job.run([str(path)], out, _config(), progress=False).rendered == 1
+
+
+def test_the_commands_settings_win_over_what_the_model_folders_recommend():
+    """render_defaults.json fills only what the command leaves open: --guidance and
+    --upscale-guidance given are the ones the run renders with and records."""
+    from jaxdiff import render_defaults
+    from jaxdiff.checkpoints import resolve_model
+
+    base = render_defaults.read(resolve_model("default"))["guidance"]
+    upscale = render_defaults.read(resolve_model("default-x4"), "upscale")["guidance"]
+    left_open = job.with_model_defaults(job.RenderConfig())
+    assert (left_open.guidance, left_open.upscale_guidance) == (base, upscale)
+    given = job.with_model_defaults(job.RenderConfig(guidance=base + 1, upscale_guidance=upscale + 2))
+    assert (given.guidance, given.upscale_guidance) == (base + 1, upscale + 2)
+    assert given.identity()["guidance"] == base + 1
 
 
 @pytest.mark.faults
