@@ -910,6 +910,28 @@ def test_a_shard_whose_files_were_deleted_renders_again(tmp_path):
 
 @pytest.mark.pipeline
 @pytest.mark.faults
+def test_fresh_deletes_every_file_of_the_earlier_run_and_nothing_else(tmp_path):
+    """--fresh starts over: no tar, parquet or failures file of the earlier run stays behind
+    for a reader that globs the folder (as the README reads the parquet rows) to take for
+    this run's; files that are not the run's stay."""
+    path = tmp_path / "m.jsonl"
+    path.write_text("\n".join(_manifest_lines()) + "\n")  # four shards, failures in each
+    out = tmp_path / "out"
+    job.run([str(path)], str(out), _config(), progress=False)
+    (out / "notes.txt").write_text("mine")
+    small = tmp_path / "small.jsonl"
+    small.write_text(json.dumps(GOOD[0]) + "\n")
+    summary = job.run([str(small)], str(out), _config(), fresh=True, progress=False)
+    assert (summary.shards, summary.rendered, summary.failed) == (1, 1, 0)
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert files == ["failures/shard-00000.jsonl", "index.json", "notes.txt", "run.json", "shard-00000.parquet",
+                     "shard-00000.stats.json", "shard-00000.tar"]
+    table = pq.read_table(sorted(glob.glob(str(out / "*.parquet"))), schema=shards.PARQUET_SCHEMA)
+    assert table.column("id").to_pylist() == [GOOD[0]["id"]]
+
+
+@pytest.mark.pipeline
+@pytest.mark.faults
 def test_files_replaced_after_a_run_are_found_by_the_next_one_even_with_nothing_to_render(tmp_path):
     """A stopped driver never checks the shards its job committed; rerunning the command
     then renders nothing, and its end still finds a tar, a parquet or a failures file that
