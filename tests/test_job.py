@@ -437,6 +437,31 @@ def test_a_resume_at_another_batch_shape_is_noted_per_chip_or_by_the_commands_ba
 
 
 @pytest.mark.pipeline
+def test_a_dry_run_resumed_at_another_batch_size_is_not_warned_of_rounding(tmp_path, caplog):
+    """Placeholder images do not depend on how samples are batched: a dry run resumed at
+    another --batch-size says nothing of images differing, as a real run resumed so does."""
+    import logging
+
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in GOOD[:4]))
+    factory = job.RendererFactory(_config(height=16))  # the dry run's renderer, for both runs
+
+    def resume(dry_run: bool) -> str:
+        out = str(tmp_path / f"out-{dry_run}")
+        config = _config(dry_run=dry_run, height=16, shard_size=2, batch_size=2)
+        job.run([str(path)], out, config, renderer_factory=factory, progress=False)
+        os.remove(shards.shard_paths(out, "shard-00001")["stats"])
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="pipelines.job"):
+            job.run([str(path)], out, dataclasses.replace(config, batch_size=1), renderer_factory=factory,
+                    progress=False)
+        return caplog.text
+
+    assert "rendered 2 samples a batch, this run renders 1" in resume(dry_run=False)
+    assert "samples a batch" not in resume(dry_run=True)
+
+
+@pytest.mark.pipeline
 @pytest.mark.faults
 def test_dry_run_draws_and_checks_an_outpaint_canvas_at_its_own_size(tmp_path):
     """The canvas is the init image plus the outpaint pixels: the dry run's placeholder has
