@@ -1197,6 +1197,44 @@ def test_run_inference_handler_renders_samples(shared):
         assert_that(results, equal_to(expected))
 
 
+def test_run_inference_handler_batches_shares_and_refuses_as_asked():
+    """The handler hands Beam its batch limits, shares one model across a worker's
+    processes only when asked, and refuses per-call inference_args, which it would
+    otherwise drop without a word."""
+    from jaxdiff.engine.sample import Sample
+    from pipelines.handler import JaxDiffusionModelHandler
+
+    factory = job.RendererFactory(_config(batch_size=2))
+    handler = JaxDiffusionModelHandler(factory, batch_size=2, share_across_processes=True,
+                                       max_batch_duration_secs=5)
+    assert handler.share_model_across_processes()
+    assert not JaxDiffusionModelHandler(factory).share_model_across_processes()
+    assert handler.batch_elements_kwargs() == {"min_batch_size": 1, "max_batch_size": 2,
+                                               "max_batch_duration_secs": 5}
+    model = handler.load_model()
+    samples = [Sample(id="a", prompt="p", seed=1), Sample(id="b", prompt="q", seed=2)]
+    assert [r.id for r in handler.run_inference(samples, model)] == ["a", "b"]
+    with pytest.raises(ValueError, match=r"inference_args are not used by jaxdiff \(got \['guidance'\]\)"):
+        handler.run_inference(samples, model, {"guidance": 3.0})
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        JaxDiffusionModelHandler(factory, batch_size=0)
+
+
+def test_dry_run_placeholders_follow_each_samples_seed_and_record_its_settings():
+    """A record's own seed picks its placeholder (two ids given one seed draw one image;
+    without a seed, each id its own), and the metadata gives the seed and the guidance the
+    sample asked for, 0 included."""
+    from jaxdiff.engine.sample import Sample
+
+    renderer = DryRunRenderer(4, width=16, height=8)
+    a, b, c, d = renderer.render_samples([Sample(id="a", prompt="p", seed=5, guidance=0.0),
+                                          Sample(id="b", prompt="q", seed=5), Sample(id="c", prompt="p"),
+                                          Sample(id="d", prompt="p")])
+    np.testing.assert_array_equal(a.image, b.image)
+    assert not np.array_equal(c.image, d.image)
+    assert (a.metadata["seed"], a.metadata["guidance"], b.metadata["guidance"]) == (5, 0.0, 7.5)
+
+
 class _UnevenRenderer:
     """The dry run's images, but every batch's first one large (slow to compress), so a
     pool of encoders finishes a batch's images out of order."""
