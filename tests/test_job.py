@@ -1516,3 +1516,47 @@ def test_read_ahead_keeps_order_and_stops_at_its_depth_or_its_bytes():
     image, mask = np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), np.uint8)
     variants = [Sample(id=f"v{i}", prompt="p", init_image=image, mask=mask) for i in range(3)]
     assert job._input_bytes([(v, v) for v in variants]) == 48 + 16  # shared by the variants: counted once
+
+
+def test_the_jobs_counters_count_each_shards_rendered_images_and_failures(tmp_path, monkeypatch):
+    """Dataflow shows the job's 'rendered' and 'failed' counters while it runs: each adds
+    its shard's own counts, the last shard of a bundle included."""
+    import apache_beam as beam
+    from apache_beam.utils import shared
+
+    from pipelines import manifest
+
+    counts: dict[str, int] = {}
+
+    class Counter:
+        def __init__(self, namespace, name):
+            self.name = name
+
+        def inc(self, n=1):
+            counts[self.name] = counts.get(self.name, 0) + n
+
+    monkeypatch.setattr(beam.metrics.Metrics, "counter", Counter)
+    path = tmp_path / "m.jsonl"
+    path.write_text("\n".join(_manifest_lines()) + "\n")
+    config = _config()
+    specs = manifest.plan_shards([str(path)], config.shard_size)
+    fn = job.RenderShardFn(str(tmp_path / "out"), job.RendererFactory(config), job.manifest_defaults(config),
+                           image_format="png", quality=None, keep_base=False, retry_failures=False,
+                           shared_handle=shared.Shared())
+    fn.setup()
+    try:
+        fn.start_bundle()
+        stats = [s for spec in specs for s in fn.process(spec)] + [w.value for w in fn.finish_bundle()]
+    finally:
+        fn.teardown()
+    assert [s["shard"] for s in stats] == [spec.name for spec in specs]
+    assert counts == {"rendered": len(GOOD), "failed": len(BAD)}
+
+
+def test_the_summarys_images_per_second_counts_only_what_this_run_rendered():
+    """A resumed run that rendered 10 of the output's 100 images in 2 s says 5.0 images/s."""
+    summary = job.Summary(rendered=100, failed=0, processed_now=10, rendered_now=10, shards=10, rendered_shards=1,
+                          skipped_shards=9, missing_shards=[], seconds=2.0)
+    assert summary.images_per_s == 5.0
+    assert summary.text().startswith("rendered 100, failed 0 (see failures/), shards 10 (1 rendered now, "
+                                     "9 already complete), 2.0 s, 5.0 images/s")
