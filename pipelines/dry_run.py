@@ -52,15 +52,18 @@ class DryRunRenderer:
         }
 
     def render_samples(self, samples: list[Sample]) -> list[Rendered]:
-        if len(samples) > self.batch_size:
-            raise ValueError(f"got {len(samples)} samples for a batch of {self.batch_size}")
-        start = time.perf_counter()
-        if self.delay_s:
-            time.sleep(self.delay_s)
-        out = [self._render_one(s) for s in samples]
-        elapsed = time.perf_counter() - start
-        for r in out:
-            r.metadata["timings"] = {"render_batch_s": round(elapsed, 6)}
+        """Any number of samples, in batches of `batch_size`, as the engine renders them
+        (RunInference hands over batches of the handler's size, not the renderer's)."""
+        out: list[Rendered] = []
+        for first in range(0, len(samples), self.batch_size):
+            start = time.perf_counter()
+            if self.delay_s:
+                time.sleep(self.delay_s)
+            batch = [self._render_one(s) for s in samples[first:first + self.batch_size]]
+            elapsed = time.perf_counter() - start
+            for r in batch:
+                r.metadata["timings"] = {"render_batch_s": round(elapsed, 6)}
+            out += batch
         return out
 
     def _render_one(self, sample: Sample) -> Rendered:

@@ -1220,6 +1220,23 @@ def test_run_inference_handler_batches_shares_and_refuses_as_asked():
         JaxDiffusionModelHandler(factory, batch_size=0)
 
 
+@pytest.mark.pipeline
+def test_run_inference_renders_batches_larger_than_the_renderers_own():
+    """Beam grows RunInference's batches up to the handler's batch_size (8 by default),
+    whatever the renderer's: the dry-run renderer, as the engine, renders any number of
+    samples in batches of its own size, each image the one it renders alone."""
+    from jaxdiff.engine.sample import Sample
+    from pipelines.handler import JaxDiffusionModelHandler
+
+    handler = JaxDiffusionModelHandler(job.RendererFactory(_config(batch_size=2)))
+    model = handler.load_model()
+    samples = [Sample(id=f"s{i}", prompt="p", seed=i) for i in range(5)]
+    results = handler.run_inference(samples, model)
+    assert [r.id for r in results] == [s.id for s in samples]
+    for sample, result in zip(samples, results):
+        np.testing.assert_array_equal(result.image, model.render_samples([sample])[0].image)
+
+
 def test_dry_run_placeholders_follow_each_samples_seed_and_record_its_settings():
     """A record's own seed picks its placeholder (two ids given one seed draw one image;
     without a seed, each id its own), and the metadata gives the seed and the guidance the
