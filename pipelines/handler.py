@@ -4,7 +4,8 @@
     samples | RunInference(JaxDiffusionModelHandler(RendererFactory(RenderConfig(...))))
 
 Elements are `Sample`s, results are `Rendered`s (an image, or `error` saying why not).
-Beam batches elements to the renderer's fixed batch size, so the engine compiles once.
+Beam batches elements up to the handler's `batch_size`; the renderer splits a batch into
+its own, padding the last, so each shape compiles once.
 `jaxdiff render` does not use this: it renders whole shards, to keep shards resumable.
 """
 
