@@ -236,6 +236,24 @@ def test_a_guidance_distilled_unet_with_another_sampler_matches_diffusers(tmp_pa
 
 
 @pytest.mark.parity
+def test_a_guidance_distilled_unet_takes_the_scale_as_its_embedding_only_as_diffusers_latents_show(tmp_path):
+    """A guidance-distilled UNet is called once a step on the prompt alone, the scale given as
+    its embedding, as diffusers runs it: no classifier-free guidance on top, which would lean
+    the image on the empty negative prompt. Compared on the latents: the tiny VAE's pixels
+    hardly show it."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    folder = make_sd_folder(str(tmp_path / "lcm"), scheduler="LCMScheduler", time_cond_proj_dim=8, seed=4)
+    reference = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    reference.scheduler = DDIMScheduler.from_config(reference.scheduler.config)
+    noise = _noise(2, 8, 8, seed=3)
+    ref = reference(PROMPTS, num_inference_steps=3, guidance_scale=8.0, height=16, width=16, latents=noise,
+                    output_type="latent").images
+    pipe = jaxdiff.load_pipeline(folder, upscaler="none", steps=3, sampler="ddim", guidance=8.0, batch_size=2)
+    _assert_latents_close(_latents(pipe.render, PROMPTS, seeds=[0, 1], noise=_nhwc(noise)), ref)
+
+
+@pytest.mark.parity
 def test_latent_consistency_image_to_image_matches_diffusers(tmp_path, monkeypatch):
     # diffusers' LCM img2img: the strength keeps the quietest part of the LCM grid and every
     # step runs, from the image noised to the first step's level.
@@ -541,9 +559,23 @@ def test_guidance_of_one_or_less_is_the_prompt_alone_as_in_diffusers(latent_pipe
     assert any(key[0] == "base" and not key[1].cfg for key in latent_pipe._programs)
 
 
+def test_samples_of_different_guidance_in_one_batch_each_render_with_their_own(latent_pipe):
+    """The guidance scale is each sample's own: two samples of different scales rendered in
+    one batch give the latents each gives alone, not its neighbour's scale."""
+    samples = [jaxdiff.Sample(id="a", prompt=PROMPTS[0], seed=1, guidance=7.5),
+               jaxdiff.Sample(id="b", prompt=PROMPTS[1], seed=2, guidance=3.0)]
+    together = _latents(latent_pipe.render_samples, samples)
+    alone = np.concatenate([_latents(latent_pipe.render_samples, [s]) for s in samples])
+    np.testing.assert_allclose(together, alone, rtol=LATENT_RTOL, atol=LATENT_ATOL)
+    (neighbours,) = _latents(latent_pipe.render_samples, [jaxdiff.Sample(id="b", prompt=PROMPTS[1], seed=2,
+                                                                         guidance=7.5)])
+    assert np.abs(neighbours - alone[1]).max() > SEEN  # the scale moves the latents: the check sees it
+
+
 def test_an_inpainting_unet_renders_a_sample_the_same_next_to_any_other(inpaint_folder):
     """The 9-channel UNet's mask and masked image come from each sample alone: a text-to-image
-    sample gets the same full mask and empty image whether an inpaint sample shares its batch."""
+    sample gets the same full mask and empty image whether an inpaint sample shares its batch.
+    Compared on the latents: the tiny VAE's pixels hardly show the mask channel."""
     pipe = jaxdiff.load_pipeline(inpaint_folder, upscaler="none", steps=2, sampler="ddim", batch_size=2)
     mask = np.zeros((16, 16), np.uint8)
     mask[4:12, 4:12] = 255
@@ -551,8 +583,8 @@ def test_an_inpainting_unet_renders_a_sample_the_same_next_to_any_other(inpaint_
     neighbours = {"text": jaxdiff.Sample(id="n", prompt="x", seed=5),
                   "inpaint": jaxdiff.Sample(id="n", prompt="x", seed=5, mode="inpaint", init_image=_rgb(8),
                                             mask=mask)}
-    images = {name: pipe.render_samples([text, other])[0].image for name, other in neighbours.items()}
-    assert np.abs(images["text"].astype(int) - images["inpaint"].astype(int)).max() <= 1
+    latents = {name: _latents(pipe.render_samples, [text, other])[0] for name, other in neighbours.items()}
+    np.testing.assert_allclose(latents["text"], latents["inpaint"], rtol=LATENT_RTOL, atol=LATENT_ATOL)
 
 
 def test_karras_sigmas_follow_the_checkpoints_scheduler_unless_set(sd_folder, tmp_path):
