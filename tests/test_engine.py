@@ -693,6 +693,81 @@ def test_two_stage_render_keeps_base(sd_folder, upscaler_folder):
     assert r.metadata["upscale_steps"] == 2 and r.metadata["width"] == 64
 
 
+@pytest.fixture(scope="module")
+def two_stage(sd_folder, upscaler_folder):
+    """Base and x4 stages at 2 steps each, keeping the base images, with a run negative prompt."""
+    return jaxdiff.load_pipeline(sd_folder, upscaler=upscaler_folder, steps=2, sampler="ddim", upscale_steps=2,
+                                 keep_base=True, negative_prompt="blurry", batch_size=2)
+
+
+def test_the_x4_stage_upscales_each_samples_own_base_image_prompt_and_seed(two_stage):
+    """In a two-stage render each sample's base image is upscaled with its own prompt, negative
+    prompt (its own, else the run's) and seed: `upscale` on its kept base image gives its image
+    bit for bit. A non-square render records its size and its base size each side in its place;
+    with upscale off the base image is the result, and no x4 settings are recorded."""
+    samples = [jaxdiff.Sample(id="own", prompt="a red circle", negative_prompt="dark", seed=3, width=32),
+               jaxdiff.Sample(id="run", prompt="a blue square", seed=4, width=32)]
+    own, run = two_stage.render_samples(samples)
+    assert own.image.shape == (64, 128, 3) and own.base_image.shape == (16, 32, 3)
+    sizes = {k: own.metadata[k] for k in ("width", "height", "base_width", "base_height")}
+    assert sizes == {"width": 128, "height": 64, "base_width": 32, "base_height": 16}
+    upscale = lambda base, prompt, seed, **kw: two_stage.upscale([base], [prompt], seeds=[seed], **kw)[0]
+    np.testing.assert_array_equal(upscale(own.base_image, "a red circle", 3, negative_prompts=["dark"]), own.image)
+    np.testing.assert_array_equal(upscale(run.base_image, "a blue square", 4), run.image)  # the run's "blurry"
+    # Another negative prompt or base image moves the x4's pixels: the checks above can see them.
+    assert not np.array_equal(upscale(own.base_image, "a red circle", 3), own.image)
+    assert not np.array_equal(upscale(run.base_image, "a blue square", 4, negative_prompts=[""]), run.image)
+    assert not np.array_equal(upscale(own.base_image, "a blue square", 4), run.image)
+
+    import dataclasses
+
+    off = jaxdiff.engine.Pipeline(two_stage.base, two_stage.upscaler, batch_size=2,
+                                  settings=dataclasses.replace(two_stage.settings, upscale=False))
+    for kept, result in zip((own, run), off.render_samples(samples)):
+        np.testing.assert_array_equal(result.image, kept.base_image)
+        assert (result.metadata["width"], result.metadata["height"]) == (32, 16)
+        assert not {"upscaler", "upscale_steps", "upscale_guidance", "noise_level"} & result.metadata.keys()
+
+
+@pytest.mark.faults
+def test_a_sample_whose_base_image_went_non_finite_is_reported_not_upscaled(two_stage):
+    """The x4 stage turns a broken (NaN) base image into finite pixels: such a sample is
+    reported with an error all the same, and its batch neighbour renders."""
+    noise = np.random.default_rng(0).standard_normal((2, 8, 16, 4)).astype(np.float32)
+    noise[1, 3, 3, 0] = np.nan
+    ok, bad = two_stage.render_samples([jaxdiff.Sample(id="ok", prompt="a", seed=1, width=32),
+                                        jaxdiff.Sample(id="bad", prompt="a", seed=1, width=32)], noise=noise)
+    assert ok.error is None and ok.image.shape == (64, 128, 3)
+    assert bad.image is None and "non-finite" in bad.error
+
+
+def test_a_seeds_noise_is_drawn_from_its_own_stream_in_each_stage(pipe, two_stage):
+    """Each random draw of a sample comes from its own stream of its seed's key: the base
+    stage's initial noise from stream 0, the x4 stage's augmentation and initial noise from
+    streams 0 and 1 of the key's stream 2. Passing those as noise= renders the same image, so
+    a run's noise can be rebuilt from its seeds, and the x4's augmentation noise is not made
+    of the same numbers as its initial noise."""
+    import jax
+
+    from jaxdiff.engine import programs
+
+    def normal(shape, *streams):
+        key = jax.random.key(5)
+        for stream in streams:
+            key = jax.random.fold_in(key, stream)
+        return np.asarray(jax.random.normal(key, shape))[None]
+
+    (drawn,) = pipe.render(["a red circle"], seeds=[5])
+    (given,) = pipe.render(["a red circle"], seeds=[5], noise=normal((8, 8, 4), programs._INITIAL_NOISE))
+    np.testing.assert_array_equal(given.image, drawn.image)
+    low = np.random.default_rng(1).integers(0, 256, (16, 32, 3), dtype=np.uint8)
+    aug = normal((16, 32, 3), programs._UPSCALE, programs._AUG_NOISE)
+    noise = normal((16, 32, 4), programs._UPSCALE, programs._UPSCALE_NOISE)
+    (drawn,) = two_stage.upscale([low], ["a red circle"], seeds=[5])
+    (given,) = two_stage.upscale([low], ["a red circle"], seeds=[5], noise=noise, aug_noise=aug)
+    np.testing.assert_array_equal(given, drawn)
+
+
 def test_each_images_timings_are_its_share_of_the_render(sd_folder, upscaler_folder):
     import time
 
