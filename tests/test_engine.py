@@ -896,6 +896,20 @@ def test_given_noise_must_fit_every_sample(pipe, monkeypatch):
         pipe.render_samples(samples, noise=_nhwc(_noise(2, 8, 8)))
 
 
+def test_given_noise_rows_follow_their_samples_across_programs(pipe):
+    """render_samples' `noise` rows belong to the samples in the order given, also where the
+    samples render in different programs (guidance on and off here): each image is the one
+    its sample renders alone with its own row."""
+    noise = np.random.default_rng(2).standard_normal((3, 8, 8, 4)).astype(np.float32)
+    samples = [jaxdiff.Sample(id="a", prompt="a red circle", seed=1),
+               jaxdiff.Sample(id="b", prompt="a blue square", seed=2, guidance=1.0),
+               jaxdiff.Sample(id="c", prompt="two shapes", seed=3)]
+    together = pipe.render_samples(samples, noise=noise)
+    for i, sample in enumerate(samples):
+        (alone,) = pipe.render_samples([sample], noise=noise[i:i + 1])
+        np.testing.assert_array_equal(together[i].image, alone.image)
+
+
 @pytest.mark.faults
 def test_run_settings_that_no_sample_could_render_with_are_refused_at_load(sd_folder):
     # Each loaded, then failed in every sample, in range(), or rendered [None].
