@@ -502,6 +502,15 @@ def test_upscale_follows_its_scheduler_configs_karras_sigmas_as_diffusers(sd_fol
     plain.set_timesteps(4)
     assert not np.allclose(scheduler.timesteps.numpy(), plain.timesteps.numpy())
     np.testing.assert_allclose(pipe._upscale_solver.model_timesteps, scheduler.timesteps.numpy())
+    # An upscale sampler that takes no Karras sigmas is built from the same config, and steps as
+    # diffusers' DDIM built from it does.
+    from diffusers import DDIMScheduler
+
+    ddim = jaxdiff.engine.Pipeline(None, pipe.upscaler, batch_size=1, settings=jaxdiff.engine.RenderSettings(
+        upscale_sampler="ddim", upscale_steps=4))
+    reference = DDIMScheduler.from_config(scheduler.config)
+    reference.set_timesteps(4)
+    np.testing.assert_array_equal(ddim._upscale_solver.model_timesteps, reference.timesteps.numpy())
 
 
 @pytest.mark.faults
@@ -603,12 +612,23 @@ def test_karras_sigmas_follow_the_checkpoints_scheduler_unless_set(sd_folder, tm
     np.testing.assert_array_equal(from_config.image, asked.image)
     assert np.abs(from_config.image.astype(int) - plain.image.astype(int)).max() > 2  # other sigmas
     np.testing.assert_array_equal(render(folder, karras=False).image, plain.image)
+    # A sampler that takes no Karras sigmas loads from such a checkpoint and steps as diffusers'
+    # DDIM built from its config does.
+    from diffusers import DDIMScheduler
+
+    ddim = jaxdiff.load_pipeline(folder, upscaler="none", steps=3, sampler="ddim", batch_size=1)
+    reference = DDIMScheduler.from_config(dict(config, use_karras_sigmas=True))
+    reference.set_timesteps(3)
+    np.testing.assert_array_equal(ddim._base_sampler("ddim", 3)[0].model_timesteps, reference.timesteps.numpy())
 
 
 @pytest.mark.faults
 def test_settings_and_samples_outside_what_the_models_take_are_refused(sd_folder, upscaler_folder, pipe):
     with pytest.raises(ValueError, match="noise_level 400 is out of range.*max_noise_level 350"):
         jaxdiff.load_pipeline(sd_folder, upscaler=upscaler_folder, noise_level=400, batch_size=1)
+    # Its max_noise_level itself is taken, as diffusers' upscale pipeline takes it.
+    top = jaxdiff.load_pipeline(None, upscaler=upscaler_folder, noise_level=350, batch_size=1)
+    assert top.settings.noise_level == 350
     up = jaxdiff.load_pipeline(None, upscaler=upscaler_folder, batch_size=1)
     with pytest.raises(ValueError, match="noise and aug_noise together"):
         up.upscale([_rgb(1, 8)], ["a"], seeds=[0], noise=np.zeros((1, 8, 8, 4), np.float32))
@@ -934,6 +954,8 @@ def test_run_settings_that_no_sample_could_render_with_are_refused_at_load(sd_fo
     assert (taken.settings.steps, taken.batch_size) == (2, 2) and type(taken.settings.steps) is int
     # Karras sigmas with a run sampler that does not take them: a sample may pick one that does.
     jaxdiff.load_pipeline(sd_folder, upscaler="none", sampler="ddim", karras=True)
+    # The refusal's "0 to 2" is meant: skipping all of the text encoder's layers is taken.
+    assert jaxdiff.load_pipeline(sd_folder, upscaler="none", clip_skip=2).settings.clip_skip == 2
 
 
 @pytest.mark.faults
