@@ -25,7 +25,11 @@ SCRIPT = textwrap.dedent("""
                                       devices=jax.devices()[:1])
         a = np.stack([r.image for r in pipe4.render(prompts, seeds=[1, 2, 3, 4])]).astype(int)
         b = np.stack([r.image for r in pipe1.render(prompts, seeds=[1, 2, 3, 4])]).astype(int)
-        print(json.dumps({"mesh": list(pipe4.mesh.devices.shape), "max_diff": int(np.abs(a - b).max())}))
+        # A batch size rounds up to whole samples per chip: 3 on 4 chips renders 4, one a chip.
+        rounded = [jaxdiff.engine.Pipeline(pipe4.base, batch_size=n, settings=pipe4.settings).batch_size
+                   for n in (1, 3, 5)]
+        print(json.dumps({"mesh": list(pipe4.mesh.devices.shape), "max_diff": int(np.abs(a - b).max()),
+                          "rounded": rounded}))
     elif mode == "mixed":
         # Modes, guidance on and off and a padded short batch, in two orders, on 4 devices
         # at batch 4 against one device at batch 3: each sample's image must not change.
@@ -127,6 +131,7 @@ def test_batch_sharded_over_four_devices_matches_one_device(folder, tmp_path):
     result = _run([folder, "devices"], env)
     assert result["mesh"] == [4]
     assert result["max_diff"] <= 1
+    assert result["rounded"] == [4, 4, 8], result  # batch sizes 1, 3, 5 on 4 devices
 
 
 def test_mixed_modes_render_the_same_on_four_devices_and_on_one_at_another_batch_size(folder, tmp_path):
