@@ -529,6 +529,9 @@ def test_upscale_converts_other_image_kinds_and_refuses_bad_input_by_name(sd_fol
         (dict(prompts=["a"]), "1 prompts for 2 images"),
         (dict(negative_prompts=["x"]), "1 negative_prompts for 2 images"),
         (dict(seeds=[0, -1]), r"seeds\[1\] is -1"),
+        # Named as render names them (the tokenizer raised a TypeError naming a negative prompt "prompts[0]").
+        (dict(prompts=["a", 3]), r"upscale: prompts\[1\] is 3: give text"),
+        (dict(negative_prompts=["x", 5]), r"upscale: negative_prompts\[1\] is 5: give text"),
         (dict(seeds=[0, 0.5]), r"seeds\[1\] is 0.5: give whole numbers"),
         (dict(seeds=1), "seeds is 1: give a list, one per image"),  # a TypeError from len()
         # Read as 8 images of one row each: "1 prompts for 8 images".
@@ -545,6 +548,8 @@ def test_upscale_converts_other_image_kinds_and_refuses_bad_input_by_name(sd_fol
     assert up.upscale([], [], seeds=[]) == []
     # Seeds follow render's rule: any whole number, 1.0 and numpy's ints as 1.
     np.testing.assert_array_equal(up.upscale([low], ["a"], seeds=[np.float64(0.0)])[0], as_uint8)
+    # A negative prompt of None is the run's, as render takes it.
+    np.testing.assert_array_equal(up.upscale([low], ["a"], seeds=[0], negative_prompts=[None])[0], as_uint8)
 
 
 @pytest.mark.parity

@@ -712,7 +712,8 @@ class Pipeline:
             sl = slice(start, start + self.batch_size)
             n = len(rgb[sl])
             pad = lambda xs: list(xs) + [xs[-1]] * (self.batch_size - n)
-            negs = negative_prompts[sl] if negative_prompts is not None else [self.settings.negative_prompt] * n
+            negs = [self.settings.negative_prompt if text is None else text
+                    for text in (negative_prompts[sl] if negative_prompts is not None else [None] * n)]
             batch = jax.device_put(np.stack(pad(rgb[sl])), self._batched)
             u8, ok = self._upscale(pad(prompts[sl]), pad(negs), pad(seeds[sl]), batch,
                                    None if noise is None else np.asarray(noise)[sl],
@@ -744,6 +745,11 @@ class Pipeline:
             # noise would be drawn for the images past its end instead of reproduced.
             if values is not None and len(values) != count:
                 raise ValueError(f"upscale: {len(values)} {name} for {count} images: give one per image")
+        for name, texts in (("prompts", prompts), ("negative_prompts", negative_prompts)):
+            for i, text in enumerate(() if texts is None else texts):
+                # A negative prompt of None is the run's, as render takes it.
+                if not isinstance(text, str) and not (text is None and name == "negative_prompts"):
+                    raise ValueError(f"upscale: {name}[{i}] is {text!r}: give text")
         seeds = _seed_list("upscale", seeds)
         rgb = []
         for i, image in enumerate(images):
