@@ -75,6 +75,17 @@ def test_unknown_implementation_is_refused():
         attention.set_attention_implementation("flash9000")
 
 
+def test_unknown_attention_environment_variable_is_refused_naming_it(monkeypatch):
+    """A mistyped JAXDIFF_ATTENTION (here in capitals) stops the run with an error that
+    names the variable and its value, rather than running some other attention path."""
+    monkeypatch.setenv("JAXDIFF_ATTENTION", "XLA")
+    q, k, v = _qkv(jnp.float32)
+    with pytest.raises(ValueError, match=r"JAXDIFF_ATTENTION='XLA' is not one of"):
+        attention.dot_product_attention(q, k, v)
+    monkeypatch.setenv("JAXDIFF_ATTENTION", "xla")
+    assert attention._choose(q, k) == "xla"
+
+
 def test_pallas_tpu_path_matches_the_reference_in_interpret_mode():
     """The TPU kernel path, run by Pallas' TPU interpreter: head_dim 40 and a 77-token
     context are padded to whole tiles, and padded keys must get no weight."""
@@ -98,6 +109,9 @@ def test_auto_picks_pallas_on_tpu_for_long_unmasked_sequences(monkeypatch):
     short_q, _, _ = _qkv(jnp.bfloat16, tq=77)
     assert attention._choose(long_q) == "pallas"
     assert attention._choose(short_q) == "xla"  # CLIP's 77 tokens
+    # One tile of queries is long enough (a 16x8 latent's 128 tokens); one short of it is not.
+    assert attention._choose(_qkv(jnp.bfloat16, tq=128)[0]) == "pallas"
+    assert attention._choose(_qkv(jnp.bfloat16, tq=127)[0]) == "xla"
     assert attention._choose(long_q, plain_only=True) == "xla"  # masked or causal
 
 
@@ -139,6 +153,9 @@ def test_gpu_text_attention_pads_the_head_dims_where_cudnn_ran_faster(monkeypatc
         assert attention._choose(_shape(1024, 80), _shape(77, 80)) == "cudnn"
         assert attention._choose(_shape(4096, 40), text, plain_only=True) == "cudnn"  # masked
         assert attention._choose(_shape(4096, 40, jnp.float32), text) == "xla"
+        # A float16 model (--dtype float16) takes cuDNN as a bfloat16 one does.
+        assert attention._choose(_shape(4096, 40, jnp.float16), _shape(77, 40, jnp.float16)) == "cudnn_pad64"
+        assert attention._choose(_shape(4096, 80, jnp.float16), _shape(4096, 80, jnp.float16)) == "cudnn"
         monkeypatch.setattr(attention, "_cudnn_max_head_dim", lambda: 128)  # before Hopper
         assert attention._choose(_shape(256, 160), _shape(77, 160)) == "xla"
         monkeypatch.setattr(attention, "_cudnn_max_head_dim", lambda: 256)
@@ -228,6 +245,8 @@ def test_forced_blockdiag_takes_text_attention_and_leaves_the_rest_to_auto(monke
     text_q, text_k = _shape(4096, 40), _shape(77, 40)
     with attention.dispatch(backend="gpu"):
         assert attention._choose(text_q, text_k) == "blockdiag"
+        assert attention._choose(text_q, _shape(attention.BLOCKDIAG_MAX_KEYS, 40)) == "blockdiag"
+        assert attention._choose(text_q, _shape(attention.BLOCKDIAG_MAX_KEYS + 1, 40)) == "cudnn"
         assert attention._choose(text_q, _shape(4096, 40)) == "cudnn"
         assert attention._choose(_shape(77, 64), _shape(77, 64), plain_only=True) == "cudnn"
     with attention.dispatch(backend="tpu"):
