@@ -150,6 +150,16 @@ def test_upscaler_style_matches_diffusers():
 
 
 @pytest.mark.parity
+def test_downsample_padding_reaches_levels_without_attention():
+    """downsample_padding=0 (the asymmetric bottom-right padding) applies to every level's
+    downsampler as in diffusers, also to a level without attention (as the x4 upscaler's
+    first level is), so such a checkpoint renders as it was trained."""
+    config = dict(SD1_STYLE, block_out_channels=(16, 24), down_block_types=("DownBlock2D",) * 2,
+                  up_block_types=("UpBlock2D",) * 2, downsample_padding=0)
+    _compare(config, height=12, width=12, timesteps=[999.0, 17.25], tol=1e-5)
+
+
+@pytest.mark.parity
 @pytest.mark.parametrize("config", [SD1_STYLE, SD2_STYLE, UPSCALER_STYLE], ids=["sd1", "sd2", "upscaler"])
 def test_samples_shared_by_two_contexts_match_diffusers_cfg_batch(config):
     # CFG as diffusers runs it, each sample twice (here each beside its copy, against its
@@ -307,8 +317,15 @@ def test_config_keeps_per_block_fields():
     ("norm_num_groups", None),
     ("transformer_layers_per_block", [[1], [1], [1]]),
     ("not_a_unet_field", 1),
+    ("timestep_post_act", "gelu"),  # diffusers builds it; jaxdiff has only SiLU there
+    ("timestep_post_act", "mish"),
+    ("conv_in_kernel", 4),
+    ("conv_out_kernel", 2),
 ])
 def test_unsupported_config_names_the_field(key, value):
+    """A UNet config.json that asks for what jaxdiff does not compute (another block type,
+    a time-embedding activation other than SiLU, an even conv kernel) is refused naming the
+    field, not loaded and rendered with the field ignored."""
     with pytest.raises(UnsupportedConfig, match=key):
         UNetConfig.from_dict({**SD1_STYLE, key: value})
 
