@@ -137,6 +137,27 @@ def test_tiled_decode_matches_diffusers_and_whole_decode():
     assert correlation > 0.6, f"tiled vs whole decode: correlation {correlation:.2f}"
 
 
+@pytest.mark.parity
+def test_latents_past_a_tile_on_one_side_only_decode_in_tiles_as_diffusers_does():
+    """A wide or tall image (latents longer than a tile on one side, within it on the
+    other) is decoded in tiles, as diffusers' tiled decode does, not whole: whole, its
+    decode would take the memory the tiles are there to save."""
+    torch_model, model = _models(3)
+    # 8x3 latents in 4-latent tiles: two rows of tiles, one column (no overlap, so that both
+    # tiles have one shape and the decoder compiles once).
+    z = torch.randn(1, 4, 8, 3, generator=torch.Generator().manual_seed(5))
+    torch_model.enable_tiling()
+    torch_model.tile_latent_min_size, torch_model.tile_sample_min_size = 4, 4 * 4
+    torch_model.tile_overlap_factor = 0.0
+    try:
+        with torch.no_grad():
+            want = _nhwc(torch_model.decode(z).sample)
+    finally:
+        torch_model.disable_tiling()
+    # Tiles lack each other's context: decoded whole, the image differs by far more.
+    assert _relative_error(_tiled_decode(model, _nhwc(z), 4, 0), want) < 1e-5
+
+
 def test_tiled_decode_of_latents_within_one_tile_is_decode():
     _, model = _models(3)
     z = np.random.default_rng(0).standard_normal((1, 6, 5, 4)).astype(np.float32)
@@ -179,17 +200,23 @@ def test_tiled_decode_rejects_bad_tiles(tile_latent, overlap, name):
 
 
 @pytest.mark.faults
-def test_encode_rejects_size_not_multiple_of_factor():
+@pytest.mark.parametrize("height, width", [(20, 16), (16, 20)], ids=["height", "width"])
+def test_encode_rejects_size_not_multiple_of_factor(height, width):
+    """An image whose height or width is not a multiple of the VAE's factor is refused with
+    the fix, not encoded to latents that silently drop its last rows or columns."""
     _, model = _models(4)
-    with pytest.raises(ValueError, match="multiple of 8"):
-        model.encode(np.zeros((1, 20, 16, 3), np.float32))
+    with pytest.raises(ValueError, match=f"image size {height}x{width} is not a multiple of 8"):
+        model.encode(np.zeros((1, height, width, 3), np.float32))
 
 
 @pytest.mark.faults
 @pytest.mark.parametrize("key, value", [("down_block_types", ("DownEncoderBlock2D", "AttnDownEncoderBlock2D")),
                                         ("act_fn", "gelu"), ("layers_per_block", [1, 2]),
-                                        ("not_a_vae_field", 3)])
+                                        ("not_a_vae_field", 3),
+                                        ("up_block_types", ("UpDecoderBlock2D",) * 3)])
 def test_unsupported_config_names_the_field(key, value):
+    """A VAE config.json jaxdiff cannot build as written (another block type or activation,
+    block lists that disagree in length) is refused naming the field."""
     with pytest.raises(UnsupportedConfig, match=key):
         VAEConfig.from_dict({**_config(2), key: value})
 
