@@ -74,8 +74,10 @@ def run_reference(reference, ids: np.ndarray):
 
 
 @pytest.mark.parity
-@pytest.mark.parametrize("hidden_act", ["quick_gelu", "gelu", "gelu_new"])
+@pytest.mark.parametrize("hidden_act", ["quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh"])
 def test_last_hidden_state_and_pooled_match_transformers(hidden_act):
+    """Each activation a text encoder's config.json may name computes what transformers
+    computes for it, so prompts condition the UNet as they do in diffusers."""
     reference, model = torch_and_jax(tiny_config(hidden_act=hidden_act))
     ids = prompt_ids(EOS)
     expected = run_reference(reference, ids)
