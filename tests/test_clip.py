@@ -349,6 +349,15 @@ def test_tokenize_pads_with_the_tokenizers_pad_token(tmp_path):
     np.testing.assert_array_equal(mask[0], [1, 1, 1, 1, 0, 0, 0])
 
 
+def test_tokenize_of_no_prompts_keeps_the_token_length(tmp_path):
+    """An empty list of prompts tokenizes to zero rows of max_length tokens, so it stacks
+    with other batches' ids and masks like any other."""
+    tokenizer = load_tokenizer(write_tokenizer(tmp_path / "tokenizer"))
+    ids, mask, truncated = tokenize(tokenizer, [], max_length=7)
+    assert ids.shape == mask.shape == (0, 7) and ids.dtype == mask.dtype == np.int32
+    assert truncated == []
+
+
 @pytest.mark.faults
 def test_tokenizer_bad_input_names_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer/"):

@@ -381,6 +381,27 @@ def test_context_of_wrong_shape_is_an_error(samples, context_shape, message):
 
 
 @pytest.mark.faults
+def test_channels_first_sample_is_an_error_naming_the_layout():
+    """A sample passed channels-first, as diffusers takes it, is refused with the layout
+    jaxdiff expects, not run into a convolution that fails without saying why."""
+    cfg = UNetConfig.from_dict(SD1_STYLE)
+    model = nnx.eval_shape(lambda: UNet2DConditionModel(cfg, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match=r"sample has shape \(1, 4, 8, 8\); expected NHWC"):
+        model(np.zeros((1, 4, 8, 8), np.float32), np.zeros((1,)), np.zeros((1, 3, 20), np.float32))
+
+
+@pytest.mark.faults
+def test_timestep_cond_for_a_model_without_a_guidance_embedding_is_an_error():
+    """A guidance embedding given to a UNet that has none (not guidance-distilled) is an
+    error, not dropped without a word while the caller believes it steers the render."""
+    cfg = UNetConfig.from_dict(SD1_STYLE)
+    model = nnx.eval_shape(lambda: UNet2DConditionModel(cfg, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="time_cond_proj_dim"):
+        model(np.zeros((1, 8, 8, 4), np.float32), np.zeros((1,)), np.zeros((1, 3, 20), np.float32),
+              timestep_cond=np.zeros((1, 12), np.float32))
+
+
+@pytest.mark.faults
 def test_missing_class_labels_is_an_error():
     cfg = UNetConfig.from_dict(UPSCALER_STYLE)
     model = nnx.eval_shape(lambda: UNet2DConditionModel(cfg, rngs=nnx.Rngs(0)))
