@@ -330,6 +330,17 @@ def test_unsupported_config_names_the_field(key, value):
         UNetConfig.from_dict({**SD1_STYLE, key: value})
 
 
+def test_swish_reads_as_silu_as_in_diffusers():
+    """diffusers builds SiLU for an activation named "swish": such a config loads as the
+    same model, not refused."""
+    from diffusers.models.activations import get_activation
+
+    assert isinstance(get_activation("swish"), torch.nn.SiLU)
+    swish = UNetConfig.from_dict({**SD1_STYLE, "act_fn": "swish", "timestep_post_act": "swish"})
+    assert swish == UNetConfig.from_dict({**SD1_STYLE, "act_fn": "silu", "timestep_post_act": "silu"})
+    assert swish.timestep_post_act == "silu"
+
+
 # A value other than diffusers' default for each key that selects a variant jaxdiff does
 # not build (SDXL's added embeddings, fourier time, spatial norms, ...). Written out, not
 # read from the UNet's table, so a key dropped from the table fails here.

@@ -221,6 +221,11 @@ def test_unsupported_config_names_the_field(key, value):
         VAEConfig.from_dict({**_config(2), key: value})
 
 
+def test_swish_reads_as_silu_as_in_diffusers():
+    """diffusers' get_activation builds SiLU for "swish": such a VAE config loads."""
+    assert VAEConfig.from_dict({**_config(2), "act_fn": "swish"}) == VAEConfig.from_dict(_config(2))
+
+
 def test_config_keeps_scaling_factor():
     cfg = VAEConfig.from_dict({**_config(3), "scaling_factor": 0.08333, "force_upcast": True,
                                "_class_name": "AutoencoderKL"})

@@ -23,6 +23,9 @@ class UnsupportedConfig(ValueError):
     """A config.json asks for an architecture variant this implementation does not have."""
 
 
+_ACTIVATION_KEYS = ("act_fn", "timestep_post_act")
+
+
 def known_config_values(cls, config: Mapping[str, Any], *, model: str, hint: str,
                         required: Mapping[str, Any], ignored: tuple[str, ...]) -> dict[str, Any]:
     """The entries of a config.json that are fields of the dataclass `cls`.
@@ -31,7 +34,9 @@ def known_config_values(cls, config: Mapping[str, Any], *, model: str, hint: str
     `ignored` keys do not change the math; any other unknown key raises, naming it, since
     silently dropping it could change what the checkpoint computes.
     """
-    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    # diffusers' get_activation reads "swish" as SiLU.
+    config = {k: "silu" if k in _ACTIVATION_KEYS and v == "swish" else v
+              for k, v in config.items() if not k.startswith("_")}
     for key, value in required.items():
         if key in config and config[key] != value:
             raise UnsupportedConfig(f"{model} config: {key}={config[key]!r} is not supported (only {value!r})")
