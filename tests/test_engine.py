@@ -1104,6 +1104,45 @@ def test_init_images_scale_to_minus_one_to_one_and_masks_sample_the_latent_grid_
         np.testing.assert_array_equal(images.latent_mask(mask, factor)[..., 0], theirs[0, 0].numpy())
 
 
+def test_float_and_transparent_init_image_arrays_convert_as_diffusers_and_pil_do():
+    """An init image given as floats in [0, 1] is the uint8 image diffusers' numpy_to_pil
+    makes of it (rounded to the nearest level, not cut down), an RGBA array shows its
+    transparent pixels white, as its PIL image composited onto white does, and floats
+    outside [0, 1] (the VAE's [-1, 1], or 0-255) are refused instead of wrapping round."""
+    from PIL import Image
+    from diffusers.image_processor import VaeImageProcessor
+
+    from jaxdiff.engine import images
+
+    floats = np.random.default_rng(1).random((8, 8, 3))
+    np.testing.assert_array_equal(images.rgb_array(floats), np.asarray(VaeImageProcessor.numpy_to_pil(floats)[0]))
+    rgba = np.random.default_rng(2).integers(0, 256, (8, 8, 4), dtype=np.uint8)
+    rgba[0, 0, 3], rgba[0, 1, 3] = 0, 255
+    white = Image.new("RGBA", (8, 8), "white")
+    composited = Image.alpha_composite(white, Image.fromarray(rgba, "RGBA")).convert("RGB")
+    np.testing.assert_array_equal(images.rgb_array(rgba), np.asarray(composited))
+    assert images.rgb_array(rgba)[0, 0].tolist() == [255, 255, 255]
+    for bad in (floats * 2 - 1, floats * 255):
+        with pytest.raises(ValueError, match=r"init_image of dtype float64: give uint8 \(0-255\) or floats in \[0, 1\]"):
+            images.rgb_array(bad)
+
+
+def test_sixteen_bit_pil_images_in_either_mode_scale_to_eight_bits():
+    """A 16-bit grey image given as a PIL image scales to 8 bits whether Pillow holds it as
+    I;16 or as 32-bit I (how older Pillows and some TIFFs open 16-bit grey): mid-grey stays
+    mid-grey instead of clipping to white."""
+    from PIL import Image
+
+    from jaxdiff.engine import images
+
+    levels = np.array([[0, 1000, 16384, 32768, 49152, 65535]], np.uint16)
+    expected = np.array([[0, 4, 64, 128, 191, 255]], np.uint8)
+    for image in (Image.fromarray(levels), Image.fromarray(levels.astype(np.int32))):
+        assert image.mode in ("I;16", "I")
+        np.testing.assert_array_equal(images.mask_array(image), expected)
+        np.testing.assert_array_equal(images.rgb_array(image), np.repeat(expected[..., None], 3, axis=-1))
+
+
 def test_images_round_to_uint8_as_diffusers_postprocess_does():
     import jax.numpy as jnp
     from diffusers.image_processor import VaeImageProcessor
@@ -1162,6 +1201,29 @@ def test_image_inputs_of_other_kinds_convert_or_fail_per_sample(pipe):
         jaxdiff.Sample(id="g", prompt="a", seed=1)])
     assert "init_image of shape (16, 16, 5)" in bad_shape.error
     assert "whole numbers >= 0" in bad_pads.error and good.error is None
+
+
+def test_colour_and_transparent_mask_arrays_read_as_their_mask_files_do(tmp_path):
+    """A mask given as an RGB or RGBA array is the mask its PNG file gives in a manifest: an
+    RGB one by its grey levels (not one channel), an RGBA one with transparent pixels kept
+    whatever colour they store; floats past [0, 1] are refused, not wrapped round."""
+    from PIL import Image
+
+    from jaxdiff.engine import images
+    from pipelines.manifest import load_mask
+
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    rgba = np.full((8, 8, 4), 255, np.uint8)
+    rgba[..., 3] = 0
+    rgba[2:6, 2:6, 3] = 255  # white strokes on a transparent, white-storing layer
+    for name, array, mode in (("rgb", rgb, "RGB"), ("rgba", rgba, "RGBA")):
+        Image.fromarray(array, mode).save(tmp_path / f"{name}.png")
+        np.testing.assert_array_equal(images.mask_array(array), load_mask(str(tmp_path / f"{name}.png")))
+    np.testing.assert_array_equal(images.mask_array(rgb), np.asarray(Image.fromarray(rgb).convert("L")))
+    assert images.mask_array(rgba)[0, 0] == 0 and images.mask_array(rgba)[3, 3] == 255
+    with pytest.raises(ValueError, match=r"mask of dtype float64: give uint8 \(255 = repaint\), bools or floats"):
+        images.mask_array(np.full((8, 8), 255.0))
 
 
 @pytest.mark.faults
@@ -1224,6 +1286,27 @@ def test_a_mask_of_the_init_images_aspect_ratio_is_resized_with_it_in_the_api_an
     assert all(r.error is None for r in results), [r.error for r in results]
     for r in results[:2] + results[3:]:
         np.testing.assert_array_equal(r.image, results[0].image)
+
+
+def test_init_images_and_masks_resize_to_the_render_size_as_diffusers_does(pipe):
+    """A photo and its mask rendered at another size are resized as diffusers' inpaint
+    pipeline resizes them: the photo with Lanczos, the mask with Lanczos and then cut at
+    half (its mask processor), so the repainted area is the one the user drew."""
+    from PIL import Image
+    from diffusers.image_processor import VaeImageProcessor
+
+    rng = np.random.default_rng(6)
+    photo = rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    mask = np.where(rng.random((24, 40)) < 0.5, 255, 0).astype(np.uint8)
+    prepared = pipe.prepare(jaxdiff.Sample(id="p", prompt="a", mode="inpaint", init_image=photo, mask=mask,
+                                           width=20, height=12))
+    image = VaeImageProcessor(vae_scale_factor=pipe.vae_factor).preprocess(Image.fromarray(photo), height=12,
+                                                                           width=20)
+    np.testing.assert_allclose(prepared.image, _nhwc(image)[0], atol=1e-6)
+    mask_processor = VaeImageProcessor(vae_scale_factor=pipe.vae_factor, do_normalize=False, do_binarize=True,
+                                       do_convert_grayscale=True)
+    theirs = mask_processor.preprocess(Image.fromarray(mask), height=12, width=20)
+    np.testing.assert_array_equal(prepared.mask, _nhwc(theirs)[0])
 
 
 @pytest.mark.faults
