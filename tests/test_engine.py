@@ -1380,6 +1380,24 @@ def test_sketch_is_img2img_at_the_sketch_strength_and_outpaint_is_inpaint_on_the
     assert np.abs(other - img2img).max() > SEEN  # the drawing counts
 
 
+def test_each_image_mode_without_a_strength_gets_its_documented_default(pipe):
+    """A sample that gives no strength renders at its mode's default: img2img at 0.75 (the
+    documented --strength default), sketch at 0.8, inpaint and outpaint at diffusers'
+    inpaint default (1.0: the masked area starts from pure noise)."""
+    import inspect
+
+    from diffusers import StableDiffusionInpaintPipeline
+
+    inpaint_default = inspect.signature(StableDiffusionInpaintPipeline.__call__).parameters["strength"].default
+    photo, mask = _rgb(3), np.full((16, 16), 255, np.uint8)
+    strengths = {mode: pipe.prepare(jaxdiff.Sample(id=mode, prompt="p", mode=mode, init_image=photo, **extra))
+                 for mode, extra in (("img2img", {}), ("sketch", {}), ("inpaint", {"mask": mask}),
+                                     ("outpaint", {"outpaint": (8, 0, 0, 0)}))}
+    assert {mode: p.strength for mode, p in strengths.items()} == {
+        "img2img": 0.75, "sketch": 0.8, "inpaint": inpaint_default, "outpaint": inpaint_default}
+    assert not strengths["inpaint"].init_flag and strengths["img2img"].init_flag
+
+
 def test_samples_given_one_photo_share_its_prepared_image(pipe):
     # A manifest record's variants (num_images) share one init image: prepared once, not
     # once per variant (a 2048 px render holds 48 MiB of float32 per copy).
@@ -1394,6 +1412,23 @@ def test_samples_given_one_photo_share_its_prepared_image(pipe):
     alone = pipe.prepare(jaxdiff.Sample(id="c", prompt="p", mode="img2img", init_image=photo))
     assert alone.image is not a.image  # nothing kept between calls
     np.testing.assert_array_equal(alone.image, a.image)
+
+
+def test_samples_given_one_photo_with_another_mask_or_mode_get_their_own_mask(pipe):
+    """Samples sharing a photo share its prepared image only where their masks and modes
+    agree too: an inpaint sample with another mask repaints its own area, and an img2img
+    sample of the same photo repaints everywhere, whatever came before it in the call."""
+    photo = _rgb(3)
+    left, right = np.zeros((16, 16), np.uint8), np.zeros((16, 16), np.uint8)
+    left[:, :8], right[:, 8:] = 255, 255
+    for order in (1, -1):
+        samples = [jaxdiff.Sample(id="l", prompt="p", mode="inpaint", init_image=photo, mask=left),
+                   jaxdiff.Sample(id="r", prompt="p", mode="inpaint", init_image=photo, mask=right),
+                   jaxdiff.Sample(id="i", prompt="p", mode="img2img", init_image=photo)]
+        prepared = {p.sample.id: p for p in pipe.prepare_all(samples[::order])}
+        assert prepared["l"].mask[:, :8].all() and not prepared["l"].mask[:, 8:].any()
+        assert prepared["r"].mask[:, 8:].all() and not prepared["r"].mask[:, :8].any()
+        assert prepared["i"].mask is None
 
 
 def test_image_modes_keep_the_photos_shape_at_the_models_scale(pipe):
@@ -1419,6 +1454,16 @@ def test_image_modes_keep_the_photos_shape_at_the_models_scale(pipe):
     square = pipe.prepare(jaxdiff.Sample(id="s", prompt="p", mode="img2img", init_image=photo[:3, :3]))
     assert (square.width, square.height) == (native, native)
     assert (pipe.prepare(jaxdiff.Sample(id="x", prompt="p")).width, pipe.native_size) == (native, native)
+
+
+def test_a_photos_render_width_given_alone_sets_its_height_by_the_photos_shape(pipe):
+    """Given only a width, an image mode renders at the photo's aspect ratio: a wide photo
+    is not made tall (the height follows width x height / width of the photo)."""
+    m = pipe.size_multiple
+    photo = np.zeros((2 * m, 5 * m, 3), np.uint8)  # 5:2, wide
+    prepared = pipe.prepare(jaxdiff.Sample(id="w", prompt="p", mode="img2img", init_image=photo, width=10 * m))
+    assert (prepared.width, prepared.height) == (10 * m, 4 * m)
+    assert prepared.image.shape == (4 * m, 10 * m, 3)
 
 
 def test_a_photos_render_size_is_the_nearest_to_its_shape_not_each_side_rounded_alone():
@@ -1458,6 +1503,35 @@ def test_outpaint_pixels_may_be_any_sequence_and_a_single_number_is_refused(pipe
                                                  outpaint=(3, 0, 0, m))])
     assert odd.error == (f"the outpaint canvas is 19x{16 + m} (init_image 16x16 plus outpaint [3, 0, 0, {m}]): "
                          f"each side must be a multiple of {m}, e.g. outpaint [3, 0, {-19 % m}, {m}]")
+
+
+@pytest.mark.faults
+def test_outpaint_pixels_that_add_nothing_or_a_fraction_fail_their_sample(pipe):
+    """Outpaint pixels of all zeros (nothing to paint) or fractions (8.5 pixels) fail their
+    own sample, naming what to give, instead of rendering the photo unchanged or raising
+    out of the whole call."""
+    photo = _rgb(4)
+    results = pipe.render_samples([
+        jaxdiff.Sample(id=str(pads), prompt="p", mode="outpaint", init_image=photo, outpaint=pads)
+        for pads in ((0, 0, 0, 0), (8.5, 0, 0, 0))])
+    for result in results:
+        assert ("mode outpaint needs `outpaint` pixels (left, top, right, bottom): whole numbers >= 0, not all 0; "
+                f"got {result.id}") == result.error
+
+
+def test_outpaint_repaints_the_photos_pixels_that_share_a_latent_cell_with_new_ones(pipe):
+    """Pads that are not a multiple of the VAE's factor: the photo's edge pixels sharing a
+    latent cell with new pixels are repainted too (a kept cell holds no new pixel), so no
+    seam of stretched edge colour is kept."""
+    f, m = pipe.vae_factor, pipe.size_multiple
+    assert f > 1
+    prepared = pipe.prepare(jaxdiff.Sample(id="o", prompt="p", mode="outpaint", init_image=_rgb(4),
+                                           outpaint=(1, 0, m - 1, 0)))
+    mask = prepared.mask[..., 0]
+    assert mask.shape == (16, 16 + m)
+    kept = np.zeros_like(mask, bool)
+    kept[:, f:16 // f * f] = True  # the whole cells holding only the photo's columns 1 to 16
+    np.testing.assert_array_equal(mask, np.where(kept, 0.0, 1.0))
 
 
 def test_gpu_programs_take_cublas_gemms_and_cpu_ones_compile_at_level_1_unless_the_user_says_otherwise(
