@@ -823,6 +823,26 @@ def test_a_folders_render_defaults_apply_where_no_setting_is_given(sd_folder, tm
     assert jaxdiff.load_pipeline(folder, upscaler="none", guidance=6.0, batch_size=1).settings.guidance == 6.0
 
 
+def test_settings_given_win_over_what_the_upscaler_folder_recommends(upscaler_folder, tmp_path):
+    """An x4 folder's render_defaults.json fills the settings nobody gave, a noise level of 0
+    included, and a setting the user gives (noise_level=50) wins over the folder's, as
+    load_pipeline merges them."""
+    import shutil
+
+    from jaxdiff.engine import check_settings, settings_for
+    from jaxdiff.weights.family import load_family
+
+    folder = str(tmp_path / "up")
+    shutil.copytree(upscaler_folder, folder)
+    with open(f"{folder}/render_defaults.json", "w") as f:
+        json.dump({"noise_level": 0, "guidance": 3.0}, f)
+    up = load_family(folder)
+    recommended, _ = check_settings(settings_for(None, up, noise_level=None))
+    assert (recommended.noise_level, recommended.upscale_guidance) == (0, 3.0)
+    given, _ = check_settings(settings_for(None, up, noise_level=50))
+    assert (given.noise_level, given.upscale_guidance) == (50, 3.0)
+
+
 def test_same_seed_same_image_anywhere_in_any_batch(sd_folder):
     """A sample's image depends on its prompt and seed only: not on batch size or position."""
     pipe4 = jaxdiff.load_pipeline(sd_folder, upscaler="none", steps=2, sampler="euler_a", batch_size=4)
@@ -851,6 +871,18 @@ def test_without_seeds_a_prompts_seed_follows_its_text_not_its_place_in_the_list
     # With ids, each seed comes from its id, as a job's record without a seed gets it.
     (named,) = pipe.render(["a red circle"], ids=["x"])
     assert named.metadata["seed"] == derive_seed(0, "x")
+
+
+def test_a_samples_derived_seed_follows_the_run_seed_and_its_id_the_same_in_every_process(sd_folder, pipe):
+    """Without a seed of its own, a sample's seed comes from the run seed and its id: the
+    same in every process and version (a rerun or resume draws the same noise), and another
+    run seed gives other images for the same ids."""
+    from jaxdiff.engine.sample import derive_seed
+
+    assert derive_seed(0, "x") == 634768859  # sha256 of "0:x": fixed across processes and releases
+    other = jaxdiff.load_pipeline(sd_folder, upscaler="none", steps=STEPS, sampler="ddim", batch_size=2, seed=1)
+    here, there = (p.prepare(jaxdiff.Sample(id="x", prompt="a")).seed for p in (pipe, other))
+    assert here == derive_seed(0, "x") and there == derive_seed(1, "x") != here
 
 
 def test_one_compilation_for_many_batches_of_one_signature(sd_folder):
@@ -964,10 +996,37 @@ def test_run_settings_that_no_sample_could_render_with_are_refused_at_load(sd_fo
 
 
 @pytest.mark.faults
+def test_run_settings_at_the_edges_of_their_range_are_taken_or_refused_by_name(sd_folder):
+    """The run seed takes 0 to 2**32 - 1 (a noise key's range) and no more; a negative
+    upscale guidance is refused like a negative guidance; a noise level of 0 (no noise on the
+    low-res image) is a setting, not a mistake."""
+    from jaxdiff.engine import RenderSettings, check_settings
+
+    for settings, match in ((dict(seed=2**32), r"seed=4294967296: give a whole number from 0 to 2\*\*32 - 1"),
+                            (dict(upscale_guidance=-1.0), "upscale_guidance=-1.0: give a finite number >= 0")):
+        with pytest.raises(ValueError, match=match):
+            jaxdiff.load_pipeline(sd_folder, upscaler="none", **settings)
+    taken, _ = check_settings(RenderSettings(seed=2**32 - 1, noise_level=0, upscale_guidance=0.0))
+    assert (taken.seed, taken.noise_level, taken.upscale_guidance) == (2**32 - 1, 0, 0.0)
+
+
+@pytest.mark.faults
 def test_a_tile_size_that_cannot_be_used_is_refused_at_load(sd_folder):
     for tile in (8.0, 32, True):  # 8.0 failed inside the first render, after the base stage's compile
         with pytest.raises(ValueError, match=f"tile_pixels {tile!r}: give a whole number of pixels >= 64"):
             jaxdiff.load_pipeline(sd_folder, upscaler="none", tile_pixels=tile)
+
+
+def test_a_run_width_given_alone_keeps_the_native_height(sd_folder):
+    """A run given only a width renders text-to-image at that width and the model's native
+    height (README: left out, a side is the native size), not a square of the width."""
+    wide = jaxdiff.load_pipeline(sd_folder, upscaler="none", steps=STEPS, sampler="ddim", width=32, batch_size=1)
+    tall = jaxdiff.load_pipeline(sd_folder, upscaler="none", steps=STEPS, sampler="ddim", height=32, batch_size=1)
+    native = wide.native_size
+    assert native != 32
+    for pipe, size in ((wide, (32, native)), (tall, (native, 32))):
+        prepared = pipe.prepare(jaxdiff.Sample(id="s", prompt="a"))
+        assert (prepared.width, prepared.height) == size
 
 
 @pytest.mark.faults
@@ -1028,6 +1087,27 @@ def test_whole_numbers_of_any_type_are_taken_and_fractions_or_text_refused_by_na
     assert "seed is 1.5: give a whole number" in seed.error
     with pytest.raises(ValueError, match=r"devices\[0\] is 0: give jax.Device objects"):
         jaxdiff.load_pipeline(sd_folder, upscaler="none", devices=[0])  # an AttributeError
+
+
+@pytest.mark.faults
+def test_true_and_false_are_not_numbers_and_numpy_integers_are(pipe):
+    """A bool given for a number (steps=True, guidance=True, a seed of True) is refused by
+    name rather than rendered as 1; numpy integers (np.int64(7), what a DataFrame column
+    holds) are taken as numbers."""
+    errors = [pipe.render_samples([jaxdiff.Sample(id=k, prompt="a", **{k: True}) for k in ("steps", "guidance")]),
+              pipe.render_samples([jaxdiff.Sample(id="s", prompt="a", seed=True)])]
+    (steps, guidance), (seed,) = errors
+    assert steps.error == "steps is True: give a whole number (an int), not text or a fraction"
+    assert guidance.error == "guidance is True: give a number >= 0, e.g. guidance=7.5"
+    assert seed.error == "seed is True: give a whole number (an int), not text or a fraction"
+    with pytest.raises(ValueError, match=r"render: seeds\[0\] is True: give whole numbers"):
+        pipe.render(["a"], seeds=[True])
+    with pytest.raises(ValueError, match=r"render: seeds\[0\] is 4294967296: give whole numbers in \[0, 2\*\*32\)"):
+        pipe.render(["a"], seeds=[2**32])  # one past uint32: refused before anything renders
+    prepared = pipe.prepare(jaxdiff.Sample(id="n", prompt="a", guidance=np.int64(7)))
+    assert prepared.guidance == 7.0 and type(prepared.guidance) is float
+    img = pipe.prepare(jaxdiff.Sample(id="i", prompt="a", mode="img2img", init_image=_rgb(1), strength=np.int64(1)))
+    assert img.strength == 1.0
 
 
 @pytest.mark.faults
