@@ -1614,6 +1614,19 @@ def test_outpaint_repaints_the_photos_pixels_that_share_a_latent_cell_with_new_o
     np.testing.assert_array_equal(mask, np.where(kept, 0.0, 1.0))
 
 
+def test_outpaint_pixels_given_as_whole_floats_are_taken_as_the_manifest_takes_them(pipe):
+    """Outpaint pixels follow the rule of every other whole-number input: 8.0 (a float
+    column, a computed pad) is 8 pixels, as a manifest's outpaint [8.0, 0, 0, 0] is, and
+    True is not a pixel count."""
+    photo = _rgb(4)
+    for pads in ((8.0, 0, 0, 0), np.array([8.0, 0.0, 0.0, 0.0]), [np.float64(8), 0, 0, 0]):
+        prepared = pipe.prepare(jaxdiff.Sample(id="o", prompt="p", mode="outpaint", init_image=photo, outpaint=pads))
+        assert (prepared.width, prepared.height) == (24, 16)
+    (bool_pads,) = pipe.render_samples([jaxdiff.Sample(id="b", prompt="p", mode="outpaint", init_image=photo,
+                                                       outpaint=(True, 0, 0, 0))])
+    assert "needs `outpaint` pixels (left, top, right, bottom): whole numbers >= 0" in bool_pads.error
+
+
 def test_gpu_programs_take_cublas_gemms_and_cpu_ones_compile_at_level_1_unless_the_user_says_otherwise(
         monkeypatch):
     from jaxdiff.engine import programs

@@ -546,9 +546,12 @@ class Pipeline:
                 pads = () if s.outpaint is None else tuple(s.outpaint)  # a list, a tuple, an array
             except TypeError:  # a single number
                 pads = ()
-            if len(pads) != 4 or not all(isinstance(p, (int, np.integer)) and p >= 0 for p in pads) or not any(pads):
+            # Whole numbers as elsewhere (8 and 8.0 alike, as the manifest takes them), not 8.5 or True.
+            whole = [whole_number(p) for p in pads]
+            if len(pads) != 4 or not all(p is not None and p >= 0 for p in whole) or not any(whole):
                 raise RenderError(f"mode outpaint needs `outpaint` pixels (left, top, right, bottom): whole "
                                   f"numbers >= 0, not all 0; got {s.outpaint!r}")
+            pads = tuple(whole)
             problem = imgs.outpaint_size_problem(image.shape[1], image.shape[0], pads, self.size_multiple)
             if problem:
                 raise RenderError(problem)
