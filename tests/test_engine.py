@@ -282,6 +282,13 @@ def test_latent_consistency_image_to_image_matches_diffusers(tmp_path, monkeypat
               for p, s in (("a", 1), ("b", 2))]
     assert pipe.compile_count == compiled and [r.error for r in near + nearer] == [None] * 4
     np.testing.assert_array_equal(near[0].image, nearer[0].image)
+    # Strengths keeping other grid points (30 and 45 of 50) batch apart: given in one call,
+    # each renders on its own respaced steps, the image it gets alone.
+    mixed = pipe.render_samples([jaxdiff.Sample(id=str(k), prompt=p, seed=s, mode="img2img", init_image=_rgb(3),
+                                                strength=k) for p, s, k in (("a", 1, 0.6), ("b", 2, 0.9))])
+    (strong,) = pipe.render(["b"], mode="img2img", init_image=_rgb(3), seeds=[2], strength=0.9)
+    np.testing.assert_array_equal(mixed[0].image, near[0].image)
+    np.testing.assert_array_equal(mixed[1].image, strong.image)
 
 
 @pytest.mark.parity
