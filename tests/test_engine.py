@@ -1099,8 +1099,8 @@ def test_whole_numbers_of_any_type_are_taken_and_fractions_or_text_refused_by_na
 @pytest.mark.faults
 def test_true_and_false_are_not_numbers_and_numpy_integers_are(pipe):
     """A bool given for a number (steps=True, guidance=True, a seed of True) is refused by
-    name rather than rendered as 1; numpy integers (np.int64(7), what a DataFrame column
-    holds) are taken as numbers."""
+    name rather than rendered as 1, as is a seed past uint32 in seeds= (before anything
+    renders); numpy integers (np.int64(7), what a DataFrame column holds) are taken as numbers."""
     errors = [pipe.render_samples([jaxdiff.Sample(id=k, prompt="a", **{k: True}) for k in ("steps", "guidance")]),
               pipe.render_samples([jaxdiff.Sample(id="s", prompt="a", seed=True)])]
     (steps, guidance), (seed,) = errors
@@ -1545,7 +1545,7 @@ def test_image_modes_keep_the_photos_shape_at_the_models_scale(pipe):
 
 def test_a_photos_render_width_given_alone_sets_its_height_by_the_photos_shape(pipe):
     """Given only a width, an image mode renders at the photo's aspect ratio: a wide photo
-    is not made tall (the height follows width x height / width of the photo)."""
+    is not made tall (the height is the given width times the photo's height / width)."""
     m = pipe.size_multiple
     photo = np.zeros((2 * m, 5 * m, 3), np.uint8)  # 5:2, wide
     prepared = pipe.prepare(jaxdiff.Sample(id="w", prompt="p", mode="img2img", init_image=photo, width=10 * m))
