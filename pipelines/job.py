@@ -695,8 +695,14 @@ def check_same_models(out: str, recorded: dict, loaded: dict) -> None:
             continue  # not recorded (a run launched for a remote runner), or no such stage
         if before.get("dtype") != now.get("dtype"):
             diffs.append(f"{part} dtype: {before.get('dtype')} -> {now.get('dtype')}")
-        if before.get("sha256") != now.get("sha256"):
-            diffs.append(f"{part} weights at {now.get('path')} changed (sha256)")
+        old_sums, new_sums = before.get("sha256"), now.get("sha256")
+        if old_sums != new_sums:
+            if isinstance(old_sums, dict) and isinstance(new_sums, dict):
+                # Name the files: a changed render_defaults.json or config is not other weights.
+                changed = sorted(n for n in old_sums.keys() | new_sums.keys() if old_sums.get(n) != new_sums.get(n))
+                diffs.append(f"{part} files at {now.get('path')} changed (sha256): {', '.join(changed)}")
+            else:
+                diffs.append(f"{part} weights at {now.get('path')} changed (sha256)")
     if diffs:
         raise RunConflict(f"{out} holds a run rendered with other models ({'; '.join(diffs)}). To resume it, "
                           f"load the same weights with the same --dtype; to start over, pass --fresh; or "

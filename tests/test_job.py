@@ -802,6 +802,22 @@ def test_resuming_with_other_weights_behind_the_same_path_is_refused(tmp_path):
 
 
 @pytest.mark.faults
+def test_a_refused_resume_names_the_model_files_that_changed():
+    """A folder whose render_defaults.json changed is refused naming that file, not as
+    other weights; a file added or removed is named too."""
+    before = {"base": {"path": "/models/sd", "dtype": "float32",
+                       "sha256": {"unet/w.safetensors": "a" * 64, "render_defaults.json": "b" * 64}}}
+    now = {"base": {"path": "/models/sd", "dtype": "float32",
+                    "sha256": {"unet/w.safetensors": "a" * 64, "render_defaults.json": "c" * 64,
+                               "vae/config.json": "d" * 64}}}
+    with pytest.raises(job.RunConflict) as caught:
+        job.check_same_models("out", before, now)
+    assert "base files at /models/sd changed (sha256): render_defaults.json, vae/config.json" in str(caught.value)
+    assert "unet/w.safetensors" not in str(caught.value)
+    job.check_same_models("out", before, before)  # the same files resume
+
+
+@pytest.mark.faults
 def test_a_bad_setting_is_refused_before_the_run_is_recorded(tmp_path):
     """A setting refused for manifests (a width the model cannot take) leaves no run.json
     behind, so the corrected command is not taken for a different run."""
