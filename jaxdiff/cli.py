@@ -95,8 +95,9 @@ def _render_parser(sub) -> argparse.ArgumentParser:
                    help="model dtype (default: bfloat16 on accelerators, float32 on CPU)")
     p.add_argument("--variant", default=None,
                    help="the folders' weight variant, e.g. fp16 for diffusion_pytorch_model.fp16.safetensors "
-                        "(default: the plain files, or the only variant a folder has); a component "
-                        "without that variant's files loads its plain ones")
+                        "(default: the plain files, or the only variant a folder has); components without "
+                        "that variant's files load their plain ones, as long as some component of the model "
+                        "or the upscaler has it: where none has, the run is refused")
     p.add_argument("--compilation-cache", default=None, metavar="FOLDER",
                    help="where compiled programs persist, a local folder or gs://bucket/prefix that all of a "
                         "Dataflow job's workers share (default: $JAXDIFF_CACHE_DIR, else ~/.cache/jaxdiff/xla)")
