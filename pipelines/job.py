@@ -662,7 +662,15 @@ def check_existing_run(out: str, fingerprint: str, config: RenderConfig) -> dict
     path = storage.join(out, RUN_FILE)
     if not storage.exists(path):
         return None
-    existing = json.loads(storage.read_text(path))
+    try:
+        existing = json.loads(storage.read_text(path))
+        why = f"a JSON {type(existing).__name__}, not an object"
+    except ValueError as e:  # not JSON, or not UTF-8
+        existing, why = None, str(e)
+    if not isinstance(existing, dict):
+        raise RunConflict(f"{path} does not read as the record of a run ({why}): it was cut short or edited, "
+                          f"so what rendered the shards here cannot be checked. To start over in this folder and "
+                          f"delete its shards, pass --fresh; or choose another --out.")
     problems = []
     if existing.get("manifest", {}).get("fingerprint") != fingerprint:
         problems.append("from a different manifest (its fingerprint changed)")
@@ -844,7 +852,7 @@ class Summary:
     skipped_shards: int
     missing_shards: list[str]
     seconds: float
-    withdrawn_shards: list[str] = dataclasses.field(default_factory=list)  # files changed since their markers
+    withdrawn_shards: list[str] = dataclasses.field(default_factory=list)  # markers withdrawn: their files changed, or they did not read
 
     @property
     def complete(self) -> bool:
@@ -862,9 +870,9 @@ class Summary:
         if self.missing_shards:
             line += f"; INCOMPLETE: {len(self.missing_shards)} shards not committed (rerun the same command)"
         if self.withdrawn_shards:
-            line += (f"; {', '.join(self.withdrawn_shards)}: files changed since the marker (two attempts wrote "
-                     f"them at once, or they were edited), so the marker was withdrawn and the shard renders "
-                     f"again on the rerun")
+            line += (f"; {', '.join(self.withdrawn_shards)}: files changed since the marker, or the marker "
+                     f"does not read (two attempts wrote them at once, or they were edited), so the marker was "
+                     f"withdrawn and the shard renders again on the rerun")
         return line
 
 
@@ -923,11 +931,18 @@ def _index_committed(out: str, specs: list, *, withdraw: bool = True) -> tuple[s
     attempt replaced them, or they were damaged) is withdrawn: it renders again on the next
     run, where its checksums would be wrong."""
     done = shards.complete_shards(out)
-    markers = {s.name: shards.read_stats(out, s.name) for s in specs if s.name in done}
-    withdrawn = shards.overwritten_shards(out, markers) if withdraw else []
+    markers, unreadable = {}, []
+    for spec in specs:
+        if spec.name in done:
+            try:
+                markers[spec.name] = shards.read_stats(out, spec.name)
+            except shards.DamagedShard:  # a marker that cannot vouch for anything: never indexed
+                unreadable.append(spec.name)
+                done.discard(spec.name)
+    withdrawn = unreadable + shards.overwritten_shards(out, markers) if withdraw else []
     for name in withdrawn:
         storage.delete(shards.shard_paths(out, name)["stats"])
-        del markers[name]
+        markers.pop(name, None)
         done.discard(name)
     return done, write_index(out, list(markers.values())), withdrawn
 

@@ -123,8 +123,21 @@ def is_complete(out: str, name: str) -> bool:
     return all(storage.exists(path) for path in shard_paths(out, name).values())
 
 
+# What the job reads of a marker (the index, resumes, --retry-failures).
+MARKER_FIELDS = ("shard", "rendered", "failed", "tar", "tar_bytes", "tar_sha256")
+
+
 def read_stats(out: str, name: str) -> dict:
-    return json.loads(storage.read_text(shard_paths(out, name)["stats"]))
+    """A shard's commit marker; DamagedShard where it does not read as one (cut short, edited)."""
+    path = shard_paths(out, name)["stats"]
+    try:
+        stats = json.loads(storage.read_text(path))
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise DamagedShard(out, name, f"its marker {path} does not read as JSON ({e})") from e
+    missing = [f for f in MARKER_FIELDS if f not in stats] if isinstance(stats, dict) else list(MARKER_FIELDS)
+    if missing:
+        raise DamagedShard(out, name, f"its marker {path} lacks {', '.join(missing)}")
+    return stats
 
 
 def folder_id(out: str) -> str:

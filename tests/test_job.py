@@ -7,6 +7,7 @@ import glob
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -913,7 +914,7 @@ def test_a_marker_whose_files_another_attempt_replaced_is_withdrawn(where, tmp_p
     monkeypatch.setattr(shards, "write_json", other_attempts_tar_lands_after_the_marker)
     first = job.run([str(path)], out, config, progress=False)
     assert (first.withdrawn_shards, first.missing_shards) == (["shard-00001"], ["shard-00001"])
-    assert "shard-00001: files changed since the marker (two attempts wrote them at once" in first.text()
+    assert "shard-00001: files changed since the marker, or the marker does not read (two attempts wrote" in first.text()
     assert not storage.exists(paths["stats"])
     index = json.loads(storage.read_text(storage.join(out, "index.json")))
     assert [e["url"] for e in index["shards"]] == ["shard-00000.tar", "shard-00002.tar"]
@@ -998,6 +999,36 @@ def test_files_replaced_after_a_run_are_found_by_the_next_one_even_with_nothing_
         rendered = job.run([str(path)], out, _config(), progress=False)
         assert rendered.complete and rendered.rendered_shards == 1, part
     _assert_every_id_once(*_ids_in_output(out, str(tmp_path / "copy")))
+
+
+@pytest.mark.faults
+def test_a_marker_or_run_record_that_does_not_read_is_said_so_and_the_run_recovers(tmp_path):
+    """A commit marker cut short or edited vouches for nothing: a rerun withdraws it and
+    renders its shard again (with --retry-failures, which must read it, the error names the
+    file and the fix). A run.json that does not read cannot be checked against: refused,
+    naming it, until --fresh."""
+    path = tmp_path / "m.jsonl"
+    path.write_text("\n".join(_manifest_lines()) + "\n")  # shard-00001 has failures
+    out = str(tmp_path / "out")
+    job.run([str(path)], out, _config(), progress=False)
+    marker = shards.shard_paths(out, "shard-00001")["stats"]
+    for damaged in ("", '{"shard": "shard-00001", "rendered": 5', '{"samples": 5}', "[1, 2]"):
+        storage.write_bytes(marker, damaged.encode())
+        with pytest.raises(shards.DamagedShard, match=re.escape(f"Delete {marker} and rerun")):
+            job.run([str(path)], out, _config(), retry_failures=True, progress=False)
+        again = job.run([str(path)], out, _config(), progress=False)
+        assert (again.withdrawn_shards, again.missing_shards) == (["shard-00001"], ["shard-00001"]), damaged
+        assert "shard-00001" not in [e["url"][:-4] for e in json.loads(storage.read_text(f"{out}/index.json"))["shards"]]
+        rendered = job.run([str(path)], out, _config(), progress=False)
+        assert rendered.complete and rendered.rendered_shards == 1, damaged
+    _assert_every_id_once(*_ids_in_output(out, str(tmp_path / "copy")))
+
+    run_file = os.path.join(out, "run.json")
+    for damaged in ('{"config": {', "[]"):
+        storage.write_bytes(run_file, damaged.encode())
+        with pytest.raises(job.RunConflict, match=re.escape(run_file) + ".*pass --fresh"):
+            job.run([str(path)], out, _config(), progress=False)
+    assert job.run([str(path)], out, _config(), fresh=True, progress=False).complete
 
 
 @pytest.mark.pipeline
