@@ -540,6 +540,48 @@ def test_a_hub_id_loads_from_the_local_hugging_face_cache(sd_folder, sd_family, 
     assert resolve_model(sd_folder[0]) == sd_folder[0]  # a folder is itself
 
 
+
+def test_a_hub_id_is_looked_up_without_contacting_the_hub(sd_folder, tmp_path, monkeypatch):
+    """A Hub id resolves from the local cache alone, also where the Hub could be reached:
+    a render never talks to the Hub, let alone downloads a model."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from jaxdiff.checkpoints import resolve_model
+
+    repo = tmp_path / "hub" / "models--tiny--sd"
+    shutil.copytree(sd_folder[0], repo / "snapshots" / "0123abc")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abc")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    # As if the network were up: any call to the Hub is recorded.
+    contacted = []
+
+    def repo_info(self, repo_id, *args, **kwargs):
+        contacted.append(repo_id)
+        raise AssertionError(f"the Hub was asked about {repo_id}")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", repo_info)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert resolve_model("tiny/sd") == str(repo / "snapshots" / "0123abc")
+    with pytest.raises(FileNotFoundError, match="not in the local Hugging Face cache"):
+        resolve_model("tiny/absent")
+    assert contacted == []
+
+
+def test_a_relative_path_that_is_no_hub_id_is_left_to_the_loader(tmp_path, monkeypatch):
+    """A missing relative folder such as `models/sd15/base` is no `owner/name` Hub id: it is
+    passed on as given, so the error names the missing folder instead of telling the user to
+    download `models/sd15/base` from the Hub."""
+    from jaxdiff.checkpoints import resolve_model
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model("models/sd15/base") == "models/sd15/base"
+    with pytest.raises(Exception) as info:
+        load_family("models/sd15/base")
+    assert "hf download" not in str(info.value) and "models/sd15/base" in str(info.value)
+
 @pytest.mark.faults
 def test_a_missing_or_ambiguous_variant_names_the_files(sd_folder, tmp_path):
     with pytest.raises(CheckpointError, match=r"unet.diffusion_pytorch_model\.bf16\.safetensors .*"
