@@ -996,3 +996,26 @@ def test_export_writes_the_dtype_asked_for(tmp_path):
     for key, value in full.items():
         assert value.dtype == np.float32 and written[key].dtype == np.float16, key
         np.testing.assert_array_equal(written[key], value.astype(np.float16), err_msg=key)
+
+
+def test_an_exported_file_has_the_metadata_and_key_prefix_pytorch_loaders_need(tmp_path):
+    """transformers refuses a safetensors file whose metadata lacks {"format": "pt"}, so every
+    exported file carries it; a key prefix asked for is on every key in the file."""
+    from safetensors import safe_open
+
+    from jaxdiff.weights.export import save_safetensors
+
+    model = nnx.Sequential(nnx.Linear(3, 2, rngs=nnx.Rngs(0)), nnx.LayerNorm(2, rngs=nnx.Rngs(1)))
+    path = str(tmp_path / "text_encoder" / "model.safetensors")
+    save_safetensors(model, path, prefix="text_model.")
+    with safe_open(path, "np") as f:
+        assert f.metadata() == {"format": "pt"}
+        assert sorted(f.keys()) == ["text_model.layers.0.bias", "text_model.layers.0.weight",
+                                    "text_model.layers.1.bias", "text_model.layers.1.weight"]
+
+
+def test_a_norm_weight_stored_as_c_1_1_1_loads_as_the_norms_scale():
+    """Older checkpoints store some norm weights as (C, 1, 1, 1) tensors: they load as the
+    norm's (C,) scale with their values in order, not as a shape error."""
+    weight = np.arange(6, dtype=np.float32)
+    np.testing.assert_array_equal(to_nnx_layout("scale", weight.reshape(6, 1, 1, 1), (6,)), weight)
