@@ -247,6 +247,72 @@ def test_evaluator_scores_a_renderer_that_draws_nothing():
     assert report["examples"][0]["error"] == "out of memory"
 
 
+
+def test_a_renderer_that_returns_too_few_images_fails_the_evaluation():
+    """A renderer that loses captions fails the evaluation instead of being scored on the
+    captions it did return (a report of fewer examples, passed off as the run asked for)."""
+    scenes = evaluate.evaluation_scenes(3, seed=0)
+
+    def short(captions, seeds):
+        return evaluate.ground_truth_renderer(64)(captions[:-1], seeds[:-1])
+
+    with pytest.raises(RuntimeError, match="returned 2 images for 3 captions"):
+        evaluate.evaluate(short, scenes, [0, 1, 2])
+
+
+def test_the_model_renderer_renders_each_caption_with_its_own_seed(monkeypatch):
+    """Each caption is rendered with the seed the report records for it, batch after batch,
+    and an image that failed is passed on as its error."""
+    import types
+
+    import jaxdiff
+
+    calls = []
+
+    class Pipeline:
+        def render(self, prompts, seeds):
+            calls.append((list(prompts), list(seeds)))
+            return [types.SimpleNamespace(image=None, error="boom") if seed == 13 else
+                    types.SimpleNamespace(image=np.full((4, 4, 3), seed, np.uint8), error=None) for seed in seeds]
+
+    monkeypatch.setattr(jaxdiff, "load_pipeline", lambda *args, **kwargs: Pipeline())
+    images = evaluate.model_renderer(None, batch_size=2)(list("abcde"), [11, 12, 13, 14, 15])
+    assert calls == [(["a", "b"], [11, 12]), (["c", "d"], [13, 14]), (["e"], [15])]
+    assert images[2] == "boom" and [int(images[i][0, 0, 0]) for i in (0, 1, 3, 4)] == [11, 12, 14, 15]
+
+
+def test_the_evaluators_options_reach_the_stage_they_name(monkeypatch, tmp_path):
+    """--model, --upscaler and the sampling options reach the renderer of the stage asked for
+    (not one of the shipped folders), and the report records the settings given."""
+    import inspect
+
+    calls = {}
+
+    def recording(name):
+        real = getattr(evaluate, name)
+
+        def factory(*args, **kwargs):
+            calls[name] = dict(inspect.signature(real).bind(*args, **kwargs).arguments)
+            return evaluate.ground_truth_renderer(256)
+        return factory
+
+    for name in ("model_renderer", "vae_renderer", "upscaler_renderer"):
+        monkeypatch.setattr(evaluate, name, recording(name))
+    out = tmp_path / "report.json"
+    common = ["--n", "2", "--batch-size", "3", "--out", str(out)]
+    assert evaluate.main(["--model", "/m", "--upscaler", "/x4", "--steps", "7", "--guidance", "4",
+                          "--upscale-guidance", "3", *common]) == 0
+    assert calls["model_renderer"] == {
+        "model": "/m", "batch_size": 3, "upscaler": "/x4", "settings": {
+            "steps": 7, "guidance": 4.0, "upscale_steps": None, "upscale_guidance": 3.0, "noise_level": None}}
+    assert json.loads(out.read_text())["settings"] == {"steps": 7, "guidance": 4.0, "upscale_guidance": 3.0}
+    assert evaluate.main(["--stage", "vae", "--model", "/m", *common]) == 0
+    assert calls["vae_renderer"] == {"model": "/m", "batch_size": 3}
+    assert evaluate.main(["--stage", "upscaler", "--upscaler", "/x4", "--upscale-steps", "5",
+                          "--noise-level", "20", *common]) == 0
+    assert calls["upscaler_renderer"] == {"upscaler": "/x4", "batch_size": 3, "settings": {
+        "steps": None, "guidance": None, "upscale_steps": 5, "upscale_guidance": None, "noise_level": 20}}
+
 @pytest.mark.faults
 def test_bad_input_is_refused_with_the_fix():
     with pytest.raises(ValueError, match="grammar"):
@@ -276,6 +342,8 @@ def test_an_evaluation_report_names_the_weights_it_scored():
     assert scored(stage="upscaler", upscaler="/x4") == {"model": None, "upscaler": "/x4"}
     assert scored(stage="vae", upscaler="/x4") == {"model": "default", "upscaler": None}
     assert scored(ground_truth=True) == {"model": None, "upscaler": None}
+    # The upscaler stage alone, with no --upscaler: the shipped x4 is what renders.
+    assert scored(stage="upscaler") == {"model": None, "upscaler": "default-x4"}
 
 
 # The spec's tables, written out again from shared/specs/shapes-world.md.
