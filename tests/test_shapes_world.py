@@ -313,6 +313,25 @@ def test_the_evaluators_options_reach_the_stage_they_name(monkeypatch, tmp_path)
     assert calls["upscaler_renderer"] == {"upscaler": "/x4", "batch_size": 3, "settings": {
         "steps": None, "guidance": None, "upscale_steps": 5, "upscale_guidance": None, "noise_level": 20}}
 
+
+def test_the_upscaler_stage_samples_with_the_settings_given(monkeypatch):
+    """`--stage upscaler --upscale-steps 3 --noise-level 40` upscales with those settings,
+    not with the folder's recommended ones."""
+    from jaxdiff import engine
+
+    made = []
+
+    class Recording(engine.Pipeline):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(engine, "Pipeline", Recording)
+    evaluate.upscaler_renderer(None, 2, upscale_steps=3, upscale_guidance=1.5, noise_level=40)
+    (pipeline,) = made
+    settings = pipeline.settings
+    assert (settings.upscale_steps, settings.upscale_guidance, settings.noise_level) == (3, 1.5, 40)
+
 @pytest.mark.faults
 def test_bad_input_is_refused_with_the_fix():
     with pytest.raises(ValueError, match="grammar"):
