@@ -1019,3 +1019,27 @@ def test_a_norm_weight_stored_as_c_1_1_1_loads_as_the_norms_scale():
     norm's (C,) scale with their values in order, not as a shape error."""
     weight = np.arange(6, dtype=np.float32)
     np.testing.assert_array_equal(to_nnx_layout("scale", weight.reshape(6, 1, 1, 1), (6,)), weight)
+
+
+def test_each_parameter_is_placed_with_the_sharding_chosen_for_it():
+    """A sharding callable is asked once per checkpoint key with the parameter's shape, and
+    each parameter is placed with the sharding it returned (how a multi-chip load spreads
+    the weights instead of copying them all onto one device)."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from jaxdiff.weights.convert import load_state_dict
+    from jaxdiff.weights.export import state_dict
+
+    model = nnx.Sequential(nnx.Linear(3, 2, rngs=nnx.Rngs(0)), nnx.LayerNorm(2, rngs=nnx.Rngs(1)))
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    asked = {}
+
+    def sharding(key, shape):
+        asked[key] = shape
+        return NamedSharding(mesh, PartitionSpec())
+
+    loaded = load_state_dict(nnx.eval_shape(lambda: nnx.Sequential(
+        nnx.Linear(3, 2, rngs=nnx.Rngs(0)), nnx.LayerNorm(2, rngs=nnx.Rngs(1)))), state_dict(model), sharding=sharding)
+    assert asked == {"layers.0.weight": (3, 2), "layers.0.bias": (2,), "layers.1.weight": (2,), "layers.1.bias": (2,)}
+    for leaf in jax.tree.leaves(nnx.state(loaded, nnx.Param)):
+        assert leaf.sharding == NamedSharding(mesh, PartitionSpec())
