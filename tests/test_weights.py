@@ -565,7 +565,8 @@ def test_a_hub_id_is_looked_up_without_contacting_the_hub(sd_folder, tmp_path, m
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     assert resolve_model("tiny/sd") == str(repo / "snapshots" / "0123abc")
-    with pytest.raises(FileNotFoundError, match="not in the local Hugging Face cache"):
+    with pytest.raises(FileNotFoundError, match=r"not in the local Hugging Face cache .*: download it "
+                                                r"there first \(`hf download tiny/absent`\)"):
         resolve_model("tiny/absent")
     assert contacted == []
 
@@ -1043,3 +1044,38 @@ def test_each_parameter_is_placed_with_the_sharding_chosen_for_it():
     assert asked == {"layers.0.weight": (3, 2), "layers.0.bias": (2,), "layers.1.weight": (2,), "layers.1.bias": (2,)}
     for leaf in jax.tree.leaves(nnx.state(loaded, nnx.Param)):
         assert leaf.sharding == NamedSharding(mesh, PartitionSpec())
+
+
+
+def test_load_state_dict_casts_to_the_dtype_asked_for():
+    """`dtype=` sets the dtype every loaded parameter has, whatever the file's and the
+    model's own dtype, with the file's values."""
+    from jaxdiff.weights.convert import load_state_dict
+
+    def build():
+        return nnx.Sequential(nnx.Linear(3, 2, rngs=nnx.Rngs(0)), nnx.LayerNorm(2, rngs=nnx.Rngs(1)))
+
+    tensors = {"layers.0.weight": np.full((2, 3), 0.5, np.float32), "layers.0.bias": np.ones(2, np.float32),
+               "layers.1.weight": np.full(2, 2.0, np.float32), "layers.1.bias": np.zeros(2, np.float32)}
+    loaded = load_state_dict(nnx.eval_shape(build), tensors, dtype=jnp.bfloat16)
+    params = _params(loaded)
+    assert {str(v.dtype) for v in params.values()} == {"bfloat16"}
+    np.testing.assert_array_equal(np.asarray(params[("layers", 0, "kernel")], np.float32), np.full((3, 2), 0.5))
+
+
+def test_size_multiple_counts_the_vae_and_the_unet_downsampling(tmp_path):
+    """A record's width and height must be multiples of the VAE's downsampling times the
+    UNet's: a VAE that halves twice and a UNet that halves three times take multiples of 32,
+    whichever of the two has more levels."""
+    from jaxdiff.checkpoints import size_multiple
+
+    def folder(name, vae_blocks, unet_blocks):
+        for part, blocks in (("vae", vae_blocks), ("unet", unet_blocks)):
+            os.makedirs(tmp_path / name / part)
+            (tmp_path / name / part / "config.json").write_text(
+                json.dumps({"block_out_channels": [8 * (i + 1) for i in range(blocks)]}))
+        return str(tmp_path / name)
+
+    assert size_multiple(folder("a", 3, 4)) == 32
+    assert size_multiple(folder("b", 4, 3)) == 32
+    assert size_multiple(folder("c", 2, 1)) == 2
