@@ -1079,3 +1079,17 @@ def test_size_multiple_counts_the_vae_and_the_unet_downsampling(tmp_path):
     assert size_multiple(folder("a", 3, 4)) == 32
     assert size_multiple(folder("b", 4, 3)) == 32
     assert size_multiple(folder("c", 2, 1)) == 2
+
+
+@pytest.mark.faults
+def test_many_missing_keys_are_named_five_and_counted():
+    """A checkpoint missing many parameters names the first five and counts the rest, so the
+    message says how much is missing without listing a whole model."""
+    from jaxdiff.weights.convert import load_state_dict
+
+    def build():
+        return nnx.Sequential(*(nnx.Linear(2, 2, rngs=nnx.Rngs(i)) for i in range(4)))
+
+    with pytest.raises(CheckpointError, match=r"^some\.safetensors: missing keys for "
+                                              r"(layers\.\d\.(bias|kernel), ){4}layers\.\d\.(bias|kernel) and 3 more$"):
+        load_state_dict(nnx.eval_shape(build), {}, source="some.safetensors")
