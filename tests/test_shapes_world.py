@@ -332,6 +332,29 @@ def test_the_upscaler_stage_samples_with_the_settings_given(monkeypatch):
     settings = pipeline.settings
     assert (settings.upscale_steps, settings.upscale_guidance, settings.noise_level) == (3, 1.5, 40)
 
+
+@pytest.mark.parity
+def test_the_vae_stage_shows_the_drawings_as_diffusers_vae_round_trips_them():
+    """`--stage vae` scores the 64 x 64 drawings as the shipped VAE shows them: encoded to
+    the latent mean and decoded as diffusers' AutoencoderKL does, to within rounding."""
+    import os
+
+    import torch
+    from diffusers import AutoencoderKL
+
+    from jaxdiff.checkpoints import default_model_path
+
+    captions = [s.caption for s in evaluate.evaluation_scenes(2, seed=1)]
+    ours = np.stack(evaluate.vae_renderer(None, 2)(captions, [3, 4])).astype(np.float32)
+    drawings = np.stack(evaluate.ground_truth_renderer(64)(captions, [3, 4]))
+    vae = AutoencoderKL.from_pretrained(os.path.join(default_model_path(), "vae"), torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        x = torch.from_numpy(drawings).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        y = vae.decode(vae.encode(x).latent_dist.mean).sample.permute(0, 2, 3, 1).numpy()
+    reference = np.round(np.clip((y + 1.0) * 127.5, 0, 255))
+    assert ours.shape == reference.shape == (2, 64, 64, 3)
+    assert np.abs(ours - reference).max() <= 2
+
 @pytest.mark.faults
 def test_bad_input_is_refused_with_the_fix():
     with pytest.raises(ValueError, match="grammar"):
