@@ -110,9 +110,11 @@ def load_state_dict(model: nnx.Module, tensors: Mapping[str, np.ndarray] | Itera
         target_dtype = dtype or variable.get_value().dtype
         variable.set_value(_place(key, value, target_dtype, sharding))
         filled.add(target)
-    missing = [".".join(map(str, p)) for p in flat if p not in filled
-               and isinstance(flat[p], nnx.Param)]
+    # Named as PyTorch names them (conv_out.weight, not conv_out.kernel): what a user looks
+    # for in the checkpoint.
+    missing = [".".join(map(str, p[:-1] + ("weight" if p[-1] in _WEIGHT_LEAVES else p[-1],))) for p in flat
+               if p not in filled and isinstance(flat[p], nnx.Param)]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise CheckpointError(f"{source}: missing keys for {shown}")
+        raise CheckpointError(f"{source}: missing keys {shown}")
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
