@@ -868,7 +868,8 @@ class Summary:
                 f"({self.rendered_shards} rendered now, {self.skipped_shards} already complete), "
                 f"{self.seconds:.1f} s, {self.images_per_s:.1f} images/s")
         if self.missing_shards:
-            line += f"; INCOMPLETE: {len(self.missing_shards)} shards not committed (rerun the same command)"
+            count = len(self.missing_shards)
+            line += f"; INCOMPLETE: {count} shard{'s' * (count != 1)} not committed (rerun the same command)"
         if self.withdrawn_shards:
             line += (f"; {', '.join(self.withdrawn_shards)}: files changed since the marker, or the marker "
                      f"does not read (two attempts wrote them at once, or they were edited), so the marker was "
@@ -1009,7 +1010,6 @@ def run(manifests: list[str], out: str, config: RenderConfig, *, beam_args: Iter
         earlier = {s.name: shards.read_stats(out, s.name) for s in specs if s.name in done}
         earlier = {name: stats for name, stats in earlier.items() if stats["failed"]}
         pending += [s for s in specs if s.name in earlier]
-    skipped = len(specs) - len(pending)
 
     renderer_factory = renderer_factory or RendererFactory(config, defaults.size_multiple)
     local = is_local(options)
@@ -1058,9 +1058,11 @@ def run(manifests: list[str], out: str, config: RenderConfig, *, beam_args: Iter
     done, index, withdrawn = _index_committed(out, specs)
     now = [e for e in index["shards"] if e["url"] in {s.name + ".tar" for s in pending}]
     rendered_now = sum(e["nsamples"] - earlier.get(e["url"][:-4], {}).get("rendered", 0) for e in now)
+    rendered_shards = sum(s.name in done for s in pending)
     return Summary(
         rendered=index["rendered"], failed=index["failed"], processed_now=sum(e["nsamples"] + e["failed"] for e in now),
-        rendered_now=rendered_now, shards=len(specs),
-        rendered_shards=sum(s.name in done for s in pending), skipped_shards=skipped,
+        rendered_now=rendered_now, shards=len(specs), rendered_shards=rendered_shards,
+        # Complete shards this run left alone (a marker withdrawn at the end counts as missing).
+        skipped_shards=sum(s.name in done for s in specs) - rendered_shards,
         missing_shards=[s.name for s in specs if s.name not in done], seconds=time.time() - started,
         withdrawn_shards=withdrawn)

@@ -345,7 +345,7 @@ def test_the_documented_dataflow_command_builds_and_validates_its_job(gcs_bucket
             "--machine_type=g2-standard-8", "--number_of_worker_harness_threads=1", "--experiments=use_runner_v2",
             "--max_num_workers=16", "--dry_run=True"]
     assert cli.main(args) == cli.EXIT_INCOMPLETE
-    assert "INCOMPLETE: 1 shards not committed" in capsys.readouterr().err
+    assert "INCOMPLETE: 1 shard not committed" in capsys.readouterr().err
     run = json.loads(storage.read_text(f"{bucket}/renders/run1/run.json"))
     assert run["runner"] == "DataflowRunner"
 

@@ -1018,6 +1018,7 @@ def test_a_marker_or_run_record_that_does_not_read_is_said_so_and_the_run_recove
             job.run([str(path)], out, _config(), retry_failures=True, progress=False)
         again = job.run([str(path)], out, _config(), progress=False)
         assert (again.withdrawn_shards, again.missing_shards) == (["shard-00001"], ["shard-00001"]), damaged
+        assert (again.rendered_shards, again.skipped_shards) == (0, again.shards - 1), "the withdrawn one is missing"
         assert "shard-00001" not in [e["url"][:-4] for e in json.loads(storage.read_text(f"{out}/index.json"))["shards"]]
         rendered = job.run([str(path)], out, _config(), progress=False)
         assert rendered.complete and rendered.rendered_shards == 1, damaged
