@@ -1007,9 +1007,19 @@ def run(manifests: list[str], out: str, config: RenderConfig, *, beam_args: Iter
     pending = [s for s in specs if s.name not in done]
     earlier: dict[str, dict] = {}  # markers of complete shards rendered again
     if retry_failures:
-        earlier = {s.name: shards.read_stats(out, s.name) for s in specs if s.name in done}
-        earlier = {name: stats for name, stats in earlier.items() if stats["failed"]}
-        pending += [s for s in specs if s.name in earlier]
+        for spec in specs:
+            if spec.name not in done:
+                continue
+            try:
+                stats = shards.read_stats(out, spec.name)
+            except shards.DamagedShard as e:  # its failures cannot be told from its images
+                log.warning(f"{spec.name}: {e.what}: the whole shard renders again")
+                storage.delete(shards.shard_paths(out, spec.name)["stats"])
+                pending.append(spec)
+                continue
+            if stats["failed"]:
+                earlier[spec.name] = stats
+                pending.append(spec)
 
     renderer_factory = renderer_factory or RendererFactory(config, defaults.size_multiple)
     local = is_local(options)

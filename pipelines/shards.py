@@ -230,7 +230,7 @@ class DamagedShard(RuntimeError):
     """A committed shard whose files do not match its stats marker (found by --retry-failures)."""
 
     def __init__(self, out: str, name: str, what: str):
-        what = " ".join(what.split())  # one line: a library's reason may hold newlines
+        self.what = what = " ".join(what.split())  # one line: a library's reason may hold newlines
         super().__init__(f"{name} in {out} is damaged: {what}. Delete {shard_paths(out, name)['stats']} and "
                          f"rerun the same command: the whole shard renders again")
 

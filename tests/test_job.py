@@ -6,6 +6,7 @@ import dataclasses
 import glob
 import io
 import json
+import logging
 import os
 import re
 import signal
@@ -1002,11 +1003,11 @@ def test_files_replaced_after_a_run_are_found_by_the_next_one_even_with_nothing_
 
 
 @pytest.mark.faults
-def test_a_marker_or_run_record_that_does_not_read_is_said_so_and_the_run_recovers(tmp_path):
+def test_a_marker_or_run_record_that_does_not_read_is_said_so_and_the_run_recovers(tmp_path, caplog):
     """A commit marker cut short or edited vouches for nothing: a rerun withdraws it and
-    renders its shard again (with --retry-failures, which must read it, the error names the
-    file and the fix). A run.json that does not read cannot be checked against: refused,
-    naming it, until --fresh."""
+    the next renders its shard again; --retry-failures, which must read it to find the
+    failures, renders the whole shard at once, saying so. A run.json that does not read
+    cannot be checked against: refused, naming it, until --fresh."""
     path = tmp_path / "m.jsonl"
     path.write_text("\n".join(_manifest_lines()) + "\n")  # shard-00001 has failures
     out = str(tmp_path / "out")
@@ -1014,8 +1015,13 @@ def test_a_marker_or_run_record_that_does_not_read_is_said_so_and_the_run_recove
     marker = shards.shard_paths(out, "shard-00001")["stats"]
     for damaged in ("", '{"shard": "shard-00001", "rendered": 5', '{"samples": 5}', "[1, 2]"):
         storage.write_bytes(marker, damaged.encode())
-        with pytest.raises(shards.DamagedShard, match=re.escape(f"Delete {marker} and rerun")):
-            job.run([str(path)], out, _config(), retry_failures=True, progress=False)
+        with caplog.at_level(logging.WARNING, logger="pipelines"):
+            retried = job.run([str(path)], out, _config(), retry_failures=True, progress=False)
+        assert retried.complete and shards.read_stats(out, "shard-00001")["samples"] == 5, damaged
+        assert f"shard-00001: its marker {marker} " in caplog.text and "the whole shard renders again" in caplog.text
+        caplog.clear()
+        _assert_every_id_once(*_ids_in_output(out, str(tmp_path / "copy")))
+        storage.write_bytes(marker, damaged.encode())
         again = job.run([str(path)], out, _config(), progress=False)
         assert (again.withdrawn_shards, again.missing_shards) == (["shard-00001"], ["shard-00001"]), damaged
         assert (again.rendered_shards, again.skipped_shards) == (0, again.shards - 1), "the withdrawn one is missing"
