@@ -236,7 +236,6 @@ def _exit_on_interrupt():
 def render_command(args: argparse.Namespace, beam_args: list[str]) -> int:
     from pipelines import job
     from pipelines.manifest import ManifestError
-    from pipelines.shards import DamagedShard
 
     try:
         config = job.RenderConfig(
@@ -250,7 +249,7 @@ def render_command(args: argparse.Namespace, beam_args: list[str]) -> int:
             compilation_cache=args.compilation_cache)
         summary = job.run(args.manifests, args.out, config, beam_args=beam_args, fresh=args.fresh,
                           retry_failures=args.retry_failures, progress=not args.no_progress)
-    except (ManifestError, job.RunConflict, job.JobError, DamagedShard, OSError, ValueError) as e:
+    except (ManifestError, job.RunConflict, job.JobError, OSError, ValueError) as e:
         print(f"jaxdiff render: error: {e}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:  # a remote runner's (a local one's ends in _exit_on_interrupt)
