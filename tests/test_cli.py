@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -399,6 +400,7 @@ def test_dataflow_options_validate_and_graph_builds_offline(tmp_path):
     specs = manifest.plan_shards([str(path)], 10)
     pipeline = job.build_pipeline(options, specs, "gs://my-bucket/out", job.RendererFactory(config),
                                   job.manifest_defaults(config), config)
+    shutil.rmtree(pipeline.local_tempdir)  # Beam's, removed when a pipeline runs: this one never does
     proto = pipeline.to_runner_api()
     names = {t.unique_name for t in proto.components.transforms.values()}
     assert {"PlannedShards", "SpreadShards", "RenderShards"} <= names
