@@ -852,7 +852,8 @@ class Summary:
     skipped_shards: int
     missing_shards: list[str]
     seconds: float
-    withdrawn_shards: list[str] = dataclasses.field(default_factory=list)  # markers withdrawn: their files changed, or they did not read
+    # Markers withdrawn: their files changed, or they did not read.
+    withdrawn_shards: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -930,7 +931,8 @@ def _index_committed(out: str, specs: list, *, withdraw: bool = True) -> tuple[s
     """(names of the committed shards, the index written for them, the shards whose markers
     were withdrawn). With `withdraw`, a shard whose files changed since its marker (another
     attempt replaced them, or they were damaged) is withdrawn: it renders again on the next
-    run, where its checksums would be wrong."""
+    run, where its checksums would be wrong; so is one whose marker does not read, which is
+    never indexed."""
     done = shards.complete_shards(out)
     markers, unreadable = {}, []
     for spec in specs:

@@ -227,7 +227,8 @@ def image_metadata(sample: Sample, rendered: Rendered, model: dict) -> dict:
 
 
 class DamagedShard(RuntimeError):
-    """A committed shard whose files do not match its stats marker (found by --retry-failures)."""
+    """A committed shard whose stats marker does not read, or whose files do not match it
+    (found by --retry-failures)."""
 
     def __init__(self, out: str, name: str, what: str):
         self.what = what = " ".join(what.split())  # one line: a library's reason may hold newlines
