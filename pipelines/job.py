@@ -942,7 +942,7 @@ def _index_committed(out: str, specs: list, *, withdraw: bool = True) -> tuple[s
             except shards.DamagedShard:  # a marker that cannot vouch for anything: never indexed
                 unreadable.append(spec.name)
                 done.discard(spec.name)
-    withdrawn = unreadable + shards.overwritten_shards(out, markers) if withdraw else []
+    withdrawn = (unreadable + shards.overwritten_shards(out, markers)) if withdraw else []
     for name in withdrawn:
         storage.delete(shards.shard_paths(out, name)["stats"])
         markers.pop(name, None)
