@@ -21,6 +21,8 @@
 #              6.20 -> 5.83 ms a step, 68 more cuBLAS calls)
 #   blockdiag  sd15 with JAXDIFF_ATTENTION=blockdiag: attention over few keys (text, and the
 #              8x8 self attention) as two block-diagonal GEMMs instead of cuDNN
+#   cudnn      sd15 with JAXDIFF_ATTENTION=cudnn: cuDNN at every attention site as it is (no
+#              head dim padding, no XLA path at head dim 160)
 #   b32        sd15 at batch 32
 #   hlo        the step as the device compiles it (conv algorithms autotuned): ops and bytes
 #              (tools/step_hlo.py --target local)
@@ -32,7 +34,7 @@
 # $OUT/gpu_bench.tgz (or ./bench-out/): one file to copy back, and a step cut off by a time
 # limit must not lose the ones before it.
 set -u -o pipefail
-all_steps=" sd15 jaxdiff warm x4 profile attention triton nomerge blockdiag b32 hlo "
+all_steps=" sd15 jaxdiff warm x4 profile attention triton nomerge blockdiag cudnn b32 hlo "
 steps=("$@"); [ ${#steps[@]} -gt 0 ] || steps=(sd15 warm x4 blockdiag nomerge)
 for s in "${steps[@]}"; do
   [[ $all_steps == *" $s "* ]] || { echo "unknown step: $s (steps:$all_steps)" >&2; exit 2; }
@@ -80,6 +82,8 @@ run_step() {
                --out "$SCRATCH/bench_sd15_nomerge.json" ;;
     blockdiag) step blockdiag 75 env JAXDIFF_ATTENTION=blockdiag "${sd15[@]}" --reps 1 --no-stages \
                  --out "$SCRATCH/bench_sd15_blockdiag.json" ;;
+    cudnn) step cudnn 75 env JAXDIFF_ATTENTION=cudnn "${sd15[@]}" --reps 2 --no-stages \
+             --out "$SCRATCH/bench_sd15_cudnn.json" ;;
     b32) step b32 100 python3 -m tools.bench --arch sd15 --batch-sizes 32 --steps 25 --reps 1 --no-stages \
            --out "$SCRATCH/bench_sd15_b32.json" ;;
     hlo) step hlo 60 python3 -m tools.step_hlo --arch sd15 --batch 16 --target local --out "$SCRATCH/step_hlo_sd15.json" \
