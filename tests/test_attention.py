@@ -141,29 +141,40 @@ def _shape(tokens, head_dim, dtype=jnp.bfloat16):
     return jax.ShapeDtypeStruct((32, tokens, 8, head_dim), dtype)
 
 
-def test_gpu_text_attention_pads_the_head_dims_where_cudnn_ran_faster(monkeypatch):
-    """SD 1.5's text attention at head dims 40 and 160 goes to cuDNN zero-padded to 64 and
-    192 (160 only where cuDNN takes it: Hopper on); every other shape keeps its path."""
+def test_gpu_attention_goes_to_cudnn_wherever_it_takes_the_head_dim(monkeypatch):
+    """Self and text attention alike, as cuDNN takes them: head dims that are multiples of
+    8, up to 128 before Hopper and 256 from it on; past that, or in float32, XLA."""
     text = _shape(77, 40)
     with attention.dispatch(backend="gpu"):
-        assert attention._choose(_shape(4096, 40), text) == "cudnn_pad64"
-        assert attention._choose(_shape(4096, 40), _shape(128, 40)) == "cudnn_pad64"
-        assert attention._choose(_shape(4096, 40), _shape(129, 40)) == "cudnn"
+        assert attention._choose(_shape(4096, 40), text) == "cudnn"
         assert attention._choose(_shape(4096, 40), _shape(4096, 40)) == "cudnn"  # self attention
         assert attention._choose(_shape(1024, 80), _shape(77, 80)) == "cudnn"
         assert attention._choose(_shape(4096, 40), text, plain_only=True) == "cudnn"  # masked
         assert attention._choose(_shape(4096, 40, jnp.float32), text) == "xla"
+        assert attention._choose(_shape(4096, 36), _shape(77, 36)) == "xla"  # not a multiple of 8
         # A float16 model (--dtype float16) takes cuDNN as a bfloat16 one does.
-        assert attention._choose(_shape(4096, 40, jnp.float16), _shape(77, 40, jnp.float16)) == "cudnn_pad64"
-        assert attention._choose(_shape(4096, 80, jnp.float16), _shape(4096, 80, jnp.float16)) == "cudnn"
+        assert attention._choose(_shape(4096, 40, jnp.float16), _shape(77, 40, jnp.float16)) == "cudnn"
         monkeypatch.setattr(attention, "_cudnn_max_head_dim", lambda: 128)  # before Hopper
         assert attention._choose(_shape(256, 160), _shape(77, 160)) == "xla"
+        assert attention._choose(_shape(256, 128), _shape(256, 128)) == "cudnn"
         monkeypatch.setattr(attention, "_cudnn_max_head_dim", lambda: 256)
-        assert attention._choose(_shape(256, 160), _shape(77, 160)) == "cudnn_pad192"
-        assert attention._choose(_shape(256, 160), _shape(256, 160)) == "xla"  # self: XLA ran faster
-        assert attention._choose(_shape(64, 160), _shape(77, 160)) == "xla"  # the 8x8 mid block
-        with attention.dispatch(implementation="cudnn"):
-            assert attention._choose(_shape(4096, 40), text) == "cudnn"  # forced: as it is
+        for tokens in (256, 64):  # SD 1.5's 16x16 level and its 8x8 mid block
+            assert attention._choose(_shape(tokens, 160), _shape(77, 160)) == "cudnn"
+            assert attention._choose(_shape(tokens, 160), _shape(tokens, 160)) == "cudnn"
+        assert attention._choose(_shape(4096, 512), _shape(4096, 512)) == "xla"  # the VAE's mid block
+
+
+def test_forced_cudnn_leaves_the_head_dims_it_does_not_take_to_xla(monkeypatch):
+    """JAXDIFF_ATTENTION=cudnn renders a whole SD model: the VAE's one-head attention at
+    head dim 512 runs on XLA (cuDNN raises for it)."""
+    monkeypatch.setenv("JAXDIFF_ATTENTION", "cudnn")
+    monkeypatch.setattr(attention, "_cudnn_max_head_dim", lambda: 256)
+    assert attention._choose(_shape(4096, 40), _shape(77, 40)) == "cudnn"
+    assert attention._choose(_shape(256, 160), _shape(256, 160)) == "cudnn"
+    assert attention._choose(jax.ShapeDtypeStruct((16, 4096, 1, 512), jnp.bfloat16)) == "xla"
+    assert attention._choose(_shape(77, 36), plain_only=True) == "xla"
+    monkeypatch.setattr(attention, "_cudnn_max_head_dim", lambda: 128)
+    assert attention._choose(_shape(256, 160), _shape(256, 160)) == "xla"
 
 
 class _FakeGPU:
@@ -191,25 +202,6 @@ def test_cudnn_head_dim_limit_follows_the_held_gpu(monkeypatch, capability, max_
         assert attention._choose(_shape(4096, 40), _shape(4096, 40)) == expected
     finally:
         attention._cuda_capability.cache_clear()
-
-
-def test_the_padded_cudnn_path_computes_unpadded_attention(monkeypatch):
-    """The routing and the padding, with XLA's attention standing in for cuDNN (no GPU
-    here): the output is the unpadded head dim's, scaled by its own 1/sqrt(d)."""
-    seen = []
-
-    def fake_cudnn(q, k, v, **kwargs):
-        seen.append(q.shape[-1])
-        return jax.nn.dot_product_attention(q, k, v, implementation="xla", **kwargs)
-
-    monkeypatch.setattr(attention, "_cudnn", fake_cudnn)
-    monkeypatch.setattr(attention, "_PADDED_TEXT_MIN_QUERIES", 16)
-    q, k, v = _qkv(jnp.bfloat16, tq=20, tk=7, dim=40)
-    with attention.dispatch(backend="gpu"):
-        out = attention.dot_product_attention(q, k, v)
-    assert seen == [64] and out.shape == q.shape
-    ref = _reference(q, k, v, causal=False)
-    assert np.linalg.norm(np.asarray(out, np.float64) - ref) / np.linalg.norm(ref) < 1e-2  # bf16
 
 
 @pytest.mark.parametrize("queries, keys, heads, head_dim", [(50, 77, 3, 40), (16, 7, 8, 160), (9, 9, 1, 8)])

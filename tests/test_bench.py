@@ -216,7 +216,7 @@ def test_attention_with_a_zero_padded_head_dim_is_unchanged():
     import jax
     import numpy as np
 
-    from jaxdiff.models.attention import with_padded_head_dim
+    from tools.attention_bench import with_padded_head_dim
 
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((2, 50, 3, 40)).astype(np.float32) for _ in range(3))
@@ -231,8 +231,7 @@ def test_mosaic_attention_gets_a_prescaled_q_and_a_padded_head_dim(monkeypatch):
     import numpy as np
     from jax.experimental.pallas.ops.gpu import attention_mgpu
 
-    from jaxdiff.models.attention import with_padded_head_dim
-    from tools.attention_bench import mosaic_fa3
+    from tools.attention_bench import mosaic_fa3, with_padded_head_dim
 
     # The kernel's contract, on XLA: f16, a head dim that is a multiple of 64, no softmax scale.
     def kernel(q, k, v, config):

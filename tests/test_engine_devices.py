@@ -85,9 +85,8 @@ SCRIPT = textwrap.dedent("""
                           "uneven_kernel_calls": len(seen), "uneven_err": uneven_err}))
     elif mode == "cudnn":
         # The GPU dispatch inside the engine's batch-sharded programs, cuDNN stood in for by
-        # XLA's attention (no GPU here), with the tiny model's head dims in the padding
-        # table: the padded calls must partition over the devices (XLA splits them; the
-        # stand-in sees the whole batch's shapes) and change no image.
+        # XLA's attention (no GPU here): its calls must partition over the devices (XLA
+        # splits them; the stand-in sees the whole batch's shapes) and change no image.
         from jaxdiff.models import attention
         seen = set()
         def fake_cudnn(q, k, v, **kwargs):
@@ -98,12 +97,10 @@ SCRIPT = textwrap.dedent("""
                                                      dtype="bfloat16", devices=devices)
         plain = render(load(jax.devices()[:1]))
         attention._cudnn = fake_cudnn
-        attention.CUDNN_PADDED_TEXT_HEAD_DIM = {4: 8, 8: 16}
-        attention._PADDED_TEXT_MIN_QUERIES = 1
         attention.set_attention_backend("gpu")
         one, four = render(load(jax.devices()[:1])), render(load(jax.devices()))
         print(json.dumps({"calls": sorted(seen), "four_vs_one": int(np.abs(four - one).max()),
-                          "padded_vs_plain": int(np.abs(one - plain).max())}))
+                          "cudnn_vs_plain": int(np.abs(one - plain).max())}))
     else:
         import time
         t = time.perf_counter()
@@ -160,9 +157,9 @@ def test_gpu_attention_dispatch_runs_per_device_inside_sharded_programs(folder, 
                JAXDIFF_CACHE_DIR=str(tmp_path / "cache"))
     result = _run([folder, "cudnn"], env)
     # (UNet batch with CFG, keys, head dim as cuDNN got it): the UNet's text attention
-    # at head dim 8, padded to 16.
-    assert [8, 77, 16] in result["calls"], result
-    assert result["four_vs_one"] <= 1 and result["padded_vs_plain"] <= 1, result
+    # at head dim 8.
+    assert [8, 77, 8] in result["calls"], result
+    assert result["four_vs_one"] <= 1 and result["cudnn_vs_plain"] <= 1, result
 
 
 def test_second_process_reuses_compiled_programs(folder, tmp_path):

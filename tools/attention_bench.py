@@ -16,8 +16,9 @@ one: is padding it ourselves free?), and jax's FlashAttention-3 style Hopper ker
 sizes; text attention (few keys) also as two dense GEMMs over all heads at once, the keys
 laid out block-diagonally (`blockdiag_attention` in jaxdiff/models/attention.py, which
 `JAXDIFF_ATTENTION=blockdiag` runs in the UNet). A path the backend or shape does not
-take is reported with its reason. What this says on a GPU is which kernel
-jaxdiff/models/attention.py should dispatch per shape.
+take is reported with its reason. On a GPU it names the candidate kernels per shape; but
+the small sites, timed alone, changed order from one H200 run to the next, so a change to
+jaxdiff/models/attention.py's dispatch is decided end to end (tools/gpu_bench.sh).
 """
 
 from __future__ import annotations
@@ -83,6 +84,21 @@ def attention_sites(arch: str, batch: int, size: int | None = None) -> list[dict
     return sites
 
 
+def with_padded_head_dim(attend, padded: int):
+    """`attend(q, k, v, scale=...)` run with the head dim zero-padded to `padded`: the zeros
+    added to q and k leave q.k as it was, the scale stays that of the real head dim, and
+    v's added columns are cut off the output."""
+    import math
+
+    import jax.numpy as jnp
+
+    def call(q, k, v):
+        head_dim = q.shape[-1]
+        pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, padded - head_dim)))
+        return attend(pad(q), pad(k), pad(v), scale=1.0 / math.sqrt(head_dim))[..., :head_dim]
+    return call
+
+
 def mosaic_fa3(block_q: int, block_kv: int):
     """jax's FlashAttention-3 style Hopper kernel as an `attend` for with_padded_head_dim. It
     takes a head dim that is a multiple of 64, kv tokens a multiple of block_kv, q tokens
@@ -106,14 +122,12 @@ def _paths(head_dim: int, kv_tokens: int) -> dict:
 
     import jax
 
-    from jaxdiff.models.attention import (BLOCKDIAG_MAX_KEYS, CUDNN_PADDED_TEXT_HEAD_DIM, _round_up,
-                                          blockdiag_attention, with_padded_head_dim)
+    from jaxdiff.models.attention import BLOCKDIAG_MAX_KEYS, _round_up, blockdiag_attention
 
     paths = {name: functools.partial(jax.nn.dot_product_attention, implementation=name)
              for name in ("xla", "cudnn")}
-    # Padded to a multiple of 64, and to whatever the dispatch pads this head dim to: each
-    # path the dispatch can name is timed.
-    for padded in sorted({_round_up(head_dim, 64), CUDNN_PADDED_TEXT_HEAD_DIM.get(head_dim, head_dim)} - {head_dim}):
+    padded = _round_up(head_dim, 64)
+    if padded != head_dim:
         paths[f"cudnn_pad{padded}"] = with_padded_head_dim(paths["cudnn"], padded)
     paths["mosaic_fa3"] = {f"block_q {bq} block_kv {bkv}": with_padded_head_dim(mosaic_fa3(bq, bkv), _round_up(head_dim, 64))
                            for bq, bkv in FA3_BLOCKS}

@@ -31,17 +31,6 @@ _TPU_TILE = 128
 # entries at batch 8.
 MAX_SCORES = 2 ** 30
 
-# Text attention (77 keys) on cuDNN, timed on an H200 at SD 1.5's shapes, batch 16
-# (tools/attention_bench.py): head dim 40 took 0.60 ms a call as it is and 0.48 zero-padded
-# to 64; head dim 160 took 0.48 on XLA, 0.38 on cuDNN as it is and 0.23 padded to 192.
-# Head dim 80 ran faster as it is (0.19 against 0.33 padded to 128). With 64 queries (the
-# 8x8 mid block) XLA was faster still. Self attention ran fastest on cuDNN as it is at head
-# dims 40 and 80, and on XLA at 160 (0.28 against 0.35 on cuDNN, 0.31 padded). Only 77
-# keys, and 64 or at least 256 queries, were timed: the two limits below are cut-offs
-# placed between those points.
-CUDNN_PADDED_TEXT_HEAD_DIM = {40: 64, 160: 192}
-_PADDED_TEXT_MAX_KEYS = 128
-_PADDED_TEXT_MIN_QUERIES = 256
 # The block-diagonal path's score array holds heads x keys columns per query: for the 77
 # text tokens, not for self attention.
 BLOCKDIAG_MAX_KEYS = 128
@@ -94,9 +83,12 @@ def _cudnn_max_head_dim() -> int:
     return 256 if capability is not None and capability >= (9, 0) else 128
 
 
+def _cudnn_takes(head_dim: int) -> bool:
+    return head_dim % 8 == 0 and head_dim <= _cudnn_max_head_dim()
+
+
 def _choose(q: jax.Array, k: jax.Array | None = None, *, plain_only: bool = False) -> str:
-    """The path for one call: an implementation name, or "cudnn_padN" for cuDNN with the
-    head dim zero-padded to N."""
+    """The path for one call: an implementation name."""
     choice = _override or os.environ.get("JAXDIFF_ATTENTION", "auto")
     if choice not in _IMPLEMENTATIONS:
         raise ValueError(
@@ -107,22 +99,19 @@ def _choose(q: jax.Array, k: jax.Array | None = None, *, plain_only: bool = Fals
         if not plain_only and k is not None and k.shape[1] <= BLOCKDIAG_MAX_KEYS:
             return "blockdiag"
         choice = "auto"  # self attention, or CLIP's causal attention
+    if choice == "cudnn" and not _cudnn_takes(q.shape[-1]):
+        return "xla"  # a head dim cuDNN does not take (the VAE's 512)
     if choice != "auto":
         return choice
     backend = _target_backend or jax.default_backend()
     if backend == "gpu":
-        # cuDNN flash attention ran 2-5x faster than XLA's on an H200 at head dims 40 and
-        # 80; it needs CUDA and half precision. Unpadded, it takes head dims that are
-        # multiples of 8 up to 128 here: past that (160) XLA ran self attention faster.
-        head_dim = q.shape[-1]
+        # cuDNN flash attention wherever it takes the head dim; it needs CUDA and half
+        # precision. SD 1.5 at batch 16 on an H200 rendered 9.68-9.75 img/s so, against
+        # 9.49-9.62 when text attention at head dims 40 and 160 went to cuDNN zero-padded
+        # to 64 and 192 and head dim 160's self attention to XLA (per-shape timings alone
+        # had favoured those, but did not repeat from one run to the next).
         held_gpu_is_not_cuda = _target_backend is None and _cuda_capability() is None
-        if q.dtype not in (jnp.bfloat16, jnp.float16) or held_gpu_is_not_cuda:
-            return "xla"
-        padded = CUDNN_PADDED_TEXT_HEAD_DIM.get(head_dim)
-        if (padded and not plain_only and k is not None and k.shape[1] <= _PADDED_TEXT_MAX_KEYS
-                and q.shape[1] >= _PADDED_TEXT_MIN_QUERIES and padded <= _cudnn_max_head_dim()):
-            return f"cudnn_pad{padded}"
-        if head_dim % 8 == 0 and head_dim <= 128:
+        if q.dtype in (jnp.bfloat16, jnp.float16) and not held_gpu_is_not_cuda and _cudnn_takes(q.shape[-1]):
             return "cudnn"
     if backend == "tpu" and not plain_only and q.shape[1] >= _TPU_TILE:
         # Long sequences (the UNet's self and cross attention): the flash kernel never
@@ -198,17 +187,6 @@ def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, is_causal: bool 
     return out.swapaxes(0, 1).reshape(batch, chunks * chunk, heads, v.shape[-1])[:, :q_len]
 
 
-def with_padded_head_dim(attend, padded: int):
-    """`attend(q, k, v, scale=...)` run with the head dim zero-padded to `padded`: the zeros
-    added to q and k leave q.k as it was, the scale stays that of the real head dim, and
-    v's added columns are cut off the output."""
-    def call(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-        head_dim = q.shape[-1]
-        pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, padded - head_dim)))
-        return attend(pad(q), pad(k), pad(v), scale=1.0 / math.sqrt(head_dim))[..., :head_dim]
-    return call
-
-
 def blockdiag_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float | None = None) -> jax.Array:
     """Attention over few keys as two dense GEMMs per batch element, all heads at once: q's
     (heads x head dim) columns times the keys laid out block-diagonally by head gives every
@@ -244,8 +222,6 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
         return _pallas_tpu_attention(q, k, v)
     if implementation == "blockdiag":
         return blockdiag_attention(q, k, v)
-    if implementation.startswith("cudnn_pad"):
-        return with_padded_head_dim(_cudnn, int(implementation.removeprefix("cudnn_pad")))(q, k, v)
     if implementation == "xla":
         return _xla_attention(q, k, v, is_causal=is_causal, mask=mask)
     return _cudnn(q, k, v, mask=mask, is_causal=is_causal)
