@@ -122,7 +122,11 @@ def _paths(head_dim: int, kv_tokens: int) -> dict:
 
     import jax
 
-    from jaxdiff.models.attention import BLOCKDIAG_MAX_KEYS, _round_up, blockdiag_attention
+    from jaxdiff.models.attention import (
+        BLOCKDIAG_MAX_KEYS,
+        _round_up,
+        blockdiag_attention,
+    )
 
     paths = {name: functools.partial(jax.nn.dot_product_attention, implementation=name)
              for name in ("xla", "cudnn")}
