@@ -83,7 +83,7 @@ def test_unknown_attention_environment_variable_is_refused_naming_it(monkeypatch
     with pytest.raises(ValueError, match=r"JAXDIFF_ATTENTION='XLA' is not one of"):
         attention.dot_product_attention(q, k, v)
     monkeypatch.setenv("JAXDIFF_ATTENTION", "xla")
-    assert attention._choose(q, k) == "xla"
+    assert attention._choose(q) == "xla"
 
 
 def test_pallas_tpu_path_matches_the_reference_in_interpret_mode():
@@ -142,26 +142,25 @@ def _shape(tokens, head_dim, dtype=jnp.bfloat16):
 
 
 def test_gpu_attention_goes_to_cudnn_wherever_it_takes_the_head_dim(monkeypatch):
-    """Self and text attention alike, as cuDNN takes them: head dims that are multiples of
-    8, up to 128 before Hopper and 256 from it on; past that, or in float32, XLA."""
-    text = _shape(77, 40)
+    """Self and text attention alike, masked or not, as cuDNN takes them: head dims that
+    are multiples of 8, up to 128 before Hopper and 256 from it on; past that, or in
+    float32, XLA."""
     with attention.dispatch(backend="gpu"):
-        assert attention._choose(_shape(4096, 40), text) == "cudnn"
-        assert attention._choose(_shape(4096, 40), _shape(4096, 40)) == "cudnn"  # self attention
-        assert attention._choose(_shape(1024, 80), _shape(77, 80)) == "cudnn"
-        assert attention._choose(_shape(4096, 40), text, plain_only=True) == "cudnn"  # masked
-        assert attention._choose(_shape(4096, 40, jnp.float32), text) == "xla"
-        assert attention._choose(_shape(4096, 36), _shape(77, 36)) == "xla"  # not a multiple of 8
+        assert attention._choose(_shape(4096, 40)) == "cudnn"
+        assert attention._choose(_shape(1024, 80)) == "cudnn"
+        assert attention._choose(_shape(77, 64), plain_only=True) == "cudnn"  # CLIP, causal
+        assert attention._choose(_shape(4096, 40, jnp.float32)) == "xla"
+        assert attention._choose(_shape(4096, 36)) == "xla"  # not a multiple of 8
         # A float16 model (--dtype float16) takes cuDNN as a bfloat16 one does.
-        assert attention._choose(_shape(4096, 40, jnp.float16), _shape(77, 40, jnp.float16)) == "cudnn"
+        assert attention._choose(_shape(4096, 40, jnp.float16)) == "cudnn"
         monkeypatch.setattr(attention, "_cudnn_max_head_dim", lambda: 128)  # before Hopper
-        assert attention._choose(_shape(256, 160), _shape(77, 160)) == "xla"
-        assert attention._choose(_shape(256, 128), _shape(256, 128)) == "cudnn"
+        assert attention._choose(_shape(256, 160)) == "xla"
+        assert attention._choose(_shape(256, 128)) == "cudnn"
         monkeypatch.setattr(attention, "_cudnn_max_head_dim", lambda: 256)
-        for tokens in (256, 64):  # SD 1.5's 16x16 level and its 8x8 mid block
-            assert attention._choose(_shape(tokens, 160), _shape(77, 160)) == "cudnn"
-            assert attention._choose(_shape(tokens, 160), _shape(tokens, 160)) == "cudnn"
-        assert attention._choose(_shape(4096, 512), _shape(4096, 512)) == "xla"  # the VAE's mid block
+        assert attention._choose(_shape(256, 160)) == "cudnn"  # SD 1.5's 16x16 level
+        assert attention._choose(_shape(64, 160)) == "cudnn"  # and its 8x8 mid block
+        assert attention._choose(_shape(4096, 256)) == "cudnn"
+        assert attention._choose(_shape(4096, 512)) == "xla"  # the VAE's mid block
 
 
 def test_forced_cudnn_leaves_the_head_dims_it_does_not_take_to_xla(monkeypatch):
@@ -169,12 +168,12 @@ def test_forced_cudnn_leaves_the_head_dims_it_does_not_take_to_xla(monkeypatch):
     head dim 512 runs on XLA (cuDNN raises for it)."""
     monkeypatch.setenv("JAXDIFF_ATTENTION", "cudnn")
     monkeypatch.setattr(attention, "_cudnn_max_head_dim", lambda: 256)
-    assert attention._choose(_shape(4096, 40), _shape(77, 40)) == "cudnn"
-    assert attention._choose(_shape(256, 160), _shape(256, 160)) == "cudnn"
+    assert attention._choose(_shape(4096, 40)) == "cudnn"
+    assert attention._choose(_shape(256, 160)) == "cudnn"
     assert attention._choose(jax.ShapeDtypeStruct((16, 4096, 1, 512), jnp.bfloat16)) == "xla"
     assert attention._choose(_shape(77, 36), plain_only=True) == "xla"
     monkeypatch.setattr(attention, "_cudnn_max_head_dim", lambda: 128)
-    assert attention._choose(_shape(256, 160), _shape(256, 160)) == "xla"
+    assert attention._choose(_shape(256, 160)) == "xla"
 
 
 class _FakeGPU:
@@ -199,56 +198,9 @@ def test_cudnn_head_dim_limit_follows_the_held_gpu(monkeypatch, capability, max_
         assert attention._cudnn_max_head_dim() == max_head_dim
         monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # as if the process held it
         expected = "xla" if capability in ("gfx942", None) else "cudnn"
-        assert attention._choose(_shape(4096, 40), _shape(4096, 40)) == expected
+        assert attention._choose(_shape(4096, 40)) == expected
     finally:
         attention._cuda_capability.cache_clear()
-
-
-@pytest.mark.parametrize("queries, keys, heads, head_dim", [(50, 77, 3, 40), (16, 7, 8, 160), (9, 9, 1, 8)])
-def test_blockdiag_attention_is_attention(queries, keys, heads, head_dim):
-    q, k, v = _qkv(jnp.float32, tq=queries, tk=keys, heads=heads, dim=head_dim)
-    ref = _reference(q, k, v, causal=False)
-    out = np.asarray(attention.blockdiag_attention(q, k, v), np.float64)
-    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-6
-    scaled = jax.nn.dot_product_attention(q, k, v, scale=0.3, implementation="xla")
-    np.testing.assert_allclose(np.asarray(attention.blockdiag_attention(q, k, v, scale=0.3)), np.asarray(scaled),
-                               rtol=1e-5, atol=1e-5)
-
-
-def test_blockdiag_attention_in_bfloat16_is_as_close_as_xlas():
-    # Scores and softmax in float32, as XLA's path keeps them: bf16 scores (logits of a few
-    # units rounded to 3 digits) would put the block-diagonal path's error at ~2.5x XLA's.
-    q, k, v = _qkv(jnp.bfloat16, tq=50, tk=77, heads=3, dim=40)
-    ref = _reference(q, k, v, causal=False)
-    error = lambda out: np.linalg.norm(np.asarray(out, np.float64) - ref) / np.linalg.norm(ref)
-    with attention.dispatch("xla"):
-        xla = error(attention.dot_product_attention(q, k, v))
-    out = attention.blockdiag_attention(q, k, v)
-    assert out.dtype == jnp.bfloat16
-    blockdiag = error(out)
-    assert blockdiag <= 1.5 * xla, f"blockdiag's error {blockdiag:.2e} against XLA's {xla:.2e}"
-
-
-def test_forced_blockdiag_takes_text_attention_and_leaves_the_rest_to_auto(monkeypatch):
-    """JAXDIFF_ATTENTION=blockdiag: calls over at most BLOCKDIAG_MAX_KEYS keys, unmasked, run
-    the block-diagonal GEMMs; self attention over more keys, and CLIP's causal attention,
-    get what auto picks (here on a GPU, compiled ahead of time)."""
-    monkeypatch.setenv("JAXDIFF_ATTENTION", "blockdiag")
-    text_q, text_k = _shape(4096, 40), _shape(77, 40)
-    with attention.dispatch(backend="gpu"):
-        assert attention._choose(text_q, text_k) == "blockdiag"
-        assert attention._choose(text_q, _shape(attention.BLOCKDIAG_MAX_KEYS, 40)) == "blockdiag"
-        assert attention._choose(text_q, _shape(attention.BLOCKDIAG_MAX_KEYS + 1, 40)) == "cudnn"
-        assert attention._choose(text_q, _shape(4096, 40)) == "cudnn"
-        assert attention._choose(_shape(77, 64), _shape(77, 64), plain_only=True) == "cudnn"
-    with attention.dispatch(backend="tpu"):
-        assert attention._choose(text_q, _shape(4096, 40)) == "pallas"
-    q, k, v = _qkv(jnp.float32, tq=20, tk=77)
-    traced = str(jax.make_jaxpr(attention.dot_product_attention)(q, k, v))
-    assert traced.count("dot_general") == 4, "two einsums lay out k and v, two GEMMs attend"
-    ref = _reference(q, k, v, causal=False)
-    out = np.asarray(attention.dot_product_attention(q, k, v), np.float64)
-    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-6
 
 
 def test_dispatch_block_restores_the_previous_choice():

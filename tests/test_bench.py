@@ -139,7 +139,6 @@ ENTRY %main (a: f32[2]) -> f32[2] {
 
 
 def test_attention_bench_times_every_call_site_on_each_path(tmp_path):
-    from jaxdiff.models import attention
     from tools import attention_bench
 
     out = tmp_path / "attention.json"
@@ -159,10 +158,6 @@ def test_attention_bench_times_every_call_site_on_each_path(tmp_path):
         assert "cuDNN" in site["paths"]["cudnn"]["error"]  # no GPU here: named, not hidden
         fa3 = site["paths"]["mosaic_fa3"]  # timed or, with its reason, not: never missing
         assert fa3.get("ms", 0) > 0 or fa3["error"].split(": ", 1)[1]
-        # Few keys (text attention, the tiny model's short self attention) also run as two
-        # block-diagonal GEMMs.
-        assert ("blockdiag" in site["paths"]) == (site["kv_tokens"] <= attention.BLOCKDIAG_MAX_KEYS)
-    assert sites["unet 8x8 text"]["paths"]["blockdiag"]["max_diff_vs_xla"] < 1e-5
     # Each site's FLOPs are what XLA's attention at its shape counts as, and its rates those
     # FLOPs over its time.
     import jax
@@ -186,7 +181,7 @@ def test_attention_step_totals_weigh_each_unet_site_by_its_calls():
     sites = [{"site": "unet 8x8 self", "calls": 2, "dispatch": "cudnn",
               "paths": {"xla": {"ms": 3.0}, "cudnn": {"ms": 2.0}, "mosaic_fa3": {"error": "no GPU"}}},
              {"site": "unet 8x8 text", "calls": 3, "dispatch": "xla",
-              "paths": {"xla": {"ms": 1.0}, "blockdiag": {"ms": 0.5}}},
+              "paths": {"xla": {"ms": 1.0}, "cudnn_pad64": {"ms": 0.5}}},
              {"site": "vae mid 8x8", "calls": 1, "dispatch": "xla", "paths": {"xla": {"ms": 100.0}}}]
     assert _step_totals(sites) == {"dispatch": 2 * 2.0 + 3 * 1.0, "best": 2 * 2.0 + 3 * 0.5}
 
@@ -202,7 +197,7 @@ def test_attention_bench_sets_each_path_against_xlas_output(monkeypatch):
     from tools import attention_bench
 
     wrong = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla") + 1.0
-    monkeypatch.setattr(attention_bench, "_paths", lambda d, kv: {
+    monkeypatch.setattr(attention_bench, "_paths", lambda d: {
         "xla": functools.partial(jax.nn.dot_product_attention, implementation="xla"), "wrong": wrong,
         "same": functools.partial(jax.nn.dot_product_attention, implementation="xla")})
     site = {"site": "unet 4x4 self", "batch": 1, "q_tokens": 16, "kv_tokens": 16, "heads": 2, "head_dim": 8,
@@ -745,16 +740,16 @@ def test_gpu_bench_script_runs_the_named_steps_and_packs_every_log(tmp_path):
     assert refused.returncode == 2 and "unknown step: bogus" in refused.stderr
     assert "ran" not in refused.stdout and not (tmp_path / "out").exists()
 
-    done = subprocess.run(["bash", script, "jaxdiff", "triton", "blockdiag", "profile"], cwd=tmp_path, env=env,
+    done = subprocess.run(["bash", script, "jaxdiff", "triton", "b32", "profile"], cwd=tmp_path, env=env,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     with tarfile.open(tmp_path / "out" / "gpu_bench.tgz") as tgz:
         logs = {os.path.basename(m.name): tgz.extractfile(m).read().decode() for m in tgz.getmembers() if m.isfile()}
-    assert set(logs) == {"preamble.log", "jaxdiff.log", "triton.log", "blockdiag.log", "profile.log"}
+    assert set(logs) == {"preamble.log", "jaxdiff.log", "triton.log", "b32.log", "profile.log"}
     assert "stand-in GPU" in logs["preamble.log"]
     assert "XLA_FLAGS=--xla_gpu_enable_triton_gemm=true" in logs["triton.log"]
     assert "ran XLA_FLAGS= JAXDIFF_ATTENTION= -m tools.bench --arch sd15" in logs["jaxdiff.log"]
-    assert "JAXDIFF_ATTENTION=blockdiag -m tools.bench --arch sd15" in logs["blockdiag.log"]
+    assert "ran XLA_FLAGS= JAXDIFF_ATTENTION= -m tools.bench --arch sd15 --batch-sizes 32" in logs["b32.log"]
     assert logs["jaxdiff.log"].endswith("exit status 0\n") and logs["profile.log"].endswith("exit status 3\n")
 
 
@@ -770,12 +765,12 @@ def test_gpu_bench_default_steps_fit_the_time_its_header_states():
     import re
 
     text = open(os.path.join(bench.ROOT, "tools", "gpu_bench.sh")).read()
-    defaults = re.search(r"steps=\(sd15 warm x4 blockdiag nomerge\)", text)
+    defaults = re.search(r"steps=\(sd15 warm x4 b32 profile\)", text)
     limits = dict(re.findall(r"^\s+(\w+)\) step \w+ (\d+) ", text, re.MULTILINE))
     preamble = re.findall(r"^\{? *timeout (\d+) ", text, re.MULTILINE)
     stated = int(re.search(r"add up to (\d+) s", text).group(1))
     assert defaults and len(preamble) == 2
-    assert sum(int(limits[s]) for s in ("sd15", "warm", "x4", "blockdiag", "nomerge")) + sum(map(int, preamble)) == stated
+    assert sum(int(limits[s]) for s in ("sd15", "warm", "x4", "b32", "profile")) + sum(map(int, preamble)) == stated
     assert stated <= 590
 
 

@@ -248,17 +248,6 @@ def test_tpu_attention_kernel_path_matches_diffusers():
         attention.set_attention_implementation(None)
 
 
-@pytest.mark.parity
-def test_blockdiag_text_attention_path_matches_diffusers():
-    # Every attention over few keys through the block-diagonal GEMMs: here all of them,
-    # cross attention and self attention over the 8x8 latent's 64 positions.
-    from jaxdiff.models import attention
-
-    with attention.dispatch("blockdiag"):
-        _compare(SD1_STYLE, height=8, width=8, timesteps=[999.0, 17.25], tol=1e-5,
-                 forward=nnx.jit(lambda model, *args: model(*args)))
-
-
 def test_bfloat16_model_stays_close_to_float32():
     # bf16 parameters and activations, float32 norm statistics and softmax: the output
     # must stay near the fp32 one (bf16 has ~3 significant digits; 5% of the scale).

@@ -13,10 +13,7 @@ Each is timed on every path: XLA's own attention, cuDNN flash attention, cuDNN w
 head dim zero-padded to a multiple of 64 (flash kernels run a head dim of 40 as a wider
 one: is padding it ourselves free?), and jax's FlashAttention-3 style Hopper kernel
 (Pallas on Mosaic GPU, in f16, head dim padded the same way), best of a few block
-sizes; text attention (few keys) also as two dense GEMMs over all heads at once, the keys
-laid out block-diagonally (`blockdiag_attention` in jaxdiff/models/attention.py, which
-`JAXDIFF_ATTENTION=blockdiag` runs in the UNet). A path the backend or shape does not
-take is reported with its reason. On a GPU it names the candidate kernels per shape; but
+sizes. A path the backend or shape does not take is reported with its reason. On a GPU it names the candidate kernels per shape; but
 the small sites, timed alone, changed order from one H200 run to the next, so a change to
 jaxdiff/models/attention.py's dispatch is decided end to end (tools/gpu_bench.sh).
 """
@@ -116,17 +113,13 @@ def mosaic_fa3(block_q: int, block_kv: int):
     return attend
 
 
-def _paths(head_dim: int, kv_tokens: int) -> dict:
+def _paths(head_dim: int) -> dict:
     """name: attention fn, or {config: fn} for a path timed at each config, its best kept."""
     import functools
 
     import jax
 
-    from jaxdiff.models.attention import (
-        BLOCKDIAG_MAX_KEYS,
-        _round_up,
-        blockdiag_attention,
-    )
+    from jaxdiff.models.attention import _round_up
 
     paths = {name: functools.partial(jax.nn.dot_product_attention, implementation=name)
              for name in ("xla", "cudnn")}
@@ -135,8 +128,6 @@ def _paths(head_dim: int, kv_tokens: int) -> dict:
         paths[f"cudnn_pad{padded}"] = with_padded_head_dim(paths["cudnn"], padded)
     paths["mosaic_fa3"] = {f"block_q {bq} block_kv {bkv}": with_padded_head_dim(mosaic_fa3(bq, bkv), _round_up(head_dim, 64))
                            for bq, bkv in FA3_BLOCKS}
-    if kv_tokens <= BLOCKDIAG_MAX_KEYS:
-        paths["blockdiag"] = blockdiag_attention
     return paths
 
 
@@ -164,9 +155,9 @@ def time_site(site: dict, dtype, reps: int) -> dict:
     flops = 4.0 * b * h * site["q_tokens"] * site["kv_tokens"] * d  # q.k and p.v
     from jaxdiff.models import attention
 
-    result = dict(site, gflop=float(f"{flops / 1e9:.4g}"), dispatch=attention._choose(q, k), paths={})
+    result = dict(site, gflop=float(f"{flops / 1e9:.4g}"), dispatch=attention._choose(q), paths={})
     reference = None
-    for name, path in _paths(d, site["kv_tokens"]).items():
+    for name, path in _paths(d).items():
         configs = path if isinstance(path, dict) else {None: path}
         timed, errors = [], {}
         for config, fn in configs.items():

@@ -13,11 +13,10 @@ import os
 import jax
 import jax.numpy as jnp
 
-# "auto" picks per backend; the others force one path: plain XLA, cuDNN flash (GPU),
-# Pallas' flash kernel (TPU, where there is no mask; the tests run it on the CPU in TPU
-# interpret mode), or two block-diagonal GEMMs for attention over few keys (text
-# attention; calls over more keys get what "auto" picks).
-_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas", "blockdiag")
+# "auto" picks per backend; the others force one path: plain XLA, cuDNN flash (GPU; head
+# dims it does not take stay on XLA), or Pallas' flash kernel (TPU, where there is no
+# mask; the tests run it on the CPU in TPU interpret mode).
+_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
 _override: str | None = None
 # The backend whose kernels "auto" picks; None: jax.default_backend(). Set when compiling
 # ahead of time for a chip this process does not hold (tools/step_hlo.py).
@@ -30,10 +29,6 @@ _TPU_TILE = 128
 # attention is what gets there: 16,384 tokens for the x4 upscaler's 512 px decode, 2.1e9
 # entries at batch 8.
 MAX_SCORES = 2 ** 30
-
-# The block-diagonal path's score array holds heads x keys columns per query: for the 77
-# text tokens, not for self attention.
-BLOCKDIAG_MAX_KEYS = 128
 
 
 def set_attention_implementation(name: str | None) -> None:
@@ -87,7 +82,7 @@ def _cudnn_takes(head_dim: int) -> bool:
     return head_dim % 8 == 0 and head_dim <= _cudnn_max_head_dim()
 
 
-def _choose(q: jax.Array, k: jax.Array | None = None, *, plain_only: bool = False) -> str:
+def _choose(q: jax.Array, *, plain_only: bool = False) -> str:
     """The path for one call: an implementation name."""
     choice = _override or os.environ.get("JAXDIFF_ATTENTION", "auto")
     if choice not in _IMPLEMENTATIONS:
@@ -95,10 +90,6 @@ def _choose(q: jax.Array, k: jax.Array | None = None, *, plain_only: bool = Fals
             f"JAXDIFF_ATTENTION={choice!r} is not one of {_IMPLEMENTATIONS}")
     if choice == "pallas" and plain_only:
         return "xla"  # the kernel takes no mask: masked or causal calls (CLIP) stay on XLA
-    if choice == "blockdiag":
-        if not plain_only and k is not None and k.shape[1] <= BLOCKDIAG_MAX_KEYS:
-            return "blockdiag"
-        choice = "auto"  # self attention, or CLIP's causal attention
     if choice == "cudnn" and not _cudnn_takes(q.shape[-1]):
         return "xla"  # a head dim cuDNN does not take (the VAE's 512)
     if choice != "auto":
@@ -187,28 +178,6 @@ def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, is_causal: bool 
     return out.swapaxes(0, 1).reshape(batch, chunks * chunk, heads, v.shape[-1])[:, :q_len]
 
 
-def blockdiag_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float | None = None) -> jax.Array:
-    """Attention over few keys as two dense GEMMs per batch element, all heads at once: q's
-    (heads x head dim) columns times the keys laid out block-diagonally by head gives every
-    head's scores in one (queries, heads x keys) product, and the softmaxed scores times the
-    values laid out the same way give every head's output. The zero blocks cost FLOPs
-    (heads times the useful ones, small at 77 keys); in return both products are wide,
-    plain GEMMs, where text attention on a flash kernel ran at 7-34 TFLOP/s on an H200.
-    Scores and softmax in float32."""
-    batch, queries, heads, head_dim = q.shape
-    keys = k.shape[1]
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    eye = jnp.eye(heads, dtype=q.dtype)
-    # keys_bd[b, (h, d), (g, s)] = k[b, s, g, d] where h == g, else 0; values_bd its transpose's layout.
-    keys_bd = jnp.einsum("bsgd,hg->bhdgs", k, eye).reshape(batch, heads * head_dim, heads * keys)
-    values_bd = jnp.einsum("bsgd,gh->bgshd", v, eye).reshape(batch, heads * keys, heads * head_dim)
-    scores = jnp.matmul(q.reshape(batch, queries, heads * head_dim), keys_bd, preferred_element_type=jnp.float32)
-    probs = jax.nn.softmax(scores.reshape(batch, queries, heads, keys) * scale, axis=-1)
-    out = jnp.matmul(probs.astype(q.dtype).reshape(batch, queries, heads * keys), values_bd,
-                     preferred_element_type=jnp.float32)
-    return out.reshape(batch, queries, heads, head_dim).astype(q.dtype)
-
-
 def _cudnn(q, k, v, **kwargs):
     """cuDNN flash attention: every cuDNN call of the dispatch goes through here."""
     return jax.nn.dot_product_attention(q, k, v, implementation="cudnn", **kwargs)
@@ -217,11 +186,9 @@ def _cudnn(q, k, v, **kwargs):
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                           is_causal: bool = False, mask: jax.Array | None = None) -> jax.Array:
     """Softmax attention with scale 1/sqrt(head_dim); mask is True where attending is allowed."""
-    implementation = _choose(q, k, plain_only=is_causal or mask is not None)
+    implementation = _choose(q, plain_only=is_causal or mask is not None)
     if implementation == "pallas":
         return _pallas_tpu_attention(q, k, v)
-    if implementation == "blockdiag":
-        return blockdiag_attention(q, k, v)
     if implementation == "xla":
         return _xla_attention(q, k, v, is_causal=is_causal, mask=mask)
     return _cudnn(q, k, v, mask=mask, is_causal=is_causal)
