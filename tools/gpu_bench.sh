@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
 # GPU benchmark steps, sized for a 10-minute run. Usage: bash tools/gpu_bench.sh [STEP ...]
-# (no step: sd15 warm x4 blockdiag nomerge). The default steps' time limits and the
+# (no step: sd15 warm x4 b32 profile). The default steps' time limits and the
 # preamble's add up to 585 s, plus a few seconds to install the wheels in .whl/: one
-# 10-minute call. Which steps of the 2026-11-27 H200 run finished
-# put a process's time outside its compile and timed calls (imports, random weights at
-# full size) at 26-46 s: the limits allow for it, and the bench's progress lines say where
-# a step that ran out of time was. Random weights are now filled from the host instead of
-# by eager init (tools/random_family.py: SD 1.5's three models 31 -> 5 s on the 2-core CPU).
+# 10-minute call. On an H200 (2026-11-28) each process had its full-size random models
+# built 9-13 s after it started, and the steps ran well inside their limits: sd15, warm,
+# x4 and two more sd15 processes took 362 s with the preamble; profile, attention and b32
+# 141 s. The bench's progress lines say where a step that runs out of time was.
 #   sd15       jaxdiff vs diffusers eager and torch.compile, SD 1.5 at batch 16, with stages
 #   jaxdiff    sd15 without diffusers or stages: jaxdiff's img/s and cold compile alone
 #   warm       a second process on the same program: the warm compilation cache (after sd15
@@ -15,14 +14,6 @@
 #   profile    the UNet's op time by category (tools/op_profile.py)
 #   attention  each attention shape alone on each kernel (tools/attention_bench.py)
 #   triton     sd15 with Triton GEMMs allowed (the engine asks XLA for cuBLAS ones)
-#   nomerge    sd15 with XLA's dot merger off: the K and V projections of a self attention
-#              stay two GEMMs, without the copies of the merged one's halves that cuDNN's
-#              attention needs (compiled for an H200 without a device: memory-bound ops
-#              6.20 -> 5.83 ms a step, 68 more cuBLAS calls)
-#   blockdiag  sd15 with JAXDIFF_ATTENTION=blockdiag: attention over few keys (text, and the
-#              8x8 self attention) as two block-diagonal GEMMs instead of cuDNN
-#   cudnn      sd15 with JAXDIFF_ATTENTION=cudnn: cuDNN at every attention site as it is (no
-#              head dim padding, no XLA path at head dim 160)
 #   b32        sd15 at batch 32
 #   hlo        the step as the device compiles it (conv algorithms autotuned): ops and bytes
 #              (tools/step_hlo.py --target local)
@@ -34,8 +25,8 @@
 # $OUT/gpu_bench.tgz (or ./bench-out/): one file to copy back, and a step cut off by a time
 # limit must not lose the ones before it.
 set -u -o pipefail
-all_steps=" sd15 jaxdiff warm x4 profile attention triton nomerge blockdiag cudnn b32 hlo "
-steps=("$@"); [ ${#steps[@]} -gt 0 ] || steps=(sd15 warm x4 blockdiag nomerge)
+all_steps=" sd15 jaxdiff warm x4 profile attention triton b32 hlo "
+steps=("$@"); [ ${#steps[@]} -gt 0 ] || steps=(sd15 warm x4 b32 profile)
 for s in "${steps[@]}"; do
   [[ $all_steps == *" $s "* ]] || { echo "unknown step: $s (steps:$all_steps)" >&2; exit 2; }
 done
@@ -74,17 +65,11 @@ run_step() {
     warm) step warm 60 "${sd15[@]}" --reps 1 --no-stages --out "$SCRATCH/bench_sd15_warm_cache.json" ;;
     x4) step x4 135 python3 -m tools.bench --arch x4-upscaler --size 128 --batch-sizes 8 --steps 20 --guidance 9 \
           --reps 2 --no-stages --compare diffusers --out "$SCRATCH/bench_x4.json" ;;
-    profile) step profile 90 python3 -m tools.op_profile --arch sd15 --size 512 --batch 16 --out "$SCRATCH/profile_sd15.json" ;;
+    profile) step profile 75 python3 -m tools.op_profile --arch sd15 --size 512 --batch 16 --out "$SCRATCH/profile_sd15.json" ;;
     attention) step attention 60 python3 -m tools.attention_bench --arch sd15 --batch 16 --out "$SCRATCH/attention_sd15.json" ;;
     triton) step triton 90 env XLA_FLAGS=--xla_gpu_enable_triton_gemm=true "${sd15[@]}" --reps 1 --no-stages \
               --out "$SCRATCH/bench_sd15_triton.json" ;;
-    nomerge) step nomerge 75 env XLA_FLAGS=--xla_gpu_dot_merger_threshold_mb=0 "${sd15[@]}" --reps 1 --no-stages \
-               --out "$SCRATCH/bench_sd15_nomerge.json" ;;
-    blockdiag) step blockdiag 75 env JAXDIFF_ATTENTION=blockdiag "${sd15[@]}" --reps 1 --no-stages \
-                 --out "$SCRATCH/bench_sd15_blockdiag.json" ;;
-    cudnn) step cudnn 75 env JAXDIFF_ATTENTION=cudnn "${sd15[@]}" --reps 2 --no-stages \
-             --out "$SCRATCH/bench_sd15_cudnn.json" ;;
-    b32) step b32 100 python3 -m tools.bench --arch sd15 --batch-sizes 32 --steps 25 --reps 1 --no-stages \
+    b32) step b32 75 python3 -m tools.bench --arch sd15 --batch-sizes 32 --steps 25 --reps 1 --no-stages \
            --out "$SCRATCH/bench_sd15_b32.json" ;;
     hlo) step hlo 60 python3 -m tools.step_hlo --arch sd15 --batch 16 --target local --out "$SCRATCH/step_hlo_sd15.json" \
            --hlo-out "$SCRATCH/sd15_step_hlo.txt" ;;
