@@ -9,6 +9,7 @@ from a diffusers checkpoint. Layout is NHWC throughout.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping
 
 import jax
@@ -45,6 +46,16 @@ def known_config_values(cls, config: Mapping[str, Any], *, model: str, hint: str
     if unknown:
         raise UnsupportedConfig(f"{model} config: unknown field(s) {unknown}; {hint}")
     return {k: v for k, v in config.items() if k in fields}
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact GELU as torch computes it, 0.5 x (1 + erf(x / sqrt 2)) in float32, the result
+    in x's dtype. jax.nn.gelu's exact form goes through erfc, which XLA expands into both
+    branches of a piecewise polynomial and an exponential: 68 operations an element in
+    the SD 1.5 UNet's GEGLU fusion compiled for an H200, against 8 around one erf, which
+    the GPU emits as one rational polynomial."""
+    xf = x.astype(jnp.float32)
+    return (0.5 * xf * (1.0 + jax.lax.erf(xf * (1.0 / math.sqrt(2.0))))).astype(x.dtype)
 
 
 def group_norm(num_channels: int, num_groups: int, eps: float, *, dtype, rngs: nnx.Rngs) -> nnx.GroupNorm:

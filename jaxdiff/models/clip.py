@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from jaxdiff.models.attention import dot_product_attention
-from jaxdiff.models.blocks import UnsupportedConfig
+from jaxdiff.models.blocks import UnsupportedConfig, gelu
 
 
 def _quick_gelu(x: jax.Array) -> jax.Array:
@@ -30,7 +30,7 @@ def _quick_gelu(x: jax.Array) -> jax.Array:
 # transformers' `hidden_act` names -> functions. "gelu" is the exact (erf) form.
 _ACTIVATIONS = {
     "quick_gelu": _quick_gelu,
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu": gelu,
     "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
     "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
 }

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdiff.models.blocks import (Attention, Downsample2D, ResnetBlock2D, UnsupportedConfig, Upsample2D,
-                                   conv2d, group_norm, known_config_values, repeat_batch)
+                                   conv2d, gelu, group_norm, known_config_values, repeat_batch)
 
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -203,7 +203,7 @@ class GEGLU(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         hidden, gate = jnp.split(self.proj(x), 2, axis=-1)
-        return hidden * jax.nn.gelu(gate, approximate=False)
+        return hidden * gelu(gate)
 
 
 class FeedForward(nnx.Module):
