@@ -110,6 +110,14 @@ def test_op_profile_puts_every_op_in_a_category(tmp_path, monkeypatch):
         assert entry["gb_s"] == pytest.approx(entry["gb"] / entry["s"], rel=0.01), category
     assert categories["elementwise"]["gflop"] == 0 and categories["elementwise"]["gb"] > 0
     assert result["top_ops"] and all(o["category"] in categories for o in result["top_ops"])
+    # Every op is listed, slowest first, the top ones among them, each with where in the
+    # models it comes from (the stand-in event has no source).
+    ops = result["ops"]
+    assert ops[:20] == result["top_ops"] and [o["s"] for o in ops] == sorted((o["s"] for o in ops), reverse=True)
+    assert sum(o["s"] for o in ops) == pytest.approx(result["op_time_s"], abs=1e-4)
+    assert ops[0]["source"] == "?"
+    sources = {o["source"].split(":")[0] for o in ops if o["category"] == "convolution"}
+    assert sources & {"unet.py", "blocks.py"}, sources
 
 
 def test_op_profile_names_gpu_library_calls():

@@ -68,6 +68,19 @@ def stack_locations(text: str) -> dict[int, list[str]]:
     return chains
 
 
+_MODELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jaxdiff", "models")
+_MODEL_FILES = tuple(f + ":" for f in os.listdir(_MODELS_DIR) if f.endswith(".py") and f != "__init__.py")
+
+
+def op_source(line: str, locations: dict[int, list[str]]) -> str:
+    """Where in the models an instruction comes from: its innermost frame in jaxdiff/models
+    ("unet.py:206 GEGLU.__call__"), else its innermost frame, else "?"."""
+    frame = _FRAME_ID.search(line)
+    chain = locations.get(int(frame.group(1)), []) if frame else []
+    ours = [loc for loc in chain if loc.startswith(_MODEL_FILES)]
+    return (ours or chain or ["?"])[0]
+
+
 def stack_files(text: str) -> dict[int, set[str]]:
     """Source files (base names) of each stack frame in the module's frame tables."""
     return {frame: {location.split(":")[0] for location in chain}

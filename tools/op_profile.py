@@ -29,7 +29,8 @@ import sys
 import tempfile
 import time
 
-from tools.hlo_ops import CATEGORIES, bytes_moved, categorize, op_flops, parse_hlo, stack_files
+from tools.hlo_ops import (CATEGORIES, bytes_moved, categorize, op_flops, op_source, parse_hlo, stack_files,
+                           stack_locations)
 
 
 def op_times(trace_dir: str, module_name: str) -> dict[str, float]:
@@ -92,9 +93,9 @@ def profile_unet(arch: str, batch: int, size: int | None, dtype_name: str | None
         raise RuntimeError(f"the trace under {trace_dir} holds no op of {module_name}: "
                            "this backend's profiler does not report XLA ops")
     instructions, computations = parse_hlo(hlo)
-    frames = stack_files(hlo)
+    frames, locations = stack_files(hlo), stack_locations(hlo)
     per_category = {c: {"s": 0.0, "ops": 0, "gflop": 0.0, "gb": 0.0} for c in CATEGORIES}
-    top = []
+    ops = []
     for op, seconds in times.items():
         # An event that is no instruction of the program (a CUDA graph of several ops, say)
         # cannot be told apart: "other", not a guess.
@@ -106,21 +107,24 @@ def profile_unet(arch: str, batch: int, size: int | None, dtype_name: str | None
         entry["ops"] += 1
         entry["gflop"] += gflop
         entry["gb"] += gb
-        top.append((seconds / reps, op, category, gflop, gb))
+        source = op_source(instructions[op][1], locations) if op in instructions else "?"
+        ops.append((seconds / reps, op, category, gflop, gb, source))
     total = sum(v["s"] for v in per_category.values())
     for entry in per_category.values():
         entry.update(_rates(entry["s"], entry["gflop"], entry["gb"]))
         entry["share"] = round(entry["s"] / total, 4) if total else 0.0
         entry["s"] = round(entry["s"], 6)
         entry["gflop"], entry["gb"] = float(f"{entry['gflop']:.4g}"), float(f"{entry['gb']:.4g}")
-    top.sort(reverse=True)
+    ops.sort(reverse=True)
+    ops = [{"op": op, "category": c, "s": round(s, 6), "share": round(s / total, 4), **_rates(s, gflop, gb),
+            "source": source} for s, op, c, gflop, gb, source in ops]
     return {
         "arch": arch, "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
         "dtype": str(dtype), "batch": batch, "unet_rows": 2 * batch, "size": side, "latent": latent,
         "forward_wall_s": round(statistics.median(walls), 6), "op_time_s": round(total, 6),
         "categories": per_category,
-        "top_ops": [{"op": op, "category": c, "s": round(s, 6), "share": round(s / total, 4),
-                     **_rates(s, gflop, gb)} for s, op, c, gflop, gb in top[:20]],
+        "top_ops": ops[:20],
+        "ops": ops,  # every op, slowest first: each category's slow ones, with where they come from
     }
 
 
@@ -157,6 +161,10 @@ def main(argv=None) -> dict:
     for name, e in sorted(result["categories"].items(), key=lambda kv: -kv[1]["s"]):
         print(f"{name:<13}{e['s'] * 1e3:>10.3f}{e['share']:>8.1%}{e['ops']:>6}{e['gflop']:>10.1f}"
               f"{e['tflop_s'] or 0:>9.1f}{e['gb']:>8.2f}{e['gb_s'] or 0:>8.0f}")
+    print("slowest ops:")
+    for o in result["top_ops"][:12]:
+        print(f"  {o['s'] * 1e3:8.3f} ms  {o['category']:<12} {o['tflop_s'] or 0:7.1f} TFLOP/s {o['gb_s'] or 0:7.0f} GB/s"
+              f"  {o['op']:<34} {o['source']}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

@@ -40,25 +40,13 @@ import re
 import sys
 
 from tools.chips import TARGETS, Chip, chip_of
-from tools.hlo_ops import (CATEGORIES, bytes_moved, categorize, loop_body, op_flops, parse_hlo, program_flops,
-                           stack_files, stack_locations)
+from tools.hlo_ops import (CATEGORIES, bytes_moved, categorize, loop_body, op_flops, op_source, parse_hlo,
+                           program_flops, stack_files, stack_locations)
 
 TARGETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_targets")
 MEMORY_BOUND = ("elementwise", "reduction", "layout", "other")
 
 _NOT_KERNELS = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant"}
-
-
-_MODELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jaxdiff", "models")
-_MODEL_FILES = tuple(f + ":" for f in os.listdir(_MODELS_DIR) if f.endswith(".py") and f != "__init__.py")
-
-
-def _source(line: str, locations: dict[int, list[str]]) -> str:
-    """Where in the models an op comes from: its innermost frame in jaxdiff/models."""
-    frame = re.search(r"stack_frame_id=(\d+)", line)
-    chain = locations.get(int(frame.group(1)), []) if frame else []
-    ours = [loc for loc in chain if loc.startswith(_MODEL_FILES)]
-    return (ours or chain or ["?"])[0]
 
 
 def summarize(text: str, body: str | None = None, top: int = 15,
@@ -87,7 +75,7 @@ def summarize(text: str, body: str | None = None, top: int = 15,
         if chip_rates:
             # FLOP / (TFLOP/s) / 1e9 and byte / (TB/s) / 1e9 are milliseconds.
             roofline_ms += max(flops / chip_rates[0], moved / chip_rates[1]) / 1e9
-        heaviest.append((moved, name, category, _source(line, locations)))
+        heaviest.append((moved, name, category, op_source(line, locations)))
         target = re.search(r'custom_call_target="([^"]+)"', line)
         kind = re.search(r"kind=(\w+)", line)
         kernels[target.group(1) if target else f"{opcode}:{kind.group(1)}" if kind else opcode] += 1
