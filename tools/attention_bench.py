@@ -13,9 +13,10 @@ Each is timed on every path: XLA's own attention, cuDNN flash attention, cuDNN w
 head dim zero-padded to a multiple of 64 (flash kernels run a head dim of 40 as a wider
 one: is padding it ourselves free?), and jax's FlashAttention-3 style Hopper kernel
 (Pallas on Mosaic GPU, in f16, head dim padded the same way), best of a few block
-sizes. A path the backend or shape does not take is reported with its reason. On a GPU it names the candidate kernels per shape; but
-the small sites, timed alone, changed order from one H200 run to the next, so a change to
-jaxdiff/models/attention.py's dispatch is decided end to end (tools/gpu_bench.sh).
+sizes. A path the backend or shape does not take is reported with its reason. On a GPU it
+names the candidate kernels per shape; but the small sites, timed alone, changed order
+from one H200 run to the next, so a change to jaxdiff/models/attention.py's dispatch is
+decided end to end (tools/gpu_bench.sh).
 """
 
 from __future__ import annotations

@@ -97,9 +97,9 @@ def _choose(q: jax.Array, *, plain_only: bool = False) -> str:
     backend = _target_backend or jax.default_backend()
     if backend == "gpu":
         # cuDNN flash attention wherever it takes the head dim; it needs CUDA and half
-        # precision. SD 1.5 at batch 16 on an H200 rendered 9.68-9.75 img/s so, against
-        # 9.49-9.62 when text attention at head dims 40 and 160 went to cuDNN zero-padded
-        # to 64 and 192 and head dim 160's self attention to XLA (per-shape timings alone
+        # precision. SD 1.5 at batch 16 on an H200 rendered 9.68-9.75 img/s this way,
+        # against 9.49-9.62 with text attention at head dims 40 and 160 on cuDNN zero-padded
+        # to 64 and 192 and head dim 160's self attention on XLA (per-shape timings alone
         # had favoured those, but did not repeat from one run to the next).
         held_gpu_is_not_cuda = _target_backend is None and _cuda_capability() is None
         if q.dtype in (jnp.bfloat16, jnp.float16) and not held_gpu_is_not_cuda and _cudnn_takes(q.shape[-1]):
