@@ -15,6 +15,9 @@
 #   attention  each attention shape alone on each kernel (tools/attention_bench.py)
 #   triton     sd15 with Triton GEMMs allowed (the engine asks XLA for cuBLAS ones)
 #   b32        sd15 at batch 32
+#   parity     the models' parity tests against diffusers (pytest -m parity) run on the GPU:
+#              its kernels (cuDNN attention in bfloat16, at SD 1.5's head dims too), float32
+#              at full precision (no TF32), four test processes sharing the card
 #   hlo        the step as the device compiles it (conv algorithms autotuned): ops and bytes
 #              (tools/step_hlo.py --target local)
 # The device's image has jax, flax, torch and transformers; diffusers (for --compare) comes
@@ -25,7 +28,7 @@
 # $OUT/gpu_bench.tgz (or ./bench-out/): one file to copy back, and a step cut off by a time
 # limit must not lose the ones before it.
 set -u -o pipefail
-all_steps=" sd15 jaxdiff warm x4 profile attention triton b32 hlo "
+all_steps=" sd15 jaxdiff warm x4 profile attention triton b32 parity hlo "
 steps=("$@"); [ ${#steps[@]} -gt 0 ] || steps=(sd15 warm x4 b32 profile)
 for s in "${steps[@]}"; do
   [[ $all_steps == *" $s "* ]] || { echo "unknown step: $s (steps:$all_steps)" >&2; exit 2; }
@@ -71,6 +74,8 @@ run_step() {
               --out "$SCRATCH/bench_sd15_triton.json" ;;
     b32) step b32 75 python3 -m tools.bench --arch sd15 --batch-sizes 32 --steps 25 --reps 1 --no-stages \
            --out "$SCRATCH/bench_sd15_b32.json" ;;
+    parity) step parity 150 env JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest XLA_PYTHON_CLIENT_PREALLOCATE=false \
+              python3 -m pytest -q -p no:cacheprovider -n 4 -m parity tests/test_unet.py tests/test_vae.py tests/test_clip.py ;;
     hlo) step hlo 60 python3 -m tools.step_hlo --arch sd15 --batch 16 --target local --out "$SCRATCH/step_hlo_sd15.json" \
            --hlo-out "$SCRATCH/sd15_step_hlo.txt" ;;
   esac
