@@ -30,7 +30,7 @@ def test_bench_reports_throughput_stages_and_ratio(tmp_path, monkeypatch):
         # images/s is the batch's images over its median time, on both sides, and the ratio
         # is jaxdiff's over diffusers' (above 1: jaxdiff is faster).
         theirs = result["diffusers_eager"]["batches"][batch]
-        # (Each figure is rounded: to 3 decimals, times to 4 or 5.)
+        # (Each figure is rounded: images/s to 3 decimals, times to 5 significant digits.)
         assert entry["images_per_s"] == pytest.approx(int(batch) / entry["batch_s"], rel=1e-2, abs=2e-3)
         assert theirs["images_per_s"] == pytest.approx(int(batch) / theirs["batch_s"], rel=1e-2, abs=2e-3)
         assert result["ratios"][f"vs_diffusers_eager_b{batch}"] == pytest.approx(

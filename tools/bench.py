@@ -235,7 +235,8 @@ def bench_arch(args) -> dict:
         first = time.perf_counter() - t
         progress(f"batch {B}: first call took {first:.1f} s; timing {args.reps} more")
         batch_s = _median_time(work, args.reps)
-        entry = {"first_call_s": round(first, 2), "batch_s": round(batch_s, 4),
+        # Five significant digits: a tiny model's batch of a few ms keeps its images/s to 1e-4.
+        entry = {"first_call_s": round(first, 2), "batch_s": float(f"{batch_s:.5g}"),
                  "images_per_s": round(B / batch_s, 3)}
         if not args.no_stages:
             stages = stage_times(family, B, latent_hw, args.reps)

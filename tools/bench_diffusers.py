@@ -124,7 +124,7 @@ def main(argv=None) -> dict:
         for _ in range(args.reps):
             t = time.perf_counter(); render(B); sync()
             times.append(time.perf_counter() - t)
-        result["batches"][str(B)] = {"first_s": round(first, 3), "batch_s": round(statistics.median(times), 4),
+        result["batches"][str(B)] = {"first_s": round(first, 3), "batch_s": float(f"{statistics.median(times):.5g}"),
                                      "images_per_s": round(B / statistics.median(times), 3)}
         # A line per batch: a run cut short keeps the batches it measured.
         print(json.dumps(result), flush=True)
