@@ -194,6 +194,31 @@ def test_attention_step_totals_weigh_each_unet_site_by_its_calls():
     assert _step_totals(sites) == {"dispatch": 2 * 2.0 + 3 * 1.0, "best": 2 * 2.0 + 3 * 0.5}
 
 
+def test_attention_bench_times_calls_chained_in_one_program(monkeypatch):
+    """Each timing runs CHAINED_CALLS calls in one program, each on the last one's output,
+    and reports the time of one; the output compared against XLA's is one call's."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from tools import attention_bench
+
+    def halve(q, k, v):  # not attention: each call's effect shows in the chained output
+        return q * 0.5
+    run = attention_bench.chained(halve, calls=3)
+    q = jnp.ones((1, 4, 1, 8))
+    np.testing.assert_array_equal(np.asarray(run(q, q, q)), np.full((1, 4, 1, 8), 0.125))
+    traced = []
+    monkeypatch.setattr(attention_bench, "_paths", lambda d: {
+        "xla": lambda q, k, v: traced.append(1) or jax.nn.dot_product_attention(q, k, v, implementation="xla")})
+    monkeypatch.setattr(bench, "_median_time", lambda fn, reps: 0.8)  # time_site times with it
+    site = {"site": "unet 4x4 self", "batch": 1, "q_tokens": 16, "kv_tokens": 16, "heads": 2, "head_dim": 8,
+            "calls": 1}
+    entry = attention_bench.time_site(site, jnp.float32, reps=1)["paths"]["xla"]
+    assert len(traced) == 1 + attention_bench.CHAINED_CALLS  # the lone call, then the chain
+    assert entry["ms"] == pytest.approx(800.0 / attention_bench.CHAINED_CALLS)
+
+
 def test_attention_bench_sets_each_path_against_xlas_output(monkeypatch):
     """A path whose output differs from XLA's attention shows it in max_diff_vs_xla,
     whichever path was timed before it."""

@@ -9,14 +9,15 @@ only_cross_attention, text attention; then text attention), the mid block, all a
 CFG batch (2 x --batch) but the first self attention, which comes before any text and runs
 once per sample (jaxdiff/models/unet.py), and the VAE decoder's mid-block attention at the
 image batch.
-Each is timed on every path: XLA's own attention, cuDNN flash attention, cuDNN with the
-head dim zero-padded to a multiple of 64 (flash kernels run a head dim of 40 as a wider
-one: is padding it ourselves free?), and jax's FlashAttention-3 style Hopper kernel
-(Pallas on Mosaic GPU, in f16, head dim padded the same way), best of a few block
-sizes. A path the backend or shape does not take is reported with its reason. On a GPU it
-names the candidate kernels per shape; but the small sites, timed alone, changed order
-from one H200 run to the next, so a change to jaxdiff/models/attention.py's dispatch is
-decided end to end (tools/gpu_bench.sh).
+Each is timed on every path, as CHAINED_CALLS calls back to back in one program: XLA's own
+attention, cuDNN flash attention, cuDNN with the head dim zero-padded to a multiple of 64
+(flash kernels run a head dim of 40 as a wider one: is padding it ourselves free?), and
+jax's FlashAttention-3 style Hopper kernel (Pallas on Mosaic GPU, in f16, head dim padded
+the same way), best of a few block sizes. A path the backend or shape does not take is
+reported with its reason. On a GPU it names the candidate kernels per shape; the small
+sites, timed one call at a time (before 2026-11-28), changed order from one H200 run to
+the next, so a change to jaxdiff/models/attention.py's dispatch is decided end to end
+(tools/gpu_bench.sh).
 """
 
 from __future__ import annotations
@@ -30,6 +31,22 @@ TEXT_TOKENS = 77
 # warpgroups take block_q query rows each; a head dim padded to 192 leaves shared memory
 # for block_kv 64 only.
 FA3_BLOCKS = ((64, 128), (64, 64))
+# Calls timed back to back in one program, each taking the last one's output as its
+# queries: a lone call of 0.2-0.5 ms also timed its launch and the host's wait, and the
+# small sites changed order from one H200 run to the next that way.
+CHAINED_CALLS = 8
+
+
+def chained(fn, calls: int = CHAINED_CALLS):
+    """`fn(q, k, v)` run `calls` times in one jitted program, each call's queries the last
+    call's output (same shape; no call can be skipped or hoisted)."""
+    import jax
+
+    def run(q, k, v):
+        for _ in range(calls):  # unrolled: no loop between the calls
+            q = fn(q, k, v).astype(q.dtype)
+        return q
+    return jax.jit(run)
 
 
 def attention_sites(arch: str, batch: int, size: int | None = None) -> list[dict]:
@@ -163,9 +180,11 @@ def time_site(site: dict, dtype, reps: int) -> dict:
         timed, errors = [], {}
         for config, fn in configs.items():
             try:
-                fn = jax.jit(fn)
-                out = jax.block_until_ready(fn(q, k, v))
-                timed.append((_median_time(lambda: jax.block_until_ready(fn(q, k, v)), reps), config, out))
+                out = jax.block_until_ready(jax.jit(fn)(q, k, v))
+                run = chained(fn)
+                jax.block_until_ready(run(q, k, v))
+                seconds = _median_time(lambda: jax.block_until_ready(run(q, k, v)), reps) / CHAINED_CALLS
+                timed.append((seconds, config, out))
             except Exception as e:  # a path (or config) this backend or shape does not take
                 errors[config] = _reason(e)
         if not timed:  # the reason of the last config tried: the smallest blocks
