@@ -773,16 +773,17 @@ def test_gpu_bench_script_runs_the_named_steps_and_packs_every_log(tmp_path):
     assert refused.returncode == 2 and "unknown step: bogus" in refused.stderr
     assert "ran" not in refused.stdout and not (tmp_path / "out").exists()
 
-    done = subprocess.run(["bash", script, "jaxdiff", "triton", "b32", "profile"], cwd=tmp_path, env=env,
+    done = subprocess.run(["bash", script, "jaxdiff", "triton", "b32", "profile", "parity"], cwd=tmp_path, env=env,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     with tarfile.open(tmp_path / "out" / "gpu_bench.tgz") as tgz:
         logs = {os.path.basename(m.name): tgz.extractfile(m).read().decode() for m in tgz.getmembers() if m.isfile()}
-    assert set(logs) == {"preamble.log", "jaxdiff.log", "triton.log", "b32.log", "profile.log"}
+    assert set(logs) == {"preamble.log", "jaxdiff.log", "triton.log", "b32.log", "profile.log", "parity.log"}
     assert "stand-in GPU" in logs["preamble.log"]
     assert "XLA_FLAGS=--xla_gpu_enable_triton_gemm=true" in logs["triton.log"]
     assert "ran XLA_FLAGS= JAXDIFF_ATTENTION= -m tools.bench --arch sd15" in logs["jaxdiff.log"]
     assert "ran XLA_FLAGS= JAXDIFF_ATTENTION= -m tools.bench --arch sd15 --batch-sizes 32" in logs["b32.log"]
+    assert "-m pytest -q -p no:cacheprovider -n 4 -m parity -k not tpu_attention tests/test_unet.py" in logs["parity.log"]
     assert logs["jaxdiff.log"].endswith("exit status 0\n") and logs["profile.log"].endswith("exit status 3\n")
 
 
