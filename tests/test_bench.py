@@ -385,7 +385,7 @@ def test_ops_are_traced_back_through_every_caller():
     frame = int(re.search(r"multiply\(.*stack_frame_id=(\d+)", text).group(1))
     assert [location.split(" ")[1] for location in chains[frame][:3]] == ["_scaled", "_shifted",
                                                                           "test_ops_are_traced_back_through_every_caller"]
-    assert "test_bench.py" in hlo_ops.stack_files(text)[frame]
+    assert "test_bench.py" in hlo_ops.stack_files(chains)[frame]
 
 # One step's body with a GEMM custom call and an elementwise fusion; the entry's own ops
 # (outside the loop) are not counted.

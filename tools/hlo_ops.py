@@ -81,10 +81,9 @@ def op_source(line: str, locations: dict[int, list[str]]) -> str:
     return (ours or chain or ["?"])[0]
 
 
-def stack_files(text: str) -> dict[int, set[str]]:
-    """Source files (base names) of each stack frame in the module's frame tables."""
-    return {frame: {location.split(":")[0] for location in chain}
-            for frame, chain in stack_locations(text).items()}
+def stack_files(locations: dict[int, list[str]]) -> dict[int, set[str]]:
+    """Source files (base names) of each stack frame, from `stack_locations`' chains."""
+    return {frame: {location.split(":")[0] for location in chain} for frame, chain in locations.items()}
 
 
 def parse_hlo(text: str) -> tuple[dict, dict]:

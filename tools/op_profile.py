@@ -93,7 +93,8 @@ def profile_unet(arch: str, batch: int, size: int | None, dtype_name: str | None
         raise RuntimeError(f"the trace under {trace_dir} holds no op of {module_name}: "
                            "this backend's profiler does not report XLA ops")
     instructions, computations = parse_hlo(hlo)
-    frames, locations = stack_files(hlo), stack_locations(hlo)
+    locations = stack_locations(hlo)
+    frames = stack_files(locations)
     per_category = {c: {"s": 0.0, "ops": 0, "gflop": 0.0, "gb": 0.0} for c in CATEGORIES}
     ops = []
     for op, seconds in times.items():

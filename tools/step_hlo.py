@@ -55,8 +55,8 @@ def summarize(text: str, body: str | None = None, top: int = 15,
     the loop body), with the `top` ops that move the most bytes. With the chip's
     (TFLOP/s, TB/s), also the roofline: each op at its compute or memory time, the slower."""
     instructions, computations = parse_hlo(text)
-    frames = stack_files(text)
     locations = stack_locations(text)
+    frames = stack_files(locations)
     body = body or loop_body(text)
     per_category = {c: {"ops": 0, "bytes": 0, "flops": 0.0} for c in CATEGORIES}
     kernels = collections.Counter()
