@@ -735,6 +735,18 @@ _OTHER_SETTINGS = {
 }
 
 
+def _run_resumed_with(tmp_path, name: str, value):
+    """(out, before, changed): a run folder whose run.json holds `before`'s settings, and
+    those settings with `name` set to `value` (which must differ)."""
+    before = _config(image_format="webp")
+    changed = dataclasses.replace(before, **{name: value})
+    assert getattr(changed, name) != getattr(before, name)
+    out = str(tmp_path / "out")
+    shards.write_json(storage.join(out, job.RUN_FILE), {"config": before.identity(),
+                                                         "manifest": {"fingerprint": "sha256:m"}})
+    return out, before, changed
+
+
 @pytest.mark.faults
 @pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(job.RenderConfig) if f.name not in _NOT_IDENTITY])
 def test_resuming_with_any_setting_that_decides_the_images_changed_is_refused_naming_it(tmp_path, name):
@@ -744,12 +756,7 @@ def test_resuming_with_any_setting_that_decides_the_images_changed_is_refused_na
     if name not in _OTHER_SETTINGS:
         pytest.fail(f"RenderConfig.{name} is new: add another value for it to _OTHER_SETTINGS, or to "
                     f"_NOT_IDENTITY if it does not change an image")
-    before = _config(image_format="webp")
-    changed = dataclasses.replace(before, **{name: _OTHER_SETTINGS[name]})
-    assert getattr(changed, name) != getattr(before, name)
-    out = str(tmp_path / "out")
-    shards.write_json(storage.join(out, job.RUN_FILE), {"config": before.identity(),
-                                                         "manifest": {"fingerprint": "sha256:m"}})
+    out, before, changed = _run_resumed_with(tmp_path, name, _OTHER_SETTINGS[name])
     assert job.check_existing_run(out, "sha256:m", before) is not None  # the same settings resume
     with pytest.raises(job.RunConflict, match=rf"with different settings \((.*; )?{name}: "):
         job.check_existing_run(out, "sha256:m", changed)
@@ -763,12 +770,7 @@ _OTHER_RUN_ONLY_SETTINGS = {"batch_size": 3, "dry_run_delay_s": 0.5, "compilatio
 def test_resuming_with_a_setting_that_does_not_decide_the_images_changed_is_allowed(tmp_path, name):
     """Another batch size, dry-run delay or compilation cache folder renders the same
     images: a run resumed with one picks up where the earlier run stopped."""
-    before = _config(image_format="webp")
-    changed = dataclasses.replace(before, **{name: _OTHER_RUN_ONLY_SETTINGS[name]})
-    assert getattr(changed, name) != getattr(before, name)
-    out = str(tmp_path / "out")
-    shards.write_json(storage.join(out, job.RUN_FILE), {"config": before.identity(),
-                                                         "manifest": {"fingerprint": "sha256:m"}})
+    out, _, changed = _run_resumed_with(tmp_path, name, _OTHER_RUN_ONLY_SETTINGS[name])
     assert job.check_existing_run(out, "sha256:m", changed) is not None
 
 
