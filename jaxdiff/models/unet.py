@@ -15,7 +15,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdiff.models.blocks import (Attention, Downsample2D, ResnetBlock2D, UnsupportedConfig, Upsample2D,
-                                   conv2d, gelu, group_norm, known_config_values, repeat_batch)
+                                   conv2d, group_norm, known_config_values, repeat_batch)
+from jaxdiff.models.geglu import geglu
 
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -202,8 +203,10 @@ class GEGLU(nnx.Module):
         self.proj = nnx.Linear(dim_in, 2 * dim_out, dtype=dtype, param_dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        hidden, gate = jnp.split(self.proj(x), 2, axis=-1)
-        return hidden * gelu(gate)
+        proj = self.proj
+        # Cast as the Linear itself casts its input and parameters.
+        x, kernel, bias = proj.promote_dtype((x, proj.kernel.get_value(), proj.bias.get_value()), dtype=proj.dtype)
+        return geglu(x, kernel, bias)
 
 
 class FeedForward(nnx.Module):

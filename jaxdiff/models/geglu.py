@@ -1,0 +1,118 @@
+"""The transformer feed-forward's gated projection, GEGLU: `hidden * gelu(gate)` where
+hidden and gate are the two halves of one biased linear projection.
+
+Two paths. "xla" (the default, everywhere): the projection as one GEMM, then XLA's fusion
+of the GELU and the product, which reads the projection's full width back from memory
+(at SD 1.5's 64x64 level, 1.0 GB a call). "tokamax" (opt in with JAXDIFF_GEGLU=tokamax,
+on Hopper and Blackwell GPUs): tokamax's fused gated linear unit, whose epilogue applies
+the GELU and the product to the GEMM's accumulators, so only half the width is written
+and nothing is read back. That kernel has no bias: the bias rides in the GEMM as an
+input channel of ones (`fold_bias`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+
+from jaxdiff.models.blocks import gelu
+
+_IMPLEMENTATIONS = ("xla", "tokamax")
+# tokamax's Hopper kernel: tiles of 128 rows and 64 output columns, the contraction in
+# steps of 64 input channels.
+_M_TILE, _N_TILE, _K_TILE = 128, 64, 64
+
+# erf(x) for float32 as x * P(x^2) / Q(x^2) on x clipped to [-4, 4] (erf is +-1 to float32
+# precision beyond): the rational form GPU compilers use, with its published coefficients.
+# Mosaic GPU kernels have no erf of their own; these are only multiplies, adds and one
+# division. Within 6e-7 of jax.lax.erf (tests/test_geglu.py).
+_ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+          -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
+_ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+          -1.42647390514189e-02)
+
+
+def _polynomial(coefficients, x):
+    result = coefficients[0]
+    for c in coefficients[1:]:
+        result = result * x + c
+    return result
+
+
+def erf_rational(x: jax.Array) -> jax.Array:
+    """erf of float32 `x` through multiplies, adds and one division."""
+    x = jnp.clip(x, -4.0, 4.0)
+    x2 = x * x
+    return x * _polynomial(_ERF_P, x2) / _polynomial(_ERF_Q, x2)
+
+
+def gelu_rational(x: jax.Array) -> jax.Array:
+    """Exact (erf) GELU of float32 `x`, with erf as `erf_rational`: what the fused kernel
+    applies to its float32 accumulators."""
+    return 0.5 * x * (1.0 + erf_rational(x * 0.7071067811865476))
+
+
+# Set by `dispatch`: what a lowering for counting FLOPs takes (tools/bench.py).
+_override: str | None = None
+
+
+@contextlib.contextmanager
+def dispatch(implementation: str):
+    """Within the block, the path `implementation` whatever JAXDIFF_GEGLU says."""
+    global _override
+    previous, _override = _override, implementation
+    try:
+        yield
+    finally:
+        _override = previous
+
+
+def implementation() -> str:
+    choice = _override or os.environ.get("JAXDIFF_GEGLU", "xla")
+    if choice not in _IMPLEMENTATIONS:
+        raise ValueError(f"JAXDIFF_GEGLU={choice!r} is not one of {_IMPLEMENTATIONS}")
+    return choice
+
+
+def fold_bias(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(x with a channel of ones, weights (K', 2, N)) for a gated linear unit without bias:
+    [:, 0] the gate's, [:, 1] the hidden half's, the bias on the ones' row. K' is x's
+    channels plus one, rounded up to the kernel's tile with zero channels and rows.
+
+    `kernel` (K, 2N) and `bias` (2N,) are the projection's, hidden half first (diffusers'
+    GEGLU splits `proj` into hidden, gate)."""
+    channels = x.shape[-1]
+    padded = -(-(channels + 1) // _K_TILE) * _K_TILE
+    ones = jnp.ones(x.shape[:-1] + (1,), x.dtype)
+    zeros = jnp.zeros(x.shape[:-1] + (padded - channels - 1,), x.dtype)
+    x = jnp.concatenate([x, ones, zeros], axis=-1)
+    weights = jnp.concatenate([kernel, bias[None, :], jnp.zeros((padded - channels - 1, kernel.shape[1]), kernel.dtype)])
+    hidden, gate = jnp.split(weights, 2, axis=-1)
+    return x, jnp.stack([gate, hidden], axis=1)
+
+
+def geglu(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """hidden * gelu(gate), with (hidden, gate) = split(x @ kernel + bias): diffusers' GEGLU
+    on (..., K) tokens, by the path `implementation()` names."""
+    rows, width = math.prod(x.shape[:-1]), kernel.shape[1] // 2
+    # The fused kernel's output tiles are 128 rows by 64 columns: other shapes (the tests'
+    # tiny models) take the XLA path.
+    if implementation() == "xla" or rows % _M_TILE or width % _N_TILE:
+        hidden, gate = jnp.split(x @ kernel + bias, 2, axis=-1)
+        return hidden * gelu(gate)
+    return fused_geglu(x, kernel, bias)
+
+
+def fused_geglu(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """`geglu` as tokamax's fused kernel, whatever the shape: an error where the kernel
+    does not take it (no Hopper or Blackwell GPU; rows not a multiple of 128, width of 64)."""
+    try:
+        import tokamax
+    except ImportError as e:
+        raise ImportError("JAXDIFF_GEGLU=tokamax needs the tokamax package: pip install 'jaxdiff[gpu]'") from e
+    x, weights = fold_bias(x, kernel, bias)
+    return tokamax.gated_linear_unit(x, weights, activation=gelu_rational, implementation="mosaic")
