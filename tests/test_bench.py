@@ -19,6 +19,7 @@ def test_bench_reports_throughput_stages_and_ratio(tmp_path, monkeypatch):
                          "--compare", "diffusers", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert result["jaxdiff"]["attention"] == os.environ.get("JAXDIFF_ATTENTION", "auto")
+    assert result["jaxdiff"]["geglu"] == os.environ.get("JAXDIFF_GEGLU", "xla")
     assert (result["jaxdiff"]["device_count"], result["jaxdiff"]["chips"]) == (2, 1)
     for batch in ("1", "2"):
         entry = result["jaxdiff"]["batches"][batch]
@@ -289,7 +290,7 @@ def test_hlo_ops_counts_the_flops_of_each_kernel_kind():
   ROOT %inner = f32[16,8]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
 }
 
-ENTRY %main (a: f32[3,5,11], b: f32[3,11,7], x: f32[2,8,8,4], w: f32[3,3,4,16], wo: bf16[16,3,3,4], m: f32[16,32], n: f32[32,8], q: bf16[2,64,4,40], k: bf16[2,77,4,40]) -> f32[3,5,7] {
+ENTRY %main (a: f32[3,5,11], b: f32[3,11,7], x: f32[2,8,8,4], w: f32[3,3,4,16], wo: bf16[16,3,3,4], m: f32[16,32], n: f32[32,8], q: bf16[2,64,4,40], k: bf16[2,77,4,40], g: bf16[32,2,8]) -> f32[3,5,7] {
   %a = f32[3,5,11]{2,1,0} parameter(0)
   %b = f32[3,11,7]{2,1,0} parameter(1)
   %x = f32[2,8,8,4]{3,2,1,0} parameter(2)
@@ -299,6 +300,9 @@ ENTRY %main (a: f32[3,5,11], b: f32[3,11,7], x: f32[2,8,8,4], w: f32[3,3,4,16], 
   %n = f32[32,8]{1,0} parameter(6)
   %q = bf16[2,64,4,40]{3,2,1,0} parameter(7)
   %k = bf16[2,77,4,40]{3,2,1,0} parameter(8)
+  %g = bf16[32,2,8]{2,1,0} parameter(9)
+  %glu = bf16[16,8]{1,0} custom-call(%m, %g), custom_call_target="mosaic_gpu_v2"
+  %other_mosaic = bf16[16,8]{1,0} custom-call(%m, %n), custom_call_target="mosaic_gpu_v2"
   %batched = f32[3,5,7]{2,1,0} dot(%a, %b), lhs_batch_dims={0}, lhs_contracting_dims={2}, rhs_batch_dims={0}, rhs_contracting_dims={1}
   %conv = f32[2,8,8,16]{3,2,1,0} convolution(%x, %w), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f
   %cudnn = (f32[2,8,8,16]{3,2,1,0}, u8[0]{0}) custom-call(%x, %wo), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_o01i->b01f, custom_call_target="__cudnn$convBiasActivationForward"
@@ -310,12 +314,16 @@ ENTRY %main (a: f32[3,5,11], b: f32[3,11,7], x: f32[2,8,8,4], w: f32[3,3,4,16], 
 """
     instructions, computations = hlo_ops.parse_hlo(hlo)
     flops = {name: hlo_ops.op_flops(name, instructions, computations)
-             for name in ("batched", "conv", "cudnn", "cublas", "triton", "fmha", "e")}
+             for name in ("batched", "conv", "cudnn", "cublas", "triton", "fmha", "glu", "other_mosaic", "e")}
     conv = 2 * (2 * 8 * 8 * 16) * (3 * 3 * 4)  # padding counted: the kernels compute it
     assert flops == {"batched": 2 * 3 * 5 * 7 * 11, "conv": conv, "cudnn": conv,
                      "cublas": 2 * 16 * 8 * 32, "triton": 2 * 16 * 8 * 32,
                      # q.k and p.v: 2 x batch x heads x 64 queries x 77 keys x 40, twice
-                     "fmha": 4 * 2 * 4 * 64 * 77 * 40, "e": 0}
+                     "fmha": 4 * 2 * 4 * 64 * 77 * 40,
+                     # tokamax's gated linear unit (jaxdiff/models/geglu.py): two GEMMs of
+                     # 16 x 32 by 32 x 8 in one; a Mosaic GPU kernel of another shape: unknown
+                     "glu": 2 * 2 * 16 * 8 * 32, "other_mosaic": 0, "e": 0}
+    assert hlo_ops.categorize("glu", instructions, computations) == "matmul"
 
 
 def test_hlo_ops_flops_agree_with_xlas_own_count_where_there_is_no_padding():
@@ -735,7 +743,7 @@ def test_flop_count_leaves_attention_as_it_was_when_lowering_fails():
 
     before = attention.MAX_SCORES
     with pytest.raises(ValueError, match="no such shape"):
-        with bench.countable_attention():
+        with bench.countable_kernels():
             raise ValueError("no such shape")
     assert attention.MAX_SCORES == before
 
@@ -760,7 +768,8 @@ def test_gpu_bench_script_runs_the_named_steps_and_packs_every_log(tmp_path):
     script = os.path.join(bench.ROOT, "tools", "gpu_bench.sh")
     stubs = tmp_path / "bin"
     stubs.mkdir()
-    (stubs / "python3").write_text('#!/bin/sh\necho "ran XLA_FLAGS=${XLA_FLAGS:-} JAXDIFF_ATTENTION=${JAXDIFF_ATTENTION:-} $*"\n'
+    (stubs / "python3").write_text('#!/bin/sh\necho "ran XLA_FLAGS=${XLA_FLAGS:-} JAXDIFF_ATTENTION=${JAXDIFF_ATTENTION:-} '
+                                   'JAXDIFF_GEGLU=${JAXDIFF_GEGLU:-} $*"\n'
                                    'case "$*" in *op_profile*) exit 3;; esac\n')
     (stubs / "nvidia-smi").write_text("#!/bin/sh\necho stand-in GPU\n")
     for stub in stubs.iterdir():
@@ -773,18 +782,44 @@ def test_gpu_bench_script_runs_the_named_steps_and_packs_every_log(tmp_path):
     assert refused.returncode == 2 and "unknown step: bogus" in refused.stderr
     assert "ran" not in refused.stdout and not (tmp_path / "out").exists()
 
-    done = subprocess.run(["bash", script, "jaxdiff", "triton", "b32", "profile", "parity"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True)
+    done = subprocess.run(["bash", script, "jaxdiff", "triton", "b32", "profile", "parity", "geglu", "tokamax"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     with tarfile.open(tmp_path / "out" / "gpu_bench.tgz") as tgz:
         logs = {os.path.basename(m.name): tgz.extractfile(m).read().decode() for m in tgz.getmembers() if m.isfile()}
-    assert set(logs) == {"preamble.log", "jaxdiff.log", "triton.log", "b32.log", "profile.log", "parity.log"}
+    assert set(logs) == {"preamble.log", "jaxdiff.log", "triton.log", "b32.log", "profile.log", "parity.log",
+                         "geglu.log", "tokamax.log"}
     assert "stand-in GPU" in logs["preamble.log"]
     assert "XLA_FLAGS=--xla_gpu_enable_triton_gemm=true" in logs["triton.log"]
-    assert "ran XLA_FLAGS= JAXDIFF_ATTENTION= -m tools.bench --arch sd15" in logs["jaxdiff.log"]
-    assert "ran XLA_FLAGS= JAXDIFF_ATTENTION= -m tools.bench --arch sd15 --batch-sizes 32" in logs["b32.log"]
+    assert "ran XLA_FLAGS= JAXDIFF_ATTENTION= JAXDIFF_GEGLU= -m tools.bench --arch sd15" in logs["jaxdiff.log"]
+    assert "ran XLA_FLAGS= JAXDIFF_ATTENTION= JAXDIFF_GEGLU= -m tools.bench --arch sd15 --batch-sizes 32" in logs["b32.log"]
+    # The fused GEGLU: its bench alone, then its parity tests with the kernel asked for; and
+    # the engine end to end with it, beside the jaxdiff step.
+    assert "JAXDIFF_GEGLU= -m tools.geglu_bench --arch sd15 --batch 16" in logs["geglu.log"]
+    assert "JAXDIFF_GEGLU=tokamax -m pytest" in logs["geglu.log"] and "tests/test_geglu.py" in logs["geglu.log"]
+    assert "JAXDIFF_GEGLU=tokamax -m tools.bench --arch sd15" in logs["tokamax.log"]
     assert "-m pytest -q -p no:cacheprovider -n 4 -m parity -k not tpu_attention tests/test_unet.py" in logs["parity.log"]
     assert logs["jaxdiff.log"].endswith("exit status 0\n") and logs["profile.log"].endswith("exit status 3\n")
+
+
+def test_geglu_bench_times_every_feed_forward_shape(tmp_path):
+    from tools import geglu_bench
+
+    out = tmp_path / "geglu.json"
+    result = geglu_bench.main(["--arch", "tiny", "--batch", "1", "--reps", "2", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    # The tiny UNet's transformers: three at 8x8 (one down, two up), one in its 4x4 mid
+    # block, at CFG's two rows per sample; 8 and 16 channels, four times that wide.
+    sites = {s["site"]: s for s in result["sites"]}
+    assert {k: (s["rows"], s["channels"], s["width"], s["calls"]) for k, s in sites.items()} == {
+        "unet 8x8": (128, 8, 32, 3), "unet mid 4x4": (32, 16, 64, 1)}
+    for s in result["sites"]:
+        assert s["gflop"] == float(f"{2 * s['rows'] * s['channels'] * 2 * s['width'] / 1e9:.4g}")
+        assert s["paths"]["xla"]["tflop_s"] > 0 and s["paths"]["xla"]["max_diff_vs_xla"] == 0
+        assert s["paths"]["projection"]["ms"] > 0
+        assert "tokamax" in s["paths"]["tokamax"]["error"]  # no kernel here: named, not hidden
+    assert result["unet_step_ms"]["xla"] == round(sum(s["calls"] * s["paths"]["xla"]["ms"]
+                                                      for s in result["sites"]), 3)
 
 
 def test_a_comparison_the_diffusers_side_cannot_run_is_refused(capsys):

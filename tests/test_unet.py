@@ -211,12 +211,12 @@ def _forward_flops(model, *args) -> float:
     # As tools/bench.py counts them: XLA's attention, whole, in a lowering.
     import jax
 
-    from tools.bench import countable_attention
+    from tools.bench import countable_kernels
     from tools.hlo_ops import program_flops
 
     graphdef, state = nnx.split(model)
     forward = jax.jit(lambda state, *a: nnx.merge(graphdef, state)(*a))
-    with countable_attention():
+    with countable_kernels():
         return program_flops(forward.lower(state, *args).as_text(dialect="hlo"))
 
 

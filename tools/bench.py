@@ -51,17 +51,18 @@ def _peak(device) -> float | None:
 
 
 @contextlib.contextmanager
-def countable_attention():
-    """Attention as XLA's plain dots, whole, while a function is lowered for counting its
-    FLOPs: a fused kernel's custom call has no dots to count, and past MAX_SCORES the XLA
-    path runs chunks of queries in a loop whose body tools.hlo_ops.program_flops counts
-    once (SD 1.5's 64x64 self attention at UNet batch 32 counted a quarter of its FLOPs)."""
-    from jaxdiff.models import attention
+def countable_kernels():
+    """Attention as XLA's plain dots, whole, and GEGLU as its own GEMM, while a function is
+    lowered for counting its FLOPs: a fused kernel's custom call has no dots to count (and
+    the fused GEGLU's GEMM runs a padded width), and past MAX_SCORES the XLA attention
+    runs chunks of queries in a loop whose body tools.hlo_ops.program_flops counts once
+    (SD 1.5's 64x64 self attention at UNet batch 32 counted a quarter of its FLOPs)."""
+    from jaxdiff.models import attention, geglu
 
     chunk_limit = attention.MAX_SCORES
     attention.MAX_SCORES = float("inf")
     try:
-        with attention.dispatch(implementation="xla"):
+        with attention.dispatch(implementation="xla"), geglu.dispatch("xla"):
             yield
     finally:
         attention.MAX_SCORES = chunk_limit
@@ -70,14 +71,14 @@ def countable_attention():
 def _flops(module, args) -> float | None:
     """A module call's FLOPs as torch's FlopCounterMode (and the diffusers baseline) counts
     them: two per multiply-add of its matmuls, convolutions and attention, read off a
-    lowering (not compiled) under countable_attention. Not XLA's cost analysis: it skips
+    lowering (not compiled) under countable_kernels. Not XLA's cost analysis: it skips
     convolutions' padded positions and adds elementwise work (790.5 against 803.3 GFLOP for
     SD 1.5's UNet at batch 1)."""
     from tools.hlo_ops import program_flops
 
     # A fresh jit (its trace cache does not see the dispatch), lowered and not compiled.
     fresh, state = _jit_module(module)
-    with countable_attention():
+    with countable_kernels():
         text = fresh.lower(state, *args).as_text(dialect="hlo")
     return program_flops(text) or None
 
@@ -189,6 +190,7 @@ def bench_arch(args) -> dict:
     from jaxdiff.engine import Pipeline, RenderSettings, Sample
     from jaxdiff.engine.pipeline import enable_compilation_cache
     from jaxdiff.engine.programs import compiler_options
+    from jaxdiff.models import geglu
 
     start = time.perf_counter()
     # Progress on stderr as it goes: a run cut off by a time limit still says where it was.
@@ -206,7 +208,8 @@ def bench_arch(args) -> dict:
               "timing": f"median of {args.reps} after a warm-up call, images on the host",
               # What the programs were compiled with, so runs with other options tell apart.
               "xla_options": compiler_options(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-              "attention": os.environ.get("JAXDIFF_ATTENTION", "auto"), "batches": {}}
+              "attention": os.environ.get("JAXDIFF_ATTENTION", "auto"), "geglu": geglu.implementation(),
+              "batches": {}}
     side = args.size or native_side(family)
     result["size"] = side
     # Against diffusers on one GPU, jaxdiff runs on one chip; alone, on all of them. Decode is

@@ -21,15 +21,23 @@
 #              kernel's test (Pallas' TPU interpreter) stays on the CPU's suite
 #   hlo        the step as the device compiles it (conv algorithms autotuned): ops and bytes
 #              (tools/step_hlo.py --target local)
-# The device's image has jax, flax, torch and transformers; diffusers (for --compare) comes
-# as wheels in .whl/ (git-ignored), fetched on any machine with:
+#   geglu      the feed-forward's GEGLU alone at SD 1.5's shapes, XLA against tokamax's fused
+#              kernel (tools/geglu_bench.py), then the fused kernel's parity tests on the card
+#              (tests/test_geglu.py, and the UNet's bfloat16 test with JAXDIFF_GEGLU=tokamax)
+#   tokamax    the jaxdiff step with JAXDIFF_GEGLU=tokamax: end to end, to set beside jaxdiff's
+# The device's image has jax, flax, torch and transformers; diffusers (for --compare) and
+# tokamax with what it imports that the image lacks (for geglu and tokamax) come as wheels
+# in .whl/ (git-ignored), fetched on any machine with:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata==10.2.0
+#     --platform manylinux2014_x86_64 --platform manylinux_2_27_x86_64 -d .whl diffusers==0.42.1 \
+#     importlib_metadata==10.2.0 tokamax==0.0.17 xprof==2.24.2 qwix==0.1.8 pydantic==2.14.4 \
+#     pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 einshape==1.0 \
+#     immutabledict==4.3.1 fire==0.7.1 termcolor==3.3.0
 # Writes JSON and the logs under a scratch folder and, after each step, packs them all into
 # $OUT/gpu_bench.tgz (or ./bench-out/): one file to copy back, and a step cut off by a time
 # limit must not lose the ones before it.
 set -u -o pipefail
-all_steps=" sd15 jaxdiff warm x4 profile attention triton b32 parity hlo "
+all_steps=" sd15 jaxdiff warm x4 profile attention triton b32 parity hlo geglu tokamax "
 steps=("$@"); [ ${#steps[@]} -gt 0 ] || steps=(sd15 warm x4 b32 profile)
 for s in "${steps[@]}"; do
   [[ $all_steps == *" $s "* ]] || { echo "unknown step: $s (steps:$all_steps)" >&2; exit 2; }
@@ -77,7 +85,12 @@ run_step() {
            --out "$SCRATCH/bench_sd15_b32.json" ;;
     parity) step parity 150 env JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest XLA_PYTHON_CLIENT_PREALLOCATE=false \
               python3 -m pytest -q -p no:cacheprovider -n 4 -m parity -k "not tpu_attention" \
-              tests/test_unet.py tests/test_vae.py tests/test_clip.py ;;
+              tests/test_unet.py tests/test_vae.py tests/test_clip.py tests/test_geglu.py ;;
+    geglu) step geglu 150 bash -c "python3 -m tools.geglu_bench --arch sd15 --batch 16 --out $SCRATCH/geglu_sd15.json && \
+             JAX_PLATFORMS=cuda JAXDIFF_GEGLU=tokamax XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -q \
+             -p no:cacheprovider tests/test_geglu.py tests/test_unet.py -k 'fused_kernel or bfloat16_at_sd15'" ;;
+    tokamax) step tokamax 120 env JAXDIFF_GEGLU=tokamax JAXDIFF_CACHE_DIR="$(mktemp -d)" "${sd15[@]}" --reps 2 \
+               --no-stages --out "$SCRATCH/bench_sd15_tokamax.json" ;;
     hlo) step hlo 60 python3 -m tools.step_hlo --arch sd15 --batch 16 --target local --out "$SCRATCH/step_hlo_sd15.json" \
            --hlo-out "$SCRATCH/sd15_step_hlo.txt" ;;
   esac

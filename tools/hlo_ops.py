@@ -118,6 +118,19 @@ def _custom_call_category(target: str) -> str:
     return "other"
 
 
+def _gated_linear_unit_contraction(line: str, instructions: dict) -> int | None:
+    """A Mosaic GPU kernel as tokamax's gated linear unit calls it (jaxdiff/models/geglu.py):
+    x (..., K) and weights (K, 2, N) to (..., N), two GEMMs in one. Its K x 2 multiply-adds
+    an output element; None for any other custom call."""
+    target = _TARGET.search(line)
+    if not target or not target.group(1).startswith("mosaic_gpu"):
+        return None
+    weights, out = _operand_dims(line, instructions, 1), _dims(_result_type(line))
+    if len(weights) != 3 or weights[1] != 2 or not out or out[-1] != weights[2]:
+        return None
+    return weights[0] * 2
+
+
 def _reachable(name: str, instructions: dict, computations: dict):
     """(opcode, line) of one instruction and of every instruction in what it calls."""
     stack, visited = [name], set()
@@ -143,6 +156,9 @@ def categorize(name: str, instructions: dict, computations: dict, frames: dict |
         targets += _TARGET.findall(line)
     if "attention.py" in sources:
         return "attention"
+    if any(_gated_linear_unit_contraction(line, instructions) for _, line in
+           _reachable(name, instructions, computations)):
+        return "matmul"
     for target in targets:
         category = _custom_call_category(target)
         if category != "other":
@@ -256,6 +272,9 @@ def _own_flops(opcode: str, line: str, instructions: dict) -> float:
         return _conv_flops(line, instructions)
     if opcode != "custom-call":
         return 0.0
+    contraction = _gated_linear_unit_contraction(line, instructions)
+    if contraction:
+        return 2.0 * out * contraction
     target = _TARGET.search(line)
     target = target.group(1) if target else ""
     category = _custom_call_category(target)

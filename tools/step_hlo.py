@@ -180,7 +180,7 @@ def compile_step(arch: str, batch: int, target: str, size: int | None = None,
 
     from jaxdiff.models.unet import UNet2DConditionModel, UNetConfig
     from jaxdiff.weights.family import abstract_model
-    from tools.bench import countable_attention, guided_unet_inputs
+    from tools.bench import countable_kernels, guided_unet_inputs
 
     configs = arch_configs(arch)
     cfg, context_dim = UNetConfig.from_dict(configs["unet"]), configs["text_encoder"]["hidden_size"]
@@ -215,7 +215,7 @@ def compile_step(arch: str, batch: int, target: str, size: int | None = None,
 
     # FLOPs from a lowering with XLA's whole attention, as tools/bench.py counts them; they
     # do not depend on the backend. The loop's body counts once: that is one step.
-    with countable_attention():
+    with countable_kernels():
         flops = program_flops(lowered_scan(None, None).as_text(dialect="hlo"))
     gflop = flops / 1e9 / chips if flops else float("nan")
     return _compile_for(target, chips, lowered_scan), gflop
