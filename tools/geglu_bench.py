@@ -7,7 +7,9 @@ TFLOP/s per path.
 Paths (jaxdiff/models/geglu.py): "xla", the projection's GEMM and XLA's fusion of GELU and
 product; "tokamax", the fused kernel on Hopper and Blackwell GPUs (its GEMM a little wider:
 the bias rides as a channel of ones, rounded up to 64); and "projection", the GEMM and its
-bias alone, which the fused kernel would have to come near to pay off. TFLOP/s count the
+bias alone, which the fused kernel would have to come near to pay off. The fused kernel is
+timed with tokamax's default config (the engine's) and a few others (FUSED_CONFIGS); its
+best is reported, with every config's time. TFLOP/s count the
 model's FLOPs (2 x rows x channels x 2 x width), on every path. A path the backend or shape
 does not take is reported with its reason. Each is timed as CHAINED_CALLS calls back to back
 in one program, each call's input the first channels of the last one's output.
@@ -20,6 +22,14 @@ import json
 import sys
 
 CHAINED_CALLS = 8
+# tokamax kernel configs tried beside its default (the engine's): fields of its Config for
+# the Hopper kernel, each a compile. The default: tile_m 128, tile_n 64, tile_k 64, 4 stages,
+# the two warpgroups side by side along N.
+FUSED_CONFIGS = {
+    "clusters of 2 along M": {"tile_m": 128, "tile_n": 64, "tile_k": 64, "num_stages": 4, "cluster_size_m": 2},
+    "warpgroups along M": {"tile_m": 128, "tile_n": 64, "tile_k": 64, "num_stages": 4, "wg_dimension": "M"},
+    "grid tiles 4 wide": {"tile_m": 128, "tile_n": 64, "tile_k": 64, "num_stages": 4, "grid_tile_width": 4},
+}
 
 
 def geglu_sites(arch: str, batch: int, size: int | None = None) -> list[dict]:
@@ -46,7 +56,25 @@ def geglu_sites(arch: str, batch: int, size: int | None = None) -> list[dict]:
     return sites
 
 
+def fused_with_config(fields: dict):
+    """The fused GEGLU on tokamax's Hopper kernel with one config (its op class, which the
+    public API does not take a config for). Imported when traced: no tokamax, no GPU is
+    this path's error."""
+    def call(x, kernel, bias):
+        from tokamax._src.ops.gated_linear_unit import pallas_mosaic_gpu, pallas_mosaic_gpu_common as common
+
+        from jaxdiff.models import geglu
+
+        config = common.Config(**{k: common.MatmulDimension[v] if k.endswith("dimension") else v
+                                  for k, v in fields.items()})
+        x, weights = geglu.fold_bias(x, kernel, bias)
+        return pallas_mosaic_gpu.PallasMosaicGpuGatedLinearUnit(config=config)(
+            x, weights, activation=geglu.gelu_rational)
+    return call
+
+
 def _paths() -> dict:
+    """name: fn, or {config: fn} for a path timed at each config, its best kept."""
     import jax.numpy as jnp
 
     from jaxdiff.models import geglu
@@ -54,8 +82,8 @@ def _paths() -> dict:
     def xla(x, kernel, bias):
         with geglu.dispatch("xla"):
             return geglu.geglu(x, kernel, bias)
-    return {"xla": xla, "tokamax": geglu.fused_geglu,
-            "projection": lambda x, kernel, bias: jnp.dot(x, kernel) + bias}
+    fused = {"default": geglu.fused_geglu, **{name: fused_with_config(f) for name, f in FUSED_CONFIGS.items()}}
+    return {"xla": xla, "tokamax": fused, "projection": lambda x, kernel, bias: jnp.dot(x, kernel) + bias}
 
 
 def chained(fn, calls: int = CHAINED_CALLS):
@@ -85,20 +113,31 @@ def time_site(site: dict, dtype, reps: int) -> dict:
     flops = 2.0 * rows * channels * 2 * width
     result = dict(site, gflop=float(f"{flops / 1e9:.4g}"), paths={})
     reference = None
-    for name, fn in _paths().items():
-        try:
-            # Traced here, not at import: jit's cache does not see the dispatch inside.
-            out = np.asarray(jax.block_until_ready(jax.jit(fn)(x, kernel, bias)), np.float32)
-            run = chained(fn)
-            jax.block_until_ready(run(x, kernel, bias))
-            seconds = _median_time(lambda: jax.block_until_ready(run(x, kernel, bias)), reps) / CHAINED_CALLS
-        except Exception as e:  # a path this backend or shape does not take
-            result["paths"][name] = {"error": _reason(e)}
+    for name, path in _paths().items():
+        configs = path if isinstance(path, dict) else {None: path}
+        timed, errors = [], {}
+        for config, fn in configs.items():
+            try:
+                # Traced here, not at import: jit's cache does not see the dispatch inside.
+                out = np.asarray(jax.block_until_ready(jax.jit(fn)(x, kernel, bias)), np.float32)
+                run = chained(fn)
+                jax.block_until_ready(run(x, kernel, bias))
+                seconds = _median_time(lambda: jax.block_until_ready(run(x, kernel, bias)), reps) / CHAINED_CALLS
+                timed.append((seconds, config, out))
+            except Exception as e:  # a path (or config) this backend or shape does not take
+                errors[config] = _reason(e)
+        if not timed:
+            result["paths"][name] = {"error": list(errors.values())[0]}
             continue
+        seconds, config, out = min(timed, key=lambda t: t[0])
         entry = {"ms": round(seconds * 1e3, 4), "tflop_s": float(f"{flops / seconds / 1e12:.4g}")}
         if name != "projection":  # the projection is not a GEGLU: no output to compare
             reference = out if reference is None else reference
             entry["max_diff_vs_xla"] = float(f"{np.abs(out - reference).max():.3g}")
+        if config is not None:  # every config's time, the best first: the default's is the engine's
+            entry["config"] = config
+            entry["configs_ms"] = {c: round(t * 1e3, 4) for t, c, _ in sorted(timed, key=lambda t: t[0])}
+            entry["failed_configs"] = errors
         result["paths"][name] = entry
     return result
 

@@ -22,9 +22,9 @@ import jax.numpy as jnp
 from jaxdiff.models.blocks import gelu
 
 _IMPLEMENTATIONS = ("xla", "tokamax")
-# tokamax's Hopper kernel: tiles of 128 rows and 64 output columns, the contraction in
-# steps of 64 input channels.
-_M_TILE, _N_TILE, _K_TILE = 128, 64, 64
+# tokamax's Hopper kernel (its default tiles): blocks of 128 rows by 128 output columns
+# (two warpgroups of 64), the contraction in steps of 64 input channels.
+_M_TILE, _N_TILE, _K_TILE = 128, 128, 64
 
 # erf(x) for float32 as x * P(x^2) / Q(x^2) on x clipped to [-4, 4] (erf is +-1 to float32
 # precision beyond): the rational form GPU compilers use, with its published coefficients.
@@ -99,8 +99,8 @@ def geglu(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     """hidden * gelu(gate), with (hidden, gate) = split(x @ kernel + bias): diffusers' GEGLU
     on (..., K) tokens, by the path `implementation()` names."""
     rows, width = math.prod(x.shape[:-1]), kernel.shape[1] // 2
-    # The fused kernel's output tiles are 128 rows by 64 columns: other shapes (the tests'
-    # tiny models) take the XLA path.
+    # The fused kernel's output blocks are 128 rows by 128 columns: other shapes (the
+    # tests' tiny models) take the XLA path.
     if implementation() == "xla" or rows % _M_TILE or width % _N_TILE:
         hidden, gate = jnp.split(x @ kernel + bias, 2, axis=-1)
         return hidden * gelu(gate)
@@ -109,7 +109,7 @@ def geglu(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
 
 def fused_geglu(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     """`geglu` as tokamax's fused kernel, whatever the shape: an error where the kernel
-    does not take it (no Hopper or Blackwell GPU; rows not a multiple of 128, width of 64)."""
+    does not take it (no Hopper or Blackwell GPU; rows or width not a multiple of 128)."""
     try:
         import tokamax
     except ImportError as e:
