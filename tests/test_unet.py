@@ -109,6 +109,16 @@ def test_sd1_style_matches_diffusers():
 
 
 @pytest.mark.parity
+def test_one_pass_layer_norm_path_matches_diffusers(monkeypatch):
+    """JAXDIFF_LAYER_NORM=pallas: every transformer block's three layer norms through the
+    one-pass kernel (in Pallas' interpreter on the CPU; compiled on a GPU), to the same
+    tolerance as the default path."""
+    monkeypatch.setenv("JAXDIFF_LAYER_NORM", "pallas")
+    _compare(SD1_STYLE, height=12, width=12, timesteps=[999.0, 17.25], tol=1e-5,
+             forward=nnx.jit(lambda model, *args: model(*args)))
+
+
+@pytest.mark.parity
 def test_guidance_distilled_unet_matches_diffusers():
     # LCM-distilled SD 1.5 (time_cond_proj_dim 256 there): the guidance scale enters as an
     # embedding added to the timestep's, built as diffusers' LCM pipeline builds it.

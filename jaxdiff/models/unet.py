@@ -17,6 +17,7 @@ from flax import nnx
 from jaxdiff.models.blocks import (Attention, Downsample2D, ResnetBlock2D, UnsupportedConfig, Upsample2D,
                                    conv2d, group_norm, known_config_values, repeat_batch)
 from jaxdiff.models.geglu import geglu
+from jaxdiff.models.layer_norm import LayerNorm
 
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -231,7 +232,7 @@ class BasicTransformerBlock(nnx.Module):
         self.only_cross_attention = only_cross_attention
 
         def layer_norm():
-            return nnx.LayerNorm(dim, epsilon=1e-5, dtype=dtype, param_dtype=dtype, rngs=rngs)
+            return LayerNorm(dim, epsilon=1e-5, dtype=dtype, param_dtype=dtype, rngs=rngs)
 
         self.norm1 = layer_norm()
         self.attn1 = Attention(dim, heads=heads, dim_head=dim_head,

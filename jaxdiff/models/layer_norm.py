@@ -1,0 +1,85 @@
+"""Layer norm of the UNet's transformer blocks, and a one-pass kernel for it on GPUs.
+
+"xla" (the default): nnx.LayerNorm, which XLA compiles as a reduction for the statistics
+and a second pass that normalises: the tokens are read twice. "pallas" (opt in with
+JAXDIFF_LAYER_NORM=pallas, for GPUs): one Pallas (Triton) kernel that loads a block of
+tokens, whole rows, computes mean and variance in float32 and writes the normalised block:
+read once, written once. On other backends the same kernel runs in Pallas' interpreter
+(slow: for tests).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxdiff.models import attention
+
+_IMPLEMENTATIONS = ("xla", "pallas")
+# Elements a kernel instance holds (rows x channels rounded up to a power of two, as
+# Triton's blocks must be): 16 rows of SD's 320 channels.
+_BLOCK_ELEMENTS = 8192
+
+
+def implementation() -> str:
+    choice = os.environ.get("JAXDIFF_LAYER_NORM", "xla")
+    if choice not in _IMPLEMENTATIONS:
+        raise ValueError(f"JAXDIFF_LAYER_NORM={choice!r} is not one of {_IMPLEMENTATIONS}")
+    return choice
+
+
+def _kernel(x_ref, scale_ref, bias_ref, out_ref, *, channels: int, epsilon: float):
+    # Columns past `channels` are the block's padding to a power of two: zeroed before
+    # they count, never stored.
+    x = x_ref[...].astype(jnp.float32)
+    real = jax.lax.broadcasted_iota(jnp.int32, x.shape, 1) < channels
+    x = jnp.where(real, x, 0.0)
+    mean = jnp.sum(x, axis=1, keepdims=True) / channels
+    centred = jnp.where(real, x - mean, 0.0)
+    variance = jnp.sum(centred * centred, axis=1, keepdims=True) / channels
+    out = centred * jax.lax.rsqrt(variance + epsilon)
+    out = out * scale_ref[...].astype(jnp.float32) + bias_ref[...].astype(jnp.float32)
+    out_ref[...] = out.astype(out_ref.dtype)
+
+
+def fused_layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, *,
+                     interpret: bool = False) -> jax.Array:
+    """Layer norm over x's last axis in one Pallas kernel, x's dtype out, float32 inside
+    (two passes over the row in registers: the variance of the centred values).
+    `interpret` runs the kernel in Pallas' interpreter (any backend: the tests)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pl_triton
+
+    shape, channels = x.shape, x.shape[-1]
+    x = x.reshape(-1, channels)
+    padded = pl.next_power_of_2(channels)
+    rows = max(1, _BLOCK_ELEMENTS // padded)
+    row_block = pl.BlockSpec((rows, padded), lambda i: (i, 0))
+    vector = pl.BlockSpec((1, padded), lambda i: (0, 0))
+    out = pl.pallas_call(
+        functools.partial(_kernel, channels=channels, epsilon=epsilon),
+        grid=(pl.cdiv(x.shape[0], rows),),
+        in_specs=[row_block, vector, vector],
+        out_specs=row_block,
+        out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+        compiler_params=None if interpret else pl_triton.CompilerParams(num_warps=4),
+        interpret=interpret,
+        name="layer_norm",
+    )(x, scale.reshape(1, channels), bias.reshape(1, channels))
+    return out.reshape(shape)
+
+
+class LayerNorm(nnx.LayerNorm):
+    """nnx.LayerNorm (its parameters, names and XLA path), over the last axis; on the path
+    `implementation()` names."""
+
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+        if implementation() == "xla" or mask is not None or math.prod(x.shape[:-1]) == 0:
+            return super().__call__(x, mask=mask)
+        x, scale, bias = self.promote_dtype((x, self.scale[...], self.bias[...]), dtype=self.dtype)
+        return fused_layer_norm(x, scale, bias, self.epsilon, interpret=attention.target_backend() != "gpu")

@@ -1,0 +1,79 @@
+"""The transformer blocks' layer norm: the one-pass kernel (in Pallas' interpreter here)
+against torch's layer norm, and the module's paths.
+
+The kernel compiled for the card runs in `tools/gpu_bench.sh norm`."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from jaxdiff.models.layer_norm import LayerNorm, fused_layer_norm
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("shape", [(2, 50, 320), (3, 7, 64), (5, 1280), (1, 1, 24)])
+def test_one_pass_kernel_matches_torch_layer_norm(shape):
+    """Rows that do not fill the kernel's last block, channel counts that are and are not a
+    power of two; tokens far from zero mean, where E[x^2] - E[x]^2 loses digits."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(np.float32) * 3 + 40
+    scale, bias = (rng.standard_normal(shape[-1]).astype(np.float32) for _ in range(2))
+    want = torch.nn.functional.layer_norm(torch.from_numpy(x), (shape[-1],), torch.from_numpy(scale),
+                                          torch.from_numpy(bias), eps=1e-5).numpy()
+    got = fused_layer_norm(jnp.asarray(x), jnp.asarray(scale), jnp.asarray(bias), 1e-5, interpret=True)
+    assert got.shape == x.shape and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+
+
+def test_one_pass_kernel_keeps_bfloat16_out_and_computes_in_float32():
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((4, 96)), jnp.bfloat16)
+    ones, zeros = jnp.ones((96,), jnp.bfloat16), jnp.zeros((96,), jnp.bfloat16)
+    got = fused_layer_norm(x, ones, zeros, 1e-5, interpret=True)
+    xf = x.astype(jnp.float32)
+    want = (xf - xf.mean(-1, keepdims=True)) / jnp.sqrt(xf.var(-1, keepdims=True) + 1e-5)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(got, want.astype(jnp.bfloat16))  # one rounding, at the end
+
+
+def test_module_is_nnx_layer_norm_on_the_xla_path(monkeypatch):
+    """The same parameters and names as nnx.LayerNorm (checkpoints load by name), and the
+    same output where the default path runs."""
+    monkeypatch.delenv("JAXDIFF_LAYER_NORM", raising=False)
+    ours = LayerNorm(32, epsilon=1e-5, rngs=nnx.Rngs(0))
+    theirs = nnx.LayerNorm(32, epsilon=1e-5, rngs=nnx.Rngs(0))
+    assert jax.tree.map(jnp.shape, nnx.state(ours)) == jax.tree.map(jnp.shape, nnx.state(theirs))
+    x = jax.random.normal(jax.random.key(0), (3, 5, 32))
+    np.testing.assert_array_equal(ours(x), theirs(x))
+
+
+def test_an_unknown_layer_norm_path_stops_with_the_variable_named(monkeypatch):
+    monkeypatch.setenv("JAXDIFF_LAYER_NORM", "triton")
+    with pytest.raises(ValueError, match=r"JAXDIFF_LAYER_NORM='triton' is not one of \('xla', 'pallas'\)"):
+        LayerNorm(8, rngs=nnx.Rngs(0))(jnp.ones((2, 8)))
+
+
+def _gpu() -> bool:
+    try:
+        return bool(jax.devices("gpu"))
+    except RuntimeError:
+        return False
+
+
+@pytest.mark.parity
+@pytest.mark.skipif(not _gpu(), reason="compiles the kernel for a GPU (tools/gpu_bench.sh norm runs this test there)")
+@pytest.mark.parametrize("channels", [320, 640, 1280])
+def test_compiled_kernel_matches_torch_on_the_gpu(channels):
+    """The kernel as Triton compiles it, in bfloat16 at SD 1.5's widths, against torch's
+    layer norm in float32: within bfloat16's rounding of the output (one ulp at |y| < 8)."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((4096 + 3, channels)).astype(np.float32) * 2 + 5
+    scale, bias = (rng.standard_normal(channels).astype(np.float32) for _ in range(2))
+    bf16 = lambda a: jnp.asarray(a, jnp.bfloat16)
+    got = jax.jit(fused_layer_norm, static_argnums=3)(bf16(x), bf16(scale), bf16(bias), 1e-5)
+    # torch on the inputs rounded to bfloat16, as the kernel sees them.
+    x, scale, bias = (torch.from_numpy(np.asarray(bf16(a), np.float32)) for a in (x, scale, bias))
+    want = torch.nn.functional.layer_norm(x, (channels,), scale, bias, eps=1e-5).numpy()
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=0.04, rtol=0.008)
