@@ -20,6 +20,7 @@ def test_bench_reports_throughput_stages_and_ratio(tmp_path, monkeypatch):
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert result["jaxdiff"]["attention"] == os.environ.get("JAXDIFF_ATTENTION", "auto")
     assert result["jaxdiff"]["geglu"] == os.environ.get("JAXDIFF_GEGLU", "xla")
+    assert result["jaxdiff"]["layer_norm"] == os.environ.get("JAXDIFF_LAYER_NORM", "xla")
     assert (result["jaxdiff"]["device_count"], result["jaxdiff"]["chips"]) == (2, 1)
     for batch in ("1", "2"):
         entry = result["jaxdiff"]["batches"][batch]
@@ -769,7 +770,7 @@ def test_gpu_bench_script_runs_the_named_steps_and_packs_every_log(tmp_path):
     stubs = tmp_path / "bin"
     stubs.mkdir()
     (stubs / "python3").write_text('#!/bin/sh\necho "ran XLA_FLAGS=${XLA_FLAGS:-} JAXDIFF_ATTENTION=${JAXDIFF_ATTENTION:-} '
-                                   'JAXDIFF_GEGLU=${JAXDIFF_GEGLU:-} $*"\n'
+                                   'JAXDIFF_GEGLU=${JAXDIFF_GEGLU:-} JAXDIFF_LAYER_NORM=${JAXDIFF_LAYER_NORM:-} $*"\n'
                                    'case "$*" in *op_profile*) exit 3;; esac\n')
     (stubs / "nvidia-smi").write_text("#!/bin/sh\necho stand-in GPU\n")
     for stub in stubs.iterdir():
@@ -782,31 +783,39 @@ def test_gpu_bench_script_runs_the_named_steps_and_packs_every_log(tmp_path):
     assert refused.returncode == 2 and "unknown step: bogus" in refused.stderr
     assert "ran" not in refused.stdout and not (tmp_path / "out").exists()
 
-    done = subprocess.run(["bash", script, "jaxdiff", "triton", "b32", "profile", "parity", "geglu", "tokamax"],
+    done = subprocess.run(["bash", script, "jaxdiff", "triton", "b32", "profile", "parity", "geglu", "tokamax",
+                           "norm", "ln", "fused"],
                           cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     with tarfile.open(tmp_path / "out" / "gpu_bench.tgz") as tgz:
         logs = {os.path.basename(m.name): tgz.extractfile(m).read().decode() for m in tgz.getmembers() if m.isfile()}
     assert set(logs) == {"preamble.log", "jaxdiff.log", "triton.log", "b32.log", "profile.log", "parity.log",
-                         "geglu.log", "tokamax.log"}
+                         "geglu.log", "tokamax.log", "norm.log", "ln.log", "fused.log"}
     assert "stand-in GPU" in logs["preamble.log"]
     assert "XLA_FLAGS=--xla_gpu_enable_triton_gemm=true" in logs["triton.log"]
-    assert "ran XLA_FLAGS= JAXDIFF_ATTENTION= JAXDIFF_GEGLU= -m tools.bench --arch sd15" in logs["jaxdiff.log"]
-    assert "ran XLA_FLAGS= JAXDIFF_ATTENTION= JAXDIFF_GEGLU= -m tools.bench --arch sd15 --batch-sizes 32" in logs["b32.log"]
-    # The fused GEGLU: its bench alone, then its parity tests with the kernel asked for; and
-    # the engine end to end with it, beside the jaxdiff step.
-    assert "JAXDIFF_GEGLU= -m tools.geglu_bench --arch sd15 --batch 16" in logs["geglu.log"]
-    assert "JAXDIFF_GEGLU=tokamax -m pytest" in logs["geglu.log"] and "tests/test_geglu.py" in logs["geglu.log"]
-    assert "JAXDIFF_GEGLU=tokamax -m tools.bench --arch sd15" in logs["tokamax.log"]
+    plain = "ran XLA_FLAGS= JAXDIFF_ATTENTION= JAXDIFF_GEGLU= JAXDIFF_LAYER_NORM= -m tools."
+    assert plain + "bench --arch sd15" in logs["jaxdiff.log"]
+    assert plain + "bench --arch sd15 --batch-sizes 32" in logs["b32.log"]
+    # The fused kernels: each alone, then its parity tests with it asked for; and the
+    # engine end to end with each and both, beside the jaxdiff step.
+    assert plain + "kernel_bench --op geglu --arch sd15 --batch 16" in logs["geglu.log"]
+    assert "JAXDIFF_GEGLU=tokamax JAXDIFF_LAYER_NORM= -m pytest" in logs["geglu.log"]
+    assert "tests/test_geglu.py" in logs["geglu.log"]
+    assert plain + "kernel_bench --op layer_norm --arch sd15 --batch 16" in logs["norm.log"]
+    assert "JAXDIFF_GEGLU= JAXDIFF_LAYER_NORM=pallas -m pytest" in logs["norm.log"]
+    assert "tests/test_layer_norm.py" in logs["norm.log"]
+    assert "JAXDIFF_GEGLU=tokamax JAXDIFF_LAYER_NORM= -m tools.bench --arch sd15" in logs["tokamax.log"]
+    assert "JAXDIFF_GEGLU= JAXDIFF_LAYER_NORM=pallas -m tools.bench --arch sd15" in logs["ln.log"]
+    assert "JAXDIFF_GEGLU=tokamax JAXDIFF_LAYER_NORM=pallas -m tools.bench --arch sd15" in logs["fused.log"]
     assert "-m pytest -q -p no:cacheprovider -n 4 -m parity -k not tpu_attention tests/test_unet.py" in logs["parity.log"]
     assert logs["jaxdiff.log"].endswith("exit status 0\n") and logs["profile.log"].endswith("exit status 3\n")
 
 
-def test_geglu_bench_times_every_feed_forward_shape(tmp_path):
-    from tools import geglu_bench
+def test_kernel_bench_times_every_geglu_shape(tmp_path):
+    from tools import kernel_bench
 
     out = tmp_path / "geglu.json"
-    result = geglu_bench.main(["--arch", "tiny", "--batch", "1", "--reps", "2", "--out", str(out)])
+    result = kernel_bench.main(["--op", "geglu", "--arch", "tiny", "--batch", "1", "--reps", "2", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     # The tiny UNet's transformers: three at 8x8 (one down, two up), one in its 4x4 mid
     # block, at CFG's two rows per sample; 8 and 16 channels, four times that wide.
@@ -820,6 +829,21 @@ def test_geglu_bench_times_every_feed_forward_shape(tmp_path):
         assert "tokamax" in s["paths"]["tokamax"]["error"]  # no kernel here: named, not hidden
     assert result["unet_step_ms"]["xla"] == round(sum(s["calls"] * s["paths"]["xla"]["ms"]
                                                       for s in result["sites"]), 3)
+
+
+def test_kernel_bench_times_every_layer_norm_shape_on_both_paths():
+    """Three layer norms a transformer block; the one-pass kernel (in Pallas' interpreter
+    here) gives the XLA path's output; GB/s over one read and one write of the tokens."""
+    from tools import kernel_bench
+
+    result = kernel_bench.main(["--op", "layer_norm", "--arch", "tiny", "--batch", "1", "--reps", "1"])
+    sites = {s["site"]: s for s in result["sites"]}
+    assert {k: (s["rows"], s["channels"], s["calls"]) for k, s in sites.items()} == {
+        "unet 8x8": (128, 8, 9), "unet mid 4x4": (32, 16, 3)}
+    for s in result["sites"]:
+        assert s["gb"] == float(f"{2 * s['rows'] * s['channels'] * 4 / 1e9:.4g}")  # float32 on the CPU
+        assert s["paths"]["pallas"]["max_diff_vs_xla"] < 1e-5
+        assert s["paths"]["pallas"]["gb_s"] > 0 and s["paths"]["xla"]["gb_s"] > 0
 
 
 def test_a_comparison_the_diffusers_side_cannot_run_is_refused(capsys):

@@ -22,9 +22,16 @@
 #   hlo        the step as the device compiles it (conv algorithms autotuned): ops and bytes
 #              (tools/step_hlo.py --target local)
 #   geglu      the feed-forward's GEGLU alone at SD 1.5's shapes, XLA against tokamax's fused
-#              kernel (tools/geglu_bench.py), then the fused kernel's parity tests on the card
-#              (tests/test_geglu.py, and the UNet's bfloat16 test with JAXDIFF_GEGLU=tokamax)
+#              kernel (tools/kernel_bench.py --op geglu), then the fused kernel's parity tests
+#              on the card (tests/test_geglu.py, and the UNet's bfloat16 test with
+#              JAXDIFF_GEGLU=tokamax)
 #   tokamax    the jaxdiff step with JAXDIFF_GEGLU=tokamax: end to end, to set beside jaxdiff's
+#   norm       the transformer blocks' layer norm alone, XLA against the one-pass Pallas kernel
+#              (tools/kernel_bench.py --op layer_norm), then the kernel's parity tests compiled
+#              for the card (tests/test_layer_norm.py, the UNet's bfloat16 test with
+#              JAXDIFF_LAYER_NORM=pallas)
+#   ln         the jaxdiff step with JAXDIFF_LAYER_NORM=pallas
+#   fused      the jaxdiff step with both: JAXDIFF_GEGLU=tokamax JAXDIFF_LAYER_NORM=pallas
 # The device's image has jax, flax, torch and transformers; diffusers (for --compare) and
 # tokamax with what it imports that the image lacks (for geglu and tokamax) come as wheels
 # in .whl/ (git-ignored), fetched on any machine with:
@@ -37,7 +44,7 @@
 # $OUT/gpu_bench.tgz (or ./bench-out/): one file to copy back, and a step cut off by a time
 # limit must not lose the ones before it.
 set -u -o pipefail
-all_steps=" sd15 jaxdiff warm x4 profile attention triton b32 parity hlo geglu tokamax "
+all_steps=" sd15 jaxdiff warm x4 profile attention triton b32 parity hlo geglu tokamax norm ln fused "
 steps=("$@"); [ ${#steps[@]} -gt 0 ] || steps=(sd15 warm x4 b32 profile)
 for s in "${steps[@]}"; do
   [[ $all_steps == *" $s "* ]] || { echo "unknown step: $s (steps:$all_steps)" >&2; exit 2; }
@@ -86,11 +93,20 @@ run_step() {
     parity) step parity 150 env JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest XLA_PYTHON_CLIENT_PREALLOCATE=false \
               python3 -m pytest -q -p no:cacheprovider -n 4 -m parity -k "not tpu_attention" \
               tests/test_unet.py tests/test_vae.py tests/test_clip.py tests/test_geglu.py ;;
-    geglu) step geglu 150 bash -c "python3 -m tools.geglu_bench --arch sd15 --batch 16 --out $SCRATCH/geglu_sd15.json && \
-             JAX_PLATFORMS=cuda JAXDIFF_GEGLU=tokamax XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -q \
-             -p no:cacheprovider tests/test_geglu.py tests/test_unet.py -k 'fused_kernel or bfloat16_at_sd15'" ;;
+    geglu) step geglu 150 bash -c "python3 -m tools.kernel_bench --op geglu --arch sd15 --batch 16 \
+             --out $SCRATCH/kernel_geglu_sd15.json && JAX_PLATFORMS=cuda JAXDIFF_GEGLU=tokamax \
+             XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -q -p no:cacheprovider tests/test_geglu.py \
+             tests/test_unet.py -k 'fused_kernel or bfloat16_at_sd15'" ;;
     tokamax) step tokamax 120 env JAXDIFF_GEGLU=tokamax JAXDIFF_CACHE_DIR="$(mktemp -d)" "${sd15[@]}" --reps 2 \
                --no-stages --out "$SCRATCH/bench_sd15_tokamax.json" ;;
+    norm) step norm 90 bash -c "python3 -m tools.kernel_bench --op layer_norm --arch sd15 --batch 16 \
+            --out $SCRATCH/kernel_layer_norm_sd15.json && JAX_PLATFORMS=cuda JAXDIFF_LAYER_NORM=pallas \
+            XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -q -p no:cacheprovider tests/test_layer_norm.py \
+            tests/test_unet.py -k 'compiled_kernel or bfloat16_at_sd15'" ;;
+    ln) step ln 120 env JAXDIFF_LAYER_NORM=pallas JAXDIFF_CACHE_DIR="$(mktemp -d)" "${sd15[@]}" --reps 2 \
+          --no-stages --out "$SCRATCH/bench_sd15_layer_norm.json" ;;
+    fused) step fused 120 env JAXDIFF_GEGLU=tokamax JAXDIFF_LAYER_NORM=pallas JAXDIFF_CACHE_DIR="$(mktemp -d)" \
+             "${sd15[@]}" --reps 2 --no-stages --out "$SCRATCH/bench_sd15_fused.json" ;;
     hlo) step hlo 60 python3 -m tools.step_hlo --arch sd15 --batch 16 --target local --out "$SCRATCH/step_hlo_sd15.json" \
            --hlo-out "$SCRATCH/sd15_step_hlo.txt" ;;
   esac

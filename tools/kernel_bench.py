@@ -1,0 +1,234 @@
+"""The transformer blocks' fusable ops alone, at every shape a model's denoising step runs
+them: ms per call on each path, and TFLOP/s or GB/s.
+
+    python -m tools.kernel_bench --op geglu --arch sd15 --batch 16 --out geglu.json   # GPU
+    python -m tools.kernel_bench --op layer_norm --arch tiny --batch 1                # CPU (tested in CI)
+
+--op geglu (jaxdiff/models/geglu.py): "xla", the projection's GEMM and XLA's fusion of GELU
+and product; "tokamax", the fused kernel on Hopper and Blackwell GPUs (its GEMM a little
+wider: the bias rides as a channel of ones, rounded up to 64), with tokamax's default config
+(the engine's) and FUSED_CONFIGS, its best reported with every config's time; and
+"projection", the GEMM and its bias alone, which the fused kernel would have to come near
+to pay off. TFLOP/s count the model's FLOPs (2 x rows x channels x 2 x width) on every path.
+
+--op layer_norm (jaxdiff/models/layer_norm.py): "xla", nnx.LayerNorm as XLA compiles it;
+"pallas", the one-pass kernel (on a GPU; Pallas' interpreter elsewhere, timed but not a
+speed). GB/s count one read and one write of the tokens, the least any path can move.
+
+A path the backend or shape does not take is reported with its reason. Each is timed as
+CHAINED_CALLS calls back to back in one program, each call's input the last one's output
+(for GEGLU its first channels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+CHAINED_CALLS = 8
+# tokamax kernel configs tried beside its default (the engine's): fields of its Config for
+# the Hopper kernel, each a compile. The default: tile_m 128, tile_n 64, tile_k 64, 4 stages,
+# the two warpgroups side by side along N. Each compiles for an H200 at every SD 1.5 shape
+# (tile_k 128 does not: the folded contraction is a multiple of 64 only).
+FUSED_CONFIGS = {
+    "clusters of 2 along M": {"tile_m": 128, "tile_n": 64, "tile_k": 64, "num_stages": 4, "cluster_size_m": 2},
+    "warpgroups along M": {"tile_m": 128, "tile_n": 64, "tile_k": 64, "num_stages": 4, "wg_dimension": "M"},
+    "grid tiles 4 wide": {"tile_m": 128, "tile_n": 64, "tile_k": 64, "num_stages": 4, "grid_tile_width": 4},
+}
+OPS = ("geglu", "layer_norm")
+
+
+def transformer_sites(arch: str, batch: int, size: int | None = None) -> list[dict]:
+    """Each transformer level: rows (tokens at the CFG batch), channels, transformer blocks
+    per step."""
+    from jaxdiff.models.unet import UNetConfig
+    from tools.step_hlo import arch_configs
+
+    unet = UNetConfig.from_dict(arch_configs(arch)["unet"])
+    latent = size or unet.sample_size or 64
+    levels = len(unet.block_out_channels)
+    sites = []
+    for i, block in enumerate(unet.down_block_types):
+        if "CrossAttn" in block:
+            side = latent // 2 ** i
+            sites.append({"site": f"unet {side}x{side}", "rows": 2 * batch * side * side,
+                          "channels": unet.block_out_channels[i],
+                          # transformers per level: layers_per_block down, one more up
+                          "blocks": unet.transformer_layers_per_block[i] * (2 * unet.layers_per_block[i] + 1)})
+    side = latent // 2 ** (levels - 1)
+    sites.append({"site": f"unet mid {side}x{side}", "rows": 2 * batch * side * side,
+                  "channels": unet.block_out_channels[-1], "blocks": unet.transformer_layers_per_block[-1]})
+    return sites
+
+
+def op_sites(op: str, arch: str, batch: int, size: int | None = None) -> list[dict]:
+    """The op's shapes and calls per step: GEGLU once a transformer block, four times as
+    wide out as in; layer norm three times (before each attention and the feed-forward)."""
+    sites = []
+    for s in transformer_sites(arch, batch, size):
+        site = {"site": s["site"], "rows": s["rows"], "channels": s["channels"]}
+        if op == "geglu":
+            site.update(width=4 * s["channels"], calls=s["blocks"])
+        else:
+            site.update(calls=3 * s["blocks"])
+        sites.append(site)
+    return sites
+
+
+def fused_with_config(fields: dict):
+    """The fused GEGLU on tokamax's Hopper kernel with one config (its op class, which the
+    public API does not take a config for). Imported when traced: no tokamax, no GPU is
+    this path's error."""
+    def call(x, kernel, bias):
+        from tokamax._src.ops.gated_linear_unit import pallas_mosaic_gpu, pallas_mosaic_gpu_common as common
+
+        from jaxdiff.models import geglu
+
+        config = common.Config(**{k: common.MatmulDimension[v] if k.endswith("dimension") else v
+                                  for k, v in fields.items()})
+        x, weights = geglu.fold_bias(x, kernel, bias)
+        return pallas_mosaic_gpu.PallasMosaicGpuGatedLinearUnit(config=config)(
+            x, weights, activation=geglu.gelu_rational)
+    return call
+
+
+def _paths(op: str) -> dict:
+    """name: fn(x, *params), or {config: fn} for a path timed at each config, its best kept."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxdiff.models import geglu, layer_norm
+
+    if op == "layer_norm":
+        def xla(x, scale, bias):
+            from flax import nnx
+
+            module = nnx.LayerNorm(x.shape[-1], epsilon=1e-5, dtype=x.dtype, param_dtype=x.dtype, rngs=nnx.Rngs(0))
+            module.scale.value, module.bias.value = scale, bias
+            return nnx.LayerNorm.__call__(module, x)  # the model's XLA path, nnx's own
+        return {"xla": xla, "pallas": lambda x, scale, bias: layer_norm.fused_layer_norm(
+            x, scale, bias, 1e-5, interpret=jax.default_backend() != "gpu")}
+
+    def xla(x, kernel, bias):
+        with geglu.dispatch("xla"):
+            return geglu.geglu(x, kernel, bias)
+    fused = {"default": geglu.fused_geglu, **{name: fused_with_config(f) for name, f in FUSED_CONFIGS.items()}}
+    return {"xla": xla, "tokamax": fused, "projection": lambda x, kernel, bias: jnp.dot(x, kernel) + bias}
+
+
+def chained(fn, calls: int = CHAINED_CALLS):
+    """`fn(x, *params)` run `calls` times in one jitted program, each call's input the last
+    call's output, cut to the input's channels (no call can be skipped or hoisted)."""
+    import jax
+
+    def run(x, *params):
+        for _ in range(calls):  # unrolled: no loop between the calls
+            x = fn(x, *params)[..., :x.shape[-1]].astype(x.dtype)
+        return x
+    return jax.jit(run)
+
+
+def _inputs(op: str, site: dict, dtype):
+    import jax.numpy as jnp
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    rows, channels = site["rows"], site["channels"]
+    x = jnp.asarray(rng.standard_normal((rows, channels)), dtype)
+    if op == "layer_norm":
+        return x, jnp.asarray(rng.standard_normal(channels), dtype), jnp.asarray(rng.standard_normal(channels), dtype)
+    width = site["width"]
+    return (x, jnp.asarray(rng.standard_normal((channels, 2 * width)) / np.sqrt(channels), dtype),
+            jnp.asarray(rng.standard_normal(2 * width), dtype))
+
+
+def time_site(op: str, site: dict, dtype, reps: int) -> dict:
+    import jax
+    import numpy as np
+
+    from tools.attention_bench import _reason
+    from tools.bench import _median_time
+
+    args = _inputs(op, site, dtype)
+    if op == "geglu":
+        work = {"gflop": float(f"{2.0 * site['rows'] * site['channels'] * 2 * site['width'] / 1e9:.4g}")}
+    else:  # one read and one write of the tokens
+        work = {"gb": float(f"{2.0 * args[0].size * args[0].dtype.itemsize / 1e9:.4g}")}
+    result = dict(site, **work, paths={})
+    reference = None
+    for name, path in _paths(op).items():
+        configs = path if isinstance(path, dict) else {None: path}
+        timed, errors = [], {}
+        for config, fn in configs.items():
+            try:
+                # Traced here, not at import: jit's cache does not see the dispatch inside.
+                out = np.asarray(jax.block_until_ready(jax.jit(fn)(*args)), np.float32)
+                run = chained(fn)
+                jax.block_until_ready(run(*args))
+                seconds = _median_time(lambda: jax.block_until_ready(run(*args)), reps) / CHAINED_CALLS
+                timed.append((seconds, config, out))
+            except Exception as e:  # a path (or config) this backend or shape does not take
+                errors[config] = _reason(e)
+        if not timed:
+            result["paths"][name] = {"error": list(errors.values())[0]}
+            continue
+        seconds, config, out = min(timed, key=lambda t: t[0])
+        entry = {"ms": round(seconds * 1e3, 4)}
+        if "gflop" in work:
+            entry["tflop_s"] = float(f"{work['gflop'] / seconds / 1e3:.4g}")
+        else:
+            entry["gb_s"] = float(f"{work['gb'] / seconds:.4g}")
+        if name != "projection":  # the projection is not a GEGLU: no output to compare
+            reference = out if reference is None else reference
+            entry["max_diff_vs_xla"] = float(f"{np.abs(out - reference).max():.3g}")
+        if config is not None:  # every config's time, the best first: the default's is the engine's
+            entry["config"] = config
+            entry["configs_ms"] = {c: round(t * 1e3, 4) for t, c, _ in sorted(timed, key=lambda t: t[0])}
+            entry["failed_configs"] = errors
+        result["paths"][name] = entry
+    return result
+
+
+def main(argv=None) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    p = argparse.ArgumentParser(prog="python -m tools.kernel_bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--op", choices=OPS, required=True)
+    p.add_argument("--arch", default="sd15", help="sd15, sd21, x4-upscaler, default or tiny")
+    p.add_argument("--batch", type=int, default=16, help="images per batch; the UNet runs 2x this (CFG)")
+    p.add_argument("--size", type=int, default=None, help="latent side (default: the config's sample_size)")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--out", default=None, help="write the JSON result here")
+    args = p.parse_args(argv)
+    if args.batch < 1 or args.reps < 1:
+        p.error("--batch and --reps must be at least 1")
+    dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    device = jax.devices()[0].device_kind
+    rate = "TFLOP/s" if args.op == "geglu" else "GB/s"
+    print(f"{args.op}, {args.arch}, batch {args.batch}, {jnp.dtype(dtype).name}, {device}: "
+          f"ms ({rate}) per call, calls per step")
+    result = {"op": args.op, "arch": args.arch, "batch": args.batch, "device": device,
+              "dtype": jnp.dtype(dtype).name, "sites": [], "unet_step_ms": {}}
+    for site in op_sites(args.op, args.arch, args.batch, args.size):
+        s = time_site(args.op, site, dtype, args.reps)
+        result["sites"].append(s)
+        # Per step, each path over every site (NaN where a site has no time on it).
+        result["unet_step_ms"] = {
+            name: round(sum(t["calls"] * t["paths"][name].get("ms", float("nan")) for t in result["sites"]), 3)
+            for name in s["paths"]}
+        if args.out:  # written as each site is timed: a run cut short keeps what it had
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+        cells = [f"{n} {r['ms']:.3f} ({r.get('tflop_s', r.get('gb_s')):.4g})" if "ms" in r
+                 else f"{n} - ({r['error'][:60]})" for n, r in s["paths"].items()]
+        shape = f"{s['rows']}x{s['channels']}" + (f"->{s['width']}" if "width" in s else "")
+        print(f"{s['site']:<16}{shape:<18} x{s['calls']:<3}" + "  ".join(cells), flush=True)
+    print("per step, ms: " + ", ".join(f"{n} {ms}" for n, ms in result["unet_step_ms"].items()))
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
