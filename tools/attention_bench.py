@@ -160,11 +160,32 @@ def _reason(e: Exception) -> str:
     return f"{type(e).__name__}: {lines[0][:200]}"
 
 
-def time_site(site: dict, dtype, reps: int) -> dict:
+def time_configs(path, chain, args: tuple, reps: int) -> tuple[list, dict]:
+    """A path (fn, or {config: fn}) timed at each config: ([(seconds a call, config,
+    output)], {config: the reason it failed}). Each fn is traced here, not at import (jit's
+    cache does not see a dispatch inside), and timed as `chain(fn)`, CHAINED_CALLS calls in
+    one program."""
     import jax
     import numpy as np
 
     from tools.bench import _median_time
+
+    timed, errors = [], {}
+    for config, fn in (path if isinstance(path, dict) else {None: path}).items():
+        try:
+            out = np.asarray(jax.block_until_ready(jax.jit(fn)(*args)), np.float32)
+            run = chain(fn)
+            jax.block_until_ready(run(*args))
+            seconds = _median_time(lambda: jax.block_until_ready(run(*args)), reps) / CHAINED_CALLS
+            timed.append((seconds, config, out))
+        except Exception as e:  # a path (or config) this backend or shape does not take
+            errors[config] = _reason(e)
+    return timed, errors
+
+
+def time_site(site: dict, dtype, reps: int) -> dict:
+    import jax
+    import numpy as np
 
     rng = np.random.default_rng(0)
     b, h, d = site["batch"], site["heads"], site["head_dim"]
@@ -176,22 +197,11 @@ def time_site(site: dict, dtype, reps: int) -> dict:
     result = dict(site, gflop=float(f"{flops / 1e9:.4g}"), dispatch=attention._choose(q), paths={})
     reference = None
     for name, path in _paths(d).items():
-        configs = path if isinstance(path, dict) else {None: path}
-        timed, errors = [], {}
-        for config, fn in configs.items():
-            try:
-                out = jax.block_until_ready(jax.jit(fn)(q, k, v))
-                run = chained(fn)
-                jax.block_until_ready(run(q, k, v))
-                seconds = _median_time(lambda: jax.block_until_ready(run(q, k, v)), reps) / CHAINED_CALLS
-                timed.append((seconds, config, out))
-            except Exception as e:  # a path (or config) this backend or shape does not take
-                errors[config] = _reason(e)
+        timed, errors = time_configs(path, chained, (q, k, v), reps)
         if not timed:  # the reason of the last config tried: the smallest blocks
             entry = {"error": list(errors.values())[-1]}
         else:
             seconds, config, out = min(timed, key=lambda t: t[0])
-            out = np.asarray(out, np.float32)
             reference = out if reference is None else reference
             entry = {"ms": round(seconds * 1e3, 4), "tflop_s": float(f"{flops / seconds / 1e12:.4g}"),
                      "max_diff_vs_xla": float(f"{np.abs(out - reference).max():.3g}")}
@@ -216,22 +226,33 @@ def _step_totals(sites: list[dict]) -> dict:
     return {"dispatch": round(dispatch, 3), "best": round(best, 3)}
 
 
-def main(argv=None) -> dict:
-    import jax
-    import jax.numpy as jnp
-
-    p = argparse.ArgumentParser(prog="python -m tools.attention_bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def site_bench_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """The arguments of a bench over a model's call sites (this one, tools/kernel_bench.py)."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="sd15", help="sd15, sd21, x4-upscaler, default or tiny")
     p.add_argument("--batch", type=int, default=16, help="images per batch; the UNet runs 2x this (CFG)")
     p.add_argument("--size", type=int, default=None, help="latent side (default: the config's sample_size)")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--out", default=None, help="write the JSON result here")
+    return p
+
+
+def parse_site_bench_args(p: argparse.ArgumentParser, argv):
+    """(args, dtype, device kind): float32 on a CPU, bfloat16 on accelerators."""
+    import jax
+    import jax.numpy as jnp
+
     args = p.parse_args(argv)
     if args.batch < 1 or args.reps < 1:
         p.error("--batch and --reps must be at least 1")
     dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-    device = jax.devices()[0].device_kind
+    return args, dtype, jax.devices()[0].device_kind
+
+
+def main(argv=None) -> dict:
+    import jax.numpy as jnp
+
+    args, dtype, device = parse_site_bench_args(site_bench_parser("python -m tools.attention_bench", __doc__), argv)
     print(f"{args.arch}, batch {args.batch}, {jnp.dtype(dtype).name}, {device}: ms (TFLOP/s) per call, "
           "calls per step, the dispatch's path")
     result = {"arch": args.arch, "batch": args.batch, "device": device, "dtype": jnp.dtype(dtype).name,

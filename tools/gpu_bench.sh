@@ -76,11 +76,17 @@ step() {
   pack
 }
 sd15=(python3 -m tools.bench --arch sd15 --batch-sizes 16 --steps 25)
+# end_to_end NAME [VAR=VALUE ...]: sd15 without diffusers or stages in a process with these
+# variables and a compilation cache of its own (its first call a cold compile).
+end_to_end() {
+  local name=$1; shift
+  step "$name" 120 env "$@" JAXDIFF_CACHE_DIR="$(mktemp -d)" "${sd15[@]}" --reps 2 --no-stages \
+    --out "$SCRATCH/bench_sd15_$name.json"
+}
 run_step() {
   case $1 in
     sd15) step sd15 200 "${sd15[@]}" --reps 2 --compare both --out "$SCRATCH/bench_sd15.json" ;;
-    jaxdiff) step jaxdiff 120 env JAXDIFF_CACHE_DIR="$(mktemp -d)" "${sd15[@]}" --reps 2 --no-stages \
-               --out "$SCRATCH/bench_sd15_jaxdiff.json" ;;
+    jaxdiff) end_to_end jaxdiff ;;
     warm) step warm 60 "${sd15[@]}" --reps 1 --no-stages --out "$SCRATCH/bench_sd15_warm_cache.json" ;;
     x4) step x4 135 python3 -m tools.bench --arch x4-upscaler --size 128 --batch-sizes 8 --steps 20 --guidance 9 \
           --reps 2 --no-stages --compare diffusers --out "$SCRATCH/bench_x4.json" ;;
@@ -97,16 +103,13 @@ run_step() {
              --out $SCRATCH/kernel_geglu_sd15.json && JAX_PLATFORMS=cuda JAXDIFF_GEGLU=tokamax \
              XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -q -p no:cacheprovider tests/test_geglu.py \
              tests/test_unet.py -k 'fused_kernel or bfloat16_at_sd15'" ;;
-    tokamax) step tokamax 120 env JAXDIFF_GEGLU=tokamax JAXDIFF_CACHE_DIR="$(mktemp -d)" "${sd15[@]}" --reps 2 \
-               --no-stages --out "$SCRATCH/bench_sd15_tokamax.json" ;;
+    tokamax) end_to_end tokamax JAXDIFF_GEGLU=tokamax ;;
     norm) step norm 90 bash -c "python3 -m tools.kernel_bench --op layer_norm --arch sd15 --batch 16 \
             --out $SCRATCH/kernel_layer_norm_sd15.json && JAX_PLATFORMS=cuda JAXDIFF_LAYER_NORM=pallas \
             XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -q -p no:cacheprovider tests/test_layer_norm.py \
             tests/test_unet.py -k 'compiled_kernel or bfloat16_at_sd15'" ;;
-    ln) step ln 120 env JAXDIFF_LAYER_NORM=pallas JAXDIFF_CACHE_DIR="$(mktemp -d)" "${sd15[@]}" --reps 2 \
-          --no-stages --out "$SCRATCH/bench_sd15_layer_norm.json" ;;
-    fused) step fused 120 env JAXDIFF_GEGLU=tokamax JAXDIFF_LAYER_NORM=pallas JAXDIFF_CACHE_DIR="$(mktemp -d)" \
-             "${sd15[@]}" --reps 2 --no-stages --out "$SCRATCH/bench_sd15_fused.json" ;;
+    ln) end_to_end ln JAXDIFF_LAYER_NORM=pallas ;;
+    fused) end_to_end fused JAXDIFF_GEGLU=tokamax JAXDIFF_LAYER_NORM=pallas ;;
     hlo) step hlo 60 python3 -m tools.step_hlo --arch sd15 --batch 16 --target local --out "$SCRATCH/step_hlo_sd15.json" \
            --hlo-out "$SCRATCH/sd15_step_hlo.txt" ;;
   esac

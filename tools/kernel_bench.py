@@ -16,17 +16,15 @@ to pay off. TFLOP/s count the model's FLOPs (2 x rows x channels x 2 x width) on
 speed). GB/s count one read and one write of the tokens, the least any path can move.
 
 A path the backend or shape does not take is reported with its reason. Each is timed as
-CHAINED_CALLS calls back to back in one program, each call's input the last one's output
+calls back to back in one program (CHAINED_CALLS, tools/attention_bench.py), each call's input the last one's output
 (for GEGLU its first channels).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
-CHAINED_CALLS = 8
 # tokamax kernel configs tried beside its default (the engine's): fields of its Config for
 # the Hopper kernel, each a compile. The default: tile_m 128, tile_n 64, tile_k 64, 4 stages,
 # the two warpgroups side by side along N. Each compiles for an H200 at every SD 1.5 shape
@@ -81,7 +79,10 @@ def fused_with_config(fields: dict):
     public API does not take a config for). Imported when traced: no tokamax, no GPU is
     this path's error."""
     def call(x, kernel, bias):
-        from tokamax._src.ops.gated_linear_unit import pallas_mosaic_gpu, pallas_mosaic_gpu_common as common
+        from tokamax._src.ops.gated_linear_unit import pallas_mosaic_gpu
+        from tokamax._src.ops.gated_linear_unit import (
+            pallas_mosaic_gpu_common as common,
+        )
 
         from jaxdiff.models import geglu
 
@@ -117,13 +118,15 @@ def _paths(op: str) -> dict:
     return {"xla": xla, "tokamax": fused, "projection": lambda x, kernel, bias: jnp.dot(x, kernel) + bias}
 
 
-def chained(fn, calls: int = CHAINED_CALLS):
+def chained(fn, calls: int | None = None):
     """`fn(x, *params)` run `calls` times in one jitted program, each call's input the last
     call's output, cut to the input's channels (no call can be skipped or hoisted)."""
     import jax
 
+    from tools.attention_bench import CHAINED_CALLS
+
     def run(x, *params):
-        for _ in range(calls):  # unrolled: no loop between the calls
+        for _ in range(calls or CHAINED_CALLS):  # unrolled: no loop between the calls
             x = fn(x, *params)[..., :x.shape[-1]].astype(x.dtype)
         return x
     return jax.jit(run)
@@ -144,11 +147,9 @@ def _inputs(op: str, site: dict, dtype):
 
 
 def time_site(op: str, site: dict, dtype, reps: int) -> dict:
-    import jax
     import numpy as np
 
-    from tools.attention_bench import _reason
-    from tools.bench import _median_time
+    from tools.attention_bench import time_configs
 
     args = _inputs(op, site, dtype)
     if op == "geglu":
@@ -158,20 +159,9 @@ def time_site(op: str, site: dict, dtype, reps: int) -> dict:
     result = dict(site, **work, paths={})
     reference = None
     for name, path in _paths(op).items():
-        configs = path if isinstance(path, dict) else {None: path}
-        timed, errors = [], {}
-        for config, fn in configs.items():
-            try:
-                # Traced here, not at import: jit's cache does not see the dispatch inside.
-                out = np.asarray(jax.block_until_ready(jax.jit(fn)(*args)), np.float32)
-                run = chained(fn)
-                jax.block_until_ready(run(*args))
-                seconds = _median_time(lambda: jax.block_until_ready(run(*args)), reps) / CHAINED_CALLS
-                timed.append((seconds, config, out))
-            except Exception as e:  # a path (or config) this backend or shape does not take
-                errors[config] = _reason(e)
+        timed, errors = time_configs(path, chained, args, reps)
         if not timed:
-            result["paths"][name] = {"error": list(errors.values())[0]}
+            result["paths"][name] = {"error": next(iter(errors.values()))}
             continue
         seconds, config, out = min(timed, key=lambda t: t[0])
         entry = {"ms": round(seconds * 1e3, 4)}
@@ -191,22 +181,13 @@ def time_site(op: str, site: dict, dtype, reps: int) -> dict:
 
 
 def main(argv=None) -> dict:
-    import jax
     import jax.numpy as jnp
 
-    p = argparse.ArgumentParser(prog="python -m tools.kernel_bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from tools.attention_bench import parse_site_bench_args, site_bench_parser
+
+    p = site_bench_parser("python -m tools.kernel_bench", __doc__)
     p.add_argument("--op", choices=OPS, required=True)
-    p.add_argument("--arch", default="sd15", help="sd15, sd21, x4-upscaler, default or tiny")
-    p.add_argument("--batch", type=int, default=16, help="images per batch; the UNet runs 2x this (CFG)")
-    p.add_argument("--size", type=int, default=None, help="latent side (default: the config's sample_size)")
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--out", default=None, help="write the JSON result here")
-    args = p.parse_args(argv)
-    if args.batch < 1 or args.reps < 1:
-        p.error("--batch and --reps must be at least 1")
-    dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-    device = jax.devices()[0].device_kind
+    args, dtype, device = parse_site_bench_args(p, argv)
     rate = "TFLOP/s" if args.op == "geglu" else "GB/s"
     print(f"{args.op}, {args.arch}, batch {args.batch}, {jnp.dtype(dtype).name}, {device}: "
           f"ms ({rate}) per call, calls per step")
