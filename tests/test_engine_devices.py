@@ -101,6 +101,32 @@ SCRIPT = textwrap.dedent("""
         one, four = render(load(jax.devices()[:1])), render(load(jax.devices()))
         print(json.dumps({"calls": sorted(seen), "four_vs_one": int(np.abs(four - one).max()),
                           "cudnn_vs_plain": int(np.abs(one - plain).max())}))
+    elif mode == "fused":
+        # The fused GEGLU and layer norm inside the engine's batch-sharded programs: each
+        # device's kernel call must see only its own samples, and the images must not
+        # change. The layer norm is the real kernel, in Pallas' interpreter; tokamax's
+        # GEGLU kernel (Hopper GPUs) is stood in for by the XLA formula, every shape sent
+        # to it.
+        import os
+        from jaxdiff.models import geglu, layer_norm
+        seen = {"geglu": set(), "layer_norm": set()}
+        def fake_fused_geglu(x, kernel, bias):
+            seen["geglu"].add(x.shape[0])
+            return geglu._xla_geglu(x, kernel, bias)
+        interpreted_layer_norm = layer_norm.fused_layer_norm
+        def recorded_layer_norm(x, *args, **kwargs):
+            seen["layer_norm"].add(x.shape[0])
+            return interpreted_layer_norm(x, *args, **kwargs)
+        render = lambda pipe: np.stack([r.image for r in pipe.render(prompts, seeds=[1, 2, 3, 4])]).astype(int)
+        load = lambda devices: jaxdiff.load_pipeline(folder, upscaler="none", steps=2, sampler="ddim", batch_size=4,
+                                                     devices=devices)
+        plain = render(load(jax.devices()[:1]))
+        geglu.fused_geglu, layer_norm.fused_layer_norm = fake_fused_geglu, recorded_layer_norm
+        geglu._M_TILE = geglu._N_TILE = 1
+        os.environ.update(JAXDIFF_GEGLU="tokamax", JAXDIFF_LAYER_NORM="pallas")
+        four = render(load(jax.devices()))
+        print(json.dumps({"batches": {k: sorted(v) for k, v in seen.items()},
+                          "four_vs_plain": int(np.abs(four - plain).max())}))
     else:
         import time
         t = time.perf_counter()
@@ -160,6 +186,17 @@ def test_gpu_attention_dispatch_runs_per_device_inside_sharded_programs(folder, 
     # at head dim 8.
     assert [8, 77, 8] in result["calls"], result
     assert result["four_vs_one"] <= 1 and result["cudnn_vs_plain"] <= 1, result
+
+
+def test_fused_kernels_run_per_device_inside_sharded_programs(folder, tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+               JAXDIFF_CACHE_DIR=str(tmp_path / "cache"))
+    result = _run([folder, "fused"], env)
+    # CFG doubles the 4 prompts to 8 UNet rows, 2 per device; the first transformer's
+    # self attention (and its layer norm) runs once per sample, 1 per device. Never the
+    # whole batch on one device.
+    assert result["batches"] == {"geglu": [2], "layer_norm": [1, 2]}, result
+    assert result["four_vs_plain"] <= 1, result
 
 
 def test_second_process_reuses_compiled_programs(folder, tmp_path):

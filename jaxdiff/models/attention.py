@@ -122,21 +122,29 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _pallas_tpu_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Pallas' TPU flash kernel, run per chip over the batch when a mesh is in context.
+def per_chip(kernel, batched: tuple, replicated: tuple = (), *, otherwise):
+    """kernel(*batched, *replicated), run on each chip's own samples when a mesh of several
+    chips is in context: `batched` arrays split on their first axis, `replicated` ones go
+    whole to every chip.
 
-    XLA cannot partition a Pallas kernel: a batch-sharded jit holding one does not compile
-    ("Mosaic kernels cannot be automatically partitioned"). Inside shard_map each chip runs
-    it on its own samples.
+    XLA cannot partition a Pallas or Mosaic kernel: a batch-sharded jit holding one does not
+    compile ("Mosaic kernels cannot be automatically partitioned"), or runs the whole batch
+    on every chip. Inside shard_map each chip runs it on its own samples. A batch that does
+    not split over the chips calls `otherwise` (an XLA path) with the same arguments.
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
-        return _pallas_tpu_kernel(q, k, v)
-    if q.shape[0] % mesh.size:  # a batch that does not split over the chips: XLA's path
-        return _xla_attention(q, k, v)
-    batch = jax.sharding.PartitionSpec(mesh.axis_names)
-    return jax.shard_map(_pallas_tpu_kernel, mesh=mesh, in_specs=(batch, batch, batch),
-                         out_specs=batch, check_vma=False)(q, k, v)
+        return kernel(*batched, *replicated)
+    if batched[0].shape[0] % mesh.size:
+        return otherwise(*batched, *replicated)
+    batch, whole = jax.sharding.PartitionSpec(mesh.axis_names), jax.sharding.PartitionSpec()
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(batch,) * len(batched) + (whole,) * len(replicated),
+                         out_specs=batch, check_vma=False)(*batched, *replicated)
+
+
+def _pallas_tpu_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Pallas' TPU flash kernel, per chip over the batch (`per_chip`)."""
+    return per_chip(_pallas_tpu_kernel, (q, k, v), otherwise=_xla_attention)
 
 
 def _pallas_tpu_kernel(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:

@@ -19,6 +19,7 @@ import os
 import jax
 import jax.numpy as jnp
 
+from jaxdiff.models import attention
 from jaxdiff.models.blocks import gelu
 
 _IMPLEMENTATIONS = ("xla", "tokamax")
@@ -97,13 +98,23 @@ def fold_bias(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> tuple[jax.Arr
 
 def geglu(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     """hidden * gelu(gate), with (hidden, gate) = split(x @ kernel + bias): diffusers' GEGLU
-    on (..., K) tokens, by the path `implementation()` names."""
-    rows, width = math.prod(x.shape[:-1]), kernel.shape[1] // 2
+    on (batch, ..., K) tokens, by the path `implementation()` names; the fused kernel on
+    each chip's own samples (`attention.per_chip`)."""
+    if implementation() == "xla":
+        return _xla_geglu(x, kernel, bias)
+    return attention.per_chip(_fused_where_it_tiles, (x,), (kernel, bias), otherwise=_xla_geglu)
+
+
+def _xla_geglu(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    hidden, gate = jnp.split(x @ kernel + bias, 2, axis=-1)
+    return hidden * gelu(gate)
+
+
+def _fused_where_it_tiles(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     # The fused kernel's output blocks are 128 rows by 128 columns: other shapes (the
     # tests' tiny models) take the XLA path.
-    if implementation() == "xla" or rows % _M_TILE or width % _N_TILE:
-        hidden, gate = jnp.split(x @ kernel + bias, 2, axis=-1)
-        return hidden * gelu(gate)
+    if math.prod(x.shape[:-1]) % _M_TILE or (kernel.shape[1] // 2) % _N_TILE:
+        return _xla_geglu(x, kernel, bias)
     return fused_geglu(x, kernel, bias)
 
 

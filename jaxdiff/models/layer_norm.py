@@ -82,4 +82,9 @@ class LayerNorm(nnx.LayerNorm):
         if implementation() == "xla" or mask is not None or math.prod(x.shape[:-1]) == 0:
             return super().__call__(x, mask=mask)
         x, scale, bias = self.promote_dtype((x, self.scale[...], self.bias[...]), dtype=self.dtype)
-        return fused_layer_norm(x, scale, bias, self.epsilon, interpret=attention.target_backend() != "gpu")
+        kernel = functools.partial(fused_layer_norm, epsilon=self.epsilon,
+                                   interpret=attention.target_backend() != "gpu")
+        # Each chip's own samples (`attention.per_chip`); a batch that does not split over
+        # the chips takes nnx's path.
+        return attention.per_chip(lambda x, scale, bias: kernel(x, scale, bias), (x,), (scale, bias),
+                                  otherwise=lambda x, scale, bias: super(LayerNorm, self).__call__(x))
