@@ -352,9 +352,10 @@ def test_hlo_ops_flops_agree_with_xlas_own_count_where_there_is_no_padding():
         assert hlo_ops.program_flops(lowered.as_text(dialect="hlo")) == lowered.cost_analysis()["flops"], fn
 
 
-def test_a_gemm_the_attention_code_emits_is_counted_as_attention():
+def test_kernels_are_counted_by_the_model_code_they_come_from():
     """On a GPU, XLA's own attention becomes cuBLAS GEMM calls: those that come from
-    jaxdiff/models/attention.py are attention time, not matmul time."""
+    jaxdiff/models/attention.py are attention time, not matmul time; a kernel from
+    jaxdiff/models/layer_norm.py is norm time."""
     from tools import hlo_ops
 
     hlo = """HloModule m
@@ -364,12 +365,15 @@ ENTRY %main (a: f32[16,32], b: f32[32,8]) -> f32[16,8] {
   %b = f32[32,8]{1,0} parameter(1)
   %scores = (f32[16,8]{1,0}, s8[0]{0}) custom-call(%a, %b), custom_call_target="__cublas$gemm", metadata={op_name="jit(f)/dot_general" source_file="/src/jaxdiff/models/attention.py" source_line=120}
   %proj = (f32[16,8]{1,0}, s8[0]{0}) custom-call(%a, %b), custom_call_target="__cublas$gemm", metadata={op_name="jit(f)/dot_general" source_file="/src/jaxdiff/models/blocks.py" source_line=40}
+  %norm = f32[16,32]{1,0} custom-call(%a), custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="jit(f)/pallas_call" source_file="/src/jaxdiff/models/layer_norm.py" source_line=64}
   ROOT %r = f32[16,8]{1,0} get-tuple-element(%scores), index=0
 }
 """
     instructions, computations = hlo_ops.parse_hlo(hlo)
     assert hlo_ops.categorize("scores", instructions, computations) == "attention"
     assert hlo_ops.categorize("proj", instructions, computations) == "matmul"
+    # The one-pass layer norm kernel (a Triton call) counts with the norms' statistics.
+    assert hlo_ops.categorize("norm", instructions, computations) == "reduction"
 
 
 def _scaled(x):

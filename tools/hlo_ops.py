@@ -156,6 +156,8 @@ def categorize(name: str, instructions: dict, computations: dict, frames: dict |
         targets += _TARGET.findall(line)
     if "attention.py" in sources:
         return "attention"
+    if "layer_norm.py" in sources and targets:  # the one-pass layer norm kernel: norm time
+        return "reduction"
     if any(_gated_linear_unit_contraction(line, instructions) for _, line in
            _reachable(name, instructions, computations)):
         return "matmul"

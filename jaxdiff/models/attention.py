@@ -13,6 +13,8 @@ import os
 import jax
 import jax.numpy as jnp
 
+from jaxdiff.models.per_chip import per_chip
+
 # "auto" picks per backend; the others force one path: plain XLA, cuDNN flash (GPU; head
 # dims it does not take stay on XLA), or Pallas' flash kernel (TPU, where there is no
 # mask; the tests run it on the CPU in TPU interpret mode).
@@ -122,28 +124,8 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def per_chip(kernel, batched: tuple, replicated: tuple = (), *, otherwise):
-    """kernel(*batched, *replicated), run on each chip's own samples when a mesh of several
-    chips is in context: `batched` arrays split on their first axis, `replicated` ones go
-    whole to every chip.
-
-    XLA cannot partition a Pallas or Mosaic kernel: a batch-sharded jit holding one does not
-    compile ("Mosaic kernels cannot be automatically partitioned"), or runs the whole batch
-    on every chip. Inside shard_map each chip runs it on its own samples. A batch that does
-    not split over the chips calls `otherwise` (an XLA path) with the same arguments.
-    """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
-        return kernel(*batched, *replicated)
-    if batched[0].shape[0] % mesh.size:
-        return otherwise(*batched, *replicated)
-    batch, whole = jax.sharding.PartitionSpec(mesh.axis_names), jax.sharding.PartitionSpec()
-    return jax.shard_map(kernel, mesh=mesh, in_specs=(batch,) * len(batched) + (whole,) * len(replicated),
-                         out_specs=batch, check_vma=False)(*batched, *replicated)
-
-
 def _pallas_tpu_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Pallas' TPU flash kernel, per chip over the batch (`per_chip`)."""
+    """Pallas' TPU flash kernel, on each chip's own samples."""
     return per_chip(_pallas_tpu_kernel, (q, k, v), otherwise=_xla_attention)
 
 

@@ -19,8 +19,8 @@ import os
 import jax
 import jax.numpy as jnp
 
-from jaxdiff.models import attention
 from jaxdiff.models.blocks import gelu
+from jaxdiff.models.per_chip import per_chip
 
 _IMPLEMENTATIONS = ("xla", "tokamax")
 # tokamax's Hopper kernel (its default tiles): blocks of 128 rows by 128 output columns
@@ -99,10 +99,10 @@ def fold_bias(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> tuple[jax.Arr
 def geglu(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     """hidden * gelu(gate), with (hidden, gate) = split(x @ kernel + bias): diffusers' GEGLU
     on (batch, ..., K) tokens, by the path `implementation()` names; the fused kernel on
-    each chip's own samples (`attention.per_chip`)."""
+    each chip's own samples (`per_chip`)."""
     if implementation() == "xla":
         return _xla_geglu(x, kernel, bias)
-    return attention.per_chip(_fused_where_it_tiles, (x,), (kernel, bias), otherwise=_xla_geglu)
+    return per_chip(_fused_where_it_tiles, (x,), (kernel, bias), otherwise=_xla_geglu)
 
 
 def _xla_geglu(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdiff.models import attention
+from jaxdiff.models.per_chip import per_chip
 
 _IMPLEMENTATIONS = ("xla", "pallas")
 # Elements a kernel instance holds (rows x channels rounded up to a power of two, as
@@ -84,7 +85,7 @@ class LayerNorm(nnx.LayerNorm):
         x, scale, bias = self.promote_dtype((x, self.scale[...], self.bias[...]), dtype=self.dtype)
         kernel = functools.partial(fused_layer_norm, epsilon=self.epsilon,
                                    interpret=attention.target_backend() != "gpu")
-        # Each chip's own samples (`attention.per_chip`); a batch that does not split over
+        # Each chip's own samples (`per_chip`); a batch that does not split over
         # the chips takes nnx's path.
-        return attention.per_chip(lambda x, scale, bias: kernel(x, scale, bias), (x,), (scale, bias),
+        return per_chip(lambda x, scale, bias: kernel(x, scale, bias), (x,), (scale, bias),
                                   otherwise=lambda x, scale, bias: super(LayerNorm, self).__call__(x))
