@@ -13,7 +13,8 @@ Each is timed on every path, as CHAINED_CALLS calls back to back in one program:
 attention, cuDNN flash attention, cuDNN with the head dim zero-padded to a multiple of 64
 (flash kernels run a head dim of 40 as a wider one: is padding it ourselves free?), and
 jax's FlashAttention-3 style Hopper kernel (Pallas on Mosaic GPU, in f16, head dim padded
-the same way), best of a few block sizes. A path the backend or shape does not take is
+the same way), best of a few block sizes, and tokamax's flash attention (its Mosaic GPU and
+its Triton kernels; the gpu extra). A path the backend or shape does not take is
 reported with its reason. On a GPU it names the candidate kernels per shape; the small
 sites, timed one call at a time (before 2026-11-28), changed order from one H200 run to
 the next, so a change to jaxdiff/models/attention.py's dispatch is decided end to end
@@ -146,7 +147,18 @@ def _paths(head_dim: int) -> dict:
         paths[f"cudnn_pad{padded}"] = with_padded_head_dim(paths["cudnn"], padded)
     paths["mosaic_fa3"] = {f"block_q {bq} block_kv {bkv}": with_padded_head_dim(mosaic_fa3(bq, bkv), _round_up(head_dim, 64))
                            for bq, bkv in FA3_BLOCKS}
+    for name in ("mosaic_gpu", "triton"):
+        paths[f"tokamax_{name}"] = functools.partial(_tokamax_attention, implementation=name)
     return paths
+
+
+def _tokamax_attention(q, k, v, *, implementation: str):
+    """tokamax's flash attention (its Mosaic GPU kernel for Hopper and Blackwell, or its
+    Triton one; both pad the head dim themselves). Imported when traced: a missing
+    tokamax is the path's error."""
+    import tokamax
+
+    return tokamax.dot_product_attention(q, k, v, implementation=implementation)
 
 
 def _reason(e: Exception) -> str:

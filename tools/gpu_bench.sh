@@ -12,7 +12,8 @@
 #              in the same call)
 #   x4         the x4 upscaler, 128 -> 512, 20 steps, CFG, batch 8, vs diffusers eager
 #   profile    the UNet's op time by category (tools/op_profile.py)
-#   attention  each attention shape alone on each kernel (tools/attention_bench.py)
+#   attention  each attention shape alone on each kernel (tools/attention_bench.py; tokamax's
+#              kernels from .whl/)
 #   triton     sd15 with Triton GEMMs allowed (the engine asks XLA for cuBLAS ones)
 #   b32        sd15 at batch 32
 #   parity     the models' parity tests against diffusers (pytest -m parity) run on the GPU:
@@ -91,7 +92,7 @@ run_step() {
     x4) step x4 135 python3 -m tools.bench --arch x4-upscaler --size 128 --batch-sizes 8 --steps 20 --guidance 9 \
           --reps 2 --no-stages --compare diffusers --out "$SCRATCH/bench_x4.json" ;;
     profile) step profile 75 python3 -m tools.op_profile --arch sd15 --size 512 --batch 16 --out "$SCRATCH/profile_sd15.json" ;;
-    attention) step attention 60 python3 -m tools.attention_bench --arch sd15 --batch 16 --out "$SCRATCH/attention_sd15.json" ;;
+    attention) step attention 120 python3 -m tools.attention_bench --arch sd15 --batch 16 --out "$SCRATCH/attention_sd15.json" ;;
     triton) step triton 90 env XLA_FLAGS=--xla_gpu_enable_triton_gemm=true "${sd15[@]}" --reps 1 --no-stages \
               --out "$SCRATCH/bench_sd15_triton.json" ;;
     b32) step b32 75 python3 -m tools.bench --arch sd15 --batch-sizes 32 --steps 25 --reps 1 --no-stages \

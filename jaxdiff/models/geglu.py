@@ -38,6 +38,7 @@ _ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -
 
 
 def _polynomial(coefficients, x):
+    """The polynomial in x with these coefficients, the highest power's first (Horner)."""
     result = coefficients[0]
     for c in coefficients[1:]:
         result = result * x + c

@@ -87,5 +87,4 @@ class LayerNorm(nnx.LayerNorm):
                                    interpret=attention.target_backend() != "gpu")
         # Each chip's own samples (`per_chip`); a batch that does not split over
         # the chips takes nnx's path.
-        return per_chip(lambda x, scale, bias: kernel(x, scale, bias), (x,), (scale, bias),
-                                  otherwise=lambda x, scale, bias: super(LayerNorm, self).__call__(x))
+        return per_chip(kernel, (x,), (scale, bias), otherwise=lambda x, *_: super(LayerNorm, self).__call__(x))
