@@ -13,7 +13,8 @@ to pay off. TFLOP/s count the model's FLOPs (2 x rows x channels x 2 x width) on
 
 --op layer_norm (jaxdiff/models/layer_norm.py): "xla", nnx.LayerNorm as XLA compiles it;
 "pallas", the one-pass kernel (on a GPU; Pallas' interpreter elsewhere, timed but not a
-speed). GB/s count one read and one write of the tokens, the least any path can move.
+speed), at the engine's block size and LAYER_NORM_CONFIGS, its best reported with every
+config's time. GB/s count one read and one write of the tokens, the least any path can move.
 
 A path the backend or shape does not take is reported with its reason. Each is timed as
 calls back to back in one program (CHAINED_CALLS, tools/attention_bench.py), each call's input the last one's output
@@ -34,6 +35,9 @@ FUSED_CONFIGS = {
     "warpgroups along M": {"tile_m": 128, "tile_n": 64, "tile_k": 64, "num_stages": 4, "wg_dimension": "M"},
     "grid tiles 4 wide": {"tile_m": 128, "tile_n": 64, "tile_k": 64, "num_stages": 4, "grid_tile_width": 4},
 }
+# Sizes of the layer norm kernel's instances tried beside the engine's (8,192 elements, 4
+# warps): (elements a block, warps).
+LAYER_NORM_CONFIGS = ((4096, 4), (8192, 8), (16384, 8))
 OPS = ("geglu", "layer_norm")
 
 
@@ -108,8 +112,12 @@ def _paths(op: str) -> dict:
             module = nnx.LayerNorm(x.shape[-1], epsilon=1e-5, dtype=x.dtype, param_dtype=x.dtype, rngs=nnx.Rngs(0))
             module.scale.value, module.bias.value = scale, bias
             return nnx.LayerNorm.__call__(module, x)  # the model's XLA path, nnx's own
-        return {"xla": xla, "pallas": lambda x, scale, bias: layer_norm.fused_layer_norm(
-            x, scale, bias, 1e-5, interpret=jax.default_backend() != "gpu")}
+        def pallas(block_elements=layer_norm._BLOCK_ELEMENTS, num_warps=4):
+            return lambda x, scale, bias: layer_norm.fused_layer_norm(
+                x, scale, bias, 1e-5, interpret=jax.default_backend() != "gpu",
+                block_elements=block_elements, num_warps=num_warps)
+        configs = {"default": pallas(), **{f"{e} elements, {w} warps": pallas(e, w) for e, w in LAYER_NORM_CONFIGS}}
+        return {"xla": xla, "pallas": configs}
 
     def xla(x, kernel, bias):
         with geglu.dispatch("xla"):

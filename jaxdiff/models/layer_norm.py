@@ -49,17 +49,20 @@ def _kernel(x_ref, scale_ref, bias_ref, out_ref, *, channels: int, epsilon: floa
 
 
 def fused_layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, *,
-                     interpret: bool = False) -> jax.Array:
+                     interpret: bool = False, block_elements: int = _BLOCK_ELEMENTS,
+                     num_warps: int = 4) -> jax.Array:
     """Layer norm over x's last axis in one Pallas kernel, x's dtype out, float32 inside
     (two passes over the row in registers: the variance of the centred values).
-    `interpret` runs the kernel in Pallas' interpreter (any backend: the tests)."""
+    `interpret` runs the kernel in Pallas' interpreter (any backend: the tests);
+    `block_elements` and `num_warps` size a kernel instance (tools/kernel_bench.py tries
+    others)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pl_triton
 
     shape, channels = x.shape, x.shape[-1]
     x = x.reshape(-1, channels)
     padded = pl.next_power_of_2(channels)
-    rows = max(1, _BLOCK_ELEMENTS // padded)
+    rows = max(1, block_elements // padded)
     row_block = pl.BlockSpec((rows, padded), lambda i: (i, 0))
     vector = pl.BlockSpec((1, padded), lambda i: (0, 0))
     out = pl.pallas_call(
@@ -68,7 +71,7 @@ def fused_layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: f
         in_specs=[row_block, vector, vector],
         out_specs=row_block,
         out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
-        compiler_params=None if interpret else pl_triton.CompilerParams(num_warps=4),
+        compiler_params=None if interpret else pl_triton.CompilerParams(num_warps=num_warps),
         interpret=interpret,
         name="layer_norm",
     )(x, scale.reshape(1, channels), bias.reshape(1, channels))
