@@ -39,14 +39,16 @@ CHAINED_CALLS = 8
 
 
 def chained(fn, calls: int = CHAINED_CALLS):
-    """`fn(q, k, v)` run `calls` times in one jitted program, each call's queries the last
-    call's output (same shape; no call can be skipped or hoisted)."""
+    """`fn(x, *rest)` run `calls` times in one jitted program, each call's first argument
+    the last call's output, cut to that argument's channels (attention's queries, whose
+    shape the output has; a GEGLU's tokens, from its wider output): no call can be
+    skipped or hoisted."""
     import jax
 
-    def run(q, k, v):
+    def run(x, *rest):
         for _ in range(calls):  # unrolled: no loop between the calls
-            q = fn(q, k, v).astype(q.dtype)
-        return q
+            x = fn(x, *rest)[..., :x.shape[-1]].astype(x.dtype)
+        return x
     return jax.jit(run)
 
 
@@ -172,11 +174,11 @@ def _reason(e: Exception) -> str:
     return f"{type(e).__name__}: {lines[0][:200]}"
 
 
-def time_configs(path, chain, args: tuple, reps: int) -> tuple[list, dict]:
+def time_configs(path, args: tuple, reps: int) -> tuple[list, dict]:
     """A path (fn, or {config: fn}) timed at each config: ([(seconds a call, config,
     output)], {config: the reason it failed}). Each fn is traced here, not at import (jit's
-    cache does not see a dispatch inside), and timed as `chain(fn)`, CHAINED_CALLS calls in
-    one program."""
+    cache does not see a dispatch inside), and timed as `chained(fn)`, CHAINED_CALLS calls
+    in one program."""
     import jax
     import numpy as np
 
@@ -186,7 +188,7 @@ def time_configs(path, chain, args: tuple, reps: int) -> tuple[list, dict]:
     for config, fn in (path if isinstance(path, dict) else {None: path}).items():
         try:
             out = np.asarray(jax.block_until_ready(jax.jit(fn)(*args)), np.float32)
-            run = chain(fn)
+            run = chained(fn)
             jax.block_until_ready(run(*args))
             seconds = _median_time(lambda: jax.block_until_ready(run(*args)), reps) / CHAINED_CALLS
             timed.append((seconds, config, out))
@@ -209,7 +211,7 @@ def time_site(site: dict, dtype, reps: int) -> dict:
     result = dict(site, gflop=float(f"{flops / 1e9:.4g}"), dispatch=attention._choose(q), paths={})
     reference = None
     for name, path in _paths(d).items():
-        timed, errors = time_configs(path, chained, (q, k, v), reps)
+        timed, errors = time_configs(path, (q, k, v), reps)
         if not timed:  # the reason of the last config tried: the smallest blocks
             entry = {"error": list(errors.values())[-1]}
         else:

@@ -17,8 +17,8 @@ speed), at the engine's block size and LAYER_NORM_CONFIGS, its best reported wit
 config's time. GB/s count one read and one write of the tokens, the least any path can move.
 
 A path the backend or shape does not take is reported with its reason. Each is timed as
-calls back to back in one program (CHAINED_CALLS, tools/attention_bench.py), each call's input the last one's output
-(for GEGLU its first channels).
+calls back to back in one program (tools/attention_bench.py's `chained`), each call's input
+the last one's output (for GEGLU its first channels).
 """
 
 from __future__ import annotations
@@ -126,20 +126,6 @@ def _paths(op: str) -> dict:
     return {"xla": xla, "tokamax": fused, "projection": lambda x, kernel, bias: jnp.dot(x, kernel) + bias}
 
 
-def chained(fn, calls: int | None = None):
-    """`fn(x, *params)` run `calls` times in one jitted program, each call's input the last
-    call's output, cut to the input's channels (no call can be skipped or hoisted)."""
-    import jax
-
-    from tools.attention_bench import CHAINED_CALLS
-
-    def run(x, *params):
-        for _ in range(calls or CHAINED_CALLS):  # unrolled: no loop between the calls
-            x = fn(x, *params)[..., :x.shape[-1]].astype(x.dtype)
-        return x
-    return jax.jit(run)
-
-
 def _inputs(op: str, site: dict, dtype):
     import jax.numpy as jnp
     import numpy as np
@@ -167,7 +153,7 @@ def time_site(op: str, site: dict, dtype, reps: int) -> dict:
     result = dict(site, **work, paths={})
     reference = None
     for name, path in _paths(op).items():
-        timed, errors = time_configs(path, chained, args, reps)
+        timed, errors = time_configs(path, args, reps)
         if not timed:
             result["paths"][name] = {"error": next(iter(errors.values()))}
             continue
