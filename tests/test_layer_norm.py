@@ -10,6 +10,7 @@ import pytest
 import torch
 from flax import nnx
 
+import triton_ir
 from jaxdiff.models.layer_norm import LayerNorm, fused_layer_norm
 
 
@@ -36,6 +37,19 @@ def test_one_pass_kernel_keeps_bfloat16_out_and_computes_in_float32():
     want = (xf - xf.mean(-1, keepdims=True)) / jnp.sqrt(xf.var(-1, keepdims=True) + 1e-5)
     assert got.dtype == jnp.bfloat16
     np.testing.assert_array_equal(got, want.astype(jnp.bfloat16))  # one rounding, at the end
+
+
+@pytest.mark.parametrize("rows, channels", [(100, 320), (7, 24), (64, 1280)])
+def test_kernel_as_triton_runs_it_reads_and_writes_only_x(rows, channels):
+    """Lowered for a GPU here, no card needed. Triton checks no bounds, and a block is padded
+    to powers of two past x's last row and column: every load and store must carry a mask
+    (unmasked, a 512-wide block over 320 channels writes into the next row). The
+    interpreter cannot show this: it pads the arrays themselves."""
+    vector = jax.ShapeDtypeStruct((channels,), jnp.bfloat16)
+    kernels = triton_ir.kernels(lambda x, s, b: fused_layer_norm(x, s, b, 1e-5),
+                                jax.ShapeDtypeStruct((rows, channels), jnp.bfloat16), vector, vector)
+    assert list(kernels) == ["layer_norm"]
+    assert triton_ir.unmasked_memory_ops(kernels["layer_norm"]) == []
 
 
 def test_module_is_nnx_layer_norm_on_the_xla_path(monkeypatch):

@@ -34,18 +34,26 @@ def implementation() -> str:
     return choice
 
 
-def _kernel(x_ref, scale_ref, bias_ref, out_ref, *, channels: int, epsilon: float):
-    # Columns past `channels` are the block's padding to a power of two: zeroed before
-    # they count, never stored.
-    x = x_ref[...].astype(jnp.float32)
-    real = jax.lax.broadcasted_iota(jnp.int32, x.shape, 1) < channels
-    x = jnp.where(real, x, 0.0)
+def _kernel(x_ref, scale_ref, bias_ref, out_ref, *, rows: int, channels: int, epsilon: float):
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pl_triton
+
+    # A block is padded to powers of two past x's last row and column. Triton's loads and
+    # stores go unchecked, so each names the elements that are x's: the padding is never
+    # read (it would be the next row's) nor written.
+    block_rows, padded = x_ref.shape
+    row = pl.program_id(0) * block_rows + jax.lax.broadcasted_iota(jnp.int32, (block_rows, padded), 0)
+    column = jax.lax.broadcasted_iota(jnp.int32, (block_rows, padded), 1)
+    real = (row < rows) & (column < channels)
+    x = pl_triton.load(x_ref, mask=real, other=0.0).astype(jnp.float32)
     mean = jnp.sum(x, axis=1, keepdims=True) / channels
     centred = jnp.where(real, x - mean, 0.0)
     variance = jnp.sum(centred * centred, axis=1, keepdims=True) / channels
     out = centred * jax.lax.rsqrt(variance + epsilon)
-    out = out * scale_ref[...].astype(jnp.float32) + bias_ref[...].astype(jnp.float32)
-    out_ref[...] = out.astype(out_ref.dtype)
+    in_width = jax.lax.broadcasted_iota(jnp.int32, (1, padded), 1) < channels
+    scale = pl_triton.load(scale_ref, mask=in_width, other=0.0).astype(jnp.float32)
+    bias = pl_triton.load(bias_ref, mask=in_width, other=0.0).astype(jnp.float32)
+    pl_triton.store(out_ref, (out * scale + bias).astype(out_ref.dtype), mask=real)
 
 
 def fused_layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, *,
@@ -66,7 +74,7 @@ def fused_layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: f
     row_block = pl.BlockSpec((rows, padded), lambda i: (i, 0))
     vector = pl.BlockSpec((1, padded), lambda i: (0, 0))
     out = pl.pallas_call(
-        functools.partial(_kernel, channels=channels, epsilon=epsilon),
+        functools.partial(_kernel, rows=x.shape[0], channels=channels, epsilon=epsilon),
         grid=(pl.cdiv(x.shape[0], rows),),
         in_specs=[row_block, vector, vector],
         out_specs=row_block,
