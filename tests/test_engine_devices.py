@@ -102,14 +102,14 @@ SCRIPT = textwrap.dedent("""
         print(json.dumps({"calls": sorted(seen), "four_vs_one": int(np.abs(four - one).max()),
                           "cudnn_vs_plain": int(np.abs(one - plain).max())}))
     elif mode == "fused":
-        # The fused GEGLU and layer norm inside the engine's batch-sharded programs: each
-        # device's kernel call must see only its own samples, and the images must not
-        # change. The layer norm is the real kernel, in Pallas' interpreter; tokamax's
+        # The fused GEGLU, layer norm and group norm inside the engine's batch-sharded
+        # programs: each device's kernel call must see only its own samples, and the images
+        # must not change. The norms are the real kernels, in Pallas' interpreter; tokamax's
         # GEGLU kernel (Hopper GPUs) is stood in for by the XLA formula, every shape sent
         # to it.
         import os
-        from jaxdiff.models import geglu, layer_norm
-        seen = {"geglu": set(), "layer_norm": set()}
+        from jaxdiff.models import geglu, group_norm, layer_norm
+        seen = {"geglu": set(), "layer_norm": set(), "group_norm": set()}
         def fake_fused_geglu(x, kernel, bias):
             seen["geglu"].add(x.shape[0])
             return geglu._xla_geglu(x, kernel, bias)
@@ -117,13 +117,18 @@ SCRIPT = textwrap.dedent("""
         def recorded_layer_norm(x, *args, **kwargs):
             seen["layer_norm"].add(x.shape[0])
             return interpreted_layer_norm(x, *args, **kwargs)
+        interpreted_group_norm = group_norm.fused_group_norm
+        def recorded_group_norm(x, *args, **kwargs):
+            seen["group_norm"].add(x.shape[0])
+            return interpreted_group_norm(x, *args, **kwargs)
         render = lambda pipe: np.stack([r.image for r in pipe.render(prompts, seeds=[1, 2, 3, 4])]).astype(int)
         load = lambda devices: jaxdiff.load_pipeline(folder, upscaler="none", steps=2, sampler="ddim", batch_size=4,
                                                      devices=devices)
         plain = render(load(jax.devices()[:1]))
         geglu.fused_geglu, layer_norm.fused_layer_norm = fake_fused_geglu, recorded_layer_norm
+        group_norm.fused_group_norm = recorded_group_norm
         geglu._M_TILE = geglu._N_TILE = 1
-        os.environ.update(JAXDIFF_GEGLU="tokamax", JAXDIFF_LAYER_NORM="pallas")
+        os.environ.update(JAXDIFF_GEGLU="tokamax", JAXDIFF_LAYER_NORM="pallas", JAXDIFF_GROUP_NORM="pallas")
         four = render(load(jax.devices()))
         print(json.dumps({"batches": {k: sorted(v) for k, v in seen.items()},
                           "four_vs_plain": int(np.abs(four - plain).max())}))
@@ -193,9 +198,9 @@ def test_fused_kernels_run_per_device_inside_sharded_programs(folder, tmp_path):
                JAXDIFF_CACHE_DIR=str(tmp_path / "cache"))
     result = _run([folder, "fused"], env)
     # CFG doubles the 4 prompts to 8 UNet rows, 2 per device; the first transformer's
-    # self attention (and its layer norm) runs once per sample, 1 per device. Never the
-    # whole batch on one device.
-    assert result["batches"] == {"geglu": [2], "layer_norm": [1, 2]}, result
+    # self attention (and its layer norm) runs once per sample, 1 per device, as do the
+    # resnets before it and the VAE's group norms. Never the whole batch on one device.
+    assert result["batches"] == {"geglu": [2], "layer_norm": [1, 2], "group_norm": [1, 2]}, result
     assert result["four_vs_plain"] <= 1, result
 
 

@@ -119,6 +119,16 @@ def test_one_pass_layer_norm_path_matches_diffusers(monkeypatch):
 
 
 @pytest.mark.parity
+def test_two_kernel_group_norm_path_matches_diffusers(monkeypatch):
+    """JAXDIFF_GROUP_NORM=pallas: every group norm through the two kernels (the resnets'
+    with the time embedding and SiLU inside, the transformers' and the output's), in
+    Pallas' interpreter on the CPU, to the same tolerance as the default path."""
+    monkeypatch.setenv("JAXDIFF_GROUP_NORM", "pallas")
+    _compare(SD1_STYLE, height=12, width=12, timesteps=[999.0, 17.25], tol=1e-5,
+             forward=nnx.jit(lambda model, *args: model(*args)))
+
+
+@pytest.mark.parity
 def test_guidance_distilled_unet_matches_diffusers():
     # LCM-distilled SD 1.5 (time_cond_proj_dim 256 there): the guidance scale enters as an
     # embedding added to the timestep's, built as diffusers' LCM pipeline builds it.

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from jaxdiff.models.attention import dot_product_attention
+from jaxdiff.models.group_norm import group_norm
 
 
 class UnsupportedConfig(ValueError):
@@ -56,16 +57,6 @@ def gelu(x: jax.Array) -> jax.Array:
     the GPU emits as one rational polynomial."""
     xf = x.astype(jnp.float32)
     return (0.5 * xf * (1.0 + jax.lax.erf(xf * (1.0 / math.sqrt(2.0))))).astype(x.dtype)
-
-
-def group_norm(num_channels: int, num_groups: int, eps: float, *, dtype, rngs: nnx.Rngs) -> nnx.GroupNorm:
-    """GroupNorm over NHWC channels; flax reduces in float32 even when `dtype` is half."""
-    if num_channels % num_groups:
-        raise ValueError(
-            f"group norm: {num_channels} channels do not split into {num_groups} groups; "
-            f"choose block_out_channels that are multiples of norm_num_groups")
-    return nnx.GroupNorm(num_channels, num_groups=num_groups, epsilon=eps,
-                         dtype=dtype, param_dtype=dtype, rngs=rngs)
 
 
 def conv2d(in_channels: int, out_channels: int, kernel_size: int, *, stride: int = 1,
@@ -108,13 +99,13 @@ class ResnetBlock2D(nnx.Module):
                               if in_channels != out_channels else None)
 
     def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
-        h = self.conv1(jax.nn.silu(self.norm1(x)))
+        h = self.conv1(self.norm1(x, silu=True))
+        emb = None
         if self.time_emb_proj is not None:
             if temb is None:
                 raise ValueError("ResnetBlock2D: this block was built with a time embedding; pass temb")
-            emb = self.time_emb_proj(jax.nn.silu(temb))
-            h = h + repeat_batch(emb, h.shape[0])[:, None, None, :]
-        h = self.conv2(jax.nn.silu(self.norm2(h)))
+            emb = repeat_batch(self.time_emb_proj(jax.nn.silu(temb)), h.shape[0])
+        h = self.conv2(self.norm2(h, shift=emb, silu=True))
         shortcut = self.conv_shortcut(x) if self.conv_shortcut is not None else x
         out = shortcut + h
         if self.output_scale_factor != 1.0:

@@ -15,8 +15,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdiff.models.blocks import (Attention, Downsample2D, ResnetBlock2D, UnsupportedConfig, Upsample2D,
-                                   conv2d, group_norm, known_config_values, repeat_batch)
+                                   conv2d, known_config_values, repeat_batch)
 from jaxdiff.models.geglu import geglu
+from jaxdiff.models.group_norm import group_norm
 from jaxdiff.models.layer_norm import LayerNorm
 
 
@@ -553,5 +554,5 @@ class UNet2DConditionModel(nnx.Module):
             del skips[len(skips) - len(block.resnets):]
             upsample_size = None if exact or not skips else tuple(skips[-1].shape[1:3])
             x = block(x, block_skips, temb, context, upsample_size)
-        x = self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
+        x = self.conv_out(self.conv_norm_out(x, silu=True))
         return x

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdiff.models.blocks import (Attention, Downsample2D, ResnetBlock2D, UnsupportedConfig, Upsample2D,
-                                   conv2d, group_norm, known_config_values)
+                                   conv2d, known_config_values)
+from jaxdiff.models.group_norm import group_norm
 
 # The autoencoder's norms use a fixed eps, not a config field.
 _EPS = 1e-6
@@ -162,7 +163,7 @@ class Encoder(nnx.Module):
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x)
-        return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
+        return self.conv_out(self.conv_norm_out(x, silu=True))
 
 
 class Decoder(nnx.Module):
@@ -186,7 +187,7 @@ class Decoder(nnx.Module):
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
+        return self.conv_out(self.conv_norm_out(x, silu=True))
 
 
 def _blend(before: jax.Array, after: jax.Array, extent: int, axis: int) -> jax.Array:
