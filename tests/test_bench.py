@@ -6,6 +6,7 @@ import json
 import os
 import re
 
+import numpy as np
 import pytest
 
 from tools import bench
@@ -21,6 +22,7 @@ def test_bench_reports_throughput_stages_and_ratio(tmp_path, monkeypatch):
     assert result["jaxdiff"]["attention"] == os.environ.get("JAXDIFF_ATTENTION", "auto")
     assert result["jaxdiff"]["geglu"] == os.environ.get("JAXDIFF_GEGLU", "xla")
     assert result["jaxdiff"]["layer_norm"] == os.environ.get("JAXDIFF_LAYER_NORM", "xla")
+    assert result["jaxdiff"]["group_norm"] == os.environ.get("JAXDIFF_GROUP_NORM", "xla")
     assert (result["jaxdiff"]["device_count"], result["jaxdiff"]["chips"]) == (2, 1)
     for batch in ("1", "2"):
         entry = result["jaxdiff"]["batches"][batch]
@@ -367,6 +369,8 @@ ENTRY %main (a: f32[16,32], b: f32[32,8]) -> f32[16,8] {
   %scores = (f32[16,8]{1,0}, s8[0]{0}) custom-call(%a, %b), custom_call_target="__cublas$gemm", metadata={op_name="jit(f)/dot_general" source_file="/src/jaxdiff/models/attention.py" source_line=120}
   %proj = (f32[16,8]{1,0}, s8[0]{0}) custom-call(%a, %b), custom_call_target="__cublas$gemm", metadata={op_name="jit(f)/dot_general" source_file="/src/jaxdiff/models/blocks.py" source_line=40}
   %norm = f32[16,32]{1,0} custom-call(%a), custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="jit(f)/pallas_call" source_file="/src/jaxdiff/models/layer_norm.py" source_line=64}
+  %sums = f32[16,32]{1,0} custom-call(%a), custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="jit(f)/group_norm_sums/pallas_call" source_file="/src/jaxdiff/models/group_norm.py" source_line=150}
+  %normalised = f32[16,32]{1,0} custom-call(%a, %sums), custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="jit(f)/group_norm/pallas_call" source_file="/src/jaxdiff/models/group_norm.py" source_line=157}
   ROOT %r = f32[16,8]{1,0} get-tuple-element(%scores), index=0
 }
 """
@@ -375,6 +379,10 @@ ENTRY %main (a: f32[16,32], b: f32[32,8]) -> f32[16,8] {
     assert hlo_ops.categorize("proj", instructions, computations) == "matmul"
     # The one-pass layer norm kernel (a Triton call) counts with the norms' statistics.
     assert hlo_ops.categorize("norm", instructions, computations) == "reduction"
+    # The group norm's two kernels: its sums with the norms' statistics, the pass that
+    # normalises with the elementwise ops (XLA's own is one).
+    assert hlo_ops.categorize("sums", instructions, computations) == "reduction"
+    assert hlo_ops.categorize("normalised", instructions, computations) == "elementwise"
 
 
 def _scaled(x):
@@ -775,7 +783,8 @@ def test_gpu_bench_script_runs_the_named_steps_and_packs_every_log(tmp_path):
     stubs = tmp_path / "bin"
     stubs.mkdir()
     (stubs / "python3").write_text('#!/bin/sh\necho "ran XLA_FLAGS=${XLA_FLAGS:-} JAXDIFF_ATTENTION=${JAXDIFF_ATTENTION:-} '
-                                   'JAXDIFF_GEGLU=${JAXDIFF_GEGLU:-} JAXDIFF_LAYER_NORM=${JAXDIFF_LAYER_NORM:-} $*"\n'
+                                   'JAXDIFF_GEGLU=${JAXDIFF_GEGLU:-} JAXDIFF_LAYER_NORM=${JAXDIFF_LAYER_NORM:-} '
+                                   'JAXDIFF_GROUP_NORM=${JAXDIFF_GROUP_NORM:-} $*"\n'
                                    'case "$*" in *op_profile*) exit 3;; esac\n')
     (stubs / "nvidia-smi").write_text("#!/bin/sh\necho stand-in GPU\n")
     for stub in stubs.iterdir():
@@ -789,29 +798,32 @@ def test_gpu_bench_script_runs_the_named_steps_and_packs_every_log(tmp_path):
     assert "ran" not in refused.stdout and not (tmp_path / "out").exists()
 
     done = subprocess.run(["bash", script, "jaxdiff", "triton", "b32", "profile", "parity", "geglu", "tokamax",
-                           "norm", "ln", "fused"],
+                           "norm", "ln", "gn", "fused"],
                           cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     with tarfile.open(tmp_path / "out" / "gpu_bench.tgz") as tgz:
         logs = {os.path.basename(m.name): tgz.extractfile(m).read().decode() for m in tgz.getmembers() if m.isfile()}
     assert set(logs) == {"preamble.log", "jaxdiff.log", "triton.log", "b32.log", "profile.log", "parity.log",
-                         "geglu.log", "tokamax.log", "norm.log", "ln.log", "fused.log"}
+                         "geglu.log", "tokamax.log", "norm.log", "ln.log", "gn.log", "fused.log"}
     assert "stand-in GPU" in logs["preamble.log"]
     assert "XLA_FLAGS=--xla_gpu_enable_triton_gemm=true" in logs["triton.log"]
-    plain = "ran XLA_FLAGS= JAXDIFF_ATTENTION= JAXDIFF_GEGLU= JAXDIFF_LAYER_NORM= -m tools."
+    plain = "ran XLA_FLAGS= JAXDIFF_ATTENTION= JAXDIFF_GEGLU= JAXDIFF_LAYER_NORM= JAXDIFF_GROUP_NORM= -m tools."
     assert plain + "bench --arch sd15" in logs["jaxdiff.log"]
     assert plain + "bench --arch sd15 --batch-sizes 32" in logs["b32.log"]
     # The fused kernels: each alone, then its parity tests with it asked for; and the
     # engine end to end with each and both, beside the jaxdiff step.
     assert plain + "kernel_bench --op geglu --arch sd15 --batch 16" in logs["geglu.log"]
-    assert "JAXDIFF_GEGLU=tokamax JAXDIFF_LAYER_NORM= -m pytest" in logs["geglu.log"]
+    assert "JAXDIFF_GEGLU=tokamax JAXDIFF_LAYER_NORM= JAXDIFF_GROUP_NORM= -m pytest" in logs["geglu.log"]
     assert "tests/test_geglu.py" in logs["geglu.log"]
     assert plain + "kernel_bench --op layer_norm --arch sd15 --batch 16" in logs["norm.log"]
-    assert "JAXDIFF_GEGLU= JAXDIFF_LAYER_NORM=pallas -m pytest" in logs["norm.log"]
-    assert "tests/test_layer_norm.py" in logs["norm.log"]
-    assert "JAXDIFF_GEGLU=tokamax JAXDIFF_LAYER_NORM= -m tools.bench --arch sd15" in logs["tokamax.log"]
-    assert "JAXDIFF_GEGLU= JAXDIFF_LAYER_NORM=pallas -m tools.bench --arch sd15" in logs["ln.log"]
-    assert "JAXDIFF_GEGLU=tokamax JAXDIFF_LAYER_NORM=pallas -m tools.bench --arch sd15" in logs["fused.log"]
+    assert plain + "kernel_bench --op group_norm --arch sd15 --batch 16" in logs["norm.log"]
+    assert "JAXDIFF_GEGLU= JAXDIFF_LAYER_NORM=pallas JAXDIFF_GROUP_NORM=pallas -m pytest" in logs["norm.log"]
+    assert "tests/test_layer_norm.py tests/test_group_norm.py" in logs["norm.log"]
+    sd15 = " -m tools.bench --arch sd15"
+    assert "JAXDIFF_GEGLU=tokamax JAXDIFF_LAYER_NORM= JAXDIFF_GROUP_NORM=" + sd15 in logs["tokamax.log"]
+    assert "JAXDIFF_GEGLU= JAXDIFF_LAYER_NORM=pallas JAXDIFF_GROUP_NORM=" + sd15 in logs["ln.log"]
+    assert "JAXDIFF_GEGLU= JAXDIFF_LAYER_NORM= JAXDIFF_GROUP_NORM=pallas" + sd15 in logs["gn.log"]
+    assert "JAXDIFF_GEGLU=tokamax JAXDIFF_LAYER_NORM=pallas JAXDIFF_GROUP_NORM=pallas" + sd15 in logs["fused.log"]
     assert "-m pytest -q -p no:cacheprovider -n 4 -m parity -k not tpu_attention tests/test_unet.py" in logs["parity.log"]
     assert logs["jaxdiff.log"].endswith("exit status 0\n") and logs["profile.log"].endswith("exit status 3\n")
 
@@ -848,6 +860,29 @@ def test_kernel_bench_times_every_layer_norm_shape_on_both_paths():
     for s in result["sites"]:
         assert s["gb"] == float(f"{2 * s['rows'] * s['channels'] * 4 / 1e9:.4g}")  # float32 on the CPU
         assert s["paths"]["pallas"]["max_diff_vs_xla"] < 1e-5
+        assert s["paths"]["pallas"]["gb_s"] > 0 and s["paths"]["xla"]["gb_s"] > 0
+
+
+def test_kernel_bench_times_every_group_norm_the_unet_calls():
+    """The sites are the group norms one forward calls, as the model calls them; the two
+    kernels (in Pallas' interpreter here) give the XLA path's output; GB/s over two reads
+    and one write of x."""
+    from tools import kernel_bench
+
+    result = kernel_bench.main(["--op", "group_norm", "--arch", "tiny", "--batch", "1", "--reps", "1"])
+    sites = {s["site"]: s for s in result["sites"]}
+    # The tiny UNet: 1 + 1 resnets down, 2 mid, 2 + 2 up, with two norms each (the second
+    # with the time embedding); a norm in each of its 4 transformers (1 down, 1 mid, 2 up);
+    # its output norm. Per sample before the first attention reads the context; at CFG's
+    # two rows after.
+    assert sum(s["calls"] for s in result["sites"]) == 2 * 8 + 4 + 1
+    assert sum(s["calls"] for s in result["sites"] if s["shift"]) == 8
+    assert all(s["silu"] for s in result["sites"] if s["shift"])
+    assert {s["shape"][0] for s in result["sites"]} == {1, 2}
+    assert sites["2x8x8x8 +temb silu"]["groups"] == 4  # tiny's norm_num_groups
+    for s in result["sites"]:
+        assert s["gb"] == float(f"{3 * np.prod(s['shape']) * 4 / 1e9:.4g}")  # float32 on the CPU
+        assert s["paths"]["pallas"]["max_diff_vs_xla"] < 1e-4
         assert s["paths"]["pallas"]["gb_s"] > 0 and s["paths"]["xla"]["gb_s"] > 0
 
 

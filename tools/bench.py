@@ -190,7 +190,7 @@ def bench_arch(args) -> dict:
     from jaxdiff.engine import Pipeline, RenderSettings, Sample
     from jaxdiff.engine.pipeline import enable_compilation_cache
     from jaxdiff.engine.programs import compiler_options
-    from jaxdiff.models import geglu, layer_norm
+    from jaxdiff.models import geglu, group_norm, layer_norm
 
     start = time.perf_counter()
     # Progress on stderr as it goes: a run cut off by a time limit still says where it was.
@@ -209,7 +209,7 @@ def bench_arch(args) -> dict:
               # What the programs were compiled with, so runs with other options tell apart.
               "xla_options": compiler_options(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
               "attention": os.environ.get("JAXDIFF_ATTENTION", "auto"), "geglu": geglu.implementation(),
-              "layer_norm": layer_norm.implementation(),
+              "layer_norm": layer_norm.implementation(), "group_norm": group_norm.implementation(),
               "batches": {}}
     side = args.size or native_side(family)
     result["size"] = side

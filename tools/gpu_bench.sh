@@ -27,12 +27,14 @@
 #              on the card (tests/test_geglu.py, and the UNet's bfloat16 test with
 #              JAXDIFF_GEGLU=tokamax)
 #   tokamax    the jaxdiff step with JAXDIFF_GEGLU=tokamax: end to end, to set beside jaxdiff's
-#   norm       the transformer blocks' layer norm alone, XLA against the one-pass Pallas kernel
-#              (tools/kernel_bench.py --op layer_norm), then the kernel's parity tests compiled
-#              for the card (tests/test_layer_norm.py, the UNet's bfloat16 test with
-#              JAXDIFF_LAYER_NORM=pallas)
+#   norm       the transformer blocks' layer norm and the UNet's group norms alone, XLA against
+#              the Pallas kernels (tools/kernel_bench.py --op layer_norm, --op group_norm), then
+#              the kernels' parity tests compiled for the card (tests/test_layer_norm.py,
+#              tests/test_group_norm.py, the UNet's bfloat16 test with both kernels)
 #   ln         the jaxdiff step with JAXDIFF_LAYER_NORM=pallas
-#   fused      the jaxdiff step with both: JAXDIFF_GEGLU=tokamax JAXDIFF_LAYER_NORM=pallas
+#   gn         the jaxdiff step with JAXDIFF_GROUP_NORM=pallas
+#   fused      the jaxdiff step with all three: JAXDIFF_GEGLU=tokamax JAXDIFF_LAYER_NORM=pallas
+#              JAXDIFF_GROUP_NORM=pallas
 # The device's image has jax, flax, torch and transformers; diffusers (for --compare) and
 # tokamax with what it imports that the image lacks (for geglu and tokamax) come as wheels
 # in .whl/ (git-ignored), fetched on any machine with:
@@ -45,7 +47,7 @@
 # $OUT/gpu_bench.tgz (or ./bench-out/): one file to copy back, and a step cut off by a time
 # limit must not lose the ones before it.
 set -u -o pipefail
-all_steps=" sd15 jaxdiff warm x4 profile attention triton b32 parity hlo geglu tokamax norm ln fused "
+all_steps=" sd15 jaxdiff warm x4 profile attention triton b32 parity hlo geglu tokamax norm ln gn fused "
 steps=("$@"); [ ${#steps[@]} -gt 0 ] || steps=(sd15 warm x4 b32 profile)
 for s in "${steps[@]}"; do
   [[ $all_steps == *" $s "* ]] || { echo "unknown step: $s (steps:$all_steps)" >&2; exit 2; }
@@ -105,12 +107,15 @@ run_step() {
              XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -q -p no:cacheprovider tests/test_geglu.py \
              tests/test_unet.py -k 'fused_kernel or bfloat16_at_sd15'" ;;
     tokamax) end_to_end tokamax JAXDIFF_GEGLU=tokamax ;;
-    norm) step norm 90 bash -c "python3 -m tools.kernel_bench --op layer_norm --arch sd15 --batch 16 \
-            --out $SCRATCH/kernel_layer_norm_sd15.json && JAX_PLATFORMS=cuda JAXDIFF_LAYER_NORM=pallas \
-            XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -q -p no:cacheprovider tests/test_layer_norm.py \
-            tests/test_unet.py -k 'compiled_kernel or bfloat16_at_sd15'" ;;
+    norm) step norm 150 bash -c "python3 -m tools.kernel_bench --op layer_norm --arch sd15 --batch 16 \
+            --out $SCRATCH/kernel_layer_norm_sd15.json; python3 -m tools.kernel_bench --op group_norm \
+            --arch sd15 --batch 16 --out $SCRATCH/kernel_group_norm_sd15.json; JAX_PLATFORMS=cuda \
+            JAXDIFF_LAYER_NORM=pallas JAXDIFF_GROUP_NORM=pallas XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest \
+            -q -p no:cacheprovider tests/test_layer_norm.py tests/test_group_norm.py tests/test_unet.py \
+            -k 'compiled_kernel or bfloat16_at_sd15'" ;;
     ln) end_to_end ln JAXDIFF_LAYER_NORM=pallas ;;
-    fused) end_to_end fused JAXDIFF_GEGLU=tokamax JAXDIFF_LAYER_NORM=pallas ;;
+    gn) end_to_end gn JAXDIFF_GROUP_NORM=pallas ;;
+    fused) end_to_end fused JAXDIFF_GEGLU=tokamax JAXDIFF_LAYER_NORM=pallas JAXDIFF_GROUP_NORM=pallas ;;
     hlo) step hlo 60 python3 -m tools.step_hlo --arch sd15 --batch 16 --target local --out "$SCRATCH/step_hlo_sd15.json" \
            --hlo-out "$SCRATCH/sd15_step_hlo.txt" ;;
   esac

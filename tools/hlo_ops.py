@@ -158,6 +158,8 @@ def categorize(name: str, instructions: dict, computations: dict, frames: dict |
         return "attention"
     if "layer_norm.py" in sources and targets:  # the one-pass layer norm kernel: norm time
         return "reduction"
+    if "group_norm.py" in sources and targets:  # the group norm kernels: sums, then normalising
+        return "reduction" if "/group_norm_sums/" in instructions[name][1] else "elementwise"
     if any(_gated_linear_unit_contraction(line, instructions) for _, line in
            _reachable(name, instructions, computations)):
         return "matmul"

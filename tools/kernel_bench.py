@@ -3,6 +3,7 @@ them: ms per call on each path, and TFLOP/s or GB/s.
 
     python -m tools.kernel_bench --op geglu --arch sd15 --batch 16 --out geglu.json   # GPU
     python -m tools.kernel_bench --op layer_norm --arch tiny --batch 1                # CPU (tested in CI)
+    python -m tools.kernel_bench --op group_norm --arch sd15 --batch 16
 
 --op geglu (jaxdiff/models/geglu.py): "xla", the projection's GEMM and XLA's fusion of GELU
 and product; "tokamax", the fused kernel on Hopper and Blackwell GPUs (its GEMM a little
@@ -15,6 +16,12 @@ to pay off. TFLOP/s count the model's FLOPs (2 x rows x channels x 2 x width) on
 "pallas", the one-pass kernel (on a GPU; Pallas' interpreter elsewhere, timed but not a
 speed), at the engine's block size and LAYER_NORM_CONFIGS, its best reported with every
 config's time. GB/s count one read and one write of the tokens, the least any path can move.
+
+--op group_norm (jaxdiff/models/group_norm.py), at every group norm of the UNet's step (the
+shapes as one forward calls them: the resnets' with the time embedding and SiLU): "xla",
+the module's XLA path; "pallas", the two kernels at the engine's sizes and
+GROUP_NORM_CONFIGS. GB/s count two reads and one write of x (a group spans the sample: its
+statistics need a pass of their own).
 
 A path the backend or shape does not take is reported with its reason. Each is timed as
 calls back to back in one program (tools/attention_bench.py's `chained`), each call's input
@@ -38,7 +45,11 @@ FUSED_CONFIGS = {
 # Sizes of the layer norm kernel's instances tried beside the engine's (8,192 elements, 4
 # warps): (elements a block, warps).
 LAYER_NORM_CONFIGS = ((4096, 4), (8192, 8), (16384, 8))
-OPS = ("geglu", "layer_norm")
+# Sizes of the group norm kernels tried beside the engine's (4,096 elements a loop
+# iteration, 512 instances, 4 warps): (elements, instances, warps). Each compiles for an
+# H200 at every group norm of SD 1.5's step.
+GROUP_NORM_CONFIGS = ((8192, 512, 4), (8192, 512, 8), (4096, 1024, 4))
+OPS = ("geglu", "layer_norm", "group_norm")
 
 
 def transformer_sites(arch: str, batch: int, size: int | None = None) -> list[dict]:
@@ -78,6 +89,44 @@ def op_sites(op: str, arch: str, batch: int, size: int | None = None) -> list[di
     return sites
 
 
+def group_norm_sites(arch: str, batch: int, size: int | None = None) -> list[dict]:
+    """Every group norm of one UNet forward at the CFG batch, as the model calls them
+    (traced without weights): shape, groups, shift and SiLU, calls per step."""
+    import collections
+
+    import jax
+    from flax import nnx
+
+    from jaxdiff.models import group_norm
+    from jaxdiff.models.unet import UNet2DConditionModel, UNetConfig
+    from jaxdiff.weights.family import abstract_model
+    from tools.bench import guided_unet_inputs
+    from tools.step_hlo import arch_configs
+
+    configs = arch_configs(arch)
+    cfg = UNetConfig.from_dict(configs["unet"])
+    latent = size or cfg.sample_size or 64
+    graphdef, state = nnx.split(abstract_model(UNet2DConditionModel, cfg, jax.numpy.float32))
+    calls = collections.Counter()
+    xla = group_norm.GroupNorm._xla
+
+    def record(module, x, shift, silu):
+        calls[(x.shape, module.num_groups, module.epsilon, shift is not None, silu)] += 1
+        return xla(module, x, shift, silu)
+
+    args = guided_unet_inputs(cfg, configs["text_encoder"]["hidden_size"], batch, (latent, latent),
+                              jax.numpy.float32, lambda shape, dt, seed: jax.ShapeDtypeStruct(shape, dt))
+    group_norm.GroupNorm._xla = record
+    try:
+        jax.eval_shape(lambda state, *a: nnx.merge(graphdef, state)(*(a[:3] if a[3] is None else a)),
+                       state, *args)
+    finally:
+        group_norm.GroupNorm._xla = xla
+    return [{"site": "x".join(map(str, shape)) + (" +temb" if shifted else "") + (" silu" if silu else ""),
+             "shape": list(shape), "groups": groups, "epsilon": eps, "shift": shifted, "silu": silu, "calls": n}
+            for (shape, groups, eps, shifted, silu), n in calls.items()]
+
+
 def fused_with_config(fields: dict):
     """The fused GEGLU on tokamax's Hopper kernel with one config (its op class, which the
     public API does not take a config for). Imported when traced: no tokamax, no GPU is
@@ -98,13 +147,31 @@ def fused_with_config(fields: dict):
     return call
 
 
-def _paths(op: str) -> dict:
+def _paths(op: str, site: dict) -> dict:
     """name: fn(x, *params), or {config: fn} for a path timed at each config, its best kept."""
     import jax
     import jax.numpy as jnp
 
-    from jaxdiff.models import geglu, layer_norm
+    from jaxdiff.models import geglu, group_norm, layer_norm
 
+    if op == "group_norm":
+        def xla_group_norm(x, scale, bias, *shift):
+            from flax import nnx
+            module = group_norm.GroupNorm(x.shape[-1], num_groups=site["groups"], epsilon=site["epsilon"],
+                                          dtype=x.dtype, param_dtype=x.dtype, rngs=nnx.Rngs(0))
+            module.scale.value, module.bias.value = scale, bias
+            return module._xla(x, shift[0] if shift else None, site["silu"])
+
+        def kernels(chunk_elements=group_norm._CHUNK_ELEMENTS, instances=group_norm._INSTANCES, num_warps=4):
+            def call(x, scale, bias, *shift):
+                return group_norm.fused_group_norm(
+                    x, scale, bias, site["groups"], site["epsilon"], shift=shift[0] if shift else None,
+                    silu=site["silu"], interpret=jax.default_backend() != "gpu",
+                    chunk_elements=chunk_elements, instances=instances, num_warps=num_warps)
+            return call
+        configs = {"default": kernels(), **{f"{e} elements, {n} instances, {w} warps": kernels(e, n, w)
+                                            for e, n, w in GROUP_NORM_CONFIGS}}
+        return {"xla": xla_group_norm, "pallas": configs}
     if op == "layer_norm":
         def xla(x, scale, bias):
             from flax import nnx
@@ -131,6 +198,11 @@ def _inputs(op: str, site: dict, dtype):
     import numpy as np
 
     rng = np.random.default_rng(0)
+    if op == "group_norm":
+        shape = site["shape"]
+        x, scale, bias, shift = (jnp.asarray(rng.standard_normal(s), dtype)
+                                 for s in (shape, shape[-1:], shape[-1:], (shape[0], shape[-1])))
+        return (x, scale, bias, shift) if site["shift"] else (x, scale, bias)
     rows, channels = site["rows"], site["channels"]
     x = jnp.asarray(rng.standard_normal((rows, channels)), dtype)
     if op == "layer_norm":
@@ -148,11 +220,12 @@ def time_site(op: str, site: dict, dtype, reps: int) -> dict:
     args = _inputs(op, site, dtype)
     if op == "geglu":
         work = {"gflop": float(f"{2.0 * site['rows'] * site['channels'] * 2 * site['width'] / 1e9:.4g}")}
-    else:  # one read and one write of the tokens
-        work = {"gb": float(f"{2.0 * args[0].size * args[0].dtype.itemsize / 1e9:.4g}")}
+    else:  # one read and one write of x; the group norm's statistics read it once more
+        passes = 3.0 if op == "group_norm" else 2.0
+        work = {"gb": float(f"{passes * args[0].size * args[0].dtype.itemsize / 1e9:.4g}")}
     result = dict(site, **work, paths={})
     reference = None
-    for name, path in _paths(op).items():
+    for name, path in _paths(op, site).items():
         timed, errors = time_configs(path, args, reps)
         if not timed:
             result["paths"][name] = {"error": next(iter(errors.values()))}
@@ -187,7 +260,9 @@ def main(argv=None) -> dict:
           f"ms ({rate}) per call, calls per step")
     result = {"op": args.op, "arch": args.arch, "batch": args.batch, "device": device,
               "dtype": jnp.dtype(dtype).name, "sites": [], "unet_step_ms": {}}
-    for site in op_sites(args.op, args.arch, args.batch, args.size):
+    sites = (group_norm_sites(args.arch, args.batch, args.size) if args.op == "group_norm"
+             else op_sites(args.op, args.arch, args.batch, args.size))
+    for site in sites:
         s = time_site(args.op, site, dtype, args.reps)
         result["sites"].append(s)
         # Per step, each path over every site (NaN where a site has no time on it).
@@ -199,7 +274,7 @@ def main(argv=None) -> dict:
                 json.dump(result, f, indent=1)
         cells = [f"{n} {r['ms']:.3f} ({r.get('tflop_s', r.get('gb_s')):.4g})" if "ms" in r
                  else f"{n} - ({r['error'][:60]})" for n, r in s["paths"].items()]
-        shape = f"{s['rows']}x{s['channels']}" + (f"->{s['width']}" if "width" in s else "")
+        shape = (f"{s['rows']}x{s['channels']}" if "rows" in s else "") + (f"->{s['width']}" if "width" in s else "")
         print(f"{s['site']:<16}{shape:<18} x{s['calls']:<3}" + "  ".join(cells), flush=True)
     print("per step, ms: " + ", ".join(f"{n} {ms}" for n, ms in result["unet_step_ms"].items()))
     return result

@@ -27,9 +27,11 @@ from jaxdiff.models import attention
 from jaxdiff.models.per_chip import per_chip
 
 _IMPLEMENTATIONS = ("xla", "pallas")
-# Elements one loop iteration of a kernel holds (rows x groups x channels per group, each
-# rounded up to a power of two, as Triton's blocks must be): 16 pixels of SD's 320 channels.
-_CHUNK_ELEMENTS = 8192
+# Elements one loop iteration of a kernel holds (pixels x groups x channels per group, each
+# rounded up to a power of two, as Triton's blocks must be): 8 pixels of SD's 320 channels.
+# The sums kernel keeps two float32 accumulators of this size: 64 registers a thread at 4
+# warps.
+_CHUNK_ELEMENTS = 4096
 # Kernel instances to aim for per norm (a few per SM of a large GPU).
 _INSTANCES = 512
 
