@@ -199,9 +199,10 @@ def compile_step(arch: str, batch: int, target: str, size: int | None = None,
             # Inpainting and upscaling UNets also read fixed channels (mask and masked image,
             # or the low-res image) beside the latent they denoise.
             x, image = jnp.split(sample, [cfg.out_channels], axis=-1)
+            model = nnx.merge(graphdef, state)
+            context = model.text_context(context)  # as the engine: keys and values before the loop
 
             def step(x, i):
-                model = nnx.merge(graphdef, state)
                 sample = jnp.concatenate([x, image], axis=-1)
                 out = model(sample, t + i, context, labels) if upscale else model(sample, t + i, context)
                 pairs = out.reshape((-1, 2) + out.shape[1:])  # CFG, as the engine's step combines them

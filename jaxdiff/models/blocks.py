@@ -186,6 +186,29 @@ class Upsample2D(nnx.Module):
         return upsample_conv(x, kernel, bias)
 
 
+class TextContext:
+    """A text context (B, T, D) with every cross attention's keys and values computed from it
+    once (`UNet2DConditionModel.text_context`), for calls that share it: the sampler's
+    steps. Inside the loop XLA leaves those projections in every step (its loop-invariant
+    code motion keeps an op whose output is larger than its input), though the context
+    never changes. The attentions find theirs by identity: one traced model's modules."""
+
+    def __init__(self, states: jax.Array, keys_values: dict[int, tuple[jax.Array, jax.Array]]):
+        self.states = states
+        self._keys_values = keys_values
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.states.shape
+
+    @property
+    def ndim(self) -> int:
+        return self.states.ndim
+
+    def keys_values(self, attention: Attention) -> tuple[jax.Array, jax.Array]:
+        return self._keys_values[id(attention)]
+
+
 class Attention(nnx.Module):
     """Multi-head attention with diffusers' parameter names (to_q, to_k, to_v, to_out.0).
 
@@ -201,6 +224,7 @@ class Attention(nnx.Module):
                  dtype=jnp.float32, rngs: nnx.Rngs):
         self.heads = heads
         self.dim_head = dim_head
+        self.cross = cross_attention_dim is not None
         self.residual_connection = residual_connection
         self.rescale_output_factor = rescale_output_factor
         inner_dim = heads * dim_head
@@ -217,7 +241,12 @@ class Attention(nnx.Module):
         # A list so that the checkpoint key `to_out.0` (the Linear before dropout) lines up.
         self.to_out = nnx.List([linear(inner_dim, query_dim, True)])
 
-    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+    def keys_values(self, context: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Keys and values of a (B, T, D) context, (B, T, heads, dim_head) each."""
+        shape = (*context.shape[:2], self.heads, self.dim_head)
+        return self.to_k(context).reshape(shape), self.to_v(context).reshape(shape)
+
+    def __call__(self, x: jax.Array, context: jax.Array | TextContext | None = None) -> jax.Array:
         spatial_shape = None
         if x.ndim == 4:
             spatial_shape = x.shape
@@ -227,11 +256,10 @@ class Attention(nnx.Module):
             # Group norm over (B, T, C) reduces over tokens and channel groups, the
             # same statistics as over the (B, H, W, C) map.
             x = self.group_norm(x)
-        context = x if context is None else context
         batch, tokens = x.shape[0], x.shape[1]
         q = self.to_q(x).reshape(batch, tokens, self.heads, self.dim_head)
-        k = self.to_k(context).reshape(batch, context.shape[1], self.heads, self.dim_head)
-        v = self.to_v(context).reshape(batch, context.shape[1], self.heads, self.dim_head)
+        k, v = (context.keys_values(self) if isinstance(context, TextContext)
+                else self.keys_values(x if context is None else context))
         out = dot_product_attention(q, k, v)
         out = self.to_out[0](out.reshape(batch, tokens, self.heads * self.dim_head))
         if self.residual_connection:

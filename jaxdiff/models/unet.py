@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxdiff.models.blocks import (Attention, Downsample2D, ResnetBlock2D, UnsupportedConfig, Upsample2D,
-                                   conv2d, known_config_values, repeat_batch)
+from jaxdiff.models.blocks import (Attention, Downsample2D, ResnetBlock2D, TextContext, UnsupportedConfig,
+                                   Upsample2D, conv2d, known_config_values, repeat_batch)
 from jaxdiff.models.geglu import geglu
 from jaxdiff.models.group_norm import group_norm
 from jaxdiff.models.layer_norm import LayerNorm
@@ -492,9 +492,18 @@ class UNet2DConditionModel(nnx.Module):
         self.conv_norm_out = group_norm(channels[0], c.norm_num_groups, c.norm_eps, dtype=dtype, rngs=rngs)
         self.conv_out = conv2d(channels[0], c.out_channels, c.conv_out_kernel, dtype=dtype, rngs=rngs)
 
-    def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,
+    def text_context(self, encoder_hidden_states: jax.Array) -> TextContext:
+        """The context with each cross attention's keys and values computed once, to pass as
+        `encoder_hidden_states` to calls that share it (the sampler's steps)."""
+        states = encoder_hidden_states.astype(self.dtype)
+        return TextContext(states, {id(m): m.keys_values(states) for _, m in nnx.iter_graph(self)
+                                    if isinstance(m, Attention) and m.cross})
+
+    def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array | TextContext,
                  class_labels: jax.Array | None = None, timestep_cond: jax.Array | None = None) -> jax.Array:
         """(B, H, W, in_channels), (B,) or scalar, (k*B, T, D), (B,) int -> (k*B, H, W, out_channels).
+
+        `encoder_hidden_states` may be `text_context(...)` of it: the same output.
 
         `timestep_cond` (B, time_cond_proj_dim): a guidance-distilled model's embedding of
         its guidance scale (`guidance_embedding`).
@@ -527,7 +536,8 @@ class UNet2DConditionModel(nnx.Module):
                 "level); pass class_labels of shape (batch,)")
         batch = sample.shape[0]
         sample = sample.astype(self.dtype)
-        context = encoder_hidden_states.astype(self.dtype)
+        context = (encoder_hidden_states if isinstance(encoder_hidden_states, TextContext)
+                   else encoder_hidden_states.astype(self.dtype))
         if c.center_input_sample:
             sample = 2 * sample - 1.0
 
