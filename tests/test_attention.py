@@ -203,6 +203,21 @@ def test_cudnn_head_dim_limit_follows_the_held_gpu(monkeypatch, capability, max_
         attention._cuda_capability.cache_clear()
 
 
+def test_dispatch_takes_the_target_gpus_compute_capability():
+    """Compiling ahead of time for a GPU this process does not hold (tools/step_hlo.py),
+    the head dims cuDNN takes are the target's: up to 256 on Hopper (9.0), 128 before, and
+    128 where no capability is known."""
+    if jax.default_backend() == "gpu":
+        pytest.skip("the held GPU's own capability answers when none is named")
+    with attention.dispatch(backend="gpu", cuda_capability=(9, 0)):
+        assert attention._choose(_shape(256, 160)) == "cudnn"
+    with attention.dispatch(backend="gpu", cuda_capability=(8, 0)):
+        assert attention._choose(_shape(256, 160)) == "xla"
+    with attention.dispatch(backend="gpu"):
+        assert attention._choose(_shape(256, 160)) == "xla"
+    assert attention._target_capability is None
+
+
 def test_dispatch_block_restores_the_previous_choice():
     q, _, _ = _qkv(jnp.bfloat16)
     attention.set_attention_implementation("xla")

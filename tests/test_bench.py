@@ -481,6 +481,18 @@ ENTRY %main""")
     assert summary["kernels"] == {"fusion:kLoop": 2, "__cublas$lt$matmul": 1}
 
 
+def test_step_hlo_reads_each_gpu_targets_compute_capability():
+    """What the attention dispatch is told when compiling for a GPU without one: the
+    target's own capability (its cuDNN takes head dims up to 256 from 9.0 on)."""
+    from tools import step_hlo
+
+    for name in ("h100", "h200"):
+        with open(os.path.join(step_hlo.TARGETS_DIR, step_hlo.TARGETS[name].compile_for)) as f:
+            assert step_hlo.cuda_capability(f.read()) == (9, 0), name
+    assert step_hlo.cuda_capability("cuda_compute_capability {\n  major: 8\n  minor: 6\n}") == (8, 6)
+    assert step_hlo.cuda_capability("gpu_device_info {}") is None
+
+
 def test_step_hlo_floors_use_the_target_chips_peak_and_bandwidth():
     """The floors a report gives: compute is the step's FLOPs at the chip's bf16 peak,
     memory the memory-bound ops' bytes (not the GEMMs') at its bandwidth, the roofline

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import re
@@ -113,10 +114,21 @@ def _backend(target: str) -> str | None:
     return None if target == "local" else {"cuda": "gpu", "tpu": "tpu"}[TARGETS[target].platform]
 
 
-def _devices(target: str, chips: int) -> tuple[list, str | None]:
-    """(devices to compile for, backend whose attention kernels to pick) for a target."""
+def cuda_capability(target_config: str) -> tuple[int, int] | None:
+    """(major, minor) compute capability of a GpuTargetConfig's device; None if it names none."""
+    found = re.search(r"cuda_compute_capability \{([^}]*)\}", target_config)
+    if not found:
+        return None
+    parts = dict(re.findall(r"(major|minor): (\d+)", found.group(1)))
+    return int(parts.get("major", 0)), int(parts.get("minor", 0))  # a zero field is left out
+
+
+def _devices(target: str, chips: int) -> tuple[list, str | None, tuple[int, ...] | None]:
+    """(devices to compile for, backend whose attention kernels to pick, its CUDA compute
+    capability) for a target."""
     import jax
 
+    capability = None
     if target == "local":
         devices, backend = jax.devices(), None
     else:
@@ -125,9 +137,11 @@ def _devices(target: str, chips: int) -> tuple[list, str | None]:
         platform, where = TARGETS[target].platform, TARGETS[target].compile_for
         if platform == "cuda":
             with open(os.path.join(TARGETS_DIR, where)) as f:
+                config = f.read()
+                capability = cuda_capability(config)
                 # One device: the GPU plugin's deviceless topologies are single-host.
                 try:
-                    topology = topologies.get_topology_desc(platform="cuda", target_config=f.read(),
+                    topology = topologies.get_topology_desc(platform="cuda", target_config=config,
                                                             topology="1x1x1")
                 except NotImplementedError as e:  # jax without its CUDA plugin
                     raise SystemExit(f"--target {target} needs jax's CUDA plugin, GPU or not: "
@@ -137,7 +151,7 @@ def _devices(target: str, chips: int) -> tuple[list, str | None]:
         devices, backend = topology.devices, _backend(target)
     if chips > len(devices):
         raise ValueError(f"--chips {chips}: the {target} target has {len(devices)} device(s)")
-    return list(devices[:chips]), backend
+    return list(devices[:chips]), backend, capability
 
 
 def _dtype(target: str):
@@ -146,6 +160,24 @@ def _dtype(target: str):
     import jax.numpy as jnp
 
     return jnp.float32 if target == "local" and jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+@contextlib.contextmanager
+def _cudnn_checks_for(capability: tuple[int, ...] | None):
+    """jax checks what cuDNN attention takes (head dims over 128 from Hopper on) against the
+    GPU this process holds, none when compiling ahead of time: within the block, against
+    the target's compute capability, as the engine on that GPU would be."""
+    if capability is None:
+        yield
+        return
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+
+    held = cudnn_attention.check_compute_capability
+    cudnn_attention.check_compute_capability = lambda wanted: capability >= tuple(map(int, wanted.split(".")))
+    try:
+        yield
+    finally:
+        cudnn_attention.check_compute_capability = held
 
 
 def _compile_for(target: str, chips: int, lower) -> str:
@@ -159,9 +191,10 @@ def _compile_for(target: str, chips: int, lower) -> str:
     from jaxdiff.engine.programs import compiler_options
     from jaxdiff.models import attention
 
-    devices, backend = _devices(target, chips)
+    devices, backend, capability = _devices(target, chips)
     mesh = Mesh(np.array(devices), ("data",))
-    with attention.dispatch(backend=backend), jax.set_mesh(mesh):
+    with (attention.dispatch(backend=backend, cuda_capability=capability), jax.set_mesh(mesh),
+          _cudnn_checks_for(capability)):
         lowered = lower(NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data")))
     # The engine's XLA options for the target's backend (on GPU: cuBLAS GEMMs, not Triton).
     return lowered.compile(compiler_options=compiler_options(backend)).as_text()

@@ -21,8 +21,10 @@ from jaxdiff.models.per_chip import per_chip
 _IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
 _override: str | None = None
 # The backend whose kernels "auto" picks; None: jax.default_backend(). Set when compiling
-# ahead of time for a chip this process does not hold (tools/step_hlo.py).
+# ahead of time for a chip this process does not hold (tools/step_hlo.py), with that GPU's
+# compute capability (None: the held GPU's).
 _target_backend: str | None = None
+_target_capability: tuple[int, ...] | None = None
 
 # The Pallas TPU kernel works on tiles of 128 tokens and 128 lanes of head_dim.
 _TPU_TILE = 128
@@ -41,25 +43,28 @@ def set_attention_implementation(name: str | None) -> None:
     _override = name
 
 
-def set_attention_backend(backend: str | None) -> None:
-    """Let "auto" pick kernels as on `backend` ("gpu", "tpu", "cpu"; None: the default one)."""
-    global _target_backend
-    _target_backend = backend
+def set_attention_backend(backend: str | None, cuda_capability: tuple[int, ...] | None = None) -> None:
+    """Let "auto" pick kernels as on `backend` ("gpu", "tpu", "cpu"; None: the default one),
+    on a GPU of `cuda_capability` (None: the held GPU's)."""
+    global _target_backend, _target_capability
+    _target_backend, _target_capability = backend, cuda_capability
 
 
 @contextlib.contextmanager
-def dispatch(implementation: str | None = None, backend: str | None = None):
-    """Within the block, force `implementation` and/or pick kernels as on `backend`; the
-    previous choices come back after. What is traced inside keeps the choice: trace a
-    fresh function (jit's trace cache does not see it)."""
-    previous = (_override, _target_backend)
+def dispatch(implementation: str | None = None, backend: str | None = None,
+             cuda_capability: tuple[int, ...] | None = None):
+    """Within the block, force `implementation` and/or pick kernels as on `backend` (a GPU
+    of `cuda_capability`); the previous choices come back after. What is traced inside
+    keeps the choice: trace a fresh function (jit's trace cache does not see it)."""
+    previous = (_override, _target_backend, _target_capability)
     set_attention_implementation(implementation if implementation is not None else previous[0])
-    set_attention_backend(backend if backend is not None else previous[1])
+    if backend is not None:
+        set_attention_backend(backend, cuda_capability)
     try:
         yield
     finally:
         set_attention_implementation(previous[0])
-        set_attention_backend(previous[1])
+        set_attention_backend(*previous[1:])
 
 
 def target_backend() -> str:
@@ -81,8 +86,8 @@ def _cuda_capability() -> tuple[int, ...] | None:
 
 def _cudnn_max_head_dim() -> int:
     """jax lets cuDNN take head dims up to 256 from compute capability 9.0 (Hopper) on, 128
-    before, and without a GPU in this process (compiling for one ahead of time)."""
-    capability = _cuda_capability()
+    before, and where the capability is not known (no GPU held, none named to `dispatch`)."""
+    capability = _target_capability or _cuda_capability()
     return 256 if capability is not None and capability >= (9, 0) else 128
 
 
