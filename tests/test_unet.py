@@ -155,6 +155,9 @@ def test_text_context_keys_values_once_matches_diffusers(config):
     assert crosses > 0
     assert (dots(lambda x: model(x, t, context, labels)) - dots(lambda x: model(x, t, prepared, labels))
             == 2 * crosses)
+    other = _jax_unet(_randomised_torch_unet(config), config)
+    with pytest.raises(ValueError, match="made by another model's text_context"):
+        other(sample, t, prepared, labels)
 
 
 @pytest.mark.parity

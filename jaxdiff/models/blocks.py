@@ -206,7 +206,11 @@ class TextContext:
         return self.states.ndim
 
     def keys_values(self, attention: Attention) -> tuple[jax.Array, jax.Array]:
-        return self._keys_values[id(attention)]
+        found = self._keys_values.get(id(attention))
+        if found is None:
+            raise ValueError("this TextContext was made by another model's text_context: pass the "
+                             "context array, or text_context(context) of the model being called")
+        return found
 
 
 class Attention(nnx.Module):
