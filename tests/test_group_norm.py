@@ -112,15 +112,8 @@ def test_an_unknown_group_norm_path_stops_with_the_variable_named(monkeypatch):
         GroupNorm(8, num_groups=2, rngs=nnx.Rngs(0))(jnp.ones((2, 3, 8)))
 
 
-def _gpu() -> bool:
-    try:
-        return bool(jax.devices("gpu"))
-    except RuntimeError:
-        return False
-
-
 @pytest.mark.parity
-@pytest.mark.skipif(not _gpu(), reason="compiles the kernels for a GPU (tools/gpu_bench.sh norm runs this test there)")
+@pytest.mark.skipif(not triton_ir.gpu_held(), reason="compiles the kernels for a GPU (tools/gpu_bench.sh norm runs this test there)")
 @pytest.mark.parametrize("size, channels", [(64, 320), (32, 640), (16, 1280), (8, 1280), (17, 960)])
 def test_compiled_kernels_match_torch_on_the_gpu(size, channels):
     """The kernels as Triton compiles them, in bfloat16 at SD 1.5's sizes (and an odd one),

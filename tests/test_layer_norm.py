@@ -69,15 +69,8 @@ def test_an_unknown_layer_norm_path_stops_with_the_variable_named(monkeypatch):
         LayerNorm(8, rngs=nnx.Rngs(0))(jnp.ones((2, 8)))
 
 
-def _gpu() -> bool:
-    try:
-        return bool(jax.devices("gpu"))
-    except RuntimeError:
-        return False
-
-
 @pytest.mark.parity
-@pytest.mark.skipif(not _gpu(), reason="compiles the kernel for a GPU (tools/gpu_bench.sh norm runs this test there)")
+@pytest.mark.skipif(not triton_ir.gpu_held(), reason="compiles the kernel for a GPU (tools/gpu_bench.sh norm runs this test there)")
 @pytest.mark.parametrize("channels", [320, 640, 1280])
 def test_compiled_kernel_matches_torch_on_the_gpu(channels):
     """The kernel as Triton compiles it, in bfloat16 at SD 1.5's widths, against torch's

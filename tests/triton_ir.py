@@ -10,6 +10,14 @@ from jax._src.lib import triton
 from jax._src.lib.mlir import ir
 
 
+def gpu_held() -> bool:
+    """Whether this process holds a GPU, where the kernels compile for real."""
+    try:
+        return bool(jax.devices("gpu"))
+    except RuntimeError:
+        return False
+
+
 def kernels(fn, *args) -> dict[str, str]:
     """Each Pallas Triton kernel of jit(fn)(*args) lowered for CUDA: {name: Triton IR}."""
     module = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).compiler_ir("stablehlo")
