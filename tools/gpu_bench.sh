@@ -27,10 +27,11 @@
 #              on the card (tests/test_geglu.py, and the UNet's bfloat16 test with
 #              JAXDIFF_GEGLU=tokamax)
 #   tokamax    the jaxdiff step with JAXDIFF_GEGLU=tokamax: end to end, to set beside jaxdiff's
-#   norm       the transformer blocks' layer norm and the UNet's group norms alone, XLA against
-#              the Pallas kernels (tools/kernel_bench.py --op layer_norm, --op group_norm), then
-#              the kernels' parity tests compiled for the card (tests/test_layer_norm.py,
-#              tests/test_group_norm.py, the UNet's bfloat16 test with both kernels)
+#   norm       the norm kernels' parity tests compiled for the card first (tests/test_layer_norm.py,
+#              tests/test_group_norm.py, the UNet's bfloat16 test with both kernels), then the
+#              transformer blocks' layer norm and the UNet's group norms alone, XLA against the
+#              Pallas kernels (tools/kernel_bench.py --op layer_norm, --op group_norm: 25 group
+#              norm shapes at four kernel sizes, each a compile)
 #   ln         the jaxdiff step with JAXDIFF_LAYER_NORM=pallas
 #   gn         the jaxdiff step with JAXDIFF_GROUP_NORM=pallas
 #   fused      the jaxdiff step with all three: JAXDIFF_GEGLU=tokamax JAXDIFF_LAYER_NORM=pallas
@@ -107,12 +108,12 @@ run_step() {
              XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -q -p no:cacheprovider tests/test_geglu.py \
              tests/test_unet.py -k 'fused_kernel or bfloat16_at_sd15'" ;;
     tokamax) end_to_end tokamax JAXDIFF_GEGLU=tokamax ;;
-    norm) step norm 150 bash -c "python3 -m tools.kernel_bench --op layer_norm --arch sd15 --batch 16 \
+    norm) step norm 200 bash -c "JAX_PLATFORMS=cuda JAXDIFF_LAYER_NORM=pallas JAXDIFF_GROUP_NORM=pallas \
+            XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -q -p no:cacheprovider tests/test_layer_norm.py \
+            tests/test_group_norm.py tests/test_unet.py -k 'compiled_kernel or bfloat16_at_sd15'; \
+            python3 -m tools.kernel_bench --op layer_norm --arch sd15 --batch 16 \
             --out $SCRATCH/kernel_layer_norm_sd15.json; python3 -m tools.kernel_bench --op group_norm \
-            --arch sd15 --batch 16 --out $SCRATCH/kernel_group_norm_sd15.json; JAX_PLATFORMS=cuda \
-            JAXDIFF_LAYER_NORM=pallas JAXDIFF_GROUP_NORM=pallas XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest \
-            -q -p no:cacheprovider tests/test_layer_norm.py tests/test_group_norm.py tests/test_unet.py \
-            -k 'compiled_kernel or bfloat16_at_sd15'" ;;
+            --arch sd15 --batch 16 --out $SCRATCH/kernel_group_norm_sd15.json" ;;
     ln) end_to_end ln JAXDIFF_LAYER_NORM=pallas ;;
     gn) end_to_end gn JAXDIFF_GROUP_NORM=pallas ;;
     fused) end_to_end fused JAXDIFF_GEGLU=tokamax JAXDIFF_LAYER_NORM=pallas JAXDIFF_GROUP_NORM=pallas ;;
