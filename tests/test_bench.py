@@ -810,13 +810,13 @@ def test_gpu_bench_script_runs_the_named_steps_and_packs_every_log(tmp_path):
     assert "ran" not in refused.stdout and not (tmp_path / "out").exists()
 
     done = subprocess.run(["bash", script, "jaxdiff", "triton", "b32", "profile", "parity", "geglu", "tokamax",
-                           "norm", "ln", "gn", "fused"],
+                           "norm", "ln", "gn", "fused", "fprofile"],
                           cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     with tarfile.open(tmp_path / "out" / "gpu_bench.tgz") as tgz:
         logs = {os.path.basename(m.name): tgz.extractfile(m).read().decode() for m in tgz.getmembers() if m.isfile()}
     assert set(logs) == {"preamble.log", "jaxdiff.log", "triton.log", "b32.log", "profile.log", "parity.log",
-                         "geglu.log", "tokamax.log", "norm.log", "ln.log", "gn.log", "fused.log"}
+                         "geglu.log", "tokamax.log", "norm.log", "ln.log", "gn.log", "fused.log", "fprofile.log"}
     assert "stand-in GPU" in logs["preamble.log"]
     assert "XLA_FLAGS=--xla_gpu_enable_triton_gemm=true" in logs["triton.log"]
     plain = "ran XLA_FLAGS= JAXDIFF_ATTENTION= JAXDIFF_GEGLU= JAXDIFF_LAYER_NORM= JAXDIFF_GROUP_NORM= -m tools."
@@ -836,6 +836,8 @@ def test_gpu_bench_script_runs_the_named_steps_and_packs_every_log(tmp_path):
     assert "JAXDIFF_GEGLU= JAXDIFF_LAYER_NORM=pallas JAXDIFF_GROUP_NORM=" + sd15 in logs["ln.log"]
     assert "JAXDIFF_GEGLU= JAXDIFF_LAYER_NORM= JAXDIFF_GROUP_NORM=pallas" + sd15 in logs["gn.log"]
     assert "JAXDIFF_GEGLU=tokamax JAXDIFF_LAYER_NORM=pallas JAXDIFF_GROUP_NORM=pallas" + sd15 in logs["fused.log"]
+    assert ("JAXDIFF_GEGLU=tokamax JAXDIFF_LAYER_NORM=pallas JAXDIFF_GROUP_NORM=pallas -m tools.op_profile"
+            in logs["fprofile.log"])
     assert "-m pytest -q -p no:cacheprovider -n 4 -m parity -k not tpu_attention tests/test_unet.py" in logs["parity.log"]
     assert logs["jaxdiff.log"].endswith("exit status 0\n") and logs["profile.log"].endswith("exit status 3\n")
 

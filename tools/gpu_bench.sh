@@ -36,6 +36,7 @@
 #   gn         the jaxdiff step with JAXDIFF_GROUP_NORM=pallas
 #   fused      the jaxdiff step with all three: JAXDIFF_GEGLU=tokamax JAXDIFF_LAYER_NORM=pallas
 #              JAXDIFF_GROUP_NORM=pallas
+#   fprofile   the profile step with all three kernels: where the time goes after them
 # The device's image has jax, flax, torch and transformers; diffusers (for --compare) and
 # tokamax with what it imports that the image lacks (for geglu and tokamax) come as wheels
 # in .whl/ (git-ignored), fetched on any machine with:
@@ -48,7 +49,7 @@
 # $OUT/gpu_bench.tgz (or ./bench-out/): one file to copy back, and a step cut off by a time
 # limit must not lose the ones before it.
 set -u -o pipefail
-all_steps=" sd15 jaxdiff warm x4 profile attention triton b32 parity hlo geglu tokamax norm ln gn fused "
+all_steps=" sd15 jaxdiff warm x4 profile attention triton b32 parity hlo geglu tokamax norm ln gn fused fprofile "
 steps=("$@"); [ ${#steps[@]} -gt 0 ] || steps=(sd15 warm x4 b32 profile)
 for s in "${steps[@]}"; do
   [[ $all_steps == *" $s "* ]] || { echo "unknown step: $s (steps:$all_steps)" >&2; exit 2; }
@@ -80,6 +81,7 @@ step() {
   pack
 }
 sd15=(python3 -m tools.bench --arch sd15 --batch-sizes 16 --steps 25)
+fused=(JAXDIFF_GEGLU=tokamax JAXDIFF_LAYER_NORM=pallas JAXDIFF_GROUP_NORM=pallas)
 # end_to_end NAME [VAR=VALUE ...]: sd15 without diffusers or stages in a process with these
 # variables and a compilation cache of its own (its first call a cold compile).
 end_to_end() {
@@ -95,6 +97,8 @@ run_step() {
     x4) step x4 135 python3 -m tools.bench --arch x4-upscaler --size 128 --batch-sizes 8 --steps 20 --guidance 9 \
           --reps 2 --no-stages --compare diffusers --out "$SCRATCH/bench_x4.json" ;;
     profile) step profile 75 python3 -m tools.op_profile --arch sd15 --size 512 --batch 16 --out "$SCRATCH/profile_sd15.json" ;;
+    fprofile) step fprofile 75 env "${fused[@]}" python3 -m tools.op_profile --arch sd15 --size 512 --batch 16 \
+                --out "$SCRATCH/profile_sd15_fused.json" ;;
     attention) step attention 120 python3 -m tools.attention_bench --arch sd15 --batch 16 --out "$SCRATCH/attention_sd15.json" ;;
     triton) step triton 90 env XLA_FLAGS=--xla_gpu_enable_triton_gemm=true "${sd15[@]}" --reps 1 --no-stages \
               --out "$SCRATCH/bench_sd15_triton.json" ;;
@@ -116,7 +120,7 @@ run_step() {
             --arch sd15 --batch 16 --out $SCRATCH/kernel_group_norm_sd15.json" ;;
     ln) end_to_end ln JAXDIFF_LAYER_NORM=pallas ;;
     gn) end_to_end gn JAXDIFF_GROUP_NORM=pallas ;;
-    fused) end_to_end fused JAXDIFF_GEGLU=tokamax JAXDIFF_LAYER_NORM=pallas JAXDIFF_GROUP_NORM=pallas ;;
+    fused) end_to_end fused "${fused[@]}" ;;
     hlo) step hlo 60 python3 -m tools.step_hlo --arch sd15 --batch 16 --target local --out "$SCRATCH/step_hlo_sd15.json" \
            --hlo-out "$SCRATCH/sd15_step_hlo.txt" ;;
   esac
