@@ -810,13 +810,14 @@ def test_gpu_bench_script_runs_the_named_steps_and_packs_every_log(tmp_path):
     assert "ran" not in refused.stdout and not (tmp_path / "out").exists()
 
     done = subprocess.run(["bash", script, "jaxdiff", "triton", "b32", "profile", "parity", "geglu", "tokamax",
-                           "norm", "ln", "gn", "fused", "fprofile"],
+                           "norm", "ln", "gn", "fused", "fprofile", "variants"],
                           cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     with tarfile.open(tmp_path / "out" / "gpu_bench.tgz") as tgz:
         logs = {os.path.basename(m.name): tgz.extractfile(m).read().decode() for m in tgz.getmembers() if m.isfile()}
     assert set(logs) == {"preamble.log", "jaxdiff.log", "triton.log", "b32.log", "profile.log", "parity.log",
-                         "geglu.log", "tokamax.log", "norm.log", "ln.log", "gn.log", "fused.log", "fprofile.log"}
+                         "geglu.log", "tokamax.log", "norm.log", "ln.log", "gn.log", "fused.log", "fprofile.log",
+                         "variants.log"}
     assert "stand-in GPU" in logs["preamble.log"]
     assert "XLA_FLAGS=--xla_gpu_enable_triton_gemm=true" in logs["triton.log"]
     plain = "ran XLA_FLAGS= JAXDIFF_ATTENTION= JAXDIFF_GEGLU= JAXDIFF_LAYER_NORM= JAXDIFF_GROUP_NORM= -m tools."
@@ -838,6 +839,8 @@ def test_gpu_bench_script_runs_the_named_steps_and_packs_every_log(tmp_path):
     assert "JAXDIFF_GEGLU=tokamax JAXDIFF_LAYER_NORM=pallas JAXDIFF_GROUP_NORM=pallas" + sd15 in logs["fused.log"]
     assert ("JAXDIFF_GEGLU=tokamax JAXDIFF_LAYER_NORM=pallas JAXDIFF_GROUP_NORM=pallas -m tools.op_profile"
             in logs["fprofile.log"])
+    assert plain + "bench --arch sd15 --batch-sizes 16 --steps 25 --reps 3 --no-stages --variants none,fused,gn,tokamax,ln" \
+        in logs["variants.log"]
     assert "-m pytest -q -p no:cacheprovider -n 4 -m parity -k not tpu_attention tests/test_unet.py" in logs["parity.log"]
     assert logs["jaxdiff.log"].endswith("exit status 0\n") and logs["profile.log"].endswith("exit status 3\n")
 
@@ -898,6 +901,32 @@ def test_kernel_bench_times_every_group_norm_the_unet_calls():
         assert s["gb"] == float(f"{3 * np.prod(s['shape']) * 4 / 1e9:.4g}")  # float32 on the CPU
         assert s["paths"]["pallas"]["max_diff_vs_xla"] < 1e-4
         assert s["paths"]["pallas"]["gb_s"] > 0 and s["paths"]["xla"]["gb_s"] > 0
+
+
+def test_bench_times_kernel_variants_in_turns_in_one_process(tmp_path, monkeypatch):
+    """--variants: each kernel path on a pipeline of its own (its programs traced with its
+    environment, the kernel really called), the timed batches taking turns; the first
+    variant's figures stand as the run's; the environment is as it was after."""
+    from jaxdiff.models import group_norm
+
+    monkeypatch.delenv("JAXDIFF_GROUP_NORM", raising=False)
+    called = []
+    kernel = group_norm.fused_group_norm
+    monkeypatch.setattr(group_norm, "fused_group_norm", lambda x, *a, **k: called.append(x.shape) or kernel(x, *a, **k))
+    result = bench.main(["--arch", "tiny", "--batch-sizes", "2", "--steps", "2", "--reps", "2", "--no-stages",
+                         "--variants", "none,gn", "--cache-dir", str(tmp_path / "cache")])["jaxdiff"]
+    assert called  # traced once, for the gn variant's program
+    assert list(result["variants"]) == ["none", "gn"]
+    assert result["variants"]["gn"]["env"] == {"JAXDIFF_GROUP_NORM": "pallas"}
+    assert result["variants"]["gn"]["paths"]["group_norm"] == "pallas"
+    assert result["variants"]["none"]["paths"] == {"geglu": "xla", "layer_norm": "xla", "group_norm": "xla"}
+    for v in ("none", "gn"):
+        entry = result["variants"][v]["batches"]["2"]
+        assert len(entry["batches_s"]) == 2 and entry["images_per_s"] > 0
+    assert result["batches"]["2"] == result["variants"]["none"]["batches"]["2"]
+    assert "JAXDIFF_GROUP_NORM" not in os.environ
+    with pytest.raises(SystemExit):
+        bench.main(["--arch", "tiny", "--variants", "none,triton"])
 
 
 def test_a_comparison_the_diffusers_side_cannot_run_is_refused(capsys):

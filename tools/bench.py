@@ -3,6 +3,7 @@
     python -m tools.bench --arch sd15 --batch-sizes 1,8,32 --steps 25 --compare diffusers --out bench.json
     python -m tools.bench --arch x4-upscaler --batch-sizes 1,8 --steps 20
     python -m tools.bench --arch tiny --batch-sizes 1,2 --steps 2          # CPU, tested in CI
+    python -m tools.bench --arch sd15 --batch-sizes 16 --no-stages --variants none,fused,gn,tokamax,ln
 
 Work (as ../shared/bench/diffusers_baseline.py): random weights at full size (speed does
 not depend on values), DPM-Solver++ (2M), CFG, VAE decode to uint8 on the host included;
@@ -15,7 +16,10 @@ the engine runs it (`unet_gflop_per_forward`, which `unet_tflops` and
 torch's count, `unet_gflop_per_forward_b1`), since each sample runs once before it meets
 its two contexts and upsampling convolutions run as 2x2 phases. With --compare,
 jaxdiff runs in a process of its own, then each diffusers variant in another: none holds
-the accelerator's memory while another runs. Prints a table and writes JSON.
+the accelerator's memory while another runs. With --variants, the engine's opt-in kernel
+paths (VARIANTS) each get a pipeline of their own in this one process, on the same weights,
+and their timed calls take turns (one batch of each, --reps rounds): a machine's drift
+lands on all of them alike. Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -33,6 +37,34 @@ import threading
 import time
 
 from tools.chips import chip_of
+
+
+# The engine's kernel paths --variants can name: the environment each traces its programs in.
+_ALL_FUSED = {"JAXDIFF_GEGLU": "tokamax", "JAXDIFF_LAYER_NORM": "pallas", "JAXDIFF_GROUP_NORM": "pallas"}
+VARIANTS = {
+    "none": {},
+    "tokamax": {"JAXDIFF_GEGLU": "tokamax"},
+    "ln": {"JAXDIFF_LAYER_NORM": "pallas"},
+    "gn": {"JAXDIFF_GROUP_NORM": "pallas"},
+    "fused": _ALL_FUSED,
+}
+
+
+@contextlib.contextmanager
+def variant_environment(name: str):
+    """The block runs with `name`'s kernel paths asked for (and the others not)."""
+    previous = {k: os.environ.get(k) for k in _ALL_FUSED}
+    for k in _ALL_FUSED:
+        os.environ.pop(k, None)
+    os.environ.update(VARIANTS[name])
+    try:
+        yield
+    finally:
+        for k, v in previous.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _median_time(fn, reps: int) -> float:
@@ -184,10 +216,8 @@ def stage_times(family, batch: int, latent_hw: tuple[int, int], reps: int) -> di
 def bench_arch(args) -> dict:
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from flax import nnx
 
-    from jaxdiff.engine import Pipeline, RenderSettings, Sample
     from jaxdiff.engine.pipeline import enable_compilation_cache
     from jaxdiff.engine.programs import compiler_options
     from jaxdiff.models import geglu, group_norm, layer_norm
@@ -200,7 +230,6 @@ def bench_arch(args) -> dict:
     progress(f"{jax.default_backend()} backend up; building {args.arch} with random weights")
     family = arch_family(args.arch, dtype)
     progress("models built")
-    upscale = family.kind == "upscale"
     result = {"system": "jaxdiff", "arch": args.arch, "device": jax.devices()[0].device_kind,
               "device_count": jax.device_count(), "jax": jax.__version__, "dtype": str(dtype),
               "steps": args.steps, "sampler": args.sampler, "guidance": args.guidance,
@@ -217,38 +246,67 @@ def bench_arch(args) -> dict:
     # whole on both sides (the engine tiles past 768 px by default, diffusers does not).
     devices = jax.local_devices()[:1] if args.one_chip else jax.local_devices()
     result["chips"] = len(devices)
+    variants = args.variants.split(",") if args.variants else [None]
+    if args.variants:
+        result["variants"] = {v: {"env": VARIANTS[v], "batches": {}} for v in variants}
     for B in [int(b) for b in args.batch_sizes.split(",")]:
-        if upscale:
-            settings = RenderSettings(upscale_steps=args.steps, upscale_guidance=args.guidance,
-                                      upscale_sampler=args.sampler, tile_pixels=None)
-            pipe = Pipeline(None, family, batch_size=B, settings=settings, devices=devices)
-            low = [np.random.default_rng(i).integers(0, 256, (side, side, 3), np.uint8) for i in range(B)]
-            prompts = [f"prompt {i}" for i in range(B)]
-            work = lambda: pipe.upscale(low, prompts, seeds=list(range(B)))
-            latent_hw = (side, side)
-        else:
-            settings = RenderSettings(width=side, height=side, steps=args.steps, sampler=args.sampler,
-                                      guidance=args.guidance, tile_pixels=None)
-            pipe = Pipeline(family, None, batch_size=B, settings=settings, devices=devices)
-            samples = [Sample(id=str(i), prompt=f"prompt {i}", seed=i) for i in range(B)]
-            work = lambda: pipe.render_samples(samples)
-            latent_hw = (side // vae_factor(family),) * 2
-        progress(f"batch {B}: first call (compiles, or loads from the cache)")
-        t = time.perf_counter()
-        work()
-        first = time.perf_counter() - t
-        progress(f"batch {B}: first call took {first:.1f} s; timing {args.reps} more")
-        batch_s = _median_time(work, args.reps)
-        # Five significant digits: a tiny model's batch of a few ms keeps its images/s to 1e-4.
-        entry = {"first_call_s": round(first, 2), "batch_s": float(f"{batch_s:.5g}"),
-                 "images_per_s": round(B / batch_s, 3)}
-        if not args.no_stages:
-            stages = stage_times(family, B, latent_hw, args.reps)
-            stages["denoise_s"] = round(stages["unet_forward_s"] * args.steps, 4)
-            entry["stages"] = stages
-        result["batches"][str(B)] = entry
-        print(json.dumps({"batch": B, **entry}), flush=True)
+        works = {}
+        for v in variants:
+            with variant_environment(v) if v else contextlib.nullcontext():
+                work, latent_hw = _batch_work(family, B, side, args, devices)
+                progress(f"batch {B}{f', {v}' if v else ''}: first call (compiles, or loads from the cache)")
+                t = time.perf_counter()
+                work()
+                works[v] = work, round(time.perf_counter() - t, 2)
+                if v:
+                    result["variants"][v]["paths"] = {"geglu": geglu.implementation(),
+                                                      "layer_norm": layer_norm.implementation(),
+                                                      "group_norm": group_norm.implementation()}
+            progress(f"batch {B}{f', {v}' if v else ''}: first call took {works[v][1]:.1f} s")
+        # Timed calls take turns: one batch of each variant a round.
+        times = {v: [] for v in variants}
+        for _ in range(args.reps):
+            for v in variants:
+                t = time.perf_counter()
+                works[v][0]()
+                times[v].append(time.perf_counter() - t)
+        for v in variants:
+            batch_s = statistics.median(times[v])
+            # Five significant digits: a tiny model's batch of a few ms keeps its images/s to 1e-4.
+            entry = {"first_call_s": works[v][1], "batch_s": float(f"{batch_s:.5g}"),
+                     "images_per_s": round(B / batch_s, 3)}
+            if v is None:
+                if not args.no_stages:
+                    entry["stages"] = stage_times(family, B, latent_hw, args.reps)
+                    entry["stages"]["denoise_s"] = round(entry["stages"]["unet_forward_s"] * args.steps, 4)
+                print(json.dumps({"batch": B, **entry}), flush=True)
+            else:
+                entry["batches_s"] = [float(f"{t:.5g}") for t in times[v]]
+                result["variants"][v]["batches"][str(B)] = entry
+                print(json.dumps({"batch": B, "variant": v, **entry}), flush=True)
+            if v == variants[0]:  # the run's figures (and its ratios with --compare)
+                result["batches"][str(B)] = entry
     return result
+
+
+def _batch_work(family, B: int, side: int, args, devices):
+    """(a call that renders one batch of B on a fresh pipeline, the latents' height and width)."""
+    import numpy as np
+
+    from jaxdiff.engine import Pipeline, RenderSettings, Sample
+
+    if family.kind == "upscale":
+        settings = RenderSettings(upscale_steps=args.steps, upscale_guidance=args.guidance,
+                                  upscale_sampler=args.sampler, tile_pixels=None)
+        pipe = Pipeline(None, family, batch_size=B, settings=settings, devices=devices)
+        low = [np.random.default_rng(i).integers(0, 256, (side, side, 3), np.uint8) for i in range(B)]
+        prompts = [f"prompt {i}" for i in range(B)]
+        return (lambda: pipe.upscale(low, prompts, seeds=list(range(B)))), (side, side)
+    settings = RenderSettings(width=side, height=side, steps=args.steps, sampler=args.sampler,
+                              guidance=args.guidance, tile_pixels=None)
+    pipe = Pipeline(family, None, batch_size=B, settings=settings, devices=devices)
+    samples = [Sample(id=str(i), prompt=f"prompt {i}", seed=i) for i in range(B)]
+    return (lambda: pipe.render_samples(samples)), (side // vae_factor(family),) * 2
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -332,8 +390,14 @@ def main(argv=None) -> dict:
     p.add_argument("--cache-dir", default=None, help="persistent compilation cache (default ~/.cache/jaxdiff/xla)")
     p.add_argument("--one-chip", action="store_true", help="jaxdiff on one chip (set with --compare)")
     p.add_argument("--out", default=None, help="write the JSON result here")
+    p.add_argument("--variants", default=None,
+                   help=f"comma-separated kernel paths to time in turns in this process ({', '.join(VARIANTS)}); "
+                        "per-stage timings are then left out")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
+    unknown = set(args.variants.split(",")) - set(VARIANTS) if args.variants else set()
+    if unknown:
+        p.error(f"--variants: {', '.join(sorted(unknown))} not among {', '.join(VARIANTS)}")
     if args.compare != "none" and args.sampler != "dpmpp_2m":
         p.error("the diffusers side runs DPM-Solver++ (2M) only: compare with --sampler dpmpp_2m")
     if args.compare != "none" and args.arch == "default":
@@ -370,6 +434,9 @@ def main(argv=None) -> dict:
             print(name, json.dumps(result[name])[:400], flush=True)
             save()
     ratios = result["ratios"]
+    for v, entry in result["jaxdiff"].get("variants", {}).items():
+        print(f"{v:>8} " + "  ".join(f"batch {B}: {e['images_per_s']} img/s (first call {e['first_call_s']} s)"
+                                    for B, e in entry["batches"].items()))
     print(f"{'batch':>6} {'img/s':>9} {'first s':>8} {'UNet TFLOP/s':>13}  ratios")
     for B, e in result["jaxdiff"].get("batches", {}).items():
         rs = " ".join(f"{k}={v}" for k, v in ratios.items() if k.endswith(f"_b{B}"))

@@ -37,6 +37,9 @@
 #   fused      the jaxdiff step with all three: JAXDIFF_GEGLU=tokamax JAXDIFF_LAYER_NORM=pallas
 #              JAXDIFF_GROUP_NORM=pallas
 #   fprofile   the profile step with all three kernels: where the time goes after them
+#   variants   the engine with none, all three and each kernel alone in one process, on the same
+#              weights, their timed batches in turns (tools/bench.py --variants): the fused
+#              kernels' end-to-end figures in one step, free of one machine's drift against another
 # The device's image has jax, flax, torch and transformers; diffusers (for --compare) and
 # tokamax with what it imports that the image lacks (for geglu and tokamax) come as wheels
 # in .whl/ (git-ignored), fetched on any machine with:
@@ -49,7 +52,7 @@
 # $OUT/gpu_bench.tgz (or ./bench-out/): one file to copy back, and a step cut off by a time
 # limit must not lose the ones before it.
 set -u -o pipefail
-all_steps=" sd15 jaxdiff warm x4 profile attention triton b32 parity hlo geglu tokamax norm ln gn fused fprofile "
+all_steps=" sd15 jaxdiff warm x4 profile attention triton b32 parity hlo geglu tokamax norm ln gn fused fprofile variants "
 steps=("$@"); [ ${#steps[@]} -gt 0 ] || steps=(sd15 warm x4 b32 profile)
 for s in "${steps[@]}"; do
   [[ $all_steps == *" $s "* ]] || { echo "unknown step: $s (steps:$all_steps)" >&2; exit 2; }
@@ -121,6 +124,8 @@ run_step() {
     ln) end_to_end ln JAXDIFF_LAYER_NORM=pallas ;;
     gn) end_to_end gn JAXDIFF_GROUP_NORM=pallas ;;
     fused) end_to_end fused "${fused[@]}" ;;
+    variants) step variants 360 env JAXDIFF_CACHE_DIR="$(mktemp -d)" "${sd15[@]}" --reps 3 --no-stages \
+                --variants none,fused,gn,tokamax,ln --out "$SCRATCH/bench_sd15_variants.json" ;;
     hlo) step hlo 60 python3 -m tools.step_hlo --arch sd15 --batch 16 --target local --out "$SCRATCH/step_hlo_sd15.json" \
            --hlo-out "$SCRATCH/sd15_step_hlo.txt" ;;
   esac
