@@ -11,7 +11,7 @@ import torch
 from flax import nnx
 
 import triton_ir
-from jaxdiff.models.group_norm import GroupNorm, fused_group_norm
+from jaxdiff.models.group_norm import _CHUNK_ELEMENTS, _INSTANCES, GroupNorm, fused_group_norm
 
 
 def _torch_group_norm(x, groups, scale, bias, shift=None, silu=False):
@@ -30,7 +30,7 @@ def _torch_group_norm(x, groups, scale, bias, shift=None, silu=False):
     ((1, 5, 5, 24), 3, True, False),     # a group count that is not a power of two
     ((2, 33, 1280), 32, False, True),    # 40 channels a group, padded to 64
 ])
-@pytest.mark.parametrize("chunk_elements, instances", [(8192, 512), (256, 3)])
+@pytest.mark.parametrize("chunk_elements, instances", [(_CHUNK_ELEMENTS, _INSTANCES), (256, 3)])
 def test_two_kernels_match_torch_group_norm(shape, groups, shifted, silu, chunk_elements, instances):
     """At the default sizes and at small ones (several chunks an instance, several runs a
     sample). The variance is E[x^2] - E[x]^2 over the group's sums, as nnx.GroupNorm's
