@@ -8,11 +8,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 
+from jaxdiff.models.kernel_paths import chosen
 from jaxdiff.models.per_chip import per_chip
 
 # "auto" picks per backend; the others force one path: plain XLA, cuDNN flash (GPU; head
@@ -97,10 +97,7 @@ def _cudnn_takes(head_dim: int) -> bool:
 
 def _choose(q: jax.Array, *, plain_only: bool = False) -> str:
     """The path for one call: an implementation name."""
-    choice = _override or os.environ.get("JAXDIFF_ATTENTION", "auto")
-    if choice not in _IMPLEMENTATIONS:
-        raise ValueError(
-            f"JAXDIFF_ATTENTION={choice!r} is not one of {_IMPLEMENTATIONS}")
+    choice = chosen("JAXDIFF_ATTENTION", _IMPLEMENTATIONS, _override)
     if choice == "pallas" and plain_only:
         return "xla"  # the kernel takes no mask: masked or causal calls (CLIP) stay on XLA
     if choice == "cudnn" and not _cudnn_takes(q.shape[-1]):

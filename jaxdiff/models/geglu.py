@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 
 from jaxdiff.models.blocks import gelu
+from jaxdiff.models.kernel_paths import chosen
 from jaxdiff.models.per_chip import per_chip
 
 _IMPLEMENTATIONS = ("xla", "tokamax")
@@ -74,10 +74,7 @@ def dispatch(implementation: str):
 
 
 def implementation() -> str:
-    choice = _override or os.environ.get("JAXDIFF_GEGLU", "xla")
-    if choice not in _IMPLEMENTATIONS:
-        raise ValueError(f"JAXDIFF_GEGLU={choice!r} is not one of {_IMPLEMENTATIONS}")
-    return choice
+    return chosen("JAXDIFF_GEGLU", _IMPLEMENTATIONS, _override)
 
 
 def fold_bias(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> tuple[jax.Array, jax.Array]:

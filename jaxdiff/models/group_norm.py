@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxdiff.models import attention
+from jaxdiff.models.kernel_paths import chosen
 from jaxdiff.models.per_chip import per_chip
 
 _IMPLEMENTATIONS = ("xla", "pallas")
@@ -37,10 +37,7 @@ _INSTANCES = 512
 
 
 def implementation() -> str:
-    choice = os.environ.get("JAXDIFF_GROUP_NORM", "xla")
-    if choice not in _IMPLEMENTATIONS:
-        raise ValueError(f"JAXDIFF_GROUP_NORM={choice!r} is not one of {_IMPLEMENTATIONS}")
-    return choice
+    return chosen("JAXDIFF_GROUP_NORM", _IMPLEMENTATIONS)
 
 
 def _real(base, shape, pixels: int, groups: int, group_size: int):

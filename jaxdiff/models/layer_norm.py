@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxdiff.models import attention
+from jaxdiff.models.kernel_paths import chosen
 from jaxdiff.models.per_chip import per_chip
 
 _IMPLEMENTATIONS = ("xla", "pallas")
@@ -28,10 +28,7 @@ _BLOCK_ELEMENTS = 8192
 
 
 def implementation() -> str:
-    choice = os.environ.get("JAXDIFF_LAYER_NORM", "xla")
-    if choice not in _IMPLEMENTATIONS:
-        raise ValueError(f"JAXDIFF_LAYER_NORM={choice!r} is not one of {_IMPLEMENTATIONS}")
-    return choice
+    return chosen("JAXDIFF_LAYER_NORM", _IMPLEMENTATIONS)
 
 
 def _kernel(x_ref, scale_ref, bias_ref, out_ref, *, rows: int, channels: int, epsilon: float):
