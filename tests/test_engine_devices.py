@@ -110,23 +110,18 @@ SCRIPT = textwrap.dedent("""
         import os
         from jaxdiff.models import geglu, group_norm, layer_norm
         seen = {"geglu": set(), "layer_norm": set(), "group_norm": set()}
-        def fake_fused_geglu(x, kernel, bias):
-            seen["geglu"].add(x.shape[0])
-            return geglu._xla_geglu(x, kernel, bias)
-        interpreted_layer_norm = layer_norm.fused_layer_norm
-        def recorded_layer_norm(x, *args, **kwargs):
-            seen["layer_norm"].add(x.shape[0])
-            return interpreted_layer_norm(x, *args, **kwargs)
-        interpreted_group_norm = group_norm.fused_group_norm
-        def recorded_group_norm(x, *args, **kwargs):
-            seen["group_norm"].add(x.shape[0])
-            return interpreted_group_norm(x, *args, **kwargs)
+        def recorded(name, kernel):
+            def call(x, *args, **kwargs):
+                seen[name].add(x.shape[0])
+                return kernel(x, *args, **kwargs)
+            return call
         render = lambda pipe: np.stack([r.image for r in pipe.render(prompts, seeds=[1, 2, 3, 4])]).astype(int)
         load = lambda devices: jaxdiff.load_pipeline(folder, upscaler="none", steps=2, sampler="ddim", batch_size=4,
                                                      devices=devices)
         plain = render(load(jax.devices()[:1]))
-        geglu.fused_geglu, layer_norm.fused_layer_norm = fake_fused_geglu, recorded_layer_norm
-        group_norm.fused_group_norm = recorded_group_norm
+        geglu.fused_geglu = recorded("geglu", geglu._xla_geglu)
+        layer_norm.fused_layer_norm = recorded("layer_norm", layer_norm.fused_layer_norm)
+        group_norm.fused_group_norm = recorded("group_norm", group_norm.fused_group_norm)
         geglu._M_TILE = geglu._N_TILE = 1
         os.environ.update(JAXDIFF_GEGLU="tokamax", JAXDIFF_LAYER_NORM="pallas", JAXDIFF_GROUP_NORM="pallas")
         four = render(load(jax.devices()))

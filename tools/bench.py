@@ -67,6 +67,14 @@ def variant_environment(name: str):
                 os.environ[k] = v
 
 
+def _kernel_paths() -> dict:
+    """The path each op with several takes in this environment."""
+    from jaxdiff.models import geglu, group_norm, layer_norm
+
+    return {"geglu": geglu.implementation(), "layer_norm": layer_norm.implementation(),
+            "group_norm": group_norm.implementation()}
+
+
 def _median_time(fn, reps: int) -> float:
     times = []
     for _ in range(reps):
@@ -220,7 +228,6 @@ def bench_arch(args) -> dict:
 
     from jaxdiff.engine.pipeline import enable_compilation_cache
     from jaxdiff.engine.programs import compiler_options
-    from jaxdiff.models import geglu, group_norm, layer_norm
 
     start = time.perf_counter()
     # Progress on stderr as it goes: a run cut off by a time limit still says where it was.
@@ -237,9 +244,7 @@ def bench_arch(args) -> dict:
               "timing": f"median of {args.reps} after a warm-up call, images on the host",
               # What the programs were compiled with, so runs with other options tell apart.
               "xla_options": compiler_options(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-              "attention": os.environ.get("JAXDIFF_ATTENTION", "auto"), "geglu": geglu.implementation(),
-              "layer_norm": layer_norm.implementation(), "group_norm": group_norm.implementation(),
-              "batches": {}}
+              "attention": os.environ.get("JAXDIFF_ATTENTION", "auto"), **_kernel_paths(), "batches": {}}
     side = args.size or native_side(family)
     result["size"] = side
     # Against diffusers on one GPU, jaxdiff runs on one chip; alone, on all of them. Decode is
@@ -259,9 +264,7 @@ def bench_arch(args) -> dict:
                 work()
                 works[v] = work, round(time.perf_counter() - t, 2)
                 if v:
-                    result["variants"][v]["paths"] = {"geglu": geglu.implementation(),
-                                                      "layer_norm": layer_norm.implementation(),
-                                                      "group_norm": group_norm.implementation()}
+                    result["variants"][v]["paths"] = _kernel_paths()
             progress(f"batch {B}{f', {v}' if v else ''}: first call took {works[v][1]:.1f} s")
         # Timed calls take turns: one batch of each variant a round.
         times = {v: [] for v in variants}

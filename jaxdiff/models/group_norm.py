@@ -193,7 +193,7 @@ class GroupNorm(nnx.GroupNorm):
         # Each chip's own samples (`per_chip`); a batch that does not split over the chips
         # takes nnx's path.
         if shift is None:
-            return per_chip(lambda x, s, b: kernel(x, s, b), (x,), (scale, bias),
+            return per_chip(kernel, (x,), (scale, bias),
                             otherwise=lambda x, *_: self._xla(x, None, silu))
         return per_chip(lambda x, t, s, b: kernel(x, s, b, shift=t), (x, shift), (scale, bias),
                         otherwise=lambda x, t, *_: self._xla(x, t, silu))
