@@ -22,10 +22,10 @@
 #              kernel's test (Pallas' TPU interpreter) stays on the CPU's suite
 #   hlo        the step as the device compiles it (conv algorithms autotuned): ops and bytes
 #              (tools/step_hlo.py --target local)
-#   geglu      the feed-forward's GEGLU alone at SD 1.5's shapes, XLA against tokamax's fused
-#              kernel (tools/kernel_bench.py --op geglu), then the fused kernel's parity tests
-#              on the card (tests/test_geglu.py, and the UNet's bfloat16 test with
-#              JAXDIFF_GEGLU=tokamax)
+#   geglu      the fused kernel's parity tests on the card first (tests/test_geglu.py, and the
+#              UNet's bfloat16 test with JAXDIFF_GEGLU=tokamax), then the feed-forward's GEGLU
+#              alone at SD 1.5's shapes, XLA against tokamax's fused kernel
+#              (tools/kernel_bench.py --op geglu)
 #   tokamax    the jaxdiff step with JAXDIFF_GEGLU=tokamax: end to end, to set beside jaxdiff's
 #   norm       the norm kernels' parity tests compiled for the card first (tests/test_layer_norm.py,
 #              tests/test_group_norm.py, the UNet's bfloat16 test with both kernels), then the
@@ -110,10 +110,10 @@ run_step() {
     parity) step parity 150 env JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest XLA_PYTHON_CLIENT_PREALLOCATE=false \
               python3 -m pytest -q -p no:cacheprovider -n 4 -m parity -k "not tpu_attention" \
               tests/test_unet.py tests/test_vae.py tests/test_clip.py tests/test_geglu.py ;;
-    geglu) step geglu 150 bash -c "python3 -m tools.kernel_bench --op geglu --arch sd15 --batch 16 \
-             --out $SCRATCH/kernel_geglu_sd15.json && JAX_PLATFORMS=cuda JAXDIFF_GEGLU=tokamax \
-             XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -q -p no:cacheprovider tests/test_geglu.py \
-             tests/test_unet.py -k 'fused_kernel or bfloat16_at_sd15'" ;;
+    geglu) step geglu 150 bash -c "JAX_PLATFORMS=cuda JAXDIFF_GEGLU=tokamax XLA_PYTHON_CLIENT_PREALLOCATE=false \
+             python3 -m pytest -q -p no:cacheprovider tests/test_geglu.py tests/test_unet.py \
+             -k 'fused_kernel or bfloat16_at_sd15'; python3 -m tools.kernel_bench --op geglu --arch sd15 \
+             --batch 16 --out $SCRATCH/kernel_geglu_sd15.json" ;;
     tokamax) end_to_end tokamax JAXDIFF_GEGLU=tokamax ;;
     norm) step norm 200 bash -c "JAX_PLATFORMS=cuda JAXDIFF_LAYER_NORM=pallas JAXDIFF_GROUP_NORM=pallas \
             XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -q -p no:cacheprovider tests/test_layer_norm.py \
