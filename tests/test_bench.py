@@ -823,8 +823,8 @@ def test_gpu_bench_script_runs_the_named_steps_and_packs_every_log(tmp_path):
     plain = "ran XLA_FLAGS= JAXDIFF_ATTENTION= JAXDIFF_GEGLU= JAXDIFF_LAYER_NORM= JAXDIFF_GROUP_NORM= -m tools."
     assert plain + "bench --arch sd15" in logs["jaxdiff.log"]
     assert plain + "bench --arch sd15 --batch-sizes 32" in logs["b32.log"]
-    # The fused kernels: each alone, then its parity tests with it asked for; and the
-    # engine end to end with each and both, beside the jaxdiff step.
+    # The fused kernels: their parity tests with them asked for, then each alone; and the
+    # engine end to end with each and all, beside the jaxdiff step.
     assert plain + "kernel_bench --op geglu --arch sd15 --batch 16" in logs["geglu.log"]
     assert "JAXDIFF_GEGLU=tokamax JAXDIFF_LAYER_NORM= JAXDIFF_GROUP_NORM= -m pytest" in logs["geglu.log"]
     assert "tests/test_geglu.py" in logs["geglu.log"]
