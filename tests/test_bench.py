@@ -481,6 +481,30 @@ ENTRY %main""")
     assert summary["kernels"] == {"fusion:kLoop": 2, "__cublas$lt$matmul": 1}
 
 
+def test_step_hlo_finds_the_loop_invariant_kernels():
+    """Ops that compute the same value at every step (from the weights the loop passes on
+    unchanged, and constants) are reported apart; what reads a changing element is not."""
+    from tools import hlo_ops, step_hlo
+
+    hlo = LOOP_HLO.replace("""  %gemm = (f32[16,8]{1,0}, s8[0]{0}) custom-call(%x, %w),""", """  %one = bf16[] constant(1)
+  %w2 = bf16[8,8]{1,0} fusion(%w, %one), kind=kLoop, calls=%scaled
+  %gemm = (f32[16,8]{1,0}, s8[0]{0}) custom-call(%x, %w2),""").replace(
+        "tuple(%i, %sum, %w)", "tuple(%i, %sum, /*index=2*/%w)").replace("%body (arg", """%scaled (p: bf16[8,8], s: bf16[]) -> bf16[8,8] {
+  %p = bf16[8,8]{1,0} parameter(0)
+  %s = bf16[] parameter(1)
+  %b = bf16[8,8]{1,0} broadcast(%s), dimensions={}
+  ROOT %m = bf16[8,8]{1,0} multiply(%p, %b)
+}
+
+%body (arg""")
+    instructions, computations = hlo_ops.parse_hlo(hlo)
+    # (This loop passes its counter on unchanged too.)
+    assert hlo_ops.loop_invariant("body", instructions, computations) == {"i", "w", "one", "w2"}
+    # The scaled weights: 128 B read, 128 B written, 2 B of constant.
+    assert step_hlo.summarize(hlo)["loop_invariant"] == {"kernels": 1, "mb": 0.0, "sources_mb": {"?": 0.0}}
+    assert step_hlo.summarize(LOOP_HLO)["loop_invariant"] == {"kernels": 0, "mb": 0.0, "sources_mb": {}}
+
+
 def test_step_hlo_reads_each_gpu_targets_compute_capability():
     """What the attention dispatch is told when compiling for a GPU without one: the
     target's own capability (its cuDNN takes head dims up to 256 from 9.0 on)."""
@@ -639,7 +663,7 @@ def test_unet_flops_are_counted_as_the_diffusers_baseline_counts_them():
     # The model as diffusers computes it: upsampling as a resize, then a 3x3 convolution.
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(blocks.Upsample2D, "__call__",
-                      lambda self, x, size=None: self.conv(blocks.upsample_nearest(x, size)))
+                      lambda self, x, size=None, prepared=None: self.conv(blocks.upsample_nearest(x, size)))
         assert bench._flops(unet, args) / 1e9 == pytest.approx(803.3, abs=0.05)
     # jaxdiff's upsamplers (8->16 and 16->32 at 1280 channels, 32->64 at 640) run 4 taps a
     # pixel on a grid one larger instead of 9: 34.3 GFLOP fewer, plus summing their taps.

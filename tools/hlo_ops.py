@@ -203,9 +203,10 @@ def _result_type(line: str) -> str:
 
 
 def _operands(line: str) -> list[str]:
-    # The operand list is the first parenthesised group after the opcode.
+    # The operand list is the first parenthesised group after the opcode; long lists carry
+    # /*index=N*/ comments.
     m = re.search(r"=\s*(?:\(.*?\)|\S+)\s+[a-z][\w\-]*\(([^)]*)\)", line)
-    return re.findall(r"%?([\w.\-]+)", m.group(1)) if m else []
+    return re.findall(r"%?([\w.\-]+)", re.sub(r"/\*.*?\*/", "", m.group(1))) if m else []
 
 
 _SLICING = {"slice", "dynamic-slice", "bitcast", "parameter", "copy"}
@@ -233,6 +234,36 @@ def loop_body(text: str) -> str:
         if re.search(r"\swhile\(", line):
             return re.search(r"body=%?([\w.\-]+)", line).group(1)
     raise ValueError("the entry computation has no while loop")
+
+
+def loop_invariant(body: str, instructions: dict, computations: dict) -> set[str]:
+    """The ops of a while loop's body that compute the same value at every step: all their
+    operands are tuple elements the body passes on unchanged (the loop's constants: the
+    weights), constants, or such ops. Work left in the loop that could run once before it."""
+    names = computations[body]
+    parameter = next(n for n in names if instructions[n][0] == "parameter")
+    root = next(n for n in names if instructions[n][1].lstrip().startswith("ROOT"))
+    returned = _operands(instructions[root][1])
+    invariant = set()
+    for name in names:
+        opcode, line = instructions[name]
+        if opcode == "constant":
+            invariant.add(name)
+        elif opcode == "get-tuple-element" and _operands(line) == [parameter]:
+            index = int(re.search(r"index=(\d+)", line).group(1))
+            if index < len(returned) and returned[index] == name:
+                invariant.add(name)
+    grown = True
+    while grown:
+        grown = False
+        for name in names:
+            opcode, line = instructions[name]
+            operands = _operands(line)
+            if (name not in invariant and opcode not in ("parameter", "rng", "rng-bit-generator")
+                    and operands and all(o in invariant for o in operands)):
+                invariant.add(name)
+                grown = True
+    return invariant
 
 
 def _dims(hlo_type: str) -> list[int]:

@@ -41,8 +41,8 @@ import re
 import sys
 
 from tools.chips import TARGETS, Chip, chip_of
-from tools.hlo_ops import (CATEGORIES, bytes_moved, categorize, loop_body, op_flops, op_source, parse_hlo,
-                           program_flops, stack_files, stack_locations)
+from tools.hlo_ops import (CATEGORIES, bytes_moved, categorize, loop_body, loop_invariant, op_flops, op_source,
+                           parse_hlo, program_flops, stack_files, stack_locations)
 
 TARGETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_targets")
 MEMORY_BOUND = ("elementwise", "reduction", "layout", "other")
@@ -53,12 +53,16 @@ _NOT_KERNELS = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant"
 def summarize(text: str, body: str | None = None, top: int = 15,
               chip_rates: tuple[float, float] | None = None) -> dict:
     """Ops, bytes and FLOPs by category over the top-level ops of one computation (default:
-    the loop body), with the `top` ops that move the most bytes. With the chip's
-    (TFLOP/s, TB/s), also the roofline: each op at its compute or memory time, the slower."""
+    the loop body, and then its loop-invariant kernels apart: `loop_invariant`), with the
+    `top` ops that move the most bytes. With the chip's (TFLOP/s, TB/s), also the roofline:
+    each op at its compute or memory time, the slower."""
     instructions, computations = parse_hlo(text)
     locations = stack_locations(text)
     frames = stack_files(locations)
+    in_loop = body is None
     body = body or loop_body(text)
+    invariant = loop_invariant(body, instructions, computations) if in_loop else set()
+    invariant_bytes = collections.Counter()
     per_category = {c: {"ops": 0, "bytes": 0, "flops": 0.0} for c in CATEGORIES}
     kernels = collections.Counter()
     conv_layouts = collections.Counter()
@@ -77,6 +81,8 @@ def summarize(text: str, body: str | None = None, top: int = 15,
             # FLOP / (TFLOP/s) / 1e9 and byte / (TB/s) / 1e9 are milliseconds.
             roofline_ms += max(flops / chip_rates[0], moved / chip_rates[1]) / 1e9
         heaviest.append((moved, name, category, op_source(line, locations)))
+        if name in invariant:
+            invariant_bytes[op_source(line, locations)] += moved
         target = re.search(r'custom_call_target="([^"]+)"', line)
         kind = re.search(r"kind=(\w+)", line)
         kernels[target.group(1) if target else f"{opcode}:{kind.group(1)}" if kind else opcode] += 1
@@ -88,6 +94,11 @@ def summarize(text: str, body: str | None = None, top: int = 15,
               "conv_layouts": dict(conv_layouts),
               "top_ops": [{"op": name, "category": category, "mb": round(moved / 1e6, 1), "source": source}
                           for moved, name, category, source in heaviest[:top]]}
+    if in_loop:
+        result["loop_invariant"] = {
+            "kernels": sum(1 for n in invariant if instructions[n][0] not in _NOT_KERNELS),
+            "mb": round(sum(invariant_bytes.values()) / 1e6, 1),
+            "sources_mb": {source: round(moved / 1e6, 1) for source, moved in invariant_bytes.most_common()}}
     if chip_rates:
         result["roofline_ms"] = roofline_ms
     return result
@@ -233,7 +244,7 @@ def compile_step(arch: str, batch: int, target: str, size: int | None = None,
             # or the low-res image) beside the latent they denoise.
             x, image = jnp.split(sample, [cfg.out_channels], axis=-1)
             model = nnx.merge(graphdef, state)
-            context = model.text_context(context)  # as the engine: keys and values before the loop
+            context = model.prepare(context)  # as the engine: what every step shares, before the loop
 
             def step(x, i):
                 sample = jnp.concatenate([x, image], axis=-1)
@@ -409,6 +420,10 @@ def _print_step(result: dict, gflop: float) -> None:
               f"roofline (each op at the slower of its FLOPs and bytes) {f['roofline']} ms")
     print("kernels:", ", ".join(f"{k} x{v}" for k, v in list(result["kernels"].items())[:8]))
     print("conv layouts:", result["conv_layouts"])
+    if "loop_invariant" in result:
+        invariant = result["loop_invariant"]
+        print(f"loop-invariant (the same at every step): {invariant['kernels']} kernels, {invariant['mb']:.1f} MB:",
+              ", ".join(f"{source} {mb:.1f} MB" for source, mb in list(invariant["sources_mb"].items())[:4]))
     print("ops moving the most bytes:")
     for op in result["top_ops"][:10]:
         print(f"  {op['mb']:>9.1f} MB  {op['category']:<12} {op['op']:<32} {op['source']}")
