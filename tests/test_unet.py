@@ -11,7 +11,7 @@ import pytest
 import torch
 from flax import nnx
 
-from jaxdiff.models.blocks import Attention
+from jaxdiff.models.blocks import Attention, Upsample2D, upsample_phases
 from jaxdiff.models.unet import UNet2DConditionModel, UNetConfig, UnsupportedConfig
 from jaxdiff.weights.convert import load_state_dict
 
@@ -131,14 +131,15 @@ def test_two_kernel_group_norm_path_matches_diffusers(monkeypatch):
 
 @pytest.mark.parity
 @pytest.mark.parametrize("config", [SD1_STYLE, UPSCALER_STYLE], ids=["sd1", "upscaler"])
-def test_text_context_keys_values_once_matches_diffusers(config):
-    """`text_context`: the cross attentions' keys and values computed once from the context
-    (the upscaler's first attentions attend to it too) give diffusers' output, and a
-    forward on it projects no context: two GEMMs fewer per cross attention."""
+def test_prepared_context_matches_diffusers(config):
+    """`prepare`: the cross attentions' keys and values (the upscaler's first attentions
+    attend to the context too) and the upsamplers' phase kernels computed once give
+    diffusers' output, and a forward on the prepared context computes neither: two GEMMs
+    fewer per cross attention, and no phase kernel."""
     labels = [3, 17] if config.get("num_class_embeds") else None
 
     def forward(model, sample, t, context, class_labels):
-        return model(sample, t, model.text_context(context), class_labels)
+        return model(sample, t, model.prepare(context), class_labels)
 
     _compare(config, height=12, width=12, timesteps=[999.0, 17.25], class_labels=labels, tol=1e-5,
              forward=nnx.jit(forward))
@@ -146,17 +147,20 @@ def test_text_context_keys_values_once_matches_diffusers(config):
     sample = jnp.zeros((2, 12, 12, config["in_channels"]))
     context, t = jnp.zeros((2, 5, config["cross_attention_dim"])), jnp.zeros((2,))
     labels = None if labels is None else jnp.asarray(labels)
-    prepared = model.text_context(context)
+    prepared = model.prepare(context)
 
-    def dots(fn):
-        return sum(eqn.primitive.name == "dot_general" for eqn in jax.make_jaxpr(fn)(sample).jaxpr.eqns)
+    def dots(fn, *args):
+        return sum(eqn.primitive.name == "dot_general" for eqn in jax.make_jaxpr(fn)(*args).jaxpr.eqns)
 
     crosses = sum(isinstance(m, Attention) and m.cross for _, m in nnx.iter_graph(model))
-    assert crosses > 0
-    assert (dots(lambda x: model(x, t, context, labels)) - dots(lambda x: model(x, t, prepared, labels))
-            == 2 * crosses)
+    upsamplers = [m for _, m in nnx.iter_graph(model) if isinstance(m, Upsample2D)]
+    assert crosses > 0 and upsamplers
+    phase_dots = dots(lambda k: upsample_phases(k, None)[0], upsamplers[0].conv.kernel.get_value())
+    assert phase_dots > 0
+    assert (dots(lambda x: model(x, t, context, labels), sample) - dots(lambda x: model(x, t, prepared, labels), sample)
+            == 2 * crosses + phase_dots * len(upsamplers))
     other = _jax_unet(_randomised_torch_unet(config), config)
-    with pytest.raises(ValueError, match="made by another model's text_context"):
+    with pytest.raises(ValueError, match="made by another model's prepare"):
         other(sample, t, prepared, labels)
 
 

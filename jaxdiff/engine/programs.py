@@ -173,7 +173,7 @@ def _denoiser(cfg: bool, unet, context, guidance, conditioning=None, class_label
         context = context[1::2]
         if unet.config.time_cond_proj_dim is not None:
             kwargs["timestep_cond"] = guidance_embedding(guidance, unet.config.time_cond_proj_dim)
-    context = unet.text_context(context)  # its keys and values once, not at every step
+    context = unet.prepare(context)  # the text's keys and values, the upsamplers' phases: once
 
     def denoise(x_in, t, i):
         model_in = x_in.astype(dtype)

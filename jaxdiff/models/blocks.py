@@ -145,27 +145,37 @@ _PHASE_TAPS = np.array([[[1, 0, 0], [0, 1, 1]],
                         [[1, 1, 0], [0, 0, 1]]], np.float32)
 
 
-def upsample_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> jax.Array:
-    """A 3x3 "same" convolution of `x` upsampled 2x by nearest neighbour, without the
-    upsampled image: each of the four output phases (row and column parity) is a 2x2
-    convolution of `x` itself, with the taps that read the same source pixel summed.
-
-    4 taps per output pixel instead of 9 (2.25x fewer FLOPs) and no 4x-sized input
-    written and read back. Equal to the plain form up to the rounding of the summed taps
-    (in the kernel's dtype)."""
-    batch, height, width, _ = x.shape
+def upsample_phases(kernel: jax.Array, bias: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
+    """A 3x3 kernel (3, 3, C_in, C_out) as `upsample_conv` applies it after a 2x nearest
+    upsampling: the four output phases' 2x2 kernels side by side, (2, 2, C_in, 4 C_out),
+    and the bias on each phase's channels. Weights only: computed once where many calls
+    share them (`UNet2DConditionModel.prepare`)."""
     c_in, c_out = kernel.shape[2], kernel.shape[3]
     taps = jnp.asarray(_PHASE_TAPS)
     # Full float32 (not TF32 or one bf16 pass): the summed taps are the conv's weights.
     phases = jnp.einsum("ayk,bxl,klio->yxiabo", taps, taps, kernel.astype(jnp.float32),
                         precision=jax.lax.Precision.HIGHEST)
     phases = phases.reshape(2, 2, c_in, 4 * c_out).astype(kernel.dtype)
+    return phases, None if bias is None else jnp.tile(bias, 4)
+
+
+def upsample_conv(x: jax.Array, phases: jax.Array, bias: jax.Array | None) -> jax.Array:
+    """A 3x3 "same" convolution of `x` upsampled 2x by nearest neighbour, without the
+    upsampled image: each of the four output phases (row and column parity) is a 2x2
+    convolution of `x` itself, with the taps that read the same source pixel summed
+    (`phases`, `bias`: `upsample_phases` of the 3x3 conv's).
+
+    4 taps per output pixel instead of 9 (2.25x fewer FLOPs) and no 4x-sized input
+    written and read back. Equal to the plain form up to the rounding of the summed taps
+    (in the kernel's dtype)."""
+    batch, height, width, _ = x.shape
+    c_out = phases.shape[3] // 4
     # One 2x2 convolution over x padded by one pixel gives every phase, on a grid one row
     # and column larger: phase (a, b) of output pixel (i, j) sits at (i + a, j + b).
     y = jax.lax.conv_general_dilated(x, phases, (1, 1), ((1, 1), (1, 1)),
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
     if bias is not None:  # on each phase's channels, where the GPU fuses it into the conv
-        y = y + jnp.tile(bias, 4)
+        y = y + bias
     y = y.reshape(batch, height + 1, width + 1, 2, 2, c_out)
     rows = [jnp.stack([y[:, a:a + height, b:b + width, a, b] for b in (0, 1)], axis=3) for a in (0, 1)]
     return jnp.stack(rows, axis=2).reshape(batch, 2 * height, 2 * width, c_out)
@@ -177,25 +187,33 @@ class Upsample2D(nnx.Module):
     def __init__(self, channels: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.conv = conv2d(channels, channels, 3, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, output_size: tuple[int, int] | None = None) -> jax.Array:
+    def phases(self) -> tuple[jax.Array, jax.Array | None]:
+        """`upsample_phases` of this conv's kernel and bias, cast as the conv casts them."""
+        bias = None if self.conv.bias is None else self.conv.bias.get_value()
+        kernel, bias = self.conv.promote_dtype((self.conv.kernel.get_value(), bias), dtype=self.conv.dtype)
+        return upsample_phases(kernel, bias)
+
+    def __call__(self, x: jax.Array, output_size: tuple[int, int] | None = None,
+                 prepared: Prepared | None = None) -> jax.Array:
+        """`prepared`: the UNet's `Prepared` context, which holds this conv's phases."""
         if output_size is not None and tuple(output_size) != (2 * x.shape[1], 2 * x.shape[2]):
             return self.conv(upsample_nearest(x, output_size))
-        bias = None if self.conv.bias is None else self.conv.bias.get_value()
-        # Cast as the conv itself casts its input and parameters.
-        x, kernel, bias = self.conv.promote_dtype((x, self.conv.kernel.get_value(), bias), dtype=self.conv.dtype)
-        return upsample_conv(x, kernel, bias)
+        phases, bias = prepared.of(self) if prepared is not None else self.phases()
+        x = self.conv.promote_dtype((x,), dtype=self.conv.dtype)[0]
+        return upsample_conv(x, phases, bias)
 
 
-class TextContext:
-    """A text context (B, T, D) with every cross attention's keys and values computed from it
-    once (`UNet2DConditionModel.text_context`), for calls that share it: the sampler's
-    steps. Inside the loop XLA leaves those projections in every step (its loop-invariant
-    code motion keeps an op whose output is larger than its input), though the context
-    never changes. The attentions find theirs by identity: one traced model's modules."""
+class Prepared:
+    """A text context (B, T, D) with what the UNet would compute the same at every step
+    computed once (`UNet2DConditionModel.prepare`): each cross attention's keys and values
+    of the context and each upsampler's phase kernels, for calls that share them, the
+    sampler's steps. Inside the loop XLA leaves such work in every step (its loop-invariant
+    code motion keeps an op whose output is larger than its input). Modules find theirs by
+    identity: one traced model's modules."""
 
-    def __init__(self, states: jax.Array, keys_values: dict[int, tuple[jax.Array, jax.Array]]):
+    def __init__(self, states: jax.Array, per_module: dict[int, Any]):
         self.states = states
-        self._keys_values = keys_values
+        self._per_module = per_module
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -205,11 +223,12 @@ class TextContext:
     def ndim(self) -> int:
         return self.states.ndim
 
-    def keys_values(self, attention: Attention) -> tuple[jax.Array, jax.Array]:
-        found = self._keys_values.get(id(attention))
+    def of(self, module: nnx.Module) -> Any:
+        """What was computed for `module`."""
+        found = self._per_module.get(id(module))
         if found is None:
-            raise ValueError("this TextContext was made by another model's text_context: pass the "
-                             "context array, or text_context(context) of the model being called")
+            raise ValueError("this Prepared context was made by another model's prepare: pass the "
+                             "context array, or prepare(context) of the model being called")
         return found
 
 
@@ -250,7 +269,7 @@ class Attention(nnx.Module):
         shape = (*context.shape[:2], self.heads, self.dim_head)
         return self.to_k(context).reshape(shape), self.to_v(context).reshape(shape)
 
-    def __call__(self, x: jax.Array, context: jax.Array | TextContext | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, context: jax.Array | Prepared | None = None) -> jax.Array:
         spatial_shape = None
         if x.ndim == 4:
             spatial_shape = x.shape
@@ -262,7 +281,7 @@ class Attention(nnx.Module):
             x = self.group_norm(x)
         batch, tokens = x.shape[0], x.shape[1]
         q = self.to_q(x).reshape(batch, tokens, self.heads, self.dim_head)
-        k, v = (context.keys_values(self) if isinstance(context, TextContext)
+        k, v = (context.of(self) if isinstance(context, Prepared)
                 else self.keys_values(x if context is None else context))
         out = dot_product_attention(q, k, v)
         out = self.to_out[0](out.reshape(batch, tokens, self.heads * self.dim_head))

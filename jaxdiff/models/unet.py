@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxdiff.models.blocks import (Attention, Downsample2D, ResnetBlock2D, TextContext, UnsupportedConfig,
+from jaxdiff.models.blocks import (Attention, Downsample2D, Prepared, ResnetBlock2D, UnsupportedConfig,
                                    Upsample2D, conv2d, known_config_values, repeat_batch)
 from jaxdiff.models.geglu import geglu
 from jaxdiff.models.group_norm import group_norm
@@ -364,6 +364,11 @@ class UNetMidBlock2DCrossAttn(nnx.Module):
         return self.resnets[1](self.attentions[0](x, context), temb)
 
 
+def _prepared(context) -> Prepared | None:
+    """The `Prepared` context an up block's upsampler takes its phase kernels from, if any."""
+    return context if isinstance(context, Prepared) else None
+
+
 def _up_resnets(in_channels: int, prev_output_channels: int, out_channels: int, *,
                 temb_channels: int, num_layers: int, config: UNetConfig, dtype, rngs):
     """Resnets of an up block: each takes the running features concatenated with one skip."""
@@ -400,7 +405,7 @@ class CrossAttnUpBlock2D(nnx.Module):
             x = jnp.concatenate([x, repeat_batch(skips.pop(), x.shape[0])], axis=-1)
             x = attention(resnet(x, temb), context)
         if self.upsamplers is not None:
-            x = self.upsamplers[0](x, upsample_size)
+            x = self.upsamplers[0](x, upsample_size, _prepared(context))
         return x
 
 
@@ -415,11 +420,10 @@ class UpBlock2D(nnx.Module):
                            if add_upsample else None)
 
     def __call__(self, x, skips, temb, context, upsample_size=None):
-        del context  # no attention in this block
         for resnet in self.resnets:
             x = resnet(jnp.concatenate([x, repeat_batch(skips.pop(), x.shape[0])], axis=-1), temb)
         if self.upsamplers is not None:
-            x = self.upsamplers[0](x, upsample_size)
+            x = self.upsamplers[0](x, upsample_size, _prepared(context))
         return x
 
 
@@ -492,18 +496,24 @@ class UNet2DConditionModel(nnx.Module):
         self.conv_norm_out = group_norm(channels[0], c.norm_num_groups, c.norm_eps, dtype=dtype, rngs=rngs)
         self.conv_out = conv2d(channels[0], c.out_channels, c.conv_out_kernel, dtype=dtype, rngs=rngs)
 
-    def text_context(self, encoder_hidden_states: jax.Array) -> TextContext:
-        """The context with each cross attention's keys and values computed once, to pass as
-        `encoder_hidden_states` to calls that share it (the sampler's steps)."""
+    def prepare(self, encoder_hidden_states: jax.Array) -> Prepared:
+        """The context with each cross attention's keys and values and each upsampler's
+        phase kernels computed once, to pass as `encoder_hidden_states` to calls that share
+        them (the sampler's steps)."""
         states = encoder_hidden_states.astype(self.dtype)
-        return TextContext(states, {id(m): m.keys_values(states) for _, m in nnx.iter_graph(self)
-                                    if isinstance(m, Attention) and m.cross})
+        per_module = {}
+        for _, module in nnx.iter_graph(self):
+            if isinstance(module, Attention) and module.cross:
+                per_module[id(module)] = module.keys_values(states)
+            elif isinstance(module, Upsample2D):
+                per_module[id(module)] = module.phases()
+        return Prepared(states, per_module)
 
-    def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array | TextContext,
+    def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array | Prepared,
                  class_labels: jax.Array | None = None, timestep_cond: jax.Array | None = None) -> jax.Array:
         """(B, H, W, in_channels), (B,) or scalar, (k*B, T, D), (B,) int -> (k*B, H, W, out_channels).
 
-        `encoder_hidden_states` may be `text_context(...)` of it: the same output.
+        `encoder_hidden_states` may be `prepare(...)` of it: the same output.
 
         `timestep_cond` (B, time_cond_proj_dim): a guidance-distilled model's embedding of
         its guidance scale (`guidance_embedding`).
@@ -536,7 +546,7 @@ class UNet2DConditionModel(nnx.Module):
                 "level); pass class_labels of shape (batch,)")
         batch = sample.shape[0]
         sample = sample.astype(self.dtype)
-        context = (encoder_hidden_states if isinstance(encoder_hidden_states, TextContext)
+        context = (encoder_hidden_states if isinstance(encoder_hidden_states, Prepared)
                    else encoder_hidden_states.astype(self.dtype))
         if c.center_input_sample:
             sample = 2 * sample - 1.0
