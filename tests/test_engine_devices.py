@@ -105,10 +105,10 @@ SCRIPT = textwrap.dedent("""
         # The fused GEGLU, layer norm and group norm inside the engine's batch-sharded
         # programs: each device's kernel call must see only its own samples, and the images
         # must not change. The norms are the real kernels, in Pallas' interpreter; tokamax's
-        # GEGLU kernel (Hopper GPUs) is stood in for by the XLA formula, every shape sent
-        # to it.
+        # GEGLU kernel (Hopper GPUs) is stood in for by its formula, every shape sent to it.
         import os
         from jaxdiff.models import geglu, group_norm, layer_norm
+        from jaxdiff.models.blocks import gelu
         seen = {"geglu": set(), "layer_norm": set(), "group_norm": set()}
         def recorded(name, kernel):
             def call(x, *args, **kwargs):
@@ -119,7 +119,9 @@ SCRIPT = textwrap.dedent("""
         load = lambda devices: jaxdiff.load_pipeline(folder, upscaler="none", steps=2, sampler="ddim", batch_size=4,
                                                      devices=devices)
         plain = render(load(jax.devices()[:1]))
-        geglu.fused_geglu = recorded("geglu", geglu._xla_geglu)
+        # Its contract on the folded inputs (the channel of ones from the layer norm kernel).
+        glu = lambda x, weights: gelu(x @ weights[:, 0]) * (x @ weights[:, 1])
+        geglu.fused_geglu = recorded("geglu", glu)
         layer_norm.fused_layer_norm = recorded("layer_norm", layer_norm.fused_layer_norm)
         group_norm.fused_group_norm = recorded("group_norm", group_norm.fused_group_norm)
         geglu._M_TILE = geglu._N_TILE = 1

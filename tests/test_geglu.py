@@ -11,7 +11,7 @@ import pytest
 
 from jaxdiff.models import geglu as geglu_module
 from jaxdiff.models.blocks import gelu
-from jaxdiff.models.geglu import erf_rational, fold_bias, geglu, gelu_rational
+from jaxdiff.models.geglu import erf_rational, fold_weights, folded_width, geglu, gelu_rational, with_ones
 
 
 def test_erf_rational_matches_lax_erf_in_float32():
@@ -43,7 +43,7 @@ def test_folded_bias_gives_the_biased_projection(channels):
     kernel = jax.random.normal(k2, (channels, 2 * 24), jnp.float32) / np.sqrt(channels)
     bias = jax.random.normal(k3, (2 * 24,), jnp.float32)
 
-    x_folded, weights = fold_bias(x, kernel, bias)
+    x_folded, weights = with_ones(x, folded_width(channels)), fold_weights(kernel, bias)
     assert x_folded.shape[-1] % 64 == 0 and channels + 1 <= x_folded.shape[-1] < channels + 65
     assert weights.shape == (x_folded.shape[-1], 2, 24)
     projection = jnp.matmul(x, kernel, precision=jax.lax.Precision.HIGHEST) + bias
@@ -54,7 +54,8 @@ def test_folded_bias_gives_the_biased_projection(channels):
 
 def test_folding_keeps_bfloat16_inputs_in_bfloat16():
     x = jnp.ones((4, 10), jnp.bfloat16)
-    x_folded, weights = fold_bias(x, jnp.ones((10, 8), jnp.bfloat16), jnp.ones((8,), jnp.bfloat16))
+    x_folded = with_ones(x, folded_width(10))
+    weights = fold_weights(jnp.ones((10, 8), jnp.bfloat16), jnp.ones((8,), jnp.bfloat16))
     assert x_folded.dtype == weights.dtype == jnp.bfloat16
 
 
@@ -74,6 +75,16 @@ def test_shapes_the_kernel_does_not_tile_take_the_xla_path(monkeypatch, rows, wi
     kernel, bias = jax.random.normal(jax.random.key(2), (16, 2 * width)), jnp.zeros((2 * width,))
     hidden, gate = jnp.split(x @ kernel + bias, 2, axis=-1)
     np.testing.assert_allclose(geglu(x, kernel, bias), hidden * gelu(gate), rtol=1e-6)
+
+
+@pytest.mark.parametrize("path", ["xla", "tokamax"])
+def test_input_with_its_channel_of_ones_gives_the_same_output(monkeypatch, path):
+    """What the layer norm hands the fused path (`with_ones`) is taken on any path: a shape
+    the kernel does not tile, or the XLA path, drops the channel again."""
+    monkeypatch.setenv("JAXDIFF_GEGLU", path)
+    x = jax.random.normal(jax.random.key(3), (100, 16))
+    kernel, bias = jax.random.normal(jax.random.key(4), (16, 2 * 64)), jax.random.normal(jax.random.key(5), (128,))
+    np.testing.assert_array_equal(geglu(with_ones(x, folded_width(16)), kernel, bias), geglu(x, kernel, bias))
 
 
 def _hopper_gpu() -> bool:
@@ -100,7 +111,8 @@ def test_fused_kernel_matches_diffusers_geglu_on_the_gpu():
     bf16 = lambda t: jnp.asarray(t.detach().numpy(), jnp.bfloat16)
     args = bf16(x), bf16(theirs.proj.weight.T), bf16(theirs.proj.bias)
     scale = np.abs(want).max()
-    fused = np.asarray(jax.jit(geglu_module.fused_geglu)(*args), np.float32)
+    fused_inputs = jax.jit(lambda x, kernel, bias: (with_ones(x, folded_width(320)), fold_weights(kernel, bias)))
+    fused = np.asarray(jax.jit(geglu_module.fused_geglu)(*fused_inputs(*args)), np.float32)
     with geglu_module.dispatch("xla"):
         xla = np.asarray(jax.jit(geglu)(*args), np.float32)
     assert np.abs(fused - want).max() / scale < 2e-2

@@ -11,6 +11,7 @@ import torch
 from flax import nnx
 
 import triton_ir
+from jaxdiff.models.geglu import folded_width, with_ones
 from jaxdiff.models.layer_norm import LayerNorm, fused_layer_norm
 
 
@@ -39,6 +40,28 @@ def test_one_pass_kernel_keeps_bfloat16_out_and_computes_in_float32():
     np.testing.assert_array_equal(got, want.astype(jnp.bfloat16))  # one rounding, at the end
 
 
+@pytest.mark.parametrize("channels", [320, 64, 24])
+def test_kernel_writes_the_fused_geglus_channel_of_ones(channels):
+    """`ones_to`: the output as wide as the fused GEGLU's input, the normalised channels,
+    one of ones, zeros: exactly `with_ones` of the plain output (a power-of-two width, 64,
+    needs a block twice as wide)."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((37, channels)), jnp.bfloat16)
+    scale, bias = (jnp.asarray(rng.standard_normal(channels), jnp.bfloat16) for _ in range(2))
+    width = folded_width(channels)
+    got = fused_layer_norm(x, scale, bias, 1e-5, ones_to=width, interpret=True)
+    assert got.shape == (37, width)
+    np.testing.assert_array_equal(got, with_ones(fused_layer_norm(x, scale, bias, 1e-5, interpret=True), width))
+
+
+@pytest.mark.parametrize("path", ["xla", "pallas"])
+def test_module_writes_the_channel_of_ones_on_either_path(monkeypatch, path):
+    monkeypatch.setenv("JAXDIFF_LAYER_NORM", path)
+    norm = LayerNorm(24, epsilon=1e-5, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(4), (2, 5, 24))
+    np.testing.assert_allclose(norm(x, ones_to=64), with_ones(norm(x), 64), atol=1e-6)
+
+
 @pytest.mark.parametrize("rows, channels", [(100, 320), (7, 24), (64, 1280)])
 def test_kernel_as_triton_runs_it_reads_and_writes_only_x(rows, channels):
     """Lowered for a GPU here, no card needed. Triton checks no bounds, and a block is padded
@@ -46,10 +69,11 @@ def test_kernel_as_triton_runs_it_reads_and_writes_only_x(rows, channels):
     (unmasked, a 512-wide block over 320 channels writes into the next row). The
     interpreter cannot show this: it pads the arrays themselves."""
     vector = jax.ShapeDtypeStruct((channels,), jnp.bfloat16)
-    kernels = triton_ir.kernels(lambda x, s, b: fused_layer_norm(x, s, b, 1e-5),
-                                jax.ShapeDtypeStruct((rows, channels), jnp.bfloat16), vector, vector)
-    assert list(kernels) == ["layer_norm"]
-    assert triton_ir.unmasked_memory_ops(kernels["layer_norm"]) == []
+    for ones_to in (None, folded_width(channels)):  # also as the fused GEGLU's input, wider
+        kernels = triton_ir.kernels(lambda x, s, b: fused_layer_norm(x, s, b, 1e-5, ones_to=ones_to),
+                                    jax.ShapeDtypeStruct((rows, channels), jnp.bfloat16), vector, vector)
+        assert list(kernels) == ["layer_norm"]
+        assert triton_ir.unmasked_memory_ops(kernels["layer_norm"]) == []
 
 
 def test_module_is_nnx_layer_norm_on_the_xla_path(monkeypatch):

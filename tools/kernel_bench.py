@@ -7,8 +7,10 @@ them: ms per call on each path, and TFLOP/s or GB/s.
 
 --op geglu (jaxdiff/models/geglu.py): "xla", the projection's GEMM and XLA's fusion of GELU
 and product; "tokamax", the fused kernel on Hopper and Blackwell GPUs (its GEMM a little
-wider: the bias rides as a channel of ones, rounded up to 64), with tokamax's default config
-(the engine's) and FUSED_CONFIGS, its best reported with every config's time; and
+wider: the bias rides as a channel of ones, rounded up to 64; each call here writes that
+wider input first, which in the engine the layer norm writes as its output), with
+tokamax's default config (the engine's) and FUSED_CONFIGS, its best reported with every
+config's time; and
 "projection", the GEMM and its bias alone, which the fused kernel would have to come near
 to pay off. TFLOP/s count the model's FLOPs (2 x rows x channels x 2 x width) on every path.
 
@@ -141,7 +143,7 @@ def fused_with_config(fields: dict):
 
         config = common.Config(**{k: common.MatmulDimension[v] if k.endswith("dimension") else v
                                   for k, v in fields.items()})
-        x, weights = geglu.fold_bias(x, kernel, bias)
+        x, weights = geglu.with_ones(x, geglu.folded_width(x.shape[-1])), geglu.fold_weights(kernel, bias)
         return pallas_mosaic_gpu.PallasMosaicGpuGatedLinearUnit(config=config)(
             x, weights, activation=geglu.gelu_rational)
     return call
@@ -189,7 +191,9 @@ def _paths(op: str, site: dict) -> dict:
     def xla(x, kernel, bias):
         with geglu.dispatch("xla"):
             return geglu.geglu(x, kernel, bias)
-    fused = {"default": geglu.fused_geglu, **{name: fused_with_config(f) for name, f in FUSED_CONFIGS.items()}}
+    def fused(x, kernel, bias):
+        return geglu.fused_geglu(geglu.with_ones(x, geglu.folded_width(x.shape[-1])), geglu.fold_weights(kernel, bias))
+    fused = {"default": fused, **{name: fused_with_config(f) for name, f in FUSED_CONFIGS.items()}}
     return {"xla": xla, "tokamax": fused, "projection": lambda x, kernel, bias: jnp.dot(x, kernel) + bias}
 
 

@@ -206,10 +206,10 @@ class Upsample2D(nnx.Module):
 class Prepared:
     """A text context (B, T, D) with what the UNet would compute the same at every step
     computed once (`UNet2DConditionModel.prepare`): each cross attention's keys and values
-    of the context and each upsampler's phase kernels, for calls that share them, the
-    sampler's steps. Inside the loop XLA leaves such work in every step (its loop-invariant
-    code motion keeps an op whose output is larger than its input). Modules find theirs by
-    identity: one traced model's modules."""
+    of the context, each upsampler's phase kernels (and the fused GEGLU's folded weights),
+    for calls that share them, the sampler's steps. Inside the loop XLA leaves such work in
+    every step (its loop-invariant code motion keeps an op whose output is larger than its
+    input). Modules find theirs by identity: one traced model's modules."""
 
     def __init__(self, states: jax.Array, per_module: dict[int, Any]):
         self.states = states

@@ -6,8 +6,9 @@ of the GELU and the product, which reads the projection's full width back from m
 (at SD 1.5's 64x64 level, 1.0 GB a call). "tokamax" (opt in with JAXDIFF_GEGLU=tokamax,
 on Hopper and Blackwell GPUs): tokamax's fused gated linear unit, whose epilogue applies
 the GELU and the product to the GEMM's accumulators, so only half the width is written
-and nothing is read back. That kernel has no bias: the bias rides in the GEMM as an
-input channel of ones (`fold_bias`).
+and nothing is read back. That kernel has no bias: the bias rides in the GEMM as a row
+of weights (`fold_weights`) meeting an input channel of ones (`with_ones`), which the
+transformer block's layer norm writes with its output.
 """
 
 from __future__ import annotations
@@ -77,51 +78,67 @@ def implementation() -> str:
     return chosen("JAXDIFF_GEGLU", _IMPLEMENTATIONS, _override)
 
 
-def fold_bias(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(x with a channel of ones, weights (K', 2, N)) for a gated linear unit without bias:
-    [:, 0] the gate's, [:, 1] the hidden half's, the bias on the ones' row. K' is x's
-    channels plus one, rounded up to the kernel's tile with zero channels and rows.
+def folded_width(channels: int) -> int:
+    """The fused kernel's input channels for x's `channels`: those, one of ones (the bias's
+    row meets it) and zeros up to the kernel's 64-channel steps."""
+    return -(-(channels + 1) // _K_TILE) * _K_TILE
 
-    `kernel` (K, 2N) and `bias` (2N,) are the projection's, hidden half first (diffusers'
-    GEGLU splits `proj` into hidden, gate)."""
-    channels = x.shape[-1]
-    padded = -(-(channels + 1) // _K_TILE) * _K_TILE
+
+def with_ones(x: jax.Array, width: int) -> jax.Array:
+    """x (..., K) with a channel of ones, then zeros up to `width` channels: the fused
+    kernel's input (`folded_width`)."""
     ones = jnp.ones(x.shape[:-1] + (1,), x.dtype)
-    zeros = jnp.zeros(x.shape[:-1] + (padded - channels - 1,), x.dtype)
-    x = jnp.concatenate([x, ones, zeros], axis=-1)
-    weights = jnp.concatenate([kernel, bias[None, :], jnp.zeros((padded - channels - 1, kernel.shape[1]), kernel.dtype)])
-    hidden, gate = jnp.split(weights, 2, axis=-1)
-    return x, jnp.stack([gate, hidden], axis=1)
+    zeros = jnp.zeros(x.shape[:-1] + (width - x.shape[-1] - 1,), x.dtype)
+    return jnp.concatenate([x, ones, zeros], axis=-1)
 
 
-def geglu(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+def fold_weights(kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """The projection's `kernel` (K, 2N) and `bias` (2N,), hidden half first (diffusers'
+    GEGLU splits `proj` into hidden, gate), as the fused kernel's weights (K', 2, N) for
+    `with_ones(x, K')`: [:, 0] the gate's, [:, 1] the hidden half's, the bias on the row
+    that meets the channel of ones. Weights only: computed once where many calls share
+    them (`UNet2DConditionModel.prepare`)."""
+    channels = kernel.shape[0]
+    padding = jnp.zeros((folded_width(channels) - channels - 1, kernel.shape[1]), kernel.dtype)
+    hidden, gate = jnp.split(jnp.concatenate([kernel, bias[None, :], padding]), 2, axis=-1)
+    return jnp.stack([gate, hidden], axis=1)
+
+
+def geglu(x: jax.Array, kernel: jax.Array, bias: jax.Array, folded: jax.Array | None = None) -> jax.Array:
     """hidden * gelu(gate), with (hidden, gate) = split(x @ kernel + bias): diffusers' GEGLU
     on (batch, ..., K) tokens, by the path `implementation()` names; the fused kernel on
-    each chip's own samples (`per_chip`)."""
+    each chip's own samples (`per_chip`). `x` may come with the fused kernel's channel of
+    ones already (`with_ones`: the layer norm writes it so); `folded` is
+    `fold_weights(kernel, bias)` if computed beforehand."""
     if implementation() == "xla":
         return _xla_geglu(x, kernel, bias)
-    return per_chip(_fused_where_it_tiles, (x,), (kernel, bias), otherwise=_xla_geglu)
+    folded = fold_weights(kernel, bias) if folded is None else folded
+    return per_chip(_fused_where_it_tiles, (x,), (kernel, bias, folded),
+                    otherwise=lambda x, kernel, bias, _: _xla_geglu(x, kernel, bias))
 
 
 def _xla_geglu(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    x = x[..., :kernel.shape[0]]  # without a channel of ones, if it came with one
     hidden, gate = jnp.split(x @ kernel + bias, 2, axis=-1)
     return hidden * gelu(gate)
 
 
-def _fused_where_it_tiles(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+def _fused_where_it_tiles(x: jax.Array, kernel: jax.Array, bias: jax.Array, folded: jax.Array) -> jax.Array:
     # The fused kernel's output blocks are 128 rows by 128 columns: other shapes (the
     # tests' tiny models) take the XLA path.
     if math.prod(x.shape[:-1]) % _M_TILE or (kernel.shape[1] // 2) % _N_TILE:
         return _xla_geglu(x, kernel, bias)
-    return fused_geglu(x, kernel, bias)
+    if x.shape[-1] != folded.shape[0]:
+        x = with_ones(x, folded.shape[0])
+    return fused_geglu(x, folded)
 
 
-def fused_geglu(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-    """`geglu` as tokamax's fused kernel, whatever the shape: an error where the kernel
-    does not take it (no Hopper or Blackwell GPU; rows or width not a multiple of 128)."""
+def fused_geglu(x: jax.Array, weights: jax.Array) -> jax.Array:
+    """tokamax's fused kernel on `with_ones(x, K')` and `fold_weights(...)` (K', 2, N),
+    whatever the shape: an error where the kernel does not take it (no Hopper or Blackwell
+    GPU; rows or width not a multiple of 128)."""
     try:
         import tokamax
     except ImportError as e:
         raise ImportError("JAXDIFF_GEGLU=tokamax needs the tokamax package: pip install 'jaxdiff[gpu]'") from e
-    x, weights = fold_bias(x, kernel, bias)
     return tokamax.gated_linear_unit(x, weights, activation=gelu_rational, implementation="mosaic")

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdiff.models import attention
+from jaxdiff.models.geglu import with_ones
 from jaxdiff.models.kernel_paths import chosen
 from jaxdiff.models.per_chip import per_chip
 
@@ -31,7 +32,7 @@ def implementation() -> str:
     return chosen("JAXDIFF_LAYER_NORM", _IMPLEMENTATIONS)
 
 
-def _kernel(x_ref, scale_ref, bias_ref, out_ref, *, rows: int, channels: int, epsilon: float):
+def _kernel(x_ref, scale_ref, bias_ref, out_ref, *, rows: int, channels: int, width: int, epsilon: float):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pl_triton
 
@@ -50,14 +51,18 @@ def _kernel(x_ref, scale_ref, bias_ref, out_ref, *, rows: int, channels: int, ep
     in_width = jax.lax.broadcasted_iota(jnp.int32, (1, padded), 1) < channels
     scale = pl_triton.load(scale_ref, mask=in_width, other=0.0).astype(jnp.float32)
     bias = pl_triton.load(bias_ref, mask=in_width, other=0.0).astype(jnp.float32)
-    pl_triton.store(out_ref, (out * scale + bias).astype(out_ref.dtype), mask=real)
+    # Past x's channels (up to `width`): a channel of ones, then zeros (geglu.with_ones).
+    out = jnp.where(column < channels, out * scale + bias, jnp.where(column == channels, 1.0, 0.0))
+    pl_triton.store(out_ref, out.astype(out_ref.dtype), mask=(row < rows) & (column < width))
 
 
 def fused_layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, *,
-                     interpret: bool = False, block_elements: int = _BLOCK_ELEMENTS,
-                     num_warps: int = 4) -> jax.Array:
+                     ones_to: int | None = None, interpret: bool = False,
+                     block_elements: int = _BLOCK_ELEMENTS, num_warps: int = 4) -> jax.Array:
     """Layer norm over x's last axis in one Pallas kernel, x's dtype out, float32 inside
     (two passes over the row in registers: the variance of the centred values).
+    `ones_to`: the output that many channels wide, a channel of ones and zeros after x's
+    (`geglu.with_ones` of the output, written by the kernel: no copy after it).
     `interpret` runs the kernel in Pallas' interpreter (any backend: the tests);
     `block_elements` and `num_warps` size a kernel instance (tools/kernel_bench.py tries
     others)."""
@@ -65,34 +70,40 @@ def fused_layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: f
     from jax.experimental.pallas import triton as pl_triton
 
     shape, channels = x.shape, x.shape[-1]
+    width = ones_to or channels
     x = x.reshape(-1, channels)
-    padded = pl.next_power_of_2(channels)
+    padded = pl.next_power_of_2(width)
     rows = max(1, block_elements // padded)
     row_block = pl.BlockSpec((rows, padded), lambda i: (i, 0))
     vector = pl.BlockSpec((1, padded), lambda i: (0, 0))
     out = pl.pallas_call(
-        functools.partial(_kernel, rows=x.shape[0], channels=channels, epsilon=epsilon),
+        functools.partial(_kernel, rows=x.shape[0], channels=channels, width=width, epsilon=epsilon),
         grid=(pl.cdiv(x.shape[0], rows),),
         in_specs=[row_block, vector, vector],
         out_specs=row_block,
-        out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+        out_shape=jax.ShapeDtypeStruct((x.shape[0], width), x.dtype),
         compiler_params=None if interpret else pl_triton.CompilerParams(num_warps=num_warps),
         interpret=interpret,
         name="layer_norm",
     )(x, scale.reshape(1, channels), bias.reshape(1, channels))
-    return out.reshape(shape)
+    return out.reshape(shape[:-1] + (width,))
 
 
 class LayerNorm(nnx.LayerNorm):
     """nnx.LayerNorm (its parameters, names and XLA path), over the last axis; on the path
-    `implementation()` names."""
+    `implementation()` names. `ones_to`: the output that many channels wide, a channel of
+    ones and zeros after the normalised ones (`geglu.with_ones`: the fused GEGLU's input)."""
 
-    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None, ones_to: int | None = None) -> jax.Array:
+        def xla(x, *_):
+            out = super(LayerNorm, self).__call__(x, mask=mask)
+            return out if ones_to is None else with_ones(out, ones_to)  # XLA fuses it into the norm
+
         if implementation() == "xla" or mask is not None or math.prod(x.shape[:-1]) == 0:
-            return super().__call__(x, mask=mask)
+            return xla(x)
         x, scale, bias = self.promote_dtype((x, self.scale[...], self.bias[...]), dtype=self.dtype)
-        kernel = functools.partial(fused_layer_norm, epsilon=self.epsilon,
+        kernel = functools.partial(fused_layer_norm, epsilon=self.epsilon, ones_to=ones_to,
                                    interpret=attention.target_backend() != "gpu")
         # Each chip's own samples (`per_chip`); a batch that does not split over
         # the chips takes nnx's path.
-        return per_chip(kernel, (x,), (scale, bias), otherwise=lambda x, *_: super(LayerNorm, self).__call__(x))
+        return per_chip(kernel, (x,), (scale, bias), otherwise=xla)

@@ -16,7 +16,8 @@ from flax import nnx
 
 from jaxdiff.models.blocks import (Attention, Downsample2D, Prepared, ResnetBlock2D, UnsupportedConfig,
                                    Upsample2D, conv2d, known_config_values, repeat_batch)
-from jaxdiff.models.geglu import geglu
+from jaxdiff.models.geglu import fold_weights, folded_width, geglu
+from jaxdiff.models.geglu import implementation as geglu_implementation
 from jaxdiff.models.group_norm import group_norm
 from jaxdiff.models.layer_norm import LayerNorm
 
@@ -204,11 +205,25 @@ class GEGLU(nnx.Module):
     def __init__(self, dim_in: int, dim_out: int, *, dtype, rngs: nnx.Rngs):
         self.proj = nnx.Linear(dim_in, 2 * dim_out, dtype=dtype, param_dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def input_width(self) -> int | None:
+        """The channels the fused kernel's GEMM takes its input with (`geglu.with_ones`: the
+        layer norm before writes them); None on the XLA path."""
+        return folded_width(self.proj.in_features) if geglu_implementation() == "tokamax" else None
+
+    def folded(self) -> jax.Array:
+        """`geglu.fold_weights` of the projection, cast as the Linear casts it."""
+        kernel, bias = self.proj.promote_dtype((self.proj.kernel.get_value(), self.proj.bias.get_value()),
+                                               dtype=self.proj.dtype)
+        return fold_weights(kernel, bias)
+
+    def __call__(self, x: jax.Array, prepared: Prepared | None = None) -> jax.Array:
+        """`x` (..., dim_in), or `input_width()` wide; `prepared`: the UNet's `Prepared`
+        context, which holds the folded weights on the fused path."""
         proj = self.proj
         # Cast as the Linear itself casts its input and parameters.
         x, kernel, bias = proj.promote_dtype((x, proj.kernel.get_value(), proj.bias.get_value()), dtype=proj.dtype)
-        return geglu(x, kernel, bias)
+        folded = prepared.of(self) if prepared is not None and geglu_implementation() == "tokamax" else None
+        return geglu(x, kernel, bias, folded)
 
 
 class FeedForward(nnx.Module):
@@ -217,8 +232,8 @@ class FeedForward(nnx.Module):
         self.net = nnx.List([GEGLU(dim, dim * mult, dtype=dtype, rngs=rngs), None,
                              nnx.Linear(dim * mult, dim, dtype=dtype, param_dtype=dtype, rngs=rngs)])
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.net[2](self.net[0](x))
+    def __call__(self, x: jax.Array, prepared: Prepared | None = None) -> jax.Array:
+        return self.net[2](self.net[0](x, prepared))
 
 
 class BasicTransformerBlock(nnx.Module):
@@ -251,7 +266,9 @@ class BasicTransformerBlock(nnx.Module):
         x = x + self.attn1(self.norm1(x), context if self.only_cross_attention else None)
         x = repeat_batch(x, context.shape[0])  # self attention ran once per sample
         x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+        # On the fused GEGLU's path the norm writes its output with the GEMM's channel of
+        # ones (the bias's row meets it), not a copy after it.
+        return x + self.ff(self.norm3(x, ones_to=self.ff.net[0].input_width()), _prepared(context))
 
 
 class Transformer2DModel(nnx.Module):
@@ -497,9 +514,9 @@ class UNet2DConditionModel(nnx.Module):
         self.conv_out = conv2d(channels[0], c.out_channels, c.conv_out_kernel, dtype=dtype, rngs=rngs)
 
     def prepare(self, encoder_hidden_states: jax.Array) -> Prepared:
-        """The context with each cross attention's keys and values and each upsampler's
-        phase kernels computed once, to pass as `encoder_hidden_states` to calls that share
-        them (the sampler's steps)."""
+        """The context with each cross attention's keys and values, each upsampler's phase
+        kernels and, on the fused GEGLU's path, its folded weights computed once, to pass as
+        `encoder_hidden_states` to calls that share them (the sampler's steps)."""
         states = encoder_hidden_states.astype(self.dtype)
         per_module = {}
         for _, module in nnx.iter_graph(self):
@@ -507,6 +524,8 @@ class UNet2DConditionModel(nnx.Module):
                 per_module[id(module)] = module.keys_values(states)
             elif isinstance(module, Upsample2D):
                 per_module[id(module)] = module.phases()
+            elif isinstance(module, GEGLU) and geglu_implementation() == "tokamax":
+                per_module[id(module)] = module.folded()
         return Prepared(states, per_module)
 
     def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array | Prepared,
