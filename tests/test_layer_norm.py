@@ -108,3 +108,7 @@ def test_compiled_kernel_matches_torch_on_the_gpu(channels):
     x, scale, bias = (torch.from_numpy(np.asarray(bf16(a), np.float32)) for a in (x, scale, bias))
     want = torch.nn.functional.layer_norm(x, (channels,), scale, bias, eps=1e-5).numpy()
     np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=0.04, rtol=0.008)
+    # As the fused GEGLU's input: the same channels, then ones and zeros.
+    wide = jax.jit(fused_layer_norm, static_argnums=3, static_argnames="ones_to")(
+        bf16(x.numpy()), bf16(scale.numpy()), bf16(bias.numpy()), 1e-5, ones_to=folded_width(channels))
+    np.testing.assert_array_equal(wide, with_ones(got, folded_width(channels)))
