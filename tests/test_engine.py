@@ -1709,3 +1709,71 @@ def test_in_bfloat16_a_samples_image_is_bit_for_bit_the_same_whatever_its_neighb
     alone = pipe.render_samples([target])[0].image  # padded with copies of itself
     assert np.array_equal(pipe.render_samples(first)[0].image, alone)
     assert np.array_equal(pipe.render_samples(second)[3].image, alone)
+
+
+def _weights_only_gemms(jaxpr, derived=frozenset()) -> int:
+    """GEMMs and convolutions in `jaxpr` (and the jaxprs it calls) whose operands all come
+    from `derived` variables or literals: work that reads nothing but those."""
+    from jax.extend.core import Literal, jaxprs_in_params
+
+    count, derived = 0, set(derived)
+    for eqn in jaxpr.eqns:
+        inputs = [v for v in eqn.invars if not isinstance(v, Literal)]
+        if inputs and all(v in derived for v in inputs):
+            derived.update(eqn.outvars)
+            if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+                count += 1
+        for sub in jaxprs_in_params(eqn.params):
+            # Within a call whose inputs are all derived, its GEMMs are too.
+            inner = set(sub.invars) if inputs and all(v in derived for v in inputs) else set()
+            count += _weights_only_gemms(sub, inner) if inner else 0
+    return count
+
+
+def _loop_bodies(jaxpr):
+    """(body, its loop-invariant inputs) of every scan in `jaxpr` and the jaxprs it calls."""
+    from jax.extend.core import jaxprs_in_params
+
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "scan":
+            body = eqn.params["jaxpr"].jaxpr
+            yield body, body.invars[:eqn.params["num_consts"]]
+        for sub in jaxprs_in_params(eqn.params):
+            yield from _loop_bodies(sub)
+
+
+def test_sampler_loop_computes_nothing_from_the_weights_and_text_alone(sd_folder, monkeypatch):
+    """What depends on the weights and the text only (the cross attentions' keys and values,
+    the upsamplers' phase kernels) runs once before the sampler's loop
+    (`UNet2DConditionModel.prepare`): no GEMM or convolution in the loop reads only what
+    the loop holds fixed. XLA would leave such work in every step (its loop-invariant code
+    motion keeps an op whose output is larger than its input)."""
+    from jaxdiff.engine import pipeline as engine
+    from jaxdiff.models.unet import UNet2DConditionModel
+
+    calls = []
+
+    def recording(*args, **kwargs):
+        program = make(*args, **kwargs)
+
+        def run(*inputs):
+            calls.append((program, inputs))
+            return program(*inputs)
+        return run
+
+    make = engine.make_base_program
+    monkeypatch.setattr(engine, "make_base_program", recording)
+
+    def invariant_gemms():
+        calls.clear()
+        pipe = jaxdiff.load_pipeline(sd_folder, upscaler="none", steps=2, sampler="ddim", batch_size=1)
+        pipe.render(["a red circle"], seeds=[1])
+        (program, inputs), = calls
+        bodies = list(_loop_bodies(program.trace(*inputs).jaxpr.jaxpr))
+        assert len(bodies) == 1  # the sampler's scan
+        return sum(_weights_only_gemms(body, frozenset(fixed)) for body, fixed in bodies)
+
+    assert invariant_gemms() == 0
+    # Without `prepare`, the same check finds them: the text's keys and values, the phases.
+    monkeypatch.setattr(UNet2DConditionModel, "prepare", lambda self, context: context)
+    assert invariant_gemms() > 0
