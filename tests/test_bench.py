@@ -834,14 +834,14 @@ def test_gpu_bench_script_runs_the_named_steps_and_packs_every_log(tmp_path):
     assert "ran" not in refused.stdout and not (tmp_path / "out").exists()
 
     done = subprocess.run(["bash", script, "jaxdiff", "triton", "b32", "profile", "parity", "geglu", "tokamax",
-                           "norm", "ln", "gn", "fused", "fprofile", "variants"],
+                           "norm", "upsample", "ln", "gn", "fused", "fprofile", "variants"],
                           cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     with tarfile.open(tmp_path / "out" / "gpu_bench.tgz") as tgz:
         logs = {os.path.basename(m.name): tgz.extractfile(m).read().decode() for m in tgz.getmembers() if m.isfile()}
     assert set(logs) == {"preamble.log", "jaxdiff.log", "triton.log", "b32.log", "profile.log", "parity.log",
-                         "geglu.log", "tokamax.log", "norm.log", "ln.log", "gn.log", "fused.log", "fprofile.log",
-                         "variants.log"}
+                         "geglu.log", "tokamax.log", "norm.log", "upsample.log", "ln.log", "gn.log", "fused.log",
+                         "fprofile.log", "variants.log"}
     assert "stand-in GPU" in logs["preamble.log"]
     assert "XLA_FLAGS=--xla_gpu_enable_triton_gemm=true" in logs["triton.log"]
     plain = "ran XLA_FLAGS= JAXDIFF_ATTENTION= JAXDIFF_GEGLU= JAXDIFF_LAYER_NORM= JAXDIFF_GROUP_NORM= -m tools."
@@ -854,6 +854,7 @@ def test_gpu_bench_script_runs_the_named_steps_and_packs_every_log(tmp_path):
     assert "tests/test_geglu.py" in logs["geglu.log"]
     assert plain + "kernel_bench --op layer_norm --arch sd15 --batch 16" in logs["norm.log"]
     assert plain + "kernel_bench --op group_norm --arch sd15 --batch 16" in logs["norm.log"]
+    assert plain + "kernel_bench --op upsample --arch sd15 --batch 16" in logs["upsample.log"]
     assert "JAXDIFF_GEGLU= JAXDIFF_LAYER_NORM=pallas JAXDIFF_GROUP_NORM=pallas -m pytest" in logs["norm.log"]
     assert "tests/test_layer_norm.py tests/test_group_norm.py" in logs["norm.log"]
     sd15 = " -m tools.bench --arch sd15"
@@ -902,6 +903,28 @@ def test_kernel_bench_times_every_layer_norm_shape_on_both_paths():
         assert s["gb"] == float(f"{2 * s['rows'] * s['channels'] * 4 / 1e9:.4g}")  # float32 on the CPU
         assert s["paths"]["pallas"]["max_diff_vs_xla"] < 1e-5
         assert s["paths"]["pallas"]["gb_s"] > 0 and s["paths"]["xla"]["gb_s"] > 0
+
+
+def test_kernel_bench_times_every_upsampler_on_each_form():
+    """One upsampler a level below the top, at the CFG batch; the GEMM over windows and
+    diffusers' plain form give the phase convolution's output; TFLOP/s over the phase
+    convolution's FLOPs."""
+    from jaxdiff.models.unet import UNetConfig
+    from tools import kernel_bench
+    from tools.step_hlo import arch_configs
+
+    unet = UNetConfig.from_dict(arch_configs("tiny")["unet"])
+    result = kernel_bench.main(["--op", "upsample", "--arch", "tiny", "--batch", "1", "--reps", "1"])
+    latent, channels = unet.sample_size, unet.block_out_channels[::-1]
+    assert [s["shape"] for s in result["sites"]] == [
+        [2, latent // 2 ** (len(channels) - 1 - i), latent // 2 ** (len(channels) - 1 - i), channels[i]]
+        for i in range(len(channels) - 1)]
+    for s in result["sites"]:
+        n, side, _, c = s["shape"]
+        assert s["gflop"] == float(f"{2 * n * (side + 1) ** 2 * 16 * c * c / 1e9:.4g}")
+        for path in ("gemm", "plain"):
+            assert s["paths"][path]["max_diff_vs_xla"] < 1e-4
+        assert all(p["tflop_s"] > 0 for p in s["paths"].values())
 
 
 def test_kernel_bench_times_every_group_norm_the_unet_calls():

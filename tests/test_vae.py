@@ -280,6 +280,22 @@ def test_upsample_matches_diffusers_without_the_upsampled_image(height, width, o
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_upsample_as_one_gemm_over_windows_is_the_same_convolution():
+    """`as_gemm`: the 2x2 phase convolution as a GEMM over each output's 2x2 window gives
+    the convolution's output (odd sizes, bias or none)."""
+    import jax
+
+    from jaxdiff.models.blocks import upsample_conv, upsample_phases
+
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(k1, (2, 5, 7, 6))
+    kernel, bias = jax.random.normal(k2, (3, 3, 6, 4)), jax.random.normal(k3, (4,))
+    for b in (bias, None):
+        phases = upsample_phases(kernel, b)
+        np.testing.assert_allclose(upsample_conv(x, *phases, as_gemm=True), upsample_conv(x, *phases),
+                                   rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("size", [None, [32, 24]], ids=["none", "2x-as-a-list"])
 def test_upsample_does_four_ninths_of_the_plain_convolution(size):
     import jax

@@ -32,6 +32,8 @@
 #              transformer blocks' layer norm and the UNet's group norms alone, XLA against the
 #              Pallas kernels (tools/kernel_bench.py --op layer_norm, --op group_norm: 25 group
 #              norm shapes at four kernel sizes, each a compile)
+#   upsample   the UNet's upsamplers alone: the engine's phase convolution, the same as one GEMM over
+#              2x2 windows, and diffusers' plain form (tools/kernel_bench.py --op upsample)
 #   ln         the jaxdiff step with JAXDIFF_LAYER_NORM=pallas
 #   gn         the jaxdiff step with JAXDIFF_GROUP_NORM=pallas
 #   fused      the jaxdiff step with all three: JAXDIFF_GEGLU=tokamax JAXDIFF_LAYER_NORM=pallas
@@ -52,7 +54,7 @@
 # $OUT/gpu_bench.tgz (or ./bench-out/): one file to copy back, and a step cut off by a time
 # limit must not lose the ones before it.
 set -u -o pipefail
-all_steps=" sd15 jaxdiff warm x4 profile attention triton b32 parity hlo geglu tokamax norm ln gn fused fprofile variants "
+all_steps=" sd15 jaxdiff warm x4 profile attention triton b32 parity hlo geglu tokamax norm upsample ln gn fused fprofile variants "
 steps=("$@"); [ ${#steps[@]} -gt 0 ] || steps=(sd15 warm x4 b32 profile)
 for s in "${steps[@]}"; do
   [[ $all_steps == *" $s "* ]] || { echo "unknown step: $s (steps:$all_steps)" >&2; exit 2; }
@@ -121,6 +123,8 @@ run_step() {
             python3 -m tools.kernel_bench --op layer_norm --arch sd15 --batch 16 \
             --out $SCRATCH/kernel_layer_norm_sd15.json; python3 -m tools.kernel_bench --op group_norm \
             --arch sd15 --batch 16 --out $SCRATCH/kernel_group_norm_sd15.json" ;;
+    upsample) step upsample 60 python3 -m tools.kernel_bench --op upsample --arch sd15 --batch 16 \
+                --out "$SCRATCH/kernel_upsample_sd15.json" ;;
     ln) end_to_end ln JAXDIFF_LAYER_NORM=pallas ;;
     gn) end_to_end gn JAXDIFF_GROUP_NORM=pallas ;;
     fused) end_to_end fused "${fused[@]}" ;;

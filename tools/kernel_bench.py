@@ -1,9 +1,11 @@
-"""The transformer blocks' fusable ops alone, at every shape a model's denoising step runs
+"""The denoising step's ops that have more than one path (the transformer blocks' GEGLU and
+layer norm, the group norms, the upsamplers) alone, at every shape a model's step runs
 them: ms per call on each path, and TFLOP/s or GB/s.
 
     python -m tools.kernel_bench --op geglu --arch sd15 --batch 16 --out geglu.json   # GPU
     python -m tools.kernel_bench --op layer_norm --arch tiny --batch 1                # CPU (tested in CI)
     python -m tools.kernel_bench --op group_norm --arch sd15 --batch 16
+    python -m tools.kernel_bench --op upsample --arch sd15 --batch 16
 
 --op geglu (jaxdiff/models/geglu.py): "xla", the projection's GEMM and XLA's fusion of GELU
 and product; "tokamax", the fused kernel on Hopper and Blackwell GPUs (its GEMM a little
@@ -25,6 +27,11 @@ the module's XLA path; "pallas", the two kernels at the engine's sizes and
 GROUP_NORM_CONFIGS. GB/s count two reads and one write of x (a group spans the sample: its
 statistics need a pass of their own).
 
+--op upsample (jaxdiff/models/blocks.py upsample_conv), at each upsampler of the UNet's up
+path: "xla", the engine's 2x2 phase convolution (cuDNN on a GPU); "gemm", the same as one
+GEMM over each output's 2x2 window, the windows written out first; "plain", diffusers'
+form, the 2x image and a 3x3 convolution. TFLOP/s count the phase convolution's FLOPs on
+every path (the plain form does 2.25x as many).
 A path the backend or shape does not take is reported with its reason. Each is timed as
 calls back to back in one program (tools/attention_bench.py's `chained`), each call's input
 the last one's output (for GEGLU its first channels).
@@ -51,7 +58,7 @@ LAYER_NORM_CONFIGS = ((4096, 4), (8192, 8), (16384, 8))
 # iteration, 512 instances, 4 warps): (elements, instances, warps). Each compiles for an
 # H200 at every group norm of SD 1.5's step.
 GROUP_NORM_CONFIGS = ((8192, 512, 4), (8192, 512, 8), (4096, 1024, 4))
-OPS = ("geglu", "layer_norm", "group_norm")
+OPS = ("geglu", "layer_norm", "group_norm", "upsample")
 
 
 def transformer_sites(arch: str, batch: int, size: int | None = None) -> list[dict]:
@@ -89,6 +96,19 @@ def op_sites(op: str, arch: str, batch: int, size: int | None = None) -> list[di
             site.update(calls=3 * s["blocks"])
         sites.append(site)
     return sites
+
+
+def upsample_sites(arch: str, batch: int, size: int | None = None) -> list[dict]:
+    """Each upsampler of the UNet's up path, once a step: its input at the CFG batch."""
+    from jaxdiff.models.unet import UNetConfig
+    from tools.step_hlo import arch_configs
+
+    unet = UNetConfig.from_dict(arch_configs(arch)["unet"])
+    latent = size or unet.sample_size or 64
+    levels, channels = len(unet.block_out_channels), unet.block_out_channels[::-1]
+    sides = [latent // 2 ** (levels - 1 - i) for i in range(levels - 1)]
+    return [{"site": f"unet {side}->{2 * side} x{c}", "shape": [2 * batch, side, side, c], "calls": 1}
+            for side, c in zip(sides, channels)]
 
 
 def group_norm_sites(arch: str, batch: int, size: int | None = None) -> list[dict]:
@@ -174,6 +194,20 @@ def _paths(op: str, site: dict) -> dict:
         configs = {"default": kernels(), **{f"{e} elements, {n} instances, {w} warps": kernels(e, n, w)
                                             for e, n, w in GROUP_NORM_CONFIGS}}
         return {"xla": xla_group_norm, "pallas": configs}
+    if op == "upsample":
+        from jaxdiff.models import blocks
+
+        def form(as_gemm=False, plain=False):
+            def call(x, kernel, bias):
+                if plain:  # diffusers': the 2x image, then the 3x3 convolution
+                    y = jax.lax.conv_general_dilated(blocks.upsample_nearest(x), kernel, (1, 1), "SAME",
+                                                     dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
+                else:
+                    y = blocks.upsample_conv(x, *blocks.upsample_phases(kernel, bias), as_gemm=as_gemm)
+                # Regrouped, not moved, to x's side (4x the channels): the chained calls' next input.
+                return y.reshape(x.shape[:-1] + (4 * x.shape[-1],))
+            return call
+        return {"xla": form(), "gemm": form(as_gemm=True), "plain": form(plain=True)}
     if op == "layer_norm":
         def xla(x, scale, bias):
             from flax import nnx
@@ -202,6 +236,12 @@ def _inputs(op: str, site: dict, dtype):
     import numpy as np
 
     rng = np.random.default_rng(0)
+    if op == "upsample":
+        shape = site["shape"]
+        channels = shape[-1]
+        return (jnp.asarray(rng.standard_normal(shape), dtype),
+                jnp.asarray(rng.standard_normal((3, 3, channels, channels)) / np.sqrt(9 * channels), dtype),
+                jnp.asarray(rng.standard_normal(channels), dtype))
     if op == "group_norm":
         shape = site["shape"]
         x, scale, bias, shift = (jnp.asarray(rng.standard_normal(s), dtype)
@@ -224,6 +264,9 @@ def time_site(op: str, site: dict, dtype, reps: int) -> dict:
     args = _inputs(op, site, dtype)
     if op == "geglu":
         work = {"gflop": float(f"{2.0 * site['rows'] * site['channels'] * 2 * site['width'] / 1e9:.4g}")}
+    elif op == "upsample":  # the phase convolution's: 4 taps a pixel on a grid one larger
+        n, side, _, c = site["shape"]
+        work = {"gflop": float(f"{2.0 * n * (side + 1) ** 2 * 4 * c * 4 * c / 1e9:.4g}")}
     else:  # one read and one write of x; the group norm's statistics read it once more
         passes = 3.0 if op == "group_norm" else 2.0
         work = {"gb": float(f"{passes * args[0].size * args[0].dtype.itemsize / 1e9:.4g}")}
@@ -259,13 +302,13 @@ def main(argv=None) -> dict:
     p = site_bench_parser("python -m tools.kernel_bench", __doc__)
     p.add_argument("--op", choices=OPS, required=True)
     args, dtype, device = parse_site_bench_args(p, argv)
-    rate = "TFLOP/s" if args.op == "geglu" else "GB/s"
+    rate = "TFLOP/s" if args.op in ("geglu", "upsample") else "GB/s"
     print(f"{args.op}, {args.arch}, batch {args.batch}, {jnp.dtype(dtype).name}, {device}: "
           f"ms ({rate}) per call, calls per step")
     result = {"op": args.op, "arch": args.arch, "batch": args.batch, "device": device,
               "dtype": jnp.dtype(dtype).name, "sites": [], "unet_step_ms": {}}
-    sites = (group_norm_sites(args.arch, args.batch, args.size) if args.op == "group_norm"
-             else op_sites(args.op, args.arch, args.batch, args.size))
+    sites = {"group_norm": group_norm_sites, "upsample": upsample_sites}.get(
+        args.op, lambda *a: op_sites(args.op, *a))(args.arch, args.batch, args.size)
     for site in sites:
         s = time_site(args.op, site, dtype, args.reps)
         result["sites"].append(s)

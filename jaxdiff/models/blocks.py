@@ -159,7 +159,8 @@ def upsample_phases(kernel: jax.Array, bias: jax.Array | None) -> tuple[jax.Arra
     return phases, None if bias is None else jnp.tile(bias, 4)
 
 
-def upsample_conv(x: jax.Array, phases: jax.Array, bias: jax.Array | None) -> jax.Array:
+def upsample_conv(x: jax.Array, phases: jax.Array, bias: jax.Array | None, *,
+                  as_gemm: bool = False) -> jax.Array:
     """A 3x3 "same" convolution of `x` upsampled 2x by nearest neighbour, without the
     upsampled image: each of the four output phases (row and column parity) is a 2x2
     convolution of `x` itself, with the taps that read the same source pixel summed
@@ -167,13 +168,22 @@ def upsample_conv(x: jax.Array, phases: jax.Array, bias: jax.Array | None) -> ja
 
     4 taps per output pixel instead of 9 (2.25x fewer FLOPs) and no 4x-sized input
     written and read back. Equal to the plain form up to the rounding of the summed taps
-    (in the kernel's dtype)."""
-    batch, height, width, _ = x.shape
+    (in the kernel's dtype). `as_gemm`: the 2x2 convolution as one GEMM over each output
+    pixel's 2x2 window of x, the windows written out first (4x x's size), for shapes where
+    the GPU's convolution kernel runs slowly (`tools/kernel_bench.py --op upsample`)."""
+    batch, height, width, c_in = x.shape
     c_out = phases.shape[3] // 4
     # One 2x2 convolution over x padded by one pixel gives every phase, on a grid one row
     # and column larger: phase (a, b) of output pixel (i, j) sits at (i + a, j + b).
-    y = jax.lax.conv_general_dilated(x, phases, (1, 1), ((1, 1), (1, 1)),
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if as_gemm:
+        padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        windows = jnp.concatenate([padded[:, r:r + height + 1, c:c + width + 1] for r in (0, 1) for c in (0, 1)],
+                                  axis=-1)  # channels ordered (row, column, c_in), as the kernel's HWI
+        y = (windows.reshape(-1, 4 * c_in) @ phases.reshape(4 * c_in, 4 * c_out)).reshape(
+            batch, height + 1, width + 1, 4 * c_out)
+    else:
+        y = jax.lax.conv_general_dilated(x, phases, (1, 1), ((1, 1), (1, 1)),
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
     if bias is not None:  # on each phase's channels, where the GPU fuses it into the conv
         y = y + bias
     y = y.reshape(batch, height + 1, width + 1, 2, 2, c_out)
