@@ -613,6 +613,8 @@ def test_step_hlo_compiles_the_sharded_step_for_a_tpu_without_one():
     assert result["chip"] == "v5e" and result["chips"] == 4
     assert result["kernels"].get("tpu_custom_call", 0) >= 2  # self and cross attention at 16x16
     assert result["categories"]["attention"]["ops"] > 0 and "floors_ms" not in result
+    # Nor a loop-invariant report: the weights' copies into on-chip memory run every step.
+    assert "loop_invariant" not in result
     # The report is one chip's: a quarter of the batch, one sample's step.
     import jax
     import jax.numpy as jnp

@@ -51,17 +51,17 @@ _NOT_KERNELS = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant"
 
 
 def summarize(text: str, body: str | None = None, top: int = 15,
-              chip_rates: tuple[float, float] | None = None) -> dict:
+              chip_rates: tuple[float, float] | None = None, invariant_report: bool = True) -> dict:
     """Ops, bytes and FLOPs by category over the top-level ops of one computation (default:
-    the loop body, and then its loop-invariant kernels apart: `loop_invariant`), with the
-    `top` ops that move the most bytes. With the chip's (TFLOP/s, TB/s), also the roofline:
-    each op at its compute or memory time, the slower."""
+    the loop body, and with `invariant_report` its loop-invariant kernels apart:
+    `loop_invariant`), with the `top` ops that move the most bytes. With the chip's
+    (TFLOP/s, TB/s), also the roofline: each op at its compute or memory time, the slower."""
     instructions, computations = parse_hlo(text)
     locations = stack_locations(text)
     frames = stack_files(locations)
-    in_loop = body is None
+    invariants = body is None and invariant_report
     body = body or loop_body(text)
-    invariant = loop_invariant(body, instructions, computations) if in_loop else set()
+    invariant = loop_invariant(body, instructions, computations) if invariants else set()
     invariant_bytes = collections.Counter()
     per_category = {c: {"ops": 0, "bytes": 0, "flops": 0.0} for c in CATEGORIES}
     kernels = collections.Counter()
@@ -94,7 +94,7 @@ def summarize(text: str, body: str | None = None, top: int = 15,
               "conv_layouts": dict(conv_layouts),
               "top_ops": [{"op": name, "category": category, "mb": round(moved / 1e6, 1), "source": source}
                           for moved, name, category, source in heaviest[:top]]}
-    if in_loop:
+    if invariants:
         result["loop_invariant"] = {
             "kernels": sum(1 for n in invariant if instructions[n][0] not in _NOT_KERNELS),
             "mb": round(sum(invariant_bytes.values()) / 1e6, 1),
@@ -332,7 +332,9 @@ def report(text: str, gflop: float, target: str) -> dict:
     # there the compile itself and the kernels are the findings, not floors.
     rates = ((chip.peak_tflops, chip.memory_tbps) if chip and chip.platform == "cuda" and chip.memory_tbps
              else None)
-    summary = summarize(text, chip_rates=rates)
+    # On TPU the weights' copies into on-chip memory are invariant ops too, made each step
+    # by design: no loop-invariant report there.
+    summary = summarize(text, chip_rates=rates, invariant_report=not (chip and chip.platform == "tpu"))
     roofline_ms = summary.pop("roofline_ms", None)
     result = {"target": target, "chip": chip and chip.name, "unet_gflop_per_step": float(f"{gflop:.4g}"),
               **summary}
