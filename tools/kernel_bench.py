@@ -225,9 +225,10 @@ def _paths(op: str, site: dict) -> dict:
     def xla(x, kernel, bias):
         with geglu.dispatch("xla"):
             return geglu.geglu(x, kernel, bias)
-    def fused(x, kernel, bias):
-        return geglu.fused_geglu(geglu.with_ones(x, geglu.folded_width(x.shape[-1])), geglu.fold_weights(kernel, bias))
-    fused = {"default": fused, **{name: fused_with_config(f) for name, f in FUSED_CONFIGS.items()}}
+    def engine_config(x, kernel, bias):  # tokamax's default config, the engine's
+        x = geglu.with_ones(x, geglu.folded_width(x.shape[-1]))
+        return geglu.fused_geglu(x, geglu.fold_weights(kernel, bias))
+    fused = {"default": engine_config, **{name: fused_with_config(f) for name, f in FUSED_CONFIGS.items()}}
     return {"xla": xla, "tokamax": fused, "projection": lambda x, kernel, bias: jnp.dot(x, kernel) + bias}
 
 
