@@ -1719,14 +1719,12 @@ def _weights_only_gemms(jaxpr, derived=frozenset()) -> int:
     count, derived = 0, set(derived)
     for eqn in jaxpr.eqns:
         inputs = [v for v in eqn.invars if not isinstance(v, Literal)]
-        if inputs and all(v in derived for v in inputs):
-            derived.update(eqn.outvars)
-            if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
-                count += 1
-        for sub in jaxprs_in_params(eqn.params):
-            # Within a call whose inputs are all derived, its GEMMs are too.
-            inner = set(sub.invars) if inputs and all(v in derived for v in inputs) else set()
-            count += _weights_only_gemms(sub, inner) if inner else 0
+        if not inputs or not all(v in derived for v in inputs):
+            continue
+        derived.update(eqn.outvars)
+        count += eqn.primitive.name in ("dot_general", "conv_general_dilated")
+        # Within a call whose inputs are all derived, its GEMMs are too.
+        count += sum(_weights_only_gemms(sub, frozenset(sub.invars)) for sub in jaxprs_in_params(eqn.params))
     return count
 
 

@@ -62,7 +62,7 @@ def summarize(text: str, body: str | None = None, top: int = 15,
     invariants = body is None and invariant_report
     body = body or loop_body(text)
     invariant = loop_invariant(body, instructions, computations) if invariants else set()
-    invariant_bytes = collections.Counter()
+    invariant_kernels, invariant_bytes = 0, collections.Counter()
     per_category = {c: {"ops": 0, "bytes": 0, "flops": 0.0} for c in CATEGORIES}
     kernels = collections.Counter()
     conv_layouts = collections.Counter()
@@ -82,6 +82,7 @@ def summarize(text: str, body: str | None = None, top: int = 15,
             roofline_ms += max(flops / chip_rates[0], moved / chip_rates[1]) / 1e9
         heaviest.append((moved, name, category, op_source(line, locations)))
         if name in invariant:
+            invariant_kernels += 1
             invariant_bytes[op_source(line, locations)] += moved
         target = re.search(r'custom_call_target="([^"]+)"', line)
         kind = re.search(r"kind=(\w+)", line)
@@ -96,7 +97,7 @@ def summarize(text: str, body: str | None = None, top: int = 15,
                           for moved, name, category, source in heaviest[:top]]}
     if invariants:
         result["loop_invariant"] = {
-            "kernels": sum(1 for n in invariant if instructions[n][0] not in _NOT_KERNELS),
+            "kernels": invariant_kernels,
             "mb": round(sum(invariant_bytes.values()) / 1e6, 1),
             "sources_mb": {source: round(moved / 1e6, 1) for source, moved in invariant_bytes.most_common()}}
     if chip_rates:
