@@ -978,6 +978,20 @@ def test_bench_times_kernel_variants_in_turns_in_one_process(tmp_path, monkeypat
         bench.main(["--arch", "tiny", "--variants", "none,triton"])
 
 
+def test_a_variant_that_fails_is_recorded_and_the_others_still_timed(tmp_path, monkeypatch):
+    """One device call runs every variant: a kernel path that does not compile or run there
+    must not take the others' figures with it."""
+    monkeypatch.delenv("JAXDIFF_GROUP_NORM", raising=False)
+    monkeypatch.setitem(bench.VARIANTS, "broken", {"JAXDIFF_GROUP_NORM": "no-such-path"})
+    result = bench.main(["--arch", "tiny", "--batch-sizes", "2", "--steps", "2", "--reps", "1", "--no-stages",
+                         "--variants", "broken,none", "--cache-dir", str(tmp_path / "cache")])["jaxdiff"]
+    broken = result["variants"]["broken"]
+    assert "JAXDIFF_GROUP_NORM='no-such-path'" in broken["error"] and broken["batches"] == {}
+    assert result["variants"]["none"]["batches"]["2"]["images_per_s"] > 0
+    assert result["batches"]["2"] == result["variants"]["none"]["batches"]["2"]  # the first that ran
+    assert "JAXDIFF_GROUP_NORM" not in os.environ
+
+
 def test_a_comparison_the_diffusers_side_cannot_run_is_refused(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--arch", "default", "--compare", "diffusers"])  # its child failed with KeyError: 'default'

@@ -258,22 +258,31 @@ def bench_arch(args) -> dict:
         works = {}
         for v in variants:
             with variant_environment(v) if v else contextlib.nullcontext():
-                work, latent_hw = _batch_work(family, B, side, args, devices)
                 progress(f"batch {B}{f', {v}' if v else ''}: first call (compiles, or loads from the cache)")
-                t = time.perf_counter()
-                work()
+                try:
+                    work, latent_hw = _batch_work(family, B, side, args, devices)
+                    t = time.perf_counter()
+                    work()
+                except Exception as e:
+                    if not v:
+                        raise
+                    # A kernel path that does not compile or run on this chip: the others
+                    # are still timed, and the error kept.
+                    result["variants"][v]["error"] = f"{type(e).__name__}: {e}"[:2000]
+                    progress(f"batch {B}, {v}: failed: {type(e).__name__}: {str(e)[:300]}")
+                    continue
                 works[v] = work, round(time.perf_counter() - t, 2)
                 if v:
                     result["variants"][v]["paths"] = _kernel_paths()
             progress(f"batch {B}{f', {v}' if v else ''}: first call took {works[v][1]:.1f} s")
         # Timed calls take turns: one batch of each variant a round.
-        times = {v: [] for v in variants}
+        times = {v: [] for v in works}
         for _ in range(args.reps):
-            for v in variants:
+            for v in works:
                 t = time.perf_counter()
                 works[v][0]()
                 times[v].append(time.perf_counter() - t)
-        for v in variants:
+        for v in works:
             batch_s = statistics.median(times[v])
             # Five significant digits: a tiny model's batch of a few ms keeps its images/s to 1e-4.
             entry = {"first_call_s": works[v][1], "batch_s": float(f"{batch_s:.5g}"),
@@ -287,7 +296,7 @@ def bench_arch(args) -> dict:
                 entry["batches_s"] = [float(f"{t:.5g}") for t in times[v]]
                 result["variants"][v]["batches"][str(B)] = entry
                 print(json.dumps({"batch": B, "variant": v, **entry}), flush=True)
-            if v == variants[0]:  # the run's figures (and its ratios with --compare)
+            if v == next(iter(works)):  # the run's figures (and its ratios with --compare)
                 result["batches"][str(B)] = entry
     return result
 
@@ -438,7 +447,7 @@ def main(argv=None) -> dict:
             save()
     ratios = result["ratios"]
     for v, entry in result["jaxdiff"].get("variants", {}).items():
-        print(f"{v:>8} " + "  ".join(f"batch {B}: {e['images_per_s']} img/s (first call {e['first_call_s']} s)"
+        print(f"{v:>8} " + entry.get("error", "")[:200] + "  ".join(f"batch {B}: {e['images_per_s']} img/s (first call {e['first_call_s']} s)"
                                     for B, e in entry["batches"].items()))
     print(f"{'batch':>6} {'img/s':>9} {'first s':>8} {'UNet TFLOP/s':>13}  ratios")
     for B, e in result["jaxdiff"].get("batches", {}).items():
