@@ -836,14 +836,14 @@ def test_gpu_bench_script_runs_the_named_steps_and_packs_every_log(tmp_path):
     assert "ran" not in refused.stdout and not (tmp_path / "out").exists()
 
     done = subprocess.run(["bash", script, "jaxdiff", "triton", "b32", "profile", "parity", "geglu", "tokamax",
-                           "norm", "upsample", "ln", "gn", "fused", "fprofile", "variants"],
+                           "norm", "upsample", "ln", "gn", "fused", "fprofile", "variants", "sd15v"],
                           cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     with tarfile.open(tmp_path / "out" / "gpu_bench.tgz") as tgz:
         logs = {os.path.basename(m.name): tgz.extractfile(m).read().decode() for m in tgz.getmembers() if m.isfile()}
     assert set(logs) == {"preamble.log", "jaxdiff.log", "triton.log", "b32.log", "profile.log", "parity.log",
                          "geglu.log", "tokamax.log", "norm.log", "upsample.log", "ln.log", "gn.log", "fused.log",
-                         "fprofile.log", "variants.log"}
+                         "fprofile.log", "variants.log", "sd15v.log"}
     assert "stand-in GPU" in logs["preamble.log"]
     assert "XLA_FLAGS=--xla_gpu_enable_triton_gemm=true" in logs["triton.log"]
     plain = "ran XLA_FLAGS= JAXDIFF_ATTENTION= JAXDIFF_GEGLU= JAXDIFF_LAYER_NORM= JAXDIFF_GROUP_NORM= -m tools."
@@ -868,6 +868,8 @@ def test_gpu_bench_script_runs_the_named_steps_and_packs_every_log(tmp_path):
             in logs["fprofile.log"])
     assert plain + "bench --arch sd15 --batch-sizes 16 --steps 25 --reps 3 --no-stages --variants none,fused,gn,tokamax,ln" \
         in logs["variants.log"]
+    assert plain + "bench --arch sd15 --batch-sizes 16 --steps 25 --reps 2 --no-stages --compare both " \
+        "--variants none,fused" in logs["sd15v.log"]
     assert "-m pytest -q -p no:cacheprovider -n 4 -m parity -k not tpu_attention tests/test_unet.py" in logs["parity.log"]
     assert logs["jaxdiff.log"].endswith("exit status 0\n") and logs["profile.log"].endswith("exit status 3\n")
 
@@ -976,6 +978,17 @@ def test_bench_times_kernel_variants_in_turns_in_one_process(tmp_path, monkeypat
     assert "JAXDIFF_GROUP_NORM" not in os.environ
     with pytest.raises(SystemExit):
         bench.main(["--arch", "tiny", "--variants", "none,triton"])
+
+
+def test_each_kernel_variant_gets_its_ratio_to_diffusers_in_the_same_run(tmp_path, monkeypatch):
+    monkeypatch.delenv("JAXDIFF_GROUP_NORM", raising=False)
+    result = bench.main(["--arch", "tiny", "--batch-sizes", "2", "--steps", "2", "--reps", "1", "--no-stages",
+                         "--compare", "diffusers", "--variants", "none,gn", "--cache-dir", str(tmp_path / "cache")])
+    theirs = result["diffusers_eager"]["batches"]["2"]["images_per_s"]
+    for v in ("none", "gn"):
+        ours = result["jaxdiff"]["variants"][v]["batches"]["2"]["images_per_s"]
+        assert result["ratios"][f"vs_diffusers_eager_b2_{v}"] == pytest.approx(ours / theirs, rel=1e-2, abs=2e-3)
+    assert result["ratios"]["vs_diffusers_eager_b2"] == result["ratios"]["vs_diffusers_eager_b2_none"]
 
 
 def test_a_variant_that_fails_is_recorded_and_the_others_still_timed(tmp_path, monkeypatch):

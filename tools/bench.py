@@ -432,6 +432,11 @@ def main(argv=None) -> dict:
             for B, entry in result["jaxdiff"].get("batches", {}).items():
                 if B in other:
                     ratios[f"vs_{name}_b{B}"] = round(entry["images_per_s"] / other[B]["images_per_s"], 3)
+            # And each kernel variant's, against the same diffusers figures.
+            for v, variant in result["jaxdiff"].get("variants", {}).items():
+                for B, entry in variant["batches"].items():
+                    if B in other:
+                        ratios[f"vs_{name}_b{B}_{v}"] = round(entry["images_per_s"] / other[B]["images_per_s"], 3)
         result["ratios"] = ratios
         if args.out:
             with open(args.out, "w") as f:
@@ -447,8 +452,10 @@ def main(argv=None) -> dict:
             save()
     ratios = result["ratios"]
     for v, entry in result["jaxdiff"].get("variants", {}).items():
-        print(f"{v:>8} " + entry.get("error", "")[:200] + "  ".join(f"batch {B}: {e['images_per_s']} img/s (first call {e['first_call_s']} s)"
-                                    for B, e in entry["batches"].items()))
+        print(f"{v:>8} " + entry.get("error", "")[:200] + "  ".join(
+            f"batch {B}: {e['images_per_s']} img/s (first call {e['first_call_s']} s) "
+            + " ".join(f"{k}={r}" for k, r in ratios.items() if k.endswith(f"_b{B}_{v}"))
+            for B, e in entry["batches"].items()))
     print(f"{'batch':>6} {'img/s':>9} {'first s':>8} {'UNet TFLOP/s':>13}  ratios")
     for B, e in result["jaxdiff"].get("batches", {}).items():
         rs = " ".join(f"{k}={v}" for k, v in ratios.items() if k.endswith(f"_b{B}"))

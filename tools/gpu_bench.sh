@@ -7,6 +7,9 @@
 # x4 and two more sd15 processes took 362 s with the preamble; profile, attention and b32
 # 141 s. The bench's progress lines say where a step that runs out of time was.
 #   sd15       jaxdiff vs diffusers eager and torch.compile, SD 1.5 at batch 16, with stages
+#   sd15v      sd15 with the engine's default and with all three opt-in kernels (the fused
+#              variant below), both against diffusers eager and torch.compile in the same run
+#              (tools/bench.py --variants none,fused --compare both: a ratio for each)
 #   jaxdiff    sd15 without diffusers or stages: jaxdiff's img/s and cold compile alone
 #   warm       a second process on the same program: the warm compilation cache (after sd15
 #              in the same call)
@@ -54,7 +57,7 @@
 # $OUT/gpu_bench.tgz (or ./bench-out/): one file to copy back, and a step cut off by a time
 # limit must not lose the ones before it.
 set -u -o pipefail
-all_steps=" sd15 jaxdiff warm x4 profile attention triton b32 parity hlo geglu tokamax norm upsample ln gn fused fprofile variants "
+all_steps=" sd15 sd15v jaxdiff warm x4 profile attention triton b32 parity hlo geglu tokamax norm upsample ln gn fused fprofile variants "
 steps=("$@"); [ ${#steps[@]} -gt 0 ] || steps=(sd15 warm x4 b32 profile)
 for s in "${steps[@]}"; do
   [[ $all_steps == *" $s "* ]] || { echo "unknown step: $s (steps:$all_steps)" >&2; exit 2; }
@@ -97,6 +100,8 @@ end_to_end() {
 run_step() {
   case $1 in
     sd15) step sd15 200 "${sd15[@]}" --reps 2 --compare both --out "$SCRATCH/bench_sd15.json" ;;
+    sd15v) step sd15v 240 "${sd15[@]}" --reps 2 --no-stages --compare both --variants none,fused \
+             --out "$SCRATCH/bench_sd15_variants_vs_diffusers.json" ;;
     jaxdiff) end_to_end jaxdiff ;;
     warm) step warm 60 "${sd15[@]}" --reps 1 --no-stages --out "$SCRATCH/bench_sd15_warm_cache.json" ;;
     x4) step x4 135 python3 -m tools.bench --arch x4-upscaler --size 128 --batch-sizes 8 --steps 20 --guidance 9 \
