@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -174,6 +176,54 @@ def test_forced_cudnn_leaves_the_head_dims_it_does_not_take_to_xla(monkeypatch):
     assert attention._choose(_shape(77, 36), plain_only=True) == "xla"
     monkeypatch.setattr(attention, "_cudnn_max_head_dim", lambda: 128)
     assert attention._choose(_shape(256, 160)) == "xla"
+
+
+def test_forced_tokamax_takes_the_unets_attention_and_leaves_the_rest_as_auto_picks(monkeypatch):
+    """JAXDIFF_ATTENTION=tokamax: the UNet's self and text attention in half precision go to
+    tokamax's kernel; CLIP's causal calls, float32 and the VAE's head dim 512 go as "auto"
+    picks them on that GPU."""
+    monkeypatch.setenv("JAXDIFF_ATTENTION", "tokamax")
+    with attention.dispatch(backend="gpu", cuda_capability=(9, 0)):
+        assert attention._choose(_shape(4096, 40)) == "tokamax"
+        assert attention._choose(_shape(77, 40)) == "tokamax"
+        assert attention._choose(_shape(256, 160, jnp.float16)) == "tokamax"
+        assert attention._choose(_shape(77, 64), plain_only=True) == "cudnn"  # CLIP, causal
+        assert attention._choose(_shape(4096, 40, jnp.float32)) == "xla"
+        assert attention._choose(jax.ShapeDtypeStruct((16, 4096, 1, 512), jnp.bfloat16)) == "xla"
+
+
+def test_tokamax_path_without_tokamax_names_the_package_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tokamax", None)  # not installed
+    q, k, v = _qkv(jnp.bfloat16)
+    with pytest.raises(ImportError, match=r"JAXDIFF_ATTENTION=tokamax needs the tokamax package: "
+                                          r"pip install 'jaxdiff\[gpu\]'"):
+        attention._tokamax(q, k, v)
+
+
+def _tokamax_gpu() -> bool:
+    try:
+        import tokamax  # noqa: F401
+        return any(float(d.compute_capability) >= 9.0 for d in jax.devices("gpu"))
+    except (ImportError, RuntimeError, AttributeError, ValueError):
+        return False
+
+
+@pytest.mark.parity
+@pytest.mark.skipif(not _tokamax_gpu(), reason="tokamax's kernel runs on Hopper and Blackwell GPUs "
+                                               "(tools/gpu_bench.sh attention runs this test there)")
+@pytest.mark.parametrize("tq, tk, heads, dim", [(4096, 4096, 8, 40), (4096, 77, 8, 40), (1024, 77, 8, 80),
+                                                (256, 256, 8, 160)])
+def test_tokamax_path_matches_the_reference_at_sd15_shapes(tq, tk, heads, dim):
+    """tokamax's kernel in bfloat16 at SD 1.5's attention shapes (its head dim 40 padded to
+    48, text attention's 77 keys to its blocks) against float64: as close as cuDNN."""
+    q, k, v = (a[:1] for a in _qkv(jnp.bfloat16, tq=tq, tk=tk, heads=heads, dim=dim))
+    ref = _reference(q, k, v, causal=False)
+    errors = {}
+    for implementation in ("tokamax", "cudnn"):
+        with attention.dispatch(implementation):
+            out = jax.jit(lambda q, k, v: attention.dot_product_attention(q, k, v))(q, k, v)  # a fresh trace
+        errors[implementation] = np.linalg.norm(np.asarray(out, np.float64) - ref) / np.linalg.norm(ref)
+    assert errors["tokamax"] < 2e-2 and errors["tokamax"] <= 1.5 * errors["cudnn"], errors
 
 
 class _FakeGPU:

@@ -307,6 +307,7 @@ ENTRY %main (a: f32[3,5,11], b: f32[3,11,7], x: f32[2,8,8,4], w: f32[3,3,4,16], 
   %g = bf16[32,2,8]{2,1,0} parameter(9)
   %glu = bf16[16,8]{1,0} custom-call(%m, %g), custom_call_target="mosaic_gpu_v2"
   %other_mosaic = bf16[16,8]{1,0} custom-call(%m, %n), custom_call_target="mosaic_gpu_v2"
+  %flash = bf16[2,64,4,40]{3,2,1,0} custom-call(%q, %k, %k), custom_call_target="mosaic_gpu_v2", metadata={op_name="jit(f)/vmap()/flash_attention_sm90/mpmd_map"}
   %batched = f32[3,5,7]{2,1,0} dot(%a, %b), lhs_batch_dims={0}, lhs_contracting_dims={2}, rhs_batch_dims={0}, rhs_contracting_dims={1}
   %conv = f32[2,8,8,16]{3,2,1,0} convolution(%x, %w), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f
   %cudnn = (f32[2,8,8,16]{3,2,1,0}, u8[0]{0}) custom-call(%x, %wo), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_o01i->b01f, custom_call_target="__cudnn$convBiasActivationForward"
@@ -318,16 +319,20 @@ ENTRY %main (a: f32[3,5,11], b: f32[3,11,7], x: f32[2,8,8,4], w: f32[3,3,4,16], 
 """
     instructions, computations = hlo_ops.parse_hlo(hlo)
     flops = {name: hlo_ops.op_flops(name, instructions, computations)
-             for name in ("batched", "conv", "cudnn", "cublas", "triton", "fmha", "glu", "other_mosaic", "e")}
+             for name in ("batched", "conv", "cudnn", "cublas", "triton", "fmha", "glu", "other_mosaic", "flash",
+                          "e")}
     conv = 2 * (2 * 8 * 8 * 16) * (3 * 3 * 4)  # padding counted: the kernels compute it
     assert flops == {"batched": 2 * 3 * 5 * 7 * 11, "conv": conv, "cudnn": conv,
                      "cublas": 2 * 16 * 8 * 32, "triton": 2 * 16 * 8 * 32,
                      # q.k and p.v: 2 x batch x heads x 64 queries x 77 keys x 40, twice
                      "fmha": 4 * 2 * 4 * 64 * 77 * 40,
+                     # tokamax's flash attention on Mosaic GPU (the "tokamax" attention path)
+                     "flash": 4 * 2 * 4 * 64 * 77 * 40,
                      # tokamax's gated linear unit (jaxdiff/models/geglu.py): two GEMMs of
                      # 16 x 32 by 32 x 8 in one; a Mosaic GPU kernel of another shape: unknown
                      "glu": 2 * 2 * 16 * 8 * 32, "other_mosaic": 0, "e": 0}
     assert hlo_ops.categorize("glu", instructions, computations) == "matmul"
+    assert hlo_ops.categorize("flash", instructions, computations) == "attention"
 
 
 def test_hlo_ops_flops_agree_with_xlas_own_count_where_there_is_no_padding():
@@ -836,14 +841,14 @@ def test_gpu_bench_script_runs_the_named_steps_and_packs_every_log(tmp_path):
     assert "ran" not in refused.stdout and not (tmp_path / "out").exists()
 
     done = subprocess.run(["bash", script, "jaxdiff", "triton", "b32", "profile", "parity", "geglu", "tokamax",
-                           "norm", "upsample", "ln", "gn", "fused", "fprofile", "variants", "sd15v"],
+                           "norm", "upsample", "ln", "gn", "fused", "fprofile", "variants", "sd15v", "attention"],
                           cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     with tarfile.open(tmp_path / "out" / "gpu_bench.tgz") as tgz:
         logs = {os.path.basename(m.name): tgz.extractfile(m).read().decode() for m in tgz.getmembers() if m.isfile()}
     assert set(logs) == {"preamble.log", "jaxdiff.log", "triton.log", "b32.log", "profile.log", "parity.log",
                          "geglu.log", "tokamax.log", "norm.log", "upsample.log", "ln.log", "gn.log", "fused.log",
-                         "fprofile.log", "variants.log", "sd15v.log"}
+                         "fprofile.log", "variants.log", "sd15v.log", "attention.log"}
     assert "stand-in GPU" in logs["preamble.log"]
     assert "XLA_FLAGS=--xla_gpu_enable_triton_gemm=true" in logs["triton.log"]
     plain = "ran XLA_FLAGS= JAXDIFF_ATTENTION= JAXDIFF_GEGLU= JAXDIFF_LAYER_NORM= JAXDIFF_GROUP_NORM= -m tools."
@@ -866,10 +871,14 @@ def test_gpu_bench_script_runs_the_named_steps_and_packs_every_log(tmp_path):
     assert "JAXDIFF_GEGLU=tokamax JAXDIFF_LAYER_NORM=pallas JAXDIFF_GROUP_NORM=pallas" + sd15 in logs["fused.log"]
     assert ("JAXDIFF_GEGLU=tokamax JAXDIFF_LAYER_NORM=pallas JAXDIFF_GROUP_NORM=pallas -m tools.op_profile"
             in logs["fprofile.log"])
-    assert plain + "bench --arch sd15 --batch-sizes 16 --steps 25 --reps 3 --no-stages --variants none,fused,gn,tokamax,ln" \
-        in logs["variants.log"]
+    assert plain + "bench --arch sd15 --batch-sizes 16 --steps 25 --reps 3 --no-stages --variants none,fused,gn,tokamax,ln," \
+        "attn,all" in logs["variants.log"]
     assert plain + "bench --arch sd15 --batch-sizes 16 --steps 25 --reps 2 --no-stages --compare both " \
-        "--variants none,fused" in logs["sd15v.log"]
+        "--variants none,fused,attn,all" in logs["sd15v.log"]
+    # tokamax's flash attention: its parity tests on the card with it asked for, then each shape alone.
+    assert "JAXDIFF_ATTENTION=tokamax JAXDIFF_GEGLU= JAXDIFF_LAYER_NORM= JAXDIFF_GROUP_NORM= -m pytest" \
+        in logs["attention.log"]
+    assert plain + "attention_bench --arch sd15 --batch 16" in logs["attention.log"]
     assert "-m pytest -q -p no:cacheprovider -n 4 -m parity -k not tpu_attention tests/test_unet.py" in logs["parity.log"]
     assert logs["jaxdiff.log"].endswith("exit status 0\n") and logs["profile.log"].endswith("exit status 3\n")
 
@@ -973,7 +982,8 @@ def test_bench_times_kernel_variants_in_turns_in_one_process(tmp_path, monkeypat
     assert list(result["variants"]) == ["none", "gn"]
     assert result["variants"]["gn"]["env"] == {"JAXDIFF_GROUP_NORM": "pallas"}
     assert result["variants"]["gn"]["paths"]["group_norm"] == "pallas"
-    assert result["variants"]["none"]["paths"] == {"geglu": "xla", "layer_norm": "xla", "group_norm": "xla"}
+    assert result["variants"]["none"]["paths"] == {"attention": "auto", "geglu": "xla", "layer_norm": "xla",
+                                                   "group_norm": "xla"}
     for v in ("none", "gn"):
         entry = result["variants"][v]["batches"]["2"]
         assert len(entry["batches_s"]) == 2 and entry["images_per_s"] > 0

@@ -99,8 +99,19 @@ SCRIPT = textwrap.dedent("""
         attention._cudnn = fake_cudnn
         attention.set_attention_backend("gpu")
         one, four = render(load(jax.devices()[:1])), render(load(jax.devices()))
+        # JAXDIFF_ATTENTION=tokamax: XLA cannot partition its Mosaic kernel, so each device's
+        # call must see only its own samples (stood in for by XLA's attention).
+        tokamax_batches = set()
+        def fake_tokamax(q, k, v):
+            tokamax_batches.add(q.shape[0])
+            return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+        attention._tokamax = fake_tokamax
+        attention.set_attention_implementation("tokamax")
+        four_tokamax = render(load(jax.devices()))
         print(json.dumps({"calls": sorted(seen), "four_vs_one": int(np.abs(four - one).max()),
-                          "cudnn_vs_plain": int(np.abs(one - plain).max())}))
+                          "cudnn_vs_plain": int(np.abs(one - plain).max()),
+                          "tokamax_batches": sorted(tokamax_batches),
+                          "tokamax_vs_one": int(np.abs(four_tokamax - one).max())}))
     elif mode == "fused":
         # The fused GEGLU, layer norm and group norm inside the engine's batch-sharded
         # programs: each device's kernel call must see only its own samples, and the images
@@ -188,6 +199,8 @@ def test_gpu_attention_dispatch_runs_per_device_inside_sharded_programs(folder, 
     # at head dim 8.
     assert [8, 77, 8] in result["calls"], result
     assert result["four_vs_one"] <= 1 and result["cudnn_vs_plain"] <= 1, result
+    # CFG's 8 UNet rows, 2 per device; the part before the context (and the VAE) 1 per device.
+    assert result["tokamax_batches"] == [1, 2] and result["tokamax_vs_one"] <= 1, result
 
 
 def test_fused_kernels_run_per_device_inside_sharded_programs(folder, tmp_path):

@@ -3,7 +3,7 @@
     python -m tools.bench --arch sd15 --batch-sizes 1,8,32 --steps 25 --compare diffusers --out bench.json
     python -m tools.bench --arch x4-upscaler --batch-sizes 1,8 --steps 20
     python -m tools.bench --arch tiny --batch-sizes 1,2 --steps 2          # CPU, tested in CI
-    python -m tools.bench --arch sd15 --batch-sizes 16 --no-stages --variants none,fused,gn,tokamax,ln
+    python -m tools.bench --arch sd15 --batch-sizes 16 --no-stages --variants none,fused,gn,tokamax,ln,attn,all
 
 Work (as ../shared/bench/diffusers_baseline.py): random weights at full size (speed does
 not depend on values), DPM-Solver++ (2M), CFG, VAE decode to uint8 on the host included;
@@ -47,14 +47,17 @@ VARIANTS = {
     "ln": {"JAXDIFF_LAYER_NORM": "pallas"},
     "gn": {"JAXDIFF_GROUP_NORM": "pallas"},
     "fused": _ALL_FUSED,
+    "attn": {"JAXDIFF_ATTENTION": "tokamax"},  # tokamax's flash attention
+    "all": {**_ALL_FUSED, "JAXDIFF_ATTENTION": "tokamax"},
 }
+_PATH_VARIABLES = sorted({k for env in VARIANTS.values() for k in env})
 
 
 @contextlib.contextmanager
 def variant_environment(name: str):
     """The block runs with `name`'s kernel paths asked for (and the others not)."""
-    previous = {k: os.environ.get(k) for k in _ALL_FUSED}
-    for k in _ALL_FUSED:
+    previous = {k: os.environ.get(k) for k in _PATH_VARIABLES}
+    for k in _PATH_VARIABLES:
         os.environ.pop(k, None)
     os.environ.update(VARIANTS[name])
     try:
@@ -69,10 +72,10 @@ def variant_environment(name: str):
 
 def _kernel_paths() -> dict:
     """The path each op with several takes in this environment."""
-    from jaxdiff.models import geglu, group_norm, layer_norm
+    from jaxdiff.models import attention, geglu, group_norm, layer_norm
 
-    return {"geglu": geglu.implementation(), "layer_norm": layer_norm.implementation(),
-            "group_norm": group_norm.implementation()}
+    return {"attention": attention.implementation(), "geglu": geglu.implementation(),
+            "layer_norm": layer_norm.implementation(), "group_norm": group_norm.implementation()}
 
 
 def _median_time(fn, reps: int) -> float:
@@ -244,7 +247,7 @@ def bench_arch(args) -> dict:
               "timing": f"median of {args.reps} after a warm-up call, images on the host",
               # What the programs were compiled with, so runs with other options tell apart.
               "xla_options": compiler_options(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-              "attention": os.environ.get("JAXDIFF_ATTENTION", "auto"), **_kernel_paths(), "batches": {}}
+              **_kernel_paths(), "batches": {}}
     side = args.size or native_side(family)
     result["size"] = side
     # Against diffusers on one GPU, jaxdiff runs on one chip; alone, on all of them. Decode is

@@ -7,16 +7,18 @@
 # x4 and two more sd15 processes took 362 s with the preamble; profile, attention and b32
 # 141 s. The bench's progress lines say where a step that runs out of time was.
 #   sd15       jaxdiff vs diffusers eager and torch.compile, SD 1.5 at batch 16, with stages
-#   sd15v      sd15 with the engine's default and with all three opt-in kernels (the fused
-#              variant below), both against diffusers eager and torch.compile in the same run
-#              (tools/bench.py --variants none,fused --compare both: a ratio for each)
+#   sd15v      sd15 with the engine's default, with all three opt-in kernels (the fused
+#              variant below), with tokamax's flash attention (attn) and with all four (all),
+#              each against diffusers eager and torch.compile in the same run
+#              (tools/bench.py --variants none,fused,attn,all --compare both: a ratio for each)
 #   jaxdiff    sd15 without diffusers or stages: jaxdiff's img/s and cold compile alone
 #   warm       a second process on the same program: the warm compilation cache (after sd15
 #              in the same call)
 #   x4         the x4 upscaler, 128 -> 512, 20 steps, CFG, batch 8, vs diffusers eager
 #   profile    the UNet's op time by category (tools/op_profile.py)
-#   attention  each attention shape alone on each kernel (tools/attention_bench.py; tokamax's
-#              kernels from .whl/)
+#   attention  the tokamax attention path's parity tests on the card first (tests/test_attention.py,
+#              the UNet's bfloat16 test with JAXDIFF_ATTENTION=tokamax), then each attention shape
+#              alone on each kernel (tools/attention_bench.py; tokamax's kernels from .whl/)
 #   triton     sd15 with Triton GEMMs allowed (the engine asks XLA for cuBLAS ones)
 #   b32        sd15 at batch 32
 #   parity     the models' parity tests against diffusers (pytest -m parity) run on the GPU:
@@ -42,9 +44,10 @@
 #   fused      the jaxdiff step with all three: JAXDIFF_GEGLU=tokamax JAXDIFF_LAYER_NORM=pallas
 #              JAXDIFF_GROUP_NORM=pallas
 #   fprofile   the profile step with all three kernels: where the time goes after them
-#   variants   the engine with none, all three and each kernel alone in one process, on the same
-#              weights, their timed batches in turns (tools/bench.py --variants): the fused
-#              kernels' end-to-end figures in one step, free of one machine's drift against another
+#   variants   the engine with none, all three, each kernel alone, tokamax's flash attention
+#              (attn) and all four in one process, on the same weights, their timed batches in
+#              turns (tools/bench.py --variants): the fused kernels' end-to-end figures in one
+#              step, free of one machine's drift against another
 # The device's image has jax, flax, torch and transformers; diffusers (for --compare) and
 # tokamax with what it imports that the image lacks (for geglu and tokamax) come as wheels
 # in .whl/ (git-ignored), fetched on any machine with:
@@ -100,7 +103,7 @@ end_to_end() {
 run_step() {
   case $1 in
     sd15) step sd15 200 "${sd15[@]}" --reps 2 --compare both --out "$SCRATCH/bench_sd15.json" ;;
-    sd15v) step sd15v 240 "${sd15[@]}" --reps 2 --no-stages --compare both --variants none,fused \
+    sd15v) step sd15v 330 "${sd15[@]}" --reps 2 --no-stages --compare both --variants none,fused,attn,all \
              --out "$SCRATCH/bench_sd15_variants_vs_diffusers.json" ;;
     jaxdiff) end_to_end jaxdiff ;;
     warm) step warm 60 "${sd15[@]}" --reps 1 --no-stages --out "$SCRATCH/bench_sd15_warm_cache.json" ;;
@@ -109,7 +112,10 @@ run_step() {
     profile) step profile 75 python3 -m tools.op_profile --arch sd15 --size 512 --batch 16 --out "$SCRATCH/profile_sd15.json" ;;
     fprofile) step fprofile 75 env "${fused[@]}" python3 -m tools.op_profile --arch sd15 --size 512 --batch 16 \
                 --out "$SCRATCH/profile_sd15_fused.json" ;;
-    attention) step attention 120 python3 -m tools.attention_bench --arch sd15 --batch 16 --out "$SCRATCH/attention_sd15.json" ;;
+    attention) step attention 200 bash -c "JAX_PLATFORMS=cuda JAXDIFF_ATTENTION=tokamax XLA_PYTHON_CLIENT_PREALLOCATE=false \
+                 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_unet.py \
+                 -k 'tokamax or bfloat16_at_sd15'; python3 -m tools.attention_bench --arch sd15 --batch 16 \
+                 --out $SCRATCH/attention_sd15.json" ;;
     triton) step triton 90 env XLA_FLAGS=--xla_gpu_enable_triton_gemm=true "${sd15[@]}" --reps 1 --no-stages \
               --out "$SCRATCH/bench_sd15_triton.json" ;;
     b32) step b32 75 python3 -m tools.bench --arch sd15 --batch-sizes 32 --steps 25 --reps 1 --no-stages \
@@ -133,8 +139,8 @@ run_step() {
     ln) end_to_end ln JAXDIFF_LAYER_NORM=pallas ;;
     gn) end_to_end gn JAXDIFF_GROUP_NORM=pallas ;;
     fused) end_to_end fused "${fused[@]}" ;;
-    variants) step variants 360 env JAXDIFF_CACHE_DIR="$(mktemp -d)" "${sd15[@]}" --reps 3 --no-stages \
-                --variants none,fused,gn,tokamax,ln --out "$SCRATCH/bench_sd15_variants.json" ;;
+    variants) step variants 420 env JAXDIFF_CACHE_DIR="$(mktemp -d)" "${sd15[@]}" --reps 3 --no-stages \
+                --variants none,fused,gn,tokamax,ln,attn,all --out "$SCRATCH/bench_sd15_variants.json" ;;
     hlo) step hlo 60 python3 -m tools.step_hlo --arch sd15 --batch 16 --target local --out "$SCRATCH/step_hlo_sd15.json" \
            --hlo-out "$SCRATCH/sd15_step_hlo.txt" ;;
   esac

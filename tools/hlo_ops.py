@@ -131,6 +131,14 @@ def _gated_linear_unit_contraction(line: str, instructions: dict) -> int | None:
     return weights[0] * 2
 
 
+def _is_flash_attention_kernel(line: str) -> bool:
+    """A Mosaic GPU flash attention kernel (tokamax's, jaxdiff/models/attention.py's
+    "tokamax" path): q, k, v (batch, tokens, heads, head dim) to the output, as its op name
+    says (its function is flash_attention_sm90 on Hopper)."""
+    target = _TARGET.search(line)
+    return bool(target and target.group(1).startswith("mosaic_gpu") and "flash_attention" in line)
+
+
 def _reachable(name: str, instructions: dict, computations: dict):
     """(opcode, line) of one instruction and of every instruction in what it calls."""
     stack, visited = [name], set()
@@ -163,6 +171,8 @@ def categorize(name: str, instructions: dict, computations: dict, frames: dict |
     if any(_gated_linear_unit_contraction(line, instructions) for _, line in
            _reachable(name, instructions, computations)):
         return "matmul"
+    if any(_is_flash_attention_kernel(line) for _, line in _reachable(name, instructions, computations)):
+        return "attention"
     for target in targets:
         category = _custom_call_category(target)
         if category != "other":
@@ -310,6 +320,10 @@ def _own_flops(opcode: str, line: str, instructions: dict) -> float:
     contraction = _gated_linear_unit_contraction(line, instructions)
     if contraction:
         return 2.0 * out * contraction
+    if _is_flash_attention_kernel(line):
+        # q.k and p.v over the key tokens, at the head dims the kernel got (padded).
+        q, k = _operand_dims(line, instructions, 0), _operand_dims(line, instructions, 1)
+        return 2.0 * k[1] * (math.prod(q) + out) if len(q) == len(k) == 4 else 0.0
     target = _TARGET.search(line)
     target = target.group(1) if target else ""
     category = _custom_call_category(target)

@@ -16,9 +16,14 @@ from jaxdiff.models.kernel_paths import chosen
 from jaxdiff.models.per_chip import per_chip
 
 # "auto" picks per backend; the others force one path: plain XLA, cuDNN flash (GPU; head
-# dims it does not take stay on XLA), or Pallas' flash kernel (TPU, where there is no
-# mask; the tests run it on the CPU in TPU interpret mode).
-_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
+# dims it does not take stay on XLA), Pallas' flash kernel (TPU, where there is no mask;
+# the tests run it on the CPU in TPU interpret mode), or tokamax's flash kernel (Hopper
+# and Blackwell GPUs, opt in: Mosaic GPU, warp-specialised, head dims padded to 16 where
+# cuDNN's kernels take 64; the calls it does not cover go as "auto" picks).
+_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas", "tokamax")
+# The largest head dim the tokamax path takes: its blocks of queries, keys and values
+# must fit in shared memory (the VAE's 512 does not).
+_TOKAMAX_MAX_HEAD_DIM = 256
 _override: str | None = None
 # The backend whose kernels "auto" picks; None: jax.default_backend(). Set when compiling
 # ahead of time for a chip this process does not hold (tools/step_hlo.py), with that GPU's
@@ -95,13 +100,24 @@ def _cudnn_takes(head_dim: int) -> bool:
     return head_dim % 8 == 0 and head_dim <= _cudnn_max_head_dim()
 
 
+def implementation() -> str:
+    """The path asked for: forced, else JAXDIFF_ATTENTION, else "auto"."""
+    return chosen("JAXDIFF_ATTENTION", _IMPLEMENTATIONS, _override)
+
+
 def _choose(q: jax.Array, *, plain_only: bool = False) -> str:
     """The path for one call: an implementation name."""
-    choice = chosen("JAXDIFF_ATTENTION", _IMPLEMENTATIONS, _override)
+    choice = implementation()
     if choice == "pallas" and plain_only:
         return "xla"  # the kernel takes no mask: masked or causal calls (CLIP) stay on XLA
     if choice == "cudnn" and not _cudnn_takes(q.shape[-1]):
         return "xla"  # a head dim cuDNN does not take (the VAE's 512)
+    if choice == "tokamax":
+        # The UNet's self and text attention in half precision; CLIP's masked, causal
+        # calls, float32 and the VAE's head dim 512 go as "auto" picks.
+        half = q.dtype in (jnp.bfloat16, jnp.float16)
+        if plain_only or not half or q.shape[-1] > _TOKAMAX_MAX_HEAD_DIM:
+            choice = "auto"
     if choice != "auto":
         return choice
     backend = target_backend()
@@ -181,12 +197,30 @@ def _cudnn(q, k, v, **kwargs):
     return jax.nn.dot_product_attention(q, k, v, implementation="cudnn", **kwargs)
 
 
+def _tokamax(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """tokamax's flash attention on Mosaic GPU (Hopper, Blackwell), unmasked: it pads the
+    head dim to 16 and the keys to its blocks itself, masking the padded keys."""
+    try:
+        import tokamax
+    except ImportError as e:
+        raise ImportError("JAXDIFF_ATTENTION=tokamax needs the tokamax package: pip install 'jaxdiff[gpu]'") from e
+    return tokamax.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(q.shape[-1]), implementation="mosaic_gpu")
+
+
+def _auto(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """The path "auto" picks for this unmasked call."""
+    with dispatch("auto"):
+        return dot_product_attention(q, k, v)
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                           is_causal: bool = False, mask: jax.Array | None = None) -> jax.Array:
     """Softmax attention with scale 1/sqrt(head_dim); mask is True where attending is allowed."""
     implementation = _choose(q, plain_only=is_causal or mask is not None)
     if implementation == "pallas":
         return _pallas_tpu_attention(q, k, v)
+    if implementation == "tokamax":
+        return per_chip(_tokamax, (q, k, v), otherwise=_auto)
     if implementation == "xla":
         return _xla_attention(q, k, v, is_causal=is_causal, mask=mask)
     return _cudnn(q, k, v, mask=mask, is_causal=is_causal)
