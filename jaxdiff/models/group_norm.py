@@ -1,8 +1,9 @@
 """Group norm of the UNet's and VAE's resnets and transformers, and two kernels for it on
 GPUs.
 
-"xla" (the default): nnx.GroupNorm, with the optional shift (the resnets' time embedding)
-and SiLU as XLA fuses them. XLA compiles each norm as a reduction to per-channel sums, two
+"xla" (the default): nnx.GroupNorm's arithmetic with the variance of norm_statistics (one
+pass, robust to a group's offset), the optional shift (the resnets' time embedding) and SiLU
+as XLA fuses them. XLA compiles each norm as a reduction to per-channel sums, two
 small kernels that combine them into a group's mean and scale, and a pass that normalises:
 four kernels, two of them tiny. "pallas" (opt in with JAXDIFF_GROUP_NORM=pallas, for GPUs):
 two Pallas (Triton) kernels, one for the group sums and one that combines them and
@@ -24,6 +25,7 @@ from flax import nnx
 
 from jaxdiff.models import attention
 from jaxdiff.models.kernel_paths import chosen
+from jaxdiff.models.norm_statistics import mean_and_variance
 from jaxdiff.models.per_chip import per_chip
 
 _IMPLEMENTATIONS = ("xla", "pallas")
@@ -63,17 +65,26 @@ def _refs(refs, inputs: int, shifted: bool):
 
 
 def _sums_kernel(*refs, pixels: int, groups: int, group_size: int, chunk: int, shifted: bool):
-    """One instance: a run of one sample's pixels, summed (and squared) per group."""
+    """One instance: a run of one sample's pixels, summed (and squared) per group relative to
+    the run's first element of the group (its first pixel and channel, shift added), which
+    it stores too: the normalising kernel combines the runs from these (Chan's formula), so
+    a group's mean far from zero does not cancel its variance away (norm_statistics.py)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pl_triton
 
-    x_ref, shift_ref, sum_ref, sum_sq_ref = _refs(refs, 1, shifted)
+    x_ref, shift_ref, sum_ref, sum_sq_ref, first_ref = _refs(refs, 1, shifted)
     block_pixels, g_pad, c_pad = x_ref.shape
     first = pl.program_id(1) * block_pixels
+    vector = _vector_mask((g_pad, c_pad), groups, group_size)
     shift = 0.0
     if shift_ref is not None:
-        shift = pl_triton.load(shift_ref, mask=_vector_mask((g_pad, c_pad), groups, group_size),
-                               other=0.0).astype(jnp.float32)[None]
+        shift = pl_triton.load(shift_ref, mask=vector, other=0.0).astype(jnp.float32)[None]
+    # The run's first pixel (a run starts inside x), each group's first channel picked by a
+    # masked sum: Triton's blocks take no slices.
+    x0 = pl_triton.load(x_ref.at[pl.ds(0, 1)], mask=vector[None], other=0.0).astype(jnp.float32) + shift
+    channel = jax.lax.broadcasted_iota(jnp.int32, (1, g_pad, c_pad), 2)
+    x0 = jnp.sum(jnp.sum(jnp.where(channel == 0, x0, 0.0), axis=2), axis=0)
+    shift = shift - x0[None, :, None]
 
     def body(i, sums):
         total, total_sq = sums
@@ -87,24 +98,36 @@ def _sums_kernel(*refs, pixels: int, groups: int, group_size: int, chunk: int, s
     in_groups = jax.lax.broadcasted_iota(jnp.int32, (g_pad,), 0) < groups
     pl_triton.store(sum_ref, jnp.sum(jnp.sum(total, axis=2), axis=0), mask=in_groups)
     pl_triton.store(sum_sq_ref, jnp.sum(jnp.sum(total_sq, axis=2), axis=0), mask=in_groups)
+    pl_triton.store(first_ref, x0, mask=in_groups)
 
 
 def _normalize_kernel(*refs, pixels: int, groups: int, group_size: int, runs: int, chunk: int,
                       epsilon: float, silu: bool, shifted: bool):
-    """One instance: a sample's group sums combined into mean and variance, then a run of
-    its pixels normalised (shifted first, SiLU after)."""
+    """One instance: a sample's runs' sums combined into each group's mean and variance, then
+    a run of its pixels normalised (shifted first, SiLU after)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pl_triton
 
-    x_ref, sum_ref, sum_sq_ref, scale_ref, bias_ref, shift_ref, out_ref = _refs(refs, 5, shifted)
+    x_ref, sum_ref, sum_sq_ref, first_ref, scale_ref, bias_ref, shift_ref, out_ref = _refs(refs, 6, shifted)
     block_pixels, g_pad, c_pad = x_ref.shape
     runs_pad = sum_ref.shape[0]
     iota = functools.partial(jax.lax.broadcasted_iota, jnp.int32, (runs_pad, g_pad))
     ran = (iota(0) < runs) & (iota(1) < groups)
+    # Each run's count, mean and sum of squared deviations, then the group's (Chan et al.):
+    # M2 = sum of the runs' M2 + sum of n_r (mean_r - mean)^2.
+    n = jnp.where(ran, jnp.minimum(block_pixels, pixels - iota(0) * block_pixels) * group_size, 0)
+    n = n.astype(jnp.float32)
+    sums = pl_triton.load(sum_ref, mask=ran, other=0.0)
+    firsts = pl_triton.load(first_ref, mask=ran, other=0.0)
+    # Means relative to the first run's first element, which keeps them small.
+    origin = jnp.sum(jnp.where(iota(0) == 0, firsts, 0.0), axis=0)
+    run_mean = firsts - origin[None] + sums / jnp.maximum(n, 1.0)
     count = pixels * group_size
-    mean = jnp.sum(pl_triton.load(sum_ref, mask=ran, other=0.0), axis=0) / count
-    mean_sq = jnp.sum(pl_triton.load(sum_sq_ref, mask=ran, other=0.0), axis=0) / count
-    rstd = jax.lax.rsqrt(jnp.maximum(mean_sq - mean * mean, 0.0) + epsilon)
+    mean = jnp.sum(n * run_mean, axis=0) / count
+    apart = run_mean - mean[None]
+    mean = origin + mean
+    m2 = pl_triton.load(sum_sq_ref, mask=ran, other=0.0) - sums * sums / jnp.maximum(n, 1.0) + n * apart * apart
+    rstd = jax.lax.rsqrt(jnp.maximum(jnp.sum(m2, axis=0) / count, 0.0) + epsilon)
     vector = _vector_mask((g_pad, c_pad), groups, group_size)
     # y = (x + shift - mean) * rstd * scale + bias = x * a + b
     a = rstd[:, None] * pl_triton.load(scale_ref, mask=vector, other=0.0).astype(jnp.float32)
@@ -157,26 +180,27 @@ def fused_group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: in
     shift_args = (shift.reshape(batch, groups, group_size),) if shifted else ()
     shift_specs = [per_sample] if shifted else []
     sums_out = jax.ShapeDtypeStruct((batch, runs_pad, g_pad), jnp.float32)
-    sums, sums_sq = pl.pallas_call(
+    sums, sums_sq, firsts = pl.pallas_call(
         functools.partial(_sums_kernel, pixels=pixels, groups=groups, group_size=group_size,
                           chunk=chunk, shifted=shifted),
-        grid=grid, in_specs=[pixel_block, *shift_specs], out_specs=[per_run, per_run],
-        out_shape=[sums_out, sums_out], compiler_params=params, interpret=interpret,
+        grid=grid, in_specs=[pixel_block, *shift_specs], out_specs=[per_run, per_run, per_run],
+        out_shape=[sums_out, sums_out, sums_out], compiler_params=params, interpret=interpret,
         name="group_norm_sums",
     )(x, *shift_args)
     out = pl.pallas_call(
         functools.partial(_normalize_kernel, pixels=pixels, groups=groups, group_size=group_size,
                           runs=runs, chunk=chunk, epsilon=epsilon, silu=silu, shifted=shifted),
-        grid=grid, in_specs=[pixel_block, all_runs, all_runs, whole, whole, *shift_specs],
+        grid=grid, in_specs=[pixel_block, all_runs, all_runs, all_runs, whole, whole, *shift_specs],
         out_specs=pixel_block, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
         compiler_params=params, interpret=interpret, name="group_norm",
-    )(x, sums, sums_sq, scale.reshape(groups, group_size), bias.reshape(groups, group_size), *shift_args)
+    )(x, sums, sums_sq, firsts, scale.reshape(groups, group_size), bias.reshape(groups, group_size),
+      *shift_args)
     return out.reshape(shape)
 
 
 class GroupNorm(nnx.GroupNorm):
-    """nnx.GroupNorm over channels-last x (its parameters, names and XLA path; flax reduces in
-    float32 even when `dtype` is half), with an optional per-sample, per-channel `shift`
+    """nnx.GroupNorm over channels-last x (its parameters and names; statistics in float32
+    even when `dtype` is half, as flax's), with an optional per-sample, per-channel `shift`
     added to x first and SiLU applied after (`silu`), on the path `implementation()` names.
 
     The shift is the resnets' time embedding. Added to the convolution's output before the
@@ -199,12 +223,25 @@ class GroupNorm(nnx.GroupNorm):
                         otherwise=lambda x, t, *_: self._xla(x, t, silu))
 
     def _xla(self, x: jax.Array, shift: jax.Array | None, silu: bool) -> jax.Array:
+        x, scale, bias = self.promote_dtype((x, self.scale[...], self.bias[...]), dtype=self.dtype)
+        as_groups = lambda a: a.reshape(*a.shape[:-1], self.num_groups, self.group_size)
+        axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)  # of the grouped array: pixels and group channels
+        # Sums relative to each group's first element (norm_statistics): one pass over x.
+        first = as_groups(x)[(slice(None), *(slice(0, 1),) * (x.ndim - 2), slice(None), slice(0, 1))]
+        first = first.astype(jnp.float32)
         if shift is not None:
             shift = shift.reshape(shift.shape[0], *(1,) * (x.ndim - 2), shift.shape[-1])
+            # Taken from x and the shift apart: x + shift then has no reader but the norm's passes.
+            first = first + as_groups(shift)[..., :1].astype(jnp.float32)
             # In float32, rounded once: the same values as adding in x's dtype.
             x = (x.astype(jnp.float32) + shift.astype(jnp.float32)).astype(x.dtype)
-        y = super().__call__(x)
-        return jax.nn.silu(y) if silu else y
+        groups = as_groups(x)
+        mean, variance = mean_and_variance(groups, axes, first)
+        y = ((groups.astype(jnp.float32) - mean) * jax.lax.rsqrt(variance + self.epsilon)).reshape(x.shape)
+        y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        if silu:
+            y = jax.nn.silu(y)
+        return y.astype(x.dtype)
 
 
 def group_norm(num_channels: int, num_groups: int, eps: float, *, dtype, rngs: nnx.Rngs) -> GroupNorm:

@@ -1,11 +1,12 @@
 """Layer norm of the UNet's transformer blocks, and a one-pass kernel for it on GPUs.
 
-"xla" (the default): nnx.LayerNorm, which XLA compiles as a reduction for the statistics
-and a second pass that normalises: the tokens are read twice. "pallas" (opt in with
-JAXDIFF_LAYER_NORM=pallas, for GPUs): one Pallas (Triton) kernel that loads a block of
-tokens, whole rows, computes mean and variance in float32 and writes the normalised block:
-read once, written once. On other backends the same kernel runs in Pallas' interpreter
-(slow: for tests).
+"xla" (the default): nnx.LayerNorm's arithmetic with the two-pass variance of
+norm_statistics, which XLA compiles on a GPU into one Triton kernel a norm: the tokens read
+once, written once. "pallas" (opt in with JAXDIFF_LAYER_NORM=pallas, for GPUs): one Pallas
+(Triton) kernel that loads a block of tokens, whole rows, computes mean and variance in
+float32 and writes the normalised block, and can write the fused GEGLU's channel of ones
+with it (`ones_to`), which XLA's kernel leaves to a copy of its own. On other backends the
+same kernel runs in Pallas' interpreter (slow: for tests).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from flax import nnx
 from jaxdiff.models import attention
 from jaxdiff.models.geglu import with_ones
 from jaxdiff.models.kernel_paths import chosen
+from jaxdiff.models.norm_statistics import mean_and_variance
 from jaxdiff.models.per_chip import per_chip
 
 _IMPLEMENTATIONS = ("xla", "pallas")
@@ -90,13 +92,13 @@ def fused_layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: f
 
 
 class LayerNorm(nnx.LayerNorm):
-    """nnx.LayerNorm (its parameters, names and XLA path), over the last axis; on the path
+    """nnx.LayerNorm (its parameters and names), over the last axis; on the path
     `implementation()` names. `ones_to`: the output that many channels wide, a channel of
     ones and zeros after the normalised ones (`geglu.with_ones`: the fused GEGLU's input)."""
 
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None, ones_to: int | None = None) -> jax.Array:
         def xla(x, *_):
-            out = super(LayerNorm, self).__call__(x, mask=mask)
+            out = super(LayerNorm, self).__call__(x, mask=mask) if mask is not None else self._xla(x)
             return out if ones_to is None else with_ones(out, ones_to)  # XLA fuses it into the norm
 
         if implementation() == "xla" or mask is not None or math.prod(x.shape[:-1]) == 0:
@@ -105,5 +107,13 @@ class LayerNorm(nnx.LayerNorm):
         kernel = functools.partial(fused_layer_norm, epsilon=self.epsilon, ones_to=ones_to,
                                    interpret=attention.target_backend() != "gpu")
         # Each chip's own samples (`per_chip`); a batch that does not split over
-        # the chips takes nnx's path.
+        # the chips takes the XLA path.
         return per_chip(kernel, (x,), (scale, bias), otherwise=xla)
+
+    def _xla(self, x: jax.Array) -> jax.Array:
+        """nnx.LayerNorm's arithmetic (float32 statistics, x's dtype out) with the variance
+        of norm_statistics, not E[x^2] - E[x]^2."""
+        x, scale, bias = self.promote_dtype((x, self.scale[...], self.bias[...]), dtype=self.dtype)
+        mean, variance = mean_and_variance(x, (x.ndim - 1,))
+        y = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(variance + self.epsilon)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
