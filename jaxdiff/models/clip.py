@@ -20,6 +20,7 @@ from flax import nnx
 
 from jaxdiff.models.attention import dot_product_attention
 from jaxdiff.models.blocks import UnsupportedConfig, gelu
+from jaxdiff.models.layer_norm import LayerNorm
 
 
 def _quick_gelu(x: jax.Array) -> jax.Array:
@@ -156,10 +157,11 @@ class CLIPMLP(nnx.Module):
         return self.fc2(self.activation(self.fc1(x)))
 
 
-def _layer_norm(config: CLIPTextConfig, *, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    # nnx.LayerNorm computes its mean and variance in float32 whatever `dtype` is.
-    return nnx.LayerNorm(config.hidden_size, epsilon=config.layer_norm_eps,
-                         dtype=dtype, param_dtype=dtype, rngs=rngs)
+def _layer_norm(config: CLIPTextConfig, *, dtype, rngs: nnx.Rngs) -> LayerNorm:
+    # Mean and variance in float32 whatever `dtype` is, the variance of the centred values
+    # as torch computes it (jaxdiff/models/norm_statistics.py).
+    return LayerNorm(config.hidden_size, epsilon=config.layer_norm_eps,
+                     dtype=dtype, param_dtype=dtype, rngs=rngs)
 
 
 class CLIPEncoderLayer(nnx.Module):
